@@ -1,0 +1,99 @@
+"""optimize(): capture -> pass manager -> backend, returning an OptimizedModel."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .backends.targets import TargetSpec, resolve_target
+from .capture import capture
+from .errors import GraphoptError
+from .pipeline import Context, PassManager, Pipeline
+from .report import Report
+
+__all__ = ["optimize", "OptimizedModel", "DEFAULT_PIPELINE"]
+
+DEFAULT_PIPELINE = "fold_bn,cleanup"
+
+
+class OptimizedModel:
+    """The result of optimize(): callable like the original model, with its report.
+
+    Attributes:
+      graph_module: the optimized fx.GraphModule (always runnable in plain PyTorch)
+      compiled:     what runs on the target (a TVM CompiledModule, or graph_module for target="torch")
+      report:       per-pass params, FLOPs, size, max |Δ| vs original, seconds; plus backend figures
+      pipeline:     the Pipeline that was run
+      target:       the resolved TargetSpec
+    """
+
+    def __init__(self, graph_module: fx.GraphModule | None, compiled: Any, report: Report,
+                 pipeline: Pipeline | str, target: TargetSpec, capture_method: str = ""):
+        self.graph_module = graph_module
+        self.compiled = compiled
+        self.report = report
+        self.pipeline = pipeline
+        self.target = target
+        self.capture_method = capture_method
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is self.graph_module and self.graph_module is not None:
+            with torch.no_grad():
+                return self.graph_module(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
+
+    def save(self, path: str) -> str:
+        """Write an artifact (compiled library + JSON metadata + checksum). Returns the path."""
+        from .artifact import save
+
+        return save(self, path)
+
+    def __repr__(self) -> str:
+        return f"OptimizedModel(target={self.target.alias!r}, pipeline={str(self.pipeline)!r})"
+
+
+def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,
+             *, example_inputs: tuple | torch.Tensor | None = None, calibration: Iterable | None = None,
+             tune: Any = None, verify: bool = True, capture_method: str = "auto",
+             exact_rtol: float = 1e-4) -> OptimizedModel:
+    """Optimize `model` for `target` and return an OptimizedModel.
+
+    model:          an nn.Module (never mutated; a copy is traced in eval mode)
+    target:         "torch", "x86", "arm[:cpu]", "cuda[:sm_XX]" or a TVM target dict
+    pipeline:       text ("fold_bn,prune(ratio=0.5)"), a Pipeline, or a list; default "fold_bn,cleanup"
+    example_inputs: one example per forward() argument; fixes the compiled input signature
+    calibration:    iterable of model inputs for passes that need data (quantize, data-aware lowrank)
+    tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
+    verify:         check every pass against the original model (exact passes must stay exact)
+    """
+    if example_inputs is None:
+        raise GraphoptError("optimize() needs example_inputs=(tensor, ...): one example per forward() "
+                            "argument, used for tracing, checking every pass, and the compiled signature")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    spec = resolve_target(target)
+    pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
+
+    start = time.perf_counter()
+    captured = capture(model, example_inputs, method=capture_method)
+    capture_s = time.perf_counter() - start
+    ctx = Context(original=copy.deepcopy(model).eval(), example_inputs=example_inputs,
+                  calibration=calibration, target=spec.alias, exact_rtol=exact_rtol)
+    gm, report = PassManager(pipe, verify=verify).run(captured.gm, ctx)
+    report.backend["capture"] = captured.method
+    report.backend["capture_s"] = round(capture_s, 3)
+    for note in captured.notes + ctx.notes:
+        report.records[0].notes.append(note)
+
+    if spec.kind == "torch":
+        compiled: Any = gm
+        report.backend["target"] = "torch"
+    else:
+        from .backends.tvm import compile_graph
+
+        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report)
+    return OptimizedModel(gm, compiled, report, pipe, spec, captured.method)

@@ -1,0 +1,139 @@
+"""Capture: nn.Module -> torch.fx.GraphModule with shape/dtype metadata on every node.
+
+The user's model is never mutated: we trace a deep copy in eval mode. `torch.fx.symbolic_trace` is tried
+first (it keeps `call_module` nodes, which the module-level passes rewrite); where it fails (data-dependent
+control flow, unsupported Python) `torch.export` is tried and the result says which was used. When both
+fail, CaptureError names the module path where tracing stopped and the reason.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .analysis.compare import compare_outputs
+from .analysis.shapes import propagate_shapes
+from .errors import CaptureError
+
+__all__ = ["capture", "Captured"]
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    method: str                       # "symbolic_trace" | "torch.export" | "graphmodule"
+    notes: list[str] = field(default_factory=list)
+
+
+class _PathTracer(fx.Tracer):
+    """symbolic_trace that remembers which submodule it was inside when tracing failed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        path = self.path_of_module(m)
+        self.stack.append(path)
+        out = super().call_module(m, forward, args, kwargs)   # on error the failing path stays on top
+        self.stack.pop()
+        return out
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _PathTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = tracer.stack[-1] if tracer.stack else "(top-level forward)"
+        raise _TraceFailure(where or "(top-level forward)", f"{type(e).__name__}: {e}") from e
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+class _TraceFailure(Exception):
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"in module '{where}': {reason}")
+        self.where, self.reason = where, reason
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    ep = torch.export.export(model, example_inputs, strict=False)
+    gm = ep.module()
+    if not isinstance(gm, fx.GraphModule):  # pragma: no cover - depends on torch version
+        raise TypeError(f"torch.export returned {type(gm).__name__}, not a GraphModule")
+    return gm
+
+
+def _first_line(reason: str, limit: int = 300) -> str:
+    line = reason.strip().splitlines()[0] if reason.strip() else reason
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto") -> Captured:
+    """Trace a copy of `model` (eval mode) and propagate shapes with `example_inputs`.
+
+    method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
+    The captured graph is checked against the model on the example inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if method not in ("auto", "symbolic_trace", "export"):
+        raise CaptureError(f"unknown capture method {method!r}: use 'auto', 'symbolic_trace' or 'export'")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if not example_inputs:
+        raise CaptureError("example_inputs is empty: give one example input per forward() argument")
+    work = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            reference = work(*example_inputs)
+    except Exception as e:
+        raise CaptureError(f"the model itself fails on the example inputs "
+                           f"({', '.join(_describe(x) for x in example_inputs)}): "
+                           f"{type(e).__name__}: {_first_line(str(e))}") from e
+
+    notes: list[str] = []
+    gm = None
+    used = ""
+    failures: list[str] = []
+    if isinstance(work, fx.GraphModule):
+        gm, used = work, "graphmodule"
+    if gm is None and method in ("auto", "symbolic_trace"):
+        try:
+            gm = _symbolic_trace(work)
+            used = "symbolic_trace"
+        except _TraceFailure as f:
+            failures.append(f"symbolic_trace failed in module '{f.where}': {_first_line(f.reason)}")
+    if gm is None and method in ("auto", "export"):
+        try:
+            gm = _export(copy.deepcopy(model).eval(), example_inputs)
+            used = "torch.export"
+            if failures:
+                notes.append(failures[-1] + "; used torch.export instead (aten-level graph: "
+                             "module-level passes such as fold_bn see fewer modules)")
+        except Exception as e:
+            failures.append(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}")
+    if gm is None:
+        raise CaptureError(f"cannot capture {type(model).__name__}: " + "; ".join(failures))
+
+    try:
+        with torch.no_grad():
+            out = propagate_shapes(gm, example_inputs)
+    except Exception as e:
+        raise CaptureError(f"captured graph of {type(model).__name__} ({used}) does not run on the example "
+                           f"inputs: {type(e).__name__}: {_first_line(str(e))}") from e
+    diff = compare_outputs(out, reference)
+    if diff.structure_error or diff.max_rel > 1e-5:
+        raise CaptureError(f"captured graph of {type(model).__name__} ({used}) disagrees with the model "
+                           f"({diff}); the model probably has input-dependent behaviour tracing cannot keep")
+    return Captured(gm, used, notes)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}"
+    return type(x).__name__
