@@ -57,7 +57,7 @@ class OptimizedModel:
 
 def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,
              *, example_inputs: tuple | torch.Tensor | None = None, calibration: Iterable | None = None,
-             tune: Any = None, verify: bool = True, capture_method: str = "auto",
+             train_data: Iterable | None = None, tune: Any = None, verify: bool = True, capture_method: str = "auto",
              exact_rtol: float = 1e-4) -> OptimizedModel:
     """Optimize `model` for `target` and return an OptimizedModel.
 
@@ -66,6 +66,7 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     pipeline:       text ("fold_bn,prune(ratio=0.5)"), a Pipeline, or a list; default "fold_bn,cleanup"
     example_inputs: one example per forward() argument; fixes the compiled input signature
     calibration:    iterable of model inputs for passes that need data (quantize, data-aware lowrank)
+    train_data:     iterable of inputs or (inputs, labels) batches for passes that train (distill)
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
     """
@@ -82,7 +83,8 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     captured = capture(model, example_inputs, method=capture_method)
     capture_s = time.perf_counter() - start
     ctx = Context(original=copy.deepcopy(model).eval(), example_inputs=example_inputs,
-                  calibration=calibration, target=spec.alias, exact_rtol=exact_rtol)
+                  calibration=calibration, train_data=train_data, target=spec.alias,
+                  exact_rtol=exact_rtol)
     gm, report = PassManager(pipe, verify=verify).run(captured.gm, ctx)
     report.backend["capture"] = captured.method
     report.backend["capture_s"] = round(capture_s, 3)

@@ -42,6 +42,7 @@ class Context:
     original: nn.Module
     example_inputs: tuple
     calibration: Iterable | None = None
+    train_data: Iterable | None = None   # (inputs[, labels]) batches for passes that train (distill)
     target: str = "torch"
     exact_rtol: float = 1e-4          # an exact pass may change outputs by at most this * max|reference|
     reference_outputs: Any = None

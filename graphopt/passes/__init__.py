@@ -1,2 +1,2 @@
 """Built-in passes, one per file. Importing this package registers them."""
-from . import cleanup, fold_bn  # noqa: F401
+from . import cleanup, distill, fold_bn  # noqa: F401
