@@ -1,0 +1,42 @@
+"""TVM backend: lower (fx -> Relax), build (schedule/tune -> VM executable), runtime (CompiledModule).
+
+    compiled = compile_graph(gm, example_inputs, spec, tune=None, report=report)
+    y = compiled(x)
+
+Importing this package imports TVM (a few seconds); graphopt imports it only when a TVM target is used.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import fx
+
+from ..targets import TargetSpec
+from .build import build_module, export_library
+from .lower import Lowered, TensorSpec, lower_graph
+from .runtime import CompiledModule
+
+__all__ = ["compile_graph", "lower_graph", "build_module", "export_library", "CompiledModule", "Lowered",
+           "TensorSpec"]
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *, tune: Any = None,
+                  report=None) -> CompiledModule:
+    """Lower `gm`, build it for `spec` and wrap it: a CompiledModule with the example inputs' signature.
+
+    Records lower_s (and, via build_module, schedule_s / build_s / target) in report.backend.
+    Raises LoweringError, BuildError (TuningError for a tuning request that cannot be honoured).
+    """
+    import tvm
+
+    lowered = lower_graph(gm, example_inputs)
+    if report is not None:
+        report.backend["lower_s"] = round(lowered.seconds, 3)
+        report.backend["tvm_version"] = tvm.__version__
+    executable = build_module(lowered.mod, spec, tune=tune, report=report)
+    start = time.perf_counter()
+    compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec)
+    if report is not None:
+        report.backend["vm_init_s"] = round(time.perf_counter() - start, 3)
+    return compiled

@@ -1,0 +1,143 @@
+"""Build: Relax IRModule -> TVM Relax VM executable, for a TargetSpec.
+
+Three steps, each one function:
+
+  _schedule(mod, spec, tune, report)   legalize Relax ops to TIR, fold constants, fuse, and schedule the TIR
+                                       kernels. THE place where tuning and default schedules plug in (issue #3
+                                       owns graphopt/backends/tvm/tune.py and wires it in here). Until then:
+                                       TVM's default passes for the target (CPU: none beyond fusion; CUDA:
+                                       dlight default GPU schedules).
+  _finalize(mod, spec)                 TVM's dataflow lowering + memory planning + VM codegen: an executable.
+  export_library(executable, path, spec)
+                                       write the executable as a shared library; per-target hook (a cross
+                                       compiler `fcompile` for aarch64 goes in `_export_options`).
+
+Every TVM failure surfaces as BuildError (TuningError for a tuning request this build cannot honour).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from ...errors import BuildError, TuningError
+from ..targets import TargetSpec
+
+__all__ = ["build_module", "export_library", "relax_backend"]
+
+# TVM's per-target pipeline pieces live in tvm.relax.backend.<name>.pipeline (the `tvm.relax.pipeline`
+# dispatchers of TVM 0.27 miss `dataflow_lower_passes` for CPU, so we import the modules directly).
+_BACKENDS = {"llvm": "cpu_generic", "cuda": "cuda"}
+
+
+def relax_backend(target) -> Any:
+    """The module holding TVM's default Relax pipeline pieces for a tvm.target.Target."""
+    kind = target.kind.name
+    if kind not in _BACKENDS:
+        raise BuildError(f"no Relax pipeline for TVM target kind {kind!r} (supported: {', '.join(_BACKENDS)})")
+    return importlib.import_module(f"tvm.relax.backend.{_BACKENDS[kind]}.pipeline")
+
+
+def _target(spec: TargetSpec):
+    try:
+        return spec.tvm_target()
+    except Exception as e:
+        raise BuildError(f"invalid TVM target {spec.tvm!r} for '{spec.alias}': {type(e).__name__}: {e}") from e
+
+
+def _schedule(mod, spec: TargetSpec, tune: Any = None, report=None):
+    """Legalize, fold, fuse and schedule the TIR kernels of `mod` for `spec`; returns the scheduled module.
+
+    Default (tune=None): TVM's own passes for the target — library dispatch, LegalizeOps,
+    AnnotateTIROpPattern, FoldConstant (folds the bound weights' arithmetic), FuseOps, FuseTIR and, on CUDA,
+    dlight's default GPU schedules. CPU kernels stay unscheduled (correct but slow; see TVM-NOTES.md).
+    Tuning (MetaSchedule) and fast default schedules are issue #3's, to be wired in here.
+    """
+    if tune not in (None, False):
+        raise TuningError(f"tune={tune!r}: tuning is not available in this build of graphopt yet "
+                          f"(graphopt/backends/tvm/tune.py); use tune=None for TVM's default schedules")
+    import tvm
+
+    target = _target(spec)
+    backend = relax_backend(target)
+    with target:
+        seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + backend.legalize_passes(target))
+        mod = seq(mod)
+    if report is not None:
+        report.backend["schedule"] = "tvm-default"
+    return mod
+
+
+def _finalize(mod, spec: TargetSpec):
+    """Dataflow lowering, memory planning and VM codegen of a scheduled module: a relax VMExecutable."""
+    import tvm
+    from tvm import relax
+
+    target = _target(spec)
+    backend = relax_backend(target)
+    passes = tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+    return relax.build(mod, target, relax_pipeline=passes)
+
+
+def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
+    """Relax IRModule -> relax VMExecutable for `spec`. Records schedule/build seconds in report.backend.
+
+    Raises BuildError (TuningError for an unsupported tuning request).
+    """
+    if spec.kind not in _BACKENDS:
+        raise BuildError(f"target '{spec.alias}' (kind {spec.kind!r}) is not a TVM target")
+    start = time.perf_counter()
+    try:
+        scheduled = _schedule(mod, spec, tune, report)
+    except (BuildError, TuningError):
+        raise
+    except Exception as e:
+        raise BuildError(f"scheduling for '{spec.alias}' failed: {type(e).__name__}: {_first_line(str(e))}") from e
+    scheduled_at = time.perf_counter()
+    try:
+        executable = _finalize(scheduled, spec)
+    except BuildError:
+        raise
+    except Exception as e:
+        raise BuildError(f"building for '{spec.alias}' failed: {type(e).__name__}: {_first_line(str(e))}") from e
+    end = time.perf_counter()
+    if report is not None:
+        report.backend["target"] = spec.alias
+        report.backend["schedule_s"] = round(scheduled_at - start, 3)
+        report.backend["build_s"] = round(end - scheduled_at, 3)
+    return executable
+
+
+# ------------------------------------------------------------------------------------------ libraries
+def _export_options(spec: TargetSpec) -> dict:
+    """Keyword arguments for Executable.export_library on this machine for `spec` (e.g. fcompile).
+
+    Hook for cross compilation: code for a CPU architecture other than this machine's needs a cross
+    compiler (`tvm.contrib.cc.cross_compiler(...)` as fcompile); none is configured yet.
+    """
+    import platform
+
+    if spec.kind == "llvm" and spec.arch and spec.arch != platform.machine():
+        raise BuildError(f"cannot export a library for '{spec.alias}' ({spec.arch}) on this "
+                         f"{platform.machine()} machine: no cross compiler is configured for {spec.arch}")
+    return {}
+
+
+def export_library(executable, path: str, spec: TargetSpec) -> str:
+    """Write `executable` (a relax VMExecutable) as a shared library at `path` for `spec`. Returns path."""
+    options = _export_options(spec)
+    try:
+        executable.export_library(str(path), **options)
+    except Exception as e:
+        raise BuildError(f"exporting the library for '{spec.alias}' to {path} failed: "
+                         f"{type(e).__name__}: {_first_line(str(e))}") from e
+    return str(path)
+
+
+def _first_line(text: str, limit: int = 600) -> str:
+    """The informative line of an error message (TVM puts its reason after a C++ traceback)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -1,0 +1,260 @@
+"""Lowering: optimized fx.GraphModule + example inputs -> Relax IRModule.
+
+The path is `torch.export.export` -> core-ATen decomposition -> `tvm.relax.frontend.torch`'s
+ExportedProgram importer, with every parameter and buffer bound into the module as a constant (not kept as a
+function input), so TVM's FoldConstant can fold weight arithmetic (BN scale/shift, transposes) at build time.
+
+Why not `from_fx`: it lowers an eval-mode BatchNorm with training semantics (wrong numbers); the export path
+lowers `_native_batch_norm_legit_no_training` correctly, so an unfolded BN stays exact.
+
+Contract:
+  - The Relax `main` takes the example inputs' tensors, flattened, in order, with their exact static shapes
+    and dtypes, and returns a flat tuple of the output tensors; `Lowered.out_spec` rebuilds the model's output
+    structure (tensor, tuple, nested lists/dicts) from that flat tuple.
+  - Before converting, every ATen op of the exported graph is checked against the importer's converter table;
+    all unsupported ops are reported at once in one LoweringError naming the op, the exported node, the fx
+    node of the optimized graph it came from, and its module path.
+  - Any other failure of export or of the importer is a LoweringError too (never a bare TVM/torch exception).
+The GraphModule passed in is not modified (node metadata used for provenance is restored afterwards).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from ...errors import LoweringError
+
+__all__ = ["TensorSpec", "Lowered", "lower_graph", "export_graph", "unsupported_ops"]
+
+_PROVENANCE_KEY = "graphopt_fx_node"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Static shape and dtype of one input or output tensor (dtype as torch names it, without 'torch.')."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        return cls(tuple(int(s) for s in t.shape), str(t.dtype).replace("torch.", ""))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+    def __str__(self) -> str:
+        return f"tensor{self.shape}:{self.dtype}"
+
+
+@dataclass
+class Lowered:
+    """What lowering produces: the Relax module and the signature the compiled module must honour."""
+
+    mod: Any                          # tvm.IRModule with a Relax function "main"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    out_spec: str                     # torch pytree TreeSpec of the outputs, serialized (treespec_dumps)
+    seconds: float = 0.0
+
+    def signature(self) -> dict:
+        return {"inputs": [asdict(s) for s in self.inputs], "outputs": [asdict(s) for s in self.outputs],
+                "out_spec": self.out_spec}
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return str(TensorSpec.of(x))
+    return type(x).__name__
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    text = text.strip()
+    line = text.splitlines()[0] if text else text
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export the GraphModule and decompose it to core ATen (what the TVM importer consumes).
+
+    Every node of `gm` is tagged (temporarily) with its name in node.meta["custom"], which torch.export
+    carries to the ATen nodes it produces, so errors can name the fx node an ATen op came from.
+    """
+    saved: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        saved[node] = node.meta.get("custom", _MISSING)
+        custom = dict(saved[node]) if isinstance(saved[node], dict) else {}
+        custom[_PROVENANCE_KEY] = node.name
+        node.meta["custom"] = custom
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+            return ep.run_decompositions()
+    except Exception as e:
+        raise LoweringError(f"torch.export of the optimized graph failed, so it cannot be lowered to TVM: "
+                            f"{type(e).__name__}: {_first_line(str(e))}") from e
+    finally:
+        for node, old in saved.items():
+            if old is _MISSING:
+                node.meta.pop("custom", None)
+            else:
+                node.meta["custom"] = old
+
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def _fx_origin(node: fx.Node, gm: fx.GraphModule | None) -> str:
+    """'fx node NAME (op TARGET) in module PATH' for an exported ATen node, as far as it can be recovered."""
+    parts = []
+    src = None
+    custom = node.meta.get("custom") or {}
+    fx_name = custom.get(_PROVENANCE_KEY)
+    if fx_name is None:                                   # fall back on torch's own provenance chain
+        chain = node.meta.get("from_node") or []
+        while chain:
+            fx_name = chain[-1].name
+            chain = chain[-1].from_node
+    if fx_name is not None:
+        desc = f"fx node '{fx_name}'"
+        if gm is not None:
+            src = next((n for n in gm.graph.nodes if n.name == fx_name), None)
+            if src is not None:
+                desc += f" ({src.op} {_target_name(src.target)})"
+        parts.append(desc)
+    path = _module_path(node.meta.get("nn_module_stack"))
+    if not path and src is not None:            # symbolic_trace records the module a call came from
+        path = _module_path(src.meta.get("nn_module_stack"))
+    if path:
+        parts.append(f"in module '{path}'")
+    return " ".join(parts) if parts else "(origin unknown)"
+
+
+def _module_path(stack: Any) -> str:
+    """The innermost module path of an nn_module_stack ({key: (path, type)}), '' for the root."""
+    if not stack:
+        return ""
+    entry = list(stack.values())[-1]
+    path = entry[0] if isinstance(entry, (tuple, list)) else str(entry)
+    return path if isinstance(path, str) else ""
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    if mod.startswith("torch._C._"):                     # torch._C._linalg.linalg_det -> torch.linalg.det
+        return f"torch.{mod[len('torch._C._'):]}.{name}"
+    return f"{mod}.{name}" if mod and mod != "builtins" else name
+
+
+def _op_name(node: fx.Node) -> str:
+    """The key the importer's convert_map uses for a call_function node (e.g. 'conv2d.default')."""
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _qualified_op(node_or_target: Any) -> str:
+    """'aten.conv2d.default' for an ATen overload (or the node calling it); a dotted name otherwise."""
+    target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target.__name__}"
+    return _target_name(target)
+
+
+def _graph_modules(ep: torch.export.ExportedProgram):
+    """The exported graph and its nested subgraphs (cond/map branches)."""
+    for m in ep.graph_module.modules():
+        if isinstance(m, fx.GraphModule):
+            yield m
+
+
+def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
+                    gm: fx.GraphModule | None = None) -> list[dict]:
+    """Every call_function node of `ep` whose op has no converter: [{op, node, origin}], in graph order."""
+    missing = []
+    for sub in _graph_modules(ep):
+        for node in sub.graph.nodes:
+            if node.op != "call_function" or _op_name(node) in convert_map:
+                continue
+            op = _qualified_op(node)
+            if _op_name(node) == "with_effects" and len(node.args) > 1:    # an op with side effects, wrapped
+                op = f"with_effects({_qualified_op(node.args[1])})"
+            missing.append({"op": op, "node": node.name, "origin": _fx_origin(node, gm)})
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------- lower
+def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
+    """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
+
+    Raises LoweringError: non-tensor inputs, export failure, unsupported ops (all listed), importer failure.
+    """
+    start = time.perf_counter()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise LoweringError(f"input {i} is a {_describe(x)}: the TVM backend takes tensor inputs only "
+                                f"(one tensor per forward() argument)")
+    ep = export_graph(gm, example_inputs)
+
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    importer = ExportedProgramImporter()
+    missing = unsupported_ops(ep, importer.convert_map, gm)
+    if missing:
+        lines = [f"  - {m['op']} (exported node '{m['node']}') from {m['origin']}" for m in missing]
+        ops = sorted({m["op"] for m in missing})
+        err = LoweringError(f"TVM cannot lower {len(missing)} node(s) of the graph; unsupported op(s) "
+                            f"{', '.join(ops)}:\n" + "\n".join(lines))
+        err.unsupported = missing            # type: ignore[attr-defined]
+        raise err
+
+    try:
+        mod = importer.from_exported_program(ep, False, False, False, None)
+    except Exception as e:
+        # The importer fills `env` in graph order: the first call_function node missing from it failed.
+        failed = next((n for n in ep.graph.nodes if n.op == "call_function" and n not in importer.env), None)
+        where = (f" at {_qualified_op(failed)} (exported node '{failed.name}') from {_fx_origin(failed, gm)}"
+                 if failed is not None else "")
+        raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}") from e
+
+    inputs = [TensorSpec.of(x) for x in example_inputs]
+    out_spec = ep.call_spec.out_spec
+    out_nodes = list(ep.graph.output_node().args[0]) if hasattr(ep.graph, "output_node") else list(
+        next(n for n in ep.graph.nodes if n.op == "output").args[0])
+    user_outputs = set(ep.graph_signature.user_outputs)
+    outputs = []
+    for n in out_nodes:
+        name = getattr(n, "name", None)
+        if name is None or name not in user_outputs:
+            continue
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise LoweringError(f"output node '{name}' is a {type(val).__name__}, not a tensor: the TVM backend "
+                                f"returns tensors only")
+        outputs.append(TensorSpec.of(val))
+    if out_spec is None or out_spec.num_leaves != len(outputs):
+        raise LoweringError(f"the exported program returns {len(outputs)} tensor(s) but its output structure "
+                            f"has {getattr(out_spec, 'num_leaves', '?')} leaves (non-tensor outputs?)")
+    n_params = len(mod["main"].params)
+    if n_params != len(inputs):
+        raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
+    return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), time.perf_counter() - start)

@@ -1,0 +1,146 @@
+"""CompiledModule: a TVM Relax VM executable, callable like the original model with torch tensors.
+
+Contract:
+  - Inputs are checked against the compiled signature (count, dtype, shape, device) BEFORE TVM is called;
+    a mismatch raises InputError naming the argument index, what was expected and what was given.
+  - Tensors cross to and from TVM through DLPack, without copies, except where TVM requires one: an input
+    that is not contiguous or not 64-byte aligned is copied to a fresh contiguous tensor first.
+  - Outputs are fresh tensors owned by the caller (TVM allocates them per call; nothing is reused across
+    calls), returned in the model's output structure (tensor, tuple, nested lists/dicts).
+  - Device: CPU targets take and return CPU tensors; CUDA targets take and return tensors on cuda:0.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Any, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ...errors import GraphoptError, InputError
+from ..targets import TargetSpec
+from .lower import TensorSpec
+
+__all__ = ["CompiledModule"]
+
+_ALIGNMENT = 64                # TVM's FromDLPack refuses data not aligned to this many bytes
+
+
+class CompiledModule:
+    """A compiled model on its target. Call it like the model: `y = compiled(x1, x2)`.
+
+    executable:    a relax VMExecutable (fresh build) or a loaded runtime Module (from an artifact)
+    spec:          the TargetSpec it was built for
+    inputs/outputs: TensorSpec per flat input / output tensor
+    out_spec:      serialized torch pytree spec of the output structure
+    library_bytes: the shared library it was loaded from, if any (saving again copies it, no re-export)
+    """
+
+    def __init__(self, executable: Any, spec: TargetSpec, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], out_spec: str, *, library_bytes: bytes | None = None):
+        self.executable = executable
+        self.spec = spec
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.out_spec = out_spec
+        self._tree = pytree.treespec_loads(out_spec)
+        self.library_bytes = library_bytes
+        self._vm = None
+        self._main = None
+        if spec.is_host:
+            self._ensure_vm()          # fail now, not at the first call, if the code cannot be loaded
+
+    # ---------------------------------------------------------------------------------------- device
+    @property
+    def target(self) -> TargetSpec:
+        return self.spec
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", 0) if self.spec.kind == "cuda" else torch.device("cpu")
+
+    def _tvm_device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.spec.kind == "cuda" else tvm.cpu(0)
+
+    def _ensure_vm(self):
+        if self._main is not None:
+            return self._main
+        if not self.spec.is_host:
+            where = "no CUDA GPU is available" if self.spec.kind == "cuda" else f"this is {platform.machine()}"
+            raise GraphoptError(f"this module was compiled for '{self.spec.alias}' and cannot run here "
+                                f"({where}); save() it and graphopt.load() it on a machine of that target")
+        from tvm import relax
+
+        self._vm = relax.VirtualMachine(self.executable, self._tvm_device())
+        self._main = self._vm["main"]
+        return self._main
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def check_inputs(self, args: Sequence[Any]) -> None:
+        """Raise InputError unless `args` match the compiled signature (count, type, dtype, shape, device)."""
+        want = len(self.inputs)
+        if len(args) != want:
+            sig = ", ".join(str(s) for s in self.inputs)
+            raise InputError(f"expected {want} input(s) ({sig}), got {len(args)}")
+        dev = self.torch_device
+        for i, (x, s) in enumerate(zip(args, self.inputs)):
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"input {i}: expected {s}, got {type(x).__name__}")
+            got = TensorSpec.of(x)
+            if got.dtype != s.dtype:
+                raise InputError(f"input {i}: expected dtype {s.dtype} ({s}), got {got.dtype} ({got})")
+            if got.shape != s.shape:
+                raise InputError(f"input {i}: expected shape {s.shape} ({s}), got {got.shape} ({got})")
+            if x.device.type != dev.type or (dev.index is not None and x.device.index not in (None, dev.index)):
+                raise InputError(f"input {i}: expected a tensor on {dev} (target '{self.spec.alias}'), "
+                                 f"got one on {x.device}")
+
+    @staticmethod
+    def _to_tvm(x: torch.Tensor):
+        import tvm
+
+        x = x.detach()
+        if not x.is_contiguous() or (x.numel() and x.data_ptr() % _ALIGNMENT):
+            x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        try:
+            return tvm.runtime.from_dlpack(x)
+        except Exception:             # e.g. size-1 dims with strides TVM calls non-contiguous
+            return tvm.runtime.from_dlpack(x.clone(memory_format=torch.contiguous_format))
+
+    # ------------------------------------------------------------------------------------------- call
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            raise InputError(f"keyword arguments ({', '.join(kwargs)}) are not supported by a compiled module: "
+                             f"pass the {len(self.inputs)} input(s) positionally")
+        self.check_inputs(args)
+        main = self._ensure_vm()
+        result = main(*[self._to_tvm(x) for x in args])
+        flat = [result] if _is_tvm_tensor(result) else list(result)
+        leaves = [torch.from_dlpack(t) for t in flat]
+        return pytree.tree_unflatten(leaves, self._tree)
+
+    def signature(self) -> dict:
+        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+                "out_spec": self.out_spec}
+
+    def export_library(self, path: str) -> str:
+        """Write the shared library to `path` (a copy of the loaded bytes for a module loaded from a file)."""
+        if self.library_bytes is not None:
+            with open(path, "wb") as f:
+                f.write(self.library_bytes)
+            return str(path)
+        from .build import export_library
+
+        return export_library(self.executable, path, self.spec)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(s) for s in self.inputs)
+        return f"CompiledModule(target={self.spec.alias!r}, inputs=[{ins}], outputs={len(self.outputs)})"
+
+
+def _is_tvm_tensor(x: Any) -> bool:
+    import tvm
+
+    return isinstance(x, tvm.runtime.Tensor)
