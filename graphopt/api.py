@@ -38,6 +38,7 @@ class OptimizedModel:
         self.pipeline = pipeline
         self.target = target
         self.capture_method = capture_method
+        self.input_shapes: list[tuple[int, ...]] = []     # the example inputs' shapes (compiled signature)
 
     def __call__(self, *args, **kwargs):
         if self.compiled is self.graph_module and self.graph_module is not None:
@@ -98,4 +99,6 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
         from .backends.tvm import compile_graph
 
         compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report)
-    return OptimizedModel(gm, compiled, report, pipe, spec, captured.method)
+    opt = OptimizedModel(gm, compiled, report, pipe, spec, captured.method)
+    opt.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    return opt

@@ -1,5 +1,10 @@
 """Shared test helpers."""
+from dataclasses import dataclass
+
 import torch
+from torch import nn
+
+from graphopt.pipeline import Pass, PassResult, register_pass
 
 
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -16,3 +21,21 @@ def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.rand(n, generator=g) - 0.5)
     return model
+
+
+@register_pass("test_weight_noise")
+@dataclass
+class WeightNoise(Pass):
+    """Test-only damage: multiplies every conv/linear weight by (1 + sigma * N(0, 1)), seeded."""
+
+    sigma: float = 0.5
+    seed: int = 0
+    exact = False
+
+    def run(self, gm, ctx):
+        g = torch.Generator().manual_seed(self.seed)
+        for m in gm.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                noise = torch.randn(m.weight.shape, generator=g) * self.sigma
+                m.weight = nn.Parameter(m.weight.detach() * (1 + noise))
+        return PassResult(gm)

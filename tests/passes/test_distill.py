@@ -8,25 +8,7 @@ from torch import nn
 import graphopt
 from graphopt.datasets import DigitsCNN, accuracy, batches, digits, train_classifier
 from graphopt.errors import CalibrationError
-from graphopt.pipeline import Pass, PassResult, register_pass
-
-
-@register_pass("test_weight_noise")
-@dataclass
-class WeightNoise(Pass):
-    """Test-only damage: multiplies every conv/linear weight by (1 + sigma * N(0, 1)), seeded."""
-
-    sigma: float = 0.5
-    seed: int = 0
-    exact = False
-
-    def run(self, gm, ctx):
-        g = torch.Generator().manual_seed(self.seed)
-        for m in gm.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                noise = torch.randn(m.weight.shape, generator=g) * self.sigma
-                m.weight = nn.Parameter(m.weight.detach() * (1 + noise))
-        return PassResult(gm)
+from tests.helpers import WeightNoise  # noqa: F401  (registers test_weight_noise)
 
 
 @pytest.fixture(scope="module")
