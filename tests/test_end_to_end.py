@@ -1,0 +1,50 @@
+"""Issue #2's user flow, end to end on real architectures: optimize for x86, match eager, save, load."""
+import time
+
+import pytest
+import torch
+import torchvision
+
+import graphopt
+from graphopt.models import get_model
+from tests.helpers import randomize_bn
+
+
+def _flow(model, inputs, tmp_path, pipeline="fold_bn,cleanup"):
+    opt = graphopt.optimize(model, target="x86", pipeline=pipeline, example_inputs=inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    torch.testing.assert_close(opt(*inputs), expected, rtol=1e-4, atol=1e-4)
+    text = str(opt.report)
+    for column in ("params", "FLOPs", "max|Δ|", "seconds"):
+        assert column in text
+    assert [r.name for r in opt.report.records] == ["(original)"] + pipeline.split(",")
+    path = opt.save(str(tmp_path / "model.gopt"))
+    start = time.perf_counter()
+    again = graphopt.load(path)
+    load_s = time.perf_counter() - start
+    assert torch.equal(again(*inputs), opt(*inputs))
+    assert again.report.records == opt.report.records and again.report.pipeline == opt.report.pipeline
+    return opt, load_s
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_cnn(name, tmp_path):
+    model = randomize_bn(getattr(torchvision.models, name)()).eval()
+    opt, _ = _flow(model, (torch.randn(1, 3, 64, 64),), tmp_path)
+    bn = (torch.nn.BatchNorm2d,)
+    assert not any(isinstance(m, bn) for m in opt.graph_module.modules())
+
+
+def test_transformer_encoder(tmp_path):
+    model, inputs = get_model("bert_tiny")
+    opt, _ = _flow(model, inputs, tmp_path)
+    assert opt.report.backend["capture"] == "symbolic_trace"
+
+
+def test_torch_nn_transformer_encoder_via_export(tmp_path):
+    """nn.TransformerEncoder is not symbolically traceable (fast-path checks): captured by torch.export."""
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    opt, _ = _flow(model, (torch.randn(2, 10, 64),), tmp_path)
+    assert opt.report.backend["capture"] == "torch.export"
