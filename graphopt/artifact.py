@@ -222,6 +222,7 @@ def _metadata(zf: zipfile.ZipFile, path: str) -> dict:
 # ISA extensions whose absence makes generated code fault (SIGILL); LLVM's tuning flags are not listed.
 _ISA_PREFIXES = ("avx", "fma", "f16c", "sse", "ssse", "amx", "bmi", "popcnt", "lzcnt", "movbe", "vpclmulqdq",
                  "gfni", "vaes", "neon", "sve", "dotprod", "i8mm", "bf16", "fullfp16", "fp16fml")
+_ISA_EXACT = {"egpr", "ndd", "ccmp", "nf", "zu", "cf", "ppx", "push2pop2"}     # x86 APX (extra registers)
 _NOT_EMITTED = {"sse4a"}       # AMD-only; LLVM does not emit it for numeric code
 
 
@@ -257,7 +258,8 @@ def _check_runnable(spec, path: str) -> None:
     need, have = _cpu_features(cpu_dict), _cpu_features(host_dict)
     if need is None or have is None:
         return
-    missing = sorted(f for f in need - have if f.startswith(_ISA_PREFIXES) and f not in _NOT_EMITTED)
+    missing = sorted(f for f in need - have
+                     if (f.startswith(_ISA_PREFIXES) or f in _ISA_EXACT) and f not in _NOT_EMITTED)
     if missing:
         raise ArtifactError(f"artifact {path} was compiled for CPU '{mcpu}', which has instructions this "
                             f"'{here}' CPU lacks ({', '.join(missing)}): it cannot run here; re-create it "
@@ -309,7 +311,10 @@ def load(path: str):
         gm = _load_graph_module(payload, path)
         return OptimizedModel(gm, gm, report, pipeline, spec, capture_method)
     compiled = _load_library(payload, meta, spec, path)
-    return OptimizedModel(None, compiled, report, pipeline, spec, capture_method)
+    opt = OptimizedModel(None, compiled, report, pipeline, spec, capture_method)
+    if hasattr(opt, "input_shapes"):
+        opt.input_shapes = [s.shape for s in compiled.inputs]
+    return opt
 
 
 def _load_graph_module(payload: bytes, path: str):
@@ -336,6 +341,7 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
         inputs = [TensorSpec.from_dict(d) for d in sig["inputs"]]
         outputs = [TensorSpec.from_dict(d) for d in sig["outputs"]]
         out_spec = str(sig["out_spec"])
+        const_outputs = [int(i) for i in sig.get("const_outputs", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"artifact {path} has an unreadable signature: {e}") from e
     tmp = tempfile.mkdtemp(prefix="graphopt-load-")
@@ -345,7 +351,7 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
             f.write(payload)
         try:
             lib = tvm.runtime.load_module(lib_path)       # dlopen: the library stays mapped after unlink
-            return CompiledModule(lib, spec, inputs, outputs, out_spec, library_bytes=payload)
+            return CompiledModule(lib, spec, inputs, outputs, out_spec, const_outputs, library_bytes=payload)
         except GraphoptError:
             raise
         except Exception as e:

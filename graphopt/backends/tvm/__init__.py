@@ -36,7 +36,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
         report.backend["tvm_version"] = tvm.__version__
     executable = build_module(lowered.mod, spec, tune=tune, report=report)
     start = time.perf_counter()
-    compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec)
+    compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
+                              lowered.const_outputs)
     if report is not None:
         report.backend["vm_init_s"] = round(time.perf_counter() - start, 3)
     return compiled

@@ -20,7 +20,7 @@ The GraphModule passed in is not modified (node metadata used for provenance is 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,11 +68,9 @@ class Lowered:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     out_spec: str                     # torch pytree TreeSpec of the outputs, serialized (treespec_dumps)
+    const_outputs: list[int] = field(default_factory=list)   # outputs that depend on no input (see below)
     seconds: float = 0.0
 
-    def signature(self) -> dict:
-        return {"inputs": [asdict(s) for s in self.inputs], "outputs": [asdict(s) for s in self.outputs],
-                "out_spec": self.out_spec}
 
 
 def _describe(x: Any) -> str:
@@ -184,6 +182,22 @@ def _graph_modules(ep: torch.export.ExportedProgram):
             yield m
 
 
+def _depends_on_user_inputs(ep: torch.export.ExportedProgram) -> dict[fx.Node, bool]:
+    """For every node: whether its value depends on a user input (False for weights/constants only).
+
+    An output that depends on no input is a constant TVM folds into the executable and returns by reference
+    on every call; the runtime copies such outputs so callers cannot corrupt the constant.
+    """
+    user_inputs = set(ep.graph_signature.user_inputs)
+    dep: dict[fx.Node, bool] = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            dep[n] = n.name in user_inputs
+        else:
+            dep[n] = any(dep.get(a, False) for a in n.all_input_nodes)
+    return dep
+
+
 def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
                     gm: fx.GraphModule | None = None) -> list[dict]:
     """Every call_function node of `ep` whose op has no converter: [{op, node, origin}], in graph order."""
@@ -238,23 +252,27 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
 
     inputs = [TensorSpec.of(x) for x in example_inputs]
     out_spec = ep.call_spec.out_spec
-    out_nodes = list(ep.graph.output_node().args[0]) if hasattr(ep.graph, "output_node") else list(
-        next(n for n in ep.graph.nodes if n.op == "output").args[0])
-    user_outputs = set(ep.graph_signature.user_outputs)
-    outputs = []
-    for n in out_nodes:
-        name = getattr(n, "name", None)
-        if name is None or name not in user_outputs:
-            continue
-        val = n.meta.get("val")
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    out_args = list(output_node.args[0])
+    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+    user = torch.export.graph_signature.OutputKind.USER_OUTPUT, torch.export.graph_signature.OutputKind.LOSS_OUTPUT
+    # the importer returns the user outputs only, in this order (mutation outputs are dropped)
+    user_nodes = [a for a, k in zip(out_args, kinds) if k in user] if len(kinds) == len(out_args) else out_args
+    depends = _depends_on_user_inputs(ep)
+    outputs, const_outputs = [], []
+    for i, n in enumerate(user_nodes):
+        val = n.meta.get("val") if isinstance(n, fx.Node) else n
         if not isinstance(val, torch.Tensor):
-            raise LoweringError(f"output node '{name}' is a {type(val).__name__}, not a tensor: the TVM backend "
-                                f"returns tensors only")
+            raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is a {type(val).__name__}, not a tensor: "
+                                f"the TVM backend returns tensors only")
         outputs.append(TensorSpec.of(val))
+        if not depends.get(n, False):
+            const_outputs.append(i)
     if out_spec is None or out_spec.num_leaves != len(outputs):
         raise LoweringError(f"the exported program returns {len(outputs)} tensor(s) but its output structure "
                             f"has {getattr(out_spec, 'num_leaves', '?')} leaves (non-tensor outputs?)")
     n_params = len(mod["main"].params)
     if n_params != len(inputs):
         raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
-    return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), time.perf_counter() - start)
+    return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), const_outputs,
+                   time.perf_counter() - start)

@@ -5,8 +5,10 @@ Contract:
     a mismatch raises InputError naming the argument index, what was expected and what was given.
   - Tensors cross to and from TVM through DLPack, without copies, except where TVM requires one: an input
     that is not contiguous or not 64-byte aligned is copied to a fresh contiguous tensor first.
-  - Outputs are fresh tensors owned by the caller (TVM allocates them per call; nothing is reused across
-    calls), returned in the model's output structure (tensor, tuple, nested lists/dicts).
+  - Outputs are fresh tensors owned by the caller (TVM allocates them per call), returned in the model's
+    output structure (tensor, tuple, nested lists/dicts). Outputs that depend on no input are constants
+    inside the executable, which TVM returns by reference: those (`const_outputs`) are copied per call so a
+    caller cannot corrupt them. An output that is an input itself aliases that input, as in eager PyTorch.
   - Device: CPU targets take and return CPU tensors; CUDA targets take and return tensors on cuda:0.
 """
 from __future__ import annotations
@@ -33,17 +35,20 @@ class CompiledModule:
     spec:          the TargetSpec it was built for
     inputs/outputs: TensorSpec per flat input / output tensor
     out_spec:      serialized torch pytree spec of the output structure
+    const_outputs: indices of flat outputs that depend on no input (copied on every call)
     library_bytes: the shared library it was loaded from, if any (saving again copies it, no re-export)
     """
 
     def __init__(self, executable: Any, spec: TargetSpec, inputs: Sequence[TensorSpec],
-                 outputs: Sequence[TensorSpec], out_spec: str, *, library_bytes: bytes | None = None):
+                 outputs: Sequence[TensorSpec], out_spec: str, const_outputs: Sequence[int] = (), *,
+                 library_bytes: bytes | None = None):
         self.executable = executable
         self.spec = spec
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.out_spec = out_spec
         self._tree = pytree.treespec_loads(out_spec)
+        self.const_outputs = sorted(int(i) for i in const_outputs)
         self.library_bytes = library_bytes
         self._vm = None
         self._main = None
@@ -119,11 +124,13 @@ class CompiledModule:
         result = main(*[self._to_tvm(x) for x in args])
         flat = [result] if _is_tvm_tensor(result) else list(result)
         leaves = [torch.from_dlpack(t) for t in flat]
+        for i in self.const_outputs:
+            leaves[i] = leaves[i].clone()
         return pytree.tree_unflatten(leaves, self._tree)
 
     def signature(self) -> dict:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-                "out_spec": self.out_spec}
+                "out_spec": self.out_spec, "const_outputs": list(self.const_outputs)}
 
     def export_library(self, path: str) -> str:
         """Write the shared library to `path` (a copy of the loaded bytes for a module loaded from a file)."""
