@@ -1,0 +1,250 @@
+"""quantize: turn float Linear / Conv2d layers into int8 ones (static, dynamic, weight-only, or from QAT)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from torch import fx, nn
+
+from ..analysis.compare import flatten_outputs
+from ..errors import CalibrationError, PassError
+from ..pipeline import Context, Pass, PassResult, register_pass
+from ..quant import graph as qgraph
+from ..quant.modules import FakeQuantize, QuantConv2d, QuantLinear
+
+__all__ = ["Quantize", "activation_dtype_for", "int8_speed_note"]
+
+
+def activation_dtype_for(target: str) -> str:
+    """Activation dtype that suits a target's int8 dot-product instructions.
+
+    x86 (VNNI vpdpbusd, AVX2/AVX-512BW vpmaddubsw) multiply uint8 by int8: asymmetric uint8 activations.
+    ARM (sdot) and CUDA (dp4a) multiply int8 by int8: symmetric int8. The torch reference uses uint8.
+    """
+    kind = target.split(":", 1)[0]
+    return "int8" if kind in ("arm", "cuda") else "uint8"
+
+
+def int8_speed_note(target: str) -> str:
+    """'' when the target has a fast int8 dot product we use; otherwise a sentence saying it has none."""
+    kind, _, cpu = target.partition(":")
+    if kind != "x86" or not cpu:
+        return ""
+    try:
+        from ..backends.tvm.quant_lower import has_vnni
+
+        if has_vnni(cpu):
+            return ""
+    except Exception:                                     # TVM missing: say nothing rather than guess
+        return ""
+    return (f"target {target} has no VNNI (AVX512-VNNI / AVX-VNNI) int8 dot product: the int8 kernels use "
+            f"widening multiplies and may be no faster than float32 there")
+
+
+def _rel_l2(got, ref) -> float:
+    """||got - ref|| / ||ref|| over all output tensors (float64)."""
+    num = den = 0.0
+    for a, b in zip(flatten_outputs(got), flatten_outputs(ref)):
+        a, b = a.detach().double(), b.detach().double()
+        num += float(((a - b) ** 2).sum())
+        den += float((b ** 2).sum())
+    return math.sqrt(num / max(den, 1e-300))
+
+
+@register_pass("quantize")
+@dataclass
+class Quantize(Pass):
+    """Quantize Linear and Conv2d layers to int8 (integer kernels; everything else stays float32).
+
+    Modes:
+      static       observers + calibration (ctx.calibration, required), then per-tensor activation
+                   quantization: a `torch.ops.graphopt.quantize` node per observed tensor feeding
+                   QuantLinear / QuantConv2d modules (int8 x uint8/int8 -> int32 accumulate -> float32
+                   epilogue with per-channel scale and bias). Observers: minmax, moving_average,
+                   percentile, mse, entropy.
+      dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
+      weight_only  Linear only: int8 weights, float32 compute. No data.
+    A graph prepared for QAT (graphopt.quant.prepare_qat, fine-tuned) is converted with its learned ranges
+    whatever the mode; no calibration data is needed then.
+
+    Weights are per output channel, symmetric int8 [-127, 127]. activation="auto" picks uint8 (x86, torch)
+    or symmetric int8 (arm, cuda) to suit the target's int8 dot-product instruction.
+
+    Keeps exactly: every op that is not a quantized layer, graph inputs/outputs (always float32).
+    Approximates: each quantized layer's input (rounding to 256 levels of its calibrated range, clipping
+    outside it) and weights (rounding to 255 levels per channel); the error is measured by the pass manager
+    and per layer in the report details (out_err: relative L2 error of the layer's output vs float).
+    Layers whose name or module path matches a `skip` pattern (fnmatch) stay float. With `tolerance`, the
+    layers whose lone quantization hurts the output most are kept float until the relative L2 error of
+    the model outputs on the calibration batches is <= tolerance.
+    """
+
+    exact = False
+    mode: Literal["static", "dynamic", "weight_only"] = "static"
+    bits: int = 8
+    activation: Literal["auto", "uint8", "int8"] = "auto"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
+    percentile: float = 99.99
+    skip: list[str] = field(default_factory=list)
+    tolerance: Optional[float] = None
+    ops: list[str] = field(default_factory=lambda: ["linear", "conv2d"])
+    calib_batches: int = 32
+    eval_batches: int = 4
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.bits != 8:
+            raise ValueError(f"bits={self.bits}: only 8-bit quantization is implemented")
+        bad = [o for o in self.ops if o not in ("linear", "conv2d")]
+        if bad:
+            raise ValueError(f"ops {bad} not supported: choose from linear, conv2d")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.calib_batches < 1 or self.eval_batches < 1:
+            raise ValueError("calib_batches and eval_batches must be >= 1")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        notes: list[str] = []
+        speed = int8_speed_note(ctx.target)
+        if speed:
+            notes.append(speed)
+        if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+            return self._convert_qat(gm, ctx, notes)
+        if self.mode in ("dynamic", "weight_only"):
+            return self._swap(gm, ctx, notes)
+        return self._static(gm, ctx, notes)
+
+    def _dtype(self, ctx: Context) -> str:
+        return activation_dtype_for(ctx.target) if self.activation == "auto" else self.activation
+
+    def _survey_notes(self, survey, notes: list[str]) -> None:
+        for path, why in survey.skipped:
+            notes.append(f"kept '{path}' in float32: {why}")
+        if not survey.sites:
+            notes.append("no quantizable Linear/Conv2d layer found: graph unchanged")
+
+    def _swap(self, gm: fx.GraphModule, ctx: Context, notes: list[str]) -> PassResult:
+        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip)
+        self._survey_notes(survey, notes)
+        details = [{"layer": s.path, "kind": s.kind, "mode": self.mode,
+                    "input": "uint8 per call" if self.mode == "dynamic" else "float32"} for s in survey.sites]
+        if self.tolerance is not None:
+            notes.append("tolerance is only applied in static mode")
+        return PassResult(new, changed=bool(survey.sites), notes=notes, details=details)
+
+    def _convert_qat(self, gm: fx.GraphModule, ctx: Context, notes: list[str]) -> PassResult:
+        conv = qgraph.Converter(gm)
+        new = conv.build()
+        notes.append(f"converted a QAT graph: {len(conv.layer_paths)} layer(s) with their learned ranges")
+        return PassResult(new, notes=notes, details=self._details(new, conv.layer_paths, "qat"))
+
+    def _static(self, gm: fx.GraphModule, ctx: Context, notes: list[str]) -> PassResult:
+        batches = ctx.calibration_batches(self.calib_batches, needed_by="quantize (mode=static)")
+        dtype = self._dtype(ctx)
+        prepared, survey = qgraph.prepare(gm, dtype=dtype, observer=self.observer, percentile=self.percentile,
+                                          kinds=self.ops, skip=self.skip)
+        self._survey_notes(survey, notes)
+        if not survey.sites:
+            return PassResult(gm, changed=False, notes=notes)
+        try:
+            qgraph.calibrate(prepared, batches, progress=self.progress)
+        except Exception as e:
+            raise CalibrationError(f"running the calibration batches failed: {type(e).__name__}: {e}") from e
+        conv = qgraph.Converter(prepared)
+        layers = list(conv.layer_paths)
+        sensitivity: dict[str, float] = {}
+        if self.tolerance is not None:
+            layers, sensitivity, err = self._fit_tolerance(gm, conv, batches[:self.eval_batches])
+            kept = [p for p in conv.layer_paths if p not in layers]
+            notes.append(f"tolerance {self.tolerance:g}: kept {len(kept)} of {len(conv.layer_paths)} layer(s) "
+                         f"in float32 ({', '.join(kept) or 'none'}); output rel. L2 error "
+                         f"{err:.3g} on {min(len(batches), self.eval_batches)} calibration batch(es)")
+            if err > self.tolerance:
+                notes.append(f"tolerance {self.tolerance:g} not reached even with every layer in float32 but "
+                             f"the least sensitive")
+        new = conv.build(layers)
+        details = self._details(new, layers, f"static/{self.observer}", gm, batches[0], sensitivity)
+        notes.append(f"calibrated on {len(batches)} batch(es); activations {dtype}, weights int8 per-channel")
+        return PassResult(new, notes=notes, details=details)
+
+    def _fit_tolerance(self, float_gm: fx.GraphModule, conv: "qgraph.Converter", batches: list[tuple]):
+        """Quantize as many layers as keeps the output error <= tolerance, dropping the most sensitive first."""
+        with torch.no_grad():
+            refs = [float_gm(*b) for b in batches]
+
+        def error(layers) -> float:
+            g = conv.build(layers)
+            with torch.no_grad():
+                return math.sqrt(sum(_rel_l2(g(*b), r) ** 2 for b, r in zip(batches, refs)) / len(batches))
+
+        all_layers = list(conv.layer_paths)
+        err_all = error(all_layers)
+        sensitivity = {p: error([p]) for p in all_layers}
+        if err_all <= self.tolerance:
+            return all_layers, sensitivity, err_all
+        order = sorted(all_layers, key=lambda p: sensitivity[p], reverse=True)
+        # smallest k such that quantizing all but the k most sensitive layers meets the tolerance (bisection;
+        # the error is close to monotone in k)
+        lo, hi = 1, len(order)
+        best_layers, best_err = order[len(order):], error([])
+        while lo <= hi:
+            k = (lo + hi) // 2
+            layers = order[k:]
+            err = error(layers)
+            if err <= self.tolerance:
+                best_layers, best_err = layers, err
+                hi = k - 1
+            else:
+                lo = k + 1
+        if best_err > self.tolerance:           # not even k = n-1 layers left float: quantize nothing
+            return [], sensitivity, best_err
+        keep = set(best_layers)
+        return [p for p in all_layers if p in keep], sensitivity, best_err
+
+    def _details(self, qgm: fx.GraphModule, layers, mode: str, float_gm: fx.GraphModule | None = None,
+                 batch: tuple | None = None, sensitivity: dict | None = None) -> list[dict]:
+        out_err: dict[str, float] = {}
+        if float_gm is not None and batch is not None and layers:
+            out_err = _layer_errors(float_gm, qgm, layers, batch)
+        rows = []
+        for path in layers:
+            mod = qgm.get_submodule(path)
+            if not isinstance(mod, (QuantLinear, QuantConv2d)):
+                raise PassError(self.name, f"layer '{path}' was not quantized (got {type(mod).__name__})")
+            row = {"layer": path, "kind": "linear" if isinstance(mod, QuantLinear) else "conv2d",
+                   "mode": mode, "input": mod.x_dtype, "scale": mod.x_scale, "zp": mod.x_zp}
+            if out_err:
+                row["out_err"] = out_err.get(path, float("nan"))
+            if sensitivity:
+                row["sensitivity"] = sensitivity.get(path, float("nan"))
+            rows.append(row)
+        return rows
+
+
+def _layer_errors(float_gm: fx.GraphModule, qgm: fx.GraphModule, layers, batch: tuple) -> dict[str, float]:
+    """Relative L2 error of each quantized layer's output vs the float graph's, on one batch."""
+    def capture(gm: nn.Module) -> dict[str, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        for path in layers:
+            try:
+                mod = gm.get_submodule(path)
+            except AttributeError:
+                continue
+            handles.append(mod.register_forward_hook(
+                lambda m, i, o, path=path: seen.__setitem__(path, o.detach())))
+        try:
+            with torch.no_grad():
+                gm(*batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    ref, got = capture(float_gm), capture(qgm)
+    return {p: _rel_l2(got[p], ref[p]) for p in layers if p in ref and p in got}

@@ -1,0 +1,395 @@
+"""The two inspectable steps of static quantization on an fx.GraphModule, plus QAT.
+
+1. ``prepare(gm, ...)`` returns a new graph with an observer module after every tensor that feeds a
+   quantizable layer (one observer per tensor, shared by all the layers reading it). Run calibration data
+   through it (``calibrate``) and each observer knows its tensor's range.
+2. ``Converter(prepared).build(layers)`` returns the quantized graph: each observer becomes an explicit
+   ``torch.ops.graphopt.quantize`` node and each chosen layer becomes a QuantLinear / QuantConv2d that
+   takes the integer tensor. Layers not chosen keep their float module and read the float tensor (an
+   observer none of whose readers is quantized disappears). Building is cheap and leaves `prepared`
+   untouched, so the pass can try several layer sets (skip lists, error tolerance).
+
+QAT: ``prepare_qat`` inserts FakeQuantize modules instead of observers and swaps Linear/Conv2d for
+QATLinear/QATConv2d (weight fake-quant); after fine-tuning in PyTorch, ``convert`` gives the same integer
+graph as post-training quantization, with the learned ranges.
+
+Module graphs from torch.fx.symbolic_trace and aten graphs from torch.export are both handled: functional
+``linear``/``conv2d`` calls whose weights are graph constants are first turned into modules.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
+from .modules import (DynamicQuantLinear, FakeQuantize, QATConv2d, QATLinear, QuantConv2d, QuantLinear,
+                      WeightOnlyLinear, conv_padding)
+from .observers import Observer, make_observer
+
+__all__ = ["Site", "find_sites", "prepare", "calibrate", "Converter", "prepare_qat", "convert",
+           "swap_linear", "UNSUPPORTED_LAYERS"]
+
+# layers we recognise but have no integer kernel for: left float with a note
+UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                      nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN,
+                      nn.Bilinear)
+
+_LINEAR_FUNCS = {F.linear, torch.ops.aten.linear.default}
+_CONV_FUNCS = {F.conv2d, torch.ops.aten.conv2d.default}
+
+
+@dataclass
+class Site:
+    """A quantizable layer call: `node` (call_module) running module `path` of `kind`."""
+
+    node: fx.Node
+    path: str
+    kind: str                      # "linear" | "conv2d"
+
+
+@dataclass
+class Survey:
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)        # (path, why)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _free_name(root: nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 1
+    while hasattr(root, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _const(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        obj = gm
+        for part in str(arg.target).split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def modularize(gm: fx.GraphModule) -> int:
+    """Turn functional linear/conv2d calls with constant (get_attr) weights into Linear/Conv2d modules.
+
+    Mutates `gm`; returns how many calls were converted. Exact (same op, same tensors).
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEAR_FUNCS | _CONV_FUNCS:
+            continue
+        w = _const(gm, _arg(node, 1, "weight"))
+        b_arg = _arg(node, 2, "bias")
+        b = _const(gm, b_arg) if b_arg is not None else None
+        if w is None or (b_arg is not None and b is None) or not w.is_floating_point():
+            continue
+        x = node.args[0]
+        if node.target in _LINEAR_FUNCS:
+            if w.dim() != 2:
+                continue
+            mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        else:
+            if w.dim() != 4:
+                continue
+            stride, padding = _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0)
+            dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
+            mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
+                            padding=padding, dilation=dilation, groups=groups, bias=b is not None)
+        with torch.no_grad():
+            mod.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            if b is not None:
+                mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        base = str(_arg(node, 1, "weight").target).rsplit(".", 1)[0] if "." in str(
+            _arg(node, 1, "weight").target) else node.name
+        name = _free_name(gm, base)
+        gm.add_submodule(name, mod)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return count
+
+
+def _matches(patterns: Sequence[str], path: str, node_name: str) -> str | None:
+    for p in patterns:
+        if fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(node_name, p):
+            return p
+    return None
+
+
+def find_sites(gm: fx.GraphModule, *, kinds: Iterable[str] = ("linear", "conv2d"),
+               skip: Sequence[str] = ()) -> Survey:
+    """The quantizable layer calls of `gm` and, for the report, the recognised layers left float and why."""
+    kinds = set(kinds)
+    survey = Survey()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        path = str(node.target)
+        mod = gm.get_submodule(path)
+        kind = "linear" if isinstance(mod, nn.Linear) else "conv2d" if isinstance(mod, nn.Conv2d) else None
+        if kind is None:
+            if isinstance(mod, UNSUPPORTED_LAYERS):
+                survey.skipped.append((path, f"{type(mod).__name__} has no int8 kernel"))
+            continue
+        pat = _matches(skip, path, node.name)
+        if pat is not None:
+            survey.skipped.append((path, f"skip pattern {pat!r}"))
+            continue
+        if kind not in kinds:
+            survey.skipped.append((path, f"{kind} not in ops"))
+            continue
+        if not mod.weight.is_floating_point():
+            survey.skipped.append((path, f"weight dtype {mod.weight.dtype}"))
+            continue
+        if kind == "conv2d" and conv_padding(mod) is None:
+            survey.skipped.append((path, f"padding {mod.padding!r} / {mod.padding_mode} not expressible"))
+            continue
+        if not node.args or not isinstance(node.args[0], fx.Node) or len(node.args) != 1 or node.kwargs:
+            survey.skipped.append((path, "called with extra arguments"))
+            continue
+        meta = node.args[0].meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None)
+        if dtype is not None and dtype != torch.float32:
+            survey.skipped.append((path, f"input dtype {dtype}"))
+            continue
+        survey.sites.append(Site(node, path, kind))
+    return survey
+
+
+def _copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    return graph, env
+
+
+def _module_table(gm: fx.GraphModule, graph: fx.Graph) -> dict[str, object]:
+    """name -> object for every call_module / get_attr target of `graph`, looked up in `gm`."""
+    table: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and str(node.target) not in table:
+            obj = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            table[str(node.target)] = obj
+    return table
+
+
+def _unshare(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Give each call of a module that is called several times its own module path (qparams differ)."""
+    seen: set[str] = set()
+    for s in sites:
+        if s.path in seen:
+            new = _free_name(gm, s.path + "_call")
+            gm.add_submodule(new, gm.get_submodule(s.path))
+            s.node.target = new
+            s.path = new
+        seen.add(s.path)
+
+
+def prepare(gm: fx.GraphModule, *, dtype: str = "uint8", observer: str = "minmax",
+            percentile: float = 99.99, averaging: float = 0.1, kinds=("linear", "conv2d"),
+            skip: Sequence[str] = (), qat: bool = False) -> tuple[fx.GraphModule, Survey]:
+    """A new GraphModule (sharing `gm`'s modules; `gm` is not changed) with observers inserted.
+
+    With qat=True the observers are FakeQuantize modules and layers become QATLinear/QATConv2d
+    (fresh copies: fine-tuning does not touch `gm`).
+    """
+    graph, _ = _copy_graph(gm)
+    work = fx.GraphModule(_module_table(gm, graph), graph, gm.__class__.__name__)
+    modularize(work)
+    survey = find_sites(work, kinds=kinds, skip=skip)
+    _unshare(work, survey.sites)
+    observers: dict[fx.Node, fx.Node] = {}
+    for site in survey.sites:
+        x = site.node.args[0]
+        if x not in observers:
+            name = _free_name(work, f"{x.name}_observer")
+            obs = make_observer(observer, dtype, percentile=percentile, averaging=averaging)
+            work.add_submodule(name, FakeQuantize(obs) if qat else obs)
+            with work.graph.inserting_after(x):
+                observers[x] = work.graph.call_module(name, (x,))
+        site.node.args = (observers[x],)
+        if qat:
+            mod = work.get_submodule(site.path)
+            qat_mod = QATLinear.from_float(mod) if site.kind == "linear" else QATConv2d.from_float(mod)
+            qat_mod.weight.requires_grad_(True)
+            if qat_mod.bias is not None:
+                qat_mod.bias.requires_grad_(True)
+            _set_module(work, site.path, qat_mod)
+    work.graph.lint()
+    work.recompile()
+    return work, survey
+
+
+def _observers(gm: nn.Module) -> list[Observer]:
+    return [m for m in gm.modules() if isinstance(m, Observer)]
+
+
+def calibrate(gm: fx.GraphModule, batches: Sequence[tuple], *, progress: bool = False,
+              desc: str = "quantize: calibrating") -> int:
+    """Run `batches` through a prepared graph so its observers see the data. Returns the number of passes.
+
+    Histogram observers (percentile, mse, entropy) need a second pass over the same batches.
+    """
+    from tqdm.auto import tqdm
+
+    observers = _observers(gm)
+    two = any(o.needs_second_pass for o in observers)
+    fq_training = {m: m.training for m in gm.modules() if isinstance(m, FakeQuantize)}
+    was_training = gm.training
+    gm.eval()
+    for m in fq_training:               # QAT ranges are only updated in training mode
+        m.train()
+    try:
+        passes = (0, 1) if two else (0,)
+        with torch.no_grad():
+            for phase in passes:
+                for o in observers:
+                    o.phase = phase
+                label = desc if not two else f"{desc} ({'range' if phase == 0 else 'histogram'} pass)"
+                for batch in tqdm(batches, desc=label, disable=not progress, leave=False, unit="batch"):
+                    gm(*batch)
+    finally:
+        for o in observers:
+            o.phase = 0
+        for m, t in fq_training.items():
+            m.train(t)
+        gm.train(was_training)
+    return len(passes)
+
+
+def _is_observer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                   (Observer, FakeQuantize))
+
+
+class Converter:
+    """Builds quantized graphs from a calibrated prepared graph, for any subset of its layers.
+
+    Quantized modules are made once per layer and cached, so trying many subsets is cheap.
+    """
+
+    def __init__(self, prepared: fx.GraphModule):
+        self.prepared = prepared
+        self._cache: dict[str, nn.Module] = {}
+        self.layer_paths: list[str] = []
+        for node in prepared.graph.nodes:
+            if _is_observer_node(prepared, node):
+                self.layer_paths.extend(str(u.target) for u in node.users)
+
+    def qparams(self, observer_path: str):
+        obs = self.prepared.get_submodule(observer_path)
+        if isinstance(obs, Observer) and not obs.calibrated():
+            raise RuntimeError(f"observer '{observer_path}' saw no data: run calibrate() first")
+        return obs.qparams()
+
+    def quant_module(self, path: str, qp) -> nn.Module:
+        if path not in self._cache:
+            mod = self.prepared.get_submodule(path)
+            if isinstance(mod, nn.Linear):
+                self._cache[path] = QuantLinear(mod.weight, mod.bias, qp)
+            elif isinstance(mod, nn.Conv2d):
+                self._cache[path] = QuantConv2d(mod, qp)
+            else:  # pragma: no cover - prepare only observes Linear/Conv2d inputs
+                raise TypeError(f"cannot quantize {type(mod).__name__} at '{path}'")
+        return self._cache[path]
+
+    def build(self, layers: Iterable[str] | None = None) -> fx.GraphModule:
+        """The quantized graph with `layers` (module paths; default all) integer, the rest float."""
+        chosen = set(self.layer_paths if layers is None else layers)
+        unknown = chosen - set(self.layer_paths)
+        if unknown:
+            raise KeyError(f"not prepared for quantization: {', '.join(sorted(unknown))}")
+        graph, env = _copy_graph(self.prepared)
+        table = _module_table(self.prepared, graph)
+        for node in list(graph.nodes):
+            if node.op != "call_module" or not isinstance(table[str(node.target)], (Observer, FakeQuantize)):
+                continue
+            x = node.args[0]
+            users = list(node.users)
+            quant_users = [u for u in users if str(u.target) in chosen]
+            for u in users:
+                if u not in quant_users:
+                    u.replace_input_with(node, x)
+            if quant_users:
+                qp = self.qparams(str(node.target))
+                with graph.inserting_before(node):
+                    q = graph.create_node("call_function", torch.ops.graphopt.quantize.default,
+                                          (x, qp.scale, qp.zero_point, qp.qmin, qp.qmax),
+                                          name=f"{x.name}_{qp.dtype}")
+                for u in quant_users:
+                    u.replace_input_with(node, q)
+                    table[str(u.target)] = self.quant_module(str(u.target), qp)
+            graph.erase_node(node)
+            del table[str(node.target)]
+        gm = fx.GraphModule(table, graph, self.prepared.__class__.__name__)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+
+def convert(prepared: fx.GraphModule, layers: Iterable[str] | None = None) -> fx.GraphModule:
+    """The quantized graph of a calibrated (or QAT-trained) prepared graph; see Converter.build."""
+    return Converter(prepared).build(layers)
+
+
+def prepare_qat(gm: fx.GraphModule, *, dtype: str = "uint8", kinds=("linear", "conv2d"),
+                skip: Sequence[str] = (), calibration: Sequence[tuple] | None = None,
+                averaging: float = 0.1) -> fx.GraphModule:
+    """A fake-quantized copy of `gm` to fine-tune in PyTorch (train mode updates the activation ranges).
+
+    `calibration` (optional, a list of input tuples) initialises the ranges before training.
+    Convert the result with ``convert(qat_gm)`` or run it through the "quantize" pass.
+    """
+    work, _ = prepare(gm, dtype=dtype, observer="moving_average", averaging=averaging, kinds=kinds,
+                      skip=skip, qat=True)
+    if calibration:
+        calibrate(work, calibration)
+    return work
+
+
+def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = ()) -> tuple[fx.GraphModule, Survey]:
+    """A new GraphModule with every Linear replaced by DynamicQuantLinear ("dynamic") or
+    WeightOnlyLinear ("weight_only"); Conv2d and everything else stays float. `gm` is not changed."""
+    cls = {"dynamic": DynamicQuantLinear, "weight_only": WeightOnlyLinear}[mode]
+    graph, _ = _copy_graph(gm)
+    work = fx.GraphModule(_module_table(gm, graph), graph, gm.__class__.__name__)
+    modularize(work)
+    survey = find_sites(work, kinds=("linear", "conv2d"), skip=skip)
+    _unshare(work, survey.sites)
+    for site in survey.sites:
+        if site.kind != "linear":
+            survey.skipped.append((site.path, f"conv2d has no {mode} mode (use static)"))
+            continue
+        mod = work.get_submodule(site.path)
+        _set_module(work, site.path, cls(mod.weight, mod.bias))
+    survey.sites = [s for s in survey.sites if s.kind == "linear"]
+    work.recompile()
+    return work, survey
+
