@@ -30,9 +30,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
     """
     import tvm
 
-    lowered = lower_graph(gm, example_inputs)
+    lowered = lower_graph(gm, example_inputs, spec)
     if report is not None:
         report.backend["lower_s"] = round(lowered.seconds, 3)
+        if lowered.quant:
+            report.backend["int8"] = lowered.quant
         report.backend["tvm_version"] = tvm.__version__
     executable = build_module(lowered.mod, spec, tune=tune, report=report)
     start = time.perf_counter()

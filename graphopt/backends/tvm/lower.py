@@ -70,6 +70,7 @@ class Lowered:
     out_spec: str                     # torch pytree TreeSpec of the outputs, serialized (treespec_dumps)
     const_outputs: list[int] = field(default_factory=list)   # outputs that depend on no input (see below)
     seconds: float = 0.0
+    quant: str = ""                   # how graphopt's int8 ops were lowered (quant_lower.summary), if any
 
 
 
@@ -214,8 +215,10 @@ def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
 
 
 # ---------------------------------------------------------------------------------------------- lower
-def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
+def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> Lowered:
     """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
+
+    `spec` (a TargetSpec, optional) picks the kernels for graphopt's int8 ops (see quant_lower).
 
     Raises LoweringError: non-tensor inputs, export failure, unsupported ops (all listed), importer failure.
     """
@@ -232,7 +235,10 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     importer = ExportedProgramImporter()
-    missing = unsupported_ops(ep, importer.convert_map, gm)
+    from .quant_lower import custom_convert_map, summary as quant_summary   # graphopt's int8 ops
+
+    custom, quant_state = custom_convert_map(ep, spec)
+    missing = unsupported_ops(ep, {**importer.convert_map, **custom}, gm)
     if missing:
         lines = [f"  - {m['op']} (exported node '{m['node']}') from {m['origin']}" for m in missing]
         ops = sorted({m["op"] for m in missing})
@@ -242,7 +248,7 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
         raise err
 
     try:
-        mod = importer.from_exported_program(ep, False, False, False, None)
+        mod = importer.from_exported_program(ep, False, False, False, custom or None)
     except Exception as e:
         # The importer fills `env` in graph order: the first call_function node missing from it failed.
         failed = next((n for n in ep.graph.nodes if n.op == "call_function" and n not in importer.env), None)
@@ -275,4 +281,4 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple) -> Lowered:
     if n_params != len(inputs):
         raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
     return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), const_outputs,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, quant_summary(quant_state))

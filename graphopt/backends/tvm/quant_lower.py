@@ -1,0 +1,571 @@
+"""Lowering of graphopt's quantized ops (``torch.ops.graphopt.*``) to integer Relax/TIR.
+
+TVM's torch frontends have no converters for quantize/dequantize; this module supplies them, as a
+``custom_convert_map`` for the ExportedProgram importer (graphopt.backends.tvm.lower calls
+``custom_convert_map(ep, spec)``). Semantics are those of graphopt.quant.ops, reproduced exactly:
+
+  quantize        R ops: round(x * float32(1/scale)) + zp, clip, astype uint8/int8 (fused by FuseOps with
+                  the float ops before it, e.g. the previous layer's ReLU)
+  qlinear         int8 kernel: A uint8 [M, K] x W int8 -> int32 accumulators -> epilogue
+                  y = float32(acc - zp·ΣW[n]) · out_scale[n] + bias[n]  (dequantize/requantize fused into the
+                  kernel; the next quantize is fused into the following elementwise op)
+  qconv2d         the same kernel over an NHWC, zero-point-padded copy of the input, writing NCHW float32
+  dynamic_qlinear per-call min/max -> scale, zero point in Relax; then the qlinear kernel with zp·ΣW from
+                  the run-time zero point
+  woq_linear      float32 x int8-weight kernel (weights widened in registers; float32 accumulate)
+
+Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules and tuners leave them alone):
+  * x86 with AVX512-VNNI: ``vpdpbusd`` (uint8 x int8 -> int32, 64 MACs per instruction) on a packed weight
+    layout [N/16, K/4, 16, 4]; register tile MT rows x NT·16 columns; parallel over output tiles.
+  * other LLVM CPU targets (AVX2, AVX-512 without VNNI, ARM): the same tiling with widening int32
+    multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
+  * grouped/depthwise conv (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
+    out_dtype int32), scheduled by whatever the build does for ordinary ops.
+Weights are read from the ExportedProgram's constants and packed at compile time (numpy). Integer
+accumulation is exact, so a TVM result differs from the PyTorch op only by float32 rounding in the
+epilogue (LLVM may contract multiply+add into one FMA): within one ulp, far below one quantization step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ...errors import LoweringError
+
+__all__ = ["custom_convert_map", "has_vnni", "int8_path", "dense_kernel", "conv_kernel", "woq_kernel",
+           "OP_NAMES"]
+
+OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "dynamic_qlinear.default",
+            "woq_linear.default")
+
+
+# ------------------------------------------------------------------------------------------- targets
+def has_vnni(cpu: str) -> bool:
+    """Whether an x86 LLVM CPU name has AVX512-VNNI (the 512-bit vpdpbusd we emit)."""
+    import tvm
+    from tvm.target import codegen
+
+    t = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    return bool(codegen.target_has_features("avx512vnni", t))
+
+
+def int8_path(spec) -> str:
+    """'vnni' (x86 with AVX512-VNNI), 'cpu' (other LLVM CPU: widening multiply-adds) or 'relax' (portable)."""
+    if spec is None or getattr(spec, "kind", "") != "llvm":
+        return "relax"
+    cpu = str(spec.tvm.get("mcpu", "")) if isinstance(getattr(spec, "tvm", None), dict) else ""
+    if getattr(spec, "arch", "") == "x86_64" and cpu and has_vnni(cpu):
+        return "vnni"
+    return "cpu"
+
+
+def _cores(spec) -> int:
+    try:
+        return max(1, int(spec.tvm.get("num-cores", 1)))
+    except Exception:
+        return 1
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _tiles(rows: int, blocks: int, cores: int = 1) -> tuple[int, int]:
+    """Register tile (MT rows, NT 16-column blocks): at most 16 accumulators, NT divides `blocks`."""
+    nt = next(n for n in (4, 2, 1) if blocks % n == 0)
+    if rows == 1:
+        mt = 1
+    elif rows < 8:
+        mt = rows
+        nt = next(n for n in (2, 1) if blocks % n == 0) if rows > 4 else nt
+    else:
+        mt = next((m for m in (8, 7, 6) if rows % m == 0), 8)
+        nt = next(n for n in (2, 1) if blocks % n == 0)
+    while nt > 1 and blocks // nt < cores:          # keep every core busy on small layers
+        nt //= 2
+        while blocks % nt:
+            nt //= 2
+    return mt, max(nt, 1)
+
+
+def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool):
+    """TIR: Y[M, NB·16] = float32(A·Wᵀ - C) · S + B for A uint8 [M, KB·4] and packed int8 W.
+
+    W layout: [NB, KB, 16, 4] (vnni) or [NB, KB, 4, 16] (generic); C int32, S/B float32 of length NB·16.
+    """
+    from tvm.script import tirx as T
+
+    K, N = KB * 4, NB * 16
+    MO = (M + MT - 1) // MT
+    NBO = NB // NT
+    w_shape = (NB, KB, 16, 4) if vnni else (NB, KB, 4, 16)
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.prim_func
+    def qdense(A: T.Buffer((M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
+               S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            for mo in range(MO):
+                acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                for t in T.unroll(MT * NT):
+                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                for kb in range(KB):
+                    for nt in T.unroll(NT):
+                        for mi in T.unroll(MT):
+                            if vnni:
+                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(vpdpbusd),
+                                    acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
+                                    T.reinterpret(T.broadcast(T.reinterpret(
+                                        A.vload([T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"), dtype="int32"),
+                                        16), dtype="int8x64"),
+                                    W.vload([nbo * NT + nt, kb, 0, 0], "int8x64"),
+                                    dtype="int32x16")
+                            else:
+                                for k in T.unroll(4):
+                                    for j in T.vectorized(16):
+                                        acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + T.Cast(
+                                            "int32", A[T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
+                                            "int32", W[nbo * NT + nt, kb, k, j])
+                for mi in T.unroll(MT):
+                    if mo * MT + mi < M:
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(16):
+                                Y[mo * MT + mi, (nbo * NT + nt) * 16 + j] = T.Cast(
+                                    "float32", acc[(mi * NT + nt) * 16 + j] - C[(nbo * NT + nt) * 16 + j]) * S[
+                                    (nbo * NT + nt) * 16 + j] + Bi[(nbo * NT + nt) * 16 + j]
+    return qdense
+
+
+def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
+                stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, vnni: bool):
+    """TIR: NCHW float32 Y[N, CO, OH, OW] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
+    that is already padded (spatially with the zero point; channels up to a multiple of 4).
+
+    W layout: [COB, KH, KW, CB, 16, 4] (vnni) or [COB, KH, KW, CB, 4, 16]; C/S/B of length COB·16.
+    """
+    from tvm.script import tirx as T
+
+    Cp = CB * 4
+    sh, sw = stride
+    dh, dw = dilation
+    OWO = (OW + MT - 1) // MT
+    CBO = COB // NT
+    w_shape = (COB, KH, KW, CB, 16, 4) if vnni else (COB, KH, KW, CB, 4, 16)
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.prim_func
+    def qconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer(w_shape, "int8"),
+              C: T.Buffer((COB * 16,), "int32"), S: T.Buffer((COB * 16,), "float32"),
+              Bi: T.Buffer((COB * 16,), "float32"), Y: T.Buffer((N, CO, OH, OW), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for row in T.parallel(N * OH):
+            for cbo in range(CBO):
+                for owo in range(OWO):
+                    acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                    for t in T.unroll(MT * NT):
+                        acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            for cb in range(CB):
+                                for nt in T.unroll(NT):
+                                    for mi in T.unroll(MT):
+                                        if vnni:
+                                            acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                                T.llvm_lookup_intrinsic_id(vpdpbusd),
+                                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
+                                                T.reinterpret(T.broadcast(T.reinterpret(X.vload(
+                                                    [row // OH, (row % OH) * sh + kh * dh,
+                                                     T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
+                                                    "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
+                                                W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], "int8x64"),
+                                                dtype="int32x16")
+                                        else:
+                                            for k in T.unroll(4):
+                                                for j in T.vectorized(16):
+                                                    acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + \
+                                                        T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh,
+                                                                          T.min(owo * MT + mi, OW - 1) * sw
+                                                                          + kw * dw, cb * 4 + k]) * \
+                                                        T.Cast("int32", W[cbo * NT + nt, kh, kw, cb, k, j])
+                    for nt in T.unroll(NT):
+                        for j in range(16):
+                            if (cbo * NT + nt) * 16 + j < CO:
+                                for mi in T.unroll(MT):
+                                    if owo * MT + mi < OW:
+                                        Y[row // OH, (cbo * NT + nt) * 16 + j, row % OH, owo * MT + mi] = T.Cast(
+                                            "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
+                                            * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
+    return qconv
+
+
+def woq_kernel(M: int, K: int, NB: int, MT: int, NT: int):
+    """TIR: Y[M, NB·16] = (X · float32(W)ᵀ) · S + B for float32 X [M, K] and int8 W packed [NB, K, 16]."""
+    from tvm.script import tirx as T
+
+    N = NB * 16
+    MO = (M + MT - 1) // MT
+    NBO = NB // NT
+
+    @T.prim_func
+    def woq(X: T.Buffer((M, K), "float32"), W: T.Buffer((NB, K, 16), "int8"), S: T.Buffer((N,), "float32"),
+            Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            for mo in range(MO):
+                acc = T.decl_buffer((MT * NT * 16,), "float32", scope="local")
+                for t in T.unroll(MT * NT):
+                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
+                for k in range(K):
+                    for nt in T.unroll(NT):
+                        for mi in T.unroll(MT):
+                            for j in T.vectorized(16):
+                                acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + X[
+                                    T.min(mo * MT + mi, M - 1), k] * T.Cast("float32", W[nbo * NT + nt, k, j])
+                for mi in T.unroll(MT):
+                    if mo * MT + mi < M:
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(16):
+                                Y[mo * MT + mi, (nbo * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] * S[
+                                    (nbo * NT + nt) * 16 + j] + Bi[(nbo * NT + nt) * 16 + j]
+    return woq
+
+
+# ----------------------------------------------------------------------------------- weight packing
+def pack_dense(w: np.ndarray, vnni: bool) -> np.ndarray:
+    """int8 [N, K] -> [NB, KB, 16, 4] (vnni) or [NB, KB, 4, 16], zero-padded to N%16 == K%4 == 0."""
+    n, k = w.shape
+    npad, kpad = -n % 16, -k % 4
+    w = np.pad(w, ((0, npad), (0, kpad)))
+    nb, kb = w.shape[0] // 16, w.shape[1] // 4
+    w = w.reshape(nb, 16, kb, 4)
+    return np.ascontiguousarray(w.transpose(0, 2, 1, 3) if vnni else w.transpose(0, 2, 3, 1))
+
+
+def pack_conv(w: np.ndarray, vnni: bool) -> np.ndarray:
+    """int8 OIHW -> [COB, KH, KW, CB, 16, 4] (vnni) or [COB, KH, KW, CB, 4, 16], zero-padded."""
+    co, ci, kh, kw = w.shape
+    w = np.pad(w, ((0, -co % 16), (0, -ci % 4), (0, 0), (0, 0)))
+    cob, cb = w.shape[0] // 16, w.shape[1] // 4
+    w = w.reshape(cob, 16, cb, 4, kh, kw)                     # o_blk, o, c_blk, c, kh, kw
+    order = (0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)
+    return np.ascontiguousarray(w.transpose(order))
+
+
+def _pad_vec(v: np.ndarray, n: int, dtype) -> np.ndarray:
+    return np.pad(v.astype(dtype), (0, n - v.shape[0]))
+
+
+# ------------------------------------------------------------------------------------- converters
+@dataclass
+class QuantLowering:
+    """State of one lowering: the exported program (for weights), the kernel path, and what happened."""
+
+    ep: Any
+    spec: Any
+    path: str
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    # -- constants of the exported program
+    def constant(self, arg) -> np.ndarray | None:
+        """The value of a parameter/buffer/constant placeholder of the exported program, else None."""
+        import torch
+
+        if arg is None or not hasattr(arg, "op") or arg.op != "placeholder":
+            return None
+        sig = self.ep.graph_signature
+        name = arg.name
+        for table, store in ((sig.inputs_to_parameters, self.ep.state_dict),
+                             (sig.inputs_to_buffers, self.ep.state_dict),
+                             (getattr(sig, "inputs_to_lifted_tensor_constants", {}), self.ep.constants)):
+            if name in table and table[name] in store:
+                t = store[table[name]]
+                return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else None
+        return None
+
+    def need(self, node, i: int, what: str) -> np.ndarray:
+        v = self.constant(node.args[i])
+        if v is None:
+            raise LoweringError(f"{node.target}: {what} (argument {i} of exported node '{node.name}') is not a "
+                                f"constant of the exported program; graphopt's int8 kernels need constant weights")
+        return v
+
+
+def _private(func):
+    """A kernel without its TVMScript global symbol: the module names it (identical kernels are shared)."""
+    return func.without_attr("global_symbol")
+
+
+def _relax():
+    from tvm import relax
+
+    return relax
+
+
+def _const(arr: np.ndarray):
+    relax = _relax()
+    import tvm
+
+    return relax.const(tvm.runtime.tensor(np.ascontiguousarray(arr)))
+
+
+def _shape(expr) -> list[int]:
+    return [int(s) for s in expr.ty.shape]
+
+
+def _to_uint8(bb, xq, zp: int, dtype: str):
+    """uint8 view of a quantized tensor for the uint8 x int8 kernels: int8 q becomes q + 128 (zp + 128)."""
+    relax = _relax()
+    if dtype == "uint8":
+        return xq, zp
+    shifted = bb.emit(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")))
+    return bb.emit(relax.op.astype(shifted, "uint8")), zp + 128
+
+
+def _convert_quantize(st: QuantLowering):
+    from graphopt.quant.ops import inv_scale_of
+
+    def convert(node, importer):
+        relax = _relax()
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        scale, zp, qmin, qmax = node.args[1:5]
+        dtype = "uint8" if qmin >= 0 else "int8"
+        y = relax.op.round(relax.op.multiply(x, relax.const(inv_scale_of(scale), "float32")))
+        y = relax.op.add(y, relax.const(float(zp), "float32"))
+        y = relax.op.clip(y, float(qmin), float(qmax))
+        st.count("quantize")
+        return bb.emit(relax.op.astype(y, dtype))
+    return convert
+
+
+def _epilogue_relax(bb, acc, out_scale, bias, channel_axis: int, ndim: int):
+    """float32(acc) * out_scale + bias in Relax (portable path)."""
+    relax = _relax()
+    shape = [1] * ndim
+    shape[channel_axis] = -1
+    y = relax.op.multiply(relax.op.astype(acc, "float32"),
+                          relax.op.reshape(out_scale, [int(out_scale.ty.shape[0]) if s == -1 else 1
+                                                       for s in shape]))
+    if bias is not None:
+        y = relax.op.add(y, relax.op.reshape(bias, [int(bias.ty.shape[0]) if s == -1 else 1
+                                                    for s in shape]))
+    return bb.emit(y)
+
+
+def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list[int]):
+    """Emit the qdense kernel for uint8 x [..., K]; comp/out_scale/bias are Relax float/int vectors of
+    length NB·16 (or numpy arrays). Returns float32 [..., N]."""
+    relax = _relax()
+    n, k = wq.shape
+    vnni = st.path == "vnni"
+    m = int(np.prod(lead)) if lead else 1
+    x2 = bb.emit(relax.op.reshape(xu8, [m, k]))
+    if k % 4:
+        x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
+    kb, nb = (k + 3) // 4, (n + 15) // 16
+    mt, nt = _tiles(m, nb, _cores(st.spec))
+    func = dense_kernel(m, kb, nb, mt, nt, vnni)
+    gv = bb.add_func(_private(func), "graphopt_qdense")
+    args = [x2, _const(pack_dense(wq, vnni))]
+    for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
+        args.append(_const(_pad_vec(v, nb * 16, dt)) if isinstance(v, np.ndarray) else v)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nb * 16], "float32")))
+    if nb * 16 != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(y, [*lead, n]))
+
+
+def _convert_qlinear(st: QuantLowering):
+    def convert(node, importer):
+        relax = _relax()
+        bb = importer.block_builder
+        xq = importer.env[node.args[0]]
+        zp = int(node.args[4])
+        shape = _shape(xq)
+        dtype = str(xq.ty.dtype)
+        wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+        out_scale = st.need(node, 2, "out_scale").astype(np.float32)
+        bias = st.constant(node.args[3])
+        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        if node.args[3] is not None and st.constant(node.args[3]) is None:
+            raise LoweringError(f"qlinear node '{node.name}': bias is not a constant")
+        if st.path == "relax":
+            st.count("qlinear:relax")
+            wt = _const(np.ascontiguousarray(wq.T))
+            xi = bb.emit(relax.op.subtract(relax.op.astype(xq, "int32"), relax.const(zp, "int32")))
+            acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
+            return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
+        st.count(f"qlinear:{st.path}")
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        comp = (zp8 * wq.astype(np.int64).sum(axis=1)).astype(np.int32)
+        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1])
+    return convert
+
+
+def _convert_dynamic_qlinear(st: QuantLowering):
+    def convert(node, importer):
+        relax = _relax()
+        R = relax.op
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        shape = _shape(x)
+        wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+        w_scale = st.need(node, 2, "w_scale").astype(np.float32)
+        bias = st.constant(node.args[3])
+        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        n = wq.shape[0]
+        nb = (n + 15) // 16 if st.path != "relax" else 0
+        f32 = lambda v: relax.const(v, "float32")           # noqa: E731
+        lo = bb.emit(R.minimum(R.min(x), f32(0.0)))
+        hi = bb.emit(R.maximum(R.max(x), f32(0.0)))
+        scale = bb.emit(R.divide(R.subtract(hi, lo), f32(255.0)))
+        scale = bb.emit(R.where(R.greater(scale, f32(0.0)), scale, f32(1.0)))
+        inv = bb.emit(R.divide(f32(1.0), scale))
+        zp = bb.emit(R.clip(R.round(R.multiply(R.negative(lo), inv)), 0.0, 255.0))
+        xq = bb.emit(R.clip(R.add(R.round(R.multiply(x, inv)), zp), 0.0, 255.0))
+        if st.path == "relax":
+            st.count("dynamic_qlinear:relax")
+            xi = bb.emit(R.subtract(R.astype(xq, "int32"), R.astype(zp, "int32")))
+            acc = bb.emit(R.matmul(xi, R.astype(_const(np.ascontiguousarray(wq.T)), "int32"), out_dtype="int32"))
+            y = bb.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, _const(w_scale))))
+            return bb.emit(R.add(y, _const(bias)))
+        st.count(f"dynamic_qlinear:{st.path}")
+        xu8 = bb.emit(R.astype(xq, "uint8"))
+        wsum = _const(_pad_vec(wq.astype(np.int64).sum(axis=1), nb * 16, np.int32))
+        comp = bb.emit(R.multiply(R.astype(zp, "int32"), wsum))
+        out_scale = bb.emit(R.multiply(scale, _const(_pad_vec(w_scale, nb * 16, np.float32))))
+        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1])
+    return convert
+
+
+def _convert_woq_linear(st: QuantLowering):
+    def convert(node, importer):
+        relax = _relax()
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        shape = _shape(x)
+        wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+        w_scale = st.need(node, 2, "w_scale").astype(np.float32)
+        bias = st.constant(node.args[3])
+        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        n, k = wq.shape
+        if st.path == "relax":
+            st.count("woq_linear:relax")
+            w = relax.op.multiply(relax.op.astype(_const(np.ascontiguousarray(wq.T)), "float32"),
+                                  _const(w_scale.reshape(1, n)))
+            return bb.emit(relax.op.add(relax.op.matmul(x, w), _const(bias)))
+        st.count(f"woq_linear:{st.path}")
+        m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        nb = (n + 15) // 16
+        mt, nt = _tiles(m, nb, _cores(st.spec))
+        mt = min(mt, 4)
+        packed = np.pad(wq, ((0, nb * 16 - n), (0, 0))).reshape(nb, 16, k).transpose(0, 2, 1)
+        gv = bb.add_func(_private(woq_kernel(m, k, nb, mt, nt)), "graphopt_woq_dense")
+        x2 = bb.emit(relax.op.reshape(x, [m, k]))
+        y = bb.emit(relax.call_tir(gv, [x2, _const(np.ascontiguousarray(packed)),
+                                        _const(_pad_vec(w_scale, nb * 16, np.float32)),
+                                        _const(_pad_vec(bias, nb * 16, np.float32))],
+                                   relax.TensorType([m, nb * 16], "float32")))
+        if nb * 16 != n:
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+        return bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
+    return convert
+
+
+def _convert_qconv2d(st: QuantLowering):
+    def convert(node, importer):
+        relax = _relax()
+        R = relax.op
+        bb = importer.block_builder
+        xq = importer.env[node.args[0]]
+        zp = int(node.args[4])
+        stride, padding, dilation, groups = (list(node.args[5]), list(node.args[6]), list(node.args[7]),
+                                             int(node.args[8]))
+        dtype = str(xq.ty.dtype)
+        wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+        out_scale = st.need(node, 2, "out_scale").astype(np.float32)
+        bias = st.constant(node.args[3])
+        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        n, c, h, w = _shape(xq)
+        co, ci, kh, kw = wq.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if st.path == "relax" or groups != 1:
+            st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else ""))
+            xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
+            acc = bb.emit(R.nn.conv2d(xi, R.astype(_const(wq), "int32"), strides=stride, padding=padding,
+                                      dilation=dilation, groups=groups, out_dtype="int32"))
+            return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), 1, 4)
+        st.count(f"qconv2d:{st.path}")
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        nhwc = bb.emit(R.permute_dims(xu8, [0, 2, 3, 1]))
+        cpad = -c % 4
+        if padding[0] or padding[1] or cpad:
+            nhwc = bb.emit(R.nn.pad(nhwc, [0, 0, padding[0], padding[0], padding[1], padding[1], 0, cpad],
+                                    pad_value=float(zp8)))
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        cb, cob = (c + cpad) // 4, (co + 15) // 16
+        mt = next((m for m in (8, 7, 6) if ow % m == 0), min(8, ow))
+        nt = next(t for t in (2, 1) if cob % t == 0)
+        vnni = st.path == "vnni"
+        func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt, vnni)
+        gv = bb.add_func(_private(func), "graphopt_qconv2d")
+        comp = (zp8 * wq.astype(np.int64).reshape(co, -1).sum(axis=1)).astype(np.int32)
+        args = [nhwc, _const(pack_conv(wq, vnni)), _const(_pad_vec(comp, cob * 16, np.int32)),
+                _const(_pad_vec(out_scale, cob * 16, np.float32)), _const(_pad_vec(bias, cob * 16, np.float32))]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType([n, co, oh, ow], "float32")))
+    return convert
+
+
+_CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
+    "quantize.default": _convert_quantize,
+    "qlinear.default": _convert_qlinear,
+    "qconv2d.default": _convert_qconv2d,
+    "dynamic_qlinear.default": _convert_dynamic_qlinear,
+    "woq_linear.default": _convert_woq_linear,
+}
+
+
+def _graphopt_ops(ep) -> set[str]:
+    found = set()
+    for node in ep.graph.nodes:
+        t = node.target
+        if node.op == "call_function" and getattr(t, "namespace", None) == "graphopt":
+            found.add(t.__name__)
+    return found
+
+
+def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowering | None]:
+    """Converters for the graphopt ops present in `ep` (an ExportedProgram), for target `spec`.
+
+    Returns (convert_map, state); state.notes / state.counts say which kernel path each op took after the
+    import has run. Empty map and None when the program has no graphopt op.
+    """
+    present = _graphopt_ops(ep)
+    if not present:
+        return {}, None
+    unknown = present - set(_CONVERTERS)
+    if unknown:
+        raise LoweringError(f"no TVM lowering for graphopt op(s) {', '.join(sorted(unknown))}")
+    st = QuantLowering(ep, spec, int8_path(spec))
+    alias = getattr(spec, "alias", "?")
+    if st.path == "cpu":
+        st.notes.append(f"int8 on {alias}: no AVX512-VNNI, kernels use widening int32 multiply-adds "
+                        f"(correct, but no fast int8 instruction: expect little speedup over float32)")
+    elif st.path == "relax":
+        st.notes.append(f"int8 on {alias}: portable Relax integer ops (R.matmul / R.nn.conv2d with "
+                        f"out_dtype=int32), no hand-written int8 kernel for this target")
+    return {name: _CONVERTERS[name](st) for name in present}, st
+
+
+def summary(st: QuantLowering | None) -> str:
+    """One line for the report: kernel path and op counts."""
+    if st is None:
+        return ""
+    counts = ", ".join(f"{k}×{v}" for k, v in sorted(st.counts.items()))
+    return f"path={st.path}: {counts}" + ("; " + "; ".join(st.notes) if st.notes else "")
