@@ -137,7 +137,7 @@ def save(opt, path: str) -> str:
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             zf.writestr(METADATA, json.dumps(meta, indent=1, sort_keys=True))
-            zf.writestr(name, payload)
+            zf.writestr(name, payload, compress_type=zipfile.ZIP_STORED)   # weights barely compress
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
