@@ -158,7 +158,7 @@ def _target_name(target: Any) -> str:
         return target
     mod = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
-    if mod.startswith("torch._C._"):                     # torch._C._linalg.linalg_det -> torch.linalg.det
+    if mod.startswith("torch._C._"):                     # torch._C._linalg.linalg_det -> torch.linalg.linalg_det
         return f"torch.{mod[len('torch._C._'):]}.{name}"
     return f"{mod}.{name}" if mod and mod != "builtins" else name
 
