@@ -1,3 +1,4 @@
 """Built-in passes, one per file. Importing this package registers them."""
 from . import cleanup, distill, fold_bn  # noqa: F401
 from . import quantize  # noqa: F401
+from . import prune  # noqa: F401
