@@ -18,6 +18,7 @@ Module graphs from torch.fx.symbolic_trace and aten graphs from torch.export are
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -182,6 +183,7 @@ def find_sites(gm: fx.GraphModule, *, kinds: Iterable[str] = ("linear", "conv2d"
 
 def _copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)     # keeps torch.export's pytree in/out structure
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
@@ -198,6 +200,25 @@ def _module_table(gm: fx.GraphModule, graph: fx.Graph) -> dict[str, object]:
                 obj = getattr(obj, part)
             table[str(node.target)] = obj
     return table
+
+
+def _set_training(gm: fx.GraphModule, training: bool) -> None:
+    """Set the training flag of `gm` and of the containers GraphModule created, not of shared modules."""
+    gm.training = training
+    shared = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            shared.add(str(node.target))
+    for name, m in gm.named_modules():
+        if name and name not in shared and type(m) is nn.Module:
+            m.training = training
+
+
+def _new_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running `graph` over `gm`'s own (shared, not copied) modules and attributes."""
+    work = fx.GraphModule(_module_table(gm, graph), graph, gm.__class__.__name__)
+    _set_training(work, gm.training)
+    return work
 
 
 def _unshare(gm: fx.GraphModule, sites: list[Site]) -> None:
@@ -221,7 +242,7 @@ def prepare(gm: fx.GraphModule, *, dtype: str = "uint8", observer: str = "minmax
     (fresh copies: fine-tuning does not touch `gm`).
     """
     graph, _ = _copy_graph(gm)
-    work = fx.GraphModule(_module_table(gm, graph), graph, gm.__class__.__name__)
+    work = _new_module(gm, graph)
     modularize(work)
     survey = find_sites(work, kinds=kinds, skip=skip)
     _unshare(work, survey.sites)
@@ -261,11 +282,11 @@ def calibrate(gm: fx.GraphModule, batches: Sequence[tuple], *, progress: bool = 
 
     observers = _observers(gm)
     two = any(o.needs_second_pass for o in observers)
-    fq_training = {m: m.training for m in gm.modules() if isinstance(m, FakeQuantize)}
-    was_training = gm.training
+    modes = {m: m.training for m in gm.modules()}          # restored per module: submodules are shared
     gm.eval()
-    for m in fq_training:               # QAT ranges are only updated in training mode
-        m.train()
+    for m in modes:                     # QAT ranges are only updated in training mode
+        if isinstance(m, FakeQuantize):
+            m.train()
     try:
         passes = (0, 1) if two else (0,)
         with torch.no_grad():
@@ -278,9 +299,8 @@ def calibrate(gm: fx.GraphModule, batches: Sequence[tuple], *, progress: bool = 
     finally:
         for o in observers:
             o.phase = 0
-        for m, t in fq_training.items():
-            m.train(t)
-        gm.train(was_training)
+        for m, t in modes.items():
+            m.training = t
     return len(passes)
 
 
@@ -349,6 +369,7 @@ class Converter:
             graph.erase_node(node)
             del table[str(node.target)]
         gm = fx.GraphModule(table, graph, self.prepared.__class__.__name__)
+        _set_training(gm, self.prepared.training)
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -365,9 +386,10 @@ def prepare_qat(gm: fx.GraphModule, *, dtype: str = "uint8", kinds=("linear", "c
     """A fake-quantized copy of `gm` to fine-tune in PyTorch (train mode updates the activation ranges).
 
     `calibration` (optional, a list of input tuples) initialises the ranges before training.
+    Works on a deep copy: training the result never touches `gm`.
     Convert the result with ``convert(qat_gm)`` or run it through the "quantize" pass.
     """
-    work, _ = prepare(gm, dtype=dtype, observer="moving_average", averaging=averaging, kinds=kinds,
+    work, _ = prepare(copy.deepcopy(gm), dtype=dtype, observer="moving_average", averaging=averaging, kinds=kinds,
                       skip=skip, qat=True)
     if calibration:
         calibrate(work, calibration)
@@ -379,7 +401,7 @@ def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = ()) -> t
     WeightOnlyLinear ("weight_only"); Conv2d and everything else stays float. `gm` is not changed."""
     cls = {"dynamic": DynamicQuantLinear, "weight_only": WeightOnlyLinear}[mode]
     graph, _ = _copy_graph(gm)
-    work = fx.GraphModule(_module_table(gm, graph), graph, gm.__class__.__name__)
+    work = _new_module(gm, graph)
     modularize(work)
     survey = find_sites(work, kinds=("linear", "conv2d"), skip=skip)
     _unshare(work, survey.sites)
