@@ -1,0 +1,143 @@
+"""TVM lowering of the int8 ops: compiled results equal the QDQ graph run in PyTorch.
+
+Integer accumulation is exact on every path, so results may differ from PyTorch only by float32 rounding
+in the epilogue (a fused multiply-add): we check |Δ| <= 1e-6·max|y| (far below one quantization step), and
+bit-for-bit equality where the epilogue is exact (scale 1, bias 0).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.backends.targets import resolve_target
+from graphopt.quant import ops
+from graphopt.quant.modules import QuantConv2d, QuantLinear
+from graphopt.quant.qparams import QParams
+
+tvm = pytest.importorskip("tvm")
+
+from graphopt.backends.tvm import build_module, lower_graph  # noqa: E402
+from graphopt.backends.tvm.quant_lower import has_vnni, int8_path  # noqa: E402
+from graphopt.backends.tvm.runtime import CompiledModule  # noqa: E402
+
+ULP = 1e-6
+HOST = resolve_target("x86")
+HOST_VNNI = int8_path(HOST) == "vnni"
+
+
+def close(y, ref, rel=ULP):
+    return (y - ref).abs().max().item() <= rel * max(ref.abs().max().item(), 1e-30)
+
+
+class ConvNet(nn.Module):
+    """Odd shapes on purpose: C=3, CO=20/17 (not multiples of 16), stride, dilation, depthwise, tails."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 20, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(20, 32, 3, padding=2, dilation=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.c3 = nn.Conv2d(32, 24, 1)
+        self.c4 = nn.Conv2d(24, 17, (3, 1), stride=(1, 2), padding=(1, 0))
+        self.fc = nn.Linear(17, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.c3(self.dw(x)))
+        return self.fc(self.c4(x).mean((2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(30, 50)          # K % 4 != 0, N % 16 != 0
+        self.b = nn.Linear(50, 64)
+        self.c = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    torch.manual_seed(0)
+    return ConvNet().eval(), torch.randn(2, 3, 23, 19), [torch.randn(2, 3, 23, 19) for _ in range(3)]
+
+
+@pytest.mark.parametrize("target", ["x86", "x86:haswell"])
+def test_static_conv_net_matches_the_qdq_graph(convnet, target):
+    model, x, calib = convnet
+    opt = graphopt.optimize(model, target, "quantize(progress=false)", example_inputs=(x,), calibration=calib)
+    line = opt.report.backend["int8"]
+    if target == "x86:haswell":
+        assert line.startswith("path=cpu") and "no AVX512-VNNI" in line
+        assert any("no VNNI" in n for n in opt.report.records[-1].notes)
+    elif HOST_VNNI:
+        assert line.startswith("path=vnni") and "qconv2d:vnni×4" in line
+    assert "qconv2d:relax (grouped)×1" in line            # depthwise: portable integer Relax ops
+    with torch.no_grad():
+        ref = opt.graph_module(x)
+    assert close(opt(x), ref)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(progress=false)", "quantize(activation=int8,progress=false)",
+                                      "quantize(mode=dynamic)", "quantize(mode=weight_only)"])
+def test_linear_modes_match_the_qdq_graph(pipeline):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(11, 30)                     # 11 rows: not a multiple of the register tile
+    opt = graphopt.optimize(model, "x86", pipeline, example_inputs=(x,), calibration=[torch.randn(16, 30)])
+    with torch.no_grad():
+        ref = opt.graph_module(x)
+    # weight-only accumulates in float32 in another order than PyTorch: float rounding, not one ulp
+    assert close(opt(x), ref, 1e-5 if "weight_only" in pipeline else ULP)
+
+
+class Single(nn.Module):
+    def __init__(self, layer, qp):
+        super().__init__()
+        self.layer, self.qp = layer, qp
+
+    def forward(self, x):
+        return self.layer(ops.quantize(x, self.qp.scale, self.qp.zero_point, self.qp.qmin, self.qp.qmax))
+
+
+def compile_module(module, x, spec=HOST):
+    gm = torch.fx.symbolic_trace(module)
+    lowered = lower_graph(gm, (x,), spec)
+    exe = build_module(lowered.mod, HOST)
+    return CompiledModule(exe, HOST, lowered.inputs, lowered.outputs, lowered.out_spec, lowered.const_outputs)
+
+
+@pytest.mark.parametrize("spec", [HOST, resolve_target("x86:haswell"), None])
+def test_integer_accumulators_and_round_half_even_are_bit_exact(spec):
+    """scale 1 / bias 0 makes the epilogue exact; inputs on exact .5 ties test the rounding of quantize."""
+    torch.manual_seed(0)
+    qp = QParams(0.0625, 128, "uint8")                    # 1/scale = 16 exactly: x = (k + .5)/16 are ties
+    lin = nn.Linear(37, 21, bias=False)
+    q = QuantLinear(lin.weight, None, qp)
+    q.out_scale.fill_(1.0)
+    x = (torch.randint(-60, 60, (5, 37)) + 0.5) / 16
+    compiled = compile_module(Single(q, qp), x, spec)
+    with torch.no_grad():
+        ref = Single(q, qp)(x)
+    assert torch.equal(compiled(x), ref)
+
+    conv = nn.Conv2d(6, 18, 3, padding=1, stride=2, bias=False)
+    qc = QuantConv2d(conv, qp)
+    qc.out_scale.fill_(1.0)
+    x = (torch.randint(-60, 60, (1, 6, 9, 7)) + 0.5) / 16
+    compiled = compile_module(Single(qc, qp), x, spec)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), Single(qc, qp)(x))
+
+
+def test_has_vnni_reads_the_cpu_features():
+    assert has_vnni("cascadelake") and has_vnni("sapphirerapids")
+    assert not has_vnni("haswell") and not has_vnni("znver1") and not has_vnni("skylake-avx512")
+    assert int8_path(resolve_target("x86:haswell")) == "cpu"
+    assert int8_path(resolve_target("x86:cascadelake")) == "vnni"
+    assert int8_path(None) == "relax"
