@@ -68,3 +68,23 @@ def test_distill_bad_batches_are_a_clear_error(trained_digits):
     with pytest.raises(CalibrationError, match="a training batch has 3 elements"):
         graphopt.optimize(model, target="torch", pipeline="distill(progress=false)",
                           example_inputs=(xte[:2],), train_data=bad)
+
+
+def test_prune_half_the_flops_then_distill_recovers_within_one_point(trained_digits):
+    """Issue #7's acceptance: prune 50% FLOPs -> accuracy drops; distillation wins it back (<= 1 point)."""
+    model, (xtr, ytr), (xte, yte) = trained_digits
+    base = accuracy(model, xte, yte)
+    x0 = xte[:8]
+    pruned = graphopt.optimize(model, target="torch", pipeline="fold_bn,prune(flops_reduction=0.5)",
+                               example_inputs=(x0,))
+    flops_kept = pruned.report.final.flops / pruned.report.records[0].flops
+    assert flops_kept <= 0.5 + 0.03, flops_kept
+    pruned_acc = accuracy(pruned, xte, yte)
+    assert pruned_acc < base - 2.0, (base, pruned_acc)
+
+    opt = graphopt.optimize(model, target="torch", example_inputs=(x0,),
+                            pipeline="fold_bn,prune(flops_reduction=0.5),distill(epochs=4,lr=0.002,progress=false)",
+                            train_data=batches(xtr, ytr, 64, shuffle=True))
+    assert opt.report.final.flops == pruned.report.final.flops      # distillation keeps the pruned shapes
+    recovered = accuracy(opt, xte, yte)
+    assert recovered >= base - 1.0, (base, pruned_acc, recovered)
