@@ -85,13 +85,13 @@ def weight_slices(dep: DependencyGraph, root: nn.Module) -> Iterator[tuple[str, 
                 yield "weight", value, full, p.dim, p.ids
 
 
-def _per_position(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """fn(t) summed over every dim but `dim`, as float64 numpy (reduced in t's dtype, then widened)."""
-    t = t.detach()
-    if t.dim() == 1:
-        return fn(t).double().numpy()
-    other = [d for d in range(t.dim()) if d != dim]
-    return fn(t).sum(dim=other).double().numpy()
+def _per_position(t: torch.Tensor, dim: int, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """fn(t) summed over every dim but `dim`, in float64 (numpy: small reductions stay cheap even when
+    torch's thread pool is contended)."""
+    a = t.detach().cpu().numpy().astype(np.float64)
+    if a.ndim == 1:
+        return fn(a)
+    return fn(np.moveaxis(a, dim, 0).reshape(a.shape[dim], -1)).sum(axis=1)
 
 
 def class_importance(dep: DependencyGraph, criterion: str, *, batches: Sequence[tuple] | None = None
@@ -102,10 +102,10 @@ def class_importance(dep: DependencyGraph, criterion: str, *, batches: Sequence[
     n = dep.num_ids
     notes: list[str] = []
     if criterion in ("l1", "l2"):
-        fn = torch.abs if criterion == "l1" else torch.square
+        fn = np.abs if criterion == "l1" else np.square
         out = np.zeros(n)
         for _, p, view, dim, ids in weight_slices(dep, dep.gm):
-            np.add.at(out, dep.cls[ids], _per_position(view(p), dim, fn))
+            out += np.bincount(dep.cls[ids], _per_position(view(p), dim, fn), minlength=n)
         return out, notes
     if criterion == "bn_scale":
         bn = np.zeros(n)
@@ -113,7 +113,7 @@ def class_importance(dep: DependencyGraph, criterion: str, *, batches: Sequence[
         for kind, p, view, dim, ids in weight_slices(dep, dep.gm):
             if kind == "norm":
                 roots = dep.cls[ids]
-                np.add.at(bn, roots, _per_position(view(p), dim, torch.abs))
+                bn += np.bincount(roots, _per_position(view(p), dim, np.abs), minlength=n)
                 has_bn[roots] = True
         out = bn.copy()
         lacking = [g for g in dep.groups if not has_bn[g.classes].all()]
@@ -145,7 +145,7 @@ def class_importance(dep: DependencyGraph, criterion: str, *, batches: Sequence[
             if p.grad is None:
                 continue
             prod = view(p).detach() * view(p.grad)
-            np.add.at(per, dep.cls[ids], _per_position(prod, dim, lambda t: t))
+            per += np.bincount(dep.cls[ids], _per_position(prod, dim, lambda a: a), minlength=n)
         total += np.abs(per)
     return total / len(batches), notes
 

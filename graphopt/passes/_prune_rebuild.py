@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from ..analysis.dependency import DependencyGraph, _get_attr
 
-__all__ = ["PrunedMultiheadAttention", "rebuild"]
+__all__ = ["PrunedMultiheadAttention", "copy_for_rebuild", "rebuild"]
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _HEAD_SIZE_ATTRS = ("all_head_size", "inner_dim")
@@ -71,8 +71,35 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _shallow(mod: nn.Module) -> nn.Module:
+    """A copy of `mod` with its own parameter/buffer dicts (tensors shared until replaced)."""
+    new = copy.copy(mod)
+    new.__dict__ = dict(new.__dict__)
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = dict(mod._modules)
+    return new
+
+
+def _changed(dep: DependencyGraph, keep: np.ndarray) -> set[str]:
+    out = set()
+    for path, e in dep.modules.items():
+        if any(not keep[dep.cls[ids]].all() for ids in e.slots.values()):
+            out.add(path)
+    return out
+
+
+def copy_for_rebuild(gm: fx.GraphModule, dep: DependencyGraph, keep: np.ndarray) -> fx.GraphModule:
+    """deepcopy(gm), except the tensors of modules `rebuild` replaces anyway (they are only read)."""
+    memo: dict[int, object] = {}
+    for path in _changed(dep, keep):
+        for t in list(gm.get_submodule(path).parameters()) + list(gm.get_submodule(path).buffers()):
+            memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
+
+
 def _new_module(kind: str, mod: nn.Module, idx: dict[str, np.ndarray]) -> nn.Module:
-    new = copy.deepcopy(mod)
+    new = _shallow(mod)
     if kind == "conv":
         out, inn, g = idx["out"], idx["in"], mod.groups
         if g == 1:

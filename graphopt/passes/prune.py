@@ -1,7 +1,6 @@
 """prune: structured pruning that removes whole channels, features and attention heads."""
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,7 +16,7 @@ from ..analysis.importance import CRITERIA, class_importance
 from ..analysis.shapes import propagate_shapes
 from ..errors import PipelineError
 from ..pipeline import Context, Pass, PassResult, register_pass
-from ._prune_rebuild import rebuild
+from ._prune_rebuild import copy_for_rebuild, rebuild
 from ._prune_select import Plan, Selector
 
 __all__ = ["Prune", "PruneOutcome"]
@@ -124,7 +123,8 @@ class Prune(Pass):
         """Prune `gm` (not modified; a pruned copy is returned in the outcome)."""
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
-        propagate_shapes(gm, example_inputs)
+        if not _has_shapes(gm, example_inputs):
+            propagate_shapes(gm, example_inputs)
         flops_before = count_flops(gm)
         if not self._removes_anything():
             return PruneOutcome(gm, notes=["nothing to remove (ratio=0): graph unchanged"],
@@ -140,7 +140,7 @@ class Prune(Pass):
                 plan, warn = sel.for_flops(self.flops_reduction)
             else:
                 plan, warn = sel.plan(self.ratio), ""
-            work, kept, origin = rebuild(copy.deepcopy(gm), dep, plan.keep)
+            work, kept, origin = rebuild(copy_for_rebuild(gm, dep, plan.keep), dep, plan.keep)
             failed = _first_failure(work, example_inputs)
             if failed is None:
                 break
@@ -168,6 +168,19 @@ class Prune(Pass):
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _has_shapes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Whether shapes were propagated with inputs of these shapes (the pass manager does so before each
+    pass; a graph traced by hand has none)."""
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(ph) != len(example_inputs):
+        return False
+    for n, x in zip(ph, example_inputs):
+        meta = n.meta.get("tensor_meta")
+        if not isinstance(x, torch.Tensor) or getattr(meta, "shape", None) != x.shape:
+            return False
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "call_module")
+
+
 class _Tracking(ShapeProp):
     current: str = ""
 
