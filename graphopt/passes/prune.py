@@ -8,12 +8,11 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..analysis.dependency import DependencyGraph, Label, TupleLabel, build_dependency_graph
 from ..analysis.flops import count_flops, count_params, node_flops
 from ..analysis.importance import CRITERIA, class_importance
-from ..analysis.shapes import propagate_shapes
+from ..analysis.shapes import node_shape, propagate_shapes
 from ..errors import PipelineError
 from ..pipeline import Context, Pass, PassResult, register_pass
 from ._prune_rebuild import copy_for_rebuild, rebuild
@@ -134,6 +133,7 @@ class Prune(Pass):
             raise PipelineError("prune(criterion=taylor) needs calibration batches")
         imp, notes = class_importance(dep, self.criterion, batches=batches)
         before = _layer_stats(gm, dep)
+        shapes = {n.name: node_shape(n) for n in gm.graph.nodes}
         for attempt in range(_MAX_ATTEMPTS):
             sel = Selector(dep, imp, scope=self.scope, multiple=self.multiple, min_channels=self.min_channels)
             if self.flops_reduction is not None:
@@ -141,7 +141,7 @@ class Prune(Pass):
             else:
                 plan, warn = sel.plan(self.ratio), ""
             work, kept, origin = rebuild(copy_for_rebuild(gm, dep, plan.keep), dep, plan.keep)
-            failed = _first_failure(work, example_inputs)
+            failed = _first_failure(work, example_inputs, dep, plan.keep, shapes)
             if failed is None:
                 break
             node_name, err = failed
@@ -161,6 +161,7 @@ class Prune(Pass):
                                 flops_before=flops_before, flops_after=flops_before)
         if warn:
             notes.append(warn)
+        propagate_shapes(work, example_inputs)
         flops_after = count_flops(work)
         details = _details(before, _layer_stats(work, dep), dep)
         notes = _summary(dep, plan, flops_before, flops_after, self) + notes + _left_alone(dep)
@@ -181,19 +182,49 @@ def _has_shapes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
     return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "call_module")
 
 
-class _Tracking(ShapeProp):
-    current: str = ""
+class _Checking(fx.Interpreter):
+    """Runs the pruned graph and stops at the first node whose shape differs from what the plan predicts
+    (the original shape with each channel dim cut to its kept positions)."""
+
+    def __init__(self, gm: fx.GraphModule, dep: DependencyGraph, keep: np.ndarray, shapes: dict):
+        super().__init__(gm)
+        self.dep, self.keep, self.shapes = dep, keep, shapes
+        self.current = ""
 
     def run_node(self, n):
         self.current = n.name
-        return super().run_node(n)
+        result = super().run_node(n)
+        old = self.shapes.get(n.name)
+        lab = self.dep.labels.get(n.name)
+        if isinstance(result, torch.Tensor) and old is not None and isinstance(lab, Label) \
+                and n.op != "get_attr":
+            want = list(old)
+            if lab.dim is not None:
+                want[lab.dim] = len(self.dep.kept_positions(lab.ids, self.keep))
+            elif lab.param is not None:                 # a parameter sliced where it meets channels
+                target, dmap = lab.param
+                entry = self.dep.params.get(target)
+                if entry is not None and entry.ids is not None:
+                    for d, pd in dmap.items():
+                        if pd == entry.dim and old[d] == len(entry.ids):
+                            want[d] = len(self.dep.kept_positions(entry.ids, self.keep))
+            if list(result.shape) != want:
+                raise _ShapeMismatch(f"it produces shape {tuple(result.shape)}, the plan expects {tuple(want)}")
+        return result
 
 
-def _first_failure(gm: fx.GraphModule, example_inputs: tuple) -> tuple[str, str] | None:
-    interp = _Tracking(gm)
+class _ShapeMismatch(Exception):
+    pass
+
+
+def _first_failure(gm: fx.GraphModule, example_inputs: tuple, dep: DependencyGraph, keep: np.ndarray,
+                   shapes: dict) -> tuple[str, str] | None:
+    interp = _Checking(gm, dep, keep, shapes)
     try:
         with torch.no_grad():
-            interp.propagate(*example_inputs)
+            interp.run(*example_inputs)
+    except _ShapeMismatch as e:
+        return interp.current, str(e).strip().splitlines()[0]
     except Exception as e:                       # noqa: BLE001 - any failure names a node to keep whole
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return interp.current, f"{type(e).__name__}: {msg[:200]}"

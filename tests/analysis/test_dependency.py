@@ -14,6 +14,15 @@ from graphopt.analysis.flops import count_flops
 from graphopt.models import BertStyleEncoder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Inputs here are tiny: one torch thread is as fast, and does not stall when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _dep(model, x, **kw):
     gm = fx.symbolic_trace(model.eval())
     return build_dependency_graph(gm, (x,), **kw)

@@ -21,6 +21,15 @@ from graphopt.pipeline import Pipeline
 from ..helpers import randomize_bn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Inputs here are tiny: one torch thread is as fast, and does not stall when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def _vit(image=32, layers=2, heads=12, hidden=768, mlp=3072):
     """ViT-B/16-shaped (patch 16, hidden 768, 12 heads) with fewer layers; a random head (torchvision
