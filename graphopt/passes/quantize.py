@@ -30,6 +30,9 @@ def activation_dtype_for(target: str) -> str:
 def int8_speed_note(target: str) -> str:
     """'' when the target has a fast int8 dot product we use; otherwise a sentence saying it has none."""
     kind, _, cpu = target.partition(":")
+    if kind == "arm":
+        return (f"target {target}: graphopt has no int8 dot-product (sdot/i8mm) kernel for ARM yet: the int8 "
+                f"kernels use widening multiplies and may be no faster than float32 there")
     if kind != "x86" or not cpu:
         return ""
     try:
@@ -39,8 +42,8 @@ def int8_speed_note(target: str) -> str:
             return ""
     except Exception:                                     # TVM missing: say nothing rather than guess
         return ""
-    return (f"target {target} has no VNNI (AVX512-VNNI / AVX-VNNI) int8 dot product: the int8 kernels use "
-            f"widening multiplies and may be no faster than float32 there")
+    return (f"target {target} has no AVX512-VNNI int8 dot product: the int8 kernels use widening multiplies "
+            f"and may be no faster than float32 there")
 
 
 def _rel_l2(got, ref) -> float:

@@ -555,7 +555,9 @@ def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowerin
     st = QuantLowering(ep, spec, int8_path(spec))
     alias = getattr(spec, "alias", "?")
     if st.path == "cpu":
-        st.notes.append(f"int8 on {alias}: no AVX512-VNNI, kernels use widening int32 multiply-adds "
+        missing = "no AVX512-VNNI" if getattr(spec, "arch", "") == "x86_64" else "no int8 dot-product kernel " \
+            "(sdot/i8mm) for this CPU"
+        st.notes.append(f"int8 on {alias}: {missing}, kernels use widening int32 multiply-adds "
                         f"(correct, but no fast int8 instruction: expect little speedup over float32)")
     elif st.path == "relax":
         st.notes.append(f"int8 on {alias}: portable Relax integer ops (R.matmul / R.nn.conv2d with "
