@@ -572,6 +572,13 @@ class LowRank(Pass):
 
         if batches is not None:
             _collect_covariances(gm, layers, batches)
+            thin = [f"{layer.path} ({layer.cov.count} rows, {layer.cov.dim} wide)" for layer in layers
+                    if 0 < layer.cov.count < layer.cov.dim]
+            if thin:
+                notes.append(f"calibration gives fewer input rows than the input width for {len(thin)} layer(s): "
+                             f"{', '.join(thin[:3])}{', ...' if len(thin) > 3 else ''}; their covariance is "
+                             f"rank-deficient, so data-aware ranks fit the calibration data and may "
+                             f"generalize worse: use more calibration batches")
         with torch.no_grad():
             for layer in layers:
                 self._add_options(layer, notes)

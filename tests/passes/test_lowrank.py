@@ -435,6 +435,24 @@ def test_lowrank_before_quantize_works_and_after_it_is_an_error():
                           pipeline="quantize(mode=weight_only,progress=false),lowrank(rank=32)")
 
 
+@pytest.mark.parametrize("pipeline", ["prune(ratio=0.5),lowrank(ratio=0.5)", "lowrank(ratio=0.5),prune(ratio=0.5)"])
+def test_composes_with_prune_in_either_order(pipeline):
+    model, gen = _resnet18()
+    opt = graphopt.optimize(model, target="torch", pipeline=pipeline, example_inputs=(gen(1),))
+    flops = [r.flops for r in opt.report.records]
+    assert flops[0] > flops[1] > flops[2]                 # each pass removes work from the other's output
+    assert all(r.details for r in opt.report.records[1:])
+    with torch.no_grad():
+        assert opt(gen(2)).shape == (2, 1000)
+
+
+def test_thin_calibration_is_named_in_the_notes():
+    model, gen = _mlp()
+    opt = graphopt.optimize(model, target="torch", pipeline="lowrank(rank=16,data_aware=true)",
+                            example_inputs=(gen(1),), calibration=[gen(4)])
+    assert any("net.0 (4 rows, 256 wide)" in n and "more calibration" in n for n in opt.report.final.notes)
+
+
 def test_lowrank_twice_does_not_refactor_its_own_factors():
     model, gen = _mlp()
     opt = graphopt.optimize(model, target="torch", pipeline="lowrank(rank=32),lowrank(rank=8,min_saving=0)",
