@@ -391,7 +391,6 @@ class DependencyGraph:
         return e
 
     def _make_entry(self, path: str, mod: nn.Module) -> ModuleEntry | None:
-        t = type(mod)
         if isinstance(mod, tuple(_CONV)) or isinstance(mod, tuple(_CONV_T)):
             cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
             e = ModuleEntry(path, mod, "conv_t" if isinstance(mod, tuple(_CONV_T)) else "conv",
@@ -419,11 +418,9 @@ class DependencyGraph:
         if isinstance(mod, nn.Embedding):
             return ModuleEntry(path, mod, "embedding", {"out": self.fresh(mod.embedding_dim)})
         if isinstance(mod, nn.MultiheadAttention):
-            e = ModuleEntry(path, mod, "mha", {"in_q": self.fresh(mod.embed_dim), "in_k": self.fresh(mod.kdim),
-                                               "in_v": self.fresh(mod.vdim), "heads": self.fresh(mod.num_heads),
-                                               "out": self.fresh(mod.embed_dim)})
-            return e
-        del t
+            return ModuleEntry(path, mod, "mha", {"in_q": self.fresh(mod.embed_dim), "in_k": self.fresh(mod.kdim),
+                                                  "in_v": self.fresh(mod.vdim), "heads": self.fresh(mod.num_heads),
+                                                  "out": self.fresh(mod.embed_dim)})
         return None
 
     # ---- the walk

@@ -131,6 +131,9 @@ class Prune(Pass):
         dep = build_dependency_graph(gm, exclude=self.exclude, prune_heads=self.prune_heads)
         if self.criterion == "taylor" and not batches:
             raise PipelineError("prune(criterion=taylor) needs calibration batches")
+        if not any(g.prunable for g in dep.groups):
+            return PruneOutcome(gm, notes=[_nothing_prunable(gm, dep)] + _left_alone(dep), dep=dep,
+                                flops_before=flops_before, flops_after=flops_before)
         imp, notes = class_importance(dep, self.criterion, batches=batches)
         before = _layer_stats(gm, dep)
         shapes = {n.name: node_shape(n) for n in gm.graph.nodes}
@@ -308,6 +311,17 @@ def _summary(dep: DependencyGraph, plan: Plan, flops_before: int, flops_after: i
     return [f"removed {removed} of {total} prunable channel classes in {touched} of {len(prunable)} groups; "
             f"FLOPs -{real:.1%} ({target}; criterion={opts.criterion}, multiple={opts.multiple}, "
             f"min_channels={opts.min_channels})"]
+
+
+def _nothing_prunable(gm: fx.GraphModule, dep: DependencyGraph) -> str:
+    if not dep.modules:
+        fn = [n for n in gm.graph.nodes if n.op == "call_function" and any(
+            k in getattr(n.target, "__name__", str(n.target)) for k in ("conv", "linear", "addmm"))]
+        extra = (f" (it has {len(fn)} functional conv/linear ops: an aten-level graph, e.g. captured by "
+                 f"torch.export)" if fn else "")
+        return ("nothing pruned: the graph calls no Conv/Linear/norm/attention modules; prune rebuilds "
+                "modules of graphs captured with torch.fx.symbolic_trace" + extra)
+    return "nothing pruned: every channel group must be kept (see the reasons below)"
 
 
 def _left_alone(dep: DependencyGraph, limit: int = 8) -> list[str]:

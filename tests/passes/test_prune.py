@@ -565,3 +565,41 @@ def test_full_size_models(name):
     assert out.gm(x).shape == gm(x).shape
     assert abs(1 - out.flops_after / out.flops_before - 0.4) <= 0.03
     assert_kept_from_original(orig, out)
+
+
+def test_aten_level_graph_is_left_alone_with_the_reason():
+    from graphopt.capture import capture
+
+    model, x = _tv("resnet18")()
+    gm = capture(model, (x,), method="export").gm
+    out = Prune(ratio=0.5).apply(gm, (x,))
+    assert not out.changed and out.gm is gm
+    assert "torch.export" in out.notes[0] and "symbolic_trace" in out.notes[0]
+
+
+def test_module_called_twice_is_pruned_consistently():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1)
+            self.shared = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.shared(self.a(x))) + torch.relu(self.shared(self.b(x)))
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net, x = Shared().eval(), torch.randn(1, 3, 6, 6)
+    gm = _trace(net, x)
+    dep = build_dependency_graph(gm, (x,))
+    # both callers feed the same input channels of the shared conv: a's and b's outputs are coupled
+    assert np.array_equal(dep.cls[dep.modules["a"].slots["out"]], dep.cls[dep.modules["b"].slots["out"]])
+    orig = copy.deepcopy(gm)
+    out = Prune(ratio=0.5, multiple=4, min_channels=4).apply(gm, (x,))
+    assert len(out.kept["shared"]["in"]) == 8 and len(out.kept["shared"]["out"]) == 8
+    assert np.array_equal(out.kept["a"]["out"], out.kept["b"]["out"])
+    assert_kept_from_original(orig, out)
+    zeroed = copy.deepcopy(orig)
+    zero_classes(zeroed, out.dep, pruned_classes(out))
+    assert torch.allclose(out.gm(x), zeroed(x), atol=1e-6)
