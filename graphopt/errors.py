@@ -43,3 +43,7 @@ class TuningError(GraphoptError):
 
 class CalibrationError(GraphoptError):
     """A pass that needs calibration data was not given any (or got data of the wrong form)."""
+
+
+class RemoteError(GraphoptError):
+    """An RPC device, server or tracker cannot be reached, or a run on it failed. Names host:port / device key."""

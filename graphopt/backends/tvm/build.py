@@ -118,8 +118,9 @@ def _export_options(spec: TargetSpec) -> dict:
     import platform
 
     if spec.kind == "llvm" and spec.arch and spec.arch != platform.machine():
-        raise BuildError(f"cannot export a library for '{spec.alias}' ({spec.arch}) on this "
-                         f"{platform.machine()} machine: no cross compiler is configured for {spec.arch}")
+        from .cross import export_options          # aarch64: cross-link (BuildError if no cross compiler)
+
+        return export_options(spec)
     return {}
 
 

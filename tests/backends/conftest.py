@@ -1,0 +1,60 @@
+"""Fixtures for the remote-device tests (test_arm.py, test_rpc.py): RPC servers and trackers on loopback.
+
+Skips name what is missing; nothing here passes silently without the hardware or tools it needs.
+"""
+import platform
+
+import pytest
+
+from graphopt.backends.tvm import cross
+
+ON_AARCH64 = platform.machine() in ("aarch64", "arm64")
+
+
+def cross_skip_reason() -> str | None:
+    if cross.find_cross_cxx() is None:
+        return ("no aarch64 cross compiler (aarch64-linux-gnu-g++ from Debian's g++-aarch64-linux-gnu, or "
+                "GRAPHOPT_AARCH64_CXX): run scripts/setup_cross.sh")
+    return None
+
+
+def qemu_skip_reason() -> str | None:
+    missing = cross.missing_for_qemu()
+    if missing:
+        return "cannot run aarch64 code here: missing " + "; ".join(missing) + " (run scripts/setup_cross.sh)"
+    return None
+
+
+needs_cross = pytest.mark.skipif(cross_skip_reason() is not None, reason=cross_skip_reason() or "")
+needs_aarch64_runtime = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
+
+
+@pytest.fixture(scope="session")
+def tracker():
+    """A TVM RPC tracker on loopback; yields its RPCDevice address (tracker=True, key to be set per use)."""
+    from graphopt.backends.tvm import rpc
+
+    t = rpc.start_tracker("127.0.0.1")
+    yield rpc.RPCDevice("127.0.0.1", t.port, tracker=True)
+    t.terminate()
+
+
+@pytest.fixture(scope="session")
+def aarch64_server(tracker):
+    """An aarch64 TVM RPC server (under qemu-user here; native on an aarch64 host), registered with the
+    session tracker under key 'aarch64-test'. Yields the DeviceServer (.device: reached via the tracker)."""
+    reason = qemu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from graphopt.backends.tvm import rpc
+
+    server = rpc.DeviceServer(tracker=tracker, key="aarch64-test", start_timeout=240)
+    yield server
+    server.terminate()
+
+
+@pytest.fixture()
+def aarch64_session(aarch64_server):
+    from graphopt.backends.tvm import rpc
+
+    return rpc.connect(aarch64_server.device, timeout=60)
