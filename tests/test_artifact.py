@@ -277,11 +277,12 @@ def test_cpu_with_instructions_this_machine_lacks_is_refused(built, tmp_path):
     _refused(p, f"compiled for CPU '{candidate}', which has instructions")
 
 
-def test_save_refuses_a_foreign_target_without_cross_compiler(tmp_path):
+def test_save_refuses_a_foreign_target_without_cross_compiler(tmp_path, monkeypatch):
     import platform
 
     if platform.machine() in ("aarch64", "arm64"):
         pytest.skip("this machine is aarch64")
+    monkeypatch.setenv("GRAPHOPT_AARCH64_CXX", "graphopt-no-such-aarch64-g++")   # as if none were installed
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     opt = graphopt.optimize(model, target="arm:cortex-a72", pipeline="", example_inputs=(torch.randn(2, 4),))
     path = str(tmp_path / "arm.gopt")
