@@ -95,7 +95,14 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
         raise BuildError(f"scheduling for '{spec.alias}' failed: {type(e).__name__}: {_first_line(str(e))}") from e
     scheduled_at = time.perf_counter()
     try:
-        executable = _finalize(scheduled, spec)
+        if spec.kind == "cuda":                    # device code from nvcc, also without a GPU (cuda.py)
+            from .cuda import build_device_code, nvcc_compile_mode
+
+            with nvcc_compile_mode():
+                executable = _finalize(scheduled, spec)
+            build_device_code(executable, spec, report)
+        else:
+            executable = _finalize(scheduled, spec)
     except BuildError:
         raise
     except Exception as e:
@@ -121,6 +128,10 @@ def _export_options(spec: TargetSpec) -> dict:
         from .cross import export_options          # aarch64: cross-link (BuildError if no cross compiler)
 
         return export_options(spec)
+    if spec.kind == "cuda":
+        from .cuda import export_options as cuda_export_options    # embeds nvcc's device code
+
+        return cuda_export_options(spec)
     return {}
 
 

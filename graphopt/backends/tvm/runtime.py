@@ -119,8 +119,8 @@ class CompiledModule:
         if kwargs:
             raise InputError(f"keyword arguments ({', '.join(kwargs)}) are not supported by a compiled module: "
                              f"pass the {len(self.inputs)} input(s) positionally")
+        main = self._ensure_vm()        # first: "cannot run here" says more than an input-device mismatch
         self.check_inputs(args)
-        main = self._ensure_vm()
         result = main(*[self._to_tvm(x) for x in args])
         flat = [result] if _is_tvm_tensor(result) else list(result)
         leaves = [torch.from_dlpack(t) for t in flat]
