@@ -12,7 +12,7 @@ from ..analysis.compare import flatten_outputs
 from ..errors import CalibrationError, PassError
 from ..pipeline import Context, Pass, PassResult, register_pass
 from ..quant import graph as qgraph
-from ..quant.modules import FakeQuantize, QuantConv2d, QuantLinear
+from ..quant.modules import FakeQuantize, QuantConv2d, QuantLinear, QuantMatmul
 
 __all__ = ["Quantize", "activation_dtype_for", "int8_speed_note"]
 
@@ -59,13 +59,16 @@ def _rel_l2(got, ref) -> float:
 @register_pass("quantize")
 @dataclass
 class Quantize(Pass):
-    """Quantize Linear and Conv2d layers to int8 (integer kernels; everything else stays float32).
+    """Quantize Linear, Conv2d and activation x activation matmuls to int8 (integer kernels; everything
+    else stays float32).
 
     Modes:
       static       observers + calibration (ctx.calibration, required), then per-tensor activation
                    quantization: a `torch.ops.graphopt.quantize` node per observed tensor feeding
                    QuantLinear / QuantConv2d modules (int8 x uint8/int8 -> int32 accumulate -> float32
-                   epilogue with per-channel scale and bias). Observers: minmax, moving_average,
+                   epilogue with per-channel scale and bias) and QuantMatmul modules (matmul of two
+                   activations, e.g. attention scores and context: left uint8/int8, right symmetric int8).
+                   `ops` picks the kinds (linear, conv2d, matmul). Observers: minmax, moving_average,
                    percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
       weight_only  Linear only: int8 weights, float32 compute. No data.
@@ -92,7 +95,7 @@ class Quantize(Pass):
     percentile: float = 99.99
     skip: list[str] = field(default_factory=list)
     tolerance: Optional[float] = None
-    ops: list[str] = field(default_factory=lambda: ["linear", "conv2d"])
+    ops: list[str] = field(default_factory=lambda: ["linear", "conv2d", "matmul"])
     calib_batches: int = 32
     eval_batches: int = 4
     progress: bool = True
@@ -100,9 +103,9 @@ class Quantize(Pass):
     def __post_init__(self):
         if self.bits != 8:
             raise ValueError(f"bits={self.bits}: only 8-bit quantization is implemented")
-        bad = [o for o in self.ops if o not in ("linear", "conv2d")]
+        bad = [o for o in self.ops if o not in ("linear", "conv2d", "matmul")]
         if bad:
-            raise ValueError(f"ops {bad} not supported: choose from linear, conv2d")
+            raise ValueError(f"ops {bad} not supported: choose from linear, conv2d, matmul")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         if self.calib_batches < 1 or self.eval_batches < 1:
@@ -171,7 +174,7 @@ class Quantize(Pass):
                 notes.append(f"tolerance {self.tolerance:g} not reached even with every layer in float32 but "
                              f"the least sensitive")
         new = conv.build(layers)
-        details = self._details(new, layers, f"static/{self.observer}", gm, batches[0], sensitivity)
+        details = self._details(new, layers, f"static/{self.observer}", conv.build([]), batches[0], sensitivity)
         notes.append(f"calibrated on {len(batches)} batch(es); activations {dtype}, weights int8 per-channel")
         return PassResult(new, notes=notes, details=details)
 
@@ -217,10 +220,12 @@ class Quantize(Pass):
         rows = []
         for path in layers:
             mod = qgm.get_submodule(path)
-            if not isinstance(mod, (QuantLinear, QuantConv2d)):
+            if not isinstance(mod, (QuantLinear, QuantConv2d, QuantMatmul)):
                 raise PassError(self.name, f"layer '{path}' was not quantized (got {type(mod).__name__})")
-            row = {"layer": path, "kind": "linear" if isinstance(mod, QuantLinear) else "conv2d",
-                   "mode": mode, "input": mod.x_dtype, "scale": mod.x_scale, "zp": mod.x_zp}
+            kind = {QuantLinear: "linear", QuantConv2d: "conv2d", QuantMatmul: "matmul"}[type(mod)]
+            qp = mod.x_qparams
+            row = {"layer": path, "kind": kind, "mode": mode, "input": qp.dtype, "scale": qp.scale,
+                   "zp": qp.zero_point}
             if out_err:
                 row["out_err"] = out_err.get(path, float("nan"))
             if sensitivity:

@@ -11,13 +11,13 @@ The integer semantics are defined in graphopt.quant.qparams and graphopt.quant.o
 """
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from .graph import Converter, calibrate, convert, find_sites, prepare, prepare_qat, swap_linear
-from .modules import (DynamicQuantLinear, FakeQuantize, QATConv2d, QATLinear, QuantConv2d, QuantLinear,
-                      WeightOnlyLinear)
+from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, QATConv2d, QATLinear, QuantConv2d,
+                      QuantLinear, QuantMatmul, WeightOnlyLinear)
 from .observers import OBSERVERS, Observer, make_observer
 from .qparams import QParams, act_qparams, weight_qparams
 
 __all__ = [
     "prepare", "calibrate", "convert", "Converter", "prepare_qat", "swap_linear", "find_sites",
-    "QuantLinear", "QuantConv2d", "DynamicQuantLinear", "WeightOnlyLinear", "FakeQuantize", "QATLinear",
+    "QuantLinear", "QuantConv2d", "QuantMatmul", "FloatMatmul", "DynamicQuantLinear", "WeightOnlyLinear", "FakeQuantize", "QATLinear",
     "QATConv2d", "Observer", "OBSERVERS", "make_observer", "QParams", "act_qparams", "weight_qparams",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
-from .modules import (DynamicQuantLinear, FakeQuantize, QATConv2d, QATLinear, QuantConv2d, QuantLinear,
-                      WeightOnlyLinear, conv_padding)
+from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, QATConv2d, QATLinear, QuantConv2d,
+                      QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding)
 from .observers import Observer, make_observer
 
 __all__ = ["Site", "find_sites", "prepare", "calibrate", "Converter", "prepare_qat", "convert",
@@ -42,6 +43,8 @@ UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose
 
 _LINEAR_FUNCS = {F.linear, torch.ops.aten.linear.default}
 _CONV_FUNCS = {F.conv2d, torch.ops.aten.conv2d.default}
+_MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default,
+                 torch.ops.aten.bmm.default}
 
 
 @dataclass
@@ -50,7 +53,11 @@ class Site:
 
     node: fx.Node
     path: str
-    kind: str                      # "linear" | "conv2d"
+    kind: str                      # "linear" | "conv2d" | "matmul"
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return list(self.node.args)
 
 
 @dataclass
@@ -134,6 +141,59 @@ def modularize(gm: fx.GraphModule) -> int:
     return count
 
 
+def _float_activation(node) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return (isinstance(node, fx.Node) and node.op != "get_attr" and meta is not None
+            and getattr(meta, "dtype", None) == torch.float32 and len(getattr(meta, "shape", ())) >= 2)
+
+
+def _enclosing_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    entry = list(stack.values())[-1]
+    path = entry[0] if isinstance(entry, (tuple, list)) else str(entry)
+    return path if isinstance(path, str) else ""
+
+
+def modularize_matmul(gm: fx.GraphModule) -> int:
+    """Turn matmuls of two float activations (torch.matmul, @, bmm, Tensor.matmul) into FloatMatmul modules
+    named '<enclosing module>.matmul<i>'. Mutates `gm`; exact. Needs propagated shapes (tensor_meta)."""
+    count: dict[str, int] = {}
+    for node in list(gm.graph.nodes):
+        is_mm = (node.op == "call_function" and node.target in _MATMUL_FUNCS) or (
+            node.op == "call_method" and node.target in ("matmul", "bmm"))
+        if not is_mm or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        if not (_float_activation(a) and _float_activation(b)):
+            continue
+        scope = _enclosing_path(node)
+        i = count.get(scope, 0)
+        count[scope] = i + 1
+        path = f"{scope}.matmul{i}" if scope else f"matmul{i}"
+        while _has_path(gm, path):
+            i += 1
+            path = f"{scope}.matmul{i}" if scope else f"matmul{i}"
+        gm.add_submodule(path, FloatMatmul())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (a, b))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    if count:
+        gm.recompile()
+    return sum(count.values())
+
+
+def _has_path(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _matches(patterns: Sequence[str], path: str, node_name: str) -> str | None:
     for p in patterns:
         if fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(node_name, p):
@@ -151,7 +211,8 @@ def find_sites(gm: fx.GraphModule, *, kinds: Iterable[str] = ("linear", "conv2d"
             continue
         path = str(node.target)
         mod = gm.get_submodule(path)
-        kind = "linear" if isinstance(mod, nn.Linear) else "conv2d" if isinstance(mod, nn.Conv2d) else None
+        kind = "linear" if isinstance(mod, nn.Linear) else "conv2d" if isinstance(mod, nn.Conv2d) else (
+            "matmul" if isinstance(mod, FloatMatmul) else None)
         if kind is None:
             if isinstance(mod, UNSUPPORTED_LAYERS):
                 survey.skipped.append((path, f"{type(mod).__name__} has no int8 kernel"))
@@ -162,6 +223,9 @@ def find_sites(gm: fx.GraphModule, *, kinds: Iterable[str] = ("linear", "conv2d"
             continue
         if kind not in kinds:
             survey.skipped.append((path, f"{kind} not in ops"))
+            continue
+        if kind == "matmul":
+            survey.sites.append(Site(node, path, kind))       # modularize_matmul checked its operands
             continue
         if not mod.weight.is_floating_point():
             survey.skipped.append((path, f"weight dtype {mod.weight.dtype}"))
@@ -244,19 +308,26 @@ def prepare(gm: fx.GraphModule, *, dtype: str = "uint8", observer: str = "minmax
     graph, _ = _copy_graph(gm)
     work = _new_module(gm, graph)
     modularize(work)
+    if "matmul" in kinds:
+        modularize_matmul(work)
     survey = find_sites(work, kinds=kinds, skip=skip)
     _unshare(work, survey.sites)
-    observers: dict[fx.Node, fx.Node] = {}
+    observers: dict[tuple[fx.Node, str], fx.Node] = {}
     for site in survey.sites:
-        x = site.node.args[0]
-        if x not in observers:
-            name = _free_name(work, f"{x.name}_observer")
-            obs = make_observer(observer, dtype, percentile=percentile, averaging=averaging)
-            work.add_submodule(name, FakeQuantize(obs) if qat else obs)
-            with work.graph.inserting_after(x):
-                observers[x] = work.graph.call_module(name, (x,))
-        site.node.args = (observers[x],)
-        if qat:
+        # a matmul's right operand is symmetric int8 (the int8 operand of uint8 x int8 dot products)
+        dtypes = [dtype, "int8"] if site.kind == "matmul" else [dtype]
+        new_args = []
+        for x, dt in zip(site.node.args, dtypes):
+            if (x, dt) not in observers:
+                suffix = "observer" if dt == dtype else f"{dt}_observer"
+                name = _free_name(work, f"{x.name}_{suffix}")
+                obs = make_observer(observer, dt, percentile=percentile, averaging=averaging)
+                work.add_submodule(name, FakeQuantize(obs) if qat else obs)
+                with work.graph.inserting_after(x):
+                    observers[(x, dt)] = work.graph.call_module(name, (x,))
+            new_args.append(observers[(x, dt)])
+        site.node.args = tuple(new_args)
+        if qat and site.kind != "matmul":
             mod = work.get_submodule(site.path)
             qat_mod = QATLinear.from_float(mod) if site.kind == "linear" else QATConv2d.from_float(mod)
             qat_mod.weight.requires_grad_(True)
@@ -321,7 +392,9 @@ class Converter:
         self.layer_paths: list[str] = []
         for node in prepared.graph.nodes:
             if _is_observer_node(prepared, node):
-                self.layer_paths.extend(str(u.target) for u in node.users)
+                for u in node.users:
+                    if str(u.target) not in self.layer_paths:
+                        self.layer_paths.append(str(u.target))
 
     def qparams(self, observer_path: str):
         obs = self.prepared.get_submodule(observer_path)
@@ -329,14 +402,17 @@ class Converter:
             raise RuntimeError(f"observer '{observer_path}' saw no data: run calibrate() first")
         return obs.qparams()
 
-    def quant_module(self, path: str, qp) -> nn.Module:
+    def quant_module(self, path: str, qps: list) -> nn.Module:
+        """The integer module for layer `path` given its inputs' qparams (cached per path)."""
         if path not in self._cache:
             mod = self.prepared.get_submodule(path)
             if isinstance(mod, nn.Linear):
-                self._cache[path] = QuantLinear(mod.weight, mod.bias, qp)
+                self._cache[path] = QuantLinear(mod.weight, mod.bias, qps[0])
             elif isinstance(mod, nn.Conv2d):
-                self._cache[path] = QuantConv2d(mod, qp)
-            else:  # pragma: no cover - prepare only observes Linear/Conv2d inputs
+                self._cache[path] = QuantConv2d(mod, qps[0])
+            elif isinstance(mod, FloatMatmul):
+                self._cache[path] = QuantMatmul(qps[0], qps[1])
+            else:  # pragma: no cover - prepare only observes the inputs of these layers
                 raise TypeError(f"cannot quantize {type(mod).__name__} at '{path}'")
         return self._cache[path]
 
@@ -348,13 +424,25 @@ class Converter:
             raise KeyError(f"not prepared for quantization: {', '.join(sorted(unknown))}")
         graph, env = _copy_graph(self.prepared)
         table = _module_table(self.prepared, graph)
+
+        def is_obs(n) -> bool:
+            return isinstance(n, fx.Node) and n.op == "call_module" and isinstance(
+                table[str(n.target)], (Observer, FakeQuantize))
+
+        # 1. integer modules for the chosen layers (all of a layer's inputs are observed)
+        for node in graph.nodes:
+            if node.op == "call_module" and str(node.target) in chosen:
+                qps = [self.qparams(str(a.target)) for a in node.args if is_obs(a)]
+                if len(qps) != len(node.args):
+                    raise RuntimeError(f"layer '{node.target}' has an input without an observer")
+                table[str(node.target)] = self.quant_module(str(node.target), qps)
+        # 2. each observer becomes a quantize node for its chosen readers; other readers get the float input
         for node in list(graph.nodes):
-            if node.op != "call_module" or not isinstance(table[str(node.target)], (Observer, FakeQuantize)):
+            if not is_obs(node):
                 continue
             x = node.args[0]
-            users = list(node.users)
-            quant_users = [u for u in users if str(u.target) in chosen]
-            for u in users:
+            quant_users = [u for u in node.users if str(u.target) in chosen]
+            for u in list(node.users):
                 if u not in quant_users:
                     u.replace_input_with(node, x)
             if quant_users:
@@ -365,7 +453,6 @@ class Converter:
                                           name=f"{x.name}_{qp.dtype}")
                 for u in quant_users:
                     u.replace_input_with(node, q)
-                    table[str(u.target)] = self.quant_module(str(u.target), qp)
             graph.erase_node(node)
             del table[str(node.target)]
         gm = fx.GraphModule(table, graph, self.prepared.__class__.__name__)

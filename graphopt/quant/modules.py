@@ -2,6 +2,7 @@
 
 Static int8 (input already quantized by a ``graphopt.quantize`` node in the graph):
   QuantLinear, QuantConv2d     int8 weight (per output channel), int32 accumulate, float32 epilogue
+  QuantMatmul                  two quantized activations (uint8/int8 x symmetric int8), e.g. attention
 Dynamic / weight-only (float input):
   DynamicQuantLinear           activation qparams chosen per call (uint8), int8 weights
   WeightOnlyLinear             int8 weights, float32 compute
@@ -22,9 +23,9 @@ from torch import nn
 
 from . import ops
 from .observers import MovingAverageObserver, Observer
-from .qparams import WEIGHT_QMAX, QParams, quantize_weight, weight_qparams
+from .qparams import WEIGHT_QMAX, QParams, f32, quantize_weight, weight_qparams
 
-__all__ = ["QuantLinear", "QuantConv2d", "DynamicQuantLinear", "WeightOnlyLinear", "FakeQuantize",
+__all__ = ["QuantLinear", "QuantConv2d", "QuantMatmul", "FloatMatmul", "DynamicQuantLinear", "WeightOnlyLinear", "FakeQuantize",
            "QATLinear", "QATConv2d", "QUANT_MODULES", "conv_padding"]
 
 
@@ -136,6 +137,43 @@ class QuantConv2d(nn.Module):
                 f"input={self.x_dtype}(scale={self.x_scale:.4g}, zp={self.x_zp}), weight=int8 per-channel")
 
 
+class FloatMatmul(nn.Module):
+    """torch.matmul(a, b) of two activations as a module, so it can be observed, skipped and swapped."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+    def flops(self, node) -> int:
+        a = node.args[0].meta.get("tensor_meta") if node.args else None
+        k = int(a.shape[-1]) if a is not None else 0
+        return 2 * _out_numel(node) * k
+
+
+class QuantMatmul(nn.Module):
+    """Matmul of two quantized activations: a uint8/int8 (zero point a_zp), b symmetric int8; float out."""
+
+    def __init__(self, a_qparams: QParams, b_qparams: QParams):
+        super().__init__()
+        if b_qparams.zero_point != 0 or b_qparams.dtype != "int8":
+            raise ValueError(f"the right operand of a quantized matmul must be symmetric int8, got {b_qparams}")
+        self.a_scale, self.a_zp, self.a_dtype = a_qparams.scale, a_qparams.zero_point, a_qparams.dtype
+        self.b_scale = b_qparams.scale
+        self.out_scale = f32(a_qparams.scale * b_qparams.scale)
+
+    @property
+    def x_qparams(self) -> QParams:
+        return QParams(self.a_scale, self.a_zp, self.a_dtype)
+
+    def forward(self, aq: torch.Tensor, bq: torch.Tensor) -> torch.Tensor:
+        return ops.qmatmul(aq, bq, self.a_zp, self.out_scale)
+
+    flops = FloatMatmul.flops
+
+    def extra_repr(self) -> str:
+        return (f"a={self.a_dtype}(scale={self.a_scale:.4g}, zp={self.a_zp}), "
+                f"b=int8(scale={self.b_scale:.4g}), int32 accumulate")
+
+
 class DynamicQuantLinear(nn.Module):
     """Linear whose input is quantized to uint8 on every call (range of that call), int8 weights."""
 
@@ -239,4 +277,4 @@ class QATConv2d(nn.Conv2d):
         return self._conv_forward(x, _fake_quant_weight(self.weight), self.bias)
 
 
-QUANT_MODULES = (QuantLinear, QuantConv2d, DynamicQuantLinear, WeightOnlyLinear)
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMatmul, DynamicQuantLinear, WeightOnlyLinear)

@@ -9,6 +9,7 @@ check it), so the PyTorch result equals an int32 accumulation bit for bit.
   quantize(x, scale, zero_point, qmin, qmax)              float32 -> uint8 (qmin >= 0) or int8
   qlinear(xq, wq, out_scale, bias, x_zp)                  int8/uint8 x int8 -> int32 -> float32
   qconv2d(xq, wq, out_scale, bias, x_zp, stride, padding, dilation, groups)
+  qmatmul(aq, bq, a_zp, out_scale)                        two activations: uint8/int8 x int8 -> float32
   dynamic_qlinear(x, wq, w_scale, bias)                   uint8 activation qparams chosen per call
   woq_linear(x, wq, w_scale, bias)                        int8 weights, float32 compute
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["inv_scale_of", "quantize", "qlinear", "qconv2d", "dynamic_qlinear", "woq_linear",
+__all__ = ["inv_scale_of", "quantize", "qlinear", "qconv2d", "qmatmul", "dynamic_qlinear", "woq_linear",
            "dynamic_act_qparams", "OP_NAMES"]
 
 _EXACT = float(2 ** 31)
@@ -109,6 +110,23 @@ def dynamic_act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return scale, inv, zp
 
 
+@torch.library.custom_op("graphopt::qmatmul", mutates_args=())
+def qmatmul(aq: torch.Tensor, bq: torch.Tensor, a_zp: int, out_scale: float) -> torch.Tensor:
+    """Matmul of two quantized activations: y = float32(Σ_k (aq[..., m, k] - a_zp) · bq[..., k, n]) · out_scale.
+
+    `bq` is symmetric int8 (zero point 0); `out_scale = float32(a_scale · b_scale)`. Batch dims broadcast.
+    """
+    acc = torch.matmul(aq.double() - a_zp, bq.double())
+    _check_acc(acc, "graphopt.qmatmul")
+    return acc.float() * torch.tensor(out_scale, dtype=torch.float32)
+
+
+@qmatmul.register_fake
+def _(aq, bq, a_zp, out_scale):
+    batch = torch.broadcast_shapes(aq.shape[:-2], bq.shape[:-2])
+    return aq.new_empty((*batch, aq.shape[-2], bq.shape[-1]), dtype=torch.float32)
+
+
 @torch.library.custom_op("graphopt::dynamic_qlinear", mutates_args=())
 def dynamic_qlinear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -142,5 +160,5 @@ def _(x, wq, w_scale, bias):
 
 
 # the names these ops have in a torch.export graph (OpOverload.__name__), for the TVM converter map
-OP_NAMES = {"quantize": "quantize.default", "qlinear": "qlinear.default", "qconv2d": "qconv2d.default",
+OP_NAMES = {"quantize": "quantize.default", "qlinear": "qlinear.default", "qconv2d": "qconv2d.default", "qmatmul": "qmatmul.default",
             "dynamic_qlinear": "dynamic_qlinear.default", "woq_linear": "woq_linear.default"}

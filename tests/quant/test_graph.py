@@ -144,3 +144,27 @@ def test_qat_conv_layers_get_weight_fake_quant():
     y = qat(x)
     y.sum().backward()
     assert qat.get_submodule("c1").weight.grad is not None
+
+
+def test_attention_matmuls_get_uint8_left_and_int8_right_operands():
+    from graphopt.quant import QuantMatmul
+
+    torch.manual_seed(0)
+    model, (ids,) = get_model("bert_tiny")
+    gm = traced(model, ids)
+    prepared, survey = prepare(gm, kinds=("linear", "matmul"))
+    mm = [s for s in survey.sites if s.kind == "matmul"]
+    assert [s.path for s in mm] == ["layers.0.attention.matmul0", "layers.0.attention.matmul1",
+                                    "layers.1.attention.matmul0", "layers.1.attention.matmul1"]
+    for s in mm:
+        a, b = (prepared.get_submodule(str(n.target)) for n in s.node.args)
+        assert (a.dtype, b.dtype) == ("uint8", "int8")
+    calibrate(prepared, [(torch.randint(0, 1000, ids.shape),) for _ in range(2)])
+    q = convert(prepared)
+    assert sum(isinstance(m, QuantMatmul) for m in q.modules()) == 4
+    with torch.no_grad():
+        assert F.cosine_similarity(q(ids).flatten(), model(ids).flatten(), dim=0) > 0.99
+    # only some layers: the other matmuls keep reading float tensors
+    half = Converter(prepared).build(["layers.0.attention.matmul1"])
+    assert sum(isinstance(m, QuantMatmul) for m in half.modules()) == 1
+    assert len(quant_nodes(half)) == 2

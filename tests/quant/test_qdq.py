@@ -167,3 +167,21 @@ def test_ops_survive_torch_export_as_single_nodes():
     assert names.count("quantize.default") == 1
     assert names.count("qlinear.default") == 1
     assert names.count("dynamic_qlinear.default") == 1
+
+
+def test_qmatmul_matches_numpy_bit_for_bit_and_broadcasts():
+    rng = np.random.default_rng(3)
+    aq = rng.integers(0, 256, (2, 3, 5, 13)).astype(np.uint8)
+    bq = rng.integers(-127, 128, (2, 3, 13, 7)).astype(np.int8)
+    ref = ((aq.astype(np.int64) - 9) @ bq.astype(np.int64)).astype(np.float32) * np.float32(0.0123)
+    got = ops.qmatmul(torch.from_numpy(aq), torch.from_numpy(bq), 9, float(np.float32(0.0123)))
+    np.testing.assert_array_equal(got.numpy(), ref)
+    got = ops.qmatmul(torch.from_numpy(aq), torch.from_numpy(bq[:1, :1]), 9, 1.0)
+    assert got.shape == (2, 3, 5, 7)
+
+
+def test_quant_matmul_needs_a_symmetric_int8_right_operand():
+    from graphopt.quant.modules import QuantMatmul
+
+    with pytest.raises(ValueError, match="symmetric int8"):
+        QuantMatmul(QParams(0.1, 3, "uint8"), QParams(0.1, 3, "uint8"))

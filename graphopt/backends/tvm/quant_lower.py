@@ -12,6 +12,8 @@ TVM's torch frontends have no converters for quantize/dequantize; this module su
   qconv2d         the same kernel over an NHWC, zero-point-padded copy of the input, writing NCHW float32
   dynamic_qlinear per-call min/max -> scale, zero point in Relax; then the qlinear kernel with zp·ΣW from
                   the run-time zero point
+  qmatmul         two activations (e.g. attention): the right operand is packed at run time (fused
+                  reshape/transpose) and its zero-point term ΣB computed in Relax; batched int8 kernel
   woq_linear      float32 x int8-weight kernel (weights widened in registers; float32 accumulate)
 
 Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules and tuners leave them alone):
@@ -37,7 +39,7 @@ from ...errors import LoweringError
 __all__ = ["custom_convert_map", "has_vnni", "int8_path", "dense_kernel", "conv_kernel", "woq_kernel",
            "OP_NAMES"]
 
-OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "dynamic_qlinear.default",
+OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
             "woq_linear.default")
 
 
@@ -197,6 +199,55 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                             "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
                                             * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
     return qconv
+
+
+def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool, scale: float):
+    """TIR: Y[BT, M, NB·16] = float32(A·B - C[bt]) · scale for A uint8 [BT, M, KB·4] and B int8 packed per
+    batch as [BT, NB, KB, 16, 4] (vnni) or [BT, NB, KB, 4, 16]; C int32 [BT, NB·16] (zero-point term)."""
+    from tvm.script import tirx as T
+
+    K, N = KB * 4, NB * 16
+    MO = (M + MT - 1) // MT
+    NBO = NB // NT
+    w_shape = (BT, NB, KB, 16, 4) if vnni else (BT, NB, KB, 4, 16)
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    s = T.float32(scale)
+
+    @T.prim_func
+    def qbmm(A: T.Buffer((BT, M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
+             Y: T.Buffer((BT, M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for p in T.parallel(BT * NBO):
+            for mo in range(MO):
+                acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                for t in T.unroll(MT * NT):
+                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                for kb in range(KB):
+                    for nt in T.unroll(NT):
+                        for mi in T.unroll(MT):
+                            if vnni:
+                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(vpdpbusd),
+                                    acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
+                                    T.reinterpret(T.broadcast(T.reinterpret(A.vload(
+                                        [p // NBO, T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"), dtype="int32"),
+                                        16), dtype="int8x64"),
+                                    W.vload([p // NBO, (p % NBO) * NT + nt, kb, 0, 0], "int8x64"),
+                                    dtype="int32x16")
+                            else:
+                                for k in T.unroll(4):
+                                    for j in T.vectorized(16):
+                                        acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + T.Cast(
+                                            "int32", A[p // NBO, T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
+                                            "int32", W[p // NBO, (p % NBO) * NT + nt, kb, k, j])
+                for mi in T.unroll(MT):
+                    if mo * MT + mi < M:
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(16):
+                                Y[p // NBO, mo * MT + mi, ((p % NBO) * NT + nt) * 16 + j] = T.Cast(
+                                    "float32", acc[(mi * NT + nt) * 16 + j]
+                                    - C[p // NBO, ((p % NBO) * NT + nt) * 16 + j]) * s
+    return qbmm
 
 
 def woq_kernel(M: int, K: int, NB: int, MT: int, NT: int):
@@ -522,10 +573,50 @@ def _convert_qconv2d(st: QuantLowering):
     return convert
 
 
+def _convert_qmatmul(st: QuantLowering):
+    def convert(node, importer):
+        relax = _relax()
+        R = relax.op
+        bb = importer.block_builder
+        aq, bq = importer.env[node.args[0]], importer.env[node.args[1]]
+        a_zp, out_scale = int(node.args[2]), float(node.args[3])
+        sa, sb = _shape(aq), _shape(bq)
+        m, k, n = sa[-2], sa[-1], sb[-1]
+        if st.path == "relax" or sa[:-2] != sb[:-2]:
+            st.count("qmatmul:relax" + (" (broadcast)" if sa[:-2] != sb[:-2] else ""))
+            ai = bb.emit(R.subtract(R.astype(aq, "int32"), relax.const(a_zp, "int32")))
+            acc = bb.emit(R.matmul(ai, R.astype(bq, "int32"), out_dtype="int32"))
+            return bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(out_scale, "float32")))
+        st.count(f"qmatmul:{st.path}")
+        vnni = st.path == "vnni"
+        au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype))
+        batch = sa[:-2]
+        bt = int(np.prod(batch)) if batch else 1
+        kb, nb = (k + 3) // 4, (n + 15) // 16
+        a3 = bb.emit(R.reshape(au8, [bt, m, k]))
+        if k % 4:
+            a3 = bb.emit(R.nn.pad(a3, [0, 0, 0, 0, 0, kb * 4 - k], pad_value=0.0))
+        b3 = bb.emit(R.reshape(bq, [bt, k, n]))
+        if k % 4 or n % 16:
+            b3 = bb.emit(R.nn.pad(b3, [0, 0, 0, kb * 4 - k, 0, nb * 16 - n], pad_value=0.0))
+        # run-time packing of the right operand: [BT, K, N] -> [BT, NB, KB, 16, 4] (or [.., 4, 16])
+        b5 = R.reshape(b3, [bt, kb, 4, nb, 16])
+        packed = bb.emit(R.permute_dims(b5, [0, 3, 1, 4, 2] if vnni else [0, 3, 1, 2, 4]))
+        comp = bb.emit(R.multiply(R.sum(R.astype(b3, "int32"), axis=[1]), relax.const(zp8, "int32")))
+        mt, nt = _tiles(m, nb, max(1, _cores(st.spec) // bt))
+        gv = bb.add_func(_private(bmm_kernel(bt, m, kb, nb, mt, nt, vnni, out_scale)), "graphopt_qbmm")
+        y = bb.emit(relax.call_tir(gv, [a3, packed, comp], relax.TensorType([bt, m, nb * 16], "float32")))
+        if nb * 16 != n:
+            y = bb.emit(R.strided_slice(y, axes=[2], begin=[0], end=[n]))
+        return bb.emit(R.reshape(y, [*batch, m, n]))
+    return convert
+
+
 _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "quantize.default": _convert_quantize,
     "qlinear.default": _convert_qlinear,
     "qconv2d.default": _convert_qconv2d,
+    "qmatmul.default": _convert_qmatmul,
     "dynamic_qlinear.default": _convert_dynamic_qlinear,
     "woq_linear.default": _convert_woq_linear,
 }
