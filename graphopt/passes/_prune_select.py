@@ -10,7 +10,8 @@ The kept classes are the blocked ones plus the most important free ones.
   scope="global": the `ratio` least important free classes over the whole model are removed, importance
                   normalized by its group's mean so groups of different layers compare.
   flops_reduction: bisection on that ratio until the FLOPs model (DependencyGraph.estimate_flops) is
-                  nearest the requested reduction.
+                  nearest the requested reduction, then single groups are moved one rounding step at a
+                  time while that brings the estimate closer to the target.
 """
 from __future__ import annotations
 
@@ -71,26 +72,33 @@ class Selector:
         opts = self.options(g)
         return min(opts, key=lambda k: (abs(k - target), -k))
 
-    def plan(self, ratio: float) -> Plan:
-        keep = np.ones(self.dep.num_ids, dtype=bool)
+    def counts(self, ratio: float) -> dict[int, int]:
+        """Kept classes per prunable group for a ratio (layer) / global fraction."""
         if self.scope == "global":
             n_prune = int(round(ratio * len(self.global_groups)))
-            removed = np.bincount(self.global_groups[:n_prune],
-                                  minlength=max(len(self.dep.groups), 1)) if n_prune else None
+            removed = np.bincount(self.global_groups[:n_prune], minlength=max(len(self.dep.groups), 1)) \
+                if n_prune else np.zeros(max(len(self.dep.groups), 1), dtype=np.int64)
+        out = {}
         for g in self.groups:
-            n = g.size
-            if self.scope == "global":
-                want = n - (int(removed[g.index]) if removed is not None else 0)
-            else:
-                want = n * (1.0 - ratio)
-            k = self.kept_count(g, want)
-            drop = n - k
+            want = g.size - int(removed[g.index]) if self.scope == "global" else g.size * (1.0 - ratio)
+            out[g.index] = self.kept_count(g, want)
+        return out
+
+    def keep_for(self, counts: dict[int, int]) -> np.ndarray:
+        keep = np.ones(self.dep.num_ids, dtype=bool)
+        for g in self.groups:
+            drop = g.size - counts[g.index]
             if drop > 0:
                 keep[self.order[g.index][:drop]] = False
+        return keep
+
+    def plan(self, ratio: float) -> Plan:
+        keep = self.keep_for(self.counts(ratio))
         return Plan(keep, ratio, self.flops_before, self.dep.estimate_flops(keep))
 
     def for_flops(self, reduction: float, iters: int = 30) -> tuple[Plan, str]:
-        """The plan whose estimated FLOPs reduction is nearest `reduction` (ties: the larger one)."""
+        """The plan whose estimated FLOPs reduction is nearest `reduction`: bisection on the ratio, then a
+        local search moving single groups one rounding step (ties: the larger reduction)."""
         most = self.plan(1.0)
         if most.reduction < reduction:
             return most, (f"requested a {reduction:.1%} FLOPs reduction but at most {most.reduction:.1%} "
@@ -106,4 +114,61 @@ class Selector:
             else:
                 lo, lo_plan = mid, p
         best = hi_plan if abs(hi_plan.reduction - reduction) <= abs(lo_plan.reduction - reduction) else lo_plan
-        return best, ""
+        return self._refine(best, reduction), ""
+
+    def _refine(self, plan: Plan, reduction: float, max_moves: int = 200) -> Plan:
+        dep = self.dep
+        if not self.flops_before or not self.groups:
+            return plan
+        terms = dep.flop_terms
+        classes = [[dep.cls[ids] for ids in t.factors] for t in terms]
+        group_of = np.full(dep.num_ids, -1, dtype=np.int64)
+        for g in self.groups:
+            group_of[g.classes] = g.index
+        affected: dict[int, list[int]] = {g.index: [] for g in self.groups}
+        for i, cs in enumerate(classes):
+            for gi in {int(x) for c in cs for x in np.unique(group_of[c]) if x >= 0}:
+                affected[gi].append(i)
+
+        def value(i: int, keep: np.ndarray) -> float:
+            v = float(terms[i].base)
+            for c in classes[i]:
+                if len(c):
+                    v *= float(keep[c].mean())
+            return v
+
+        keep = plan.keep.copy()
+        counts = {g.index: int(keep[g.classes].sum()) for g in self.groups}
+        vals = np.array([value(i, keep) for i in range(len(terms))])
+        total = float(vals.sum())
+        target = self.flops_before * (1.0 - reduction)
+        by_index = {g.index: g for g in self.groups}
+        for _ in range(max_moves):
+            best = None
+            err = abs(total - target)
+            for gi, g in by_index.items():
+                opts = self.options(g)
+                pos = opts.index(counts[gi]) if counts[gi] in opts else None
+                if pos is None:
+                    continue
+                for step in (-1, 1):
+                    if not 0 <= pos + step < len(opts):
+                        continue
+                    k = opts[pos + step]
+                    trial = keep.copy()
+                    trial[g.classes] = True
+                    if g.size - k > 0:
+                        trial[self.order[gi][:g.size - k]] = False
+                    idx = affected[gi]
+                    new_vals = [value(i, trial) for i in idx]
+                    new_total = total - float(vals[idx].sum()) + sum(new_vals)
+                    e = abs(new_total - target)
+                    if e < err - 1e-9 * self.flops_before or (best is not None and e < best[0]):
+                        if best is None or e < best[0]:
+                            best = (e, gi, k, trial, idx, new_vals, new_total)
+            if best is None:
+                break
+            _, gi, k, keep, idx, new_vals, total = best
+            counts[gi] = k
+            vals[idx] = new_vals
+        return Plan(keep, plan.ratio, self.flops_before, dep.estimate_flops(keep))

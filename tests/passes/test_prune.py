@@ -183,7 +183,7 @@ def test_flops_target_on_architectures(name):
     y = out.gm(x)
     assert y.shape == ref.shape
     achieved = 1 - out.flops_after / out.flops_before
-    assert abs(achieved - 0.5) <= 0.03, achieved
+    assert abs(achieved - 0.5) <= 0.01, achieved
     assert out.flops_after == pytest.approx(out.plan.flops_after, rel=1e-9)    # FLOPs model is exact
     assert sum(p.numel() for p in out.gm.parameters()) < sum(p.numel() for p in orig.parameters())
     assert_kept_from_original(orig, out)
@@ -543,7 +543,19 @@ def test_pruned_model_runs_through_tvm_x86(name):
     d = compare_outputs(y, ref)
     assert d.max_rel < 1e-4, d
     rec = next(r for r in opt.report.records if r.name.startswith("prune"))
-    assert abs(1 - rec.flops / opt.report.records[0].flops - 0.5) <= 0.03
+    assert abs(1 - rec.flops / opt.report.records[0].flops - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_pruned_attention_models_run_through_tvm_x86(name):
+    """Heads cut from nn.MultiheadAttention (ViT: inlined q/k/v/out + SDPA) and from a BERT-style encoder
+    (shrunk Linear layers, rewritten view sizes) lower and match the pruned torch graph."""
+    pytest.importorskip("tvm")
+    model, x = _vit(image=32, layers=1, heads=4, hidden=64, mlp=128) if name == "vit" else _bert()
+    opt = graphopt.optimize(model, target="x86", pipeline="prune(flops_reduction=0.4)", example_inputs=(x,))
+    d = compare_outputs(opt(x), opt.graph_module(x))
+    assert d.max_rel < 1e-4, d
+    assert opt.report.final.flops < 0.61 * opt.report.records[0].flops
 
 
 # ------------------------------------------------------------------------------------ full size (slow)
@@ -563,7 +575,7 @@ def test_full_size_models(name):
     orig = copy.deepcopy(gm)
     out = Prune(flops_reduction=0.4).apply(gm, (x,))
     assert out.gm(x).shape == gm(x).shape
-    assert abs(1 - out.flops_after / out.flops_before - 0.4) <= 0.03
+    assert abs(1 - out.flops_after / out.flops_before - 0.4) <= 0.01
     assert_kept_from_original(orig, out)
 
 
