@@ -196,3 +196,16 @@ def test_attention_matmuls_lower_to_integer_kernels():
     # boundary of its quantizer may land one step apart; everything else is exact
     assert close(opt(x), ref, 1e-2)
     assert torch.nn.functional.cosine_similarity(opt(x).flatten(), ref.flatten(), dim=0) > 0.9999
+
+
+def test_non_constant_int8_weight_is_a_lowering_error_naming_the_node():
+    from graphopt.errors import LoweringError
+
+    class RuntimeWeight(nn.Module):
+        def forward(self, x, wq):
+            return ops.qlinear(ops.quantize(x, 0.1, 128, 0, 255), wq, torch.ones(4), None, 128)
+
+    gm = torch.fx.symbolic_trace(RuntimeWeight())
+    args = (torch.randn(2, 8), torch.randint(-127, 128, (4, 8), dtype=torch.int8))
+    with pytest.raises(LoweringError, match="qlinear.*the int8 weight.*not a constant"):
+        lower_graph(gm, args, HOST)

@@ -338,6 +338,12 @@ class QuantLowering:
                 return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else None
         return None
 
+    def bias(self, node, i: int, n: int) -> np.ndarray:
+        """The float32 bias argument `i` of `node` (zeros when it is None)."""
+        if node.args[i] is None:
+            return np.zeros(n, np.float32)
+        return self.need(node, i, "the bias").astype(np.float32)
+
     def need(self, node, i: int, what: str) -> np.ndarray:
         v = self.constant(node.args[i])
         if v is None:
@@ -441,10 +447,7 @@ def _convert_qlinear(st: QuantLowering):
         dtype = str(xq.ty.dtype)
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
-        bias = st.constant(node.args[3])
-        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
-        if node.args[3] is not None and st.constant(node.args[3]) is None:
-            raise LoweringError(f"qlinear node '{node.name}': bias is not a constant")
+        bias = st.bias(node, 3, wq.shape[0])
         if st.path == "relax":
             st.count("qlinear:relax")
             wt = _const(np.ascontiguousarray(wq.T))
@@ -467,8 +470,7 @@ def _convert_dynamic_qlinear(st: QuantLowering):
         shape = _shape(x)
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
-        bias = st.constant(node.args[3])
-        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        bias = st.bias(node, 3, wq.shape[0])
         n = wq.shape[0]
         nb = (n + 15) // 16 if st.path != "relax" else 0
         f32 = lambda v: relax.const(v, "float32")           # noqa: E731
@@ -502,8 +504,7 @@ def _convert_woq_linear(st: QuantLowering):
         shape = _shape(x)
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
-        bias = st.constant(node.args[3])
-        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        bias = st.bias(node, 3, wq.shape[0])
         n, k = wq.shape
         if st.path == "relax":
             st.count("woq_linear:relax")
@@ -540,8 +541,7 @@ def _convert_qconv2d(st: QuantLowering):
         dtype = str(xq.ty.dtype)
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
-        bias = st.constant(node.args[3])
-        bias = np.zeros(wq.shape[0], np.float32) if bias is None else bias.astype(np.float32)
+        bias = st.bias(node, 3, wq.shape[0])
         n, c, h, w = _shape(xq)
         co, ci, kh, kw = wq.shape
         oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
