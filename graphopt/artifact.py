@@ -237,10 +237,12 @@ def _cpu_features(tvm_dict: dict) -> set[str] | None:
 
 
 def _check_runnable(spec, path: str) -> None:
-    """Refuse a target whose code cannot run here: other arch, missing CPU features, CUDA without a GPU."""
+    """Refuse a target whose code cannot run here: other arch, missing CPU features, CUDA without a GPU
+    (or with a GPU older than the code's architecture)."""
+    from .backends.targets import cuda_available
     if not spec.is_host:
         if spec.kind == "cuda":
-            reason = "it needs a CUDA GPU and none is available"
+            reason = spec.unavailable_reason() if cuda_available() else "it needs a CUDA GPU and none is available"
         else:
             reason = f"it was built for {spec.arch or '(unknown arch)'} and this machine is {platform.machine()}"
         raise ArtifactError(f"artifact {path} targets '{spec.alias}', which cannot run on this machine: {reason}")

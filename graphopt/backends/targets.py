@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import GraphoptError
 
-__all__ = ["TargetSpec", "resolve_target", "host_cpu", "physical_cores"]
+__all__ = ["TargetSpec", "resolve_target", "host_cpu", "physical_cores", "cuda_available", "gpu_mismatch"]
 
 ARM_TRIPLE = "aarch64-linux-gnu"
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -38,11 +38,19 @@ class TargetSpec:
     @property
     def is_host(self) -> bool:
         """Whether code built for this target can run on this machine."""
+        return self.unavailable_reason() is None
+
+    def unavailable_reason(self) -> str | None:
+        """Why code built for this target cannot run on this machine, in words; None when it can."""
         if self.kind == "torch":
-            return True
+            return None
         if self.kind == "cuda":
-            return cuda_available()
-        return self.arch == platform.machine()
+            if not cuda_available():
+                return "no CUDA GPU is available"
+            return gpu_mismatch(self.arch)
+        if self.arch != platform.machine():
+            return f"it was built for {self.arch or '(unknown arch)'} and this machine is {platform.machine()}"
+        return None
 
     def key(self) -> str:
         """A stable string naming the target (for record databases and artifact checks)."""
@@ -85,6 +93,34 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+def gpu_mismatch(arch: str, capability: tuple[int, int] | None = None) -> str | None:
+    """Why code built for CUDA `arch` ("sm_80") cannot run on a GPU of compute `capability` (default: the
+    local GPU 0), or None.
+
+    graphopt's device code is a fatbin of SASS for sm_XY (runs on major X, minor >= Y) and PTX for compute_XY
+    (the driver compiles it for any capability >= X.Y): it runs on capability >= X.Y. Architecture-specific
+    targets ("sm_90a") run on exactly that capability.
+    """
+    import re
+
+    m = re.fullmatch(r"sm_(\d+)([a-z]?)", arch)
+    if not m:
+        return f"bad CUDA architecture {arch!r}"
+    digits, specific = int(m.group(1)), bool(m.group(2))
+    want = (digits // 10, digits % 10)
+    if capability is None:
+        if not cuda_available():
+            return "no CUDA GPU is available"
+        import torch
+
+        capability = tuple(torch.cuda.get_device_capability(0))
+    have = (int(capability[0]), int(capability[1]))
+    if (specific and have != want) or have < want:
+        return (f"it holds code for {arch} and this GPU is sm_{have[0]}{have[1]} "
+                f"({'needs exactly' if specific else 'needs at least'} compute capability {want[0]}.{want[1]})")
+    return None
 
 
 def _cuda_arch_of_local_gpu() -> str | None:

@@ -207,3 +207,33 @@ def test_cuda_model_runs_on_the_gpu_and_matches_torch(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)     # TVM builds CUDA with --use_fast_math
     loaded = graphopt.load(opt.save(tmp_path / "gpu.gopt"))
     torch.testing.assert_close(loaded(xc), got, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------- compatibility, tuning
+def test_gpu_mismatch_follows_sass_and_ptx_compatibility():
+    assert cuda.gpu_mismatch("sm_80", (8, 0)) is None
+    assert cuda.gpu_mismatch("sm_80", (8, 6)) is None             # SASS of the same major
+    assert cuda.gpu_mismatch("sm_80", (9, 0)) is None             # PTX compute_80 compiles for newer GPUs
+    assert "needs at least compute capability 8.6" in cuda.gpu_mismatch("sm_86", (8, 0))
+    assert "this GPU is sm_75" in cuda.gpu_mismatch("sm_80", (7, 5))
+    assert cuda.gpu_mismatch("sm_90a", (9, 0)) is None
+    assert "needs exactly compute capability 9.0" in cuda.gpu_mismatch("sm_90a", (10, 0))
+
+
+@without_gpu
+def test_tuning_for_cuda_without_a_gpu_is_a_tuning_error():
+    from graphopt.errors import TuningError
+
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(TuningError, match=r"cuda:sm_80.*measures candidate kernels on a CUDA GPU.*no CUDA GPU"):
+        graphopt.optimize(model, target="cuda:sm_80", example_inputs=(torch.randn(2, 8),), tune=4)
+
+
+@needs_gpu
+def test_tuned_cuda_model_runs_on_the_gpu_and_matches_torch():
+    model, x = _convnet()
+    opt = graphopt.optimize(model, target="cuda", example_inputs=(x,), tune={"trials": 8})
+    assert opt.report.backend["schedule"] == "metaschedule+dlight-default"
+    xc = x.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(xc), model.cuda()(xc), rtol=1e-3, atol=1e-4)

@@ -3,12 +3,15 @@
 Schedules. Untuned, every fused TIR kernel is scheduled by dlight's GPU rules (`default_schedule_rules()`:
 Matmul, GEMV, Reduction, GeneralReduction, then Fallback, which binds any remaining kernel to blocks and
 threads). TVM's CUDA Relax pipeline applies exactly these (`tvm.relax.backend.cuda.pipeline`), which is
-what build.py runs; `schedule_for_gpu()` runs the same scheduling alone so tests can check that no kernel is
-left without thread bindings. Tuned schedules come from MetaSchedule (tune.py), which needs a GPU to measure.
+what `schedule_cuda()` (build.py's CUDA scheduling) runs; `schedule_for_gpu()` runs the same scheduling alone
+so tests can check that no kernel is left without thread bindings. Tuned schedules: `schedule_cuda(tune=...)`
+runs MetaSchedule on this machine's GPU (it must measure on one), applies the best records, and leaves the rest
+to dlight.
 
 Device code. TVM's codegen emits CUDA C++ for the device kernels. Where TVM's CUDA runtime is loaded (a
-machine with a driver) TVM compiles it at build time through its `tvm_callback_cuda_compile`; graphopt asks
-for nvcc there (TVM_CUDA_COMPILE_MODE=nvcc, unless the user set that variable). Where it is not (no driver:
+machine with a driver) TVM compiles it at build time through its `tvm_callback_cuda_compile`; graphopt points
+that callback at its own nvcc compile while it builds (unless the user set TVM_CUDA_COMPILE_MODE, or there is
+no nvcc: then TVM's NVRTC). Where it is not (no driver:
 TVM keeps the CUDA *source* in a placeholder module), `build_device_code()` compiles that source with nvcc
 for the target's architecture at build time, and `export_options()` makes `export_library` embed the nvcc
 output in place of the source, so a library built here holds real device code:
@@ -34,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BuildError
-from ..targets import TargetSpec
+from ..targets import TargetSpec, gpu_mismatch  # noqa: F401 - gpu_mismatch is part of this module's API
 
-__all__ = ["default_schedule_rules", "schedule_for_gpu", "unscheduled_kernels", "find_nvcc",
+__all__ = ["default_schedule_rules", "schedule_for_gpu", "schedule_cuda", "unscheduled_kernels", "find_nvcc",
            "cuda_runtime_available", "compile_device_code", "nvcc_compile_mode", "build_device_code",
-           "export_options", "DeviceImage", "device_images", "DEVICE_FORMAT"]
+           "export_options", "gpu_mismatch", "DeviceImage", "device_images", "DEVICE_FORMAT"]
 
 DEVICE_FORMAT = "fatbin"
 _FATBIN_MAGIC = 0xBA55ED50
@@ -69,6 +72,87 @@ def schedule_for_gpu(mod, spec: TargetSpec):
             dl.ApplyDefaultSchedule(*default_schedule_rules()),
         ])
         return seq(mod)
+
+
+def schedule_cuda(mod, spec: TargetSpec, tune=None, report=None):
+    """Relax module -> scheduled module for a CUDA `spec` (build._schedule calls this for CUDA targets).
+
+    tune=None: TVM's CUDA library dispatch, then legalize/fold/fuse and dlight's default GPU rules (the
+    passes of tvm.relax.backend.cuda.pipeline). Tuning options (True, a trial count, a dict or tune.TuneOptions;
+    see tune.coerce_tune): MetaSchedule tunes the kernels on this machine's GPU first (TuningError naming what
+    is missing when there is none: candidates must be measured on a GPU), the best records are applied, and
+    dlight schedules whatever has no record.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+    from tvm.s_tir import dlight as dl
+
+    target = spec.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(cuda_pipeline.library_dispatch_passes(target) + [
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    schedule = "dlight-default"
+    if tune not in (None, False):
+        mod, summary = _tune_on_gpu(mod, spec, target, tune)
+        schedule = "metaschedule+dlight-default"
+        if report is not None:
+            report.backend["tuning"] = summary
+    with target:
+        mod = dl.ApplyDefaultSchedule(*default_schedule_rules())(mod)
+    if report is not None:
+        report.backend["schedule"] = schedule
+    return mod
+
+
+def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
+    """MetaSchedule on the local GPU; returns (module with the best records applied, summary dict)."""
+    from ...errors import TuningError
+    from ..targets import cuda_available
+
+    if not cuda_available() or not cuda_runtime_available():
+        missing = ("no CUDA GPU (torch.cuda.is_available() is False)" if not cuda_available()
+                   else "TVM's CUDA runtime is not loaded (no libcuda driver library)")
+        raise TuningError(f"tuning for '{spec.alias}' measures candidate kernels on a CUDA GPU, and this machine "
+                          f"has {missing}: build with tune=None here (dlight schedules), or tune on a GPU machine")
+    import tempfile
+
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        from .tune import coerce_tune
+
+        options = coerce_tune(tune)
+    except ImportError:                             # pragma: no cover - tune.py ships with the backend
+        options = None
+    trials = int(getattr(options, "trials", tune if isinstance(tune, int) and tune is not True else 64))
+    database = getattr(options, "database", None)
+    per_iter = int(getattr(options, "trials_per_iter", 16))
+    start = time.perf_counter()
+    work_dir = database or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
+    builder = ms.builder.LocalBuilder(f_build=_gpu_build(), timeout_sec=float(getattr(options, "timeout", 60.0)))
+    nvcc = find_nvcc()
+    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext():
+        db = ms.relax_integration.tune_relax(mod, params={}, target=target, work_dir=work_dir,
+                                             max_trials_global=trials, num_trials_per_iter=per_iter,
+                                             builder=builder, runner="local")
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return mod, {"trials": trials, "database": str(work_dir), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _gpu_build():
+    """MetaSchedule f_build without `import tvm.s_tir.tensor_intrin` in every worker (a closure: by value)."""
+
+    def build(mod, target, _params):
+        import tvm
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+    return build
 
 
 def unscheduled_kernels(mod) -> list[str]:
@@ -159,19 +243,31 @@ def compile_device_code(source: str, arch: str, fmt: str = DEVICE_FORMAT) -> byt
 
 
 @contextlib.contextmanager
-def nvcc_compile_mode():
-    """While building: make TVM's own CUDA compile callback use nvcc (when TVM's CUDA runtime is loaded and
-    nvcc exists, and the user has not chosen with TVM_CUDA_COMPILE_MODE). A no-op otherwise."""
-    nvcc = find_nvcc()
-    if "TVM_CUDA_COMPILE_MODE" in os.environ or nvcc is None or not cuda_runtime_available():
+def nvcc_compile_mode(spec: TargetSpec):
+    """While TVM generates code for `spec`: where TVM's CUDA runtime is loaded (it then compiles kernels at
+    codegen through its `tvm_callback_cuda_compile`), have that callback compile with graphopt's nvcc fatbin
+    (SASS + PTX, the same device code as on a machine without a GPU). A no-op where TVM has no CUDA runtime
+    (build_device_code compiles after codegen), where nvcc is missing (TVM's default, NVRTC, then) or where the
+    user chose a compiler with TVM_CUDA_COMPILE_MODE."""
+    if not cuda_runtime_available() or find_nvcc() is None or "TVM_CUDA_COMPILE_MODE" in os.environ:
         yield
         return
-    os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    with _callback_override("tvm_callback_cuda_compile", lambda code, *_: compile_device_code(str(code), spec.arch)):
+        yield
+
+
+@contextlib.contextmanager
+def _callback_override(name: str, func):
+    """Register `func` as TVM global `name` for the duration; the previous function is restored after."""
+    import tvm_ffi
+
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, func, override=True)
     try:
-        with _nvcc_on_path(nvcc):
-            yield
+        yield
     finally:
-        os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
 
 
 def _cuda_modules(mod) -> list:
@@ -206,8 +302,11 @@ def build_device_code(executable, spec: TargetSpec, report=None) -> dict:
     start = time.perf_counter()
     modules = _cuda_modules(executable)
     if cuda_runtime_available():
-        mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc")
-        info = {"cuda_compiler": f"tvm ({mode}, at codegen)", "cuda_arch": spec.arch}
+        if find_nvcc() is not None and "TVM_CUDA_COMPILE_MODE" not in os.environ:
+            compiler = "nvcc (at codegen)"
+        else:
+            compiler = f"tvm {os.environ.get('TVM_CUDA_COMPILE_MODE', 'nvrtc')} (at codegen)"
+        info = {"cuda_compiler": compiler, "cuda_arch": spec.arch}
     else:
         sources = [s for s in (_source_of(m) for m in modules) if s is not None]
         for source in sources:

@@ -73,7 +73,7 @@ class CompiledModule:
         if self._main is not None:
             return self._main
         if not self.spec.is_host:
-            where = "no CUDA GPU is available" if self.spec.kind == "cuda" else f"this is {platform.machine()}"
+            where = self.spec.unavailable_reason() or f"this is {platform.machine()}"
             raise GraphoptError(f"this module was compiled for '{self.spec.alias}' and cannot run here "
                                 f"({where}); save() it and graphopt.load() it on a machine of that target")
         from tvm import relax
