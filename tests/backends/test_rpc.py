@@ -153,19 +153,16 @@ def test_ms_rpc_runner_measures_on_every_tracker_device(host_pair):
 @needs_cross
 @needs_aarch64_runtime
 def test_ms_rpc_runner_measures_an_aarch64_candidate(aarch64_server):
-    """A candidate built for arm:cortex-a72 and cross-linked here is measured on the aarch64 device."""
+    """A candidate built for arm:cortex-a72 and cross-linked here (ms_export_for) is measured on the aarch64
+    device by the runner of ms_remote_setup, whose target carries the device's core count."""
     import tvm
 
     spec = resolve_target("arm:cortex-a72")
-    session = rpc.connect(aarch64_server.device, timeout=120)
-    threads = rpc.device_threads(session)
-    del session                                   # the device serves one session at a time
+    target, runner, f_export = rpc.ms_remote_setup(spec, aarch64_server.device, timeout=120, number=1)
+    assert int(target.attrs["num-cores"]) >= 1 and str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
     mod = _matmul_module(16)
-    lib = tvm.compile(mod, target=rpc.tuning_target(spec, threads))
-    path = f"{tempfile.mkdtemp(prefix='graphopt-test-ms-')}/cand.so"
-    lib.export_library(path, fcompile=cross.cross_fcompile())
+    path = f_export(tvm.compile(mod, target=target))
     assert cross.elf_machine(path) == "aarch64"
-    runner = rpc.ms_rpc_runner(aarch64_server.device, session_timeout=120, number=1, repeat=1)
     (result,) = _measure(runner, [path], mod)
     assert result.error_msg is None, result.error_msg
     assert 0 < float(result.run_secs[0]) < 1
@@ -181,14 +178,11 @@ def test_metaschedule_tunes_on_the_aarch64_device(aarch64_server):
     from tvm.s_tir import meta_schedule as ms
 
     spec = resolve_target("arm:cortex-a72")
-    session = rpc.connect(aarch64_server.device, timeout=120)
-    target = rpc.tuning_target(spec, rpc.device_threads(session))
-    del session
+    target, runner, _ = rpc.ms_remote_setup(spec, aarch64_server.device, timeout=120, number=2)
     mod = _matmul_module(32)
     with tempfile.TemporaryDirectory() as work_dir:
         db = ms.tune_tir(mod, target, work_dir, max_trials_global=8, num_trials_per_iter=4,
-                         builder=rpc.ms_builder(spec),
-                         runner=rpc.ms_rpc_runner(aarch64_server.device, session_timeout=120, number=2))
+                         builder=rpc.ms_builder(spec), runner=runner)
         records = db.get_all_tuning_records()
         assert len(records) >= 4
         secs = sorted(float(r.run_secs[0]) for r in records if r.run_secs)

@@ -16,6 +16,7 @@ tracker, which lets several devices of one kind (one *key*) share the work of a 
   device_threads(session), tuning_target(spec, n) the device's core count; the target to tune for it
   ms_rpc_runner(device, ...)                      MetaSchedule RPCRunner measuring on the tracker's devices
   ms_builder(spec, ...)                           MetaSchedule LocalBuilder that links for the device's arch
+  ms_export_for(spec), ms_remote_setup(spec, dev) the builder's f_export; (target, runner, f_export) in one call
 
 On a real device:  `pip install apache-tvm==<same version>`, then
   python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090 [--tracker HOST:9190 --key arm]
@@ -43,7 +44,7 @@ from ..targets import TargetSpec
 
 __all__ = ["RPCDevice", "RemoteError", "connect", "start_tracker", "LocalServer", "DeviceServer",
            "wait_for_devices", "free_port", "RemoteModule", "load_remote", "device_threads", "tuning_target",
-           "ms_rpc_runner", "ms_builder",
+           "ms_rpc_runner", "ms_builder", "ms_export_for", "ms_remote_setup",
            "DEVICE_SERVER_SCRIPT"]
 
 DEVICE_SERVER_SCRIPT = str(Path(__file__).with_name("rpc_device_server.py"))
@@ -555,21 +556,46 @@ def _make_ms_export(cxx: str | None):
     return export
 
 
-def ms_builder(spec: TargetSpec, *, max_workers: int | None = None, timeout_sec: float = 120.0):
-    """MetaSchedule LocalBuilder producing .so candidates an RPC device can load for `spec`.
-
-    For aarch64 on another machine, candidates are linked with the cross compiler (cross.find_cross_cxx();
-    BuildError if absent), so the device needs no compiler.
-    """
+def ms_export_for(spec: TargetSpec):
+    """A MetaSchedule builder `f_export` that links candidates as a .so an RPC device of `spec` can load:
+    with the aarch64 cross compiler when `spec` is not this machine's architecture (BuildError if none is
+    installed), else with the host compiler. A closure: the builder workers need not import graphopt."""
     import platform
-
-    from tvm.s_tir.meta_schedule.builder import LocalBuilder
 
     cxx = None
     if spec.kind == "llvm" and spec.arch and spec.arch != platform.machine():
         from . import cross
 
         cxx = cross.cross_fcompile().compiler
+    return _make_ms_export(cxx)
+
+
+def ms_remote_setup(spec: TargetSpec, device: RPCDevice, *, timeout: float = 60.0, number: int = 3,
+                    repeat: int = 1, min_repeat_ms: int = 0):
+    """Everything MetaSchedule needs to tune `spec` on the devices a tracker serves under `device.key`:
+    (target with the device's core count, RPCRunner, builder f_export). RemoteError if no device answers.
+
+    For tune.py: use the target for task extraction and tuning, pass f_export to the builder workers
+    (LocalBuilder(f_export=...) or local_builder._worker_func(f_build, f_export, ...)), and the runner as is.
+    """
+    session = connect(device, timeout=timeout)
+    try:
+        threads = device_threads(session)
+    finally:
+        del session                                 # a device serves one session at a time
+    runner = ms_rpc_runner(device, session_timeout=timeout, number=number, repeat=repeat,
+                           min_repeat_ms=min_repeat_ms)
+    return tuning_target(spec, threads), runner, ms_export_for(spec)
+
+
+def ms_builder(spec: TargetSpec, *, max_workers: int | None = None, timeout_sec: float = 120.0):
+    """MetaSchedule LocalBuilder producing .so candidates an RPC device can load for `spec`.
+
+    For aarch64 on another machine, candidates are linked with the cross compiler (cross.find_cross_cxx();
+    BuildError if absent), so the device needs no compiler.
+    """
+    from tvm.s_tir.meta_schedule.builder import LocalBuilder
+
+    f_export = ms_export_for(spec)
     workers = max_workers or max(1, min(2, os.cpu_count() or 1))
-    return LocalBuilder(max_workers=workers, timeout_sec=timeout_sec, f_build=_make_ms_build(),
-                        f_export=_make_ms_export(cxx))
+    return LocalBuilder(max_workers=workers, timeout_sec=timeout_sec, f_build=_make_ms_build(), f_export=f_export)
