@@ -441,6 +441,10 @@ class LowRank(Pass):
     `energy` then counts output energy. For the 1×1→k×k conv split the weighting uses the channel
     covariance (positions treated as independent), an approximation; the reported errors are exact.
 
+    Keeps exactly: every other node and module, each layer's bias (moved to the second layer), its stride,
+    padding (mode included) and dilation, and every call site of a module called more than once (one pair
+    serves them all; FLOPs count every call).
+
     Approximates: outputs change by the dropped singular directions. Each replaced layer's row in the
     report gives its rank, FLOPs/params before and after, and relative errors: `weight_error`
     ‖W−W_r‖/‖W‖ always; with data-aware mode also `output_error` ‖X(W−W_r)ᵀ‖/‖XWᵀ‖ on the calibration
@@ -448,8 +452,9 @@ class LowRank(Pass):
     when nothing is truncated: energy=1 or ratio=1 with no rank/budget; then replaced layers compute the
     same function (set min_saving < 0 to force replacement).
 
-    Order: run it on float weights, after fold_bn/prune and before quantize. On an already quantized
-    graph it stops with a PassError. Run before fold_bn, a BN after a conv still folds (into `<path>.1`).
+    Order: run it on float weights, before quantize (on an already quantized graph it stops with a
+    PassError that says so); prune may come before or after (after, it prunes the rank dimension too);
+    run before fold_bn, a BN after a conv still folds, into `<path>.1`.
     """
 
     exact = False

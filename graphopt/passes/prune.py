@@ -57,9 +57,15 @@ class Prune(Pass):
     matched by `exclude` (fnmatch patterns on module paths, e.g. "layer4.*"), and anything the analysis
     cannot follow safely are left whole; the report's notes say which and why.
 
-    Approximates: the outputs change (removed channels no longer contribute; norms over pruned features see
-    fewer of them); how much is measured by the pass manager, nothing here bounds it. With ratio=0 and no
-    flops_reduction nothing is removed and the graph is returned unchanged (exact).
+    Approximates: the outputs change; nothing here bounds by how much (the pass manager measures it). What
+    is exact: the pruned graph computes what the original computes with the removed channels' weights set
+    to zero (tested on random residual/concat/depthwise/grouped/SE/GroupNorm networks); where a norm
+    normalizes over pruned features (LayerNorm, GroupNorm with one group) its statistics see fewer of them.
+    With ratio=0 and no flops_reduction nothing is removed and the graph is returned unchanged (exact).
+
+    Safety: the rebuilt graph is run on the example inputs and every node's shape is compared with the
+    plan's; at the first node that differs (e.g. a reshape whose size is computed from another tensor), the
+    channels around it are kept and the plan is rebuilt (the note names the node).
 
     Options:
       ratio            fraction of each group's channels to remove (scope=layer) or of all prunable channels

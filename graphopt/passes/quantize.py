@@ -170,9 +170,6 @@ class Quantize(Pass):
             notes.append(f"tolerance {self.tolerance:g}: kept {len(kept)} of {len(conv.layer_paths)} layer(s) "
                          f"in float32 ({', '.join(kept) or 'none'}); output rel. L2 error "
                          f"{err:.3g} on {min(len(batches), self.eval_batches)} calibration batch(es)")
-            if err > self.tolerance:
-                notes.append(f"tolerance {self.tolerance:g} not reached even with every layer in float32 but "
-                             f"the least sensitive")
         new = conv.build(layers)
         details = self._details(new, layers, f"static/{self.observer}", conv.build([]), batches[0], sensitivity)
         notes.append(f"calibrated on {len(batches)} batch(es); activations {dtype}, weights int8 per-channel")
@@ -195,9 +192,9 @@ class Quantize(Pass):
             return all_layers, sensitivity, err_all
         order = sorted(all_layers, key=lambda p: sensitivity[p], reverse=True)
         # smallest k such that quantizing all but the k most sensitive layers meets the tolerance (bisection;
-        # the error is close to monotone in k)
+        # the error is close to monotone in k). k = n (nothing quantized) always meets it: error 0.
         lo, hi = 1, len(order)
-        best_layers, best_err = order[len(order):], error([])
+        best_layers, best_err = [], 0.0
         while lo <= hi:
             k = (lo + hi) // 2
             layers = order[k:]
@@ -207,8 +204,6 @@ class Quantize(Pass):
                 hi = k - 1
             else:
                 lo = k + 1
-        if best_err > self.tolerance:           # not even k = n-1 layers left float: quantize nothing
-            return [], sensitivity, best_err
         keep = set(best_layers)
         return [p for p in all_layers if p in keep], sensitivity, best_err
 

@@ -558,6 +558,19 @@ def test_pruned_attention_models_run_through_tvm_x86(name):
     assert opt.report.final.flops < 0.61 * opt.report.records[0].flops
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0", "vit_b16_2layers"])
+def test_larger_pruned_models_run_through_tvm_x86(name):
+    pytest.importorskip("tvm")
+    model, x = _MODELS[name]()
+    opt = graphopt.optimize(model, target="x86", pipeline="fold_bn,prune(flops_reduction=0.5),cleanup",
+                            example_inputs=(x,))
+    d = compare_outputs(opt(x), opt.graph_module(x))
+    assert d.max_rel < 1e-4, d
+    rec = next(r for r in opt.report.records if r.name.startswith("prune"))
+    assert abs(1 - rec.flops / opt.report.records[0].flops - 0.5) <= 0.01
+
+
 # ------------------------------------------------------------------------------------ full size (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vit_b16", "bert_base"])
