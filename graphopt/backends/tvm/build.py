@@ -53,6 +53,14 @@ def _schedule(mod, spec: TargetSpec, tune: Any = None, report=None):
     dlight's default GPU schedules. CPU kernels stay unscheduled (correct but slow; see TVM-NOTES.md).
     Tuning (MetaSchedule) and fast default schedules are issue #3's, to be wired in here.
     """
+    if spec.kind == "llvm":      # CPU: graphopt's default schedules, MetaSchedule when asked (tune.py)
+        from .tune import schedule_cpu
+
+        return schedule_cpu(mod, spec, tune, report)
+    if spec.kind == "cuda":      # GPU: dlight default schedules; MetaSchedule on a GPU when asked (cuda.py)
+        from .cuda import schedule_cuda
+
+        return schedule_cuda(mod, spec, tune, report)
     if tune not in (None, False):
         raise TuningError(f"tune={tune!r}: tuning is not available in this build of graphopt yet "
                           f"(graphopt/backends/tvm/tune.py); use tune=None for TVM's default schedules")
@@ -98,7 +106,7 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
         if spec.kind == "cuda":                    # device code from nvcc, also without a GPU (cuda.py)
             from .cuda import build_device_code, nvcc_compile_mode
 
-            with nvcc_compile_mode():
+            with nvcc_compile_mode(spec):
                 executable = _finalize(scheduled, spec)
             build_device_code(executable, spec, report)
         else:

@@ -1,0 +1,611 @@
+"""Default CPU schedules: what makes untuned graphopt code fast on an LLVM CPU target.
+
+TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmul is a naive scalar loop nest
+(ResNet-18 ~100x slower than PyTorch). dlight's CPU rules cover only GEMV and row reductions. This module adds:
+
+  relax_layout_passes(target)   before legalization: conv2d in NHWC activations / HWIO weights (channels
+                                innermost, so the output-channel axis is contiguous and vectorizes); pooling
+                                follows the layout (ConvertLayout propagates it), transposes stay at the edges.
+  PackedGemm                    every kernel with one reduction block whose output's innermost axis is a
+                                spatial axis: conv2d (incl. 1x1, strided, grouped/depthwise), dense/matmul,
+                                batch matmul, pooling, spatial means. Register-tiled micro-kernel: a tile of
+                                `rows` output rows x `nvec` SIMD vectors of accumulators kept in registers
+                                (cache_write "local", unrolled), the reduction loops around it, the fused
+                                elementwise epilogue (bias, residual add, ReLU, ...) applied when a tile is
+                                written back, parallel over the outer tiles. Constant weights (relax
+                                constants, `layout_free_buffers`) are repacked into contiguous panels
+                                [N/tile, ..., tile] (a layout-rewrite block that `finalize_passes` splits out
+                                of the kernel and FoldConstant evaluates at build time: no run-time cost).
+  dlight.cpu.Reduction          softmax / layer norm / RMS norm style row reductions (TVM's rule).
+  Injective                     everything else without a reduction (elementwise, transpose, reshape,
+                                layout transforms, padding): parallel outer loop, vectorized inner loop.
+
+Contract: every rule only reorders/tiles/vectorizes loops and changes buffer layouts of temporaries and
+constants; the arithmetic of each output element is the same expression in the same reduction order (no
+reassociation), so results equal the unscheduled kernel's bit for bit, up to LLVM contracting a*b+c into one
+FMA (one rounding less: within float32 rounding of the reference). A rule that cannot handle a kernel returns
+None and the next rule is tried; a kernel no rule takes stays unscheduled (correct, slow) and is counted in
+the statistics `apply_default_schedules` returns. Kernels already marked `tirx.is_scheduled` (graphopt's
+hand-written int8 kernels, MetaSchedule-tuned kernels) are left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CpuVector", "cpu_vector", "PackedGemm", "Injective", "default_rules", "relax_layout_passes",
+           "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
+
+
+# ----------------------------------------------------------------------------------------- target facts
+@dataclass(frozen=True)
+class CpuVector:
+    """SIMD facts of an LLVM CPU target that the micro-kernel shapes depend on."""
+
+    bytes: int          # SIMD register width in bytes (64 AVX-512, 32 AVX2, 16 SSE/NEON)
+    registers: int      # architectural SIMD registers (32 with AVX-512 or AArch64, else 16)
+
+    def lanes(self, dtype: str) -> int:
+        bits = _dtype_bits(dtype)
+        return max(1, self.bytes * 8 // bits)
+
+
+def _dtype_bits(dtype: Any) -> int:
+    text = str(dtype)
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return int(digits) if digits else 32
+
+
+def cpu_vector(target) -> CpuVector:
+    """SIMD width and register count of `target` (a tvm.target.Target of kind llvm)."""
+    from tvm.target import codegen
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:
+            return False
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")) or has("neon"):
+        return CpuVector(16, 32)
+    if has("avx512f"):
+        return CpuVector(64, 32)
+    if has("avx2") or has("avx"):
+        return CpuVector(32, 16)
+    return CpuVector(16, 16)
+
+
+# ------------------------------------------------------------------------------------------ TIR helpers
+def _root_blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction_block(sch, block) -> bool:
+    from tvm import tirx
+
+    return any(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _int(x) -> int | None:
+    try:
+        return int(x)
+    except Exception:
+        return None
+
+
+def _extent(sch, loop) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _same(a, b) -> bool:
+    return a.same_as(b)
+
+
+def _loops_are_iters(sch, block) -> bool:
+    """Whether the block's loop nest is one loop per block iter var, in order, with the same extents
+    (what LegalizeOps/te.create_prim_func produce; the tiling below relies on it)."""
+    loops = sch.get_loops(block)
+    ivs = sch.get(block).iter_vars
+    if len(loops) != len(ivs):
+        return False
+    for loop, iv in zip(loops, ivs):
+        e, d = _extent(sch, loop), _int(iv.dom.extent)
+        if e is None or d is None or e != d:
+            return False
+    return True
+
+
+def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> None:
+    """Injective block: vectorize the innermost loop (split to `lanes` when it divides), fuse the outer
+    loops and run them in parallel when the block is large enough to pay for the fork."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    inner = loops[-1]
+    outer = list(loops[:-1])
+    if extents[-1] % lanes == 0 and extents[-1] > lanes:
+        lo, li = sch.split(inner, [None, lanes])
+        sch.vectorize(li)
+        outer.append(lo)
+    elif 1 < extents[-1] <= lanes:
+        sch.vectorize(inner)
+    else:
+        outer.append(inner)
+    if outer and total >= parallel_min:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+
+def _is_pad_block(sch, block) -> bool:
+    name = sch.get(block).name_hint
+    return name.startswith("pad") or name.endswith("pad") or "pad_temp" in name
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def _schedule_rule_base():
+    from tvm.s_tir.dlight import ScheduleRule
+
+    return ScheduleRule
+
+
+class PackedGemm:
+    """Register-tiled schedule for kernels with one reduction block (conv, dense, matmul, pooling, means).
+
+    Tile choice: the output's innermost axis (output channels / columns) is split into [outer, nvec, lanes]
+    (lanes = SIMD width of the output dtype); the next output axis with extent > 1 (output width / rows) into
+    [outer, rows]; rows x nvec accumulators are held in registers, chosen to maximize FMAs per load
+    (rows*nvec / (rows+nvec)) within the register file. Everything else of the output is parallel.
+    """
+
+    def __init__(self, pack_weights: bool = True, max_accumulators: int | None = None, pad: str = "auto"):
+        self.pack_weights = pack_weights
+        self.max_accumulators = max_accumulators
+        self.pad = pad          # "auto" | "at" (per tile) | "inline" (guarded loads) | "separate"
+
+    # dlight's ScheduleRule protocol: apply(func, target, tunable) -> Schedule | None
+    def apply(self, func, target, tunable: bool = False):
+        try:
+            return self._apply(func, target)
+        except Exception:       # any TIR shape this rule does not understand: let the next rule try
+            return None
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+    def _apply(self, func, target):
+        from tvm import s_tir, tirx
+
+        vec = cpu_vector(target)
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        mains = [b for b in blocks if _is_reduction_block(sch, b)]
+        if len(mains) != 1:
+            return None
+        main = mains[0]
+        if not _loops_are_iters(sch, main):
+            return None
+        outputs = sch.get_output_blocks(sch.get_sblock("root"))
+        if len(outputs) != 1:
+            return None
+        main_stmt = sch.get(main)
+        if len(main_stmt.writes) != 1:
+            return None
+
+        # epilogue: inline every elementwise block after the reduction except the function's output block
+        after = False
+        for b in blocks:
+            if _same(sch.get(b), main_stmt):
+                after = True
+                continue
+            if after and not _same(sch.get(b), sch.get(outputs[0])):
+                sch.compute_inline(b)
+        # prologue: inline producers that are plain copies/transposes/reshapes (no padding condition)
+        pads = []
+        for b in sch.get_producers(main):
+            if _is_pad_block(sch, b):
+                pads.append(b)
+                continue
+            if "if_then_else" in str(sch.get(b).body):
+                return None
+            sch.compute_inline(b)
+
+        blk = sch.get(main)
+        ivs = list(blk.iter_vars)
+        ext = [_int(iv.dom.extent) for iv in ivs]
+        if any(e is None for e in ext):
+            return None
+        out_index = [r.min for r in blk.writes[0].region]
+
+        def var_of(expr):
+            for i, iv in enumerate(ivs):
+                if expr.same_as(iv.var):
+                    return i
+            return None
+
+        vi = var_of(out_index[-1])
+        if vi is None or int(ivs[vi].iter_type) != tirx.IterVar.DataPar:
+            return None
+        ri = None
+        for expr in reversed(out_index[:-1]):
+            j = var_of(expr)
+            if j is not None and ext[j] > 1:
+                ri = j
+                break
+        spatial = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.DataPar]
+        reduce_ = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.CommReduce]
+        if len(spatial) + len(reduce_) != len(ivs):
+            return None
+
+        # ---- tile sizes
+        out_dtype = blk.writes[0].source.dtype
+        lanes = vec.lanes(out_dtype)
+        E = ext[vi]
+        while lanes > 1 and E % lanes:
+            lanes //= 2
+        n_vectors = E // lanes
+        Er = ext[ri] if ri is not None else 1
+        max_acc = self.max_accumulators or (vec.registers - 4)
+        best = None
+        for nvec in range(1, 9):
+            if n_vectors % nvec:
+                continue
+            for rows in range(1, Er + 1):
+                if Er % rows or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
+                    continue
+                score = (rows * nvec / (rows + nvec), rows * nvec)
+                if best is None or score > best[0]:
+                    best = (score, rows, nvec)
+        if best is None:
+            return None
+        _, rows, nvec = best
+        tile = nvec * lanes
+
+        # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
+        loops = sch.get_loops(main)
+        if self.pack_weights and E > tile and func.attrs is not None and "layout_free_buffers" in func.attrs:
+            params = list(func.params)
+            free = [params[int(i)] for i in func.attrs["layout_free_buffers"]]
+            for r_index, region in enumerate(blk.reads):
+                if not any(region.source.same_as(p) for p in free):
+                    continue
+                idx = [r.min for r in region.region]
+                users = [var_of(e) for e in idx]
+                if users[-1] != vi or (ri is not None and ri in users) or any(
+                        u is None and _int(e) is None for u, e in zip(users, idx)):
+                    continue
+                cached = sch.cache_read(main, r_index, "global")
+                sch.transform_layout(main, ("read", r_index),
+                                     lambda *a: (a[-1] // tile, *a[:-1], a[-1] % tile))
+                sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", 1)
+                break
+            loops = sch.get_loops(main)
+
+        # ---- tiling
+        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])
+        inner = [v_n, v_l]
+        outer = [v_o] + [loops[i] for i in spatial if i not in (vi, ri)]
+        if ri is not None:
+            r_o, r_i = sch.split(loops[ri], [None, rows])
+            outer.append(r_o)
+            inner.insert(0, r_i)
+        sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+        write_back = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(write_back, fused)
+        if not _same(sch.get(outputs[0]), sch.get(main)):
+            sch.reverse_compute_inline(outputs[0])
+        loops = sch.get_loops(main)
+        sch.vectorize(loops[-1])
+        for lp in loops[-len(inner):-1]:
+            sch.unroll(lp)
+        if reduce_:
+            sch.decompose_reduction(main, loops[1])
+
+        # ---- padding: per tile for convolutions (no full padded copy), inline for pooling
+        reduce_size = 1
+        for i in reduce_:
+            reduce_size *= ext[i]
+        for pad in pads:
+            mode = self.pad
+            if mode == "auto":
+                # a per-tile padded copy pays off when each copied element feeds many multiply-adds (a
+                # reduction over input channels); depthwise convs and pools read it a handful of times
+                mode = "at" if self._has_weight(blk, func) and reduce_size >= 64 else "inline"
+            if mode == "inline":
+                sch.compute_inline(pad)
+                continue
+            if mode == "at":
+                sch.compute_at(pad, fused)
+                pad_loops = sch.get_loops(pad)[1:]
+            else:
+                pad_loops = sch.get_loops(pad)
+            last = pad_loops[-1]
+            e = _extent(sch, last)
+            if e is not None and e % lanes == 0:
+                lo, li = sch.split(last, [None, lanes])
+                sch.vectorize(li)
+                pad_loops = pad_loops[:-1] + [lo]
+            if mode == "separate" and len(pad_loops) > 1:
+                sch.parallel(sch.fuse(*pad_loops))
+
+        # ---- write-back (+ epilogue): vectorized
+        wb_loops = sch.get_loops(write_back)[1:]
+        if wb_loops:
+            flat = sch.fuse(*wb_loops) if len(wb_loops) > 1 else wb_loops[0]
+            _, li = sch.split(flat, [None, lanes])
+            sch.vectorize(li)
+        return sch
+
+    @staticmethod
+    def _has_weight(blk, func) -> bool:
+        """Whether the reduction multiplies two tensors (conv/matmul) rather than folding one (pool/mean)."""
+        written = blk.writes[0].source
+        sources = []
+        for region in blk.reads:
+            if not region.source.same_as(written) and not any(region.source.same_as(s) for s in sources):
+                sources.append(region.source)
+        return len(sources) >= 2
+
+
+class Injective:
+    """Kernels without a reduction (elementwise, transpose, reshape, padding, layout transforms): inline the
+    intermediate blocks, then per remaining block a vectorized inner loop and a parallel outer loop."""
+
+    def apply(self, func, target, tunable: bool = False):
+        try:
+            return self._apply(func, target)
+        except Exception:
+            return None
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+    def _apply(self, func, target):
+        from tvm import s_tir
+
+        vec = cpu_vector(target)
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        if not blocks or any(_is_reduction_block(sch, b) for b in blocks):
+            return None
+        outputs = sch.get_output_blocks(sch.get_sblock("root"))
+        for b in blocks:
+            if not any(_same(sch.get(b), sch.get(o)) for o in outputs):
+                try:
+                    sch.compute_inline(b)
+                except Exception:
+                    pass
+        for b in _root_blocks(sch):
+            dtype = sch.get(b).writes[0].source.dtype if sch.get(b).writes else "float32"
+            _vectorize_inner(sch, b, vec.lanes(dtype))
+        return sch
+
+
+def default_rules() -> list:
+    """The CPU rules, in the order they are tried."""
+    from tvm.s_tir.dlight import cpu as dlight_cpu
+
+    return [PackedGemm(), dlight_cpu.Reduction(), Injective()]
+
+
+# ------------------------------------------------------------------------------------------ module level
+def _scalar(expr) -> float | None:
+    """The number of a constant scalar Relax argument (a FloatImm/IntImm in TVM 0.27), else None."""
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)        # older TVM: PrimValue(FloatImm)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def rewrite_elementwise():
+    """Relax pass: spell clip and GELU with ops the CPU schedules handle well. Same values.
+
+      R.clip(x, lo, hi)   -> R.minimum(R.maximum(x, lo), hi)    ConvertLayout has no layout rule for clip:
+                             without this every ReLU6 of an NHWC network is wrapped in two transposes
+      R.nn.gelu(x)        -> x * (0.5 + 0.5 * erf(x / sqrt(2)))  the erf then becomes fast_erf (vectorizable)
+      R.nn.gelu_tanh(x)   -> x * (0.5 + 0.5 * tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    """
+    import math
+
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or not call.args:
+                return call
+            x = call.args[0]
+            info = getattr(x, "ty", None) or getattr(x, "struct_info", None)
+            dtype = str(getattr(info, "dtype", "") or "")
+            if not dtype.startswith("float"):
+                return call
+            name = call.op.name
+
+            def const(v):
+                return relax.const(v, dtype)
+
+            if name == "relax.clip" and len(call.args) == 3:
+                lo, hi = _scalar(call.args[1]), _scalar(call.args[2])
+                if lo is not None and hi is not None:
+                    return relax.op.minimum(relax.op.maximum(x, const(lo)), const(hi))
+            if name == "relax.nn.gelu":
+                e = relax.op.erf(relax.op.multiply(x, const(1.0 / math.sqrt(2.0))))
+                return relax.op.multiply(x, relax.op.add(const(0.5), relax.op.multiply(const(0.5), e)))
+            if name == "relax.nn.gelu_tanh":
+                cube = relax.op.multiply(relax.op.multiply(x, x), x)
+                inner = relax.op.multiply(const(math.sqrt(2.0 / math.pi)),
+                                          relax.op.add(x, relax.op.multiply(const(0.044715), cube)))
+                t = relax.op.tanh(inner)
+                return relax.op.multiply(x, relax.op.add(const(0.5), relax.op.multiply(const(0.5), t)))
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptRewriteElementwise")
+    def _pass(mod, ctx):
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
+def relax_layout_passes(target) -> list:
+    """Relax passes run before legalization: conv2d in NHWC/HWIO (channels innermost), with the
+    elementwise ops between convolutions following that layout; exp/erf/tanh/softmax as TVM's vectorizable
+    fast_* polynomials (LLVM cannot vectorize libm's expf/erff/tanhf: exact GELU alone was 20% of BERT).
+
+    Approximation (measured in tests/backends/test_schedules.py against float64): fast_exp within 1.1e-6
+    relative, fast_erf and fast_tanh within 4e-7 absolute/relative; float32 libm is within ~6e-8."""
+    from tvm import relax
+
+    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform()]
+
+
+def _calls_op(mod, name: str) -> bool:
+    """Whether a Relax function of `mod` calls the op `name`."""
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name:
+            found.append(expr)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+def convert_conv_layout():
+    """Module pass: relax.transform.ConvertLayout to NHWC/HWIO convolutions, only where the module has a 2-D
+    convolution. ConvertLayout walks every op's layout rule, and TVM 0.27 dies with std::bad_alloc on some
+    graphs without any convolution (nn.TransformerEncoder as torch.export captures it); on such a failure
+    the module is kept in its own layout (correct, the convolutions just vectorize less well)."""
+    import warnings
+
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptConvertConvLayout")
+    def _pass(mod, ctx):
+        if not _calls_op(mod, "relax.nn.conv2d"):
+            return mod
+        try:
+            return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+        except Exception as e:           # a layout rule TVM lacks: keep the model's layout
+            warnings.warn(f"graphopt: NHWC layout conversion failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"convolutions stay NCHW", stacklevel=2)
+            return mod
+
+    return _pass
+
+
+def legalize_passes(target) -> list:
+    """Legalize, fold the constant (weight) arithmetic, fuse, and mark the constant buffers of each kernel
+    (`layout_free_buffers`: what may be repacked at build time)."""
+    from tvm import relax
+
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(), relax.transform.AttachAttrLayoutFreeBuffers()]
+
+
+def finalize_passes(target) -> list:
+    """After scheduling: move the weight-repacking blocks out of the kernels into their own functions,
+    evaluate them on the constants at build time, drop what is left unused."""
+    from tvm import relax
+
+    return [split_layout_rewrite_preproc(), relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+
+
+def split_layout_rewrite_preproc():
+    """relax.transform.SplitLayoutRewritePreproc over the kernels it understands. That pass requires a root
+    block with compute blocks in every PrimFunc of the module, also in those it does not change; hand-written
+    kernels (the int8 ones of quant_lower.py: plain loops) are set aside while it runs and put back after."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptSplitLayoutRewritePreproc")
+    def _pass(mod, ctx):
+        aside = {gv: func for gv, func in mod.functions_items()
+                 if isinstance(func, tirx.PrimFunc) and not isinstance(func.body, s_tir.SBlockRealize)}
+        if not aside:
+            return relax.transform.SplitLayoutRewritePreproc()(mod)
+        rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside}, attrs=mod.attrs,
+                           global_infos=mod.global_infos)
+        out = relax.transform.SplitLayoutRewritePreproc()(rest)
+        for gv, func in aside.items():
+            out[gv] = func
+        return out
+
+    return _pass
+
+
+@dataclass
+class ScheduleStats:
+    """Which rule scheduled how many kernels (for the report)."""
+
+    by_rule: dict
+    unscheduled: list
+
+    def summary(self) -> str:
+        parts = [f"{n} {rule}" for rule, n in sorted(self.by_rule.items())]
+        if self.unscheduled:
+            parts.append(f"{len(self.unscheduled)} unscheduled ({', '.join(self.unscheduled[:5])}"
+                         f"{', ...' if len(self.unscheduled) > 5 else ''})")
+        return ", ".join(parts) if parts else "none left for the default rules"
+
+
+def is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
+def apply_default_schedules(mod, target, rules: list | None = None):
+    """Schedule every unscheduled PrimFunc of `mod` with the first rule that takes it.
+
+    Returns (module, ScheduleStats). Scheduled kernels are marked `tirx.is_scheduled`.
+    """
+    from tvm import tirx
+
+    rules = default_rules() if rules is None else rules
+    by_rule: dict[str, int] = {}
+    unscheduled: list[str] = []
+    updates = {}
+    with target:
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            done = False
+            for rule in rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:
+                    sch = None
+                if sch is None:
+                    continue
+                if isinstance(sch, list):
+                    sch = sch[0]
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                name = type(rule).__name__
+                by_rule[name] = by_rule.get(name, 0) + 1
+                done = True
+                break
+            if not done:
+                unscheduled.append(gv.name_hint)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, ScheduleStats(by_rule, unscheduled)

@@ -1,0 +1,770 @@
+"""Scheduling of CPU kernels: graphopt's default schedules, and MetaSchedule tuning with kept records.
+
+    optimize(model, target="x86", example_inputs=x)                 # default schedules (schedules.py)
+    optimize(model, target="x86", example_inputs=x, tune=True)      # + MetaSchedule, TuneOptions() budget
+    optimize(..., tune=200)                                         # 200 trials in all
+    optimize(..., tune={"trials": 200, "trials_per_task": 16, "database": "/path/to/records"})
+    graphopt tune --model resnet18 --trials 256                     # cli_tune(args)
+
+Flow (schedule_cpu, called by build._schedule for LLVM targets):
+  1. Relax rewrites + layout (schedules.relax_layout_passes), legalize, fold, fuse (schedules.legalize_passes).
+  2. With tuning options: every unscheduled kernel is a MetaSchedule task. Graphopt's default schedule of each
+     task is measured first and committed as that task's first record, so the search starts from it and a
+     tuned build is never slower than the untuned one by more than measurement noise. The search then runs
+     with the trial budget (tasks ordered by FLOPs x calls; `trials_per_task` each until `trials` is spent).
+  3. The best record of each kernel is applied (MetaScheduleApplyDatabase); kernels without a record get the
+     default schedules; weight-repacking blocks are split out and folded into the constants.
+
+Records: a MetaSchedule JSONDatabase directory per target (default: <user cache dir>/graphopt/tuning/
+<target>-<hash>; TuneOptions.database or $GRAPHOPT_TUNING_DIR overrides). Every measured trial is appended to
+`database_tuning_record.json` as it is measured, so Ctrl-C or a crash keeps every record measured so far. How
+many search trials each task has had is kept in `graphopt_progress.json` beside the records: a task that has
+had its quota is not tuned again, so optimizing the same model for the same target twice runs zero new trials
+and compiles from the records; a larger budget later tunes only the difference. Record files are checked
+before TVM reads them: a truncated last line (a crash mid-write) is dropped with a warning; any other bad
+line raises TuningError naming the file and line.
+
+MetaSchedule's stock builder imports tvm.s_tir.tensor_intrin in every build worker (~80 s; CUDA intrinsics
+alone ~55 s), so every build hits the default 30 s timeout. The builder here is a function that only lowers
+and compiles; the tuning process itself imports only the target's intrinsics (x86 or ARM).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import GraphoptError, TuningError
+
+__all__ = ["TuneOptions", "coerce_tune", "default_database_dir", "check_database", "schedule_cpu",
+           "tune_module", "TuningSummary", "cli_tune"]
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+PROGRESS_FILE = "graphopt_progress.json"
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass
+class TuneOptions:
+    """How to tune. `optimize(tune=...)` accepts True (these defaults), an int (trials), a dict or this.
+
+    trials           total new MetaSchedule trials for this model (across all its kernels)
+    trials_per_task  trials per kernel; default: trials spread evenly over the kernels (at least 1 each);
+                     when trials < kernels x trials_per_task, the kernels with the most FLOPs x calls go first
+    database         record directory (MetaSchedule JSONDatabase); default: per target under the user cache
+                     dir, or $GRAPHOPT_TUNING_DIR/<target> when that is set
+    timeout          seconds allowed per build and per measurement of one candidate
+    progress         show a tqdm progress bar (trials, current task, best latencies)
+    trials_per_iter  candidates built and measured per round
+    population       evolutionary search population (smaller: faster rounds, less exploration)
+    seed             random seed of the search
+    seed_defaults    measure graphopt's default schedule of each kernel and keep it as its first record
+    """
+
+    trials: int = 64
+    trials_per_task: int | None = None
+    database: str | None = None
+    timeout: float = 60.0
+    progress: bool = True
+    trials_per_iter: int = 16
+    population: int = 256
+    seed: int = 0
+    seed_defaults: bool = True
+
+    def __post_init__(self):
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TuningError(f"tune option {name}={value!r}: expected a positive integer")
+
+        positive_int("trials", self.trials)
+        positive_int("trials_per_task", self.trials_per_task, allow_none=True)
+        positive_int("trials_per_iter", self.trials_per_iter)
+        positive_int("population", self.population)
+        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
+            raise TuningError(f"tune option timeout={self.timeout!r}: expected seconds > 0")
+        if self.database is not None and not isinstance(self.database, (str, os.PathLike)):
+            raise TuningError(f"tune option database={self.database!r}: expected a directory path")
+        if self.database is not None:
+            self.database = os.fspath(self.database)
+
+
+def coerce_tune(tune: Any) -> TuneOptions | None:
+    """None/False -> None (no tuning); True -> TuneOptions(); int n -> n trials; dict -> fields; TuneOptions."""
+    if tune is None or tune is False:
+        return None
+    if tune is True:
+        return TuneOptions()
+    if isinstance(tune, TuneOptions):
+        return tune
+    if isinstance(tune, int):
+        if tune == 0:
+            return None
+        return TuneOptions(trials=tune)
+    if isinstance(tune, dict):
+        names = {f.name for f in dataclasses.fields(TuneOptions)}
+        unknown = sorted(set(tune) - names)
+        if unknown:
+            raise TuningError(f"unknown tune option(s) {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(sorted(names))}")
+        return TuneOptions(**tune)
+    raise TuningError(f"tune={tune!r}: expected None, True, a trial count, a dict of options or TuneOptions")
+
+
+# -------------------------------------------------------------------------------------------- databases
+def _user_cache_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def default_database_dir(spec) -> Path:
+    """The record directory of a target: one per TVM target (records of one CPU do not fit another)."""
+    key = spec.key() if hasattr(spec, "key") else json.dumps(spec, sort_keys=True, default=str)
+    alias = getattr(spec, "alias", "target")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", alias)[:40].strip("_") or "target"
+    name = f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    root = os.environ.get("GRAPHOPT_TUNING_DIR")
+    return (Path(root) if root else _user_cache_dir() / "graphopt" / "tuning") / name
+
+
+def _valid_workload_line(obj) -> str | None:
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], str)):
+        return "expected [structural hash, serialized module]"
+    if not obj[0].isdigit():
+        return "the structural hash is not a number"
+    return None
+
+
+def _valid_record_line(obj, n_workloads: int) -> str | None:
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int) and isinstance(obj[1], list)):
+        return "expected [workload index, record]"
+    if not 0 <= obj[0] < n_workloads:
+        return f"workload index {obj[0]} is not among the {n_workloads} workloads of {WORKLOAD_FILE}"
+    rec = obj[1]
+    if len(rec) < 2 or not isinstance(rec[0], list):
+        return "the record has no trace"
+    run_secs = rec[1]
+    if run_secs is not None and not (isinstance(run_secs, list)
+                                     and all(isinstance(x, (int, float)) for x in run_secs)):
+        return "run times are not a list of numbers"
+    return None
+
+
+def _check_file(path: Path, validate) -> int:
+    """Validate a JSON-lines record file; drop a truncated last line (warning); raise on other damage."""
+    if not path.exists():
+        return 0
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TuningError(f"tuning database file {path} is unreadable ({type(e).__name__}: {e}); "
+                          f"delete it (the records in it are lost) or point tune['database'] elsewhere") from e
+    lines = text.split("\n")
+    complete = text.endswith("\n") or text == ""
+    good = 0
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = i == len(lines) or (i == len(lines) - 1 and lines[-1] == "")
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            if last and not complete:
+                kept = "\n".join(lines[:i - 1]) + ("\n" if i > 1 else "")
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(kept, encoding="utf-8")
+                os.replace(tmp, path)
+                warnings.warn(f"tuning database file {path}: dropped an incomplete last line {i} "
+                              f"(written when a run was interrupted); {good} records kept", stacklevel=3)
+                return good
+            raise TuningError(f"tuning database file {path}, line {i}: not valid JSON ({e}); "
+                              f"delete that line or the file to continue") from None
+        why = validate(obj)
+        if why:
+            raise TuningError(f"tuning database file {path}, line {i}: {why}; delete that line or the file "
+                              f"to continue")
+        good += 1
+    return good
+
+
+def check_database(path) -> tuple[int, int]:
+    """Check (and, for a crash-truncated last line, repair) a record directory before TVM reads it.
+
+    Returns (workloads, records). Raises TuningError naming the file and line of any other damage.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TuningError(f"tuning database {path} is a file; it must be a directory")
+    n_work = _check_file(path / WORKLOAD_FILE, _valid_workload_line)
+    n_rec = _check_file(path / RECORD_FILE, lambda obj: _valid_record_line(obj, n_work))
+    return n_work, n_rec
+
+
+def _open_database(path: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True, exist_ok=True)
+    check_database(path)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as e:
+        raise TuningError(f"tuning database {path} could not be loaded ({WORKLOAD_FILE}, {RECORD_FILE}): "
+                          f"{type(e).__name__}: {_first_line(str(e))}; delete the directory to start over") from e
+
+
+class _Progress:
+    """graphopt_progress.json: search trials measured per task (structural hash), written after each round."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tasks: dict[str, dict] = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.tasks = {str(k): dict(v) for k, v in data.get("tasks", {}).items()}
+            except (ValueError, OSError, AttributeError, TypeError) as e:
+                warnings.warn(f"tuning progress file {path} is unreadable ({e}); trial counts restart from the "
+                              f"records (tasks with records count as tuned)", stacklevel=3)
+                self.tasks = {}
+                self.unreadable = True
+
+    def get(self, key: str) -> dict:
+        return self.tasks.setdefault(key, {"searched": 0, "seeded": False})
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"version": 1, "tasks": self.tasks}, indent=1, sort_keys=True),
+                       encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------------------------ builder, runner
+def _import_target_intrinsics(target) -> None:
+    """Register only the target's tensor intrinsics, so MetaSchedule's `import tvm.s_tir.tensor_intrin`
+    (every TuneContext does it) finds the package loaded instead of importing all of it (~80 s, CUDA ~55 s)."""
+    import importlib
+    import importlib.util
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    package = importlib.util.module_from_spec(spec)      # the package, without running its __init__
+    sys.modules[name] = package
+    import tvm.s_tir
+
+    tvm.s_tir.tensor_intrin = package
+    triple = str(target.attrs.get("mtriple", "") or "")
+    sub = "arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86"
+    try:
+        importlib.import_module(f"{name}.{sub}")
+    except Exception:        # intrinsics only matter for int8 tensorization; tuning float kernels works anyway
+        pass
+
+
+def _make_f_build():
+    """The build function of the LocalBuilder workers (pickled by value: workers import only TVM)."""
+
+    def graphopt_build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm_build(mod, target=target)
+
+    return graphopt_build
+
+
+def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
+    """A MetaSchedule builder whose worker processes live across build rounds (recycled every
+    `recycle_after` rounds). MetaSchedule's LocalBuilder starts fresh workers for every round, and each one
+    pays the TVM import again (~5-10 s here) before building anything."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import local_builder
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    f_build = _make_f_build()
+
+    @derived_object
+    class GraphoptBuilder(ms.builder.PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self._pool = None
+            self._rounds = 0
+
+        def _get_pool(self):
+            if self._pool is None or self._rounds >= recycle_after:
+                self.close()
+                self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec)
+                self._rounds = 0
+            self._rounds += 1
+            return self._pool
+
+        def warm(self):
+            """Start the workers now (they import TVM while the caller does other work)."""
+            pool = self._get_pool()
+            self._rounds -= 1
+            for _ in range(max_workers):
+                pool.submit(int, 0)
+
+        def close(self):
+            if self._pool is not None:
+                try:
+                    self._pool.shutdown()
+                except Exception:
+                    pass
+                self._pool = None
+
+        def build(self, build_inputs):
+            pool = self._get_pool()
+            results = []
+            args = [(f_build, None, inp.mod, inp.target, None) for inp in build_inputs]
+            for res in pool.map_with_error_catching(lambda x: local_builder._worker_func(*x), args):
+                if res.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(res.value, None))
+                elif res.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"graphopt builder: timeout, killed after {timeout_sec} seconds"))
+                    self._rounds = recycle_after          # a killed worker: start a fresh pool next round
+                else:
+                    results.append(ms.builder.BuilderResult(None, f"graphopt builder: {res.value}"))
+            return results
+
+    return GraphoptBuilder()
+
+
+def _builder_runner(options: TuneOptions, workers: int):
+    from tvm.s_tir import meta_schedule as ms
+
+    builder = _pooled_builder(max_workers=workers, timeout_sec=options.timeout)
+    builder.warm()
+    runner = ms.runner.LocalRunner(
+        timeout_sec=options.timeout,
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40,
+                                                   enable_cpu_cache_flush=False))
+    return builder, runner
+
+
+def _run_secs(result) -> float | None:
+    if result is None or getattr(result, "error_msg", None):
+        return None
+    secs = [float(x) for x in (result.run_secs or [])]
+    return sum(secs) / len(secs) if secs else None
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+@dataclass
+class TuningSummary:
+    database: str
+    tasks: int = 0                  # kernels MetaSchedule could tune
+    tasks_tuned: int = 0            # kernels searched in this run
+    new_trials: int = 0             # candidates measured in this run (search + default-schedule seeds)
+    reused_records: int = 0         # records that were already in the database
+    seconds: float = 0.0
+    interrupted: bool = False
+    estimated_ms: float | None = None   # sum over kernels of calls x best measured latency
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _task_key(mod) -> str:
+    try:
+        from tvm_ffi import structural_hash
+    except ImportError:            # older TVM
+        from tvm.ir import structural_hash
+
+    return str(structural_hash(mod))
+
+
+def _task_flops(mod) -> float:
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        return float(estimate_tir_flops(mod))
+    except Exception:
+        return 1.0
+
+
+def _best_secs(db, mod) -> float | None:
+    try:
+        if not db.has_workload(mod):
+            return None
+        recs = db.get_top_k(db.commit_workload(mod), 1)
+    except Exception:
+        return None
+    if not recs:
+        return None
+    secs = [float(x) for x in (recs[0].run_secs or [])]
+    best = sum(secs) / len(secs) if secs else None
+    return best if best is not None and best < 1e9 else None
+
+
+def _records_of(db, mod) -> int:
+    try:
+        if not db.has_workload(mod):
+            return 0
+        return len(db.get_top_k(db.commit_workload(mod), 1 << 20))
+    except Exception:
+        return 0
+
+
+def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=None) -> tuple[Any, TuningSummary]:
+    """Tune the kernels of a legalized Relax module (schedules.legalize_passes output) into `database_dir`.
+
+    Returns (JSONDatabase, TuningSummary). KeyboardInterrupt propagates after the records are safe on disk.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import is_scheduled
+
+    start = time.perf_counter()
+    log = log or (lambda msg: None)
+    _import_target_intrinsics(target)
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET or ms_logger.level < logging.WARNING:
+        ms_logger.setLevel(logging.WARNING)          # MetaSchedule's console tables; its log files stay
+
+    db = _open_database(database_dir)
+    progress = _Progress(database_dir / PROGRESS_FILE)
+    summary = TuningSummary(database=str(database_dir))
+
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+                 if not is_scheduled(t.dispatched[0]["main"]) and not is_scheduled(t.mod["main"])]
+    summary.tasks = len(extracted)
+    if not extracted:
+        summary.seconds = time.perf_counter() - start
+        return db, summary
+    keys = [_task_key(t.dispatched[0]) for t in extracted]
+    flops = [_task_flops(t.dispatched[0]) * max(1, int(t.weight)) for t in extracted]
+    summary.reused_records = sum(_records_of(db, t.dispatched[0]) for t in extracted)
+    if getattr(progress, "unreadable", False):
+        for t, key in zip(extracted, keys):            # lost counts: a task with records counts as tuned
+            if _records_of(db, t.dispatched[0]) > 1:
+                progress.get(key)["searched"] = 1 << 30
+
+    per_task = options.trials_per_task or max(1, math.ceil(options.trials / len(extracted)))
+    order = sorted(range(len(extracted)), key=lambda i: -flops[i])
+    n_planned = min(len(extracted), max(1, options.trials // per_task))
+    planned = order[:n_planned]
+    need = {i: max(0, per_task - int(progress.get(keys[i]).get("searched", 0))) for i in planned}
+    todo = [i for i in planned if need[i] > 0]
+    workers = _workers(target)
+    seeds = []
+    if options.seed_defaults:
+        seeds = [i for i in range(len(extracted))
+                 if not progress.get(keys[i]).get("seeded") and _records_of(db, extracted[i].dispatched[0]) == 0]
+    if not seeds and not todo:                    # everything is in the records: nothing to build or measure
+        summary.estimated_ms = _estimate_ms(db, extracted)
+        summary.seconds = time.perf_counter() - start
+        return db, summary
+    builder, runner = _builder_runner(options, workers)
+
+    bar = _bar(options, total=sum(need[i] for i in todo), tasks=len(extracted))
+    try:
+        # 1. seed: graphopt's default schedule of every task that has no record yet
+        if options.seed_defaults:
+            if seeds:
+                if bar is not None:
+                    bar.set_description_str(f"measuring default schedules of {len(seeds)} kernels")
+                n = _seed_defaults(db, [extracted[i] for i in seeds], target, builder, runner)
+                summary.new_trials += n
+                for i in seeds:
+                    progress.get(keys[i])["seeded"] = True
+                    progress.get(keys[i])["name"] = extracted[i].task_name
+                progress.save()
+        # 2. search
+        if todo:
+            summary.tasks_tuned = len(todo)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [extracted[i] for i in todo], str(database_dir),
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=options.population,
+                                                               init_min_unmeasured=min(50, options.population)),
+                num_threads=workers, seed=options.seed)
+            callback = _progress_callback(bar, [extracted[i] for i in todo], [keys[i] for i in todo], progress,
+                                          summary)
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(database_dir),
+                max_trials_global=sum(need[i] for i in todo),
+                max_trials_per_task=max(need[i] for i in todo),
+                num_trials_per_iter=min(options.trials_per_iter, max(need[i] for i in todo)),
+                builder=builder, runner=runner, database=db,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
+            for i in todo:            # finished normally: every planned task had its quota (or its space ran out)
+                entry = progress.get(keys[i])
+                entry["searched"] = max(int(entry.get("searched", 0)), per_task)
+                entry["name"] = extracted[i].task_name
+            progress.save()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        progress.save()
+        n = sum(1 for _ in open(database_dir / RECORD_FILE, encoding="utf-8")) if (database_dir / RECORD_FILE).exists() else 0
+        print(f"\ngraphopt: tuning interrupted; {n} records are kept in {database_dir} "
+              f"(the next run reuses them and tunes only what is missing)", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.estimated_ms = _estimate_ms(db, extracted)
+    summary.seconds = time.perf_counter() - start
+    log(f"tuning: {summary.new_trials} new measurements over {summary.tasks_tuned}/{summary.tasks} kernels, "
+        f"{summary.reused_records} records reused, {summary.seconds:.1f} s ({database_dir})")
+    return db, summary
+
+
+def _estimate_ms(db, extracted) -> float | None:
+    """Sum over kernels of calls x best recorded latency (None when a kernel has no valid record)."""
+    total = 0.0
+    for t in extracted:
+        best = _best_secs(db, t.dispatched[0])
+        if best is None:
+            return None
+        total += best * max(1, int(t.weight))
+    return round(total * 1e3, 4)
+
+
+def _workers(target) -> int:
+    cores = target.attrs.get("num-cores")
+    try:
+        n = int(cores) if cores is not None else 0
+    except Exception:
+        n = 0
+    if n <= 0:
+        from ..targets import physical_cores
+
+        n = physical_cores()
+    return max(1, n)
+
+
+def _bar(options: TuneOptions, total: int, tasks: int):
+    if not options.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="trial", desc=f"tuning {tasks} kernels", dynamic_ncols=True, leave=True)
+
+
+def _seed_defaults(db, tasks, target, builder, runner) -> int:
+    """Measure graphopt's default schedule of each task and commit it as a record. Returns measurements."""
+    from tvm.s_tir import meta_schedule as ms
+
+    candidates = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        sch = _replayed(mod, target)
+        if sch is not None:
+            candidates.append((mod, sch))
+    if not candidates:
+        return 0
+    builds = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    run_inputs, index = [], []
+    for k, ((mod, sch), b) in enumerate(zip(candidates, builds)):
+        if b.error_msg is None and b.artifact_path:
+            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu",
+                                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+            index.append(k)
+    futures = runner.run(run_inputs)
+    n = 0
+    for k, fut in zip(index, futures):
+        res = fut.result()
+        secs = _run_secs(res)
+        if secs is None:
+            continue
+        mod, sch = candidates[k]
+        workload = db.commit_workload(mod)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [float(x) for x in res.run_secs], target,
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        n += 1
+    for b in builds:
+        if b.artifact_path:
+            try:
+                import shutil
+
+                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+            except Exception:
+                pass
+    return n
+
+
+def _replayed(mod, target):
+    """The default schedule as a replayable s_tir Schedule of the task's module (None if no rule applies)."""
+    from tvm import s_tir
+
+    from .schedules import default_rules
+
+    with target:
+        for rule in default_rules():
+            try:
+                sch = rule.apply(mod["main"], target, False)
+            except Exception:
+                sch = None
+            if sch is None:
+                continue
+            sch = sch[0] if isinstance(sch, list) else sch
+            fresh = s_tir.Schedule(mod, debug_mask="all")
+            try:
+                sch.trace.apply_to_schedule(fresh, remove_postproc=False)
+            except Exception:
+                return None
+            return fresh
+    return None
+
+
+def _progress_callback(bar, tasks, keys, progress: _Progress, summary: TuningSummary):
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    best: dict[int, float] = {}
+
+    @derived_object
+    class GraphoptProgress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            n = len(measure_candidates)
+            summary.new_trials += n
+            for res in runner_results:
+                secs = _run_secs(res)
+                if secs is not None and secs < best.get(task_id, float("inf")):
+                    best[task_id] = secs
+            entry = progress.get(keys[task_id])
+            entry["searched"] = int(entry.get("searched", 0)) + n
+            entry["name"] = tasks[task_id].task_name
+            progress.save()
+            if bar is not None:
+                b = best.get(task_id)
+                bar.update(n)
+                bar.set_description_str(f"task {task_id + 1}/{len(tasks)} {tasks[task_id].task_name[:28]}")
+                bar.set_postfix_str(f"best {b * 1e3:.4f} ms" if b is not None else "no valid candidate yet")
+
+    return GraphoptProgress()
+
+
+# ----------------------------------------------------------------------------------- schedule (build)
+def schedule_cpu(mod, spec, tune: Any = None, report=None):
+    """Relax module -> scheduled module for an LLVM CPU target (build._schedule calls this).
+
+    tune=None: graphopt's default schedules. Tuning options (see coerce_tune): MetaSchedule first, then
+    the best records applied and default schedules for the rest. Records report.backend["schedule"],
+    ["kernels"] and, when tuning, ["tuning"].
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+    from . import schedules
+
+    options = coerce_tune(tune)
+    target = spec.tvm_target()
+    with target:
+        passes = (cpu_pipeline.library_dispatch_passes(target) + schedules.relax_layout_passes(target)
+                  + schedules.legalize_passes(target))
+        mod = tvm.transform.Sequential(passes)(mod)
+    summary = None
+    tuned_kernels = 0
+    if options is not None:
+        database_dir = Path(options.database) if options.database else default_database_dir(spec)
+        db, summary = tune_module(mod, target, options, database_dir=database_dir)
+        with target, db:
+            applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        tuned_kernels = _count_changed(mod, applied)
+        mod = applied
+    mod, stats = schedules.apply_default_schedules(mod, target)
+    with target:
+        mod = tvm.transform.Sequential(schedules.finalize_passes(target))(mod)
+    if report is not None:
+        report.backend["schedule"] = "metaschedule+graphopt-default" if options else "graphopt-default"
+        kernels = stats.summary()
+        if options is not None:
+            kernels = f"{tuned_kernels} from tuning records, " + kernels
+        report.backend["kernels"] = kernels
+        if summary is not None:
+            report.backend["tuning"] = summary.as_dict()
+    return mod
+
+
+def _count_changed(before, after) -> int:
+    from tvm import tirx
+
+    n = 0
+    for gv, func in after.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            try:
+                old = before[gv.name_hint]
+            except Exception:
+                continue
+            if not old.same_as(func):
+                n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli_tune(args) -> int:
+    """`graphopt tune`: tune a bundled model for a target and keep the records; prints a summary.
+
+    args (argparse.Namespace): model (bundled name), target, pipeline, batch, trials (int),
+    database (directory or None). Optional: trials_per_task (int), timeout (seconds), no_progress (bool).
+    """
+    import torch
+
+    import graphopt
+    from graphopt.models import get_model
+
+    torch.manual_seed(0)
+    model, inputs = get_model(args.model, batch=args.batch)
+    options = {"trials": int(args.trials)}
+    if getattr(args, "database", None):
+        options["database"] = args.database
+    if getattr(args, "trials_per_task", None):
+        options["trials_per_task"] = int(args.trials_per_task)
+    if getattr(args, "timeout", None):
+        options["timeout"] = float(args.timeout)
+    if getattr(args, "no_progress", False):
+        options["progress"] = False
+    print(f"graphopt tune: {args.model} (batch {args.batch}) for {args.target!r}, {options['trials']} trials",
+          flush=True)
+    start = time.perf_counter()
+    opt = graphopt.optimize(model, target=args.target, pipeline=args.pipeline, example_inputs=inputs,
+                            tune=options)
+    total = time.perf_counter() - start
+    tuning = opt.report.backend.get("tuning", {})
+    print(f"tuned in {total:.1f} s: {tuning.get('new_trials', 0)} new measurements, "
+          f"{tuning.get('reused_records', 0)} records reused, {tuning.get('tasks_tuned', 0)}/"
+          f"{tuning.get('tasks', 0)} kernels searched")
+    if tuning.get("estimated_ms") is not None:
+        print(f"sum of best kernel latencies: {tuning['estimated_ms']:.3f} ms")
+    print(f"records: {tuning.get('database', '?')}")
+    print(f"kernels: {opt.report.backend.get('kernels', '')}")
+    return 0
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+_ = GraphoptError
