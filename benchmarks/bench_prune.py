@@ -57,7 +57,13 @@ def _time_round_robin(fns: dict, repeat: int, budget_s: float) -> dict[str, list
 
 def bench_model(name: str, args) -> dict:
     model, inputs = _model(name, args.size)
-    prune_opts = f"criterion={args.criterion},scope={args.scope},multiple={args.multiple}"
+    multiple = args.multiple
+    if multiple is None:          # the compiled target's vector width, the same pruned model on every target
+        from graphopt.backends.targets import vector_channels
+
+        compiled = [t for t in args.targets if t != "torch"]
+        multiple = vector_channels(compiled[0]) if compiled else 8
+    prune_opts = f"criterion={args.criterion},scope={args.scope},multiple={multiple}"
     pipelines = {"base": "fold_bn,cleanup"}
     for r in args.reductions:
         pipelines[f"prune-{r:g}"] = f"fold_bn,prune(flops_reduction={r:g},{prune_opts}),cleanup"
@@ -122,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--criterion", default="l1")
     ap.add_argument("--scope", default="layer")
-    ap.add_argument("--multiple", type=int, default=8)
+    ap.add_argument("--multiple", type=int, default=None,
+                    help="channel multiple (default: the compiled target's float32 vector width)")
     ap.add_argument("--repeat", type=int, default=20, help="timed rounds (each round calls every variant once)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=240.0, help="seconds of timing per model and target")

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import GraphoptError
 
-__all__ = ["TargetSpec", "resolve_target", "host_cpu", "physical_cores", "cuda_available", "gpu_mismatch"]
+__all__ = ["TargetSpec", "resolve_target", "host_cpu", "physical_cores", "cuda_available", "gpu_mismatch",
+           "vector_channels"]
 
 ARM_TRIPLE = "aarch64-linux-gnu"
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -180,3 +181,15 @@ def resolve_target(target: Any) -> TargetSpec:
         return TargetSpec(f"cuda:{arch}", "cuda", arch, tvm_dict)
     raise GraphoptError(f"unknown target {target!r}: use 'torch', 'x86', 'x86:<cpu>', 'arm', 'arm:<cpu>', "
                         f"'cuda', 'cuda:sm_XX' or a TVM target dict")
+
+
+def vector_channels(target: Any) -> int:
+    """How many float32 channels fill one vector of `target`: the channel multiple that keeps a compiled
+    kernel's innermost (channel) axis in whole vectors. 16 on AVX-512 CPUs, 8 with AVX2, 4 on NEON/SSE
+    (what the CPU schedules vectorize by, schedules.cpu_vector); 8 for CUDA and the torch reference."""
+    spec = resolve_target(target)
+    if spec.kind != "llvm":
+        return 8
+    from .tvm.schedules import cpu_vector
+
+    return cpu_vector(spec.tvm_target()).lanes("float32")

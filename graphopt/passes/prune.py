@@ -1,6 +1,8 @@
 """prune: structured pruning that removes whole channels, features and attention heads."""
 from __future__ import annotations
 
+import dataclasses
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -73,7 +75,9 @@ class Prune(Pass):
       flops_reduction  fraction of the model's FLOPs to remove (0.5 halves them); replaces `ratio`
       criterion        l1 | l2 | bn_scale | taylor (taylor needs calibration data; see importance.py)
       scope            layer (same ratio everywhere) | global (rank channels across layers)
-      multiple         kept channel counts are multiples of this (vector-friendly shapes); heads round whole
+      multiple         kept channel counts are multiples of this (vector-friendly shapes); heads round whole;
+                       default: the float32 vector width of the pipeline's target (16 on AVX-512, 8 AVX2,
+                       4 NEON; 8 for cuda/torch), so pruned layers keep whole vectors in compiled kernels
       min_channels     never keep fewer channels than this in a layer (a smaller layer is left as it is)
       exclude          module path patterns never to change
       prune_heads      allow removing attention heads (false: heads and reshaped head groups stay)
@@ -84,7 +88,7 @@ class Prune(Pass):
     flops_reduction: float | None = None
     criterion: Literal["l1", "l2", "bn_scale", "taylor"] = "l1"
     scope: Literal["layer", "global"] = "layer"
-    multiple: int = 8
+    multiple: int | None = None
     min_channels: int = 8
     exclude: list[str] = field(default_factory=list)
     prune_heads: bool = True
@@ -102,7 +106,7 @@ class Prune(Pass):
             raise PipelineError(f"prune: criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.scope not in ("layer", "global"):
             raise PipelineError(f"prune: scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.multiple < 1 or self.min_channels < 1 or self.taylor_batches < 1:
+        if (self.multiple is not None and self.multiple < 1) or self.min_channels < 1 or self.taylor_batches < 1:
             raise PipelineError("prune: multiple, min_channels and taylor_batches must be >= 1")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
@@ -121,11 +125,17 @@ class Prune(Pass):
         batches = None
         if self.criterion == "taylor" and self._removes_anything():
             batches = ctx.calibration_batches(self.taylor_batches, needed_by="prune(criterion=taylor)")
-        out = self.apply(gm, ctx.example_inputs, batches=batches)
+        out = self.apply(gm, ctx.example_inputs, batches=batches, target=ctx.target)
         return PassResult(out.gm, changed=out.changed, notes=out.notes, details=out.details)
 
-    def apply(self, gm: fx.GraphModule, example_inputs: tuple, *, batches=None) -> PruneOutcome:
-        """Prune `gm` (not modified; a pruned copy is returned in the outcome)."""
+    def apply(self, gm: fx.GraphModule, example_inputs: tuple, *, batches=None, target="torch") -> PruneOutcome:
+        """Prune `gm` (not modified; a pruned copy is returned in the outcome). `target` sets the default
+        `multiple`."""
+        if self.multiple is None:
+            from ..backends.targets import vector_channels
+
+            return dataclasses.replace(self, multiple=vector_channels(target)).apply(
+                gm, example_inputs, batches=batches, target=target)
         if not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
         if not _has_shapes(gm, example_inputs):

@@ -628,3 +628,22 @@ def test_module_called_twice_is_pruned_consistently():
     zeroed = copy.deepcopy(orig)
     zero_classes(zeroed, out.dep, pruned_classes(out))
     assert torch.allclose(out.gm(x), zeroed(x), atol=1e-6)
+
+
+def test_default_multiple_is_the_targets_vector_width():
+    """prune() with no `multiple` keeps channel counts in whole float32 vectors of the pipeline's target."""
+    from graphopt.backends.targets import vector_channels
+
+    assert vector_channels("torch") == 8 and vector_channels("cuda:sm_80") == 8
+    assert vector_channels("arm:cortex-a72") == 4
+    assert vector_channels({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}) == 16
+    assert vector_channels({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}) == 8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(96, 10, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    for target in ("torch", "x86"):
+        opt = graphopt.optimize(model, target=target, pipeline="prune(ratio=0.3)", example_inputs=(x,))
+        widths = [m.out_channels for m in opt.graph_module.modules() if isinstance(m, nn.Conv2d)][:2]
+        want = vector_channels(target)
+        assert all(w % want == 0 and w < 96 for w in widths), (target, widths, want)
