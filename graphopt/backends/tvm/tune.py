@@ -24,9 +24,17 @@ and compiles from the records; a larger budget later tunes only the difference. 
 before TVM reads them: a truncated last line (a crash mid-write) is dropped with a warning; any other bad
 line raises TuningError naming the file and line.
 
+Ctrl-C: the first one stops tuning once the candidates being measured are committed (the builder/runner
+workers ignore SIGINT, so a terminal's Ctrl-C does not kill them mid-measurement) and raises
+KeyboardInterrupt; a second one stops at once. Either way every record already appended stays on disk.
+
 MetaSchedule's stock builder imports tvm.s_tir.tensor_intrin in every build worker (~80 s; CUDA intrinsics
 alone ~55 s), so every build hits the default 30 s timeout. The builder here is a function that only lowers
-and compiles; the tuning process itself imports only the target's intrinsics (x86 or ARM).
+and compiles; the tuning process itself imports only the target's intrinsics (x86 or ARM). The runner
+measures in the builder's worker processes (one TVM import less), and the XGBoost cost model is not trained
+before it has the 100 measurements it needs to predict anything (MetaSchedule trains it every round anyway,
+several seconds each). Measured on the 2-core test machine: a tiny 2-kernel MLP, 8 trials, ~10 s of tuning
+(~35 s before those two changes); compiling it again from the records ~1 s.
 """
 from __future__ import annotations
 
@@ -82,26 +90,44 @@ class TuneOptions:
     seed_defaults: bool = True
 
     def __post_init__(self):
+        def bad(name, value, expected):
+            raise TuningError(f"tune option {name}={value!r}: expected {expected}; {_known_options()}")
+
         def positive_int(name, value, allow_none=False):
             if value is None and allow_none:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TuningError(f"tune option {name}={value!r}: expected a positive integer")
+                bad(name, value, "a positive integer")
 
         positive_int("trials", self.trials)
         positive_int("trials_per_task", self.trials_per_task, allow_none=True)
         positive_int("trials_per_iter", self.trials_per_iter)
         positive_int("population", self.population)
         if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
-            raise TuningError(f"tune option timeout={self.timeout!r}: expected seconds > 0")
+            bad("timeout", self.timeout, "seconds > 0")
         if self.database is not None and not isinstance(self.database, (str, os.PathLike)):
-            raise TuningError(f"tune option database={self.database!r}: expected a directory path")
+            bad("database", self.database, "a directory path")
         if self.database is not None:
-            self.database = os.fspath(self.database)
+            self.database = os.path.expanduser(os.fspath(self.database))
+        for name in ("progress", "seed_defaults"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "True or False")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            bad("seed", self.seed, "an integer")
+
+
+def _known_options() -> str:
+    """The accepted forms of `tune=`, for error messages."""
+    names = ", ".join(f.name for f in dataclasses.fields(TuneOptions))
+    return (f"tune= accepts None/False (no tuning), True (default options), a positive trial count, "
+            f"a dict of options or a TuneOptions; known options: {names}")
 
 
 def coerce_tune(tune: Any) -> TuneOptions | None:
-    """None/False -> None (no tuning); True -> TuneOptions(); int n -> n trials; dict -> fields; TuneOptions."""
+    """None/False/0 -> None (no tuning); True -> TuneOptions(); int n -> n trials; dict -> fields; TuneOptions.
+
+    Anything else (a negative count, a string, an unknown option) raises TuningError listing the known options.
+    """
     if tune is None or tune is False:
         return None
     if tune is True:
@@ -111,15 +137,16 @@ def coerce_tune(tune: Any) -> TuneOptions | None:
     if isinstance(tune, int):
         if tune == 0:
             return None
+        if tune < 0:
+            raise TuningError(f"tune={tune!r}: a trial count must be positive; {_known_options()}")
         return TuneOptions(trials=tune)
     if isinstance(tune, dict):
         names = {f.name for f in dataclasses.fields(TuneOptions)}
-        unknown = sorted(set(tune) - names)
+        unknown = sorted(map(str, set(tune) - names))
         if unknown:
-            raise TuningError(f"unknown tune option(s) {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(names))}")
+            raise TuningError(f"unknown tune option(s) {', '.join(map(repr, unknown))}; {_known_options()}")
         return TuneOptions(**tune)
-    raise TuningError(f"tune={tune!r}: expected None, True, a trial count, a dict of options or TuneOptions")
+    raise TuningError(f"tune={tune!r} ({type(tune).__name__}) is not a tuning request; {_known_options()}")
 
 
 # -------------------------------------------------------------------------------------------- databases
@@ -199,6 +226,9 @@ def _check_file(path: Path, validate) -> int:
             raise TuningError(f"tuning database file {path}, line {i}: {why}; delete that line or the file "
                               f"to continue")
         good += 1
+    if not complete:        # a whole last line without its newline: TVM's next append would join the two lines
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n")
     return good
 
 
@@ -209,7 +239,8 @@ def check_database(path) -> tuple[int, int]:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise TuningError(f"tuning database {path} is a file; it must be a directory")
+        raise TuningError(f"tuning database {path} is a file; it must be a directory (tune['database'] names "
+                          f"a directory of MetaSchedule records)")
     n_work = _check_file(path / WORKLOAD_FILE, _valid_workload_line)
     n_rec = _check_file(path / RECORD_FILE, lambda obj: _valid_record_line(obj, n_work))
     return n_work, n_rec
@@ -218,8 +249,12 @@ def check_database(path) -> tuple[int, int]:
 def _open_database(path: Path):
     from tvm.s_tir import meta_schedule as ms
 
-    path.mkdir(parents=True, exist_ok=True)
-    check_database(path)
+    check_database(path)                       # a file in the way: TuningError before mkdir fails
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TuningError(f"tuning database {path} cannot be created ({type(e).__name__}: {e}); "
+                          f"point tune['database'] at a writable directory") from e
     try:
         return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
     except Exception as e:
@@ -292,6 +327,19 @@ def _make_f_build():
     return graphopt_build
 
 
+def _make_worker_initializer():
+    """Initializer of the builder and runner workers: they ignore SIGINT, so a Ctrl-C in the terminal (sent to
+    the whole process group) stops the tuning process at its next safe point instead of killing the workers
+    mid-measurement (which would record the round as failed). Pickled by value, like the build function."""
+
+    def graphopt_worker_init():
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return graphopt_worker_init
+
+
 def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
     """A MetaSchedule builder whose worker processes live across build rounds (recycled every
     `recycle_after` rounds). MetaSchedule's LocalBuilder starts fresh workers for every round, and each one
@@ -313,9 +361,16 @@ def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 1
         def _get_pool(self):
             if self._pool is None or self._rounds >= recycle_after:
                 self.close()
-                self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec)
+                self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
+                                               initializer=_make_worker_initializer())
                 self._rounds = 0
             self._rounds += 1
+            return self._pool
+
+        def current_pool(self):
+            """The pool of the current round (for the runner, which measures in the same workers)."""
+            if self._pool is None:
+                return self._get_pool()
             return self._pool
 
         def warm(self):
@@ -351,15 +406,43 @@ def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 1
     return GraphoptBuilder()
 
 
+def _pooled_runner(builder, timeout_sec: float, evaluator_config):
+    """A MetaSchedule runner that measures in the builder's worker processes, one candidate at a time.
+
+    MetaSchedule builds a whole round, then measures it, so no build runs during a measurement. LocalRunner
+    would start one more worker process (another TVM import, ~4 s of CPU here) for the same job."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import local_runner
+
+    @derived_object
+    class GraphoptRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs):
+            pool = builder.current_pool()
+            results = []
+            for inp in runner_inputs:
+                future = pool.submit(local_runner._worker_func, None, None, None, evaluator_config, 1,
+                                     str(inp.artifact_path), str(inp.device_type),
+                                     tuple(arg.as_json() for arg in inp.args_info))
+                try:
+                    secs, error = future.result(), None
+                except TimeoutError:
+                    secs, error = None, f"graphopt runner: timeout, killed after {timeout_sec} seconds"
+                except Exception as e:       # the candidate crashed or computed nothing: a failed trial
+                    secs, error = None, f"graphopt runner: {type(e).__name__}: {e}"
+                results.append(local_runner.LocalRunnerFuture(res=secs, error_message=error))
+            return results
+
+    return GraphoptRunner()
+
+
 def _builder_runner(options: TuneOptions, workers: int):
     from tvm.s_tir import meta_schedule as ms
 
     builder = _pooled_builder(max_workers=workers, timeout_sec=options.timeout)
     builder.warm()
-    runner = ms.runner.LocalRunner(
-        timeout_sec=options.timeout,
-        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40,
-                                                   enable_cpu_cache_flush=False))
+    runner = _pooled_runner(builder, options.timeout, ms.runner.EvaluatorConfig._normalized(
+        ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)))
     return builder, runner
 
 
@@ -463,7 +546,7 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
             if _records_of(db, t.dispatched[0]) > 1:
                 progress.get(key)["searched"] = 1 << 30
 
-    per_task = options.trials_per_task or max(1, math.ceil(options.trials / len(extracted)))
+    per_task = min(options.trials, options.trials_per_task or max(1, math.ceil(options.trials / len(extracted))))
     order = sorted(range(len(extracted)), key=lambda i: -flops[i])
     n_planned = min(len(extracted), max(1, options.trials // per_task))
     planned = order[:n_planned]
@@ -481,55 +564,219 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
     builder, runner = _builder_runner(options, workers)
 
     bar = _bar(options, total=sum(need[i] for i in todo), tasks=len(extracted))
+    interrupt = _Interrupt()
     try:
-        # 1. seed: graphopt's default schedule of every task that has no record yet
-        if options.seed_defaults:
-            if seeds:
-                if bar is not None:
-                    bar.set_description_str(f"measuring default schedules of {len(seeds)} kernels")
-                n = _seed_defaults(db, [extracted[i] for i in seeds], target, builder, runner)
-                summary.new_trials += n
-                for i in seeds:
-                    progress.get(keys[i])["seeded"] = True
-                    progress.get(keys[i])["name"] = extracted[i].task_name
-                progress.save()
-        # 2. search
-        if todo:
-            summary.tasks_tuned = len(todo)
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [extracted[i] for i in todo], str(database_dir),
-                strategy=ms.search_strategy.EvolutionarySearch(population_size=options.population,
-                                                               init_min_unmeasured=min(50, options.population)),
-                num_threads=workers, seed=options.seed)
-            callback = _progress_callback(bar, [extracted[i] for i in todo], [keys[i] for i in todo], progress,
-                                          summary)
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(database_dir),
-                max_trials_global=sum(need[i] for i in todo),
-                max_trials_per_task=max(need[i] for i in todo),
-                num_trials_per_iter=min(options.trials_per_iter, max(need[i] for i in todo)),
-                builder=builder, runner=runner, database=db,
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
-            for i in todo:            # finished normally: every planned task had its quota (or its space ran out)
-                entry = progress.get(keys[i])
-                entry["searched"] = max(int(entry.get("searched", 0)), per_task)
-                entry["name"] = extracted[i].task_name
-            progress.save()
+        with interrupt:
+            try:
+                # 1. seed: graphopt's default schedule of every task that has no record yet
+                if seeds:
+                    if bar is not None:
+                        bar.set_description_str(f"measuring default schedules of {len(seeds)} kernels")
+                    n = _seed_defaults(db, [extracted[i] for i in seeds], target, builder, runner)
+                    summary.new_trials += n
+                    for i in seeds:
+                        progress.get(keys[i])["seeded"] = True
+                        progress.get(keys[i])["name"] = extracted[i].task_name
+                    progress.save()
+                # 2. search: one MetaSchedule run per distinct remaining quota, so that every task gets exactly
+                # its missing trials (one run with a shared per-task cap could give one task another's share)
+                summary.tasks_tuned = len(todo)
+                groups: dict[int, list[int]] = {}
+                for i in todo:
+                    groups.setdefault(need[i], []).append(i)
+                for quota, members in groups.items():
+                    interrupt.check()
+                    _search(ms, [extracted[i] for i in members], [keys[i] for i in members],
+                            [f"task {order.index(i) + 1}/{len(extracted)}" for i in members], quota, options,
+                            database_dir, db, builder, runner, workers, bar, progress, summary, interrupt)
+                    for i in members:    # finished normally: each had its quota (or its search space ran out)
+                        entry = progress.get(keys[i])
+                        entry["searched"] = max(int(entry.get("searched", 0)), per_task)
+                        entry["name"] = extracted[i].task_name
+                    progress.save()
+                interrupt.check()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                if interrupt.requested:          # Ctrl-C inside TVM surfaces as an FFI RuntimeError
+                    raise KeyboardInterrupt from None
+                raise TuningError(f"MetaSchedule tuning into {database_dir} failed: {type(e).__name__}: "
+                                  f"{_first_line(str(e))}") from e
     except KeyboardInterrupt:
         summary.interrupted = True
         progress.save()
-        n = sum(1 for _ in open(database_dir / RECORD_FILE, encoding="utf-8")) if (database_dir / RECORD_FILE).exists() else 0
+        n = _count_lines(database_dir / RECORD_FILE)
+        if bar is not None:
+            bar.close()
+            bar = None
         print(f"\ngraphopt: tuning interrupted; {n} records are kept in {database_dir} "
-              f"(the next run reuses them and tunes only what is missing)", file=sys.stderr)
+              f"(the next run reuses them and tunes only what is missing)", file=sys.stderr, flush=True)
         raise
     finally:
         if bar is not None:
             bar.close()
+        _close(builder, runner)
     summary.estimated_ms = _estimate_ms(db, extracted)
     summary.seconds = time.perf_counter() - start
     log(f"tuning: {summary.new_trials} new measurements over {summary.tasks_tuned}/{summary.tasks} kernels, "
         f"{summary.reused_records} records reused, {summary.seconds:.1f} s ({database_dir})")
     return db, summary
+
+
+def _search(ms, tasks, keys, labels, quota, options, database_dir, db, builder, runner, workers, bar, progress,
+            summary, interrupt) -> None:
+    """MetaSchedule's evolutionary search over `tasks`, `quota` new trials each, records into `db`."""
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(database_dir), space=_search_space(ms, tasks[0]),
+        strategy=ms.search_strategy.EvolutionarySearch(population_size=options.population,
+                                                       init_min_unmeasured=min(50, options.population)),
+        num_threads=workers, seed=options.seed)
+    callback = _progress_callback(bar, tasks, keys, labels, progress, summary, interrupt)
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(database_dir),
+        max_trials_global=quota * len(tasks), max_trials_per_task=quota,
+        num_trials_per_iter=min(options.trials_per_iter, quota),
+        builder=builder, runner=runner, database=db, cost_model=_cost_model(workers),
+        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
+
+
+def _cost_model(workers: int):
+    """MetaSchedule's XGBoost cost model (as tune_tasks makes it), trained only once it is used.
+
+    XGBModel predicts random scores until it has `num_warmup_samples` (100) measurements, yet retrains after
+    every round (~3-6 s each here, plus ~2 s to import xgboost): with budgets below 100 trials per tuning run
+    all of that was wasted. The search is the same; only the unused training is skipped."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.cost_model import XGBModel
+
+    @derived_object
+    class GraphoptXGBModel(XGBModel._cls):
+        def _train(self, xs, ys):
+            if self.data_size < self.num_warmup_samples:
+                self.last_train_size = 0        # train at the first update that reaches the warm-up size
+                return
+            super()._train(xs, ys)
+
+    return GraphoptXGBModel(num_tuning_cores=workers, tree_method="auto")
+
+
+def _search_space(ms, task):
+    """MetaSchedule's default search space for the target (its schedule rules, postprocessors and mutators),
+    with RewriteLayout guarded (_guarded_rewrite_layout)."""
+    probe = ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                           task_name="graphopt-space")
+    space = probe.space_generator
+    postprocs = [_guarded_rewrite_layout(p) if type(p).__name__ == "RewriteLayout" else p for p in space.postprocs]
+    return ms.space_generator.PostOrderApply(sch_rules=list(space.sch_rules), postprocs=postprocs,
+                                             mutator_probs=dict(space.mutator_probs))
+
+
+def _repacks_weights(sch) -> bool:
+    """Whether a schedule already repacks a weight itself (graphopt's default schedules do: a TransformLayout
+    of a cache-read weight; MetaSchedule's own candidates only get one from RewriteLayout)."""
+    trace = sch.trace
+    if trace is None:
+        return False
+    return any(inst.kind.name == "TransformLayout" for inst in trace.insts)
+
+
+def _guarded_rewrite_layout(inner):
+    """MetaSchedule's RewriteLayout postprocessor, except on schedules that already repack their weights.
+
+    The default schedule of each kernel is committed as its first record, so the evolutionary search replays
+    it with the postprocessors. TVM 0.27's RewriteLayout fails a check on a weight already repacked
+    (`args.size() == initial_indices_orig.size()`) and that error would abort the whole search; such a
+    schedule needs no layout rewrite. Any other failure of RewriteLayout drops that one candidate."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class GraphoptRewriteLayout(ms.postproc.PyPostproc):
+        def __init__(self, wrapped):
+            super().__init__()
+            self.wrapped = wrapped
+
+        def _initialize_with_tune_context(self, context) -> None:
+            self.wrapped._initialize_with_tune_context(context)
+
+        def apply(self, sch) -> bool:
+            if _repacks_weights(sch):
+                return True
+            try:
+                return bool(self.wrapped.apply(sch))
+            except Exception:
+                return False
+
+        def clone(self):
+            return GraphoptRewriteLayout(self.wrapped.clone())
+
+    return GraphoptRewriteLayout(inner)
+
+
+class _Interrupt:
+    """Ctrl-C while tuning. The first one asks to stop at the next safe point (once the candidates being
+    measured are committed to the records, or after the default-schedule seeds) and then raises
+    KeyboardInterrupt; a second one goes to the previous handler at once (Python's raises KeyboardInterrupt).
+
+    A KeyboardInterrupt raised inside a TVM callback reaches Python as an FFI RuntimeError, and one raised in
+    the middle of an import leaves that import broken, hence the flag and the safe points. Installed in the
+    main thread only, over a Python-level handler (not where SIGINT is ignored or left to the OS)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            try:
+                previous = signal.getsignal(signal.SIGINT)
+                if callable(previous):
+                    self._previous = signal.signal(signal.SIGINT, self._handle)
+                    self._installed = True
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            if callable(self._previous):
+                return self._previous(signum, frame)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ngraphopt: Ctrl-C: tuning stops once the candidates being measured are recorded "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._installed:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        return False
+
+
+def _close(builder, runner) -> None:
+    """Stop the worker processes (the runner measures in the builder's)."""
+    try:
+        builder.close()
+    except Exception:
+        pass
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
 
 
 def _estimate_ms(db, extracted) -> float | None:
@@ -579,25 +826,32 @@ def _seed_defaults(db, tasks, target, builder, runner) -> int:
     if not candidates:
         return 0
     builds = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    # The arguments as built: the builder drops weight-repacking blocks, so a kernel that reads a prepacked
+    # weight takes it in the packed layout (as MetaSchedule's own candidates do: remove_preproc=True).
+    args_info = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, sch in candidates]
     run_inputs, index = [], []
-    for k, ((mod, sch), b) in enumerate(zip(candidates, builds)):
+    for k, b in enumerate(builds):
         if b.error_msg is None and b.artifact_path:
-            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu",
-                                                    ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info[k]))
             index.append(k)
+    failed = [(candidates[k][0], b.error_msg) for k, b in enumerate(builds)
+              if not (b.error_msg is None and b.artifact_path)]
     futures = runner.run(run_inputs)
     n = 0
     for k, fut in zip(index, futures):
         res = fut.result()
         secs = _run_secs(res)
         if secs is None:
+            failed.append((candidates[k][0], res.error_msg))
             continue
         mod, sch = candidates[k]
         workload = db.commit_workload(mod)
         db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, [float(x) for x in res.run_secs], target,
-            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+            sch.trace, workload, [float(x) for x in res.run_secs], target, args_info[k]))
         n += 1
+    if failed:
+        warnings.warn(f"tuning: graphopt's default schedule of {len(failed)} kernel(s) could not be measured "
+                      f"(first: {_first_line(str(failed[0][1]))}); their search starts without it", stacklevel=2)
     for b in builds:
         if b.artifact_path:
             try:
@@ -633,7 +887,8 @@ def _replayed(mod, target):
     return None
 
 
-def _progress_callback(bar, tasks, keys, progress: _Progress, summary: TuningSummary):
+def _progress_callback(bar, tasks, keys, labels, progress: _Progress, summary: TuningSummary,
+                       interrupt: _Interrupt | None = None):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -655,8 +910,10 @@ def _progress_callback(bar, tasks, keys, progress: _Progress, summary: TuningSum
             if bar is not None:
                 b = best.get(task_id)
                 bar.update(n)
-                bar.set_description_str(f"task {task_id + 1}/{len(tasks)} {tasks[task_id].task_name[:28]}")
+                bar.set_description_str(f"{labels[task_id]} {tasks[task_id].task_name[:28]}")
                 bar.set_postfix_str(f"best {b * 1e3:.4f} ms" if b is not None else "no valid candidate yet")
+            if interrupt is not None and interrupt.requested:     # this round's records are committed: stop
+                raise KeyboardInterrupt("graphopt: tuning interrupted")
 
     return GraphoptProgress()
 
@@ -742,11 +999,15 @@ def cli_tune(args) -> int:
         options["timeout"] = float(args.timeout)
     if getattr(args, "no_progress", False):
         options["progress"] = False
-    print(f"graphopt tune: {args.model} (batch {args.batch}) for {args.target!r}, {options['trials']} trials",
+    n = options["trials"]
+    print(f"graphopt tune: {args.model} (batch {args.batch}) for {args.target!r}, {n} trial{'s' * (n != 1)}",
           flush=True)
     start = time.perf_counter()
-    opt = graphopt.optimize(model, target=args.target, pipeline=args.pipeline, example_inputs=inputs,
-                            tune=options)
+    try:
+        opt = graphopt.optimize(model, target=args.target, pipeline=args.pipeline, example_inputs=inputs,
+                                tune=options)
+    except KeyboardInterrupt:            # tune_module has said where the records measured so far are kept
+        return 130
     total = time.perf_counter() - start
     tuning = opt.report.backend.get("tuning", {})
     print(f"tuned in {total:.1f} s: {tuning.get('new_trials', 0)} new measurements, "
