@@ -33,8 +33,9 @@ alone ~55 s), so every build hits the default 30 s timeout. The builder here is 
 and compiles; the tuning process itself imports only the target's intrinsics (x86 or ARM). The runner
 measures in the builder's worker processes (one TVM import less), and the XGBoost cost model is not trained
 before it has the 100 measurements it needs to predict anything (MetaSchedule trains it every round anyway,
-several seconds each). Measured on the 2-core test machine: a tiny 2-kernel MLP, 8 trials, ~10 s of tuning
-(~35 s before those two changes); compiling it again from the records ~1 s.
+several seconds each). Measured on the 2-core test machine: a tiny 2-kernel MLP, 8 trials, ~10 s of tuning at
+load ~1.7 and ~24 s at load ~4 (~24-34 s at load ~1.5-2.9 before those two changes); compiling it again from
+the records ~1.2 s.
 """
 from __future__ import annotations
 
