@@ -1,0 +1,739 @@
+"""graphopt's default CPU schedules (graphopt/backends/tvm/schedules.py), as tune.schedule_cpu drives them for
+x86, checked on this machine's CPU.
+
+  - numerics vs PyTorch for every op family the rules handle (conv variants, Linear, batch matmul, pooling,
+    means, softmax, LayerNorm, GELU), each kernel taken by the rule the module docstring names for it;
+    hypothesis over random small conv nets and MLPs;
+  - the schedules' contract "same arithmetic, same reduction order": scheduled kernels equal the
+    unscheduled ones bit for bit (LLVM contracts a*b+c into an FMA the same way in both on one target);
+  - coverage: every kernel of ResNet-18, MobileNetV2 (64x64) and the bundled bert_tiny is scheduled;
+  - the fast-math error bounds stated in relax_layout_passes' docstring, against float64 on dense grids;
+  - regressions: int8 hand-written kernels next to packed float kernels (SplitLayoutRewritePreproc "root
+    block" failure), nn.TransformerEncoder without convolutions (ConvertLayout std::bad_alloc);
+  - weights are repacked at build time: no layout-rewrite block is left, packed constants are the weights.
+
+Float32 tolerance vs PyTorch (another summation order): |Δ| <= 1e-5·max|ref| + 1e-4·|ref| per output.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import graphopt
+from graphopt.analysis.compare import flatten_outputs
+from graphopt.backends.targets import resolve_target
+from graphopt.models import get_model
+from tests.helpers import randomize_bn
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax, s_tir, tirx  # noqa: E402
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
+
+from graphopt.backends.tvm import CompiledModule, lower_graph, schedules  # noqa: E402
+from graphopt.backends.tvm.build import _finalize  # noqa: E402
+from graphopt.backends.tvm.tune import schedule_cpu  # noqa: E402
+
+HOST = resolve_target("x86")
+RTOL, ATOL = 1e-4, 1e-5          # atol relative to max |reference| of each output
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def assert_close(got, ref, what: str = "") -> None:
+    got, ref = flatten_outputs(got), flatten_outputs(ref)
+    assert len(got) == len(ref), what
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.shape == r.shape, f"{what} output {i}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
+        scale = max(r.abs().max().item(), 1e-30)
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{what} output {i}: {m}")
+
+
+def kernel_counts(summary: str) -> dict[str, int]:
+    """ScheduleStats.summary() -> {rule: kernels}; fails when a kernel was left unscheduled."""
+    assert "unscheduled" not in summary, f"kernels left unscheduled: {summary}"
+    counts = {rule: int(n) for n, rule in re.findall(r"(\d+) (\w+)", summary)}
+    assert counts, f"no scheduled kernel in {summary!r}"
+    return counts
+
+
+def x86(model: nn.Module, *inputs, **kw):
+    """optimize() for the host x86 target; checks every kernel got a default schedule."""
+    opt = graphopt.optimize(model.eval(), "x86", example_inputs=inputs, **kw)
+    assert opt.report.backend["schedule"] == "graphopt-default"
+    kernel_counts(opt.report.backend["kernels"])
+    return opt
+
+
+def lowered(model: nn.Module, *inputs):
+    """The Relax module graphopt builds for `model` (default pipeline), and its Lowered record."""
+    return lowered_gm(graphopt.optimize(model.eval(), "torch", example_inputs=inputs).graph_module, *inputs)
+
+
+def lowered_gm(gm, *inputs):
+    low = lower_graph(gm, inputs, HOST)
+    return low.mod, low
+
+
+def legalized(mod):
+    """schedule_cpu's steps before scheduling: layout and fast-math rewrites, legalize, fold, fuse."""
+    target = HOST.tvm_target()
+    with target:
+        passes = (cpu_pipeline.library_dispatch_passes(target) + schedules.relax_layout_passes(target)
+                  + schedules.legalize_passes(target))
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def finalized(mod):
+    target = HOST.tvm_target()
+    with target:
+        return tvm.transform.Sequential(schedules.finalize_passes(target))(mod)
+
+
+def build_with(mod, rules=None):
+    """Relax module -> (finalized module, ScheduleStats) with `rules` (None: the default rules)."""
+    scheduled, stats = schedules.apply_default_schedules(legalized(mod), HOST.tvm_target(), rules)
+    return finalized(scheduled), stats
+
+
+def compiled(mod, low) -> CompiledModule:
+    return CompiledModule(_finalize(mod, HOST), HOST, low.inputs, low.outputs, low.out_spec, low.const_outputs)
+
+
+def prim_funcs(mod) -> dict:
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def call_tir_args(mod) -> list[tuple[str, list]]:
+    """(callee name, argument expressions) of every call_tir in main, in order."""
+    calls = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+            args = e.args[1]
+            calls.append((e.args[0].name_hint, list(args.fields) if isinstance(args, relax.Tuple) else [args]))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return calls
+
+
+def relax_ops(mod) -> list[str]:
+    names = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            names.append(e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
+
+
+# ------------------------------------------------------------------------------------------ op families
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+class ResidualBlock(nn.Module):
+    """conv + bias + residual + ReLU, and ReLU6 (clip: rewritten to min/max so the NHWC layout flows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 24, 1)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x))) + x
+        return torch.relu(y), nn.functional.relu6(self.c3(y))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: batch matmuls of two activations around a softmax."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
+PG, RED, INJ = "PackedGemm", "Reduction", "Injective"
+
+# id: (model factory, input shapes, rules that must have taken a kernel)
+OP_CASES = {
+    "conv3x3": (lambda: nn.Conv2d(3, 16, 3), [(1, 3, 12, 13)], {PG}),
+    "conv1x1_odd_in": (lambda: nn.Conv2d(17, 32, 1), [(1, 17, 7, 9)], {PG}),
+    "conv_strided": (lambda: nn.Conv2d(7, 24, 3, stride=2, padding=1), [(1, 7, 15, 14)], {PG}),
+    "conv_dilated": (lambda: nn.Conv2d(8, 16, 3, dilation=2, padding=2), [(1, 8, 11, 11)], {PG}),
+    "conv_grouped": (lambda: nn.Conv2d(12, 24, 3, groups=3, padding=1), [(1, 12, 9, 9)], {PG}),
+    "conv_depthwise": (lambda: nn.Conv2d(32, 32, 3, groups=32, padding=1), [(1, 32, 10, 10)], {PG}),
+    "conv_depthwise_odd_strided": (lambda: nn.Conv2d(17, 17, 3, groups=17, stride=2, padding=1),
+                                   [(2, 17, 11, 11)], {PG}),
+    "conv_asym_kernel_padding": (lambda: nn.Conv2d(3, 7, (5, 3), padding=(2, 1)), [(1, 3, 9, 8)], {PG}),
+    "conv_7_to_17_no_bias": (lambda: nn.Conv2d(7, 17, 3, padding=1, bias=False), [(3, 7, 9, 10)], {PG}),
+    "conv_wide_packed": (lambda: nn.Conv2d(16, 128, 3, padding=1), [(1, 16, 8, 8)], {PG}),
+    "conv_residual_relu_relu6": (ResidualBlock, [(1, 16, 8, 8)], {PG}),
+    "linear_batch1": (lambda: nn.Linear(37, 50), [(1, 37)], {PG}),
+    "linear_batch7": (lambda: nn.Linear(64, 33), [(7, 64)], {PG}),
+    "linear_3d_odd": (lambda: nn.Linear(64, 48), [(3, 5, 64)], {PG}),
+    "linear_wide_packed": (lambda: nn.Linear(256, 200), [(5, 256)], {PG}),
+    "attention": (Attention, [(2, 5, 24)], {PG, RED}),
+    "matmul_broadcast": (lambda: Fn(torch.matmul), [(2, 3, 5, 8), (1, 3, 8, 6)], {PG}),
+    "maxpool": (lambda: nn.MaxPool2d(3, 2, 1), [(1, 17, 11, 11)], {PG}),
+    "avgpool": (lambda: nn.AvgPool2d(2), [(1, 16, 10, 10)], {PG}),
+    "avgpool_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), [(1, 16, 9, 9)], {PG}),
+    "conv_maxpool_nhwc": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
+                          [(1, 3, 13, 13)], {PG}),
+    "conv_adaptive_avgpool_linear": (lambda: nn.Sequential(nn.Conv2d(3, 24, 3), nn.AdaptiveAvgPool2d(1),
+                                                           nn.Flatten(), nn.Linear(24, 10)), [(2, 3, 9, 9)], {PG}),
+    "adaptive_avgpool_3": (lambda: nn.AdaptiveAvgPool2d(3), [(1, 24, 9, 9)], {PG}),
+    "adaptive_avgpool_uneven": (lambda: nn.AdaptiveAvgPool2d((3, 2)), [(1, 16, 7, 7)], set()),
+    "mean_last": (lambda: Fn(lambda x: x.mean(-1)), [(3, 5, 33)], {PG}),
+    "conv_spatial_mean": (lambda: nn.Sequential(nn.Conv2d(5, 20, 3), Fn(lambda x: x.mean((2, 3)))),
+                          [(1, 5, 9, 9)], {PG}),
+    "softmax": (lambda: nn.Softmax(-1), [(3, 5, 33)], {RED}),
+    "softmax_dim1": (lambda: nn.Softmax(1), [(2, 7, 5)], {RED}),
+    "layernorm": (lambda: nn.LayerNorm(33), [(3, 5, 33)], {RED}),
+    "gelu": (lambda: nn.GELU(), [(3, 5, 33)], {INJ}),
+    "gelu_tanh": (lambda: nn.GELU("tanh"), [(3, 5, 33)], {INJ}),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_op_family_matches_torch(case):
+    factory, shapes, rules = OP_CASES[case]
+    model = factory().eval()
+    inputs = tuple(torch.randn(*s) for s in shapes)
+    opt = x86(model, *inputs)
+    used = kernel_counts(opt.report.backend["kernels"])
+    assert rules <= set(used), f"{case}: expected {sorted(rules)} among {used}"
+    with torch.no_grad():
+        ref = model(*inputs)
+    assert_close(opt(*inputs), ref, case)
+    other = tuple(torch.randn(*s) * 3 for s in shapes)        # not only the example the build saw
+    with torch.no_grad():
+        assert_close(opt(*other), model(*other), case)
+
+
+def test_gelu_propagates_nan_like_torch():
+    """fast_erf maps NaN to 1 (see relax_layout_passes), but GELU multiplies by x: NaN stays NaN."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU()).eval()
+    x = torch.randn(3, 8)
+    opt = x86(model, x)
+    x[1, 2] = float("nan")
+    with torch.no_grad():
+        ref = model(x)
+    got = opt(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(ref).any()
+    assert_close(got[~torch.isnan(ref).any(1)], ref[~torch.isnan(ref).any(1)])
+
+
+# ------------------------------------------------------------------------------------- random networks
+@st.composite
+def conv_net_specs(draw):
+    """(layers, input shape, seed): 1-3 convs (dense / grouped / depthwise, any kernel, stride, dilation,
+    padding), activations, an optional pooling head; channel counts mostly not multiples of the SIMD width."""
+    cin = draw(st.integers(1, 24))
+    h, w = draw(st.integers(5, 14)), draw(st.integers(5, 14))
+    batch = draw(st.integers(1, 3))
+    c, H, W, layers = cin, h, w, []
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 2, 3, 5]))
+        stride = draw(st.sampled_from([1, 1, 2, 3]))
+        dil = draw(st.sampled_from([1, 1, 2]))
+        kind = draw(st.sampled_from(["dense", "dense", "grouped", "depthwise"]))
+        divisors = [g for g in (2, 3, 4) if c % g == 0]
+        if kind == "depthwise":
+            groups, cout = c, c * draw(st.sampled_from([1, 2]))
+        elif kind == "grouped" and divisors:
+            groups = draw(st.sampled_from(divisors))
+            cout = groups * draw(st.integers(1, 12))
+        else:
+            groups, cout = 1, draw(st.integers(1, 40))
+        pad = draw(st.integers(0, (k // 2) * dil))
+        if min(H, W) + 2 * pad < (k - 1) * dil + 1:
+            k, dil, pad = 1, 1, 0
+        eff = (k - 1) * dil + 1
+        H, W = (H + 2 * pad - eff) // stride + 1, (W + 2 * pad - eff) // stride + 1
+        act = draw(st.sampled_from(["relu", "relu6", "gelu", "none"]))
+        layers.append(("conv", c, cout, k, stride, pad, dil, groups, draw(st.booleans()), act))
+        c = cout
+    head = draw(st.sampled_from(["none", "avgpool_linear", "maxpool"]))
+    if head == "maxpool" and min(H, W) < 2:
+        head = "none"
+    if head != "none":
+        layers.append((head, c, draw(st.integers(1, 20))))
+    return layers, (batch, cin, h, w), draw(st.integers(0, 2**16))
+
+
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "tanh": nn.Tanh, "none": nn.Identity}
+
+
+def build_conv_net(layers) -> nn.Module:
+    mods = []
+    for spec in layers:
+        if spec[0] == "conv":
+            _, c, cout, k, stride, pad, dil, groups, bias, act = spec
+            mods += [nn.Conv2d(c, cout, k, stride, pad, dil, groups, bias=bias), ACTS[act]()]
+        elif spec[0] == "avgpool_linear":
+            mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec[1], spec[2])]
+        else:
+            mods += [nn.MaxPool2d(2, ceil_mode=True)]
+    return nn.Sequential(*mods).eval()
+
+
+@st.composite
+def mlp_specs(draw):
+    sizes = draw(st.lists(st.integers(1, 70), min_size=2, max_size=4))
+    acts = draw(st.lists(st.sampled_from(list(ACTS)), min_size=len(sizes) - 1, max_size=len(sizes) - 1))
+    lead = draw(st.sampled_from([(1,), (draw(st.integers(2, 9)),), (draw(st.integers(1, 4)), draw(st.integers(1, 5)))]))
+    return sizes, acts, lead, draw(st.integers(0, 2**16))
+
+
+def build_mlp(sizes, acts) -> nn.Module:
+    mods = []
+    for a, b, act in zip(sizes, sizes[1:], acts):
+        mods += [nn.Linear(a, b), ACTS[act]()]
+    return nn.Sequential(*mods).eval()
+
+
+def check_conv_net(spec):
+    layers, shape, seed = spec
+    torch.manual_seed(seed)
+    model = build_conv_net(layers)
+    x = torch.randn(*shape)
+    opt = x86(model, x)
+    with torch.no_grad():
+        assert_close(opt(x), model(x), str(model))
+
+
+def check_mlp(spec):
+    sizes, acts, lead, seed = spec
+    torch.manual_seed(seed)
+    model = build_mlp(sizes, acts)
+    x = torch.randn(*lead, sizes[0])
+    opt = x86(model, x)
+    with torch.no_grad():
+        assert_close(opt(x), model(x), str(model))
+
+
+FEW = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FEW
+@given(conv_net_specs())
+def test_random_conv_nets_match_torch(spec):
+    check_conv_net(spec)
+
+
+@FEW
+@given(mlp_specs())
+def test_random_mlps_match_torch(spec):
+    check_mlp(spec)
+
+
+@pytest.mark.slow
+@MANY
+@given(conv_net_specs())
+def test_random_conv_nets_match_torch_many(spec):
+    check_conv_net(spec)
+
+
+@pytest.mark.slow
+@MANY
+@given(mlp_specs())
+def test_random_mlps_match_torch_many(spec):
+    check_mlp(spec)
+
+
+def check_scheduled_equals_unscheduled(model, x):
+    mod, low = lowered(model, x)
+    fast, stats = build_with(mod)
+    slow, none = build_with(mod, rules=[])
+    assert not stats.unscheduled and none.unscheduled and not none.by_rule
+    got, ref = compiled(fast, low)(x), compiled(slow, low)(x)
+    for g, r in zip(flatten_outputs(got), flatten_outputs(ref)):
+        assert torch.equal(g, r), f"scheduled != unscheduled: max |Δ| {(g - r).abs().max().item():.3g} ({model})"
+
+
+def check_bit_for_bit(conv_spec, mlp_spec):
+    """The module contract: rules only reorder/tile/vectorize and repack, no reassociation."""
+    layers, shape, seed = conv_spec
+    torch.manual_seed(seed)
+    net, x = build_conv_net(layers), torch.randn(*shape)
+    with torch.no_grad():
+        if net(x).shape[1] > 1:         # softmax / layer norm over one element: no rule takes it (stays unscheduled)
+            net = nn.Sequential(net, nn.Softmax(1)).eval()
+    check_scheduled_equals_unscheduled(net, x)
+    sizes, acts, lead, seed = mlp_spec
+    torch.manual_seed(seed)
+    mlp = build_mlp(sizes, acts)
+    if sizes[-1] > 1:
+        mlp = nn.Sequential(mlp, nn.LayerNorm(sizes[-1])).eval()
+    check_scheduled_equals_unscheduled(mlp, torch.randn(*lead, sizes[0]))
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_net_specs(), mlp_specs())
+def test_schedules_keep_the_arithmetic_bit_for_bit(conv_spec, mlp_spec):
+    check_bit_for_bit(conv_spec, mlp_spec)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_net_specs(), mlp_specs())
+def test_schedules_keep_the_arithmetic_bit_for_bit_many(conv_spec, mlp_spec):
+    check_bit_for_bit(conv_spec, mlp_spec)
+
+
+# ------------------------------------------------------------------------------------ real architectures
+def _torchvision(name: str):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return randomize_bn(getattr(torchvision.models, name)()).eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])   # ~25 s
+def test_torchvision_models_are_fully_scheduled(name):
+    model, x = _torchvision(name)
+    opt = x86(model, x)
+    counts = kernel_counts(opt.report.backend["kernels"])
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert counts.get(PG, 0) >= convs // 2, counts           # convs (fused with BN, ReLU, residuals) are GEMMs
+    with torch.no_grad():
+        assert_close(opt(x), model(x), name)
+
+
+def test_bert_tiny_is_fully_scheduled():
+    model, (ids,) = get_model("bert_tiny")
+    opt = x86(model, ids)
+    with torch.no_grad():
+        assert_close(opt(ids), model(ids), "bert_tiny")
+    # the precise statistics, from apply_default_schedules on the same Relax module
+    mod, _ = lowered(model, ids)
+    legal = legalized(mod)
+    kernels = prim_funcs(legal)
+    _, stats = schedules.apply_default_schedules(legal, HOST.tvm_target())
+    assert stats.unscheduled == []
+    assert sum(stats.by_rule.values()) == len(kernels)
+    assert {PG, RED, INJ} <= set(stats.by_rule)
+    assert stats.summary() == opt.report.backend["kernels"]
+
+
+# ---------------------------------------------------------------------------------- apply_default_schedules
+class _Declines:
+    def apply(self, func, target, tunable=False):
+        return None
+
+
+class _Raises:
+    def apply(self, func, target, tunable=False):
+        raise RuntimeError("a rule that breaks on every kernel")
+
+
+def _small_mixed_net():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10), nn.LayerNorm(10)).eval(), torch.randn(1, 3, 8, 8)
+
+
+def test_apply_default_schedules_statistics_and_fallbacks():
+    model, x = _small_mixed_net()
+    mod, low = lowered(model, x)
+    legal = legalized(mod)
+    names = set(prim_funcs(legal))
+    target = HOST.tvm_target()
+
+    # rules that decline or raise are skipped; the default ones take every kernel
+    out, stats = schedules.apply_default_schedules(legal, target, [_Declines(), _Raises()] + schedules.default_rules())
+    assert stats.unscheduled == [] and sum(stats.by_rule.values()) == len(names)
+    assert {PG, RED} <= set(stats.by_rule)
+    assert all(schedules.is_scheduled(f) for f in prim_funcs(out).values())
+    assert not any(schedules.is_scheduled(f) for f in prim_funcs(legal).values()), "the input module was changed"
+
+    # a second pass finds nothing left: scheduled kernels are left alone
+    again, stats2 = schedules.apply_default_schedules(out, target)
+    assert stats2.by_rule == {} and stats2.unscheduled == []
+    assert stats2.summary() == "none left for the default rules"
+    assert all(again[n].same_as(out[n]) for n in names)
+
+    # no rule takes anything: every kernel is listed, unscheduled, and the module still runs correctly
+    bare, stats3 = schedules.apply_default_schedules(legal, target, [_Declines(), _Raises()])
+    assert sorted(stats3.unscheduled) == sorted(names) and stats3.by_rule == {}
+    assert f"{len(names)} unscheduled (" in stats3.summary()
+    assert not any(schedules.is_scheduled(f) for f in prim_funcs(bare).values())
+    with torch.no_grad():
+        assert_close(compiled(finalized(bare), low)(x), model(x))
+
+
+# -------------------------------------------------------------------------------------- Relax rewrites
+def test_rewrite_elementwise_spells_clip_and_gelu_with_plain_ops():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    i = relax.Var("i", relax.TensorType((4, 8), "int32"))
+    with bb.function("main", [x, i]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.clip(x, 0.0, 6.0))
+            b = bb.emit(relax.op.nn.gelu(a))
+            c = bb.emit(relax.op.nn.gelu_tanh(b))
+            d = bb.emit(relax.op.clip(i, 0, 6))     # integer: left alone
+            out = bb.emit_output(relax.Tuple([c, d]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    before = relax_ops(mod)
+    assert before.count("relax.clip") == 2 and "relax.nn.gelu" in before and "relax.nn.gelu_tanh" in before
+    after = relax_ops(schedules.rewrite_elementwise()(mod))
+    assert after.count("relax.clip") == 1                               # the int32 one
+    assert "relax.nn.gelu" not in after and "relax.nn.gelu_tanh" not in after
+    assert {"relax.minimum", "relax.maximum", "relax.erf", "relax.tanh"} <= set(after)
+
+    # same values as TVM's own clip / gelu / gelu_tanh (through the unchanged legalization)
+    xs = np.linspace(-8, 8, 32, dtype=np.float32).reshape(4, 8)
+    ints = np.arange(-8, 24, dtype=np.int32).reshape(4, 8)
+
+    def run(m):
+        target = HOST.tvm_target()
+        with target:
+            m = tvm.transform.Sequential([relax.transform.LegalizeOps()])(m)
+        vm = relax.VirtualMachine(relax.build(m, target), tvm.cpu())
+        return [o.numpy() for o in vm["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ints))]
+
+    (c0, d0), (c1, d1) = run(mod), run(schedules.rewrite_elementwise()(mod))
+    np.testing.assert_allclose(c1, c0, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(d1, d0)
+
+
+def test_relu6_between_convs_adds_no_layout_transposes():
+    """Activations are transposed to NHWC once at the input and back once at the output: the ReLU6 clips
+    in between follow the layout (rewrite_elementwise) instead of each wrapping itself in two transposes."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU6(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    mod, low = lowered(model, x)
+    out = schedule_cpu(mod, HOST)
+    kernels = [name for name, _ in call_tir_args(out)]
+    not_conv = [k for k in kernels if "conv2d" not in k]
+    assert len(not_conv) == 2 and "transpose" in kernels[0] and "transpose" in kernels[-1], kernels
+    assert not any("clip" in k for k in kernels), kernels
+    with torch.no_grad():
+        assert_close(compiled(out, low)(x), model(x))
+
+
+def test_convert_conv_layout_only_touches_modules_with_convolutions():
+    conv_mod, _ = lowered(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 6, 6))
+    converted = schedules.convert_conv_layout()(conv_mod)
+    convs = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.nn.conv2d":
+            convs.append(e)
+
+    relax.analysis.post_order_visit(converted["main"], visit)
+    assert convs and all(c.attrs.data_layout == "NHWC" and c.attrs.kernel_layout == "HWIO" for c in convs)
+
+    mlp_mod, _ = lowered(nn.Sequential(nn.Linear(8, 8), nn.Softmax(-1)), torch.randn(2, 8))
+    assert schedules.convert_conv_layout()(mlp_mod).same_as(mlp_mod)
+
+
+def test_relax_layout_passes_use_the_fast_math_functions():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Softmax(-1)).eval()
+    mod, _ = lowered(model, torch.randn(2, 8))
+    target = HOST.tvm_target()
+    with target:
+        rewritten = tvm.transform.Sequential(schedules.relax_layout_passes(target))(mod)
+    ops = set(relax_ops(rewritten))
+    assert not ops & {"relax.exp", "relax.erf", "relax.tanh", "relax.nn.softmax", "relax.nn.gelu"}, ops
+    names = " ".join(prim_funcs(rewritten))
+    assert all(f in names for f in ("fast_erf", "fast_tanh", "fast_softmax")), names
+
+
+# -------------------------------------------------------------------------------------- fast-math bounds
+def _fast_math_module(n: int):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n,), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = [bb.emit(f(x)) for f in (relax.op.exp, relax.op.erf, relax.op.tanh)]
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _fast_math_eval(alias: str, xs: np.ndarray) -> list[np.ndarray]:
+    """exp, erf, tanh of xs as graphopt compiles them for `alias` (fast_* polynomials, default schedules)."""
+    spec = resolve_target(alias)
+    target = spec.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(schedules.relax_layout_passes(target)
+                                       + schedules.legalize_passes(target))(_fast_math_module(xs.size))
+    names = " ".join(prim_funcs(mod))
+    assert all(f in names for f in ("fast_exp", "fast_erf", "fast_tanh")), names
+    mod, stats = schedules.apply_default_schedules(mod, target)
+    assert not stats.unscheduled
+    with target:
+        mod = tvm.transform.Sequential(schedules.finalize_passes(target))(mod)
+    vm = relax.VirtualMachine(_finalize(mod, spec), tvm.cpu())
+    return [o.numpy().astype(np.float64) for o in vm["main"](tvm.runtime.tensor(xs))]
+
+
+def _grid(lo: float, hi: float, n: int) -> np.ndarray:
+    """A dense uniform grid plus tiny magnitudes (relative accuracy near 0), float32."""
+    tiny = np.logspace(-30, 0, 4096)
+    return np.concatenate([np.linspace(lo, hi, n), tiny, -tiny]).astype(np.float32)
+
+
+# target alias: (exp relative, erf/tanh absolute and relative), as relax_layout_passes states them
+FAST_MATH_BOUNDS = {"x86": (1.1e-6, 4e-7), "x86:haswell": (1.1e-6, 4e-7), "x86:x86-64": (5e-6, 5e-7)}
+
+
+@pytest.mark.parametrize("alias", list(FAST_MATH_BOUNDS))
+def test_fast_math_error_bounds(alias):
+    from scipy.special import erf
+
+    exp_bound, bound = FAST_MATH_BOUNDS[alias]
+    n = 1 << 20
+    # exp over the inputs whose result is a normal float32 up to fast_exp's clamp (see the docstring)
+    xe = _grid(-87.3, 88.3, n)
+    xs = _grid(-12.0, 12.0, n)
+    exp_x = _fast_math_eval(alias, xe)[0]
+    _, erf_x, tanh_x = _fast_math_eval(alias, xs)
+    ref_exp = np.exp(xe.astype(np.float64))
+    rel_exp = np.abs(exp_x - ref_exp) / ref_exp
+    assert rel_exp.max() <= exp_bound, f"fast_exp: {rel_exp.max():.3g} relative at x={xe[rel_exp.argmax()]}"
+    x64 = xs.astype(np.float64)
+    for name, got, ref in (("fast_erf", erf_x, erf(x64)), ("fast_tanh", tanh_x, np.tanh(x64))):
+        err = np.abs(got - ref)
+        rel = err / np.abs(ref)
+        assert err.max() <= bound, f"{name}: {err.max():.3g} absolute at x={xs[err.argmax()]}"
+        assert rel.max() <= bound, f"{name}: {rel.max():.3g} relative at x={xs[rel.argmax()]}"
+    # odd functions keep the sign of x (|value| may pass 1 by a few ulps near the clamps: see the docstring)
+    assert np.array_equal(np.sign(erf_x), np.sign(xs)) and np.array_equal(np.sign(tanh_x), np.sign(xs))
+
+
+# ---------------------------------------------------------------------------------------- regressions
+class QuantMixed(nn.Module):
+    """int8 convs/linear (hand-written kernels) around float layers wide enough to get packed weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2, self.bn2 = nn.Conv2d(32, 128, 3, padding=1), nn.BatchNorm2d(128)      # kept float (skip)
+        self.dw = nn.Conv2d(128, 128, 3, padding=1, groups=128)
+        self.c3 = nn.Conv2d(128, 96, 1)
+        self.fc = nn.Linear(96, 10)
+        self.head = nn.Linear(96, 160)                                                  # kept float (skip)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = torch.relu(self.bn2(self.c2(x)))
+        x = self.c3(torch.relu(self.dw(x))).mean((2, 3))
+        return self.fc(x), self.head(x)
+
+
+def test_quantized_model_with_int8_kernels_and_packed_float_layers():
+    torch.manual_seed(0)
+    model = randomize_bn(QuantMixed()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    calib = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+    opt = x86(model, x, pipeline="fold_bn,quantize(skip=[c2,head],progress=false)", calibration=calib)
+    assert "qconv2d" in opt.report.backend["int8"] and "qlinear" in opt.report.backend["int8"]
+    with torch.no_grad():
+        assert_close(opt(x), opt.graph_module(x), "int8 + float vs the QDQ graph")
+
+    # the module mixes what SplitLayoutRewritePreproc used to choke on: plain-loop kernels next to packed ones
+    mod, low = lowered_gm(opt.graph_module, x)
+    out = schedule_cpu(mod, HOST)
+    funcs = prim_funcs(out)
+    hand_written = [n for n, f in funcs.items() if not isinstance(f.body, s_tir.SBlockRealize)]
+    packed = [n for n in funcs if n.endswith("_prepacked")]
+    assert hand_written and all(schedules.is_scheduled(funcs[n]) for n in hand_written)
+    assert len(packed) >= 2, sorted(funcs)                # c2 (conv) and head (matmul) at least
+    assert "layout_rewrite_preproc" not in out.script()
+    with torch.no_grad():
+        assert_close(compiled(out, low)(x), opt.graph_module(x))
+
+
+def test_transformer_encoder_without_convolutions_builds():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, activation="gelu")
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = x86(model, x)
+    assert opt.report.backend["capture"] == "torch.export"
+    assert not [w for w in caught if "layout conversion failed" in str(w.message)]
+    with torch.no_grad():
+        assert_close(opt(x), model(x), "TransformerEncoder")
+
+
+# ------------------------------------------------------------------------------------- weight repacking
+class Packable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 128, 3, padding=1)
+        self.fc = nn.Linear(128, 160)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _panels(w_last_is_out: np.ndarray, tile: int) -> np.ndarray:
+    """The documented packed layout: [..., N] -> [N/tile, ..., tile]."""
+    *lead, n = w_last_is_out.shape
+    blocked = w_last_is_out.reshape(*lead, n // tile, tile)
+    return np.moveaxis(blocked, -2, 0)
+
+
+def test_weights_are_repacked_at_build_time():
+    model = Packable().eval()
+    x = torch.randn(1, 16, 8, 8)
+    opt = x86(model, x)
+    with torch.no_grad():
+        assert_close(opt(x), model(x))
+
+    mod, low = lowered(model, x)
+    out = schedule_cpu(mod, HOST)
+    funcs = prim_funcs(out)
+    assert "layout_rewrite_preproc" not in out.script()          # no repacking block left inside a kernel
+    calls = call_tir_args(out)
+    assert all(schedules.is_scheduled(funcs[name]) for name, _ in calls), "a run-time kernel is unscheduled"
+    assert not any("layout_rewrite" in name or "preproc" in name for name in funcs), sorted(funcs)
+
+    conv_hwio = model.conv.weight.detach().permute(2, 3, 1, 0).numpy()       # NHWC conv: HWIO weights
+    fc_kn = model.fc.weight.detach().t().numpy()                             # matmul(x, W^T)
+    found = set()
+    for name, args in calls:
+        if not name.endswith("_prepacked"):
+            continue
+        for arg in args:
+            if not isinstance(arg, tvm.ir.GenericConst):          # a relax constant (tensor payload)
+                continue
+            packed = arg.value.numpy()
+            for key, w in (("conv", conv_hwio), ("fc", fc_kn)):
+                if packed.ndim == w.ndim + 1 and packed.size == w.size and packed.shape[1:-1] == w.shape[:-1]:
+                    tile = packed.shape[-1]
+                    assert packed.shape[0] * tile == w.shape[-1] and tile < w.shape[-1]
+                    assert np.array_equal(packed, _panels(w, tile)), f"{name}: {key} weight not packed as documented"
+                    found.add(key)
+    assert found == {"conv", "fc"}, f"packed constants found for {found} in {[n for n, _ in calls]}"
+    with torch.no_grad():
+        assert_close(compiled(out, low)(x), model(x))
