@@ -1,317 +1,445 @@
-"""graphopt against its peers, measured side by side in one run: latency, GFLOP/s, fraction of machine peak.
+"""Peer benchmark: graphopt (untuned and tuned) against PyTorch eager, torch.compile and ONNX Runtime, one run.
 
-    python benchmarks/run.py                                   # resnet18, mobilenet_v2, bert_base, mlp; batch 1, 8
-    python benchmarks/run.py --models resnet18,mlp --batches 1 --tune 0 --out benchmarks/results
-    python benchmarks/run.py --tune 256 --database ~/.cache/graphopt/bench-records   # + tuned variant
-    python benchmarks/run.py --config benchmarks/configs/default.json
+    python benchmarks/run.py                                       # benchmarks/configs/default.json
+    python benchmarks/run.py --models resnet18,mlp --batches 1,8 --tune 256 --out benchmarks/results
+    python benchmarks/run.py --models mlp,resnet18 --batches 1 --tune 0 --image 64     # a quick check
+    python benchmarks/run.py --pipeline "fold_bn,cleanup" --variants graphopt,eager,ort
 
-Variants (every one measured in this process, on the same inputs):
-  eager            PyTorch eager, float32, torch.no_grad
-  torch.compile    torch.compile(model) (default mode); its first call (compilation) is reported as compile_s
-  ort              ONNX Runtime float32, CPU execution provider, all graph optimizations
-  graphopt         graphopt.optimize(model, target, pipeline) untuned: graphopt's default schedules
-  graphopt-tuned   the same with tune={"trials": N, "database": D} (--tune N > 0); records are reused across
-                   runs, so a second run reports ~0 tuning seconds and 0 new trials
+Models (random weights, nothing downloaded; graphopt.models): resnet18, mobilenet_v2 (3x224x224; --image N
+for N×N), bert_base (BERT-base shape, int64 token ids at sequence 128; --seq N), mlp (1024-4096-4096-1000),
+and any other name graphopt.models knows. Each model runs at every batch in --batches.
 
-Timing: every variant is warmed up, then timed in blocks of --calls calls, the blocks of all variants taking
-turns for --rounds rounds (so load drift on a shared machine hits every variant alike, while each block runs
-one runtime alone: the thread pools of torch, ORT and TVM spin after a call, and calls interleaved one by one
-slow each other down). Reported: median, p10, p90 ms per call over all calls. Threads: every runtime uses the
-machine's physical core count. Peak: float32 GEMM (numpy, 2048^3, best of 5) measured at the start of the run;
-"% peak" is model GFLOP/s over it. Correctness: max |Δ| of every variant's output vs eager; a relative
-difference above 1e-3 is flagged "DIFF" in the table.
+Variants, all built and measured in this process:
+  graphopt        graphopt.optimize(model, target="x86", pipeline=P, example_inputs=x)  (default schedules)
+  graphopt-tuned  the same with tune={"trials": N, "database": D}  (--tune N; 0 skips it). Records are kept in
+                  D and reused: a second run tunes nothing new; we report its tuning seconds and new trials.
+  eager           PyTorch eager, eval(), torch.no_grad()
+  torch.compile   torch.compile(model) (default mode); compile time = its first call
+  ort             ONNX Runtime fp32: torch.onnx.export to a temp file, CPU execution provider,
+                  graph optimizations ORT_ENABLE_ALL, intra-op threads = physical cores
+Every runtime uses as many threads as the machine has physical cores (PyTorch, TVM's runtime pool via
+TVM_NUM_THREADS, ORT's intra-op pool, BLAS for the peak).
+
+Timing: all variants of one model/batch are timed interleaved round-robin (each round runs every variant for
+~--slice seconds), so load changes on a shared machine hit every variant alike. We report per-call median,
+p10 and p90 latency; ratio to each peer (variant ms / peer ms: below 1 is faster than that peer); GFLOP/s
+(model FLOPs from graphopt.analysis, i.e. 2 x MACs of conv/linear/matmul, / median seconds) and its fraction
+of the machine's float32 peak, measured in this run (best of a few numpy 2048² GEMMs at the same thread
+count; also re-measured at the end). Correctness: max |Δ| of each variant's output vs eager on the same
+input; a variant whose max |Δ| / max |eager output| exceeds --rtol (1e-3) is flagged "DIFF".
+A variant that fails (build, export, compile or run) is reported with the first line of its error; the
+run goes on. Writes <out>/<--json> (default run.json) after every model/batch and prints a table.
+
+Pipelines: --pipeline, else the config's "pipelines"[model], else its "pipeline", else "fold_bn,cleanup".
+Config (JSON or TOML; keys as the long options, e.g. "models", "batches", "tune", "rounds") supplies
+defaults; options given on the command line win.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import gc
 import json
+import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-import traceback
+import warnings
 
-import numpy as np
-import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import (first_line, format_table, gemm_peak_gflops, machine_info, physical_cores,  # noqa: E402
+                     set_threads, time_interleaved)
 
-import graphopt  # noqa: E402
-from graphopt.backends.targets import physical_cores  # noqa: E402
-from graphopt.models import get_model  # noqa: E402
-
-DEFAULTS = {
-    "models": ["resnet18", "mobilenet_v2", "bert_base", "mlp"],
-    "batches": [1, 8],
-    "pipeline": "fold_bn,cleanup",
-    "target": "x86",
-    "variants": ["eager", "torch.compile", "ort", "graphopt", "graphopt-tuned"],
-    "tune": 0,
-    "database": None,
-    "rounds": 5,
-    "calls": 5,
-    "pipelines": {},          # per-model pipeline overrides: {"bert_base": "cleanup"}
-}
+ALL_VARIANTS = ["graphopt", "graphopt-tuned", "eager", "torch.compile", "ort"]
+PEERS = ["eager", "torch.compile", "ort"]
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.json")
+BUILTIN = {"models": "resnet18,mobilenet_v2,bert_base,mlp", "batches": "1,8", "pipeline": "fold_bn,cleanup",
+           "tune": 64, "database": None, "variants": ",".join(ALL_VARIANTS), "rounds": 10, "slice": 0.25, "calls": 0,
+           "budget": 120.0, "rtol": 1e-3, "image": None, "seq": None, "threads": 0, "target": "x86",
+           "json": "run.json", "out": os.path.join(HERE, "results")}
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+# ------------------------------------------------------------------------------------------ config
+def load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        sys.exit(f"run.py: config file {path!r} does not exist")
+    with open(path, "rb") as f:
+        if path.endswith(".toml"):
+            import tomllib
+
+            cfg = tomllib.load(f)
+        else:
+            cfg = json.loads(f.read().decode())
+    if not isinstance(cfg, dict):
+        sys.exit(f"run.py: config {path!r} must hold an object/table of options")
+    unknown = set(cfg) - set(BUILTIN) - {"pipelines", "description"}
+    if unknown:
+        sys.exit(f"run.py: config {path!r} has unknown keys {sorted(unknown)}; known: "
+                 f"{sorted(set(BUILTIN) | {'pipelines', 'description'})}")
+    return cfg
 
 
-def machine_peak_gflops(threads: int) -> float:
-    """float32 GEMM GFLOP/s with numpy (2048^3), best of 5: the machine's practical compute peak."""
+def _csv(v) -> list[str]:
+    if isinstance(v, (list, tuple)):
+        return [str(x).strip() for x in v if str(x).strip()]
+    return [x.strip() for x in str(v).split(",") if x.strip()]
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config)
+    opts = {}
+    for key, default in BUILTIN.items():
+        cli = getattr(args, key)
+        opts[key] = cli if cli is not None else cfg.get(key, default)
+    opts["models"] = _csv(opts["models"])
+    opts["batches"] = [int(b) for b in _csv(opts["batches"])]
+    opts["variants"] = _csv(opts["variants"])
+    bad = [v for v in opts["variants"] if v not in ALL_VARIANTS]
+    if bad:
+        sys.exit(f"run.py: unknown variant(s) {bad}; known: {ALL_VARIANTS}")
+    opts["tune"] = int(opts["tune"])
+    opts["pipelines"] = {} if args.pipeline is not None else dict(cfg.get("pipelines", {}))
+    opts["config"] = args.config
+    return opts
+
+
+def pipeline_for(model: str, opts: dict) -> str:
+    return opts["pipelines"].get(model, opts["pipeline"])
+
+
+# ------------------------------------------------------------------------------------------ models
+def make_model(name: str, batch: int, image: int | None, seq: int | None):
+    """(model, inputs) from graphopt.models at `batch`; --image / --seq replace the input's spatial size /
+    sequence length (the models accept any: adaptive pooling; positions up to 512)."""
+    import torch
+
+    from graphopt.models import get_model
+
+    model, inputs = get_model(name, batch=batch)
+    x = inputs[0]
+    g = torch.Generator().manual_seed(1)
+    if image and x.dim() == 4:
+        inputs = (torch.randn(batch, x.shape[1], image, image, generator=g),)
+    elif seq and x.dim() == 2 and not x.is_floating_point():
+        vocab = int(x.max()) + 1
+        emb = getattr(model, "tokens", None)
+        if emb is not None:
+            vocab = emb.num_embeddings
+        inputs = (torch.randint(0, vocab, (batch, seq), generator=g),)
+    return model.eval(), tuple(inputs)
+
+
+def model_flops(model, inputs) -> int | None:
+    from graphopt.analysis import count_flops
+    from graphopt.capture import capture
+
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    n = 2048
-    a = np.random.rand(n, n).astype(np.float32)
-    b = np.random.rand(n, n).astype(np.float32)
-
-    def run():
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        return 2 * n ** 3 / best / 1e9
-
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=threads):
-            return run()
-    return run()
+        return int(count_flops(capture(model, inputs).gm))
+    except Exception as e:
+        print(f"  (FLOPs unavailable: {first_line(e)})", flush=True)
+        return None
 
 
-def to_tensor(out):
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return out.detach().float() if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out)).float()
+def _flat(out):
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def time_blocks(fns: dict, inputs: tuple, rounds: int, calls: int) -> dict[str, list[float]]:
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for k, fn in fns.items():              # warm-up
-            for _ in range(2):
-                fn(*inputs)
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    fn(*inputs)
-                    times[k].append((time.perf_counter() - t) * 1e3)
-    return times
+def compare(out, ref) -> dict:
+    """max |Δ| and max |Δ| / max |ref| over all output tensors."""
+    import torch
+
+    got, want = _flat(out), _flat(ref)
+    if len(got) != len(want):
+        raise RuntimeError(f"{len(got)} outputs, eager has {len(want)}")
+    max_abs, scale = 0.0, 0.0
+    for g, w in zip(got, want):
+        g = torch.as_tensor(g).detach().to(torch.float64).reshape(w.shape)
+        w = w.detach().to(torch.float64)
+        max_abs = max(max_abs, float((g - w).abs().max()) if w.numel() else 0.0)
+        scale = max(scale, float(w.abs().max()) if w.numel() else 0.0)
+    return {"max_abs_diff": max_abs, "rel_diff": max_abs / scale if scale > 0 else max_abs}
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+# ------------------------------------------------------------------------------------------ variants
+def build_graphopt(model, inputs, pipeline: str, target: str, tune) -> tuple:
+    import graphopt
+
+    t = time.perf_counter()
+    opt = graphopt.optimize(model, target=target, pipeline=pipeline, example_inputs=inputs, tune=tune)
+    info = {"compile_s": time.perf_counter() - t, "pipeline": pipeline}
+    be = opt.report.backend
+    info["backend"] = {k: be[k] for k in ("schedule", "capture", "lower_s", "schedule_s", "build_s", "vm_init_s")
+                       if k in be}
+    tuning = be.get("tuning")
+    if tuning:
+        info.update({"tuning_s": float(tuning.get("seconds", 0.0)), "new_trials": tuning.get("new_trials", 0),
+                     "reused_records": tuning.get("reused_records", 0), "tuning": dict(tuning)})
+    return (lambda: opt(*inputs)), info
 
 
-# ---------------------------------------------------------------------------------------------- variants
-def make_ort(model, inputs, tmpdir, threads):
+def build_eager(model, inputs) -> tuple:
+    return (lambda: model(*inputs)), {"compile_s": 0.0}
+
+
+def build_compile(model, inputs) -> tuple:
+    import torch
+
+    torch._dynamo.reset()                  # fresh caches: no shape-generalized (dynamic) recompiles across batches
+    compiled = torch.compile(copy.deepcopy(model))
+    return (lambda: compiled(*inputs)), {"compile_s": None}   # compile happens at the first call (measured then)
+
+
+def build_ort(model, inputs, threads: int, tmpdir: str) -> tuple:
     import onnxruntime as ort
+    import torch
 
+    t = time.perf_counter()
     path = os.path.join(tmpdir, "model.onnx")
-    names = [f"in{i}" for i in range(len(inputs))]
-    with torch.no_grad():
-        torch.onnx.export(model, inputs, path, input_names=names, output_names=["out"], dynamo=False)
+    names = [f"input_{i}" for i in range(len(inputs))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, path, input_names=names, dynamo=False)
+    ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
+    info = {"compile_s": time.perf_counter() - t, "onnx_bytes": os.path.getsize(path),
+            "providers": sess.get_providers()}
 
-    def run(*xs):
-        return torch.from_numpy(sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0])
+    def run():
+        return [torch.from_numpy(a) for a in sess.run(None, feed)]
+    return run, info
 
-    return run
 
+# ------------------------------------------------------------------------------------------ one case
+def run_case(name: str, batch: int, opts: dict, threads: int, peak: float) -> dict:
+    import torch
 
-def bench(name: str, batch: int, cfg: dict, peak: float, threads: int) -> dict:
-    model, inputs = get_model(name, batch=batch)
-    pipeline = cfg["pipelines"].get(name, cfg["pipeline"])
-    res = {"model": name, "batch": batch, "pipeline": pipeline, "input": [list(x.shape) for x in inputs],
-           "variants": {}}
+    model, inputs = make_model(name, batch, opts["image"], opts["seq"])
+    pipeline = pipeline_for(name, opts)
+    case = {"model": name, "batch": batch, "inputs": [[list(x.shape), str(x.dtype)] for x in inputs],
+            "pipeline": pipeline, "flops": model_flops(model, inputs), "variants": {}, "skipped": {}}
+    case["gflop"] = case["flops"] / 1e9 if case["flops"] else None
+    print(f"== {name} batch {batch}  inputs {[tuple(x.shape) for x in inputs]}  "
+          f"{(case['flops'] or 0) / 1e9:.3f} GFLOP  pipeline {pipeline!r}", flush=True)
     with torch.no_grad():
-        reference = to_tensor(model(*inputs))
-    fns, info = {}, {}
+        ref = model(*inputs)
 
-    def add(variant, build):
-        if variant not in cfg["variants"]:
-            return
+    fns, results = {}, case["variants"]
+    tmp = tempfile.TemporaryDirectory(prefix="graphopt_peers_")
+    for v in opts["variants"]:
+        if v == "graphopt-tuned" and opts["tune"] <= 0:
+            case["skipped"][v] = "--tune 0"
+            continue
         t = time.perf_counter()
         try:
-            fn, extra = build()
-            with torch.no_grad():
-                first = time.perf_counter()
-                out = to_tensor(fn(*inputs))
-                first_s = time.perf_counter() - first
-            diff = (out - reference).abs().max().item()
-            scale = reference.abs().max().item() or 1.0
-            info[variant] = {"build_s": round(time.perf_counter() - t - first_s, 2), "first_call_s": round(first_s, 3),
-                             "max_abs_diff": diff, "rel_diff": diff / scale, **extra}
-            fns[variant] = fn
-            print(f"  {name} b{batch}: {variant} ready ({info[variant]['build_s']} s build, "
-                  f"{first_s:.2f} s first call, max|Δ| {diff:.2e})", flush=True)
-        except Exception as e:                            # a failing peer is reported, the run goes on
-            info[variant] = {"error": first_line(e)}
-            print(f"  {name} b{batch}: {variant} FAILED: {first_line(e)}", flush=True)
-            if os.environ.get("GRAPHOPT_BENCH_TRACEBACK"):
-                traceback.print_exc()
+            if v == "graphopt":
+                fn, info = build_graphopt(model, inputs, pipeline, opts["target"], None)
+            elif v == "graphopt-tuned":
+                tune = {"trials": opts["tune"], "progress": sys.stderr.isatty()}
+                if opts["database"]:
+                    tune["database"] = opts["database"]
+                fn, info = build_graphopt(model, inputs, pipeline, opts["target"], tune)
+            elif v == "eager":
+                fn, info = build_eager(model, inputs)
+            elif v == "torch.compile":
+                fn, info = build_compile(model, inputs)
+            else:
+                fn, info = build_ort(model, inputs, threads, tmp.name)
+            with torch.no_grad():           # first call: correctness, and torch.compile's compilation
+                t1 = time.perf_counter()
+                out = fn()
+                first = time.perf_counter() - t1
+            if info["compile_s"] is None:
+                info["compile_s"] = first
+            info["first_call_s"] = first
+            info.update(compare(out, ref))
+            info["flagged"] = info["rel_diff"] > opts["rtol"]
+            info["status"] = "ok"
+            fns[v] = fn
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            info = {"status": "failed", "error": first_line(e), "after_s": round(time.perf_counter() - t, 2)}
+        results[v] = info
+        extra = ""
+        if info["status"] == "ok":
+            extra = (f"{info['compile_s']:.1f} s, max|Δ| {info['max_abs_diff']:.2e} "
+                     f"(rel {info['rel_diff']:.1e}{', DIFF' if info['flagged'] else ''})")
+            if "tuning" in info:
+                extra += (f", tuning {info['tuning_s']:.1f} s, {info['new_trials']} new trials, "
+                          f"{info['reused_records']} records reused")
+        else:
+            extra = f"FAILED: {info['error']}"
+        print(f"  built {v:<14} {extra}", flush=True)
 
-    add("eager", lambda: (model, {}))
-    add("torch.compile", lambda: (torch.compile(model), {}))
-    tmpdir = tempfile.mkdtemp(prefix="graphopt-bench-")
-    add("ort", lambda: (make_ort(model, inputs, tmpdir, threads), {}))
+    def on_error(k, e):
+        results[k] = {**results[k], "status": "failed", "error": "while timing: " + first_line(e)}
 
-    flops = None
-
-    def build_graphopt(tune):
-        nonlocal flops
-        opt = graphopt.optimize(model, target=cfg["target"], pipeline=pipeline, example_inputs=inputs, tune=tune)
-        flops = opt.report.records[0].flops
-        extra = {"kernels": opt.report.backend.get("kernels"),
-                 "flops_after_pipeline": opt.report.final.flops}
-        if tune:
-            t = opt.report.backend.get("tuning", {})
-            extra.update({"tuning_s": t.get("seconds"), "new_trials": t.get("new_trials"),
-                          "reused_records": t.get("reused_records")})
-        return opt, extra
-
-    add("graphopt", lambda: build_graphopt(None))
-    if cfg["tune"] > 0:
-        tune = {"trials": cfg["tune"]}
-        if cfg["database"]:
-            tune["database"] = os.path.expanduser(cfg["database"])
-        add("graphopt-tuned", lambda: build_graphopt(tune))
-
-    if flops is None:
-        from graphopt.analysis.flops import count_flops
-        from graphopt.capture import capture
-
-        flops = count_flops(capture(model, inputs).gm)
-    res["gflop"] = flops / 1e9
-    times = time_blocks(fns, inputs, cfg["rounds"], cfg["calls"])
-    for v in info:
-        entry = dict(info[v])
-        if v in times and times[v]:
-            med = statistics.median(times[v])
-            entry.update({"median_ms": med, "p10_ms": pct(times[v], 0.1), "p90_ms": pct(times[v], 0.9),
-                          "gflops": flops / med / 1e6, "pct_peak": 100 * flops / med / 1e6 / peak})
-        res["variants"][v] = entry
-    peers = [p for p in ("eager", "torch.compile", "ort") if "median_ms" in res["variants"].get(p, {})]
-    for v, e in res["variants"].items():
-        if "median_ms" in e:
-            e["ratio_to"] = {p: e["median_ms"] / res["variants"][p]["median_ms"] for p in peers}
-    return res
-
-
-# ----------------------------------------------------------------------------------------------- output
-def print_table(res: dict) -> None:
-    peers = [p for p in ("eager", "torch.compile", "ort") if "median_ms" in res["variants"].get(p, {})]
-    print(f"\n{res['model']} batch {res['batch']} ({res['gflop']:.3f} GFLOP; pipeline {res['pipeline']})")
-    head = f"  {'variant':15s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'GFLOP/s':>8s} {'% peak':>7s} " + \
-        " ".join(f"{'x ' + p:>15s}" for p in peers) + f" {'build s':>8s} {'tune s':>7s}  check"
-    print(head)
-    for v, e in res["variants"].items():
-        if "error" in e:
-            print(f"  {v:15s} FAILED: {e['error']}")
+    timings = time_interleaved(fns, opts["rounds"], opts["slice"], opts["budget"], calls=opts["calls"],
+                               on_error=on_error)
+    for v, st in timings.items():
+        results[v].update(st)
+    for v, info in results.items():
+        if info.get("status") != "ok":
             continue
-        if "median_ms" not in e:
-            continue
-        ratios = " ".join(f"{e['ratio_to'][p]:15.2f}" for p in peers)
-        tune_s = e.get("tuning_s")
-        check = "DIFF" if e["rel_diff"] > 1e-3 else "ok"
-        print(f"  {v:15s} {e['median_ms']:10.3f} {e['p10_ms']:8.3f} {e['p90_ms']:8.3f} {e['gflops']:8.1f} "
-              f"{e['pct_peak']:7.1f} {ratios} {e['build_s']:8.1f} {'' if tune_s is None else f'{tune_s:7.1f}':>7s}"
-              f"  {check} (max|Δ| {e['max_abs_diff']:.1e})")
+        ms = info["median_ms"]
+        info["ratio_to"] = {p: ms / results[p]["median_ms"] for p in PEERS
+                            if results.get(p, {}).get("status") == "ok"}
+        if case["flops"]:
+            info["gflops"] = case["flops"] / (ms / 1e3) / 1e9
+            info["pct_peak"] = 100 * info["gflops"] / peak if peak else None
+    try:
+        case["loadavg_1m"] = round(os.getloadavg()[0], 2)      # a shared machine shows here
+    except OSError:
+        pass
+    tmp.cleanup()
+    del fns, model, ref
+    gc.collect()
+    return case
 
 
-def load_config(path: str | None) -> dict:
-    cfg = json.loads(json.dumps(DEFAULTS))
-    if path:
-        with open(path, encoding="utf-8") as f:
-            user = json.load(f)
-        unknown = sorted(set(user) - set(DEFAULTS))
-        if unknown:
-            raise SystemExit(f"{path}: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
-        cfg.update(user)
-    return cfg
+# ------------------------------------------------------------------------------------------ output
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def table(cases: list[dict]) -> str:
+    head = ["model", "batch", "variant", "median ms", "p10-p90 ms", "/eager", "/compile", "/ORT", "GFLOP/s",
+            "%peak", "compile s", "tune s (new)", "rel|Δ|", ""]
+    rows = [head]
+    for c in cases:
+        for v, r in c["variants"].items():
+            if r.get("status") != "ok":
+                rows.append([c["model"], str(c["batch"]), v, "FAILED", r.get("error", "")[:90]] + [""] * 9)
+                continue
+            vs = r["ratio_to"]
+            tune = "-"
+            if "tuning" in r:
+                tune = f"{r['tuning_s']:.1f} ({r['new_trials']})"
+            rows.append([c["model"], str(c["batch"]), v, f"{r['median_ms']:.2f}",
+                         f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}",
+                         _f(vs.get("eager"), ".2f"), _f(vs.get("torch.compile"), ".2f"), _f(vs.get("ort"), ".2f"),
+                         _f(r.get("gflops"), ".1f"), _f(r.get("pct_peak"), ".0f"),
+                         _f(r["compile_s"], ".1f") if v != "eager" else "-", tune, f"{r['rel_diff']:.1e}",
+                         "DIFF" if r["flagged"] else ""])
+        for v, why in c.get("skipped", {}).items():
+            rows.append([c["model"], str(c["batch"]), v, "skipped", why] + [""] * 9)
+    return format_table(rows, right={1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
+
+
+def header(meta: dict) -> str:
+    m = meta["machine"]
+    th, pk = m["thread_settings"], m["peak"]
+    return "\n".join([
+        f"graphopt peer benchmark  {meta['started']}",
+        f"CPU: {m['cpu']} (LLVM {m.get('llvm_cpu', '?')}), {m['physical_cores']} physical cores, "
+        f"{m['logical_cpus']} logical; load average (1 min) at start {m.get('loadavg_1m', '?')}",
+        f"threads: torch {th['torch']}, TVM runtime {th['tvm']} (TVM_NUM_THREADS), ONNX Runtime intra-op "
+        f"{th['onnxruntime_intra_op']}, BLAS {th['blas']}  (= physical cores for every variant)",
+        f"versions: torch {m['torch']}, torchvision {m['torchvision']}, TVM {m['tvm']}, onnxruntime "
+        f"{m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, python {m['python']}",
+        f"machine peak (measured now): {pk['gflops']:.1f} GFLOP/s float32 (best of {pk['repeats']} numpy "
+        f"{pk['n']}x{pk['n']} GEMMs, {pk['threads']} threads; median {pk['median_gflops']:.1f})",
+    ])
+
+
+def footer(meta: dict) -> str:
+    end = meta["machine"].get("peak_end")
+    lines = ["ratios: variant ms / peer ms (< 1: faster than that peer). %peak: GFLOP/s / measured peak. "
+             "rel|Δ|: max |Δ| vs eager / max |eager output|; DIFF: above --rtol "
+             f"{meta['options']['rtol']:g}."]
+    if end:
+        lines.append(f"peak re-measured at the end: {end['gflops']:.1f} GFLOP/s; load average (1 min) at the end "
+                     f"{meta['machine'].get('loadavg_end_1m', '?')}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="JSON file with any of: " + ", ".join(DEFAULTS))
-    ap.add_argument("--models")
-    ap.add_argument("--batches")
-    ap.add_argument("--pipeline")
-    ap.add_argument("--target")
-    ap.add_argument("--variants", help="comma list of " + ",".join(DEFAULTS["variants"]))
-    ap.add_argument("--tune", type=int, help="MetaSchedule trials for graphopt-tuned (0: skip it)")
-    ap.add_argument("--database", help="tuning record directory (default: graphopt's per-target cache)")
-    ap.add_argument("--rounds", type=int)
-    ap.add_argument("--calls", type=int)
-    ap.add_argument("--out", help="directory for run.json")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="JSON or TOML file of defaults ('' for none)")
+    ap.add_argument("--models", help=f"comma list (default {BUILTIN['models']})")
+    ap.add_argument("--batches", help="comma list of batch sizes (default 1,8)")
+    ap.add_argument("--pipeline", help="graphopt pipeline for every model (overrides the config's)")
+    ap.add_argument("--tune", type=int, help="MetaSchedule trials for graphopt-tuned; 0 skips it")
+    ap.add_argument("--database", help="tuning record directory (default: graphopt's per-target cache dir)")
+    ap.add_argument("--variants", help=f"comma list among {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--target", help="graphopt target (default x86)")
+    ap.add_argument("--rounds", type=int, help="timed round-robin rounds (default 10)")
+    ap.add_argument("--slice", type=float, help="seconds per variant per round (default 0.25)")
+    ap.add_argument("--calls", type=int, help="timed calls per variant per round (default 0: sized by --slice)")
+    ap.add_argument("--budget", type=float, help="seconds of timing per model/batch before stopping early "
+                                                 "(after 3 rounds; default 120)")
+    ap.add_argument("--rtol", type=float, help="flag outputs whose max |Δ| / max |eager| exceeds this (1e-3)")
+    ap.add_argument("--image", type=int, help="image models: N×N inputs instead of 224 (quick checks)")
+    ap.add_argument("--seq", type=int, help="sequence models: this sequence length instead of 128")
+    ap.add_argument("--threads", type=int, help="threads for every runtime (default 0: physical cores)")
+    ap.add_argument("--out", help="output directory (default benchmarks/results)")
+    ap.add_argument("--json", help="JSON file name inside --out (default run.json)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    for key in ("models", "batches", "variants"):
-        value = getattr(args, key)
-        if value:
-            cfg[key] = [int(v) if key == "batches" else v for v in value.split(",") if v]
-    for key in ("pipeline", "target", "tune", "database", "rounds", "calls"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    unknown = sorted(set(cfg["variants"]) - set(DEFAULTS["variants"]))
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; known: {DEFAULTS['variants']}")
+    opts = resolve_options(args)
 
-    threads = physical_cores()
-    torch.set_num_threads(threads)
-    peak = machine_peak_gflops(threads)
-    import tvm
+    threads = int(opts["threads"]) or physical_cores()
+    th = set_threads(threads)                         # before TVM's thread pool starts
+    machine = machine_info()
+    peak_info = gemm_peak_gflops(threads)
+    machine.update({"threads": threads, "thread_settings": th, "peak_gflops": peak_info["gflops"],
+                    "peak": peak_info})
+    meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+            "options": dict(opts)}
+    print(header(meta), flush=True)
+    os.makedirs(opts["out"], exist_ok=True)
+    path = os.path.join(opts["out"], opts["json"])
+    peak = machine["peak_gflops"]
+    cases: list[dict] = []
 
+    def save():
+        with open(path, "w") as f:
+            json.dump({**meta, "results": cases}, f, indent=1, default=str)
+
+    for name in opts["models"]:
+        for batch in opts["batches"]:
+            try:
+                cases.append(run_case(name, batch, opts, threads, peak))
+            except KeyboardInterrupt:
+                print("interrupted: writing what was measured so far", flush=True)
+                save()
+                return 130
+            except Exception as e:                   # the model itself cannot be made or run: report it, go on
+                cases.append({"model": name, "batch": batch, "error": first_line(e), "variants": {},
+                              "skipped": {}})
+                print(f"  {name} batch {batch} FAILED: {first_line(e)}", flush=True)
+            save()
+            print(table(cases[-1:]), flush=True)
+    machine["peak_end"] = gemm_peak_gflops(threads)
     try:
-        import onnxruntime
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = "not installed"
-    header = {"cpu": _cpu_name(), "threads": threads, "peak_gflops": peak, "torch": torch.__version__,
-              "tvm": tvm.__version__, "onnxruntime": ort_version, "graphopt": graphopt.__version__,
-              "python": platform.python_version(), "config": cfg}
-    print(f"{header['cpu']}, {threads} threads for every runtime; measured fp32 GEMM peak {peak:.1f} GFLOP/s")
-    print(f"torch {header['torch']}, TVM {header['tvm']}, onnxruntime {ort_version}; target {cfg['target']}")
-    results = []
-    for name in cfg["models"]:
-        for batch in cfg["batches"]:
-            res = bench(name, batch, cfg, peak, threads)
-            print_table(res)
-            results.append(res)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "run.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"machine": header, "results": results}, f, indent=1)
-        print(f"\n-> {path}")
-    return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        machine["loadavg_end_1m"] = round(os.getloadavg()[0], 2)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    save()
+    print("\n" + header(meta))
+    print(table(cases))
+    print(footer(meta))
+    print(f"-> {path}")
+    return 0
 
 
 if __name__ == "__main__":

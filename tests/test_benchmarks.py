@@ -1,30 +1,85 @@
-"""Smoke test of the peer benchmark (benchmarks/run.py): it runs, measures, and writes complete JSON."""
+"""Smoke test of the peer benchmark (benchmarks/run.py): it runs every peer, measures, and writes complete JSON;
+a failing variant is reported and the run goes on."""
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", "", "--models", "mlp", "--batches", "1",
+       "--tune", "0", "--rounds", "2", "--calls", "2", "--budget", "5"]
 
 
-def test_run_py_measures_mlp_against_eager(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "mlp", "--batches", "1",
-           "--variants", "eager,graphopt,nonsense"]
-    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_run_py_rejects_unknown_variant():
+    bad = subprocess.run(RUN + ["--variants", "eager,nonsense"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
-    cmd[-1] = "eager,graphopt"
-    out = subprocess.run(cmd + ["--rounds", "1", "--calls", "2", "--out", str(tmp_path)], capture_output=True,
+
+
+def test_run_py_measures_mlp_against_every_peer(tmp_path):
+    variants = ["graphopt", "eager", "torch.compile", "ort"]    # all but graphopt-tuned (--tune 0)
+    out = subprocess.run(RUN + ["--variants", ",".join(variants), "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads((tmp_path / "run.json").read_text())
-    assert data["machine"]["peak_gflops"] > 0 and data["machine"]["threads"] >= 1
+    machine = data["machine"]
+    assert _finite_positive(machine["peak_gflops"]) and machine["threads"] >= 1
+    assert machine["thread_settings"]["tvm"] == machine["thread_settings"]["torch"] == machine["threads"]
     (res,) = data["results"]
-    assert res["model"] == "mlp" and res["gflop"] > 0
-    assert set(res["variants"]) == {"eager", "graphopt"}
+    assert res["model"] == "mlp" and res["batch"] == 1 and _finite_positive(res["gflop"])
+    assert res["skipped"] == {}                     # graphopt-tuned was not asked for
+    assert list(res["variants"]) == variants
     for name, v in res["variants"].items():
-        assert "error" not in v, (name, v)
-        assert math.isfinite(v["median_ms"]) and v["median_ms"] > 0
+        assert v["status"] == "ok" and "error" not in v, (name, v)
+        for key in ("median_ms", "p10_ms", "p90_ms", "gflops", "pct_peak"):
+            assert _finite_positive(v[key]), (name, key, v[key])
+        assert v["p10_ms"] <= v["median_ms"] <= v["p90_ms"]
+        assert set(v["ratio_to"]) == {"eager", "torch.compile", "ort"}
+        assert v["compile_s"] >= 0 and (name == "eager" or _finite_positive(v["compile_s"]))
+        for peer, r in v["ratio_to"].items():
+            assert _finite_positive(r)
+            assert math.isclose(r, v["median_ms"] / res["variants"][peer]["median_ms"])
+        assert v["rel_diff"] < 1e-3 and not v["flagged"]
+        assert math.isclose(v["gflops"], res["flops"] / (v["median_ms"] / 1e3) / 1e9)
+    assert res["variants"]["eager"]["ratio_to"]["eager"] == 1.0
+    assert "graphopt peer benchmark" in out.stdout and "machine peak (measured now)" in out.stdout
+
+
+def test_run_py_reports_a_failing_variant_and_goes_on(tmp_path):
+    out = subprocess.run(RUN + ["--variants", "graphopt,eager", "--pipeline", "no_such_pass", "--out",
+                                str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (res,) = json.loads((tmp_path / "run.json").read_text())["results"]
+    failed, eager = res["variants"]["graphopt"], res["variants"]["eager"]
+    assert failed["status"] == "failed" and "no_such_pass" in failed["error"]
+    assert "\n" not in failed["error"]
+    assert eager["status"] == "ok" and _finite_positive(eager["median_ms"])
+    assert "FAILED" in out.stdout
+
+
+@pytest.mark.slow
+def test_run_py_tuned_variant_reports_tuning_then_reuses_records(tmp_path):
+    """--tune N: the first run measures new trials into the record database, the second reuses them."""
+    db = tmp_path / "records"
+    cmd = RUN[:RUN.index("--tune")] + ["--tune", "4", "--database", str(db), "--variants", "graphopt-tuned,eager",
+                                        "--rounds", "2", "--calls", "2", "--budget", "5"]
+    runs = []
+    for i in range(2):
+        out = subprocess.run(cmd + ["--out", str(tmp_path / str(i))], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        (res,) = json.loads((tmp_path / str(i) / "run.json").read_text())["results"]
+        runs.append(res["variants"]["graphopt-tuned"])
+    first, second = runs
+    for v in runs:
+        assert v["status"] == "ok", v
+        assert _finite_positive(v["median_ms"]) and _finite_positive(v["ratio_to"]["eager"])
+        assert v["tuning"]["database"] == str(db) or v["tuning"]["database"].startswith(str(db))
         assert v["rel_diff"] < 1e-3
-        assert math.isclose(v["ratio_to"]["eager"], v["median_ms"] / res["variants"]["eager"]["median_ms"])
-    assert "mlp batch 1" in out.stdout and "x eager" in out.stdout
+    assert first["new_trials"] > 0 and _finite_positive(first["tuning_s"])
+    assert second["new_trials"] == 0 and second["reused_records"] >= first["new_trials"]

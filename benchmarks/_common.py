@@ -1,0 +1,204 @@
+"""Helpers shared by benchmark scripts: threads, machine description, measured GEMM peak, interleaved timing.
+
+Import this before torch/TVM/numpy are used for timing: `set_threads()` fixes the thread count of every
+runtime a benchmark compares (PyTorch, TVM's runtime pool, OpenBLAS, ONNX Runtime sessions made with
+`ort_threads()`), so peers are compared at the same parallelism.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+__all__ = ["physical_cores", "set_threads", "machine_info", "gemm_peak_gflops", "time_interleaved",
+           "first_line", "format_table"]
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except Exception:
+        pass
+    return os.cpu_count() or 1
+
+
+def set_threads(n: int) -> dict:
+    """Use `n` threads in PyTorch, TVM's runtime and BLAS. Returns what was set, for the header/JSON.
+
+    TVM's runtime reads TVM_NUM_THREADS when its thread pool starts (first compiled call); without it TVM 0.27
+    takes hardware_concurrency / 2 on x86 (it assumes hyper-threading), i.e. 1 thread on a 2-core machine
+    without SMT. We set it unless the user already did (then we report theirs).
+    """
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ.setdefault("TVM_NUM_THREADS", str(n))
+    return {"torch": torch.get_num_threads(), "tvm": int(os.environ["TVM_NUM_THREADS"]), "blas": n,
+            "onnxruntime_intra_op": n}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", "?"))
+    except Exception as e:                          # report, don't fail: the peer will be reported failed
+        return f"unavailable ({type(e).__name__})"
+
+
+def machine_info() -> dict:
+    info = {"cpu": _cpu_model(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
+            "python": platform.python_version()}
+    for mod in ("torch", "torchvision", "tvm", "onnxruntime", "onnx", "numpy"):
+        info[mod] = _version(mod)
+    try:
+        from graphopt.backends.targets import host_cpu
+
+        info["llvm_cpu"] = host_cpu()
+    except Exception:
+        info["llvm_cpu"] = "?"
+    try:
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> dict:
+    """The machine's float32 peak as measured now: best of `repeats` numpy n×n×n GEMMs on `threads` threads."""
+    import numpy as np
+
+    try:
+        from threadpoolctl import threadpool_limits
+        limiter = threadpool_limits(limits=threads, user_api="blas")
+    except Exception:                                # no threadpoolctl: BLAS keeps its own thread count
+        limiter = None
+    try:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        a @ b                                        # warm-up (thread pool, page faults)
+        secs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            secs.append(time.perf_counter() - t)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    flops = 2.0 * n ** 3
+    return {"gflops": round(flops / min(secs) / 1e9, 2), "median_gflops": round(flops / statistics.median(secs)
+                                                                                  / 1e9, 2),
+            "n": n, "repeats": repeats, "threads": threads, "blas_limited": limiter is not None}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    """q-quantile (0..1) by linear interpolation."""
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s: float = 0.25,
+                     budget_s: float = 300.0, min_rounds: int = 3, calls: int = 0,
+                     on_error: Callable[[str, BaseException], None] | None = None) -> dict[str, dict]:
+    """Per-call latency statistics of each fn, timed interleaved round-robin.
+
+    Each round calls every fn in turn, so load changes on a shared machine hit every variant alike. Within a
+    round a fn gets ~`slice_s` seconds: `k` timed calls, each timed alone (k sized from a first call, or
+    `calls` when > 0). A block of calls per fn, not one call each in turn: the thread pools of torch, ORT and
+    TVM spin for a while after a call, and calls interleaved one by one slow each other down. Fast
+    fns (< 50 ms) get one untimed call first, so the previous variant's thread-pool spin-down does not land
+    in their first sample. Stops after `rounds` rounds, or once `budget_s` is spent and `min_rounds` are done.
+    A fn that raises is dropped (on_error is told) and the others go on.
+
+    Returns {name: {"median_ms", "p10_ms", "p90_ms", "min_ms", "samples", "rounds"}}.
+    """
+    import torch
+
+    live = dict(fns)
+    per_fn: dict[str, int] = {}
+    warm: dict[str, bool] = {}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    done_rounds = 0
+
+    def fail(k, e):
+        live.pop(k, None)
+        if on_error is not None:
+            on_error(k, e)
+
+    with torch.no_grad():
+        for k, fn in list(live.items()):             # size the slices
+            try:
+                t = time.perf_counter()
+                fn()
+                first = time.perf_counter() - t
+                per_fn[k] = calls if calls > 0 else max(1, int(slice_s / max(first, 1e-6)))
+                warm[k] = first < 0.05
+            except Exception as e:
+                fail(k, e)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for k, fn in list(live.items()):
+                try:
+                    if warm[k]:
+                        fn()
+                    for _ in range(per_fn[k]):
+                        t = time.perf_counter()
+                        fn()
+                        samples[k].append((time.perf_counter() - t) * 1e3)
+                except Exception as e:
+                    fail(k, e)
+            done_rounds += 1
+            if time.perf_counter() - start > budget_s and done_rounds >= min_rounds:
+                break
+    out = {}
+    for k in live:
+        xs = samples[k]
+        out[k] = {"median_ms": statistics.median(xs), "p10_ms": _pct(xs, 0.1), "p90_ms": _pct(xs, 0.9),
+                  "min_ms": min(xs), "samples": len(xs), "rounds": done_rounds}
+    return out
+
+
+def first_line(e: BaseException | str, limit: int = 300) -> str:
+    """An error's first meaningful line (type name included), shortened to `limit` characters."""
+    if isinstance(e, BaseException):
+        text = str(e).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        msg = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    else:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[0] if lines else ""
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def format_table(rows: list[list[str]], right: set[int] | None = None) -> str:
+    """Rows of strings (first row = header) as aligned text; columns in `right` are right-aligned."""
+    right = right or set()
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
+    return "\n".join(line.rstrip() for line in lines)
