@@ -256,6 +256,8 @@ def run_case(name: str, batch: int, opts: dict, threads: int, peak: float) -> di
                 tune = {"trials": opts["tune"], "progress": sys.stderr.isatty()}
                 if opts["database"]:
                     tune["database"] = opts["database"]
+                print(f"  tuning {name} batch {batch}: up to {opts['tune']} new trials, records in "
+                      f"{opts['database'] or 'graphopt default (user cache dir)'}", flush=True)
                 fn, info = build_graphopt(model, inputs, pipeline, opts["target"], tune)
             elif v == "eager":
                 fn, info = build_eager(model, inputs)
