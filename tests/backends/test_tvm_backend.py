@@ -399,3 +399,20 @@ def test_resnet18_small_input_matches_eager():          # ~12 s here, most of it
 @pytest.mark.slow                                       # ~19 s here (52 layers to lower and build)
 def test_mobilenet_v2_small_input_matches_eager():
     _torchvision_check("mobilenet_v2", 64)
+
+
+def test_tvm_runtime_uses_the_physical_cores_unless_the_user_says_otherwise():
+    """TVM 0.27 alone would size its pool at hardware_concurrency()/2 (1 thread on a 2-core machine)."""
+    import os
+    import subprocess
+    import sys
+
+    from graphopt.backends.targets import physical_cores
+
+    code = ("import graphopt, tvm; print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == str(physical_cores()), out.stderr[-1000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-1000:]
