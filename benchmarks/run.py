@@ -24,7 +24,7 @@ Timing: all variants of one model/batch are timed interleaved round-robin (each 
 ~--slice seconds), so load changes on a shared machine hit every variant alike. We report per-call median,
 p10 and p90 latency; ratio to each peer (variant ms / peer ms: below 1 is faster than that peer); GFLOP/s
 (model FLOPs from graphopt.analysis, i.e. 2 x MACs of conv/linear/matmul, / median seconds) and its fraction
-of the machine's float32 peak, measured in this run (best of a few numpy 2048² GEMMs at the same thread
+of the machine's float32 peak, measured in this run (best of a few 2048² GEMMs, numpy and torch.mm, at the same thread
 count; also re-measured at the end). Correctness: max |Δ| of each variant's output vs eager on the same
 input; a variant whose max |Δ| / max |eager output| exceeds --rtol (1e-3) is flagged "DIFF".
 A variant that fails (build, export, compile or run) is reported with the first line of its error; the
@@ -358,8 +358,8 @@ def header(meta: dict) -> str:
         f"{th['onnxruntime_intra_op']}, BLAS {th['blas']}  (= physical cores for every variant)",
         f"versions: torch {m['torch']}, torchvision {m['torchvision']}, TVM {m['tvm']}, onnxruntime "
         f"{m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, python {m['python']}",
-        f"machine peak (measured now): {pk['gflops']:.1f} GFLOP/s float32 (best of {pk['repeats']} numpy "
-        f"{pk['n']}x{pk['n']} GEMMs, {pk['threads']} threads; median {pk['median_gflops']:.1f})",
+        f"machine peak (measured now): {pk['gflops']:.1f} GFLOP/s float32 (best of {pk['repeats']} "
+        f"{pk['n']}x{pk['n']} GEMMs, numpy and torch.mm, best: {pk.get('library', 'numpy')}, {pk['threads']} threads; median {pk['median_gflops']:.1f})",
     ])
 
 
