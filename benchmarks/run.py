@@ -390,7 +390,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help=f"comma list (default {BUILTIN['models']})")
     ap.add_argument("--batches", help="comma list of batch sizes (default 1,8)")
     ap.add_argument("--pipeline", help="graphopt pipeline for every model (overrides the config's)")
-    ap.add_argument("--tune", type=int, help="MetaSchedule trials for graphopt-tuned; 0 skips it")
+    ap.add_argument("--tune", type=int, help="MetaSchedule trials for graphopt-tuned; 0 skips it (default: the "
+                                                 "config's, 64 in configs/default.json)")
     ap.add_argument("--database", help="tuning record directory (default: graphopt's per-target cache dir)")
     ap.add_argument("--variants", help=f"comma list among {','.join(ALL_VARIANTS)}")
     ap.add_argument("--target", help="graphopt target (default x86)")
