@@ -111,8 +111,8 @@ def test_first_tune_writes_records_and_matches_the_model(tuned):
     assert tuning["database"] == str(db)
     assert tuning["new_trials"] > 0 and tuning["reused_records"] == 0 and not tuning["interrupted"]
     assert 0 < tuning["tasks_tuned"] <= tuning["tasks"]
-    # every measurement (default-schedule seeds + search trials) is a record on disk
-    assert len(records) == tuning["new_trials"]
+    # every measurement (default-schedule seeds + search trials + the paired check) is a record on disk
+    assert len(records) == tuning["new_trials"] + tuning["check_records"]
     # every searched kernel had its share of the budget, and no more than the budget was searched
     searched = _searched(db)
     per_task = -(-TRIALS // tuning["tasks"])
@@ -140,6 +140,68 @@ def test_default_schedules_are_kept_as_first_records(tuned):
     if not repacked:
         pytest.skip("the default schedules of this model no longer repack weights; nothing more to check")
     assert all(first[w][1][0] < 1e9 for w in repacked), "a default schedule with a repacked weight failed to run"
+
+
+def _progress(db: Path) -> dict:
+    return json.loads((db / PROGRESS_FILE).read_text())
+
+
+def _set_progress(db: Path, **fields) -> None:
+    data = _progress(db)
+    for entry in data["tasks"].values():
+        for k, v in fields.items():
+            if v is None:
+                entry.pop(k, None)
+            else:
+                entry[k] = v
+    (db / PROGRESS_FILE).write_text(json.dumps(data))
+
+
+def test_paired_check_measures_searched_kernels_against_their_defaults(tuned):
+    """After the search, each searched kernel's best record is measured back to back with its default schedule;
+    both measurements are records, and the verdict is kept in the progress file."""
+    tuning = tuned["opt"].report.backend["tuning"]
+    entries = [e for e in _progress(tuned["db"])["tasks"].values() if e["searched"] > 0]
+    assert entries and all(isinstance(e.get("default"), bool) for e in entries), entries
+    measured = [e for e in entries if "default_secs" in e]
+    assert tuning["check_records"] == 2 * len(measured)
+    for e in measured:
+        assert 0 < e["default_secs"] < 1 and 0 < e["best_secs"] < 1
+        assert e["default"] == (e["best_secs"] * 1.02 >= e["default_secs"])
+    assert tuning["defaults_kept"] == sum(e["default"] for e in measured)
+    assert re.search(r"\d+ kept on the default schedule by the paired check", tuned["opt"].report.backend["kernels"])
+
+
+def test_kernels_the_check_kept_on_default_are_built_with_the_default_schedule(tuned, tmp_path):
+    """A kernel marked "default" is scheduled by graphopt's rules, whatever its records say; unmarked kernels
+    take their best record."""
+    db = _copy_db(tuned, tmp_path)
+    _set_progress(db, default=True)
+    opt, model, x, _ = _optimize(db)
+    tasks = opt.report.backend["tuning"]["tasks"]
+    assert opt.report.backend["kernels"].startswith(
+        f"0 from tuning records, {tasks} kept on the default schedule by the paired check"), opt.report.backend
+    assert opt.report.backend["tuning"]["new_trials"] == 0 and opt.report.backend["tuning"]["check_records"] == 0
+    _assert_matches(opt, model, x)
+    _set_progress(db, default=False)
+    opt, model, x, _ = _optimize(db)
+    assert opt.report.backend["kernels"].startswith(f"{tasks} from tuning records, 0 kept"), opt.report.backend
+    _assert_matches(opt, model, x)
+
+
+def test_records_of_an_unchecked_search_are_checked_once(tuned, tmp_path):
+    """Records searched without the paired check (an older graphopt) are checked at the next build, once."""
+    db = _copy_db(tuned, tmp_path)
+    _set_progress(db, default=None, default_secs=None, best_secs=None)
+    opt, model, x, _ = _optimize(db)
+    tuning = opt.report.backend["tuning"]
+    assert tuning["new_trials"] == 0
+    assert all(isinstance(e.get("default"), bool) for e in _progress(db)["tasks"].values() if e["searched"] > 0)
+    before = (db / RECORD_FILE).read_bytes()
+    assert len(_records(db)) == tuning["reused_records"] + tuning["check_records"]
+    again, _, _, _ = _optimize(db)
+    assert again.report.backend["tuning"]["check_records"] == 0 and (db / RECORD_FILE).read_bytes() == before
+    _assert_matches(opt, model, x)
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse
@@ -236,7 +298,7 @@ def test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials
     assert 0 < tuning["new_trials"] <= missing, (tuning, searched)
     after = (db / RECORD_FILE).read_bytes()
     assert after.startswith(before)                # appended to; nothing measured before is lost
-    assert len(_records(db)) == len(records) + tuning["new_trials"]
+    assert len(_records(db)) == len(records) + tuning["new_trials"] + tuning["check_records"]
     assert all(n == 4 for n in _searched(db).values()), _searched(db)
     assert not BAR.search(capfd.readouterr().err), "progress=False still drew a progress bar"
     _assert_matches(opt, model, x)

@@ -12,8 +12,16 @@ Flow (schedule_cpu, called by build._schedule for LLVM targets):
      task is measured first and committed as that task's first record, so the search starts from it and a
      tuned build is never slower than the untuned one by more than measurement noise. The search then runs
      with the trial budget (tasks ordered by FLOPs x calls; `trials_per_task` each until `trials` is spent).
-  3. The best record of each kernel is applied (MetaScheduleApplyDatabase); kernels without a record get the
-     default schedules; weight-repacking blocks are split out and folded into the constants.
+  3. Paired check: seeds and search candidates are measured minutes apart, so a change of machine load in
+     between makes them incomparable (seen here: MobileNetV2's default kernels recorded at 0.85-3.9 ms on a
+     loaded machine, 0.05-0.27 ms quiet, so 0.18 ms search candidates won and the tuned build ran 3x slower
+     than the untuned one). After the search, each searched kernel's best record is measured again back to
+     back with its default schedule (default, best, default, best; the faster of each pair of runs); both
+     measurements are committed as records, and a kernel whose default schedule is not beaten by more than
+     2% keeps it ("default": true in the progress file), whatever older records say.
+  4. The best record of each kernel is applied (MetaScheduleApplyDatabase); kernels without a record, or kept
+     on their default schedule by step 3, get the default schedules; weight-repacking blocks are split out
+     and folded into the constants.
 
 Records: a MetaSchedule JSONDatabase directory per target (default: <user cache dir>/graphopt/tuning/
 <target>-<hash>; TuneOptions.database or $GRAPHOPT_TUNING_DIR overrides). Every measured trial is appended to
@@ -45,6 +53,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -77,7 +86,8 @@ class TuneOptions:
     trials_per_iter  candidates built and measured per round
     population       evolutionary search population (smaller: faster rounds, less exploration)
     seed             random seed of the search
-    seed_defaults    measure graphopt's default schedule of each kernel and keep it as its first record
+    seed_defaults    measure graphopt's default schedule of each kernel and keep it as its first record, and
+                     check each searched kernel's best record against it, back to back, after the search
     """
 
     trials: int = 64
@@ -465,6 +475,8 @@ class TuningSummary:
     seconds: float = 0.0
     interrupted: bool = False
     estimated_ms: float | None = None   # sum over kernels of calls x best measured latency
+    defaults_kept: int = 0          # searched kernels whose default schedule won the paired check
+    check_records: int = 0          # records committed by the paired check (2 per kernel checked)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -558,8 +570,13 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
     if options.seed_defaults:
         seeds = [i for i in range(len(extracted))
                  if not progress.get(keys[i]).get("seeded") and _records_of(db, extracted[i].dispatched[0]) == 0]
-    if not seeds and not todo:                    # everything is in the records: nothing to build or measure
-        summary.estimated_ms = _estimate_ms(db, extracted)
+    # paired check (step 3): the kernels searched now, and searched ones an older graphopt never checked
+    check = [i for i in range(len(extracted)) if i in todo or (
+        int(progress.get(keys[i]).get("searched", 0)) > 0 and "default" not in progress.get(keys[i]))]
+    if not options.seed_defaults:
+        check = []
+    if not seeds and not todo and not check:      # everything is in the records: nothing to build or measure
+        summary.estimated_ms = _estimate_ms(db, extracted, keys, progress)
         summary.seconds = time.perf_counter() - start
         return db, summary
     builder, runner = _builder_runner(options, workers)
@@ -596,6 +613,14 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
                         entry["name"] = extracted[i].task_name
                     progress.save()
                 interrupt.check()
+                # 3. paired check of each searched kernel's best record against its default schedule
+                if check:
+                    if bar is not None:
+                        bar.set_description_str(f"checking {len(check)} tuned kernels against their defaults")
+                    summary.defaults_kept, summary.check_records = _check_against_defaults(
+                        db, [extracted[i] for i in check], [keys[i] for i in check], target, builder, runner,
+                        progress)
+                    progress.save()
             except KeyboardInterrupt:
                 raise
             except Exception as e:
@@ -617,7 +642,7 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
         if bar is not None:
             bar.close()
         _close(builder, runner)
-    summary.estimated_ms = _estimate_ms(db, extracted)
+    summary.estimated_ms = _estimate_ms(db, extracted, keys, progress)
     summary.seconds = time.perf_counter() - start
     log(f"tuning: {summary.new_trials} new measurements over {summary.tasks_tuned}/{summary.tasks} kernels, "
         f"{summary.reused_records} records reused, {summary.seconds:.1f} s ({database_dir})")
@@ -780,11 +805,14 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def _estimate_ms(db, extracted) -> float | None:
-    """Sum over kernels of calls x best recorded latency (None when a kernel has no valid record)."""
+def _estimate_ms(db, extracted, keys, progress) -> float | None:
+    """Sum over kernels of calls x the latency of what will run: the paired-check measurement of a kernel kept
+    on its default schedule, else its best record (None when a kernel has no valid record)."""
     total = 0.0
-    for t in extracted:
-        best = _best_secs(db, t.dispatched[0])
+    for t, key in zip(extracted, keys):
+        entry = progress.tasks.get(key, {})
+        best = entry.get("default_secs") if entry.get("default") else None
+        best = best if best is not None else _best_secs(db, t.dispatched[0])
         if best is None:
             return None
         total += best * max(1, int(t.weight))
@@ -862,6 +890,113 @@ def _seed_defaults(db, tasks, target, builder, runner) -> int:
             except Exception:
                 pass
     return n
+
+
+BEAT_DEFAULT_BY = 0.02      # a searched schedule replaces the default one only when >2% faster in the paired check
+
+
+def _check_against_defaults(db, tasks, keys, target, builder, runner, progress) -> int:
+    """Paired re-measurement of each task's best record against its default schedule (flow step 3).
+
+    Commits both fresh measurements as records and sets progress "default" (with "default_secs" and
+    "best_secs") per task. Returns (tasks kept on their default schedule, records committed).
+    """
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    pairs = []
+    for task, key in zip(tasks, keys):
+        mod = task.dispatched[0]
+        default = _replayed(mod, target)
+        top = db.get_top_k(db.commit_workload(mod), 1) if default is not None else []
+        progress.get(key)["default"] = False     # checked (also when there is nothing to compare)
+        if not top or str(top[0].trace) == str(default.trace):    # no default, or it is the best record
+            continue
+        best = s_tir.Schedule(mod, debug_mask="all")
+        try:
+            top[0].trace.apply_to_schedule(best, remove_postproc=False)
+        except Exception:
+            continue
+        pairs.append((mod, key, default, best))
+    if not pairs:
+        return 0, 0
+    schedules = [s for _, _, d, b in pairs for s in (d, b)]
+    builds = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
+    args_info = [ms.arg_info.ArgInfo.from_entry_func(s.mod, remove_preproc=True) for s in schedules]
+    run_inputs, owners = [], []
+    for p in range(len(pairs)):
+        d, b = builds[2 * p], builds[2 * p + 1]
+        if d.error_msg is not None or b.error_msg is not None or not d.artifact_path or not b.artifact_path:
+            continue
+        for k in (2 * p, 2 * p + 1, 2 * p, 2 * p + 1):        # default, best, default, best: back to back
+            run_inputs.append(ms.runner.RunnerInput(builds[k].artifact_path, "cpu", args_info[k]))
+            owners.append(k)
+    secs: dict[int, list[float]] = {}
+    for k, fut in zip(owners, runner.run(run_inputs)):
+        value = _run_secs(fut.result())
+        if value is not None:
+            secs.setdefault(k, []).append(value)
+    kept = committed = 0
+    for p, (mod, key, default, best) in enumerate(pairs):
+        d, b = secs.get(2 * p), secs.get(2 * p + 1)
+        if not d or not b:
+            continue
+        committed += 2
+        workload = db.commit_workload(mod)
+        for k, sch, values in ((2 * p, default, d), (2 * p + 1, best, b)):
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [min(values)], target,
+                                                             args_info[k]))
+        entry = progress.get(key)
+        entry["default"] = min(b) * (1 + BEAT_DEFAULT_BY) >= min(d)
+        entry["default_secs"], entry["best_secs"] = min(d), min(b)
+        kept += bool(entry["default"])
+    for b in builds:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return kept, committed
+
+
+def defaults_kept(database_dir: Path) -> set[str]:
+    """Task keys that the paired check kept on graphopt's default schedule (see the progress file)."""
+    path = Path(database_dir) / PROGRESS_FILE
+    if not path.exists():
+        return set()
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
+        return {str(k) for k, v in tasks.items() if isinstance(v, dict) and v.get("default")}
+    except (ValueError, OSError, AttributeError):
+        return set()
+
+
+def func_key(func) -> str:
+    """The task key (_task_key of MetaSchedule's dispatched module) of a PrimFunc of the module being built."""
+    import tvm
+
+    return _task_key(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+
+
+def _keep_defaults(mod, target, keys: set[str]):
+    """Schedule the PrimFuncs of `mod` whose task key is in `keys` with the default rules (before the
+    database is applied, so that their records are not). Returns (module, count)."""
+    import tvm
+    from tvm import tirx
+
+    from . import schedules
+
+    if not keys:
+        return mod, 0
+    chosen = [gv for gv, f in mod.functions_items()
+              if isinstance(f, tirx.PrimFunc) and not schedules.is_scheduled(f) and func_key(f) in keys]
+    if not chosen:
+        return mod, 0
+    sub, _ = schedules.apply_default_schedules(tvm.IRModule({gv: mod[gv] for gv in chosen}), target)
+    mod = mod.clone()
+    n = 0
+    for gv in chosen:
+        if schedules.is_scheduled(sub[gv]):
+            mod[gv] = sub[gv]
+            n += 1
+    return mod, n
 
 
 def _replayed(mod, target):
@@ -944,6 +1079,7 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
     if options is not None:
         database_dir = Path(options.database) if options.database else default_database_dir(spec)
         db, summary = tune_module(mod, target, options, database_dir=database_dir)
+        mod, kept_default = _keep_defaults(mod, target, defaults_kept(database_dir))
         with target, db:
             applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         tuned_kernels = _count_changed(mod, applied)
@@ -955,7 +1091,8 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
         report.backend["schedule"] = "metaschedule+graphopt-default" if options else "graphopt-default"
         kernels = stats.summary()
         if options is not None:
-            kernels = f"{tuned_kernels} from tuning records, " + kernels
+            kernels = (f"{tuned_kernels} from tuning records, {kept_default} kept on the default schedule by "
+                       f"the paired check, " + kernels)
         report.backend["kernels"] = kernels
         if summary is not None:
             report.backend["tuning"] = summary.as_dict()
