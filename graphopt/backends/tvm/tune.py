@@ -8,9 +8,10 @@
 
 Flow (schedule_cpu, called by build._schedule for LLVM targets):
   1. Relax rewrites + layout (schedules.relax_layout_passes), legalize, fold, fuse (schedules.legalize_passes).
-  2. With tuning options: every unscheduled kernel is a MetaSchedule task. Graphopt's default schedule of each
-     task is measured first and committed as that task's first record, so the search starts from it and a
-     tuned build is never slower than the untuned one by more than measurement noise. The search then runs
+  2. With tuning options: every unscheduled kernel is a MetaSchedule task, except kernels with an integer
+     input (gathers such as embedding lookups: random measurement inputs would index out of bounds; see
+     _reads_integers). Graphopt's default schedule of each task is measured first and committed as that
+     task's first record, so the search starts from it. The search then runs
      with the trial budget (tasks ordered by FLOPs x calls; `trials_per_task` each until `trials` is spent).
   3. Paired check: seeds and search candidates are measured minutes apart, so a change of machine load in
      between makes them incomparable (seen here: MobileNetV2's default kernels recorded at 0.85-3.9 ms on a
@@ -477,6 +478,7 @@ class TuningSummary:
     estimated_ms: float | None = None   # sum over kernels of calls x best measured latency
     defaults_kept: int = 0          # searched kernels whose default schedule won the paired check
     check_records: int = 0          # records committed by the paired check (2 per kernel checked)
+    untunable: int = 0              # kernels with integer inputs (gathers), left to the default schedules
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -489,6 +491,20 @@ def _task_key(mod) -> str:
         from tvm.ir import structural_hash
 
     return str(structural_hash(mod))
+
+
+def _reads_integers(func) -> bool:
+    """Whether a kernel takes an integer tensor input (embedding lookups, gathers: `take`). MetaSchedule
+    measures candidates on random inputs, and random indices read out of bounds (seen: BERT's embedding
+    `take` segfaulted the measuring workers), so such kernels are not tuned; they are memory-bound lookups
+    that the default schedules handle."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        args = ms.arg_info.ArgInfo.from_prim_func(func)[:-1]      # the last argument is the output
+    except Exception:
+        return False
+    return any(str(getattr(a, "dtype", "")).startswith(("int", "uint")) for a in args)
 
 
 def _task_flops(mod) -> float:
@@ -547,6 +563,9 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
 
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
                  if not is_scheduled(t.dispatched[0]["main"]) and not is_scheduled(t.mod["main"])]
+    gathers = [t for t in extracted if _reads_integers(t.dispatched[0]["main"])]
+    extracted = [t for t in extracted if not _reads_integers(t.dispatched[0]["main"])]
+    summary.untunable = len(gathers)
     summary.tasks = len(extracted)
     if not extracted:
         summary.seconds = time.perf_counter() - start
@@ -1091,8 +1110,8 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
         report.backend["schedule"] = "metaschedule+graphopt-default" if options else "graphopt-default"
         kernels = stats.summary()
         if options is not None:
-            kernels = (f"{tuned_kernels} from tuning records, {kept_default} kept on the default schedule by "
-                       f"the paired check, " + kernels)
+            kernels = (f"{tuned_kernels + kept_default} from tuning records ({kept_default} kept on the default "
+                       f"schedule by the paired check), " + kernels)
         report.backend["kernels"] = kernels
         if summary is not None:
             report.backend["tuning"] = summary.as_dict()
@@ -1151,6 +1170,8 @@ def cli_tune(args) -> int:
     print(f"tuned in {total:.1f} s: {tuning.get('new_trials', 0)} new measurements, "
           f"{tuning.get('reused_records', 0)} records reused, {tuning.get('tasks_tuned', 0)}/"
           f"{tuning.get('tasks', 0)} kernels searched")
+    print(f"paired check against the default schedules: {tuning.get('check_records', 0)} measurements, "
+          f"{tuning.get('defaults_kept', 0)} kernels kept on their default schedule")
     if tuning.get("estimated_ms") is not None:
         print(f"sum of best kernel latencies: {tuning['estimated_ms']:.3f} ms")
     print(f"records: {tuning.get('database', '?')}")
