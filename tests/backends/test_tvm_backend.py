@@ -5,6 +5,7 @@ Inputs are small: untuned TVM CPU kernels are slow. Compiled modules are shared 
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
@@ -374,6 +375,64 @@ def test_attention_encoder_matches_eager():
         ref2 = model(ids2)
     assert (opt(ids) - ref).abs().max().item() < 1e-4
     assert (opt(ids2) - ref2).abs().max().item() < 1e-4
+
+
+class _TwoTables(nn.Module):
+    """Token ids through an embedding, class ids through index_select, and a float input beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(50, 8)
+        self.classes = nn.Parameter(torch.randn(7, 8))
+
+    def forward(self, ids, cls, scale):
+        return self.tokens(ids).sum(1) + torch.index_select(self.classes, 0, cls) * scale
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _TwoTables().eval()
+    args = (torch.randint(0, 50, (3, 5)), torch.randint(0, 7, (3,)), torch.randn(3, 8))
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=args)
+    path = tmp_path_factory.mktemp("tables") / "tables.gopt"
+    opt.save(str(path))
+    return model, args, opt, graphopt.load(str(path))
+
+
+@pytest.mark.parametrize("which,value,rows,where", [
+    (0, 50, 50, "embedding"), (0, -1, 50, "embedding"), (0, 10**9, 50, "embedding"),
+    (1, 7, 7, "index_select"), (1, -7, 7, "index_select"),
+])
+def test_out_of_range_indices_are_input_errors_as_in_torch(tables, which, value, rows, where):
+    """TVM's gather does not check bounds (BERT with token id 10**6 segfaulted); torch raises IndexError. The
+    compiled module (and the same module loaded from its artifact) raises InputError naming input, position,
+    value, op and module before anything runs."""
+    model, args, opt, loaded = tables
+    bad = [a.clone() for a in args]
+    flat = bad[which].view(-1)
+    flat[-1] = value
+    pos = tuple(int(p) for p in divmod(flat.numel() - 1, bad[which].shape[-1])) if bad[which].dim() == 2 \
+        else (flat.numel() - 1,)
+    with pytest.raises(IndexError):
+        model(*bad)
+    for m in (opt, loaded):
+        with pytest.raises(InputError, match=re.escape(f"input {which}: index {value} at position {pos} is out "
+                                                       f"of range for aten.{where}") + r".*" +
+                           re.escape(f"({rows} rows: valid indices are 0..{rows - 1})")):
+            m(*bad)
+    with torch.no_grad():                                # in-range edge values still run and match
+        edge = [a.clone() for a in args]
+        edge[which].view(-1)[0] = rows - 1
+        assert _max_rel(loaded(*edge), model(*edge)) < EXACT
+
+
+def test_index_bounds_are_in_the_signature_only_for_index_inputs(tables):
+    _, _, opt, loaded = tables
+    for m in (opt, loaded):
+        sig = m.compiled.signature()["inputs"]
+        assert [s.get("index_bound") for s in sig] == [50, 7, None]
+        assert "module 'tokens'" in sig[0]["index_of"]
 
 
 def _torchvision_check(name: str, size: int):

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import LoweringError
 
-__all__ = ["TensorSpec", "Lowered", "lower_graph", "export_graph", "unsupported_ops"]
+__all__ = ["TensorSpec", "Lowered", "lower_graph", "export_graph", "unsupported_ops", "index_bounds"]
 
 _PROVENANCE_KEY = "graphopt_fx_node"
 
@@ -40,6 +40,8 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: str
+    index_bound: int | None = None    # an integer input used as row indices: valid values are 0..bound-1
+    index_of: str = ""                # what it indexes (op and module), for the error message
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorSpec":
@@ -50,11 +52,16 @@ class TensorSpec:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype}
+        d = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.index_bound is not None:
+            d.update(index_bound=int(self.index_bound), index_of=self.index_of)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        bound = d.get("index_bound")
+        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), None if bound is None else int(bound),
+                   str(d.get("index_of", "")))
 
     def __str__(self) -> str:
         return f"tensor{self.shape}:{self.dtype}"
@@ -199,6 +206,38 @@ def _depends_on_user_inputs(ep: torch.export.ExportedProgram) -> dict[fx.Node, b
     return dep
 
 
+_GATHERS = {"embedding.default": (0, 1), "index_select.default": (0, 2)}     # op: (table arg, index arg)
+
+
+def index_bounds(ep: torch.export.ExportedProgram, gm: fx.GraphModule | None = None) -> dict[int, tuple[int, str]]:
+    """User inputs that are used directly as row indices of a table: {input position: (rows, description)}.
+
+    TVM lowers embedding / index_select to a `take` that does not check bounds (an out-of-range token id read
+    arbitrary memory, or segfaulted the process), where torch raises IndexError; the compiled module checks
+    these inputs at call time instead. Only direct uses are found (an index computed from an input is not).
+    """
+    user = list(ep.graph_signature.user_inputs)
+    position = {name: i for i, name in enumerate(user)}
+    bounds: dict[int, tuple[int, str]] = {}
+    for node in ep.graph.nodes:
+        arg_pos = _GATHERS.get(_op_name(node)) if node.op == "call_function" else None
+        if arg_pos is None or len(node.args) <= max(arg_pos):
+            continue
+        if _op_name(node) == "index_select.default" and node.args[1] != 0:
+            continue
+        table, index = node.args[arg_pos[0]], node.args[arg_pos[1]]
+        if not isinstance(index, fx.Node) or index.op != "placeholder" or index.name not in position:
+            continue
+        val = table.meta.get("val") if isinstance(table, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dim() < 1:
+            continue
+        rows = int(val.shape[0])
+        i = position[index.name]
+        if i not in bounds or rows < bounds[i][0]:
+            bounds[i] = (rows, f"{_qualified_op(node)} {_fx_origin(node, gm)}")
+    return bounds
+
+
 def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
                     gm: fx.GraphModule | None = None) -> list[dict]:
     """Every call_function node of `ep` whose op has no converter: [{op, node, origin}], in graph order."""
@@ -257,6 +296,9 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}") from e
 
     inputs = [TensorSpec.of(x) for x in example_inputs]
+    for i, (rows, what) in index_bounds(ep, gm).items():
+        if i < len(inputs) and not inputs[i].torch_dtype.is_floating_point:
+            inputs[i] = TensorSpec(inputs[i].shape, inputs[i].dtype, rows, what)
     out_spec = ep.call_spec.out_spec
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     out_args = list(output_node.args[0])

@@ -101,6 +101,8 @@ class CompiledModule:
             if x.device.type != dev.type or (dev.index is not None and x.device.index not in (None, dev.index)):
                 raise InputError(f"input {i}: expected a tensor on {dev} (target '{self.spec.alias}'), "
                                  f"got one on {x.device}")
+            if s.index_bound is not None and x.numel():
+                _check_index_range(i, x, s)
 
     @staticmethod
     def _to_tvm(x: torch.Tensor):
@@ -145,6 +147,15 @@ class CompiledModule:
     def __repr__(self) -> str:
         ins = ", ".join(str(s) for s in self.inputs)
         return f"CompiledModule(target={self.spec.alias!r}, inputs=[{ins}], outputs={len(self.outputs)})"
+
+
+def _check_index_range(i: int, x: torch.Tensor, s: TensorSpec) -> None:
+    """InputError unless every value of the index input `x` is in 0..s.index_bound-1 (what torch checks)."""
+    bad = (x < 0) | (x >= s.index_bound)
+    if bool(bad.any()):
+        pos = tuple(int(p) for p in bad.nonzero()[0])
+        raise InputError(f"input {i}: index {int(x[pos])} at position {pos} is out of range for "
+                         f"{s.index_of} ({s.index_bound} rows: valid indices are 0..{s.index_bound - 1})")
 
 
 def _is_tvm_tensor(x: Any) -> bool:
