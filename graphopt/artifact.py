@@ -336,6 +336,7 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
     import tvm
 
     from .backends.tvm.lower import TensorSpec
+    from .backends.tvm.native_log import native_stderr_filtered
     from .backends.tvm.runtime import CompiledModule
 
     sig = meta["signature"]
@@ -352,8 +353,9 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
         with open(lib_path, "wb") as f:
             f.write(payload)
         try:
-            lib = tvm.runtime.load_module(lib_path)       # dlopen: the library stays mapped after unlink
-            return CompiledModule(lib, spec, inputs, outputs, out_spec, const_outputs, library_bytes=payload)
+            with native_stderr_filtered():                # TVM logs "Scope Loaded:" per VM function
+                lib = tvm.runtime.load_module(lib_path)   # dlopen: the library stays mapped after unlink
+                return CompiledModule(lib, spec, inputs, outputs, out_spec, const_outputs, library_bytes=payload)
         except GraphoptError:
             raise
         except Exception as e:

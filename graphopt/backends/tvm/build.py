@@ -146,8 +146,11 @@ def _export_options(spec: TargetSpec) -> dict:
 def export_library(executable, path: str, spec: TargetSpec) -> str:
     """Write `executable` (a relax VMExecutable) as a shared library at `path` for `spec`. Returns path."""
     options = _export_options(spec)
+    from .native_log import native_stderr_filtered
+
     try:
-        executable.export_library(str(path), **options)
+        with native_stderr_filtered():
+            executable.export_library(str(path), **options)
     except Exception as e:
         raise BuildError(f"exporting the library for '{spec.alias}' to {path} failed: "
                          f"{type(e).__name__}: {_first_line(str(e))}") from e

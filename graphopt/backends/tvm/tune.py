@@ -1089,7 +1089,9 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
 
     options = coerce_tune(tune)
     target = spec.tvm_target()
-    with target:
+    from .native_log import native_stderr_filtered
+
+    with target, native_stderr_filtered():         # legalizing a gather logs "Fast mode segfaults ..."
         passes = (cpu_pipeline.library_dispatch_passes(target) + schedules.relax_layout_passes(target)
                   + schedules.legalize_passes(target))
         mod = tvm.transform.Sequential(passes)(mod)
