@@ -56,7 +56,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             eager_ms = _median_ms(model, inputs, args.repeats)
             opt_ms = _median_ms(opt, inputs, args.repeats)
         print(f"latency (median of {args.repeats}): eager PyTorch {eager_ms:.2f} ms, graphopt {opt_ms:.2f} ms "
-              f"({eager_ms / opt_ms:.2f}x eager)")
+              f"(speedup over eager {eager_ms / opt_ms:.2f}x)")
     if args.output:
         path = opt.save(args.output)
         print(f"saved artifact to {path}")
