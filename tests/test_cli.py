@@ -1,6 +1,6 @@
 """The command line: `graphopt passes`, `graphopt optimize` (the README's main job, on a small model)."""
-import re
 import json
+import re
 
 from graphopt.cli import main
 
