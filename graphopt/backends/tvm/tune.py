@@ -563,8 +563,8 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
 
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
                  if not is_scheduled(t.dispatched[0]["main"]) and not is_scheduled(t.mod["main"])]
-    gathers = [t for t in extracted if _reads_integers(t.dispatched[0]["main"])]
-    extracted = [t for t in extracted if not _reads_integers(t.dispatched[0]["main"])]
+    gathers = {id(t) for t in extracted if _reads_integers(t.dispatched[0]["main"])}
+    extracted = [t for t in extracted if id(t) not in gathers]
     summary.untunable = len(gathers)
     summary.tasks = len(extracted)
     if not extracted:
@@ -591,9 +591,8 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
                  if not progress.get(keys[i]).get("seeded") and _records_of(db, extracted[i].dispatched[0]) == 0]
     # paired check (step 3): the kernels searched now, and searched ones an older graphopt never checked
     check = [i for i in range(len(extracted)) if i in todo or (
-        int(progress.get(keys[i]).get("searched", 0)) > 0 and "default" not in progress.get(keys[i]))]
-    if not options.seed_defaults:
-        check = []
+        int(progress.get(keys[i]).get("searched", 0)) > 0 and "default" not in progress.get(keys[i]))
+    ] if options.seed_defaults else []
     if not seeds and not todo and not check:      # everything is in the records: nothing to build or measure
         summary.estimated_ms = _estimate_ms(db, extracted, keys, progress)
         summary.seconds = time.perf_counter() - start
@@ -900,21 +899,21 @@ def _seed_defaults(db, tasks, target, builder, runner) -> int:
     if failed:
         warnings.warn(f"tuning: graphopt's default schedule of {len(failed)} kernel(s) could not be measured "
                       f"(first: {_first_line(str(failed[0][1]))}); their search starts without it", stacklevel=2)
+    _remove_artifacts(builds)
+    return n
+
+
+def _remove_artifacts(builds) -> None:
+    """Delete the builder's temporary directories of `builds` (BuilderResults)."""
     for b in builds:
         if b.artifact_path:
-            try:
-                import shutil
-
-                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
-            except Exception:
-                pass
-    return n
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
 
 
 BEAT_DEFAULT_BY = 0.02      # a searched schedule replaces the default one only when >2% faster in the paired check
 
 
-def _check_against_defaults(db, tasks, keys, target, builder, runner, progress) -> int:
+def _check_against_defaults(db, tasks, keys, target, builder, runner, progress) -> tuple[int, int]:
     """Paired re-measurement of each task's best record against its default schedule (flow step 3).
 
     Commits both fresh measurements as records and sets progress "default" (with "default_secs" and
@@ -969,9 +968,7 @@ def _check_against_defaults(db, tasks, keys, target, builder, runner, progress) 
         entry["default"] = min(b) * (1 + BEAT_DEFAULT_BY) >= min(d)
         entry["default_secs"], entry["best_secs"] = min(d), min(b)
         kept += bool(entry["default"])
-    for b in builds:
-        if b.artifact_path:
-            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    _remove_artifacts(builds)
     return kept, committed
 
 
