@@ -214,6 +214,8 @@ OP_CASES = {
     "layernorm": (lambda: nn.LayerNorm(33), [(3, 5, 33)], {RED}),
     "gelu": (lambda: nn.GELU(), [(3, 5, 33)], {INJ}),
     "gelu_tanh": (lambda: nn.GELU("tanh"), [(3, 5, 33)], {INJ}),
+    "nhwc_to_nchw_tiled": (lambda: Fn(lambda x: x.permute(0, 3, 1, 2).contiguous() + 1), [(2, 9, 24, 32)], {INJ}),
+    "transpose_odd_untiled": (lambda: Fn(lambda x: x.transpose(1, 2).contiguous()), [(3, 13, 7)], {INJ}),
 }
 
 
@@ -737,3 +739,44 @@ def test_weights_are_repacked_at_build_time():
     assert found == {"conv", "fc"}, f"packed constants found for {found} in {[n for n, _ in calls]}"
     with torch.no_grad():
         assert_close(compiled(out, low)(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------- transposes
+def _transpose_kernel(perm, shape):
+    """The legalized PrimFunc of x.permute(perm) + 1 (one fused injective kernel)."""
+    mod, _ = lowered(Fn(lambda x: x.permute(*perm).contiguous() + 1), torch.randn(*shape))
+    funcs = [f for f in prim_funcs(legalized(mod)).values()]
+    assert len(funcs) == 1, list(prim_funcs(legalized(mod)))
+    return funcs[0]
+
+
+def _output_block(sch):
+    return sch.get_output_blocks(sch.get_sblock("root"))[0]
+
+
+@pytest.mark.parametrize("perm, shape, tiled", [
+    ((0, 3, 1, 2), (1, 20, 20, 64), True),         # NHWC -> NCHW: the input's channels cross the output rows
+    ((0, 2, 3, 1), (1, 64, 20, 20), True),         # NCHW -> NHWC
+    ((1, 0), (48, 96), True),                      # a matrix transpose
+    ((0, 2, 1, 3), (2, 8, 12, 32), False),         # innermost axis kept: rows copy contiguously, no tiling
+    ((0, 2, 1), (3, 13, 7), False),                # no tile of >= 4 divides both axes: plain vectorized loop
+])
+def test_transposes_are_tiled_and_bit_exact(perm, shape, tiled):
+    """_tile_transpose takes exactly the kernels that read their input across its innermost axis, tiles both
+    axes with the vectorized tile row innermost, and the kernel's values are the permuted input's."""
+    func = _transpose_kernel(perm, shape)
+    lanes = schedules.cpu_vector(HOST.tvm_target()).lanes("float32")
+    sch = s_tir.Schedule(func)
+    for b in schedules._root_blocks(sch):
+        if not schedules._same(sch.get(b), sch.get(_output_block(sch))):
+            sch.compute_inline(b)
+    assert schedules._tile_transpose(sch, _output_block(sch), lanes) is tiled
+    if tiled:
+        loops = sch.get_loops(_output_block(sch))
+        inner = [schedules._extent(sch, lp) for lp in loops[-2:]]
+        assert all(4 <= e <= lanes for e in inner), inner
+        assert sch.get(loops[-1]).kind == tirx.ForKind.VECTORIZED
+    x = torch.randn(*shape)
+    check_scheduled_equals_unscheduled(Fn(lambda t: t.permute(*perm).contiguous() + 1), x)
+    opt = x86(Fn(lambda t: t.permute(*perm).contiguous() + 1), x)
+    assert torch.equal(opt(x), x.permute(*perm) + 1)

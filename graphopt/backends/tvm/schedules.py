@@ -143,6 +143,68 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         sch.parallel(fused)
 
 
+def _pow2_divisor(n: int, limit: int) -> int:
+    """The largest power of two <= limit that divides n."""
+    t = 1
+    while t * 2 <= limit and n % (t * 2) == 0:
+        t *= 2
+    return t
+
+
+def _tile_transpose(sch, block, lanes: int, parallel_min: int = 1 << 14) -> bool:
+    """Injective block that reads a tensor across its innermost axis (a transpose / layout change such as
+    NHWC -> NCHW): walking the output row by row touches a new cache line of the input for every element,
+    so each input line is fetched up to `lanes` times (measured 1.7 GB/s on a 3 MB NHWC->NCHW copy).
+    Tile the two axes involved (the output's innermost loop and the loop that indexes the input's innermost
+    dimension) by up to `lanes` each, so one tile's input lines and output lines stay in L1; the tile's inner
+    row is vectorized, the outer tiles run in parallel. Returns False (block untouched) when the block is not
+    such a transpose."""
+    if not _loops_are_iters(sch, block):
+        return False
+    stmt = sch.get(block)
+    ivs = list(stmt.iter_vars)
+    loops = sch.get_loops(block)
+    ext = [_extent(sch, lp) for lp in loops]
+    if len(ivs) < 2 or any(e is None for e in ext):
+        return False
+    inner_var = ivs[-1].var
+    cross = None
+    for region in stmt.reads:
+        if not region.region:
+            continue
+        last = region.region[-1].min
+        j = next((i for i, iv in enumerate(ivs) if last.same_as(iv.var)), None)
+        if j is None or j == len(ivs) - 1:
+            continue
+        uses_inner = any(_mentions(r.min, inner_var) for r in region.region[:-1])
+        if uses_inner:
+            cross = j
+            break
+    if cross is None:
+        return False
+    t_in = _pow2_divisor(ext[cross], lanes)
+    t_out = _pow2_divisor(ext[-1], lanes)
+    if t_in < 4 or t_out < 4:
+        return False
+    c_o, c_i = sch.split(loops[cross], [None, t_in])
+    w_o, w_i = sch.split(loops[-1], [None, t_out])
+    outer = [c_o if i == cross else lp for i, lp in enumerate(loops[:-1])] + [w_o]
+    sch.reorder(*outer, c_i, w_i)
+    sch.vectorize(w_i)
+    total = 1
+    for e in ext:
+        total *= e
+    if total >= parallel_min:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    return True
+
+
+def _mentions(expr, var) -> bool:
+    from tvm import tirx
+
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
 def _is_pad_block(sch, block) -> bool:
     name = sch.get(block).name_hint
     return name.startswith("pad") or name.endswith("pad") or "pad_temp" in name
@@ -357,7 +419,8 @@ class PackedGemm:
 
 class Injective:
     """Kernels without a reduction (elementwise, transpose, reshape, padding, layout transforms): inline the
-    intermediate blocks, then per remaining block a vectorized inner loop and a parallel outer loop."""
+    intermediate blocks, then per remaining block a vectorized inner loop and a parallel outer loop;
+    transposes are tiled so both sides stay in cache (`_tile_transpose`)."""
 
     def apply(self, func, target, tunable: bool = False):
         try:
@@ -385,7 +448,8 @@ class Injective:
                     pass
         for b in _root_blocks(sch):
             dtype = sch.get(b).writes[0].source.dtype if sch.get(b).writes else "float32"
-            _vectorize_inner(sch, b, vec.lanes(dtype))
+            if not _tile_transpose(sch, b, vec.lanes(dtype)):
+                _vectorize_inner(sch, b, vec.lanes(dtype))
         return sch
 
 
