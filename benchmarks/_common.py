@@ -137,16 +137,17 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s: float = 0.25,
-                     budget_s: float = 300.0, min_rounds: int = 3, calls: int = 0,
+                     budget_s: float = 300.0, min_rounds: int = 3, calls: int = 0, settle_s: float = 0.05,
                      on_error: Callable[[str, BaseException], None] | None = None) -> dict[str, dict]:
     """Per-call latency statistics of each fn, timed interleaved round-robin.
 
     Each round calls every fn in turn, so load changes on a shared machine hit every variant alike. Within a
     round a fn gets ~`slice_s` seconds: `k` timed calls, each timed alone (k sized from a first call, or
     `calls` when > 0). A block of calls per fn, not one call each in turn: the thread pools of torch, ORT and
-    TVM spin for a while after a call, and calls interleaved one by one slow each other down. Fast
-    fns (< 50 ms) get one untimed call first, so the previous variant's thread-pool spin-down does not land
-    in their first sample. Stops after `rounds` rounds, or once `budget_s` is spent and `min_rounds` are done.
+    TVM spin for a while after a call, and calls interleaved one by one slow each other down. Before each
+    block the process sleeps `settle_s` so the previous variant's thread pools go idle (without it, PyTorch
+    eager on a 100 MB MLP measured 19-23 ms right after ONNX Runtime's int8 session, 5.2 ms with it), and
+    fast fns (< 50 ms) get one untimed call first. Stops after `rounds` rounds, or once `budget_s` is spent and `min_rounds` are done.
     A fn that raises is dropped (on_error is told) and the others go on.
 
     Returns {name: {"median_ms", "p10_ms", "p90_ms", "min_ms", "samples", "rounds"}}.
@@ -178,6 +179,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
         for _ in range(rounds):
             for k, fn in list(live.items()):
                 try:
+                    time.sleep(settle_s)              # let the previous runtime's thread pool go idle
                     if warm[k]:
                         fn()
                     for _ in range(per_fn[k]):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -36,7 +35,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import graphopt  # noqa: E402
+from _common import physical_cores, set_threads, time_interleaved  # noqa: E402
 from graphopt.models import MLP, BertStyleEncoder  # noqa: E402
 
 
@@ -72,18 +74,11 @@ def errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
             "max_rel": float((got - ref).abs().max() / ref.abs().max())}
 
 
-def time_round_robin(fns: dict, x: tuple, repeats: int, warmup: int = 3) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn(*x)
-    samples = {k: [] for k in fns}
-    with torch.no_grad():
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                start = time.perf_counter()
-                fn(*x)
-                samples[k].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+def time_round_robin(fns: dict, x: tuple, rounds: int) -> dict:
+    """Median ms per call of each fn, timed interleaved (benchmarks/_common.time_interleaved: a block of calls
+    per fn and round, one untimed call first so the previous runtime's spinning thread pool is not timed)."""
+    stats = time_interleaved({k: (lambda fn=fn: fn(*x)) for k, fn in fns.items()}, rounds=rounds, slice_s=0.2)
+    return {k: v["median_ms"] for k, v in stats.items()}
 
 
 def run(name: str, weights: str, args) -> dict:
@@ -164,10 +159,11 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=0.6, help="singular values ∝ i^-alpha for 'decay'")
     p.add_argument("--data-aware", action="store_true", help="lowrank(data_aware=true) on random inputs")
     p.add_argument("--calib", type=int, default=8, help="calibration batches for --data-aware")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=10, help="timing rounds (each times every variant)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     args.targets = args.targets.split(",")
+    set_threads(physical_cores())
     for name in args.models.split(","):
         for weights in args.weights.split(","):
             r = run(name, weights, args)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -28,7 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import graphopt  # noqa: E402
+from _common import physical_cores, set_threads, time_interleaved  # noqa: E402
 from graphopt.models import get_model  # noqa: E402
 
 
@@ -39,20 +41,6 @@ def _model(name: str, size: int):
     if name in ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121"):
         return getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, size, size),)
     return get_model(name)
-
-
-def _time_round_robin(fns: dict, repeat: int, budget_s: float) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(repeat):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t) * 1e3)
-            if time.perf_counter() - start > budget_s and len(times[next(iter(fns))]) >= 3:
-                break
-    return times
 
 
 def bench_model(name: str, args) -> dict:
@@ -88,15 +76,15 @@ def bench_model(name: str, args) -> dict:
         for fn in fns.values():                       # warm-up
             for _ in range(args.warmup):
                 fn()
-        times = _time_round_robin(fns, args.repeat, args.budget)
-        base_ms = statistics.median(times["base"])
+        stats = time_interleaved(fns, rounds=args.repeat, slice_s=0.2, budget_s=args.budget)
+        base_ms = stats["base"]["median_ms"]
         base_flops = result["variants"]["base"]["flops"]
-        for k, ts in times.items():
+        for k, st in stats.items():
             info = result["variants"][k]
-            ms = statistics.median(ts)
+            ms = st["median_ms"]
             ratio = base_flops / info["flops"]
             info.setdefault("ms", {})[target] = round(ms, 3)
-            info.setdefault("samples", {})[target] = len(ts)
+            info.setdefault("samples", {})[target] = st["samples"]
             info.setdefault("speedup", {})[target] = round(base_ms / ms, 3)
             info["flops_ratio"] = round(ratio, 3)
             info["flops_reduction"] = round(1 - 1 / ratio, 4)
@@ -130,17 +118,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scope", default="layer")
     ap.add_argument("--multiple", type=int, default=None,
                     help="channel multiple (default: the compiled target's float32 vector width)")
-    ap.add_argument("--repeat", type=int, default=20, help="timed rounds (each round calls every variant once)")
+    ap.add_argument("--repeat", type=int, default=10, help="timing rounds (each times every variant)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=240.0, help="seconds of timing per model and target")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: physical cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch and TVM threads (0: physical cores)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     args.reductions = [float(r) for r in args.reductions.split(",") if r]
     args.targets = [t for t in args.targets.split(",") if t]
-    from graphopt.backends.targets import physical_cores
-
-    torch.set_num_threads(args.threads or physical_cores())
+    set_threads(args.threads or physical_cores())
     os.makedirs(args.out, exist_ok=True)
     for name in [m for m in args.models.split(",") if m]:
         print(f"== {name}", flush=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import zlib
@@ -35,7 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import graphopt  # noqa: E402
+from _common import physical_cores, set_threads, time_interleaved  # noqa: E402
 from graphopt.datasets import DigitsCNN, batches, digits, train_classifier  # noqa: E402
 from graphopt.models import BertStyleEncoder, get_model  # noqa: E402
 
@@ -124,26 +126,14 @@ def per_sample(fn, xs: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(xs[i:i + 1]) for i in range(len(xs))])
 
 
-def interleaved_ms(fns: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
-    """Median ms per call of each fn; each round runs every fn once in turn (up to `calls` calls, fewer
-    for slow ones so a round stays near 0.2 s per fn)."""
-    per_fn_calls = {}
-    for k, fn in fns.items():                       # warm up, and size the number of calls
+def interleaved_ms(fns: dict, x: tuple, rounds: int) -> dict[str, float]:
+    """Median ms per call of each fn, timed interleaved (benchmarks/_common.time_interleaved: a block of calls
+    per fn and round, one untimed call first so the previous runtime's spinning thread pool is not timed)."""
+    for fn in fns.values():                         # warm up
         with torch.no_grad():
             fn(*x)
-            t = time.perf_counter()
-            fn(*x)
-        per_fn_calls[k] = max(1, min(calls, int(0.2 / max(time.perf_counter() - t, 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            n = per_fn_calls[k]
-            with torch.no_grad():
-                t = time.perf_counter()
-                for _ in range(n):
-                    fn(*x)
-                samples[k].append((time.perf_counter() - t) / n * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    stats = time_interleaved({k: (lambda fn=fn: fn(*x)) for k, fn in fns.items()}, rounds=rounds, slice_s=0.2)
+    return {k: v["median_ms"] for k, v in stats.items()}
 
 
 def ort_variants(model, example, calib, tmpdir):
@@ -175,7 +165,7 @@ def ort_variants(model, example, calib, tmpdir):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
+    so.intra_op_num_threads = physical_cores()
     so.log_severity_level = 3
     out = {}
     for name, p in (("ort-fp32", path), ("ort-int8", qpath)):
@@ -207,7 +197,7 @@ def bench_model(name: str, spec: dict, args) -> dict:
 
         with tempfile.TemporaryDirectory() as d:
             variants.update(ort_variants(model, example, calib, d))
-    ms = interleaved_ms(variants, example, args.rounds, args.calls)
+    ms = interleaved_ms(variants, example, args.rounds)
     with torch.no_grad():
         ref = per_sample(model, spec["eval_x"])
     rows = {}
@@ -244,11 +234,10 @@ def main(argv=None):
     ap.add_argument("--target", default="x86")
     ap.add_argument("--encoder", choices=["small", "base"], default="small")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--ort", action="store_true", help="also measure ONNX Runtime float32 and int8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    set_threads(physical_cores())
     os.makedirs(args.out, exist_ok=True)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"{name}:", flush=True)
