@@ -141,8 +141,11 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool):
 
 def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
                 stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, vnni: bool):
-    """TIR: NCHW float32 Y[N, CO, OH, OW] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
-    that is already padded (spatially with the zero point; channels up to a multiple of 4).
+    """TIR: NHWC float32 Y[N, OH, OW, COB·16] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
+    that is already padded (spatially with the zero point; channels up to a multiple of 4). Output channels
+    are padded to whole 16-lane blocks so every store is one vector; the caller slices them off and
+    permutes to the graph's NCHW, which fuse into the consumer (the next layer's quantize + NHWC permute
+    then cancel to a plain elementwise kernel).
 
     W layout: [COB, KH, KW, CB, 16, 4] (vnni) or [COB, KH, KW, CB, 4, 16]; C/S/B of length COB·16.
     """
@@ -159,7 +162,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     @T.prim_func
     def qconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer(w_shape, "int8"),
               C: T.Buffer((COB * 16,), "int32"), S: T.Buffer((COB * 16,), "float32"),
-              Bi: T.Buffer((COB * 16,), "float32"), Y: T.Buffer((N, CO, OH, OW), "float32")):
+              Bi: T.Buffer((COB * 16,), "float32"), Y: T.Buffer((N, OH, OW, COB * 16), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for row in T.parallel(N * OH):
             for cbo in range(CBO):
@@ -190,14 +193,13 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                                                           T.min(owo * MT + mi, OW - 1) * sw
                                                                           + kw * dw, cb * 4 + k]) * \
                                                         T.Cast("int32", W[cbo * NT + nt, kh, kw, cb, k, j])
-                    for nt in T.unroll(NT):
-                        for j in range(16):
-                            if (cbo * NT + nt) * 16 + j < CO:
-                                for mi in T.unroll(MT):
-                                    if owo * MT + mi < OW:
-                                        Y[row // OH, (cbo * NT + nt) * 16 + j, row % OH, owo * MT + mi] = T.Cast(
-                                            "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
-                                            * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
+                    for mi in T.unroll(MT):
+                        if owo * MT + mi < OW:
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(16):
+                                    Y[row // OH, row % OH, owo * MT + mi, (cbo * NT + nt) * 16 + j] = T.Cast(
+                                        "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
+                                        * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
     return qconv
 
 
@@ -569,7 +571,10 @@ def _convert_qconv2d(st: QuantLowering):
         comp = (zp8 * wq.astype(np.int64).reshape(co, -1).sum(axis=1)).astype(np.int32)
         args = [nhwc, _const(pack_conv(wq, vnni)), _const(_pad_vec(comp, cob * 16, np.int32)),
                 _const(_pad_vec(out_scale, cob * 16, np.float32)), _const(_pad_vec(bias, cob * 16, np.float32))]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType([n, co, oh, ow], "float32")))
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * 16], "float32")))
+        if cob * 16 != co:
+            y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[co]))
+        return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
     return convert
 
 
