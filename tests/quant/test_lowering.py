@@ -32,21 +32,25 @@ def close(y, ref, rel=ULP):
 
 
 class ConvNet(nn.Module):
-    """Odd shapes on purpose: C=3, CO=20/17 (not multiples of 16), stride, dilation, depthwise, tails."""
+    """Odd shapes on purpose: C=3, CO=20/17/24 (not multiples of 16), stride, dilation, depthwise (also
+    strided, dilated, 24 channels), a grouped conv that is not depthwise, tails."""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 20, 3, stride=2, padding=1)
         self.c2 = nn.Conv2d(20, 32, 3, padding=2, dilation=2)
         self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.g = nn.Conv2d(32, 32, 3, padding=1, groups=4)
         self.c3 = nn.Conv2d(32, 24, 1)
+        self.dw2 = nn.Conv2d(24, 24, 3, stride=2, padding=2, dilation=2, groups=24)
         self.c4 = nn.Conv2d(24, 17, (3, 1), stride=(1, 2), padding=(1, 0))
         self.fc = nn.Linear(17, 5)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
         x = torch.relu(self.c2(x))
-        x = torch.relu(self.c3(self.dw(x)))
+        x = torch.relu(self.c3(self.g(self.dw(x))))
+        x = torch.relu(self.dw2(x))
         return self.fc(self.c4(x).mean((2, 3)))
 
 
@@ -77,7 +81,8 @@ def test_static_conv_net_matches_the_qdq_graph(convnet, target):
         assert any("no AVX512-VNNI" in n for n in opt.report.records[-1].notes)
     elif HOST_VNNI:
         assert line.startswith("path=vnni") and "qconv2d:vnni×4" in line
-    assert "qconv2d:relax (grouped)×1" in line            # depthwise: portable integer Relax ops
+    assert "qconv2d:depthwise×2" in line                  # depthwise: its own uint8 kernel on every CPU path
+    assert "qconv2d:relax (grouped)×1" in line            # other grouped convs: portable integer Relax ops
     with torch.no_grad():
         ref = opt.graph_module(x)
     assert close(opt(x), ref)

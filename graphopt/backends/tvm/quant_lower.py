@@ -21,7 +21,9 @@ Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules an
     layout [N/16, K/4, 16, 4]; register tile MT rows x NT·16 columns; parallel over output tiles.
   * other LLVM CPU targets (AVX2, AVX-512 without VNNI, ARM): the same tiling with widening int32
     multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
-  * grouped/depthwise conv (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
+  * depthwise conv on CPU targets: its own kernel over uint8 NHWC (widening int32 multiply-adds, vectorized
+    over 16 channels): a depthwise conv is memory-bound, so the win is reading 1-byte inputs.
+  * other grouped convs (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
     out_dtype int32), scheduled by whatever the build does for ordinary ops.
 Weights are read from the ExportedProgram's constants and packed at compile time (numpy). Integer
 accumulation is exact, so a TVM result differs from the PyTorch op only by float32 rounding in the
@@ -36,8 +38,8 @@ import numpy as np
 
 from ...errors import LoweringError
 
-__all__ = ["custom_convert_map", "has_vnni", "int8_path", "dense_kernel", "conv_kernel", "woq_kernel",
-           "OP_NAMES"]
+__all__ = ["custom_convert_map", "has_vnni", "int8_path", "dense_kernel", "conv_kernel", "depthwise_kernel",
+           "woq_kernel", "OP_NAMES"]
 
 OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
             "woq_linear.default")
@@ -201,6 +203,48 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                         "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
                                         * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
     return qconv
+
+
+def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: int, KW: int,
+                     stride: tuple[int, int], dilation: tuple[int, int], MT: int):
+    """TIR: NHWC float32 Y[N, OH, OW, CB·16] of an integer depthwise conv (one filter per channel) over an
+    NHWC uint8 input X[N, Hp, Wp, CB·16] already padded (spatially with the zero point, channels to whole
+    16-lane blocks). W int8 [KH, KW, CB·16]; C/S/B of length CB·16 as in conv_kernel. Each tap widens 16
+    uint8 inputs and 16 int8 weights to int32 and multiply-adds them (a depthwise conv reads every input a
+    handful of times: memory-bound, no dot-product instruction applies); MT output columns x 16 channels
+    of accumulators per tile."""
+    from tvm.script import tirx as T
+
+    Cp = CB * 16
+    sh, sw = stride
+    dh, dw = dilation
+    OWO = (OW + MT - 1) // MT
+
+    @T.prim_func
+    def qdwconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer((KH, KW, Cp), "int8"),
+                C: T.Buffer((Cp,), "int32"), S: T.Buffer((Cp,), "float32"), Bi: T.Buffer((Cp,), "float32"),
+                Y: T.Buffer((N, OH, OW, Cp), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for row in T.parallel(N * OH):
+            for cb in range(CB):
+                for owo in range(OWO):
+                    acc = T.decl_buffer((MT * 16,), "int32", scope="local")
+                    for t in T.unroll(MT):
+                        acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    for kh in range(KH):
+                        for kw in T.unroll(KW):
+                            for mi in T.unroll(MT):
+                                for j in T.vectorized(16):
+                                    acc[mi * 16 + j] = acc[mi * 16 + j] + T.Cast(
+                                        "int32", X[row // OH, (row % OH) * sh + kh * dh,
+                                                   T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 16 + j]) * \
+                                        T.Cast("int32", W[kh, kw, cb * 16 + j])
+                    for mi in T.unroll(MT):
+                        if owo * MT + mi < OW:
+                            for j in T.vectorized(16):
+                                Y[row // OH, row % OH, owo * MT + mi, cb * 16 + j] = T.Cast(
+                                    "float32", acc[mi * 16 + j] - C[cb * 16 + j]) * S[cb * 16 + j] + Bi[cb * 16 + j]
+    return qdwconv
 
 
 def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool, scale: float):
@@ -548,6 +592,8 @@ def _convert_qconv2d(st: QuantLowering):
         co, ci, kh, kw = wq.shape
         oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if st.path != "relax" and groups == c == co and ci == 1:
+            return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow)
         if st.path == "relax" or groups != 1:
             st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else ""))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
@@ -576,6 +622,34 @@ def _convert_qconv2d(st: QuantLowering):
             y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[co]))
         return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
     return convert
+
+
+def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarray, out_scale: np.ndarray,
+                    bias: np.ndarray, stride, padding, dilation, oh: int, ow: int):
+    """Emit depthwise_kernel for a quantized depthwise conv (groups == channels, one filter each); returns
+    float32 NCHW like the other converters (slice and permute fuse into the consumer)."""
+    relax = _relax()
+    R = relax.op
+    n, c, h, w = _shape(xq)
+    kh, kw = wq.shape[2:]
+    xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+    cpad = -c % 16
+    nhwc = bb.emit(R.nn.pad(R.permute_dims(xu8, [0, 2, 3, 1]),
+                            [0, 0, padding[0], padding[0], padding[1], padding[1], 0, cpad], pad_value=float(zp8)))
+    cp = c + cpad
+    mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
+    func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw, tuple(stride),
+                            tuple(dilation), mt)
+    gv = bb.add_func(_private(func), "graphopt_qdwconv2d")
+    taps = np.ascontiguousarray(wq.reshape(c, kh, kw).transpose(1, 2, 0))          # [KH, KW, C]
+    comp = (zp8 * wq.astype(np.int64).reshape(c, -1).sum(axis=1)).astype(np.int32)
+    args = [nhwc, _const(np.pad(taps, ((0, 0), (0, 0), (0, cpad)))), _const(_pad_vec(comp, cp, np.int32)),
+            _const(_pad_vec(out_scale, cp, np.float32)), _const(_pad_vec(bias, cp, np.float32))]
+    st.count("qconv2d:depthwise")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cp], "float32")))
+    if cpad:
+        y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[c]))
+    return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
 
 
 def _convert_qmatmul(st: QuantLowering):
