@@ -118,8 +118,9 @@ def _loops_are_iters(sch, block) -> bool:
 
 
 def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> None:
-    """Injective block: vectorize the innermost loop (split to `lanes` when it divides), fuse the outer
-    loops and run them in parallel when the block is large enough to pay for the fork."""
+    """Injective block: vectorize the innermost loop (split to `lanes` when it divides, else to its largest
+    power-of-two divisor below `lanes` when that is at least 4), fuse the outer loops and run them in
+    parallel when the block is large enough to pay for the fork."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -134,6 +135,10 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         outer.append(lo)
     elif 1 < extents[-1] <= lanes:
         sch.vectorize(inner)
+    elif (t := _pow2_divisor(extents[-1], lanes)) >= 4:   # e.g. 144 uint8 channels, 64 lanes: 9 x 16
+        lo, li = sch.split(inner, [None, t])
+        sch.vectorize(li)
+        outer.append(lo)
     else:
         outer.append(inner)
     _parallel_outer(sch, outer, extents, parallel_min)
