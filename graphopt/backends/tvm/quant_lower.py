@@ -502,7 +502,7 @@ def _convert_qlinear(st: QuantLowering):
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
         st.count(f"qlinear:{st.path}")
         xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
-        comp = (zp8 * wq.astype(np.int64).sum(axis=1)).astype(np.int32)
+        comp = _zero_point_term(zp8, wq)
         return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1])
     return convert
 
@@ -602,11 +602,8 @@ def _convert_qconv2d(st: QuantLowering):
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), 1, 4)
         st.count(f"qconv2d:{st.path}")
         xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
-        nhwc = bb.emit(R.permute_dims(xu8, [0, 2, 3, 1]))
         cpad = -c % 4
-        if padding[0] or padding[1] or cpad:
-            nhwc = bb.emit(R.nn.pad(nhwc, [0, 0, padding[0], padding[0], padding[1], padding[1], 0, cpad],
-                                    pad_value=float(zp8)))
+        nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         cb, cob = (c + cpad) // 4, (co + 15) // 16
         mt = next((m for m in (8, 7, 6) if ow % m == 0), min(8, ow))
@@ -614,14 +611,38 @@ def _convert_qconv2d(st: QuantLowering):
         vnni = st.path == "vnni"
         func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt, vnni)
         gv = bb.add_func(_private(func), "graphopt_qconv2d")
-        comp = (zp8 * wq.astype(np.int64).reshape(co, -1).sum(axis=1)).astype(np.int32)
+        comp = _zero_point_term(zp8, wq)
         args = [nhwc, _const(pack_conv(wq, vnni)), _const(_pad_vec(comp, cob * 16, np.int32)),
                 _const(_pad_vec(out_scale, cob * 16, np.float32)), _const(_pad_vec(bias, cob * 16, np.float32))]
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * 16], "float32")))
-        if cob * 16 != co:
-            y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[co]))
-        return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
+        return _nchw_output(bb, y, co)
     return convert
+
+
+def _nhwc_input(bb, xu8, padding, cpad: int, zp8: int):
+    """The NCHW uint8 activation as the int8 conv kernels read it: NHWC, padded spatially with the zero
+    point and with `cpad` more channels."""
+    R = _relax().op
+    nhwc = bb.emit(R.permute_dims(xu8, [0, 2, 3, 1]))
+    if padding[0] or padding[1] or cpad:
+        nhwc = bb.emit(R.nn.pad(nhwc, [0, 0, padding[0], padding[0], padding[1], padding[1], 0, cpad],
+                                pad_value=float(zp8)))
+    return nhwc
+
+
+def _nchw_output(bb, y, channels: int):
+    """An int8 conv kernel's NHWC float32 output (channels padded to whole vectors) as the graph's NCHW
+    tensor; the slice and permute fuse into the consumer."""
+    R = _relax().op
+    if _shape(y)[3] != channels:
+        y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[channels]))
+    return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
+
+
+def _zero_point_term(zp8: int, wq: np.ndarray) -> np.ndarray:
+    """zp · Σ w per output channel (int32): what the kernels subtract to turn uint8 products into
+    zero-point-corrected ones."""
+    return (zp8 * wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)).astype(np.int32)
 
 
 def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarray, out_scale: np.ndarray,
@@ -634,22 +655,19 @@ def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarr
     kh, kw = wq.shape[2:]
     xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
     cpad = -c % 16
-    nhwc = bb.emit(R.nn.pad(R.permute_dims(xu8, [0, 2, 3, 1]),
-                            [0, 0, padding[0], padding[0], padding[1], padding[1], 0, cpad], pad_value=float(zp8)))
+    nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
     cp = c + cpad
     mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
     func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw, tuple(stride),
                             tuple(dilation), mt)
     gv = bb.add_func(_private(func), "graphopt_qdwconv2d")
     taps = np.ascontiguousarray(wq.reshape(c, kh, kw).transpose(1, 2, 0))          # [KH, KW, C]
-    comp = (zp8 * wq.astype(np.int64).reshape(c, -1).sum(axis=1)).astype(np.int32)
+    comp = _zero_point_term(zp8, wq)
     args = [nhwc, _const(np.pad(taps, ((0, 0), (0, 0), (0, cpad)))), _const(_pad_vec(comp, cp, np.int32)),
             _const(_pad_vec(out_scale, cp, np.float32)), _const(_pad_vec(bias, cp, np.float32))]
     st.count("qconv2d:depthwise")
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cp], "float32")))
-    if cpad:
-        y = bb.emit(R.strided_slice(y, axes=[3], begin=[0], end=[c]))
-    return bb.emit(R.permute_dims(y, [0, 3, 1, 2]))
+    return _nchw_output(bb, y, c)
 
 
 def _convert_qmatmul(st: QuantLowering):
