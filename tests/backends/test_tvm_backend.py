@@ -15,7 +15,7 @@ from torch import fx, nn
 import graphopt
 from graphopt.analysis.compare import compare_outputs
 from graphopt.backends.targets import resolve_target
-from graphopt.errors import BuildError, GraphoptError, InputError, LoweringError, TuningError
+from graphopt.errors import BuildError, GraphoptError, InputError, LoweringError
 from graphopt.models import BertStyleEncoder
 from tests.helpers import randomize_bn
 
@@ -229,18 +229,6 @@ def test_bad_tvm_target_is_a_build_error(cnn):
     spec = resolve_target({"kind": "llvm", "no-such-option": 1})
     with pytest.raises(BuildError, match="no-such-option"):
         build_module(lowered.mod, spec)
-
-
-def test_tuning_request_without_tuner_is_a_typed_error(cnn):
-    _, x, opt = cnn
-    lowered = lower_graph(opt.graph_module, (x,))
-    try:
-        from graphopt.backends.tvm import tune  # noqa: F401
-    except ImportError:
-        with pytest.raises(TuningError):
-            build_module(lowered.mod, resolve_target("x86"), tune=True)
-    else:
-        pytest.skip("graphopt.backends.tvm.tune exists: tuning is tested by its own tests")
 
 
 def test_foreign_cpu_target_builds_but_refuses_to_run_here(cnn):
