@@ -197,7 +197,11 @@ OP_CASES = {
     "linear_wide_packed": (lambda: nn.Linear(256, 200), [(5, 256)], {PG}),
     "attention": (Attention, [(2, 5, 24)], {PG, RED}),
     "matmul_broadcast": (lambda: Fn(torch.matmul), [(2, 3, 5, 8), (1, 3, 8, 6)], {PG}),
+    "conv_depthwise_channel_blocks": (lambda: nn.Conv2d(96, 96, 3, groups=96, padding=1), [(1, 96, 10, 10)],
+                                      {PG}),           # 2 channel blocks, taken innermost (channel-wise)
     "maxpool": (lambda: nn.MaxPool2d(3, 2, 1), [(1, 17, 11, 11)], {PG}),
+    "conv_maxpool_channel_blocks": (lambda: nn.Sequential(nn.Conv2d(3, 80, 1), nn.MaxPool2d(3, 2, 1)),
+                                    [(1, 3, 9, 9)], {PG}),     # NHWC pool: 5 channel blocks, innermost
     "avgpool": (lambda: nn.AvgPool2d(2), [(1, 16, 10, 10)], {PG}),
     "avgpool_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), [(1, 16, 9, 9)], {PG}),
     "conv_maxpool_nhwc": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
@@ -803,3 +807,31 @@ def test_inner_axis_that_lanes_do_not_divide_is_still_vectorized(shape):
     assert sch.get(inner).kind == tirx.ForKind.VECTORIZED
     assert 4 <= schedules._extent(sch, inner) <= lanes and shape[-1] % schedules._extent(sch, inner) == 0
     check_scheduled_equals_unscheduled(fn, x)
+
+
+@pytest.mark.parametrize("make, shape, channel_wise", [
+    (lambda: nn.Conv2d(96, 96, 3, groups=96, padding=1), (1, 96, 10, 10), [True]),     # depthwise
+    (lambda: nn.Sequential(nn.Conv2d(3, 80, 1), nn.MaxPool2d(3, 2, 1)), (1, 3, 9, 9),   # NHWC pool after a
+     [False, True]),                                                                    # conv
+    (lambda: nn.MaxPool2d(3, 2, 1), (1, 80, 9, 9), [False]),    # NCHW: the window runs along the last axis
+    (lambda: nn.Conv2d(32, 96, 3, padding=1), (1, 32, 10, 10), [False]),               # reduces over channels
+    (lambda: nn.Conv2d(32, 96, 1), (1, 32, 10, 10), [False]),
+    (lambda: nn.Conv2d(12, 24, 3, groups=3, padding=1), (1, 12, 9, 9), [False]),       # grouped: reduces too
+    (lambda: nn.Linear(64, 96), (5, 64), [False]),
+])
+def test_channel_wise_kernels_take_channel_blocks_innermost(make, shape, channel_wise):
+    """PackedGemm orders the parallel tiles channel blocks innermost exactly for the kernels that read their
+    input at the output's channel (depthwise conv, pooling), weight-panel order (channel blocks outermost)
+    for those that reduce over input channels."""
+    mod, _ = lowered(make().eval(), torch.randn(*shape))
+    found = []
+    for name, func in prim_funcs(legalized(mod)).items():
+        sch = s_tir.Schedule(func)
+        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
+        if len(mains) != 1:
+            continue
+        blk = sch.get(mains[0])
+        axes = schedules.PackedGemm._output_axes(blk)
+        assert axes is not None, name
+        found.append(schedules.PackedGemm._channel_wise(blk, *axes))
+    assert sorted(found) == channel_wise

@@ -224,7 +224,10 @@ class PackedGemm:
     Tile choice: the output's innermost axis (output channels / columns) is split into [outer, nvec, lanes]
     (lanes = SIMD width of the output dtype); the next output axis with extent > 1 (output width / rows) into
     [outer, rows]; rows x nvec accumulators are held in registers, chosen to maximize FMAs per load
-    (rows*nvec / (rows+nvec)) within the register file. Everything else of the output is parallel.
+    (rows*nvec / (rows+nvec)) within the register file. Everything else of the output is parallel, in one
+    loop: channel blocks outermost, so one weight panel serves every pixel tile in turn; for channel-wise
+    kernels (depthwise conv, pooling: no weight panel to reuse) innermost, so each input line is read once
+    (MobileNetV2 7.36 -> 6.80 ms, interleaved).
     """
 
     def __init__(self, pack_weights: bool = True, max_accumulators: int | None = None, pad: str = "auto"):
@@ -284,7 +287,10 @@ class PackedGemm:
         ext = [_int(iv.dom.extent) for iv in ivs]
         if any(e is None for e in ext):
             return None
-        out_index = [r.min for r in blk.writes[0].region]
+        axes = self._output_axes(blk)
+        if axes is None:
+            return None
+        vi, ri = axes
 
         def var_of(expr):
             for i, iv in enumerate(ivs):
@@ -292,15 +298,6 @@ class PackedGemm:
                     return i
             return None
 
-        vi = var_of(out_index[-1])
-        if vi is None or int(ivs[vi].iter_type) != tirx.IterVar.DataPar:
-            return None
-        ri = None
-        for expr in reversed(out_index[:-1]):
-            j = var_of(expr)
-            if j is not None and ext[j] > 1:
-                ri = j
-                break
         spatial = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.DataPar]
         reduce_ = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.CommReduce]
         if len(spatial) + len(reduce_) != len(ivs):
@@ -353,11 +350,15 @@ class PackedGemm:
         # ---- tiling
         v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])
         inner = [v_n, v_l]
-        outer = [v_o] + [loops[i] for i in spatial if i not in (vi, ri)]
+        outer = [loops[i] for i in spatial if i not in (vi, ri)]
         if ri is not None:
             r_o, r_i = sch.split(loops[ri], [None, rows])
             outer.append(r_o)
             inner.insert(0, r_i)
+        if self._channel_wise(blk, vi, ri):
+            outer.append(v_o)
+        else:
+            outer.insert(0, v_o)
         sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
@@ -406,6 +407,51 @@ class PackedGemm:
             _, li = sch.split(flat, [None, lanes])
             sch.vectorize(li)
         return sch
+
+    @staticmethod
+    def _output_axes(blk) -> tuple[int, int | None] | None:
+        """Indices into blk.iter_vars of the output's innermost axis (a spatial iter: channels / columns,
+        vectorized) and of the next output axis with extent > 1 (width / rows: the register-tile rows, or
+        None); None when the innermost output index is not a plain spatial iter."""
+        from tvm import tirx
+
+        ivs = list(blk.iter_vars)
+        out_index = [r.min for r in blk.writes[0].region]
+
+        def var_of(expr):
+            return next((i for i, iv in enumerate(ivs) if expr.same_as(iv.var)), None)
+
+        vi = var_of(out_index[-1])
+        if vi is None or int(ivs[vi].iter_type) != tirx.IterVar.DataPar:
+            return None
+        for expr in reversed(out_index[:-1]):
+            j = var_of(expr)
+            if j is not None and (_int(ivs[j].dom.extent) or 0) > 1:
+                return vi, j
+        return vi, None
+
+    @staticmethod
+    def _channel_wise(blk, vi: int, ri: int | None) -> bool:
+        """Whether an input is read at the output's channel and pixel (depthwise conv, pooling), rather than
+        reduced over its channels (conv, grouped conv, dense). Then each channel block needs only its own input lines:
+        taking all channel blocks of one tile of pixels in turn reads every input line once, where the
+        weight-panel order (channel block outermost) re-reads the input once per channel block."""
+        from tvm import tirx
+
+        if ri is None:
+            return False
+        ivs = list(blk.iter_vars)
+        reduced = [iv.var for iv in ivs if int(iv.iter_type) == tirx.IterVar.CommReduce
+                   and (_int(iv.dom.extent) or 2) > 1]
+        written = blk.writes[0].source
+        for region in blk.reads:
+            if region.source.same_as(written) or not region.region:
+                continue
+            last = region.region[-1].min
+            if _mentions(last, ivs[vi].var) and not any(_mentions(last, v) for v in reduced) and any(
+                    _mentions(r.min, ivs[ri].var) for r in region.region[:-1]):
+                return True
+        return False
 
     @staticmethod
     def _has_weight(blk, func) -> bool:
