@@ -200,6 +200,11 @@ def _tile_transpose(sch, block, lanes: int, parallel_min: int = 1 << 14) -> bool
     return True
 
 
+def _iter_index(ivs, expr) -> int | None:
+    """The position in `ivs` (block iter vars) of the iter var that `expr` is, or None."""
+    return next((i for i, iv in enumerate(ivs) if expr.same_as(iv.var)), None)
+
+
 def _mentions(expr, var) -> bool:
     from tvm import tirx
 
@@ -292,12 +297,6 @@ class PackedGemm:
             return None
         vi, ri = axes
 
-        def var_of(expr):
-            for i, iv in enumerate(ivs):
-                if expr.same_as(iv.var):
-                    return i
-            return None
-
         spatial = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.DataPar]
         reduce_ = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.CommReduce]
         if len(spatial) + len(reduce_) != len(ivs):
@@ -336,7 +335,7 @@ class PackedGemm:
                 if not any(region.source.same_as(p) for p in free):
                     continue
                 idx = [r.min for r in region.region]
-                users = [var_of(e) for e in idx]
+                users = [_iter_index(ivs, e) for e in idx]
                 if users[-1] != vi or (ri is not None and ri in users) or any(
                         u is None and _int(e) is None for u, e in zip(users, idx)):
                     continue
@@ -417,15 +416,11 @@ class PackedGemm:
 
         ivs = list(blk.iter_vars)
         out_index = [r.min for r in blk.writes[0].region]
-
-        def var_of(expr):
-            return next((i for i, iv in enumerate(ivs) if expr.same_as(iv.var)), None)
-
-        vi = var_of(out_index[-1])
+        vi = _iter_index(ivs, out_index[-1])
         if vi is None or int(ivs[vi].iter_type) != tirx.IterVar.DataPar:
             return None
         for expr in reversed(out_index[:-1]):
-            j = var_of(expr)
+            j = _iter_index(ivs, expr)
             if j is not None and (_int(ivs[j].dom.extent) or 0) > 1:
                 return vi, j
         return vi, None
@@ -433,9 +428,9 @@ class PackedGemm:
     @staticmethod
     def _channel_wise(blk, vi: int, ri: int | None) -> bool:
         """Whether an input is read at the output's channel and pixel (depthwise conv, pooling), rather than
-        reduced over its channels (conv, grouped conv, dense). Then each channel block needs only its own input lines:
-        taking all channel blocks of one tile of pixels in turn reads every input line once, where the
-        weight-panel order (channel block outermost) re-reads the input once per channel block."""
+        reduced over its channels (conv, grouped conv, dense). Then each channel block needs only its own
+        input lines: taking all channel blocks of one tile of pixels in turn reads every input line once,
+        where the weight-panel order (channel block outermost) re-reads the input once per channel block."""
         from tvm import tirx
 
         if ri is None:
