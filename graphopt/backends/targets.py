@@ -177,7 +177,10 @@ def resolve_target(target: Any) -> TargetSpec:
         if not arch.startswith("sm_") or not arch[3:].rstrip("a").isdigit():
             raise GraphoptError(f"bad CUDA architecture {arch!r} in target {target!r}: use e.g. cuda:sm_80")
         host = resolve_target("x86" if platform.machine() in ("x86_64", "AMD64") else "arm:native")
-        tvm_dict = {"kind": "cuda", "arch": arch, "host": host.tvm}
+        # Thread limits common to every CUDA GPU since sm_30: MetaSchedule's AutoBind and dlight read them
+        # (without them GPU tuning stops with "missing attribute `max_threads_per_block`").
+        tvm_dict = {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024, "max_num_threads": 1024,
+                    "thread_warp_size": 32, "max_shared_memory_per_block": 49152, "host": host.tvm}
         return TargetSpec(f"cuda:{arch}", "cuda", arch, tvm_dict)
     raise GraphoptError(f"unknown target {target!r}: use 'torch', 'x86', 'x86:<cpu>', 'arm', 'arm:<cpu>', "
                         f"'cuda', 'cuda:sm_XX' or a TVM target dict")

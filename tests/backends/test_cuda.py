@@ -237,3 +237,53 @@ def test_tuned_cuda_model_runs_on_the_gpu_and_matches_torch():
     xc = x.cuda()
     with torch.no_grad():
         torch.testing.assert_close(opt(xc), model.cuda()(xc), rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_target_carries_the_thread_limits():
+    """MetaSchedule's AutoBind and dlight read these; without them GPU tuning stopped on an H200 with
+    "missing attribute `max_threads_per_block`" before any candidate was measured."""
+    for alias in ("cuda:sm_75", "cuda:sm_90"):
+        attrs = resolve_target(alias).tvm_target().attrs
+        assert int(attrs["max_threads_per_block"]) == 1024 and int(attrs["thread_warp_size"]) == 32
+        assert int(attrs["max_shared_memory_per_block"]) == 49152
+
+
+@pytest.mark.slow
+def test_cuda_target_builds_metaschedule_tune_contexts():
+    """GPU tuning builds one MetaSchedule TuneContext per kernel, which fails without the target's thread
+    limits. Building the contexts needs no GPU, but takes minutes here (TuneContext loads TVM's CUDA tensor
+    intrinsics), hence slow."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backends.tvm.lower import lower_graph
+
+    model, x = _convnet()
+    lowered = lower_graph(capture(model, (x,)).gm, (x,))
+    target = resolve_target("cuda:sm_90").tvm_target()
+    assert int(target.attrs["max_threads_per_block"]) == 1024 and int(target.attrs["thread_warp_size"]) == 32
+    with target:
+        mod = relax.transform.LegalizeOps()(lowered.mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    assert tasks
+    for task in tasks:
+        space = ms.space_generator.PostOrderApply(sch_rules=[ms.schedule_rule.AutoBind()], postprocs=[],
+                                                  mutator_probs={})
+        ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=space,
+                             task_name=task.task_name)
+        assert ctx.generate_design_space()
+
+
+def test_gpu_tuning_cost_model_falls_back_to_random_without_xgboost(monkeypatch):
+    import builtins
+
+    assert cuda._gpu_cost_model() in ("xgb", "random")
+    real_import = builtins.__import__
+
+    def no_xgboost(name, *args, **kwargs):
+        if name == "xgboost":
+            raise ImportError("no xgboost here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xgboost)
+    assert cuda._gpu_cost_model() == "random"

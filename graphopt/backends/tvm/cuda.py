@@ -137,10 +137,20 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext():
         db = ms.relax_integration.tune_relax(mod, params={}, target=target, work_dir=work_dir,
                                              max_trials_global=trials, num_trials_per_iter=per_iter,
-                                             builder=builder, runner="local")
+                                             builder=builder, runner="local", cost_model=_gpu_cost_model())
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    return mod, {"trials": trials, "database": str(work_dir), "seconds": round(time.perf_counter() - start, 3)}
+    return mod, {"trials": trials, "database": str(work_dir), "cost_model": _gpu_cost_model(),
+                 "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _gpu_cost_model() -> str:
+    """MetaSchedule's XGBoost cost model; its random one where xgboost is not installed (measured search)."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return "random"
+    return "xgb"
 
 
 def _gpu_build():
@@ -184,6 +194,7 @@ def find_nvcc() -> str | None:
 
 def cuda_runtime_available() -> bool:
     """Whether TVM's CUDA runtime is loaded here (it compiles device code itself, and can launch kernels)."""
+    import tvm  # noqa: F401 - importing tvm loads its CUDA runtime library where the driver is present
     import tvm_ffi
 
     return tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
