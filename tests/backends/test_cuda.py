@@ -287,3 +287,25 @@ def test_gpu_tuning_cost_model_falls_back_to_random_without_xgboost(monkeypatch)
 
     monkeypatch.setattr(builtins, "__import__", no_xgboost)
     assert cuda._gpu_cost_model() == "random"
+
+
+def test_gpu_tuning_builder_builds_and_exports_a_candidate():
+    """MetaSchedule's LocalBuilder runs cuda._gpu_build in a worker and exports what it returns. With
+    tvm.compile's Executable that was a bare Function and every candidate failed ('no attribute
+    export_library', seen on an H200); building needs no GPU, so it is checked here."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import meta_schedule as ms
+
+    target = resolve_target("cuda:sm_80").tvm_target()
+    a = te.placeholder((8, 64, 7, 7), name="a")
+    k1, k2 = te.reduce_axis((0, 7)), te.reduce_axis((0, 7))
+    b = te.compute((8, 64), lambda n, c: te.sum(a[n, c, k1, k2], axis=[k1, k2]), name="b")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cuda.default_schedule_rules())(mod)
+    builder = ms.builder.LocalBuilder(f_build=cuda._gpu_build(), timeout_sec=300, max_workers=1)
+    (result,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    assert result.error_msg is None, result.error_msg[-2000:]
+    assert result.artifact_path and result.artifact_path.endswith(".tar")

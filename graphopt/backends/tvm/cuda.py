@@ -157,10 +157,12 @@ def _gpu_build():
     """MetaSchedule f_build without `import tvm.s_tir.tensor_intrin` in every worker (a closure: by value)."""
 
     def build(mod, target, _params):
-        import tvm
+        # tvm.driver.build returns the runtime Module the builder exports (tvm.compile's Executable wrapper
+        # crosses the worker's FFI boundary as a bare Function: every candidate failed to export on an H200)
+        from tvm.driver import build as tvm_build
         from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-        return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
     return build
 
