@@ -470,12 +470,18 @@ def test_cli_tune_unknown_model_exits_nonzero():
 
 # ------------------------------------------------------------------------------------- 7. database dirs
 def test_default_database_dir_is_per_target_and_honours_the_env_var(tmp_path, monkeypatch):
+    from graphopt.backends.targets import host_cpu
+
     monkeypatch.setenv("GRAPHOPT_TUNING_DIR", str(tmp_path / "env"))
+    # "x86" is this machine's CPU, so two other x86 CPUs (whatever this one is) make four distinct targets
+    others = [cpu for cpu in ("skylake-avx512", "znver1", "haswell") if cpu != host_cpu()][:2]
     dirs = {name: default_database_dir(resolve_target(name))
-            for name in ["x86", "x86:skylake-avx512", "x86:znver1", "arm"]}
+            for name in ["x86", *(f"x86:{cpu}" for cpu in others), "arm"]}
     assert all(d.parent == tmp_path / "env" for d in dirs.values())
-    assert len(set(dirs.values())) == len(dirs)                       # one directory per target
+    assert len(set(dirs.values())) == len(dirs) == 4                  # one directory per target
     assert default_database_dir(resolve_target("x86")) == dirs["x86"]   # and stable
+    if host_cpu() != "generic":                                       # the same target by another name
+        assert default_database_dir(resolve_target(f"x86:{host_cpu()}")) == dirs["x86"]
     monkeypatch.delenv("GRAPHOPT_TUNING_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     if sys.platform.startswith("linux"):
