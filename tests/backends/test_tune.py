@@ -7,7 +7,9 @@ Performance is not checked here (benchmarks/ does that). Every test has its own 
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -229,6 +231,29 @@ def test_kernels_with_integer_inputs_are_not_tuned(tmp_path, recwarn):
     assert not [w for w in recwarn if "could not be measured" in str(w.message)]
     with torch.no_grad():
         torch.testing.assert_close(opt(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tmp_path):
+    """A handler without a name on the "tvm.s_tir.meta_schedule" logger (a user's logging set-up) broke every
+    search: MetaSchedule's logger set-up builds a logging.config dict from the handlers' names (TuningError:
+    AttributeError: 'NoneType' object has no attribute 'format'). The search runs, the user's handler stays
+    and sees MetaSchedule's messages, and the logger is left as it was found."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.StreamHandler(io.StringIO())
+    assert handler.get_name() is None
+    logger.addHandler(handler)
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        opt, model, x, _ = _optimize(tmp_path / "records", trials=2, trials_per_iter=2)
+        after = (logger.level, logger.propagate, list(logger.handlers))
+    finally:
+        logger.removeHandler(handler)
+    tuning = opt.report.backend["tuning"]
+    assert tuning["tasks_tuned"] > 0 and tuning["new_trials"] > tuning["tasks"], tuning
+    assert after == before
+    assert "Logging directory" in handler.stream.getvalue()
+    assert list((tmp_path / "records" / "logs").glob("*task_scheduler*.log"))
+    _assert_matches(opt, model, x)
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse

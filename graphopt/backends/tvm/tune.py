@@ -33,6 +33,10 @@ and compiles from the records; a larger budget later tunes only the difference. 
 before TVM reads them: a truncated last line (a crash mid-write) is dropped with a warning; any other bad
 line raises TuningError naming the file and line.
 
+Logs: MetaSchedule's log files go to <database>/logs/, set up by metaschedule_logs for the length of a search
+(not by MetaSchedule's logging.config set-up, which fails on a handler without a name); the process's
+loggers are left as they were.
+
 Ctrl-C: the first one stops tuning once the candidates being measured are committed (the builder/runner
 workers ignore SIGINT, so a terminal's Ctrl-C does not kill them mid-measurement) and raises
 KeyboardInterrupt; a second one stops at once. Either way every record already appended stays on disk.
@@ -48,6 +52,7 @@ the records ~1.2 s.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -551,11 +556,6 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
     start = time.perf_counter()
     log = log or (lambda msg: None)
     _import_target_intrinsics(target)
-    import logging
-
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level == logging.NOTSET or ms_logger.level < logging.WARNING:
-        ms_logger.setLevel(logging.WARNING)          # MetaSchedule's console tables; its log files stay
 
     db = _open_database(database_dir)
     progress = _Progress(database_dir / PROGRESS_FILE)
@@ -669,19 +669,87 @@ def tune_module(mod, target, options: TuneOptions, *, database_dir: Path, log=No
 
 def _search(ms, tasks, keys, labels, quota, options, database_dir, db, builder, runner, workers, bar, progress,
             summary, interrupt) -> None:
-    """MetaSchedule's evolutionary search over `tasks`, `quota` new trials each, records into `db`."""
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(database_dir), space=_search_space(ms, tasks[0]),
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=options.population,
-                                                       init_min_unmeasured=min(50, options.population)),
-        num_threads=workers, seed=options.seed)
-    callback = _progress_callback(bar, tasks, keys, labels, progress, summary, interrupt)
-    ms.tune.tune_tasks(
-        tasks=contexts, task_weights=weights, work_dir=str(database_dir),
-        max_trials_global=quota * len(tasks), max_trials_per_task=quota,
-        num_trials_per_iter=min(options.trials_per_iter, quota),
-        builder=builder, runner=runner, database=db, cost_model=_cost_model(workers),
-        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
+    """MetaSchedule's evolutionary search over `tasks`, `quota` new trials each, records into `db`.
+
+    The tune contexts are made here, as ms.relax_integration.extracted_tasks_to_tune_contexts makes them, but
+    with the loggers of metaschedule_logs (MetaSchedule's own set-up fails on a handler without a name)."""
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    space = _search_space(ms, tasks[0])
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=options.population,
+                                                     init_min_unmeasured=min(50, options.population))
+    with metaschedule_logs(database_dir, [t.task_name for t in tasks]) as loggers:
+        contexts = [ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
+                                   search_strategy=strategy, task_name=task.task_name, logger=logger,
+                                   rand_state=rand_state, num_threads=workers).clone()
+                    for task, logger, rand_state in zip(tasks, loggers, fork_seed(options.seed, n=len(tasks)))]
+        callback = _progress_callback(bar, tasks, keys, labels, progress, summary, interrupt)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=str(database_dir),
+            max_trials_global=quota * len(tasks), max_trials_per_task=quota,
+            num_trials_per_iter=min(options.trials_per_iter, quota),
+            builder=builder, runner=runner, database=db, cost_model=_cost_model(workers),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback])
+
+
+MS_LOGGER = "tvm.s_tir.meta_schedule"
+_LOG_FORMAT = ("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")     # MetaSchedule's
+
+
+@contextlib.contextmanager
+def metaschedule_logs(work_dir, task_names):
+    """MetaSchedule's log files for one search, set up without logging.config; yields one logger per task.
+
+    What MetaSchedule's get_loggers_from_work_dir sets up, files and names alike: <work_dir>/logs/
+    tvm.s_tir.meta_schedule.logging.task_scheduler.log (the "tvm.s_tir.meta_schedule" logger, DEBUG: the task
+    scheduler's tables, the cost model) and one file per task logger; on the console (stdout) only warnings
+    and above (or the level the user set on that logger, if higher). MetaSchedule's own set-up goes through
+    logging.config.dictConfig, which fails on any handler without a name on that logger (AttributeError:
+    'NoneType' object has no attribute 'format') and closes every handler of the process. Here handlers the
+    user put on the logger are left as they are, and on exit the loggers' levels, propagation and handlers
+    are restored: nothing of the search stays in the process's logging."""
+    import logging
+
+    log_dir = Path(work_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter(*_LOG_FORMAT)
+    added: list[tuple[logging.Logger, logging.Handler]] = []
+    saved: list[tuple[logging.Logger, int, bool]] = []
+
+    def attach(logger, handler, level):
+        handler.setLevel(level)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        added.append((logger, handler))
+
+    def own(logger):
+        saved.append((logger, logger.level, logger.propagate))
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+
+    top = logging.getLogger(MS_LOGGER)
+    console_level = max(logging.WARNING, top.level)
+    try:
+        own(top)
+        attach(top, logging.FileHandler(log_dir / f"{MS_LOGGER}.logging.task_scheduler.log", encoding="utf-8"),
+               logging.DEBUG)
+        attach(top, logging.StreamHandler(sys.stdout), console_level)
+        width = len(str(len(task_names) - 1))
+        loggers = []
+        for i, name in enumerate(task_names):
+            logger = logging.getLogger(f"{MS_LOGGER}.logging.task_{i:0{width}d}_{name[:100]}")
+            own(logger)
+            attach(logger, logging.FileHandler(log_dir / f"{logger.name}.log", encoding="utf-8"), logging.DEBUG)
+            loggers.append(logger)
+        top.info("Logging directory: %s", log_dir)
+        yield loggers
+    finally:
+        for logger, handler in reversed(added):
+            logger.removeHandler(handler)
+            handler.close()
+        for logger, level, propagate in reversed(saved):
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _cost_model(workers: int):
