@@ -1,4 +1,4 @@
-"""MetaSchedule tuning mechanics (graphopt/backends/tvm/tune.py) on a tiny MLP with a small trial budget.
+"""MetaSchedule tuning mechanics (graphopt/backends/tvm/tuning/) on a tiny MLP with a small trial budget.
 
 Records are written, reused (a second optimize does zero new trials and compiles from them), survive a real
 Ctrl-C, corrupted files give TuningError naming file and line (a crash-truncated last line is dropped with a
@@ -129,7 +129,7 @@ def test_default_schedules_are_kept_as_first_records(tuned):
     """Graphopt's default schedule of each kernel is measured and committed before the search. The default
     schedule of the 64->256 Linear repacks its weight (TransformLayout): MetaSchedule's RewriteLayout
     postprocessor fails on such a schedule when the search replays it, which used to abort the whole tuning
-    run (tune._guarded_rewrite_layout)."""
+    run (tuning/search.py, _guarded_rewrite_layout)."""
     tuning = tuned["opt"].report.backend["tuning"]
     records = [json.loads(line) for line in _records(tuned["db"])]
     first: dict[int, list] = {}
@@ -518,7 +518,7 @@ def test_default_database_dir_is_per_target_and_honours_the_env_var(tmp_path, mo
 @pytest.mark.slow
 def test_cost_model_trains_once_it_has_enough_measurements(tmp_path):
     """The XGBoost cost model is not trained while it would predict random scores anyway (fewer than 100
-    measurements), and is trained once the search has that many (tune._cost_model)."""
+    measurements), and is trained once the search has that many (tuning/search.py, _cost_model)."""
     db = tmp_path / "records"
     opt, model, x, seconds = _optimize(db, trials=112, trials_per_iter=16, population=64)
     print(f"\n112 trials: {seconds:.1f} s")

@@ -122,10 +122,10 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     from tvm.s_tir import meta_schedule as ms
 
     try:
-        from .tune import coerce_tune
+        from .tuning import coerce_tune
 
         options = coerce_tune(tune)
-    except ImportError:                             # pragma: no cover - tune.py ships with the backend
+    except ImportError:                             # pragma: no cover - tuning/ ships with the backend
         options = None
     trials = int(getattr(options, "trials", tune if isinstance(tune, int) and tune is not True else 64))
     database = getattr(options, "database", None)
