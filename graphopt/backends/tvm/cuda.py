@@ -121,6 +121,8 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    from .tuning.logs import tune_contexts
+
     try:
         from .tuning import coerce_tune
 
@@ -134,10 +136,13 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     work_dir = database or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
     builder = ms.builder.LocalBuilder(f_build=_gpu_build(), timeout_sec=float(getattr(options, "timeout", 60.0)))
     nvcc = find_nvcc()
-    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext():
-        db = ms.relax_integration.tune_relax(mod, params={}, target=target, work_dir=work_dir,
-                                             max_trials_global=trials, num_trials_per_iter=per_iter,
-                                             builder=builder, runner="local")
+    # ms.relax_integration.tune_relax, with the tune contexts of tuning.logs.tune_contexts: MetaSchedule's own
+    # logger set-up (logging.config) fails on a handler without a name on its logger
+    tasks = ms.relax_integration.extract_tasks(mod, target, {}, module_equality="structural")
+    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext(), \
+            tune_contexts(tasks, work_dir) as (contexts, weights):
+        db = ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
+                                num_trials_per_iter=per_iter, builder=builder, runner="local")
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     return mod, {"trials": trials, "database": str(work_dir), "seconds": round(time.perf_counter() - start, 3)}

@@ -1,11 +1,12 @@
-"""MetaSchedule's log files for one search, without logging.config (metaschedule_logs)."""
+"""MetaSchedule's log files for one search, without logging.config (metaschedule_logs), and the tune contexts
+that log to them (tune_contexts)."""
 from __future__ import annotations
 
 import contextlib
 import sys
 from pathlib import Path
 
-__all__ = ["MS_LOGGER", "metaschedule_logs"]
+__all__ = ["MS_LOGGER", "metaschedule_logs", "tune_contexts"]
 
 
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -67,3 +68,29 @@ def metaschedule_logs(work_dir, task_names):
         for logger, level, propagate in reversed(saved):
             logger.setLevel(level)
             logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def tune_contexts(tasks, work_dir, *, space="post-order-apply", strategy="evolutionary", num_threads="physical",
+                  seed=None):
+    """MetaSchedule TuneContexts of extracted tasks, with their task weights, logging to metaschedule_logs.
+
+    What ms.relax_integration.extracted_tasks_to_tune_contexts returns (same defaults; tune_relax calls it),
+    without its logging.config set-up. Yields (contexts, weights); the logs are set up until the block ends,
+    so run the search (ms.tune.tune_tasks) inside it."""
+    import warnings
+
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    with metaschedule_logs(work_dir, [t.task_name for t in tasks]) as loggers:
+        contexts, weights = [], []
+        for task, logger, rand_state in zip(tasks, loggers, fork_seed(seed, n=len(tasks))):
+            if task.mod.attrs.get("tirx.is_scheduled", False):
+                warnings.warn(f"The task {task.task_name} is already scheduled, skipping it.")
+                continue
+            contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
+                                           search_strategy=strategy, task_name=task.task_name, logger=logger,
+                                           rand_state=rand_state, num_threads=num_threads).clone())
+            weights.append(task.weight)
+        yield contexts, weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .logs import metaschedule_logs
+from .logs import tune_contexts
 from .workers import run_secs
 
 if TYPE_CHECKING:
@@ -20,21 +20,15 @@ def search(ms, tasks, keys, labels, quota, options, database_dir, db, builder, r
            summary, interrupt) -> None:
     """MetaSchedule's evolutionary search over `tasks`, `quota` new trials each, records into `db`.
 
-    The tune contexts are made here, as ms.relax_integration.extracted_tasks_to_tune_contexts makes them, but
-    with the loggers of metaschedule_logs (MetaSchedule's own set-up fails on a handler without a name)."""
-    from tvm.s_tir.meta_schedule.utils import fork_seed
-
-    space = _search_space(ms, tasks[0])
+    The tune contexts log through metaschedule_logs (tune_contexts), not MetaSchedule's logging.config set-up,
+    which fails on a handler without a name."""
     strategy = ms.search_strategy.EvolutionarySearch(population_size=options.population,
                                                      init_min_unmeasured=min(50, options.population))
-    with metaschedule_logs(database_dir, [t.task_name for t in tasks]) as loggers:
-        contexts = [ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
-                                   search_strategy=strategy, task_name=task.task_name, logger=logger,
-                                   rand_state=rand_state, num_threads=workers).clone()
-                    for task, logger, rand_state in zip(tasks, loggers, fork_seed(options.seed, n=len(tasks)))]
+    with tune_contexts(tasks, database_dir, space=_search_space(ms, tasks[0]), strategy=strategy,
+                       num_threads=workers, seed=options.seed) as (contexts, weights):
         callback = _progress_callback(bar, tasks, keys, labels, progress, summary, interrupt)
         ms.tune.tune_tasks(
-            tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=str(database_dir),
+            tasks=contexts, task_weights=weights, work_dir=str(database_dir),
             max_trials_global=quota * len(tasks), max_trials_per_task=quota,
             num_trials_per_iter=min(options.trials_per_iter, quota),
             builder=builder, runner=runner, database=db, cost_model=_cost_model(workers),
