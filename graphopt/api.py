@@ -1,4 +1,4 @@
-"""optimize(): capture -> pass manager -> backend, returning an OptimizedModel."""
+"""optimize(): capture -> pass manager -> backend, returning an OptimizedModel (optimized.py)."""
 from __future__ import annotations
 
 import copy
@@ -6,54 +6,17 @@ import time
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .backends.targets import TargetSpec, resolve_target
+from .backends.targets import resolve_target
 from .capture import capture
 from .errors import GraphoptError
+from .optimized import OptimizedModel
 from .pipeline import Context, PassManager, Pipeline
-from .report import Report
 
 __all__ = ["optimize", "OptimizedModel", "DEFAULT_PIPELINE"]
 
 DEFAULT_PIPELINE = "fold_bn,cleanup"
-
-
-class OptimizedModel:
-    """The result of optimize(): callable like the original model, with its report.
-
-    Attributes:
-      graph_module: the optimized fx.GraphModule (always runnable in plain PyTorch)
-      compiled:     what runs on the target (a TVM CompiledModule, or graph_module for target="torch")
-      report:       per-pass params, FLOPs, size, max |Δ| vs original, seconds; plus backend figures
-      pipeline:     the Pipeline that was run
-      target:       the resolved TargetSpec
-    """
-
-    def __init__(self, graph_module: fx.GraphModule | None, compiled: Any, report: Report,
-                 pipeline: Pipeline | str, target: TargetSpec, capture_method: str = ""):
-        self.graph_module = graph_module
-        self.compiled = compiled
-        self.report = report
-        self.pipeline = pipeline
-        self.target = target
-        self.capture_method = capture_method
-        self.input_shapes: list[tuple[int, ...]] = []     # the example inputs' shapes (compiled signature)
-
-    def __call__(self, *args, **kwargs):
-        if self.compiled is self.graph_module and self.graph_module is not None:
-            with torch.no_grad():
-                return self.graph_module(*args, **kwargs)
-        return self.compiled(*args, **kwargs)
-
-    def save(self, path: str) -> str:
-        """Write an artifact (compiled library + JSON metadata + checksum). Returns the path."""
-        from .artifact import save
-
-        return save(self, path)
-
-    def __repr__(self) -> str:
-        return f"OptimizedModel(target={self.target.alias!r}, pipeline={str(self.pipeline)!r})"
 
 
 def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,

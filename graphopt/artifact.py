@@ -32,6 +32,7 @@ import zipfile
 from typing import Any
 
 from .errors import ArtifactError, GraphoptError
+from .optimized import OptimizedModel
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION", "SECURITY_NOTE"]
 
@@ -275,7 +276,6 @@ def load(path: str):
     ArtifactError naming the file (see the module docstring for the checks). Loading runs the artifact's
     code: load artifacts only from a trusted source.
     """
-    from .api import OptimizedModel
     from .backends.targets import TargetSpec
     from .pipeline import Pipeline
     from .report import Report

@@ -84,7 +84,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from graphopt.backends.tvm.tune import cli_tune
+    from graphopt.backends.tvm.tuning import cli_tune
 
     return cli_tune(args)
 

@@ -2,6 +2,8 @@
 
 Skips name what is missing; nothing here passes silently without the hardware or tools it needs.
 """
+import contextlib
+import logging
 import platform
 
 import pytest
@@ -23,6 +25,26 @@ def qemu_skip_reason() -> str | None:
     if missing:
         return "cannot run aarch64 code here: missing " + "; ".join(missing) + " (run scripts/setup_cross.sh)"
     return None
+
+
+@contextlib.contextmanager
+def metaschedule_logger_kept():
+    """MetaSchedule's own entry points (ms.tune_tir, tune_relax) set up its logger with logging.config and leave
+    it changed (DEBUG, no propagation, handlers into their work dir); this puts it back as it was."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    level, propagate, handlers = logger.level, logger.propagate, list(logger.handlers)
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 needs_cross = pytest.mark.skipif(cross_skip_reason() is not None, reason=cross_skip_reason() or "")

@@ -17,7 +17,7 @@ import graphopt
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import cross, rpc
 from graphopt.errors import ArtifactError, GraphoptError, RemoteError
-from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+from tests.backends.conftest import metaschedule_logger_kept, needs_aarch64_runtime, needs_cross
 
 HOST_ALIAS = "x86" if platform.machine() in ("x86_64", "AMD64") else "arm:native"
 
@@ -180,7 +180,7 @@ def test_metaschedule_tunes_on_the_aarch64_device(aarch64_server):
     spec = resolve_target("arm:cortex-a72")
     target, runner, _ = rpc.ms_remote_setup(spec, aarch64_server.device, timeout=120, number=2)
     mod = _matmul_module(32)
-    with tempfile.TemporaryDirectory() as work_dir:
+    with tempfile.TemporaryDirectory() as work_dir, metaschedule_logger_kept():
         db = ms.tune_tir(mod, target, work_dir, max_trials_global=8, num_trials_per_iter=4,
                          builder=rpc.ms_builder(spec), runner=runner)
         records = db.get_all_tuning_records()

@@ -1,4 +1,4 @@
-"""MetaSchedule tuning mechanics (graphopt/backends/tvm/tune.py) on a tiny MLP with a small trial budget.
+"""MetaSchedule tuning mechanics (graphopt/backends/tvm/tuning/) on a tiny MLP with a small trial budget.
 
 Records are written, reused (a second optimize does zero new trials and compiles from them), survive a real
 Ctrl-C, corrupted files give TuningError naming file and line (a crash-truncated last line is dropped with a
@@ -7,7 +7,9 @@ Performance is not checked here (benchmarks/ does that). Every test has its own 
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -127,7 +129,7 @@ def test_default_schedules_are_kept_as_first_records(tuned):
     """Graphopt's default schedule of each kernel is measured and committed before the search. The default
     schedule of the 64->256 Linear repacks its weight (TransformLayout): MetaSchedule's RewriteLayout
     postprocessor fails on such a schedule when the search replays it, which used to abort the whole tuning
-    run (tune._guarded_rewrite_layout)."""
+    run (tuning/search.py, _guarded_rewrite_layout)."""
     tuning = tuned["opt"].report.backend["tuning"]
     records = [json.loads(line) for line in _records(tuned["db"])]
     first: dict[int, list] = {}
@@ -229,6 +231,29 @@ def test_kernels_with_integer_inputs_are_not_tuned(tmp_path, recwarn):
     assert not [w for w in recwarn if "could not be measured" in str(w.message)]
     with torch.no_grad():
         torch.testing.assert_close(opt(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tmp_path):
+    """A handler without a name on the "tvm.s_tir.meta_schedule" logger (a user's logging set-up) broke every
+    search: MetaSchedule's logger set-up builds a logging.config dict from the handlers' names (TuningError:
+    AttributeError: 'NoneType' object has no attribute 'format'). The search runs, the user's handler stays
+    and sees MetaSchedule's messages, and the logger is left as it was found."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.StreamHandler(io.StringIO())
+    assert handler.get_name() is None
+    logger.addHandler(handler)
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        opt, model, x, _ = _optimize(tmp_path / "records", trials=2, trials_per_iter=2)
+        after = (logger.level, logger.propagate, list(logger.handlers))
+    finally:
+        logger.removeHandler(handler)
+    tuning = opt.report.backend["tuning"]
+    assert tuning["tasks_tuned"] > 0 and tuning["new_trials"] > tuning["tasks"], tuning
+    assert after == before
+    assert "Logging directory" in handler.stream.getvalue()
+    assert list((tmp_path / "records" / "logs").glob("*task_scheduler*.log"))
+    _assert_matches(opt, model, x)
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse
@@ -470,12 +495,18 @@ def test_cli_tune_unknown_model_exits_nonzero():
 
 # ------------------------------------------------------------------------------------- 7. database dirs
 def test_default_database_dir_is_per_target_and_honours_the_env_var(tmp_path, monkeypatch):
+    from graphopt.backends.targets import host_cpu
+
     monkeypatch.setenv("GRAPHOPT_TUNING_DIR", str(tmp_path / "env"))
+    # "x86" is this machine's CPU, so two other x86 CPUs (whatever this one is) make four distinct targets
+    others = [cpu for cpu in ("skylake-avx512", "znver1", "haswell") if cpu != host_cpu()][:2]
     dirs = {name: default_database_dir(resolve_target(name))
-            for name in ["x86", "x86:skylake-avx512", "x86:znver1", "arm"]}
+            for name in ["x86", *(f"x86:{cpu}" for cpu in others), "arm"]}
     assert all(d.parent == tmp_path / "env" for d in dirs.values())
-    assert len(set(dirs.values())) == len(dirs)                       # one directory per target
+    assert len(set(dirs.values())) == len(dirs) == 4                  # one directory per target
     assert default_database_dir(resolve_target("x86")) == dirs["x86"]   # and stable
+    if host_cpu() != "generic":                                       # the same target by another name
+        assert default_database_dir(resolve_target(f"x86:{host_cpu()}")) == dirs["x86"]
     monkeypatch.delenv("GRAPHOPT_TUNING_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     if sys.platform.startswith("linux"):
@@ -487,7 +518,7 @@ def test_default_database_dir_is_per_target_and_honours_the_env_var(tmp_path, mo
 @pytest.mark.slow
 def test_cost_model_trains_once_it_has_enough_measurements(tmp_path):
     """The XGBoost cost model is not trained while it would predict random scores anyway (fewer than 100
-    measurements), and is trained once the search has that many (tune._cost_model)."""
+    measurements), and is trained once the search has that many (tuning/search.py, _cost_model)."""
     db = tmp_path / "records"
     opt, model, x, seconds = _optimize(db, trials=112, trials_per_iter=16, population=64)
     print(f"\n112 trials: {seconds:.1f} s")

@@ -41,6 +41,14 @@ def _resnet18():
     return randomize_bn(torchvision.models.resnet18()).eval(), lambda n: torch.randn(n, 3, 32, 32)
 
 
+def _resnet10():
+    """ResNet-18 with one BasicBlock per stage: the same layer names and kinds, half the layers (half the time
+    for tests about what happens to a kind of layer, not about the whole network)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    return randomize_bn(model).eval(), lambda n: torch.randn(n, 3, 32, 32)
+
+
 def _mobilenet_v2():
     torch.manual_seed(0)
     return randomize_bn(torchvision.models.mobilenet_v2()).eval(), lambda n: torch.randn(n, 3, 32, 32)
@@ -60,7 +68,12 @@ def _mlp():
 MODELS = {"resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2, "bert": _bert, "mlp": _mlp}
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+# The sweeps over every model: the large convnets (~1 min each on 2 cores) are in the slow run (`-m slow`)
+SLOW = pytest.mark.slow
+EVERY_MODEL = [pytest.param("resnet18", marks=SLOW), "mobilenet_v2", "bert", "mlp"]
+
+
+@pytest.fixture(scope="module")
 def model_case(request):
     model, gen = MODELS[request.param]()
     return request.param, model, gen
@@ -172,6 +185,7 @@ def test_weighted_factorization_beats_plain_on_its_data(m, n, data):
 
 
 # ------------------------------------------------------------------------------------- full rank = exact
+@pytest.mark.parametrize("model_case", EVERY_MODEL, indirect=True)
 def test_full_rank_is_exact_on_every_model(model_case):
     name, model, gen = model_case
     x = gen(2)
@@ -243,6 +257,7 @@ def _check_counts(model, gm, rows, x):
     assert count_params(gm) == count_params(before) - sum(d["params_before"] - d["params_after"] for d in rows)
 
 
+@pytest.mark.parametrize("model_case", EVERY_MODEL, indirect=True)
 def test_savings_match_analysis_on_every_model(model_case):
     name, model, gen = model_case
     x = gen(2)
@@ -294,7 +309,7 @@ def test_energy_picks_the_rank_of_a_known_spectrum():
 
 def test_min_saving_keeps_layers_that_would_not_shrink():
     """Random-init weights have flat spectra: at energy 0.9 no layer saves 20%, so nothing changes."""
-    model, gen = _resnet18()
+    model, gen = _resnet10()
     x = gen(2)
     opt = graphopt.optimize(model, target="torch", pipeline="lowrank(energy=0.9)", example_inputs=(x,))
     rec = opt.report.final
@@ -363,6 +378,8 @@ def test_unreachable_budget_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------- data-aware
+@pytest.mark.parametrize("model_case", [pytest.param("resnet18", marks=SLOW),
+                                        pytest.param("mobilenet_v2", marks=SLOW), "bert", "mlp"], indirect=True)
 def test_data_aware_beats_plain_svd_at_equal_rank(model_case):
     """Same ranks, held-out inputs: activation-aware SVD keeps the outputs much closer (measured)."""
     name, model, gen = model_case
@@ -410,7 +427,7 @@ def test_data_aware_uses_the_current_graph_after_fold_bn():
 
 # ------------------------------------------------------------------------------------- composition
 def test_lowrank_then_fold_bn_folds_into_the_second_conv():
-    model, gen = _resnet18()
+    model, gen = _resnet10()
     x = gen(2)
     lr = graphopt.optimize(model, target="torch", pipeline="lowrank(ratio=0.5,min_saving=0)", example_inputs=(x,))
     both = graphopt.optimize(model, target="torch", pipeline="lowrank(ratio=0.5,min_saving=0),fold_bn",

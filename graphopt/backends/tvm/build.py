@@ -4,7 +4,7 @@ Three steps, each one function:
 
   _schedule(mod, spec, tune, report)   legalize Relax ops to TIR, fold constants, fuse, and schedule the TIR
                                        kernels. THE place where tuning and default schedules plug in (issue #3
-                                       owns graphopt/backends/tvm/tune.py and wires it in here). Until then:
+                                       owns graphopt/backends/tvm/tuning/ and wires it in here). Until then:
                                        TVM's default passes for the target (CPU: none beyond fusion; CUDA:
                                        dlight default GPU schedules).
   _finalize(mod, spec)                 TVM's dataflow lowering + memory planning + VM codegen: an executable.
@@ -53,8 +53,8 @@ def _schedule(mod, spec: TargetSpec, tune: Any = None, report=None):
     dlight's default GPU schedules. CPU kernels stay unscheduled (correct but slow; see TVM-NOTES.md).
     Tuning (MetaSchedule) and fast default schedules are issue #3's, to be wired in here.
     """
-    if spec.kind == "llvm":      # CPU: graphopt's default schedules, MetaSchedule when asked (tune.py)
-        from .tune import schedule_cpu
+    if spec.kind == "llvm":      # CPU: graphopt's default schedules, MetaSchedule when asked (tuning/)
+        from .tuning import schedule_cpu
 
         return schedule_cpu(mod, spec, tune, report)
     if spec.kind == "cuda":      # GPU: dlight default schedules; MetaSchedule on a GPU when asked (cuda.py)
@@ -63,7 +63,7 @@ def _schedule(mod, spec: TargetSpec, tune: Any = None, report=None):
         return schedule_cuda(mod, spec, tune, report)
     if tune not in (None, False):
         raise TuningError(f"tune={tune!r}: tuning is not available in this build of graphopt yet "
-                          f"(graphopt/backends/tvm/tune.py); use tune=None for TVM's default schedules")
+                          f"(graphopt/backends/tvm/tuning/); use tune=None for TVM's default schedules")
     import tvm
 
     target = _target(spec)

@@ -121,11 +121,13 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    from .tuning.logs import tune_contexts
+
     try:
-        from .tune import coerce_tune
+        from .tuning import coerce_tune
 
         options = coerce_tune(tune)
-    except ImportError:                             # pragma: no cover - tune.py ships with the backend
+    except ImportError:                             # pragma: no cover - tuning/ ships with the backend
         options = None
     trials = int(getattr(options, "trials", tune if isinstance(tune, int) and tune is not True else 64))
     database = getattr(options, "database", None)
@@ -134,10 +136,14 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     work_dir = database or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
     builder = ms.builder.LocalBuilder(f_build=_gpu_build(), timeout_sec=float(getattr(options, "timeout", 60.0)))
     nvcc = find_nvcc()
-    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext():
-        db = ms.relax_integration.tune_relax(mod, params={}, target=target, work_dir=work_dir,
-                                             max_trials_global=trials, num_trials_per_iter=per_iter,
-                                             builder=builder, runner="local", cost_model=_gpu_cost_model())
+    # ms.relax_integration.tune_relax, with the tune contexts of tuning.logs.tune_contexts: MetaSchedule's own
+    # logger set-up (logging.config) fails on a handler without a name on its logger
+    tasks = ms.relax_integration.extract_tasks(mod, target, {}, module_equality="structural")
+    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext(), \
+            tune_contexts(tasks, work_dir) as (contexts, weights):
+        db = ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
+                                num_trials_per_iter=per_iter, builder=builder, runner="local",
+                                cost_model=_gpu_cost_model())
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     return mod, {"trials": trials, "database": str(work_dir), "cost_model": _gpu_cost_model(),

@@ -575,7 +575,7 @@ def ms_remote_setup(spec: TargetSpec, device: RPCDevice, *, timeout: float = 60.
     """Everything MetaSchedule needs to tune `spec` on the devices a tracker serves under `device.key`:
     (target with the device's core count, RPCRunner, builder f_export). RemoteError if no device answers.
 
-    For tune.py: use the target for task extraction and tuning, pass f_export to the builder workers
+    For tuning/: use the target for task extraction and tuning, pass f_export to the builder workers
     (LocalBuilder(f_export=...) or local_builder._worker_func(f_build, f_export, ...)), and the runner as is.
     """
     session = connect(device, timeout=timeout)
