@@ -277,6 +277,9 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
     from .quant_lower import custom_convert_map, summary as quant_summary   # graphopt's int8 ops
 
     custom, quant_state = custom_convert_map(ep, spec)
+    from .numerics import convert_map as numerics_convert_map     # PyTorch's semantics where TVM's differ
+
+    custom = {**numerics_convert_map(ep), **custom}
     missing = unsupported_ops(ep, {**importer.convert_map, **custom}, gm)
     if missing:
         lines = [f"  - {m['op']} (exported node '{m['node']}') from {m['origin']}" for m in missing]
@@ -293,6 +296,8 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         failed = next((n for n in ep.graph.nodes if n.op == "call_function" and n not in importer.env), None)
         where = (f" at {_qualified_op(failed)} (exported node '{failed.name}') from {_fx_origin(failed, gm)}"
                  if failed is not None else "")
+        if isinstance(e, LoweringError):          # a graphopt converter refusing an argument: say where
+            raise LoweringError(f"{e} ({where.strip()})") from e
         raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}") from e
 
     inputs = [TensorSpec.of(x) for x in example_inputs]
