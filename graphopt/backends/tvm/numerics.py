@@ -17,8 +17,10 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                div.Tensor_mode floor   PyTorch's div_floor_floating (fmod-based; Inf/NaN
                                                        edges, sign of zero) instead of floor(a / b)
                                avg_pool2d              divisor_override honoured (TVM's converter dropped it)
-                               max_pool2d_with_indices the indices output: a LoweringError when the graph
-                                                       uses it (TVM's converter returned zeros)
+                               max_pool2d_with_indices ceil_mode windows as PyTorch's; the indices output: a
+                                                       LoweringError when the graph uses it (TVM's converter
+                                                       returned zeros)
+                               layer_norm              NaN rows where PyTorch's float32 moments overflow
 """
 from __future__ import annotations
 
@@ -277,7 +279,34 @@ def _restore(importer, out, squeeze: bool):
     return importer.block_builder.emit(relax.op.squeeze(out, axis=[0])) if squeeze else out
 
 
+# ------------------------------------------------------------------------------------------ layer norm
+def _layer_norm(node, importer):
+    """layer_norm with PyTorch's overflow behaviour: NaN for every row whose mean squared overflows float32.
+
+    PyTorch's float32 moments give var = E[x^2] - E[x]^2 = inf - inf = NaN there (a conv -> LayerNorm net fed
+    values near float32's range returned NaN); TVM's kernel computes the same difference, but LLVM contracts
+    it into an FMA whose product cannot overflow, so var = inf, rsqrt(var) = 0 and the row came out finite.
+    TVM's fused kernel is kept; the row test (one mean over the normalized axes) is added after it."""
+    import numpy as np
+    from tvm import relax
+
+    name = getattr(node.target, "__name__", "")
+    out = importer._native_layer_norm(node) if name.startswith("native_") else importer._layer_norm(node)
+    x = importer.env[node.args[0]]
+    dtype = str(x.ty.dtype)
+    if not dtype.startswith("float") or not hasattr(out.ty, "ndim"):
+        return out
+    dims = len(tuple(node.args[1]))
+    ndim = int(x.ty.ndim)
+    bb = importer.block_builder
+    mean = bb.emit(relax.op.mean(x, axis=list(range(ndim - dims, ndim)), keepdims=True))
+    overflow = bb.emit(relax.op.isinf(relax.op.multiply(mean, mean)))
+    return bb.emit(relax.op.where(overflow, relax.const(np.nan, dtype), out))
+
+
 _CONVERTERS: dict[str, Callable] = {
+    "layer_norm.default": _layer_norm,
+    "native_layer_norm.default": _layer_norm,
     "div.Tensor_mode": _div,
     "avg_pool2d.default": _avg_pool2d,
     "max_pool2d_with_indices.default": _max_pool2d_with_indices,
