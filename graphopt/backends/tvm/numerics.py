@@ -9,9 +9,10 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                              amax skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
                              when an operand is NaN. Every float Max/Min becomes
                                  select(isnan(a), a, select(isnan(b), b, max(a, b)))
-                             (the isnan(b) test is dropped when b is a constant): a compare and a blend more
-                             per element, vectorized like the max itself. Integer Max/Min (index arithmetic,
-                             int8 kernels) are left alone.
+                             with isnan an integer test of the bits (see _is_nan: it vectorizes, and no
+                             simplifier folds it away): per vector an and, an integer compare and a blend
+                             more for each non-constant operand. Integer Max/Min (index arithmetic, int8
+                             kernels) are left alone.
   convert_map(ep)            importer converters (lower.lower_graph) for ATen ops whose TVM converter has
                              other semantics than PyTorch:
                                div.Tensor_mode floor   PyTorch's div_floor_floating (fmod-based; Inf/NaN
@@ -32,18 +33,46 @@ __all__ = ["nan_propagating_minmax", "convert_map"]
 
 
 # ------------------------------------------------------------------------------------------- TIR pass
-def _nan_select(e):
-    """The NaN-propagating form of a float tirx.Max / tirx.Min node (others are returned unchanged)."""
+_NAN_BITS = {"float32": ("int32", 0x7FFFFFFF, 0x7F800000), "float64": ("int64", 0x7FFFFFFFFFFFFFFF,
+              0x7FF0000000000000), "float16": ("int16", 0x7FFF, 0x7C00), "bfloat16": ("int16", 0x7FFF, 0x7F80)}
+
+
+def _is_nan(v, dtype: str):
+    """isnan(v) as an integer test on v's bits: |bits| > bits of +Inf. tirx.isnan would do, but TIR's
+    vectorizer scalarizes any loop that calls it (LLVM then emitted gathers and scatters); compares of
+    float values would do too, but TIR's simplifier reasons about them as if NaN did not exist."""
     from tvm import tirx
 
-    if not str(e.ty.dtype).startswith(("float", "bfloat")):
+    itype, mask, inf = _NAN_BITS[dtype]
+    bits = tirx.reinterpret(itype, v)
+    return tirx.bitwise_and(bits, tirx.const(mask, itype)) > tirx.const(inf, itype)
+
+
+def _nan_select(e):
+    """The NaN-propagating form of a float tirx.Max / tirx.Min node (others are returned unchanged):
+        max(a, b) -> let x = a, y = b in select(isnan(x), x, select(isnan(y), y, max(x, y)))
+    (the isnan test of a constant operand is left out; the lets evaluate a padded load's if_then_else once)."""
+    from tvm import tirx
+
+    dtype = str(e.ty.dtype)
+    if dtype not in _NAN_BITS:
         return e
-    a, b = e.a, e.b
-    out = e
-    if not isinstance(b, tirx.FloatImm):
-        out = tirx.Select(tirx.isnan(b), b, out)
-    if not isinstance(a, tirx.FloatImm):
-        out = tirx.Select(tirx.isnan(a), a, out)
+    binds, ops = [], []
+    for name, v in (("nan_a", e.a), ("nan_b", e.b)):
+        if isinstance(v, (tirx.Var, tirx.FloatImm)):
+            ops.append(v)
+        else:
+            var = tirx.Var(name, dtype)
+            binds.append((var, v))
+            ops.append(var)
+    x, y = ops
+    out = tirx.Max(x, y) if isinstance(e, tirx.Max) else tirx.Min(x, y)
+    if not isinstance(y, tirx.FloatImm):
+        out = tirx.Select(_is_nan(y, dtype), y, out)
+    if not isinstance(x, tirx.FloatImm):
+        out = tirx.Select(_is_nan(x, dtype), x, out)
+    for var, value in reversed(binds):
+        out = tirx.Let(var, value, out)
     return out
 
 
