@@ -48,10 +48,19 @@ def _is_nan(v, dtype: str):
     return tirx.bitwise_and(bits, tirx.const(mask, itype)) > tirx.const(inf, itype)
 
 
+def _is_guarded_load(v) -> bool:
+    """Whether `v` is an if_then_else (a padded load): the only operand worth binding to a variable. Copies of
+    other operands are common subexpressions LLVM merges; binding them too made TVM's CSE pass fail
+    ('variable cse_v1 has been used before definition') on kernels that fuse several min/max."""
+    from tvm import ir
+
+    return isinstance(v, ir.expr.Call) and isinstance(v.op, ir.Op) and v.op.name.endswith(".if_then_else")
+
+
 def _nan_select(e):
     """The NaN-propagating form of a float tirx.Max / tirx.Min node (others are returned unchanged):
         max(a, b) -> let x = a, y = b in select(isnan(x), x, select(isnan(y), y, max(x, y)))
-    (the isnan test of a constant operand is left out; the lets evaluate a padded load's if_then_else once)."""
+    (the isnan test of a constant operand is left out; a let evaluates a padded load's if_then_else once)."""
     from tvm import tirx
 
     dtype = str(e.ty.dtype)
@@ -59,7 +68,7 @@ def _nan_select(e):
         return e
     binds, ops = [], []
     for name, v in (("nan_a", e.a), ("nan_b", e.b)):
-        if isinstance(v, (tirx.Var, tirx.FloatImm)):
+        if not _is_guarded_load(v):
             ops.append(v)
         else:
             var = tirx.Var(name, dtype)
