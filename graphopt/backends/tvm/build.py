@@ -101,6 +101,13 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
         raise
     except Exception as e:
         raise BuildError(f"scheduling for '{spec.alias}' failed: {type(e).__name__}: {_first_line(str(e))}") from e
+    try:
+        from .numerics import nan_propagating_minmax      # PyTorch's NaN semantics for every float min/max
+
+        scheduled = nan_propagating_minmax()(scheduled)
+    except Exception as e:
+        raise BuildError(f"NaN-propagating min/max for '{spec.alias}' failed: {type(e).__name__}: "
+                         f"{_first_line(str(e))}") from e
     scheduled_at = time.perf_counter()
     try:
         if spec.kind == "cuda":                    # device code from nvcc, also without a GPU (cuda.py)

@@ -1,0 +1,351 @@
+"""PyTorch's floating-point semantics where TVM's lowering differs from them.
+
+PyTorch is the specification: a compiled model must return what eager PyTorch returns, including NaN and
++-Inf. TVM 0.27 departs from it in a few places; each is corrected here, in one place per layer:
+
+  nan_propagating_minmax()   TIR pass, run on every scheduled kernel before codegen (build.build_module).
+                             TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)` /
+                             maxnum: a NaN operand is dropped (relu(NaN) = 0, clamp(NaN) = lo, max-pool and
+                             amax skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
+                             when an operand is NaN. Every float Max/Min becomes
+                                 select(isnan(a), a, select(isnan(b), b, max(a, b)))
+                             with isnan an integer test of the bits (see _is_nan: it vectorizes, and no
+                             simplifier folds it away): per vector an and, an integer compare and a blend
+                             more for each non-constant operand. Integer Max/Min (index arithmetic, int8
+                             kernels) are left alone.
+  convert_map(ep)            importer converters (lower.lower_graph) for ATen ops whose TVM converter has
+                             other semantics than PyTorch:
+                               div.Tensor_mode floor   PyTorch's div_floor_floating (fmod-based; Inf/NaN
+                                                       edges, sign of zero) instead of floor(a / b)
+                               avg_pool2d              divisor_override honoured (TVM's converter dropped it)
+                               max_pool2d_with_indices ceil_mode windows as PyTorch's; the indices output: a
+                                                       LoweringError when the graph uses it (TVM's converter
+                                                       returned zeros)
+                               layer_norm              NaN rows where PyTorch's float32 moments overflow
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ...errors import LoweringError
+
+__all__ = ["nan_propagating_minmax", "convert_map"]
+
+
+# ------------------------------------------------------------------------------------------- TIR pass
+_NAN_BITS = {"float32": ("int32", 0x7FFFFFFF, 0x7F800000), "float64": ("int64", 0x7FFFFFFFFFFFFFFF,
+              0x7FF0000000000000), "float16": ("int16", 0x7FFF, 0x7C00), "bfloat16": ("int16", 0x7FFF, 0x7F80)}
+
+
+def _is_nan(v, dtype: str):
+    """isnan(v) as an integer test on v's bits: |bits| > bits of +Inf. tirx.isnan would do, but TIR's
+    vectorizer scalarizes any loop that calls it (LLVM then emitted gathers and scatters); compares of
+    float values would do too, but TIR's simplifier reasons about them as if NaN did not exist."""
+    from tvm import tirx
+
+    itype, mask, inf = _NAN_BITS[dtype]
+    bits = tirx.reinterpret(itype, v)
+    return tirx.bitwise_and(bits, tirx.const(mask, itype)) > tirx.const(inf, itype)
+
+
+def _is_guarded_load(v) -> bool:
+    """Whether `v` is an if_then_else (a padded load): the only operand worth binding to a variable. Copies of
+    other operands are common subexpressions LLVM merges; binding them too made TVM's CSE pass fail
+    ('variable cse_v1 has been used before definition') on kernels that fuse several min/max."""
+    from tvm import ir
+
+    return isinstance(v, ir.expr.Call) and isinstance(v.op, ir.Op) and v.op.name.endswith(".if_then_else")
+
+
+def _nan_select(e):
+    """The NaN-propagating form of a float tirx.Max / tirx.Min node (others are returned unchanged):
+        max(a, b) -> let x = a, y = b in select(isnan(x), x, select(isnan(y), y, max(x, y)))
+    (the isnan test of a constant operand is left out; a let evaluates a padded load's if_then_else once)."""
+    from tvm import tirx
+
+    dtype = str(e.ty.dtype)
+    if dtype not in _NAN_BITS:
+        return e
+    binds, ops = [], []
+    for name, v in (("nan_a", e.a), ("nan_b", e.b)):
+        if not _is_guarded_load(v):
+            ops.append(v)
+        else:
+            var = tirx.Var(name, dtype)
+            binds.append((var, v))
+            ops.append(var)
+    x, y = ops
+    out = tirx.Max(x, y) if isinstance(e, tirx.Max) else tirx.Min(x, y)
+    if not isinstance(y, tirx.FloatImm):
+        out = tirx.Select(_is_nan(y, dtype), y, out)
+    if not isinstance(x, tirx.FloatImm):
+        out = tirx.Select(_is_nan(x, dtype), x, out)
+    for var, value in reversed(binds):
+        out = tirx.Let(var, value, out)
+    return out
+
+
+def nan_propagating_minmax():
+    """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above)."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptNaNPropagatingMinMax")
+    def _pass(mod, ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc):
+                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_select)])
+                if not new.same_as(func):
+                    updates[gv] = new
+        if not updates:
+            return mod
+        mod = mod.clone() if hasattr(mod, "clone") else mod
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+# --------------------------------------------------------------------------------------- converters
+def convert_map(ep) -> dict[str, Callable]:
+    """Converters (node, importer) -> relax.Var overriding TVM's for the ops listed in the module docstring
+    that occur in `ep` (an ExportedProgram)."""
+    present = {getattr(n.target, "__name__", "") for n in ep.graph.nodes if n.op == "call_function"}
+    return {name: fn for name, fn in _CONVERTERS.items() if name in present}
+
+
+def _broadcast_apply(f, a, b):
+    """te.compute of f(a[i], b[i]) with NumPy broadcasting of a and b."""
+    from tvm import te
+
+    na, nb = len(a.shape), len(b.shape)
+    n = max(na, nb)
+    sa = [1] * (n - na) + list(a.shape)
+    sb = [1] * (n - nb) + list(b.shape)
+    out = [sb[i] if _is_one(sa[i]) else sa[i] for i in range(n)]
+
+    def index(t, shape, idx):
+        k = len(t.shape)
+        sub = idx[n - k:]
+        return [0 if _is_one(shape[n - k + j]) else sub[j] for j in range(k)]
+
+    return te.compute(out, lambda *idx: f(a(*index(a, sa, idx)), b(*index(b, sb, idx))), name="floor_divide")
+
+
+def _is_one(dim) -> bool:
+    try:
+        return int(dim) == 1
+    except Exception:
+        return False
+
+
+def _div(node, importer):
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    mode = args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode", None)
+    a, b = args[0], args[1]
+    dtype = _dtype_of(a) or _dtype_of(b)
+    if mode != "floor" or not (dtype or "").startswith("float"):
+        return importer._div(node)
+    if not isinstance(a, relax.Expr):
+        a = relax.const(a, dtype)
+    if not isinstance(b, relax.Expr):
+        b = relax.const(b, dtype)
+    return importer.block_builder.emit_te(_floor_divide_te, a, b)
+
+
+def _floor_divide_te(a, b):
+    return _broadcast_apply(_floor_body, a, b)
+
+
+def _floor_body(x, y):
+    """PyTorch's div_floor_floating (c10/util/generic_math.h) on two float scalars:
+        b == 0: a / b;  mod = fmod(a, b); div = (a - mod) / b; if mod != 0 and (b < 0) != (mod < 0): div -= 1
+        div != 0: floor(div), +1 if div - floor(div) > 0.5;  div == 0: copysign(0, a / b)"""
+    from tvm import tirx
+
+    dt = str(x.ty.dtype)
+    zero, one, half = tirx.const(0, dt), tirx.const(1, dt), tirx.const(0.5, dt)
+    mod = tirx.Mod(x, y)              # float Mod is LLVM frem: C fmod (tirx.fmod has no LLVM lowering)
+    div = (x - mod) / y
+    signs_differ = tirx.Or(tirx.And(y < zero, mod > zero), tirx.And(y > zero, mod < zero))   # mod != 0 too
+    div = tirx.Select(signs_differ, div - one, div)
+    fl = tirx.floor(div)
+    fl = tirx.Select(div - fl > half, fl + one, fl)
+    q = x / y
+    out = tirx.Select(div == zero, tirx.copysign(zero, q), fl)     # TIR's float != is ordered: false for NaN
+    return tirx.Select(y == zero, q, out)
+
+
+def _dtype_of(x: Any) -> str | None:
+    info = getattr(x, "struct_info", None) or getattr(x, "ty", None)
+    dtype = getattr(info, "dtype", None)
+    return str(dtype) if dtype else None
+
+
+# ------------------------------------------------------------------------------------------- pooling
+def _pair(v, default=None) -> tuple[int, int]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        v = default
+    if isinstance(v, (list, tuple)):
+        return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else _bad_pair(v)
+    return int(v), int(v)
+
+
+def _bad_pair(v):
+    raise LoweringError(f"2-D pooling argument {v!r} has {len(v)} entries")
+
+
+def pool_windows(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> tuple[int, int]:
+    """PyTorch's pooling_output_shape for one axis, and the padding after the input (bottom/right) that
+    makes a floor-mode pooling with padding (p, that) produce exactly those windows: (out, pad_after).
+    In ceil mode PyTorch adds a last, partial window unless it would start in the right padding."""
+    num = size + 2 * p - d * (k - 1) - 1
+    out = (num + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    after = (out - 1) * s + d * (k - 1) + 1 - (size + p)
+    return out, max(0, after)
+
+
+def _pool_args(node, importer, names, defaults):
+    args = importer.retrieve_args(node)
+    vals = list(args) + [None] * (len(names) - len(args))
+    out = {}
+    for i, name in enumerate(names):
+        v = vals[i] if i < len(args) else node.kwargs.get(name, defaults.get(name))
+        out[name] = defaults.get(name) if v is None else v
+    return out
+
+
+def _uses_output(node, index: int) -> bool:
+    """Whether a getitem of output `index` of a multi-output node is used."""
+    import operator
+
+    return any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == index and u.users
+               for u in node.users)
+
+
+def _max_pool2d_with_indices(node, importer):
+    """max_pool2d: PyTorch's ceil_mode windows via explicit padding; the indices output is refused (TVM's
+    converter returned zeros for it)."""
+    from tvm import relax
+
+    if _uses_output(node, 1):
+        raise LoweringError("aten.max_pool2d_with_indices: return_indices=True (the indices output) is not "
+                            "supported by the TVM backend; use max_pool2d without return_indices")
+    a = _pool_args(node, importer, ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode"],
+                   {"padding": 0, "dilation": 1, "ceil_mode": False})
+    if not a["ceil_mode"]:
+        return importer._max_pool2d_with_indices(node)
+    x, squeeze = _as_4d(importer, a["x"])
+    k, st, p, d = (_pair(a["kernel_size"]), _pair(a["stride"], a["kernel_size"]), _pair(a["padding"]),
+                   _pair(a["dilation"]))
+    h, w = _hw(x)
+    _, ah = pool_windows(h, k[0], st[0], p[0], d[0], True)
+    _, aw = pool_windows(w, k[1], st[1], p[1], d[1], True)
+    out = importer.block_builder.emit(relax.op.nn.max_pool2d(
+        x, pool_size=k, strides=st, padding=(p[0], p[1], ah, aw), dilation=d, ceil_mode=False, layout="NCHW"))
+    out = _restore(importer, out, squeeze)
+    indices = relax.op.zeros_like(out)          # never read: refused above when the graph uses it
+    return importer.block_builder.emit(relax.Tuple([out, indices]))
+
+
+def _avg_pool2d(node, importer):
+    """avg_pool2d with ceil_mode or divisor_override, as PyTorch computes it: the window sum (zero padding,
+    every window full after explicit padding) divided by PyTorch's divisor per output position
+    (divisor_override; else the window clipped to the padded input with count_include_pad, or the number of
+    input elements in it without). Other avg_pool2d calls keep TVM's converter."""
+    import numpy as np
+    from tvm import relax
+
+    a = _pool_args(node, importer, ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                    "divisor_override"],
+                   {"padding": 0, "ceil_mode": False, "count_include_pad": True})
+    if not a["ceil_mode"] and not a["divisor_override"]:
+        return importer._avg_pool2d(node)
+    x, squeeze = _as_4d(importer, a["x"])
+    k, st, p = _pair(a["kernel_size"]), _pair(a["stride"], a["kernel_size"]), _pair(a["padding"])
+    size = _hw(x)
+    dims = [pool_windows(size[i], k[i], st[i], p[i], 1, bool(a["ceil_mode"])) for i in range(2)]
+    dtype = str(x.ty.dtype)
+    bb = importer.block_builder
+    padded = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, p[0], dims[0][1], p[1], dims[1][1]], "constant", 0.0))
+    mean = bb.emit(relax.op.nn.avg_pool2d(padded, pool_size=k, strides=st, padding=(0, 0), ceil_mode=False,
+                                          count_include_pad=True, layout="NCHW"))
+    total = bb.emit(relax.op.multiply(mean, relax.const(float(k[0] * k[1]), dtype)))
+
+    def axis(i):
+        out = dims[i][0]
+        start = np.arange(out) * st[i] - p[i]
+        end = np.minimum(start + k[i], size[i] + p[i])
+        pool = end - start
+        valid = np.minimum(end, size[i]) - np.maximum(start, 0)
+        return pool, valid
+
+    (ph, vh), (pw, vw) = axis(0), axis(1)
+    if a["divisor_override"]:
+        div = np.full((len(ph), len(pw)), float(a["divisor_override"]))
+    elif a["count_include_pad"]:
+        div = np.outer(ph, pw).astype("float64")
+    else:
+        div = np.outer(vh, vw).astype("float64")
+    out = bb.emit(relax.op.divide(total, relax.const(div.astype(dtype), dtype)))
+    return _restore(importer, out, squeeze)
+
+
+def _as_4d(importer, x):
+    from tvm import relax
+
+    if len(x.ty.shape) == 3:
+        return importer.block_builder.emit(relax.op.expand_dims(x, axis=0)), True
+    return x, False
+
+
+def _hw(x) -> list[int]:
+    shape = x.ty.shape
+    return [int(shape[2]), int(shape[3])]
+
+
+def _restore(importer, out, squeeze: bool):
+    from tvm import relax
+
+    return importer.block_builder.emit(relax.op.squeeze(out, axis=[0])) if squeeze else out
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+def _layer_norm(node, importer):
+    """layer_norm with PyTorch's overflow behaviour: NaN for every row whose mean squared overflows float32.
+
+    PyTorch's float32 moments give var = E[x^2] - E[x]^2 = inf - inf = NaN there (a conv -> LayerNorm net fed
+    values near float32's range returned NaN); TVM's kernel computes the same difference, but LLVM contracts
+    it into an FMA whose product cannot overflow, so var = inf, rsqrt(var) = 0 and the row came out finite.
+    TVM's fused kernel is kept; the row test (one mean over the normalized axes) is added after it."""
+    import numpy as np
+    from tvm import relax
+
+    name = getattr(node.target, "__name__", "")
+    out = importer._native_layer_norm(node) if name.startswith("native_") else importer._layer_norm(node)
+    x = importer.env[node.args[0]]
+    dtype = str(x.ty.dtype)
+    if not dtype.startswith("float") or not hasattr(out.ty, "ndim"):
+        return out
+    dims = len(tuple(node.args[1]))
+    ndim = int(x.ty.ndim)
+    bb = importer.block_builder
+    mean = bb.emit(relax.op.mean(x, axis=list(range(ndim - dims, ndim)), keepdims=True))
+    overflow = bb.emit(relax.op.isinf(relax.op.multiply(mean, mean)))
+    return bb.emit(relax.op.where(overflow, relax.const(np.nan, dtype), out))
+
+
+_CONVERTERS: dict[str, Callable] = {
+    "layer_norm.default": _layer_norm,
+    "native_layer_norm.default": _layer_norm,
+    "div.Tensor_mode": _div,
+    "avg_pool2d.default": _avg_pool2d,
+    "max_pool2d_with_indices.default": _max_pool2d_with_indices,
+}

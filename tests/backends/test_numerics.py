@@ -1,0 +1,192 @@
+"""PyTorch's floating-point semantics through the TVM backend (graphopt/backends/tvm/numerics.py, issue 21).
+
+Every check compares the compiled module with eager PyTorch on inputs holding NaN, +-Inf, -0.0 and values near
+float32's limits: same NaN positions, same infinities, finite values within float32 rounding
+(graphopt.testing.opinfo.compare). Ops are batched into few compiled modules: builds dominate the time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.errors import LoweringError
+from graphopt.testing.opinfo import compare
+
+tvm = pytest.importorskip("tvm")
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _specials(shape, seed: int = 0) -> torch.Tensor:
+    """Random values with NaN, +-Inf, -0.0 and large values spread over the tensor (big enough that the
+    kernels take their vectorized paths)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    for i, v in enumerate((NAN, INF, -INF, -0.0, 0.0, 1e-40, 3e38, -3e38)):
+        flat[i * 7 % flat.numel()::37] = v
+    return x
+
+
+class _ElementwiseOps(nn.Module):
+    """One output per op whose NaN/Inf handling issue 21 found wrong (relu/clamp/maximum/minimum/erf/floor
+    division), plus the NaN-propagating reductions and pooling built on the same max/min."""
+
+    names = ("relu", "clamp", "clamp_min", "clamp_tensor", "relu6", "hardtanh", "maximum", "minimum", "erf",
+             "gelu", "floor_divide", "floor_divide_scalar", "max_all", "min_all", "max_pool2d", "softmax")
+
+    def forward(self, x, y):
+        img = x.reshape(4, 4, 8, 16)
+        return (torch.relu(x), torch.clamp(x, -1.0, 1.0), torch.clamp(x, min=0.0), torch.clamp(x, min=y),
+                F.relu6(x), F.hardtanh(x), torch.maximum(x, y), torch.minimum(x, y), torch.erf(x), F.gelu(x),
+                torch.div(x, y, rounding_mode="floor"), torch.div(x, -2.5, rounding_mode="floor"), x.max(),
+                y.min(), F.max_pool2d(img, 3, 2, 1),
+                torch.softmax(x, dim=1))
+
+
+@pytest.fixture(scope="module")
+def elementwise():
+    model = _ElementwiseOps().eval()
+    x, y = _specials((32, 64), seed=1), _specials((32, 64), seed=2)
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x, y))
+    with torch.no_grad():
+        ref = model(x, y)
+        # PyTorch's GELU disagrees with itself at the limits (vectorized: gelu(inf) = NaN, gelu(3e38) = inf;
+        # scalar: inf, 3e38): the float64 answer, rounded, is accepted too for it (as in opinfo.compare)
+        alt = [None] * len(ref)
+        alt[_ElementwiseOps.names.index("gelu")] = F.gelu(x.double()).float()
+    return dict(zip(_ElementwiseOps.names, zip(opt(x, y), ref, alt)))
+
+
+@pytest.mark.parametrize("name", _ElementwiseOps.names)
+def test_nan_and_inf_propagate_as_in_pytorch(elementwise, name):
+    got, ref, alt = elementwise[name]
+    assert compare(got, ref, alt=alt) is None, f"{name}: {compare(got, ref, alt=alt)}"
+
+
+def test_relu_of_nan_is_nan_in_a_linear_relu_linear_net():
+    """The issue's first report: a NaN input came out as ordinary numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(3, 16)
+    opt = graphopt.optimize(model, target="x86", example_inputs=(x,))
+    x[1, 5] = NAN
+    out = opt(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.isnan(ref[1]).all() and torch.isnan(out[1]).all()
+    assert compare(out, ref) is None
+
+
+def test_floor_division_edges_follow_pytorch():
+    """PyTorch's div_floor_floating: fmod-based, so -inf // 2 is NaN, 3e38 // -inf is -1, 0 // -3 is -0."""
+
+    class FloorDiv(nn.Module):
+        def forward(self, a, b):
+            return torch.div(a, b, rounding_mode="floor")
+
+    a = torch.tensor([-INF, INF, 3e38, -3e38, 0.0, -0.0, 7.0, -7.0, 7.0, 5.0, NAN, 1.0, 0.0, 1e-40, 9.0, -1.0])
+    b = torch.tensor([2.0, -2.0, -INF, INF, -3.0, 3.0, 2.0, 2.0, -2.0, 0.0, 1.0, NAN, 0.0, 3.0, 3.0, -0.0])
+    opt = graphopt.optimize(FloorDiv(), target="x86", pipeline="", example_inputs=(a, b))
+    out, ref = opt(a, b), FloorDiv()(a, b)
+    assert compare(out, ref) is None, compare(out, ref)
+    assert torch.equal(torch.signbit(out[4:6]), torch.signbit(ref[4:6]))      # signed zeros too
+
+
+class _AvgPools(nn.Module):
+    configs = (
+        dict(kernel_size=2, stride=2, divisor_override=3),
+        dict(kernel_size=3, stride=1, padding=1, ceil_mode=True, count_include_pad=False, divisor_override=2),
+        dict(kernel_size=(4, 4), stride=(2, 3), padding=1, ceil_mode=True, divisor_override=5),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=True),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        dict(kernel_size=(6, 6), stride=(3, 3), padding=(2, 3), ceil_mode=True),
+        dict(kernel_size=3, stride=2, padding=1),
+    )
+
+    def forward(self, x):
+        return tuple(F.avg_pool2d(x, **c) for c in self.configs) + (
+            F.max_pool2d(x, 3, 2, 1, ceil_mode=True), F.max_pool2d(x, 2, 2, ceil_mode=True),
+            F.max_pool2d(x, 4, 3, ceil_mode=True), F.max_pool2d(x[0], (3, 2), (2, 3), (1, 1), ceil_mode=True))
+
+
+def test_pooling_divisor_override_and_ceil_mode_match_pytorch():
+    """avg_pool2d's divisor_override was ignored (max |d| 14-20); ceil_mode's partial edge windows and their
+    divisors follow PyTorch's rules (a last window starting in the right padding is dropped)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 10)
+    model = _AvgPools().eval()
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+    for i, (got, ref) in enumerate(zip(opt(x), model(x))):
+        assert compare(got, ref) is None, f"output {i}: {compare(got, ref)}"
+
+
+def test_max_pool2d_return_indices_is_a_lowering_error_naming_the_op_and_argument():
+    class WithIndices(nn.Module):
+        def forward(self, x):
+            values, indices = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+            return values, indices
+
+    with pytest.raises(LoweringError, match=r"max_pool2d_with_indices.*return_indices.*fx node"):
+        graphopt.optimize(WithIndices(), target="x86", pipeline="", example_inputs=(torch.randn(1, 2, 8, 8),))
+
+
+def test_max_pool2d_without_the_indices_still_compiles():
+    """max_pool2d exports as max_pool2d_with_indices + getitem(0): only a used indices output is refused."""
+    x = torch.randn(1, 2, 9, 9)
+    model = nn.MaxPool2d(3, 2, ceil_mode=True).eval()
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+    assert compare(opt(x), model(x)) is None
+
+
+def test_zero_size_mm_is_a_lowering_error():
+    """TVM stopped with a bare ValueError ('expected to be compact array') at the first call."""
+
+    class MM(nn.Module):
+        def forward(self, a, b):
+            return torch.mm(a, b)
+
+    with pytest.raises(LoweringError, match=r"(?s)no elements.*aten\.mm\.default.*tensor\(5, 0\)"):
+        graphopt.optimize(MM(), target="x86", pipeline="", example_inputs=(torch.randn(5, 0), torch.randn(0, 10)))
+
+
+class _ConvLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm([8, 8, 8])
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e37, 3e38])
+def test_conv_layer_norm_near_float32_limits_matches_pytorch(scale):
+    """Near float32's range PyTorch's LayerNorm returns NaN (its float32 moments overflow: inf - inf); the
+    compiled net returned finite values. Ordinary inputs stay exact."""
+    torch.manual_seed(0)
+    model = _ConvLayerNorm().eval()
+    x = torch.randn(2, 3, 8, 8)
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+    big = (torch.randn(2, 3, 8, 8) * scale).clamp(-3.4e38, 3.4e38)
+    with torch.no_grad():
+        ref = model(big)
+    assert compare(opt(big), ref) is None, compare(opt(big), ref)
+    if scale >= 1e37:
+        assert torch.isnan(ref).all()
+
+
+def test_integer_min_max_are_left_alone():
+    """The NaN rewrite touches float min/max only: int arithmetic (clamp of indices, int tensors) is exact."""
+
+    class IntOps(nn.Module):
+        def forward(self, a, b):
+            return torch.maximum(a, b), torch.clamp(a, -3, 4), torch.relu(a)
+
+    a, b = torch.randint(-9, 9, (4, 33), dtype=torch.int32), torch.randint(-9, 9, (4, 33), dtype=torch.int32)
+    opt = graphopt.optimize(IntOps(), target="x86", pipeline="", example_inputs=(a, b))
+    for got, ref in zip(opt(a, b), IntOps()(a, b)):
+        assert torch.equal(got, ref)
