@@ -107,7 +107,7 @@ def built(request):
 def test_int8_path_follows_the_llvm_features():
     expect = {"x86:haswell": "avx2", "x86:znver1": "avx2", "x86:skylake-avx512": "avx512bw",
               "x86:icelake-server": "vnni", "x86:cascadelake": "vnni", "x86:nehalem": "cpu",
-              "arm:cortex-a76": "cpu", "arm:neoverse-n1": "cpu"}
+              "arm:cortex-a76": "sdot", "arm:neoverse-n1": "sdot", "arm:cortex-a72": "cpu"}
     for target, path in expect.items():
         assert int8_path(resolve_target(target)) == path, target
     assert int8_path(None) == "relax" and int8_path(resolve_target("torch")) == "relax"

@@ -151,16 +151,19 @@ def test_has_vnni_reads_the_cpu_features():
     assert int8_path(None) == "relax"
 
 
-def test_int8_build_for_arm_uses_the_portable_cpu_kernels():
+@pytest.mark.parametrize("cpu,path", [("cortex-a72", "cpu"), ("cortex-a76", "sdot")])
+def test_int8_build_for_arm_uses_sdot_where_the_cpu_has_dotprod(cpu, path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
     x = torch.randn(1, 3, 8, 8)
     opt = graphopt.optimize(model, "torch", "quantize(activation=int8,progress=false)", example_inputs=(x,),
                             calibration=[x])
-    spec = resolve_target("arm:cortex-a76")
+    spec = resolve_target(f"arm:{cpu}")
     lowered = lower_graph(opt.graph_module, (x,), spec)
-    assert lowered.quant.startswith("path=cpu") and "sdot" in lowered.quant
+    assert lowered.quant.startswith(f"path={path}:") and f"qlinear:{path}×1" in lowered.quant
+    assert ("dotprod" in lowered.quant) == (path == "cpu")
     build_module(lowered.mod, spec)                  # no x86 intrinsic reaches the aarch64 code generator
+    # (running them under qemu, bit for bit: tests/backends/test_arm.py)
 
 
 def test_int8_artifact_round_trip(tmp_path):

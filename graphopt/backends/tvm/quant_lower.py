@@ -27,8 +27,11 @@ Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules an
     another target) switches its layer to an exact split of the activations (a = 128·hi + lo), at about
     half the speed, never to a wrong result. The batched matmul's right operand is an activation in the
     full int8 range: always the exact split there.
-  * other LLVM CPU targets ('cpu': ARM, x86 without AVX2): the same tiling with widening int32
-    multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
+  * aarch64 with +dotprod ('sdot': cortex-a76, neoverse-n1, ...): NEON ``sdot`` (int8 x int8, 4 products
+    into each of 4 int32 lanes) on the same [N/4, K/4, 4, 4] layout; activations int8 (uint8 ones shifted
+    by -128 with their zero point), exact for every int8 weight.
+  * other LLVM CPU targets ('cpu': ARM without dotprod, x86 without AVX2): the same tiling with widening
+    int32 multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
   * depthwise conv on CPU targets: its own kernel over uint8 NHWC (widening int32 multiply-adds, vectorized
     over 16 channels): a depthwise conv is memory-bound, so the win is reading 1-byte inputs.
   * other grouped convs (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
@@ -61,12 +64,16 @@ OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.d
 #   avx512bw  AVX-512BW without VNNI: vpmaddubsw (u8·s8 pairs -> saturating int16) + vpmaddwd by ones (int16
 #             pairs -> int32), 512-bit
 #   avx2      the same pair of instructions on 256-bit vectors (8 int32 lanes)
-#   cpu       other LLVM CPUs (ARM for now, x86 without AVX2): widening int32 multiply-adds LLVM vectorizes
+#   sdot      aarch64 with the dot-product extension (+dotprod): sdot, 4 s8·s8 products into each int32 lane
+#             (128-bit NEON); activations int8 (uint8 ones are shifted by -128)
+#   cpu       other LLVM CPUs (ARM without dotprod, x86 without AVX2): widening int32 multiply-adds LLVM
+#             vectorizes
 #   relax     no LLVM CPU target: portable Relax integer ops
-PATHS = ("vnni", "avx512bw", "avx2", "cpu", "relax")
+PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu", "relax")
 PAIR_PATHS = ("avx512bw", "avx2")          # the paths whose int16 pair sums can saturate
 PAIR_WEIGHT_QMAX = REDUCED_WEIGHT_QMAX      # |w| <= 64: 2·255·64 = 32,640 <= 32,767, pairs never saturate
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 _PAIR_INTRINSICS = {"avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
                     "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
 
@@ -82,10 +89,12 @@ def has_vnni(cpu: str) -> bool:
 
 def int8_path(spec) -> str:
     """The int8 kernel path for a TargetSpec, from its LLVM CPU features (see PATHS): 'vnni' (avx512vnni),
-    'avx512bw' (avx512bw, no VNNI), 'avx2', 'cpu' (other LLVM CPUs) or 'relax' (not an LLVM CPU target)."""
+    'avx512bw' (avx512bw, no VNNI), 'avx2', 'sdot' (aarch64 +dotprod), 'cpu' (other LLVM CPUs) or 'relax'
+    (not an LLVM CPU target)."""
     if spec is None or getattr(spec, "kind", "") != "llvm":
         return "relax"
-    if getattr(spec, "arch", "") != "x86_64":
+    arch = getattr(spec, "arch", "")
+    if arch not in ("x86_64", "aarch64"):
         return "cpu"
     from tvm.target import codegen
 
@@ -93,6 +102,8 @@ def int8_path(spec) -> str:
         t = spec.tvm_target()
     except Exception:
         return "cpu"
+    if arch == "aarch64":
+        return "sdot" if codegen.target_has_features("dotprod", t) else "cpu"
     for path, feature in (("vnni", "avx512vnni"), ("avx512bw", "avx512bw"), ("avx2", "avx2")):
         if codegen.target_has_features(feature, t):
             return path
@@ -107,7 +118,12 @@ def weight_qmax_for(path: str) -> int:
 
 def lanes_of(path: str) -> int:
     """int32 lanes of one accumulator vector (= output columns of one packed weight block)."""
-    return 8 if path == "avx2" else 16
+    return {"avx2": 8, "sdot": 4}.get(path, 16)
+
+
+def act_dtype_of(path: str) -> str:
+    """The activation dtype the path's dense/conv/bmm kernels multiply: int8 for sdot, uint8 elsewhere."""
+    return "int8" if path == "sdot" else "uint8"
 
 
 def describe_path(path: str, target: str, arch: str = "x86_64") -> str:
@@ -120,8 +136,10 @@ def describe_path(path: str, target: str, arch: str = "x86_64") -> str:
         return (f"{head}: vpmaddubsw + vpmaddwd kernels ({bits}-bit, u8·s8 pairs -> int16 -> int32); Linear and "
                 f"Conv2d (groups=1) weights in [-{PAIR_WEIGHT_QMAX}, {PAIR_WEIGHT_QMAX}] so the int16 pair sums "
                 f"never saturate")
+    if path == "sdot":
+        return f"{head}: NEON sdot kernels (s8·s8 -> int32, 128-bit; int8 activations)"
     if path == "cpu":
-        missing = "no AVX2" if arch == "x86_64" else "no int8 dot-product kernel (sdot/i8mm) for this CPU"
+        missing = "no AVX2" if arch == "x86_64" else "no dot-product extension (+dotprod: sdot) on this CPU"
         return (f"{head}: {missing}, kernels use widening int32 multiply-adds (correct, but no fast int8 "
                 f"instruction: expect little speedup over float32)")
     return (f"{head}: portable Relax integer ops (R.matmul / R.nn.conv2d with out_dtype=int32), no "
@@ -139,8 +157,8 @@ def _cores(spec) -> int:
 def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
     """TIR: acc + Σ_k a[k]·w[j, k] over the 4 bytes k, for every lane j of an int32 accumulator vector.
 
-    `a_u8x4` is 4 uint8 activations (broadcast to every lane), `w` the lanes·4 int8 weights of one packed
-    [lanes, 4] block. vnni: one vpdpbusd. avx2/avx512bw: vpmaddubsw sums byte pairs into int16 with
+    `a_u8x4` is 4 uint8 activations (int8 on sdot; broadcast to every lane), `w` the lanes·4 int8 weights of
+    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw: vpmaddubsw sums byte pairs into int16 with
     saturation, vpmaddwd by ones sums int16 pairs into int32; exact only while |w| <= 64. exact=True
     splits the activations a = 128·hi + lo (lo <= 127, hi <= 1) so both pair sums stay in int16 for any
     int8 w (|127·128·2| < 32,768) and adds lo·w + 128·(hi·w): exact, twice the instructions.
@@ -156,6 +174,8 @@ def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
     if path == "vnni":
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, bcast(a32), w,
                                        dtype=f"int32x{L}")
+    if path == "sdot":
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(SDOT), acc, bcast(a32), w, dtype=f"int32x{L}")
     ubsw, wd = _PAIR_INTRINSICS[path]
 
     def madd(a, mult: int):
@@ -173,7 +193,10 @@ def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
 def _tiles(rows: int, blocks: int, cores: int = 1, path: str = "vnni") -> tuple[int, int]:
     """Register tile (MT rows, NT column blocks), NT divides `blocks`: at most 16 accumulators with 32
     vector registers (AVX-512), at most 12 with 16 (AVX2: accumulators + broadcast + ones + a temporary)."""
-    if path == "avx2":
+    if path == "sdot":                              # 32 NEON registers of 4 int32 lanes: up to 24 accumulators
+        mt = rows if rows <= 8 else next((m for m in (8, 6, 4) if rows % m == 0), 8)
+        nt = next(n for n in (8, 4, 2, 1) if blocks % n == 0 and mt * n <= 24)
+    elif path == "avx2":
         if rows == 1:
             mt, nt = 1, next(n for n in (4, 2, 1) if blocks % n == 0)
         else:
@@ -198,6 +221,9 @@ def _tiles(rows: int, blocks: int, cores: int = 1, path: str = "vnni") -> tuple[
 
 def _conv_tiles(ow: int, blocks: int, path: str) -> tuple[int, int]:
     """Register tile of conv_kernel: MT output columns x NT channel blocks (see _tiles for the budgets)."""
+    if path == "sdot":
+        mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
+        return mt, next(n for n in (4, 2, 1) if blocks % n == 0 and mt * n <= 24)
     if path == "avx2":
         mt = next((m for m in (6, 4, 7, 5) if ow % m == 0), min(6, ow))
         nt = 2 if blocks % 2 == 0 and mt <= 6 else 1
@@ -215,6 +241,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     from tvm.script import tirx as T
 
     fast = path != "cpu"
+    a_dtype = act_dtype_of(path)
     L = lanes_of(path)
     K, N = KB * 4, NB * L
     MO = (M + MT - 1) // MT
@@ -222,7 +249,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     w_shape = (NB, KB, L, 4) if fast else (NB, KB, 4, L)
 
     @T.prim_func
-    def qdense(A: T.Buffer((M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
+    def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
                S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
@@ -236,7 +263,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
                             if fast:
                                 acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
                                     path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
-                                    A.vload([T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"),
+                                    A.vload([T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
                                     W.vload([nbo * NT + nt, kb, 0, 0], f"int8x{4 * L}"), exact)
                             else:
                                 for k in T.unroll(4):
@@ -269,6 +296,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     from tvm.script import tirx as T
 
     fast = path != "cpu"
+    a_dtype = act_dtype_of(path)
     L = lanes_of(path)
     Cp = CB * 4
     sh, sw = stride
@@ -278,7 +306,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     w_shape = (COB, KH, KW, CB, L, 4) if fast else (COB, KH, KW, CB, 4, L)
 
     @T.prim_func
-    def qconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer(w_shape, "int8"),
+    def qconv(X: T.Buffer((N, Hp, Wp, Cp), a_dtype), W: T.Buffer(w_shape, "int8"),
               C: T.Buffer((COB * L,), "int32"), S: T.Buffer((COB * L,), "float32"),
               Bi: T.Buffer((COB * L,), "float32"), Y: T.Buffer((N, OH, OW, COB * L), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
@@ -298,7 +326,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                                 path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
                                                 X.vload([row // OH, (row % OH) * sh + kh * dh,
                                                          T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
-                                                        "uint8x4"),
+                                                        f"{a_dtype}x4"),
                                                 W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], f"int8x{4 * L}"), exact)
                                         else:
                                             for k in T.unroll(4):
@@ -369,6 +397,7 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
 
     fast = path != "cpu"
     exact = path in PAIR_PATHS
+    a_dtype = act_dtype_of(path)
     L = lanes_of(path)
     K, N = KB * 4, NB * L
     MO = (M + MT - 1) // MT
@@ -377,7 +406,7 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
     s = T.float32(scale)
 
     @T.prim_func
-    def qbmm(A: T.Buffer((BT, M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
+    def qbmm(A: T.Buffer((BT, M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
              Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT * NBO):
@@ -391,7 +420,7 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
                             if fast:
                                 acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
                                     path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
-                                    A.vload([p // NBO, T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"),
+                                    A.vload([p // NBO, T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
                                     W.vload([p // NBO, (p % NBO) * NT + nt, kb, 0, 0], f"int8x{4 * L}"), exact)
                             else:
                                 for k in T.unroll(4):
@@ -552,13 +581,15 @@ def _shape(expr) -> list[int]:
     return [int(s) for s in expr.ty.shape]
 
 
-def _to_uint8(bb, xq, zp: int, dtype: str):
-    """uint8 view of a quantized tensor for the uint8 x int8 kernels: int8 q becomes q + 128 (zp + 128)."""
+def _to_uint8(bb, xq, zp: int, dtype: str, want: str = "uint8"):
+    """`want` (uint8 or int8) view of a quantized tensor for the int8 kernels: int8 q becomes q + 128
+    (zp + 128) for the uint8 x int8 kernels, uint8 q becomes q - 128 (zp - 128) for sdot's int8 x int8."""
     relax = _relax()
-    if dtype == "uint8":
+    if dtype == want:
         return xq, zp
-    shifted = bb.emit(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")))
-    return bb.emit(relax.op.astype(shifted, "uint8")), zp + 128
+    shift = 128 if want == "uint8" else -128
+    shifted = bb.emit(relax.op.add(relax.op.astype(xq, "int16"), relax.const(shift, "int16")))
+    return bb.emit(relax.op.astype(shifted, want)), zp + shift
 
 
 def _convert_quantize(st: QuantLowering):
@@ -634,7 +665,7 @@ def _convert_qlinear(st: QuantLowering):
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
         exact = st.kernel("qlinear", wq)
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         comp = _zero_point_term(zp8, wq)
         return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
     return convert
@@ -669,8 +700,12 @@ def _convert_dynamic_qlinear(st: QuantLowering):
             return bb.emit(R.add(y, _const(bias)))
         exact = st.kernel("dynamic_qlinear", wq)
         xu8 = bb.emit(R.astype(xq, "uint8"))
+        zpi = bb.emit(R.astype(zp, "int32"))
+        if act_dtype_of(st.path) == "int8":                 # sdot: q - 128 with zero point zp - 128
+            xu8 = bb.emit(R.astype(R.subtract(R.astype(xq, "int16"), relax.const(128, "int16")), "int8"))
+            zpi = bb.emit(R.subtract(zpi, relax.const(128, "int32")))
         wsum = _const(_pad_vec(wq.astype(np.int64).sum(axis=1), nb * L, np.int32))
-        comp = bb.emit(R.multiply(R.astype(zp, "int32"), wsum))
+        comp = bb.emit(R.multiply(zpi, wsum))
         out_scale = bb.emit(R.multiply(scale, _const(_pad_vec(w_scale, nb * L, np.float32))))
         return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
     return convert
@@ -735,7 +770,7 @@ def _convert_qconv2d(st: QuantLowering):
                                       dilation=dilation, groups=groups, out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), 1, 4)
         exact = st.kernel("qconv2d", wq)
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         cpad = -c % 4
         nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
@@ -820,7 +855,7 @@ def _convert_qmatmul(st: QuantLowering):
             return bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(out_scale, "float32")))
         st.count(f"qmatmul:{st.path}" + (" (exact pair split)" if st.path in PAIR_PATHS else ""))
         L = lanes_of(st.path)
-        au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype))
+        au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype), act_dtype_of(st.path))
         batch = sa[:-2]
         bt = int(np.prod(batch)) if batch else 1
         kb, nb = (k + 3) // 4, (n + L - 1) // L
