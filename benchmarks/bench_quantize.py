@@ -3,6 +3,11 @@
     python benchmarks/bench_quantize.py                                  # digits, mlp, encoder, resnet18, mobilenet_v2
     python benchmarks/bench_quantize.py --models digits,mlp --target x86 --out benchmarks/results
     python benchmarks/bench_quantize.py --models encoder --encoder base  # BERT-base shape (slow to build)
+    python benchmarks/bench_quantize.py --ort --target x86:haswell      # the AVX2 int8 path on any newer x86
+
+--target takes graphopt's target aliases (x86, x86:<llvm cpu>, ...): "x86:haswell" builds the AVX2 int8 kernels
+and "x86:skylake-avx512" the AVX-512BW ones (no VNNI), which run on this machine when it has those features;
+each table says which int8 path (vnni / avx512bw / avx2 / cpu) ran.
 
 Variants per model (all measured in this process, timings interleaved round-robin so load changes on a
 shared machine hit every variant alike; median ms per call at batch 1):
@@ -11,6 +16,9 @@ shared machine hit every variant alike; median ms per call at batch 1):
   ours-int8    + quantize (static, calibrated; the default for the model's target)
   ours-dyn     + quantize(mode=dynamic)      (Linear-heavy models only)
   ours-woq     + quantize(mode=weight_only)  (Linear-heavy models only)
+  ours-int8-w8 + quantize(reduce_range=false), with --full-range-weights: on the avx2/avx512bw paths, full
+               [-127, 127] weights through the exact pair split instead of [-64, 64] weights (the trade-off
+               of the quantizer's default)
   ort-fp32 / ort-int8   ONNX Runtime float32 and static QDQ int8 (per-channel), with --ort
 Accuracy vs float32 (never vs labels alone):
   digits   a CNN trained here on scikit-learn's bundled digits; top-1 accuracy of each variant on the held-out
@@ -179,6 +187,8 @@ def bench_model(name: str, spec: dict, args) -> dict:
     variants = {"eager": model}
     builds = {"ours-fp32": spec["fold"]}
     builds["ours-int8"] = spec["fold"] + ",quantize(progress=false)"
+    if args.full_range_weights:
+        builds["ours-int8-w8"] = spec["fold"] + ",quantize(reduce_range=false,progress=false)"
     if spec["linear_heavy"]:
         builds["ours-dyn"] = spec["fold"] + ",quantize(mode=dynamic)"
         builds["ours-woq"] = spec["fold"] + ",quantize(mode=weight_only)"
@@ -210,7 +220,9 @@ def bench_model(name: str, spec: dict, args) -> dict:
         if spec["labels"] is not None:
             row["top1_accuracy"] = round((out.argmax(-1) == spec["labels"]).float().mean().item() * 100, 2)
         rows[key] = {**row, **info.get(key, {})}
-    return {"model": name, "target": args.target, "batch": 1, "rows": rows}
+    line = info["ours-int8"]["int8"]
+    path = line.split(":", 1)[0].removeprefix("path=") if line.startswith("path=") else "?"
+    return {"model": name, "target": args.target, "int8_path": path, "batch": 1, "rows": rows}
 
 
 def print_table(res: dict) -> None:
@@ -219,7 +231,7 @@ def print_table(res: dict) -> None:
     head = ["variant"] + keys
     table = [head] + [[v] + [str(r.get(k, "")) for k in keys] for v, r in res["rows"].items()]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    print(f"\n{res['model']} (target {res['target']}, batch 1)")
+    print(f"\n{res['model']} (target {res['target']}, int8 path {res.get('int8_path', '?')}, batch 1)")
     for row in table:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
     for v, r in res["rows"].items():
@@ -234,6 +246,8 @@ def main(argv=None):
     ap.add_argument("--encoder", choices=["small", "base"], default="small")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ort", action="store_true", help="also measure ONNX Runtime float32 and int8")
+    ap.add_argument("--full-range-weights", action="store_true",
+                    help="also build quantize(reduce_range=false): [-127, 127] weights (exact pair split on avx2)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     set_threads(physical_cores())

@@ -32,6 +32,7 @@ from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, QATConv2d, QATLinear, QuantConv2d,
                       QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding)
 from .observers import Observer, make_observer
+from .qparams import WEIGHT_QMAX
 
 __all__ = ["Site", "find_sites", "prepare", "calibrate", "Converter", "prepare_qat", "convert",
            "swap_linear", "UNSUPPORTED_LAYERS"]
@@ -384,10 +385,13 @@ class Converter:
     """Builds quantized graphs from a calibrated prepared graph, for any subset of its layers.
 
     Quantized modules are made once per layer and cached, so trying many subsets is cheap.
+    `weight_qmax` bounds the int8 weights of Linear and Conv2d (groups=1) layers (64 for the x86 AVX2 /
+    AVX-512BW kernels, see graphopt.quant.qparams); grouped and depthwise convs keep 127.
     """
 
-    def __init__(self, prepared: fx.GraphModule):
+    def __init__(self, prepared: fx.GraphModule, weight_qmax: int = WEIGHT_QMAX):
         self.prepared = prepared
+        self.weight_qmax = weight_qmax
         self._cache: dict[str, nn.Module] = {}
         self.layer_paths: list[str] = []
         for node in prepared.graph.nodes:
@@ -407,9 +411,10 @@ class Converter:
         if path not in self._cache:
             mod = self.prepared.get_submodule(path)
             if isinstance(mod, nn.Linear):
-                self._cache[path] = QuantLinear(mod.weight, mod.bias, qps[0])
+                self._cache[path] = QuantLinear(mod.weight, mod.bias, qps[0], weight_qmax=self.weight_qmax)
             elif isinstance(mod, nn.Conv2d):
-                self._cache[path] = QuantConv2d(mod, qps[0])
+                qmax = self.weight_qmax if mod.groups == 1 else WEIGHT_QMAX
+                self._cache[path] = QuantConv2d(mod, qps[0], weight_qmax=qmax)
             elif isinstance(mod, FloatMatmul):
                 self._cache[path] = QuantMatmul(qps[0], qps[1])
             else:  # pragma: no cover - prepare only observes the inputs of these layers
@@ -483,9 +488,11 @@ def prepare_qat(gm: fx.GraphModule, *, dtype: str = "uint8", kinds=("linear", "c
     return work
 
 
-def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = ()) -> tuple[fx.GraphModule, Survey]:
-    """A new GraphModule with every Linear replaced by DynamicQuantLinear ("dynamic") or
-    WeightOnlyLinear ("weight_only"); Conv2d and everything else stays float. `gm` is not changed."""
+def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = (),
+                weight_qmax: int = WEIGHT_QMAX) -> tuple[fx.GraphModule, Survey]:
+    """A new GraphModule with every Linear replaced by DynamicQuantLinear ("dynamic", weights in
+    [-weight_qmax, weight_qmax]) or WeightOnlyLinear ("weight_only", [-127, 127]: float32 compute);
+    Conv2d and everything else stays float. `gm` is not changed."""
     cls = {"dynamic": DynamicQuantLinear, "weight_only": WeightOnlyLinear}[mode]
     graph, _ = _copy_graph(gm)
     work = _new_module(gm, graph)
@@ -497,7 +504,8 @@ def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = ()) -> t
             survey.skipped.append((site.path, f"conv2d has no {mode} mode (use static)"))
             continue
         mod = work.get_submodule(site.path)
-        _set_module(work, site.path, cls(mod.weight, mod.bias))
+        extra = {"weight_qmax": weight_qmax} if mode == "dynamic" else {}
+        _set_module(work, site.path, cls(mod.weight, mod.bias, **extra))
     survey.sites = [s for s in survey.sites if s.kind == "linear"]
     work.recompile()
     return work, survey

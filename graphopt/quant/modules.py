@@ -68,11 +68,11 @@ class QuantLinear(nn.Module):
     """y = float32(Σ_k (xq - x_zp)·Wq[n,k]) · (x_scale·w_scale[n]) + b[n]; input xq is uint8/int8."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, x_qparams: QParams,
-                 w_scale: torch.Tensor | None = None):
+                 w_scale: torch.Tensor | None = None, weight_qmax: int = WEIGHT_QMAX):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        w_scale = weight_qparams(weight) if w_scale is None else w_scale.detach().float()
-        self.weight_q = _int_param(quantize_weight(weight, w_scale))
+        w_scale = weight_qparams(weight, weight_qmax) if w_scale is None else w_scale.detach().float()
+        self.weight_q = _int_param(quantize_weight(weight, w_scale, weight_qmax))
         self.register_buffer("w_scale", w_scale.clone())
         self.register_buffer("out_scale", _out_scale(x_qparams.scale, w_scale))
         _bias_buffer(self, bias)
@@ -100,18 +100,18 @@ class QuantConv2d(nn.Module):
     """Integer Conv2d (NCHW): uint8/int8 input with zero point, int8 per-output-channel weight, float out."""
 
     def __init__(self, conv: nn.Conv2d, x_qparams: QParams, w_scale: torch.Tensor | None = None,
-                 weight: torch.Tensor | None = None):
+                 weight: torch.Tensor | None = None, weight_qmax: int = WEIGHT_QMAX):
         super().__init__()
         padding = conv_padding(conv)
         if padding is None:
             raise ValueError(f"conv padding {conv.padding!r} ({conv.padding_mode}) cannot be quantized")
         weight = conv.weight if weight is None else weight
-        w_scale = weight_qparams(weight) if w_scale is None else w_scale.detach().float()
+        w_scale = weight_qparams(weight, weight_qmax) if w_scale is None else w_scale.detach().float()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
         self.stride, self.padding = list(conv.stride), list(padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        self.weight_q = _int_param(quantize_weight(weight, w_scale))
+        self.weight_q = _int_param(quantize_weight(weight, w_scale, weight_qmax))
         self.register_buffer("w_scale", w_scale.clone())
         self.register_buffer("out_scale", _out_scale(x_qparams.scale, w_scale))
         _bias_buffer(self, conv.bias)
@@ -177,11 +177,11 @@ class QuantMatmul(nn.Module):
 class DynamicQuantLinear(nn.Module):
     """Linear whose input is quantized to uint8 on every call (range of that call), int8 weights."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_qmax: int = WEIGHT_QMAX):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        w_scale = weight_qparams(weight)
-        self.weight_q = _int_param(quantize_weight(weight, w_scale))
+        w_scale = weight_qparams(weight, weight_qmax)
+        self.weight_q = _int_param(quantize_weight(weight, w_scale, weight_qmax))
         self.register_buffer("w_scale", w_scale)
         _bias_buffer(self, bias)
 

@@ -10,8 +10,9 @@ Conventions (the same in PyTorch, in the numpy reference of the tests, and in th
 * Activations are per-tensor: ``uint8`` asymmetric (qmin 0, qmax 255, zero point in [0, 255]) or ``int8``
   symmetric (qmin -127, qmax 127, zero point 0). Zero is always exactly representable (the range is
   widened to include 0), so zero padding of a quantized tensor is padding with the zero point.
-* Weights are per output channel, symmetric ``int8`` in [-127, 127] (zero point 0): ``scale[c] =
-  max|W[c]| / 127``.
+* Weights are per output channel, symmetric ``int8`` in [-qmax, qmax] (zero point 0): ``scale[c] =
+  max|W[c]| / qmax``; qmax is 127, or 64 for the layers an x86 AVX2 / AVX-512BW int8 kernel runs
+  (vpmaddubsw sums two u8·s8 products in int16: 2·255·64 = 32,640 fits, 2·255·127 does not).
 
 All scales are rounded to float32 once, when they are chosen, so every later computation sees the same
 numbers.
@@ -24,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["QParams", "ACT_DTYPES", "act_qparams", "weight_qparams", "quantize_ref", "f32"]
+__all__ = ["QParams", "ACT_DTYPES", "WEIGHT_QMAX", "REDUCED_WEIGHT_QMAX", "act_qparams", "weight_qparams",
+           "quantize_ref", "f32"]
 
 # name -> (qmin, qmax, symmetric)
 ACT_DTYPES = {"uint8": (0, 255, False), "int8": (-127, 127, True)}
 WEIGHT_QMAX = 127
+REDUCED_WEIGHT_QMAX = 64        # x86 AVX2 / AVX-512BW kernels: vpmaddubsw's int16 pair sums never saturate
 _TINY = float(np.finfo(np.float32).tiny) * 2 ** 10     # smallest scale we accept (keeps 1/scale finite)
 
 
@@ -85,16 +88,17 @@ def act_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
     return QParams(scale, zp, dtype)
 
 
-def weight_qparams(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel (dim 0) symmetric int8 scales of a weight, float32, shape (out_channels,)."""
+def weight_qparams(w: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """Per-output-channel (dim 0) symmetric int8 scales of a weight for [-qmax, qmax], float32, shape
+    (out_channels,)."""
     absmax = w.detach().double().abs().reshape(w.shape[0], -1).amax(dim=1)
-    return (absmax / WEIGHT_QMAX).clamp_min(_TINY).float()
+    return (absmax / qmax).clamp_min(_TINY).float()
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 weight = clamp(round(W / scale[c]), -127, 127), per output channel (computed in float64)."""
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """int8 weight = clamp(round(W / scale[c]), -qmax, qmax), per output channel (computed in float64)."""
     s = scale.double().reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w.detach().double() / s), -WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return torch.clamp(torch.round(w.detach().double() / s), -qmax, qmax).to(torch.int8)
 
 
 def quantize_ref(x: np.ndarray, qp: QParams) -> np.ndarray:

@@ -1,4 +1,5 @@
 """TVM lowering of the int8 ops: compiled results equal the QDQ graph run in PyTorch.
+(The x86 int8 paths one by one, with assembly checks: test_int8_paths.py.)
 
 Integer accumulation is exact on every path, so results may differ from PyTorch only by float32 rounding
 in the epilogue (a fused multiply-add): we check |Δ| <= 1e-6·max|y| (far below one quantization step), and
@@ -71,14 +72,16 @@ def convnet():
     return ConvNet().eval(), torch.randn(2, 3, 23, 19), [torch.randn(2, 3, 23, 19) for _ in range(3)]
 
 
-@pytest.mark.parametrize("target", ["x86", "x86:haswell"])
+@pytest.mark.parametrize("target", ["x86", "x86:haswell", "x86:nehalem"])
 def test_static_conv_net_matches_the_qdq_graph(convnet, target):
     model, x, calib = convnet
     opt = graphopt.optimize(model, target, "quantize(progress=false)", example_inputs=(x,), calibration=calib)
     line = opt.report.backend["int8"]
     if target == "x86:haswell":
-        assert line.startswith("path=cpu") and "no AVX512-VNNI" in line
-        assert any("no AVX512-VNNI" in n for n in opt.report.records[-1].notes)
+        assert line.startswith("path=avx2") and "qconv2d:avx2×4" in line and "vpmaddubsw" in line
+        assert any("int8 path avx2" in n for n in opt.report.records[-1].notes)
+    elif target == "x86:nehalem":                         # no AVX2: the generic widening kernels
+        assert line.startswith("path=cpu") and "no AVX2" in line and "qconv2d:cpu×4" in line
     elif HOST_VNNI:
         assert line.startswith("path=vnni") and "qconv2d:vnni×4" in line
     assert "qconv2d:depthwise×2" in line                  # depthwise: its own uint8 kernel on every CPU path
@@ -143,21 +146,24 @@ def test_integer_accumulators_and_round_half_even_are_bit_exact(spec):
 def test_has_vnni_reads_the_cpu_features():
     assert has_vnni("cascadelake") and has_vnni("sapphirerapids")
     assert not has_vnni("haswell") and not has_vnni("znver1") and not has_vnni("skylake-avx512")
-    assert int8_path(resolve_target("x86:haswell")) == "cpu"
+    assert int8_path(resolve_target("x86:haswell")) == "avx2"
     assert int8_path(resolve_target("x86:cascadelake")) == "vnni"
     assert int8_path(None) == "relax"
 
 
-def test_int8_build_for_arm_uses_the_portable_cpu_kernels():
+@pytest.mark.parametrize("cpu,path", [("cortex-a72", "cpu"), ("cortex-a76", "sdot")])
+def test_int8_build_for_arm_uses_sdot_where_the_cpu_has_dotprod(cpu, path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
     x = torch.randn(1, 3, 8, 8)
     opt = graphopt.optimize(model, "torch", "quantize(activation=int8,progress=false)", example_inputs=(x,),
                             calibration=[x])
-    spec = resolve_target("arm:cortex-a76")
+    spec = resolve_target(f"arm:{cpu}")
     lowered = lower_graph(opt.graph_module, (x,), spec)
-    assert lowered.quant.startswith("path=cpu") and "sdot" in lowered.quant
+    assert lowered.quant.startswith(f"path={path}:") and f"qlinear:{path}×1" in lowered.quant
+    assert ("dotprod" in lowered.quant) == (path == "cpu")
     build_module(lowered.mod, spec)                  # no x86 intrinsic reaches the aarch64 code generator
+    # (running them under qemu, bit for bit: tests/backends/test_arm.py)
 
 
 def test_int8_artifact_round_trip(tmp_path):

@@ -17,10 +17,21 @@ TVM's torch frontends have no converters for quantize/dequantize; this module su
   woq_linear      float32 x int8-weight kernel (weights widened in registers; float32 accumulate)
 
 Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules and tuners leave them alone):
-  * x86 with AVX512-VNNI: ``vpdpbusd`` (uint8 x int8 -> int32, 64 MACs per instruction) on a packed weight
-    layout [N/16, K/4, 16, 4]; register tile MT rows x NT·16 columns; parallel over output tiles.
-  * other LLVM CPU targets (AVX2, AVX-512 without VNNI, ARM): the same tiling with widening int32
-    multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
+  * x86, path from the target's LLVM features (int8_path): 'vnni' (AVX512-VNNI ``vpdpbusd``, uint8 x int8
+    -> int32, 64 MACs per instruction), 'avx512bw' / 'avx2' (``vpmaddubsw`` u8·s8 byte pairs -> saturating
+    int16, then ``vpmaddwd`` by ones -> int32; 512- / 256-bit, as MLAS's QgemmU8S8KernelAvx2 and oneDNN do).
+    Packed weight layout [N/L, K/4, L, 4] with L = 16 (512-bit) or 8 (AVX2) int32 lanes; register tile MT
+    rows x NT·L columns; parallel over output tiles. vpmaddubsw's int16 pair sum saturates above 32,767
+    (255·127·2 = 64,770): the quantize pass gives those paths weights in [-64, 64] (2·255·64 = 32,640),
+    so the kernel equals the QDQ graph bit for bit; a weight outside that range (a graph quantized for
+    another target) switches its layer to an exact split of the activations (a = 128·hi + lo), at about
+    half the speed, never to a wrong result. The batched matmul's right operand is an activation in the
+    full int8 range: always the exact split there.
+  * aarch64 with +dotprod ('sdot': cortex-a76, neoverse-n1, ...): NEON ``sdot`` (int8 x int8, 4 products
+    into each of 4 int32 lanes) on the same [N/4, K/4, 4, 4] layout; activations int8 (uint8 ones shifted
+    by -128 with their zero point), exact for every int8 weight.
+  * other LLVM CPU targets ('cpu': ARM without dotprod, x86 without AVX2): the same tiling with widening
+    int32 multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
   * depthwise conv on CPU targets: its own kernel over uint8 NHWC (widening int32 multiply-adds, vectorized
     over 16 channels): a depthwise conv is memory-bound, so the win is reading 1-byte inputs.
   * other grouped convs (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
@@ -37,8 +48,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import LoweringError
+from ...quant.qparams import REDUCED_WEIGHT_QMAX
 
-__all__ = ["custom_convert_map", "has_vnni", "int8_path", "dense_kernel", "conv_kernel", "depthwise_kernel",
+__all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "describe_path", "PATHS",
+           "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
            "woq_kernel", "OP_NAMES"]
 
 OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
@@ -46,6 +59,25 @@ OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.d
 
 
 # ------------------------------------------------------------------------------------------- targets
+# int8 kernel paths, fastest first. x86 multiplies uint8 activations by int8 weights:
+#   vnni      AVX512-VNNI vpdpbusd: 4 u8·s8 products summed straight into int32 (no intermediate rounding)
+#   avx512bw  AVX-512BW without VNNI: vpmaddubsw (u8·s8 pairs -> saturating int16) + vpmaddwd by ones (int16
+#             pairs -> int32), 512-bit
+#   avx2      the same pair of instructions on 256-bit vectors (8 int32 lanes)
+#   sdot      aarch64 with the dot-product extension (+dotprod): sdot, 4 s8·s8 products into each int32 lane
+#             (128-bit NEON); activations int8 (uint8 ones are shifted by -128)
+#   cpu       other LLVM CPUs (ARM without dotprod, x86 without AVX2): widening int32 multiply-adds LLVM
+#             vectorizes
+#   relax     no LLVM CPU target: portable Relax integer ops
+PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu", "relax")
+PAIR_PATHS = ("avx512bw", "avx2")          # the paths whose int16 pair sums can saturate
+PAIR_WEIGHT_QMAX = REDUCED_WEIGHT_QMAX      # |w| <= 64: 2·255·64 = 32,640 <= 32,767, pairs never saturate
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+_PAIR_INTRINSICS = {"avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+                    "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
+
+
 def has_vnni(cpu: str) -> bool:
     """Whether an x86 LLVM CPU name has AVX512-VNNI (the 512-bit vpdpbusd we emit)."""
     import tvm
@@ -56,13 +88,62 @@ def has_vnni(cpu: str) -> bool:
 
 
 def int8_path(spec) -> str:
-    """'vnni' (x86 with AVX512-VNNI), 'cpu' (other LLVM CPU: widening multiply-adds) or 'relax' (portable)."""
+    """The int8 kernel path for a TargetSpec, from its LLVM CPU features (see PATHS): 'vnni' (avx512vnni),
+    'avx512bw' (avx512bw, no VNNI), 'avx2', 'sdot' (aarch64 +dotprod), 'cpu' (other LLVM CPUs) or 'relax'
+    (not an LLVM CPU target)."""
     if spec is None or getattr(spec, "kind", "") != "llvm":
         return "relax"
-    cpu = str(spec.tvm.get("mcpu", "")) if isinstance(getattr(spec, "tvm", None), dict) else ""
-    if getattr(spec, "arch", "") == "x86_64" and cpu and has_vnni(cpu):
-        return "vnni"
+    arch = getattr(spec, "arch", "")
+    if arch not in ("x86_64", "aarch64"):
+        return "cpu"
+    from tvm.target import codegen
+
+    try:
+        t = spec.tvm_target()
+    except Exception:
+        return "cpu"
+    if arch == "aarch64":
+        return "sdot" if codegen.target_has_features("dotprod", t) else "cpu"
+    for path, feature in (("vnni", "avx512vnni"), ("avx512bw", "avx512bw"), ("avx2", "avx2")):
+        if codegen.target_has_features(feature, t):
+            return path
     return "cpu"
+
+
+def weight_qmax_for(path: str) -> int:
+    """Largest |int8 weight| the path's Linear / Conv2d (groups=1) kernels take at full speed: 64 on the
+    vpmaddubsw paths (PAIR_PATHS), 127 elsewhere. Larger weights still run there, with the exact kernel."""
+    return PAIR_WEIGHT_QMAX if path in PAIR_PATHS else 127
+
+
+def lanes_of(path: str) -> int:
+    """int32 lanes of one accumulator vector (= output columns of one packed weight block)."""
+    return {"avx2": 8, "sdot": 4}.get(path, 16)
+
+
+def act_dtype_of(path: str) -> str:
+    """The activation dtype the path's dense/conv/bmm kernels multiply: int8 for sdot, uint8 elsewhere."""
+    return "int8" if path == "sdot" else "uint8"
+
+
+def describe_path(path: str, target: str, arch: str = "x86_64") -> str:
+    """One sentence naming the int8 kernel path for `target` and what it means for speed and weights."""
+    head = f"int8 path {path} on {target}"
+    if path == "vnni":
+        return f"{head}: AVX512-VNNI vpdpbusd kernels (u8·s8 -> int32, 512-bit)"
+    if path in PAIR_PATHS:
+        bits = "512" if path == "avx512bw" else "256"
+        return (f"{head}: vpmaddubsw + vpmaddwd kernels ({bits}-bit, u8·s8 pairs -> int16 -> int32); Linear and "
+                f"Conv2d (groups=1) weights in [-{PAIR_WEIGHT_QMAX}, {PAIR_WEIGHT_QMAX}] so the int16 pair sums "
+                f"never saturate")
+    if path == "sdot":
+        return f"{head}: NEON sdot kernels (s8·s8 -> int32, 128-bit; int8 activations)"
+    if path == "cpu":
+        missing = "no AVX2" if arch == "x86_64" else "no dot-product extension (+dotprod: sdot) on this CPU"
+        return (f"{head}: {missing}, kernels use widening int32 multiply-adds (correct, but no fast int8 "
+                f"instruction: expect little speedup over float32)")
+    return (f"{head}: portable Relax integer ops (R.matmul / R.nn.conv2d with out_dtype=int32), no "
+            f"hand-written int8 kernel for this target")
 
 
 def _cores(spec) -> int:
@@ -73,17 +154,64 @@ def _cores(spec) -> int:
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def _tiles(rows: int, blocks: int, cores: int = 1) -> tuple[int, int]:
-    """Register tile (MT rows, NT 16-column blocks): at most 16 accumulators, NT divides `blocks`."""
-    nt = next(n for n in (4, 2, 1) if blocks % n == 0)
-    if rows == 1:
-        mt = 1
-    elif rows < 8:
-        mt = rows
-        nt = next(n for n in (2, 1) if blocks % n == 0) if rows > 4 else nt
+def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
+    """TIR: acc + Σ_k a[k]·w[j, k] over the 4 bytes k, for every lane j of an int32 accumulator vector.
+
+    `a_u8x4` is 4 uint8 activations (int8 on sdot; broadcast to every lane), `w` the lanes·4 int8 weights of
+    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw: vpmaddubsw sums byte pairs into int16 with
+    saturation, vpmaddwd by ones sums int16 pairs into int32; exact only while |w| <= 64. exact=True
+    splits the activations a = 128·hi + lo (lo <= 127, hi <= 1) so both pair sums stay in int16 for any
+    int8 w (|127·128·2| < 32,768) and adds lo·w + 128·(hi·w): exact, twice the instructions.
+    """
+    from tvm.script import tirx as T
+
+    L = lanes_of(path)
+    a32 = T.reinterpret(a_u8x4, dtype="int32")
+
+    def bcast(v):
+        return T.reinterpret(T.broadcast(v, L), dtype=f"int8x{4 * L}")
+
+    if path == "vnni":
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, bcast(a32), w,
+                                       dtype=f"int32x{L}")
+    if path == "sdot":
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(SDOT), acc, bcast(a32), w, dtype=f"int32x{L}")
+    ubsw, wd = _PAIR_INTRINSICS[path]
+
+    def madd(a, mult: int):
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), bcast(a), w, dtype=f"int16x{2 * L}")
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(wd), pairs, T.broadcast(T.int16(mult), 2 * L),
+                                       dtype=f"int32x{L}")
+
+    if not exact:
+        return acc + madd(a32, 1)
+    lo = T.bitwise_and(a32, T.int32(0x7F7F7F7F))
+    hi = T.bitwise_and(T.shift_right(a32, T.int32(7)), T.int32(0x01010101))
+    return acc + madd(lo, 1) + madd(hi, 128)
+
+
+def _tiles(rows: int, blocks: int, cores: int = 1, path: str = "vnni") -> tuple[int, int]:
+    """Register tile (MT rows, NT column blocks), NT divides `blocks`: at most 16 accumulators with 32
+    vector registers (AVX-512), at most 12 with 16 (AVX2: accumulators + broadcast + ones + a temporary)."""
+    if path == "sdot":                              # 32 NEON registers of 4 int32 lanes: up to 24 accumulators
+        mt = rows if rows <= 8 else next((m for m in (8, 6, 4) if rows % m == 0), 8)
+        nt = next(n for n in (8, 4, 2, 1) if blocks % n == 0 and mt * n <= 24)
+    elif path == "avx2":
+        if rows == 1:
+            mt, nt = 1, next(n for n in (4, 2, 1) if blocks % n == 0)
+        else:
+            mt = rows if rows <= 6 else next((m for m in (6, 4, 5) if rows % m == 0), 6)
+            nt = next(n for n in (2, 1) if blocks % n == 0)
     else:
-        mt = next((m for m in (8, 7, 6) if rows % m == 0), 8)
-        nt = next(n for n in (2, 1) if blocks % n == 0)
+        nt = next(n for n in (4, 2, 1) if blocks % n == 0)
+        if rows == 1:
+            mt = 1
+        elif rows < 8:
+            mt = rows
+            nt = next(n for n in (2, 1) if blocks % n == 0) if rows > 4 else nt
+        else:
+            mt = next((m for m in (8, 7, 6) if rows % m == 0), 8)
+            nt = next(n for n in (2, 1) if blocks % n == 0)
     while nt > 1 and blocks // nt < cores:          # keep every core busy on small layers
         nt //= 2
         while blocks % nt:
@@ -91,106 +219,119 @@ def _tiles(rows: int, blocks: int, cores: int = 1) -> tuple[int, int]:
     return mt, max(nt, 1)
 
 
-def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool):
-    """TIR: Y[M, NB·16] = float32(A·Wᵀ - C) · S + B for A uint8 [M, KB·4] and packed int8 W.
+def _conv_tiles(ow: int, blocks: int, path: str) -> tuple[int, int]:
+    """Register tile of conv_kernel: MT output columns x NT channel blocks (see _tiles for the budgets)."""
+    if path == "sdot":
+        mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
+        return mt, next(n for n in (4, 2, 1) if blocks % n == 0 and mt * n <= 24)
+    if path == "avx2":
+        mt = next((m for m in (6, 4, 7, 5) if ow % m == 0), min(6, ow))
+        nt = 2 if blocks % 2 == 0 and mt <= 6 else 1
+        return mt, nt
+    mt = next((m for m in (8, 7, 6) if ow % m == 0), min(8, ow))
+    return mt, next(t for t in (2, 1) if blocks % t == 0)
 
-    W layout: [NB, KB, 16, 4] (vnni) or [NB, KB, 4, 16] (generic); C int32, S/B float32 of length NB·16.
+
+def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: bool = False):
+    """TIR: Y[M, NB·L] = float32(A·Wᵀ - C) · S + B for A uint8 [M, KB·4] and packed int8 W (L = lanes_of).
+
+    W layout: [NB, KB, L, 4] (vnni, avx512bw, avx2: see _dot4) or [NB, KB, 4, 16] (cpu: widening
+    multiply-adds); C int32, S/B float32 of length NB·L. `exact`: the exact pair split of _dot4.
     """
     from tvm.script import tirx as T
 
-    K, N = KB * 4, NB * 16
+    fast = path != "cpu"
+    a_dtype = act_dtype_of(path)
+    L = lanes_of(path)
+    K, N = KB * 4, NB * L
     MO = (M + MT - 1) // MT
     NBO = NB // NT
-    w_shape = (NB, KB, 16, 4) if vnni else (NB, KB, 4, 16)
-    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    w_shape = (NB, KB, L, 4) if fast else (NB, KB, 4, L)
 
     @T.prim_func
-    def qdense(A: T.Buffer((M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
+    def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
                S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
             for mo in range(MO):
-                acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
                 for t in T.unroll(MT * NT):
-                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
                     for nt in T.unroll(NT):
                         for mi in T.unroll(MT):
-                            if vnni:
-                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id(vpdpbusd),
-                                    acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
-                                    T.reinterpret(T.broadcast(T.reinterpret(
-                                        A.vload([T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"), dtype="int32"),
-                                        16), dtype="int8x64"),
-                                    W.vload([nbo * NT + nt, kb, 0, 0], "int8x64"),
-                                    dtype="int32x16")
+                            if fast:
+                                acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
+                                    path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
+                                    A.vload([T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
+                                    W.vload([nbo * NT + nt, kb, 0, 0], f"int8x{4 * L}"), exact)
                             else:
                                 for k in T.unroll(4):
-                                    for j in T.vectorized(16):
-                                        acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + T.Cast(
+                                    for j in T.vectorized(L):
+                                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.Cast(
                                             "int32", A[T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
                                             "int32", W[nbo * NT + nt, kb, k, j])
                 for mi in T.unroll(MT):
                     if mo * MT + mi < M:
                         for nt in T.unroll(NT):
-                            for j in T.vectorized(16):
-                                Y[mo * MT + mi, (nbo * NT + nt) * 16 + j] = T.Cast(
-                                    "float32", acc[(mi * NT + nt) * 16 + j] - C[(nbo * NT + nt) * 16 + j]) * S[
-                                    (nbo * NT + nt) * 16 + j] + Bi[(nbo * NT + nt) * 16 + j]
+                            for j in T.vectorized(L):
+                                Y[mo * MT + mi, (nbo * NT + nt) * L + j] = T.Cast(
+                                    "float32", acc[(mi * NT + nt) * L + j] - C[(nbo * NT + nt) * L + j]) * S[
+                                    (nbo * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
     return qdense
 
 
 def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
-                stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, vnni: bool):
-    """TIR: NHWC float32 Y[N, OH, OW, COB·16] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
+                stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, path: str,
+                exact: bool = False):
+    """TIR: NHWC float32 Y[N, OH, OW, COB·L] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
     that is already padded (spatially with the zero point; channels up to a multiple of 4). Output channels
-    are padded to whole 16-lane blocks so every store is one vector; the caller slices them off and
-    permutes to the graph's NCHW, which fuse into the consumer (the next layer's quantize + NHWC permute
-    then cancel to a plain elementwise kernel).
+    are padded to whole L-lane blocks (L = lanes_of(path)) so every store is one vector; the caller slices
+    them off and permutes to the graph's NCHW, which fuse into the consumer (the next layer's quantize +
+    NHWC permute then cancel to a plain elementwise kernel).
 
-    W layout: [COB, KH, KW, CB, 16, 4] (vnni) or [COB, KH, KW, CB, 4, 16]; C/S/B of length COB·16.
+    W layout: [COB, KH, KW, CB, L, 4] (vnni, avx512bw, avx2) or [COB, KH, KW, CB, 4, 16] (cpu); C/S/B of
+    length COB·L. `exact`: the exact pair split of _dot4.
     """
     from tvm.script import tirx as T
 
+    fast = path != "cpu"
+    a_dtype = act_dtype_of(path)
+    L = lanes_of(path)
     Cp = CB * 4
     sh, sw = stride
     dh, dw = dilation
     OWO = (OW + MT - 1) // MT
     CBO = COB // NT
-    w_shape = (COB, KH, KW, CB, 16, 4) if vnni else (COB, KH, KW, CB, 4, 16)
-    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    w_shape = (COB, KH, KW, CB, L, 4) if fast else (COB, KH, KW, CB, 4, L)
 
     @T.prim_func
-    def qconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer(w_shape, "int8"),
-              C: T.Buffer((COB * 16,), "int32"), S: T.Buffer((COB * 16,), "float32"),
-              Bi: T.Buffer((COB * 16,), "float32"), Y: T.Buffer((N, OH, OW, COB * 16), "float32")):
+    def qconv(X: T.Buffer((N, Hp, Wp, Cp), a_dtype), W: T.Buffer(w_shape, "int8"),
+              C: T.Buffer((COB * L,), "int32"), S: T.Buffer((COB * L,), "float32"),
+              Bi: T.Buffer((COB * L,), "float32"), Y: T.Buffer((N, OH, OW, COB * L), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for row in T.parallel(N * OH):
             for cbo in range(CBO):
                 for owo in range(OWO):
-                    acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                    acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
                     for t in T.unroll(MT * NT):
-                        acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                        acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                     for kh in range(KH):
                         for kw in range(KW):
                             for cb in range(CB):
                                 for nt in T.unroll(NT):
                                     for mi in T.unroll(MT):
-                                        if vnni:
-                                            acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                                T.llvm_lookup_intrinsic_id(vpdpbusd),
-                                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
-                                                T.reinterpret(T.broadcast(T.reinterpret(X.vload(
-                                                    [row // OH, (row % OH) * sh + kh * dh,
-                                                     T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
-                                                    "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
-                                                W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], "int8x64"),
-                                                dtype="int32x16")
+                                        if fast:
+                                            acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
+                                                path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
+                                                X.vload([row // OH, (row % OH) * sh + kh * dh,
+                                                         T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
+                                                        f"{a_dtype}x4"),
+                                                W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], f"int8x{4 * L}"), exact)
                                         else:
                                             for k in T.unroll(4):
-                                                for j in T.vectorized(16):
-                                                    acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + \
+                                                for j in T.vectorized(L):
+                                                    acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + \
                                                         T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh,
                                                                           T.min(owo * MT + mi, OW - 1) * sw
                                                                           + kw * dw, cb * 4 + k]) * \
@@ -198,10 +339,10 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
                             for nt in T.unroll(NT):
-                                for j in T.vectorized(16):
-                                    Y[row // OH, row % OH, owo * MT + mi, (cbo * NT + nt) * 16 + j] = T.Cast(
-                                        "float32", acc[(mi * NT + nt) * 16 + j] - C[(cbo * NT + nt) * 16 + j]) \
-                                        * S[(cbo * NT + nt) * 16 + j] + Bi[(cbo * NT + nt) * 16 + j]
+                                for j in T.vectorized(L):
+                                    Y[row // OH, row % OH, owo * MT + mi, (cbo * NT + nt) * L + j] = T.Cast(
+                                        "float32", acc[(mi * NT + nt) * L + j] - C[(cbo * NT + nt) * L + j]) \
+                                        * S[(cbo * NT + nt) * L + j] + Bi[(cbo * NT + nt) * L + j]
     return qconv
 
 
@@ -247,52 +388,53 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
     return qdwconv
 
 
-def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, vnni: bool, scale: float):
-    """TIR: Y[BT, M, NB·16] = float32(A·B - C[bt]) · scale for A uint8 [BT, M, KB·4] and B int8 packed per
-    batch as [BT, NB, KB, 16, 4] (vnni) or [BT, NB, KB, 4, 16]; C int32 [BT, NB·16] (zero-point term)."""
+def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, scale: float):
+    """TIR: Y[BT, M, NB·L] = float32(A·B - C[bt]) · scale for A uint8 [BT, M, KB·4] and B int8 packed per
+    batch as [BT, NB, KB, L, 4] (vnni, avx512bw, avx2) or [BT, NB, KB, 4, 16] (cpu); C int32 [BT, NB·L]
+    (zero-point term). B is an activation quantized at run time to the full int8 range, so the vpmaddubsw
+    paths use the exact pair split of _dot4."""
     from tvm.script import tirx as T
 
-    K, N = KB * 4, NB * 16
+    fast = path != "cpu"
+    exact = path in PAIR_PATHS
+    a_dtype = act_dtype_of(path)
+    L = lanes_of(path)
+    K, N = KB * 4, NB * L
     MO = (M + MT - 1) // MT
     NBO = NB // NT
-    w_shape = (BT, NB, KB, 16, 4) if vnni else (BT, NB, KB, 4, 16)
-    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
     s = T.float32(scale)
 
     @T.prim_func
-    def qbmm(A: T.Buffer((BT, M, K), "uint8"), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
+    def qbmm(A: T.Buffer((BT, M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
              Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT * NBO):
             for mo in range(MO):
-                acc = T.decl_buffer((MT * NT * 16,), "int32", scope="local")
+                acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
                 for t in T.unroll(MT * NT):
-                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
                     for nt in T.unroll(NT):
                         for mi in T.unroll(MT):
-                            if vnni:
-                                acc[T.ramp((mi * NT + nt) * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id(vpdpbusd),
-                                    acc[T.ramp((mi * NT + nt) * 16, 1, 16)],
-                                    T.reinterpret(T.broadcast(T.reinterpret(A.vload(
-                                        [p // NBO, T.min(mo * MT + mi, M - 1), kb * 4], "uint8x4"), dtype="int32"),
-                                        16), dtype="int8x64"),
-                                    W.vload([p // NBO, (p % NBO) * NT + nt, kb, 0, 0], "int8x64"),
-                                    dtype="int32x16")
+                            if fast:
+                                acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
+                                    path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
+                                    A.vload([p // NBO, T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
+                                    W.vload([p // NBO, (p % NBO) * NT + nt, kb, 0, 0], f"int8x{4 * L}"), exact)
                             else:
                                 for k in T.unroll(4):
-                                    for j in T.vectorized(16):
-                                        acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + T.Cast(
+                                    for j in T.vectorized(L):
+                                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.Cast(
                                             "int32", A[p // NBO, T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
                                             "int32", W[p // NBO, (p % NBO) * NT + nt, kb, k, j])
                 for mi in T.unroll(MT):
                     if mo * MT + mi < M:
                         for nt in T.unroll(NT):
-                            for j in T.vectorized(16):
-                                Y[p // NBO, mo * MT + mi, ((p % NBO) * NT + nt) * 16 + j] = T.Cast(
-                                    "float32", acc[(mi * NT + nt) * 16 + j]
-                                    - C[p // NBO, ((p % NBO) * NT + nt) * 16 + j]) * s
+                            for j in T.vectorized(L):
+                                Y[p // NBO, mo * MT + mi, ((p % NBO) * NT + nt) * L + j] = T.Cast(
+                                    "float32", acc[(mi * NT + nt) * L + j]
+                                    - C[p // NBO, ((p % NBO) * NT + nt) * L + j]) * s
     return qbmm
 
 
@@ -329,24 +471,32 @@ def woq_kernel(M: int, K: int, NB: int, MT: int, NT: int):
 
 
 # ----------------------------------------------------------------------------------- weight packing
-def pack_dense(w: np.ndarray, vnni: bool) -> np.ndarray:
-    """int8 [N, K] -> [NB, KB, 16, 4] (vnni) or [NB, KB, 4, 16], zero-padded to N%16 == K%4 == 0."""
+def pack_dense(w: np.ndarray, path: str) -> np.ndarray:
+    """int8 [N, K] -> [NB, KB, L, 4] (vnni, avx512bw, avx2) or [NB, KB, 4, 16] (cpu), L = lanes_of(path),
+    zero-padded to N%L == K%4 == 0."""
+    L = lanes_of(path)
     n, k = w.shape
-    npad, kpad = -n % 16, -k % 4
-    w = np.pad(w, ((0, npad), (0, kpad)))
-    nb, kb = w.shape[0] // 16, w.shape[1] // 4
-    w = w.reshape(nb, 16, kb, 4)
-    return np.ascontiguousarray(w.transpose(0, 2, 1, 3) if vnni else w.transpose(0, 2, 3, 1))
+    w = np.pad(w, ((0, -n % L), (0, -k % 4)))
+    nb, kb = w.shape[0] // L, w.shape[1] // 4
+    w = w.reshape(nb, L, kb, 4)
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1) if path == "cpu" else w.transpose(0, 2, 1, 3))
 
 
-def pack_conv(w: np.ndarray, vnni: bool) -> np.ndarray:
-    """int8 OIHW -> [COB, KH, KW, CB, 16, 4] (vnni) or [COB, KH, KW, CB, 4, 16], zero-padded."""
+def pack_conv(w: np.ndarray, path: str) -> np.ndarray:
+    """int8 OIHW -> [COB, KH, KW, CB, L, 4] (vnni, avx512bw, avx2) or [COB, KH, KW, CB, 4, 16] (cpu),
+    zero-padded."""
+    L = lanes_of(path)
     co, ci, kh, kw = w.shape
-    w = np.pad(w, ((0, -co % 16), (0, -ci % 4), (0, 0), (0, 0)))
-    cob, cb = w.shape[0] // 16, w.shape[1] // 4
-    w = w.reshape(cob, 16, cb, 4, kh, kw)                     # o_blk, o, c_blk, c, kh, kw
-    order = (0, 4, 5, 2, 1, 3) if vnni else (0, 4, 5, 2, 3, 1)
+    w = np.pad(w, ((0, -co % L), (0, -ci % 4), (0, 0), (0, 0)))
+    cob, cb = w.shape[0] // L, w.shape[1] // 4
+    w = w.reshape(cob, L, cb, 4, kh, kw)                      # o_blk, o, c_blk, c, kh, kw
+    order = (0, 4, 5, 2, 3, 1) if path == "cpu" else (0, 4, 5, 2, 1, 3)
     return np.ascontiguousarray(w.transpose(order))
+
+
+def _needs_exact(path: str, wq: np.ndarray) -> bool:
+    """Whether int8 weights `wq` would saturate the int16 pair sums of a vpmaddubsw path (|w| > 64)."""
+    return path in PAIR_PATHS and wq.size > 0 and int(np.abs(wq.astype(np.int16)).max()) > PAIR_WEIGHT_QMAX
 
 
 def _pad_vec(v: np.ndarray, n: int, dtype) -> np.ndarray:
@@ -366,6 +516,17 @@ class QuantLowering:
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
+
+    def kernel(self, op: str, wq: np.ndarray) -> bool:
+        """Count `op` on this path; True when its weights need the exact pair split (|w| > 64 on a
+        vpmaddubsw path: quantized for another target), with a note saying so once."""
+        exact = _needs_exact(self.path, wq)
+        self.count(f"{op}:{self.path}" + (" (exact pair split)" if exact else ""))
+        if exact and not any("exact pair split" in n for n in self.notes):
+            self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target): "
+                              f"those layers use the exact pair split (about half the speed); quantize for "
+                              f"this target to get ±{PAIR_WEIGHT_QMAX} weights")
+        return exact
 
     # -- constants of the exported program
     def constant(self, arg) -> np.ndarray | None:
@@ -420,13 +581,15 @@ def _shape(expr) -> list[int]:
     return [int(s) for s in expr.ty.shape]
 
 
-def _to_uint8(bb, xq, zp: int, dtype: str):
-    """uint8 view of a quantized tensor for the uint8 x int8 kernels: int8 q becomes q + 128 (zp + 128)."""
+def _to_uint8(bb, xq, zp: int, dtype: str, want: str = "uint8"):
+    """`want` (uint8 or int8) view of a quantized tensor for the int8 kernels: int8 q becomes q + 128
+    (zp + 128) for the uint8 x int8 kernels, uint8 q becomes q - 128 (zp - 128) for sdot's int8 x int8."""
     relax = _relax()
-    if dtype == "uint8":
+    if dtype == want:
         return xq, zp
-    shifted = bb.emit(relax.op.add(relax.op.astype(xq, "int16"), relax.const(128, "int16")))
-    return bb.emit(relax.op.astype(shifted, "uint8")), zp + 128
+    shift = 128 if want == "uint8" else -128
+    shifted = bb.emit(relax.op.add(relax.op.astype(xq, "int16"), relax.const(shift, "int16")))
+    return bb.emit(relax.op.astype(shifted, want)), zp + shift
 
 
 def _convert_quantize(st: QuantLowering):
@@ -460,25 +623,26 @@ def _epilogue_relax(bb, acc, out_scale, bias, channel_axis: int, ndim: int):
     return bb.emit(y)
 
 
-def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list[int]):
+def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list[int],
+                exact: bool = False):
     """Emit the qdense kernel for uint8 x [..., K]; comp/out_scale/bias are Relax float/int vectors of
-    length NB·16 (or numpy arrays). Returns float32 [..., N]."""
+    length NB·L (or numpy arrays). Returns float32 [..., N]."""
     relax = _relax()
     n, k = wq.shape
-    vnni = st.path == "vnni"
+    L = lanes_of(st.path)
     m = int(np.prod(lead)) if lead else 1
     x2 = bb.emit(relax.op.reshape(xu8, [m, k]))
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
-    kb, nb = (k + 3) // 4, (n + 15) // 16
-    mt, nt = _tiles(m, nb, _cores(st.spec))
-    func = dense_kernel(m, kb, nb, mt, nt, vnni)
+    kb, nb = (k + 3) // 4, (n + L - 1) // L
+    mt, nt = _tiles(m, nb, _cores(st.spec), st.path)
+    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact)
     gv = bb.add_func(_private(func), "graphopt_qdense")
-    args = [x2, _const(pack_dense(wq, vnni))]
+    args = [x2, _const(pack_dense(wq, st.path))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
-        args.append(_const(_pad_vec(v, nb * 16, dt)) if isinstance(v, np.ndarray) else v)
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nb * 16], "float32")))
-    if nb * 16 != n:
+        args.append(_const(_pad_vec(v, nb * L, dt)) if isinstance(v, np.ndarray) else v)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nb * L], "float32")))
+    if nb * L != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     return bb.emit(relax.op.reshape(y, [*lead, n]))
 
@@ -500,10 +664,10 @@ def _convert_qlinear(st: QuantLowering):
             xi = bb.emit(relax.op.subtract(relax.op.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
-        st.count(f"qlinear:{st.path}")
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        exact = st.kernel("qlinear", wq)
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         comp = _zero_point_term(zp8, wq)
-        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1])
+        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
     return convert
 
 
@@ -518,7 +682,8 @@ def _convert_dynamic_qlinear(st: QuantLowering):
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
         n = wq.shape[0]
-        nb = (n + 15) // 16 if st.path != "relax" else 0
+        L = lanes_of(st.path)
+        nb = (n + L - 1) // L if st.path != "relax" else 0
         f32 = lambda v: relax.const(v, "float32")           # noqa: E731
         lo = bb.emit(R.minimum(R.min(x), f32(0.0)))
         hi = bb.emit(R.maximum(R.max(x), f32(0.0)))
@@ -533,12 +698,16 @@ def _convert_dynamic_qlinear(st: QuantLowering):
             acc = bb.emit(R.matmul(xi, R.astype(_const(np.ascontiguousarray(wq.T)), "int32"), out_dtype="int32"))
             y = bb.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, _const(w_scale))))
             return bb.emit(R.add(y, _const(bias)))
-        st.count(f"dynamic_qlinear:{st.path}")
+        exact = st.kernel("dynamic_qlinear", wq)
         xu8 = bb.emit(R.astype(xq, "uint8"))
-        wsum = _const(_pad_vec(wq.astype(np.int64).sum(axis=1), nb * 16, np.int32))
-        comp = bb.emit(R.multiply(R.astype(zp, "int32"), wsum))
-        out_scale = bb.emit(R.multiply(scale, _const(_pad_vec(w_scale, nb * 16, np.float32))))
-        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1])
+        zpi = bb.emit(R.astype(zp, "int32"))
+        if act_dtype_of(st.path) == "int8":                 # sdot: q - 128 with zero point zp - 128
+            xu8 = bb.emit(R.astype(R.subtract(R.astype(xq, "int16"), relax.const(128, "int16")), "int8"))
+            zpi = bb.emit(R.subtract(zpi, relax.const(128, "int32")))
+        wsum = _const(_pad_vec(wq.astype(np.int64).sum(axis=1), nb * L, np.int32))
+        comp = bb.emit(R.multiply(zpi, wsum))
+        out_scale = bb.emit(R.multiply(scale, _const(_pad_vec(w_scale, nb * L, np.float32))))
+        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
     return convert
 
 
@@ -600,21 +769,21 @@ def _convert_qconv2d(st: QuantLowering):
             acc = bb.emit(R.nn.conv2d(xi, R.astype(_const(wq), "int32"), strides=stride, padding=padding,
                                       dilation=dilation, groups=groups, out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), 1, 4)
-        st.count(f"qconv2d:{st.path}")
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        exact = st.kernel("qconv2d", wq)
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         cpad = -c % 4
         nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-        cb, cob = (c + cpad) // 4, (co + 15) // 16
-        mt = next((m for m in (8, 7, 6) if ow % m == 0), min(8, ow))
-        nt = next(t for t in (2, 1) if cob % t == 0)
-        vnni = st.path == "vnni"
-        func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt, vnni)
+        L = lanes_of(st.path)
+        cb, cob = (c + cpad) // 4, (co + L - 1) // L
+        mt, nt = _conv_tiles(ow, cob, st.path)
+        func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt,
+                           st.path, exact)
         gv = bb.add_func(_private(func), "graphopt_qconv2d")
         comp = _zero_point_term(zp8, wq)
-        args = [nhwc, _const(pack_conv(wq, vnni)), _const(_pad_vec(comp, cob * 16, np.int32)),
-                _const(_pad_vec(out_scale, cob * 16, np.float32)), _const(_pad_vec(bias, cob * 16, np.float32))]
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * 16], "float32")))
+        args = [nhwc, _const(pack_conv(wq, st.path)), _const(_pad_vec(comp, cob * L, np.int32)),
+                _const(_pad_vec(out_scale, cob * L, np.float32)), _const(_pad_vec(bias, cob * L, np.float32))]
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * L], "float32")))
         return _nchw_output(bb, y, co)
     return convert
 
@@ -684,26 +853,26 @@ def _convert_qmatmul(st: QuantLowering):
             ai = bb.emit(R.subtract(R.astype(aq, "int32"), relax.const(a_zp, "int32")))
             acc = bb.emit(R.matmul(ai, R.astype(bq, "int32"), out_dtype="int32"))
             return bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(out_scale, "float32")))
-        st.count(f"qmatmul:{st.path}")
-        vnni = st.path == "vnni"
-        au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype))
+        st.count(f"qmatmul:{st.path}" + (" (exact pair split)" if st.path in PAIR_PATHS else ""))
+        L = lanes_of(st.path)
+        au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype), act_dtype_of(st.path))
         batch = sa[:-2]
         bt = int(np.prod(batch)) if batch else 1
-        kb, nb = (k + 3) // 4, (n + 15) // 16
+        kb, nb = (k + 3) // 4, (n + L - 1) // L
         a3 = bb.emit(R.reshape(au8, [bt, m, k]))
         if k % 4:
             a3 = bb.emit(R.nn.pad(a3, [0, 0, 0, 0, 0, kb * 4 - k], pad_value=0.0))
         b3 = bb.emit(R.reshape(bq, [bt, k, n]))
-        if k % 4 or n % 16:
-            b3 = bb.emit(R.nn.pad(b3, [0, 0, 0, kb * 4 - k, 0, nb * 16 - n], pad_value=0.0))
-        # run-time packing of the right operand: [BT, K, N] -> [BT, NB, KB, 16, 4] (or [.., 4, 16])
-        b5 = R.reshape(b3, [bt, kb, 4, nb, 16])
-        packed = bb.emit(R.permute_dims(b5, [0, 3, 1, 4, 2] if vnni else [0, 3, 1, 2, 4]))
+        if k % 4 or n % L:
+            b3 = bb.emit(R.nn.pad(b3, [0, 0, 0, kb * 4 - k, 0, nb * L - n], pad_value=0.0))
+        # run-time packing of the right operand: [BT, K, N] -> [BT, NB, KB, L, 4] (cpu: [.., 4, 16])
+        b5 = R.reshape(b3, [bt, kb, 4, nb, L])
+        packed = bb.emit(R.permute_dims(b5, [0, 3, 1, 2, 4] if st.path == "cpu" else [0, 3, 1, 4, 2]))
         comp = bb.emit(R.multiply(R.sum(R.astype(b3, "int32"), axis=[1]), relax.const(zp8, "int32")))
-        mt, nt = _tiles(m, nb, max(1, _cores(st.spec) // bt))
-        gv = bb.add_func(_private(bmm_kernel(bt, m, kb, nb, mt, nt, vnni, out_scale)), "graphopt_qbmm")
-        y = bb.emit(relax.call_tir(gv, [a3, packed, comp], relax.TensorType([bt, m, nb * 16], "float32")))
-        if nb * 16 != n:
+        mt, nt = _tiles(m, nb, max(1, _cores(st.spec) // bt), st.path)
+        gv = bb.add_func(_private(bmm_kernel(bt, m, kb, nb, mt, nt, st.path, out_scale)), "graphopt_qbmm")
+        y = bb.emit(relax.call_tir(gv, [a3, packed, comp], relax.TensorType([bt, m, nb * L], "float32")))
+        if nb * L != n:
             y = bb.emit(R.strided_slice(y, axes=[2], begin=[0], end=[n]))
         return bb.emit(R.reshape(y, [*batch, m, n]))
     return convert
@@ -741,15 +910,7 @@ def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowerin
     if unknown:
         raise LoweringError(f"no TVM lowering for graphopt op(s) {', '.join(sorted(unknown))}")
     st = QuantLowering(ep, spec, int8_path(spec))
-    alias = getattr(spec, "alias", "?")
-    if st.path == "cpu":
-        missing = "no AVX512-VNNI" if getattr(spec, "arch", "") == "x86_64" else "no int8 dot-product kernel " \
-            "(sdot/i8mm) for this CPU"
-        st.notes.append(f"int8 on {alias}: {missing}, kernels use widening int32 multiply-adds "
-                        f"(correct, but no fast int8 instruction: expect little speedup over float32)")
-    elif st.path == "relax":
-        st.notes.append(f"int8 on {alias}: portable Relax integer ops (R.matmul / R.nn.conv2d with "
-                        f"out_dtype=int32), no hand-written int8 kernel for this target")
+    st.notes.append(describe_path(st.path, getattr(spec, "alias", "?"), getattr(spec, "arch", "")))
     return {name: _CONVERTERS[name](st) for name in present}, st
 
 

@@ -1,0 +1,223 @@
+"""The x86 int8 kernel paths (vnni, avx512bw, avx2): each built for its LLVM CPU, run here (this machine has
+AVX-512 + VNNI, so it runs all three) and compared with the QDQ graph run in PyTorch.
+
+Output scales are 1 and biases 0, so the float epilogue is exact and every comparison is bit for bit: any
+difference would be integer arithmetic (e.g. a saturated vpmaddubsw pair sum).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.backends.targets import resolve_target
+from graphopt.quant import ops
+from graphopt.quant.modules import QuantConv2d, QuantLinear
+from graphopt.quant.qparams import QParams
+
+tvm = pytest.importorskip("tvm")
+
+from graphopt.backends.tvm import build_module, lower_graph  # noqa: E402
+from graphopt.backends.tvm.quant_lower import int8_path, weight_qmax_for  # noqa: E402
+from graphopt.backends.tvm.runtime import CompiledModule  # noqa: E402
+
+HOST = resolve_target("x86")
+X86_PATHS = {"x86:haswell": "avx2", "x86:skylake-avx512": "avx512bw", "x86": int8_path(HOST)}
+QP = QParams(0.0625, 128, "uint8")             # 1/scale = 16 exactly
+QP0 = QParams(0.0625, 0, "uint8")              # zero point 0: large inputs quantize to 255
+
+
+def _exact(mod):
+    """Scale 1, bias 0: the epilogue float32(acc - zp·ΣW) is exact, so outputs compare bit for bit."""
+    mod.out_scale.fill_(1.0)
+    if getattr(mod, "bias", None) is not None:
+        mod.bias = None
+    return mod
+
+
+def _conv(ci, co, k, qmax, **kw):
+    return _exact(QuantConv2d(nn.Conv2d(ci, co, k, bias=False, **kw), QP, weight_qmax=qmax))
+
+
+class Layers(nn.Module):
+    """Linear (K % 4 != 0, N not a whole vector), convs (strided + padded, dilated, C % 4 != 0), a batched
+    matmul of two activations, and the worst case for vpmaddubsw: every activation 255 against weights at the
+    range's extremes (all +qmax, all -qmax)."""
+
+    def __init__(self, qmax: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = _exact(QuantLinear(torch.randn(21, 37), None, QP, weight_qmax=qmax))
+        self.c1 = _conv(6, 18, 3, qmax, stride=2, padding=1)
+        self.c2 = _conv(5, 20, 3, qmax, padding=2, dilation=2)
+        extremes = torch.ones(24, 64)
+        extremes[12:] = -1                                          # rows of +qmax, then rows of -qmax
+        self.worst = _exact(QuantLinear(extremes, None, QP0, weight_qmax=qmax))
+        self.worst_conv = _exact(QuantConv2d(nn.Conv2d(8, 16, 3, bias=False), QP0, weight_qmax=qmax))
+        with torch.no_grad():
+            self.worst_conv.weight_q.copy_(torch.where(torch.arange(16).reshape(16, 1, 1, 1) < 8, qmax, -qmax)
+                                           .expand(16, 8, 3, 3).to(torch.int8))
+        self.bmm_scale = 1.0
+
+    def forward(self, x, img, img2, a, b, big, big_img):
+        q = lambda t, qp: ops.quantize(t, qp.scale, qp.zero_point, qp.qmin, qp.qmax)   # noqa: E731
+        bq = ops.quantize(b, 0.0625, 0, -127, 127)                  # right operand: full symmetric int8
+        return (self.lin(q(x, QP)), self.c1(q(img, QP)), self.c2(q(img2, QP)),
+                ops.qmatmul(q(a, QP), bq, QP.zero_point, self.bmm_scale),
+                self.worst(q(big, QP0)), self.worst_conv(q(big_img, QP0)))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: (torch.randint(-80, 80, s, generator=g) + 0.5) / 16       # noqa: E731  (.5 ties)
+    return (r(5, 37), r(1, 6, 9, 7), r(2, 5, 8, 11), r(2, 3, 7, 13), r(2, 3, 13, 10),
+            torch.full((3, 64), 1e3), torch.full((1, 8, 5, 6), 1e3))
+
+
+def _compile(module, args, spec):
+    lowered = lower_graph(torch.fx.symbolic_trace(module), args, spec)
+    exe = build_module(lowered.mod, spec)
+    return CompiledModule(exe, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
+                          lowered.const_outputs), exe, lowered
+
+
+def asm_of(exe) -> str:
+    """The assembly of every LLVM module in a built executable."""
+    out, stack = [], [exe.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "llvm":
+            out.append(m.inspect_source("asm"))
+        stack.extend(m.imports)
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module", params=list(X86_PATHS))
+def built(request):
+    target = request.param
+    spec = resolve_target(target)
+    path = int8_path(spec)
+    module = Layers(weight_qmax_for(path)).eval()
+    args = _inputs()
+    compiled, exe, lowered = _compile(module, args, spec)
+    return target, path, module, args, compiled, exe, lowered
+
+
+def test_int8_path_follows_the_llvm_features():
+    expect = {"x86:haswell": "avx2", "x86:znver1": "avx2", "x86:skylake-avx512": "avx512bw",
+              "x86:icelake-server": "vnni", "x86:cascadelake": "vnni", "x86:nehalem": "cpu",
+              "arm:cortex-a76": "sdot", "arm:neoverse-n1": "sdot", "arm:cortex-a72": "cpu"}
+    for target, path in expect.items():
+        assert int8_path(resolve_target(target)) == path, target
+    assert int8_path(None) == "relax" and int8_path(resolve_target("torch")) == "relax"
+    assert weight_qmax_for("avx2") == weight_qmax_for("avx512bw") == 64
+    assert weight_qmax_for("vnni") == weight_qmax_for("cpu") == 127
+
+
+def test_every_x86_path_equals_the_qdq_graph_bit_for_bit(built):
+    target, path, module, args, compiled, _, lowered = built
+    assert lowered.quant.startswith(f"path={path}:")
+    for op in ("qlinear", "qconv2d", "qmatmul"):
+        assert f"{op}:{path}" in lowered.quant
+    assert f"qlinear:{path} (exact" not in lowered.quant and f"qconv2d:{path} (exact" not in lowered.quant
+    with torch.no_grad():
+        refs = module(*args)
+    got = compiled(*args)
+    for name, y, ref in zip(("linear", "conv s2 p1", "conv dilated", "bmm", "worst linear", "worst conv"),
+                            got, refs):
+        assert torch.equal(y, ref), f"{target} ({path}): {name} differs by {(y - ref).abs().max().item()}"
+
+
+def test_worst_case_reaches_the_extremes(built):
+    """All-255 activations against ±qmax weights: the products the kernels must not saturate are really
+    there (guards the test above from passing on a tame input)."""
+    _, path, module, args, compiled, _, _ = built
+    qmax = weight_qmax_for(path)
+    worst = compiled(*args)[4]
+    assert worst[0, 0].item() == 255 * qmax * 64 and worst[0, 23].item() == -255 * qmax * 64
+
+
+def test_assembly_uses_the_paths_instructions(built):
+    target, path, *_, exe, _ = built
+    asm = asm_of(exe)
+    if path == "avx2":
+        assert "vpmaddubsw\t%ymm" in asm and "vpmaddwd\t%ymm" in asm and "zmm" not in asm
+    elif path == "avx512bw":
+        assert "vpmaddubsw\t%zmm" in asm and "vpmaddwd\t%zmm" in asm and "vpdpbusd" not in asm
+    elif path == "vnni":
+        assert "vpdpbusd" in asm
+
+
+@pytest.mark.parametrize("target", ["x86:haswell", "x86:skylake-avx512"])
+def test_full_range_weights_take_the_exact_split_on_pair_paths(target):
+    """A graph quantized for another target (weights up to ±127) still equals its QDQ graph on a vpmaddubsw
+    path: those layers switch to the exact pair split, and the note says so."""
+    spec = resolve_target(target)
+    module = Layers(127).eval()
+    args = _inputs()
+    compiled, _, lowered = _compile(module, args, spec)
+    assert f"qlinear:{int8_path(spec)} (exact pair split)" in lowered.quant and "exceed ±64" in lowered.quant
+    with torch.no_grad():
+        refs = module(*args)
+    for y, ref in zip(compiled(*args), refs):
+        assert torch.equal(y, ref)
+    assert compiled(*args)[4][0, 0].item() == 255 * 127 * 64
+
+
+def test_the_plain_pair_kernel_would_saturate_full_range_weights():
+    """Why the range matters: the single vpmaddubsw kernel on ±127 weights and 255 activations gives a wrong
+    (saturated) sum; the exact split gives the right one."""
+    import numpy as np
+
+    from graphopt.backends.tvm.quant_lower import dense_kernel, pack_dense
+
+    a = np.full((1, 8), 255, np.uint8)
+    w = np.full((8, 8), 127, np.int8)
+    target = resolve_target("x86:haswell").tvm_target()
+    out = {}
+    for exact in (False, True):
+        lib = tvm.compile(dense_kernel(1, 2, 1, 1, 1, "avx2", exact).with_attr("global_symbol", "f"), target=target)
+        y = tvm.runtime.tensor(np.zeros((1, 8), np.float32))
+        lib["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(pack_dense(w, "avx2")),
+                 tvm.runtime.tensor(np.zeros(8, np.int32)), tvm.runtime.tensor(np.ones(8, np.float32)),
+                 tvm.runtime.tensor(np.zeros(8, np.float32)), y)
+        out[exact] = y.numpy()[0, 0]
+    assert out[True] == 255 * 127 * 8
+    assert out[False] == 4 * 32767                                  # each of the 4 pairs saturated
+
+
+@pytest.mark.parametrize("target,qmax", [("x86:haswell", 64), ("x86:skylake-avx512", 64), ("x86", None)])
+def test_quantize_pass_picks_the_weight_range_for_the_path(target, qmax):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    opt = graphopt.optimize(model, target, "quantize(progress=false)", example_inputs=(x,),
+                            calibration=[torch.randn(4, 3, 6, 6)])
+    path = int8_path(resolve_target(target))
+    qmax = qmax or weight_qmax_for(path)
+    gm = opt.graph_module
+    conv, dw, lin = (gm.get_submodule(p) for p in ("0", "2", "5"))
+    assert conv.weight_q.abs().max().item() == lin.weight_q.abs().max().item() == qmax
+    assert dw.weight_q.abs().max().item() == 127                    # depthwise: its own kernel, full range
+    notes = " ".join(opt.report.records[-1].notes)
+    assert f"int8 path {path}" in notes and f"[-{qmax}, {qmax}]" in notes
+    assert "no fast int8 instruction" not in notes
+    with torch.no_grad():
+        assert torch.equal(opt(x), gm(x)) or torch.allclose(opt(x), gm(x), rtol=0, atol=1e-6)
+
+
+def test_reduce_range_option_overrides_the_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8)).eval()
+    x = torch.randn(2, 12)
+    for text, qmax in (("quantize(reduce_range=false,progress=false)", 127),
+                       ("quantize(reduce_range=true,progress=false)", 64)):
+        opt = graphopt.optimize(model, "torch" if qmax == 64 else "x86:haswell", text, example_inputs=(x,),
+                                calibration=[torch.randn(4, 12)])
+        assert opt.graph_module.get_submodule("0").weight_q.abs().max().item() == qmax
+        if qmax == 127:
+            assert "exact pair split" in opt.report.backend["int8"]
+            with torch.no_grad():
+                assert torch.allclose(opt(x), opt.graph_module(x), rtol=0, atol=1e-6)
