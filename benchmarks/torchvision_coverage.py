@@ -118,13 +118,16 @@ def _child(name: str, which: str, rtol: float, timeout: float, threads: int) -> 
 
 
 def _params(name: str) -> float:
+    """Parameter count without allocating the weights where the constructor allows (meta device)."""
     import torch
+    import torchvision
 
-    with torch.device("meta"):
-        import torchvision
-
-        m = torchvision.models.get_model(name, weights=None, **{k: v for k, v in KWARGS.get(name, {}).items()
-                                                                 if k != "init_weights"})
+    kwargs = {k: v for k, v in KWARGS.get(name, {}).items() if k != "init_weights"}
+    try:
+        with torch.device("meta"):
+            m = torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception:                       # e.g. regnet computes its widths with tensors: build it for real
+        m = torchvision.models.get_model(name, weights=None, **kwargs)
     return sum(p.numel() for p in m.parameters())
 
 
