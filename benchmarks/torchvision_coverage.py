@@ -1,0 +1,208 @@
+"""Every torchvision classification model through graphopt: does it compile and match eager?
+
+    python benchmarks/torchvision_coverage.py                        # all of list_models(torchvision.models)
+    python benchmarks/torchvision_coverage.py --models resnet18,vit_b_16 --json cov.json
+    python benchmarks/torchvision_coverage.py --max-params 100e6     # list bigger ones as skipped, with why
+
+Per model (random weights, BatchNorm statistics randomized, eval mode, batch 1, the smallest input the
+architecture takes, 64×64 where it can; see SIZES) two runs, each in its own process (a crash, a memory
+blow-up or --timeout cannot take the table down):
+
+  x86    graphopt.optimize(model, "x86") with the default pipeline (fold_bn,cleanup), compiled with default
+         schedules; the compiled output is compared with eager on a fresh input: rel|Δ| = max|Δ| / max|eager|,
+         `ok` up to --rtol (1e-3), `DIFF` beyond
+  prune  fold_bn,prune(ratio=0.3) on target "torch" (the pruned fx graph run in PyTorch): `ok` when it runs
+         and keeps the output shapes; FLOPs kept and rel|Δ| vs the original model (approximate by design)
+
+Failures show the error's class (graphopt's typed errors name the op/node/pass) and first line. Models are
+run smallest first, so a run cut short still covers the most. Nothing is downloaded (weights=None).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import first_line, format_table, physical_cores, set_threads  # noqa: E402
+
+# smallest input side each family accepts (default 64), and constructor options that make a smaller input valid
+SIZES = {"inception_v3": 75, "maxvit_t": 224}
+KWARGS = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
+          "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56},
+          "googlenet": {"aux_logits": False, "init_weights": True},
+          "inception_v3": {"aux_logits": False, "init_weights": True}}
+DEFAULT_SIZE = 64
+
+
+def model_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def build(name: str):
+    import torch
+    import torchvision
+
+    from graphopt.testing.random_models import randomize_norms
+
+    torch.manual_seed(0)
+    kwargs = KWARGS.get(name, {})
+    size = kwargs.get("image_size", SIZES.get(name, DEFAULT_SIZE))
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    randomize_norms(model, 0)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(1, 3, size, size, generator=g), torch.randn(1, 3, size, size, generator=g), size
+
+
+def run_one(name: str, which: str, rtol: float) -> dict:
+    """One model, one run ("x86" or "prune"), in this process. Returns a JSON-able row."""
+    import torch
+
+    import graphopt
+    from graphopt.analysis.compare import compare_outputs
+
+    row: dict = {"model": name, "run": which}
+    try:
+        model, x, fresh, size = build(name)
+    except Exception as e:                                   # noqa: BLE001
+        return {**row, "status": "fail", "kind": type(e).__name__, "error": first_line(e), "stage": "build"}
+    row["size"] = size
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    start = time.perf_counter()
+    try:
+        if which == "x86":
+            opt = graphopt.optimize(model, target="x86", example_inputs=(x,))
+            row["compile_s"] = round(time.perf_counter() - start, 1)
+            got = opt(fresh)
+        else:
+            opt = graphopt.optimize(model, target="torch", pipeline="fold_bn,prune(ratio=0.3)", example_inputs=(x,))
+            row["compile_s"] = round(time.perf_counter() - start, 1)
+            got = opt(fresh)
+            row["flops_kept"] = round(opt.report.final.flops / opt.report.records[0].flops, 3)
+            row["report_max_abs"] = opt.report.final.max_abs
+        with torch.no_grad():
+            ref = model(fresh)
+    except Exception as e:                                   # noqa: BLE001 - the table reports it
+        return {**row, "status": "fail", "kind": type(e).__name__, "error": first_line(e),
+                "seconds": round(time.perf_counter() - start, 1)}
+    diff = compare_outputs(got, ref)             # prune: how far the approximation moved the outputs
+    row["rel"] = diff.max_rel
+    row["max_abs"] = diff.max_abs
+    exact_enough = which == "prune" or diff.max_rel <= rtol
+    row["status"] = "ok" if not diff.structure_error and exact_enough else "DIFF"
+    if diff.structure_error:
+        row["error"] = diff.structure_error
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _child(name: str, which: str, rtol: float, timeout: float, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--run", which, "--rtol", str(rtol),
+           "--threads", str(threads)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "run": which, "status": "fail", "kind": "timeout", "error": f"over {timeout:g} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300]}
+
+
+def _params(name: str) -> float:
+    """Parameter count without allocating the weights where the constructor allows (meta device)."""
+    import torch
+    import torchvision
+
+    kwargs = {k: v for k, v in KWARGS.get(name, {}).items() if k != "init_weights"}
+    try:
+        with torch.device("meta"):
+            m = torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception:                       # e.g. regnet computes its widths with tensors: build it for real
+        m = torchvision.models.get_model(name, weights=None, **kwargs)
+    return sum(p.numel() for p in m.parameters())
+
+
+def _cell(r: dict | None) -> list[str]:
+    if r is None:
+        return ["-", "", ""]
+    if r["status"] == "fail":
+        return [f"FAIL {r.get('kind', '')}", "", str(r.get("seconds", ""))]
+    return [r["status"], f"{r['rel']:.1e}", str(r.get("compile_s", ""))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="", help="comma-separated names (default: every classification model)")
+    ap.add_argument("--runs", default="x86,prune")
+    ap.add_argument("--rtol", type=float, default=1e-3)
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per model and run")
+    ap.add_argument("--max-params", type=float, default=0, help="list models above this many params as skipped")
+    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--json", default="")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--run", default="x86", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.run, args.rtol)), flush=True)
+        return 0
+
+    names = [n for n in args.models.split(",") if n] or model_names()
+    sizes = {n: _params(n) for n in names}
+    names.sort(key=lambda n: sizes[n])
+    runs = [r for r in args.runs.split(",") if r]
+    results: dict[str, dict[str, dict]] = {}
+    skipped: dict[str, str] = {}
+    start = time.perf_counter()
+    for n in names:
+        if args.max_params and sizes[n] > args.max_params:
+            skipped[n] = f"{sizes[n] / 1e6:.0f}M params > --max-params {args.max_params / 1e6:.0f}M"
+            print(f"{n}: skipped ({skipped[n]})", flush=True)
+            continue
+        results[n] = {}
+        for which in runs:
+            r = _child(n, which, args.rtol, args.timeout, args.threads)
+            results[n][which] = r
+            extra = f" {r.get('error', '')}" if r["status"] != "ok" else ""
+            print(f"{n} [{which}] {r['status']} {r.get('kind', '')} rel={r.get('rel', float('nan')):.1e} "
+                  f"s={r.get('seconds', '')}{extra}", flush=True)
+    header = ["model", "params M", "input"]
+    for which in runs:
+        header += [f"{which}: result", "rel|Δ|" if which == "x86" else "rel|Δ| vs orig",
+                   "compile s" if which == "x86" else "s"] + (["FLOPs kept"] if which == "prune" else [])
+    rows = [header]
+    for n, rs in results.items():
+        first = next(iter(rs.values()), {})
+        row = [n, f"{sizes[n] / 1e6:.1f}", str(first.get("size", ""))]
+        for which in runs:
+            row += _cell(rs.get(which)) + ([str(rs.get(which, {}).get("flops_kept", ""))] if which == "prune" else [])
+        rows.append(row)
+    for n, why in skipped.items():
+        rows.append([n, f"{sizes[n] / 1e6:.1f}", "", f"skipped: {why}"] + [""] * (len(header) - 4))
+    print()
+    print(format_table(rows, right={1, 2}))
+    for n, rs in results.items():
+        for which, r in rs.items():
+            if r["status"] != "ok":
+                print(f"{n} [{which}]: {r.get('kind', r['status'])}: {r.get('error', '')}")
+    for which in runs:
+        ok = sum(rs.get(which, {}).get("status") == "ok" for rs in results.values())
+        print(f"{which}: {ok}/{len(results)} ok")
+    print(f"{len(results)} models in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "skipped": skipped}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Random networks (graphopt.testing.random_models) through the passes and the x86 backend (issue 16 item 5).
+
+A handful here, one pipeline each; `python benchmarks/fuzz.py --count 500 --seed S` runs the rest."""
+import itertools
+
+import pytest
+import torch
+from torch import fx
+
+from graphopt.errors import LoweringError, PassError
+from graphopt.testing import fuzz
+from graphopt.testing.random_models import random_model
+
+
+def test_random_models_are_determined_by_their_seed():
+    a, b = random_model(7), random_model(7)
+    assert a.describe == b.describe
+    assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert torch.equal(a.inputs[0], b.inputs[0])
+    assert random_model(8).describe != a.describe
+    torch.testing.assert_close(a.fresh_inputs(), b.fresh_inputs())
+
+
+def test_random_models_cover_the_layer_kinds_and_are_traceable():
+    texts = []
+    for seed in range(40):
+        rm = random_model(seed)
+        out = rm.model(*rm.inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(torch.isfinite(t).all() for t in outs), rm.describe
+        fx.symbolic_trace(rm.model)
+        texts.append(rm.describe)
+    text = " ".join(texts)
+    for feature in ("conv1x1", "conv3x3", "conv5x5", ",s2", ",d2", "res[", "cat[", "split[", "chunk[", "+bn",
+                    "+gn", " ln ", "mha(", "sdpa(", "causal", "se(", "pool2", "linear(", "mlp(", "to_seq",
+                    "head:gap", "head:flatten", "head:tokens", "+aux", "+gelu", "+hardswish", "+silu"):
+        assert feature in text, feature
+    assert any(f"({c}->{c},g{c})" in text for c in range(2, 64)), "no depthwise conv"
+    assert any(f",g{g})" in text and f"({c}->" in text for g in (2, 3, 4) for c in range(4, 64)), "no grouped conv"
+
+
+# (seed, pipeline): eight models, each pipeline twice; ~60 s on two cores
+CASES = list(zip(range(8), itertools.cycle(fuzz.PIPELINES)))
+
+
+@pytest.mark.parametrize("seed,pipeline", CASES, ids=[f"{s}-{p}" for s, p in CASES])
+def test_random_model_compiles_and_matches_eager(seed, pipeline):
+    o = fuzz.check(random_model(seed), pipeline, target="x86")
+    assert o.status == "matched", f"{o.status} {o.kind}: {o.message}\nmodel: {o.describe}\n{o.trace}"
+
+
+class _Fake:
+    def __init__(self, graph_module, call):
+        self.graph_module, self._call = graph_module, call
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+
+@pytest.mark.parametrize("behaviour,status,kind", [
+    ("off_by_a_bit", "wrong", "compiled vs eager graph"),
+    ("wrong_shape", "wrong", "structure"),
+    ("lowering_error", "typed", "LoweringError"),
+    ("pass_bug", "typed", "PassError(IndexError)"),
+    ("value_error", "crash", "ValueError"),
+])
+def test_check_classifies_outcomes(monkeypatch, behaviour, status, kind):
+    rm = random_model(1)
+
+    def fake_optimize(rm_, pipeline, target, calibration):
+        gm = fx.symbolic_trace(rm_.model)
+        if behaviour == "lowering_error":
+            raise LoweringError("TVM cannot lower 1 node(s): aten.foo (node foo_1)")
+        if behaviour == "pass_bug":
+            try:
+                [][1]
+            except IndexError as e:
+                raise PassError("prune", f"IndexError: {e}") from e
+        if behaviour == "value_error":
+            raise ValueError("boom")
+        if behaviour == "wrong_shape":
+            return _Fake(gm, lambda *a: torch.zeros(3))
+        return _Fake(gm, lambda *a: tuple(t * 1.01 for t in gm(*a)) if isinstance(gm(*a), tuple) else gm(*a) * 1.01)
+
+    monkeypatch.setattr(fuzz, "graphopt_optimize", fake_optimize)
+    o = fuzz.check(rm, "prune")
+    assert (o.status, o.kind) == (status, kind), o
+    assert fuzz.summarize([o])[status] == 1
