@@ -66,13 +66,13 @@ from __future__ import annotations
 
 from .cli import cli_tune
 from .defaults import BEAT_DEFAULT_BY, defaults_kept, func_key
-from .logs import metaschedule_logs
+from .driver import tune_module
+from .logs import metaschedule_logs, tune_contexts
 from .options import TuneOptions, coerce_tune
 from .records import PROGRESS_FILE, RECORD_FILE, WORKLOAD_FILE, check_database, default_database_dir
-from .driver import tune_module
 from .schedule import schedule_cpu
 from .summary import TuningSummary
 
 __all__ = ["TuneOptions", "coerce_tune", "default_database_dir", "check_database", "schedule_cpu",
-           "tune_module", "TuningSummary", "cli_tune", "metaschedule_logs", "defaults_kept", "func_key",
-           "BEAT_DEFAULT_BY", "WORKLOAD_FILE", "RECORD_FILE", "PROGRESS_FILE"]
+           "tune_module", "TuningSummary", "cli_tune", "metaschedule_logs", "tune_contexts", "defaults_kept",
+           "func_key", "BEAT_DEFAULT_BY", "WORKLOAD_FILE", "RECORD_FILE", "PROGRESS_FILE"]
