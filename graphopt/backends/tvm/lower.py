@@ -262,16 +262,16 @@ def _check_no_empty_tensors(ep: torch.export.ExportedProgram, gm: fx.GraphModule
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        vals = [(a.name, a.meta.get("val")) for a in node.all_input_nodes] + [(node.name, node.meta.get("val"))]
-        for name, val in vals:
-            for t in pytree.tree_leaves(val):
-                if isinstance(t, torch.Tensor) and t.numel() == 0:
-                    empty.append(f"  - {_qualified_op(node)} (exported node '{node.name}') from "
-                                 f"{_fx_origin(node, gm)}: '{name}' is {TensorSpec.of(t)}")
-                    break
-            else:
-                continue
-            break
+        # tensors read, and the tensor produced when something uses it (not the unused side outputs of a
+        # multi-output op: eval-mode batch norm's saved statistics are empty by design)
+        vals = [(a.name, a.meta.get("val")) for a in node.all_input_nodes]
+        if node.users:
+            vals.append((node.name, node.meta.get("val")))
+        for name, t in vals:
+            if isinstance(t, torch.Tensor) and any(type(d) is int and d == 0 for d in t.shape):   # not SymInts
+                empty.append(f"  - {_qualified_op(node)} (exported node '{node.name}') from "
+                             f"{_fx_origin(node, gm)}: '{name}' is {TensorSpec.of(t)}")
+                break
     if empty:
         raise LoweringError("the TVM backend does not support tensors with no elements (a zero-size "
                             "dimension); they reach:\n" + "\n".join(empty))
