@@ -36,14 +36,14 @@ class _ElementwiseOps(nn.Module):
     division), plus the NaN-propagating reductions and pooling built on the same max/min."""
 
     names = ("relu", "clamp", "clamp_min", "clamp_tensor", "relu6", "hardtanh", "maximum", "minimum", "erf",
-             "gelu", "floor_divide", "floor_divide_scalar", "max_all", "min_all", "max_pool2d", "softmax")
+             "gelu", "floor_divide", "floor_divide_scalar", "max_all", "min_all", "amax", "amin", "max_pool2d", "softmax")
 
     def forward(self, x, y):
         img = x.reshape(4, 4, 8, 16)
         return (torch.relu(x), torch.clamp(x, -1.0, 1.0), torch.clamp(x, min=0.0), torch.clamp(x, min=y),
                 F.relu6(x), F.hardtanh(x), torch.maximum(x, y), torch.minimum(x, y), torch.erf(x), F.gelu(x),
                 torch.div(x, y, rounding_mode="floor"), torch.div(x, -2.5, rounding_mode="floor"), x.max(),
-                y.min(), F.max_pool2d(img, 3, 2, 1),
+                y.min(), x.amax(1), y.amin(0, keepdim=True), F.max_pool2d(img, 3, 2, 1),
                 torch.softmax(x, dim=1))
 
 

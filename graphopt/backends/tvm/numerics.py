@@ -22,6 +22,7 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                                        LoweringError when the graph uses it (TVM's converter
                                                        returned zeros)
                                layer_norm              NaN rows where PyTorch's float32 moments overflow
+                               amax / amin             (no TVM converter) relax max / min
 """
 from __future__ import annotations
 
@@ -342,7 +343,27 @@ def _layer_norm(node, importer):
     return bb.emit(relax.op.where(overflow, relax.const(np.nan, dtype), out))
 
 
+# ------------------------------------------------------------------------------------------ reductions
+def _amax_amin(node, importer):
+    """amax / amin (TVM's importer has no converter): relax max / min over `dim` (all dims when empty); a
+    0-d input is its own result. NaN propagates through the TIR pass above."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", [])
+    keepdim = bool(args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+    ndim = int(x.ty.ndim)
+    if ndim == 0:
+        return x
+    dims = [dim] if isinstance(dim, int) else list(dim or range(ndim))
+    op = relax.op.max if getattr(node.target, "__name__", "").startswith("amax") else relax.op.min
+    return importer.block_builder.emit(op(x, axis=[int(d) % ndim for d in dims], keepdims=keepdim))
+
+
 _CONVERTERS: dict[str, Callable] = {
+    "amax.default": _amax_amin,
+    "amin.default": _amax_amin,
     "layer_norm.default": _layer_norm,
     "native_layer_norm.default": _layer_norm,
     "div.Tensor_mode": _div,
