@@ -193,3 +193,20 @@ def test_integer_min_max_are_left_alone():
     opt = graphopt.optimize(IntOps(), target="x86", pipeline="", example_inputs=(a, b))
     for got, ref in zip(opt(a, b), IntOps()(a, b)):
         assert torch.equal(got, ref)
+
+
+def test_training_mode_batch_norm_statistics_near_float32_limits_match_pytorch():
+    """sum(x) / n overflowed on +-3e38 inputs (whole channels NaN) where PyTorch's batch mean stays finite."""
+
+    class TrainBN(nn.Module):
+        def forward(self, x, w, b):
+            return F.batch_norm(x, torch.zeros(5), torch.ones(5), w, b, training=True, momentum=0.5, eps=0.6)
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 5, 6), torch.randn(5), torch.randn(5)
+    opt = graphopt.optimize(TrainBN(), target="x86", pipeline="", example_inputs=(x, w, b))
+    edge = x.clone()
+    edge.view(-1)[::5] = 3e38
+    edge.view(-1)[2::5] = -3e38
+    for inp in (x, edge):
+        assert compare(opt(inp, w, b), TrainBN()(inp, w, b)) is None

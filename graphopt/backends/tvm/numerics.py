@@ -23,6 +23,8 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                                        returned zeros)
                                layer_norm              NaN rows where PyTorch's float32 moments overflow
                                amax / amin             (no TVM converter) relax max / min
+                               batch norm (training)   batch statistics that cannot overflow where PyTorch's
+                                                       do not, and PyTorch's five outputs
 """
 from __future__ import annotations
 
@@ -361,7 +363,52 @@ def _amax_amin(node, importer):
     return importer.block_builder.emit(op(x, axis=[int(d) % ndim for d in dims], keepdims=keepdim))
 
 
+# ------------------------------------------------------------------------------------------ batch norm
+def _batch_norm_training(node, importer):
+    """Training-mode batch norm (_native_batch_norm_legit_functional) with batch statistics that do not
+    overflow where PyTorch's do not: mean = sum(x / n) (TVM's sum(x) / n overflowed on values near float32's
+    range, giving NaN rows where PyTorch's finite mean gives finite ones), var = sum((x - mean)^2 / n), and
+    the op's five outputs as PyTorch defines them (TVM's converter returned zeros for the saved rstd and the
+    new running variance): out, saved mean, saved rstd, new running mean, new running var (unbiased)."""
+    import numpy as np
+    from tvm import relax
+
+    args = list(node.args)
+    training = args[5] if len(args) > 5 else node.kwargs.get("training", True)
+    if not training:
+        return importer._batch_norm_legit_functional(node)
+    x = importer.env[args[0]]
+    dtype = str(x.ty.dtype)
+    shape = [int(d) for d in x.ty.shape]
+    channels = shape[1]
+    axes = [0] + list(range(2, len(shape)))
+    n = int(np.prod([shape[a] for a in axes]))
+    momentum = float(args[6] if len(args) > 6 else node.kwargs.get("momentum", 0.1))
+    eps = float(args[7] if len(args) > 7 else node.kwargs.get("eps", 1e-5))
+
+    def param(i, fill):
+        a = args[i] if len(args) > i else None
+        return importer.env[a] if a is not None else relax.const(np.full(channels, fill, dtype), dtype)
+
+    weight, bias, running_mean, running_var = param(1, 1.0), param(2, 0.0), param(3, 0.0), param(4, 1.0)
+    bb = importer.block_builder
+    c = lambda v: relax.const(v, dtype)      # noqa: E731
+    mean = bb.emit(relax.op.sum(relax.op.multiply(x, c(1.0 / n)), axis=axes))
+    centered = bb.emit(relax.op.subtract(x, relax.op.reshape(mean, [1, channels] + [1] * (len(shape) - 2))))
+    var = bb.emit(relax.op.sum(relax.op.multiply(relax.op.multiply(centered, centered), c(1.0 / n)), axis=axes))
+    bn = bb.emit(relax.op.nn.batch_norm(x, weight, bias, mean, var, axis=1, epsilon=eps, training=False))
+    out = bb.emit(relax.TupleGetItem(bn, 0))
+    rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, c(eps))))
+    new_mean = bb.emit(relax.op.add(relax.op.multiply(running_mean, c(1.0 - momentum)),
+                                    relax.op.multiply(mean, c(momentum))))
+    unbiased = c(momentum * n / max(n - 1, 1))
+    new_var = bb.emit(relax.op.add(relax.op.multiply(running_var, c(1.0 - momentum)),
+                                   relax.op.multiply(var, unbiased)))
+    return bb.emit(relax.Tuple([out, mean, rstd, new_mean, new_var]))
+
+
 _CONVERTERS: dict[str, Callable] = {
+    "_native_batch_norm_legit_functional.default": _batch_norm_training,
     "amax.default": _amax_amin,
     "amin.default": _amax_amin,
     "layer_norm.default": _layer_norm,
