@@ -367,7 +367,8 @@ def _amax_amin(node, importer):
 def _batch_norm_training(node, importer):
     """Training-mode batch norm (_native_batch_norm_legit_functional) with batch statistics that do not
     overflow where PyTorch's do not: mean = sum(x / n) (TVM's sum(x) / n overflowed on values near float32's
-    range, giving NaN rows where PyTorch's finite mean gives finite ones), var = sum((x - mean)^2 / n), and
+    range, giving NaN rows where PyTorch's finite mean gives finite ones), var = sum((x - mean)^2 / n), the
+    output as PyTorch forms it (x * alpha + beta, alpha = rstd * weight, beta = bias - mean * alpha), and
     the op's five outputs as PyTorch defines them (TVM's converter returned zeros for the saved rstd and the
     new running variance): out, saved mean, saved rstd, new running mean, new running var (unbiased)."""
     import numpy as np
@@ -396,9 +397,13 @@ def _batch_norm_training(node, importer):
     mean = bb.emit(relax.op.sum(relax.op.multiply(x, c(1.0 / n)), axis=axes))
     centered = bb.emit(relax.op.subtract(x, relax.op.reshape(mean, [1, channels] + [1] * (len(shape) - 2))))
     var = bb.emit(relax.op.sum(relax.op.multiply(relax.op.multiply(centered, centered), c(1.0 / n)), axis=axes))
-    bn = bb.emit(relax.op.nn.batch_norm(x, weight, bias, mean, var, axis=1, epsilon=eps, training=False))
-    out = bb.emit(relax.TupleGetItem(bn, 0))
     rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, c(eps))))
+    # PyTorch's form: x * alpha + beta per channel, never x - mean (which overflows where x * 0 does not)
+    alpha = bb.emit(relax.op.multiply(rstd, weight))
+    beta = bb.emit(relax.op.subtract(bias, relax.op.multiply(mean, alpha)))
+    per_channel = [1, channels] + [1] * (len(shape) - 2)
+    out = bb.emit(relax.op.add(relax.op.multiply(x, relax.op.reshape(alpha, per_channel)),
+                               relax.op.reshape(beta, per_channel)))
     new_mean = bb.emit(relax.op.add(relax.op.multiply(running_mean, c(1.0 - momentum)),
                                     relax.op.multiply(mean, c(momentum))))
     unbiased = c(momentum * n / max(n - 1, 1))
