@@ -4,9 +4,9 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
 +-Inf. TVM 0.27 departs from it in a few places; each is corrected here, in one place per layer:
 
   nan_propagating_minmax()   TIR pass, run on every scheduled kernel before codegen (build.build_module).
-                             TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)` /
-                             maxnum: a NaN operand is dropped (relu(NaN) = 0, clamp(NaN) = lo, max-pool and
-                             amax skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
+                             TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)`
+                             (`<` for min): a NaN in `a` is dropped (relu(NaN) = 0, clamp(NaN) = lo,
+                             max-pool and max() skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
                              when an operand is NaN. Every float Max/Min becomes
                                  select(isnan(a), a, select(isnan(b), b, max(a, b)))
                              with isnan an integer test of the bits (see _is_nan: it vectorizes, and no
