@@ -36,14 +36,14 @@ class _ElementwiseOps(nn.Module):
     division), plus the NaN-propagating reductions and pooling built on the same max/min."""
 
     names = ("relu", "clamp", "clamp_min", "clamp_tensor", "relu6", "hardtanh", "maximum", "minimum", "erf",
-             "gelu", "floor_divide", "floor_divide_scalar", "max_all", "min_all", "max_pool2d", "softmax")
+             "gelu", "floor_divide", "floor_divide_scalar", "max_all", "min_all", "amax", "amin", "max_pool2d", "softmax")
 
     def forward(self, x, y):
         img = x.reshape(4, 4, 8, 16)
         return (torch.relu(x), torch.clamp(x, -1.0, 1.0), torch.clamp(x, min=0.0), torch.clamp(x, min=y),
                 F.relu6(x), F.hardtanh(x), torch.maximum(x, y), torch.minimum(x, y), torch.erf(x), F.gelu(x),
                 torch.div(x, y, rounding_mode="floor"), torch.div(x, -2.5, rounding_mode="floor"), x.max(),
-                y.min(), F.max_pool2d(img, 3, 2, 1),
+                y.min(), x.amax(1), y.amin(0, keepdim=True), F.max_pool2d(img, 3, 2, 1),
                 torch.softmax(x, dim=1))
 
 
@@ -142,15 +142,18 @@ def test_max_pool2d_without_the_indices_still_compiles():
     assert compare(opt(x), model(x)) is None
 
 
-def test_zero_size_mm_is_a_lowering_error():
-    """TVM stopped with a bare ValueError ('expected to be compact array') at the first call."""
+def test_zero_size_inputs_compute_what_pytorch_computes():
+    """An mm with a zero-size inner dimension stopped at the first call with TVM's bare ValueError ('expected
+    to be compact array': torch gives a (5, 0) tensor strides (1, 1)); PyTorch returns zeros."""
 
-    class MM(nn.Module):
-        def forward(self, a, b):
-            return torch.mm(a, b)
+    class Empty(nn.Module):
+        def forward(self, a, b, c):
+            return torch.mm(a, b) + 1, F.linear(a, b.t()), torch.relu(c), c.sum(0)
 
-    with pytest.raises(LoweringError, match=r"(?s)no elements.*aten\.mm\.default.*tensor\(5, 0\)"):
-        graphopt.optimize(MM(), target="x86", pipeline="", example_inputs=(torch.randn(5, 0), torch.randn(0, 10)))
+    args = (torch.randn(5, 0), torch.randn(0, 10), torch.randn(0, 4))
+    opt = graphopt.optimize(Empty(), target="x86", pipeline="", example_inputs=args)
+    for got, ref in zip(opt(*args), Empty()(*args)):
+        assert compare(got, ref) is None
 
 
 class _ConvLayerNorm(nn.Module):
@@ -190,3 +193,20 @@ def test_integer_min_max_are_left_alone():
     opt = graphopt.optimize(IntOps(), target="x86", pipeline="", example_inputs=(a, b))
     for got, ref in zip(opt(a, b), IntOps()(a, b)):
         assert torch.equal(got, ref)
+
+
+def test_training_mode_batch_norm_statistics_near_float32_limits_match_pytorch():
+    """sum(x) / n overflowed on +-3e38 inputs (whole channels NaN) where PyTorch's batch mean stays finite."""
+
+    class TrainBN(nn.Module):
+        def forward(self, x, w, b):
+            return F.batch_norm(x, torch.zeros(5), torch.ones(5), w, b, training=True, momentum=0.5, eps=0.6)
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 5, 6), torch.randn(5), torch.randn(5)
+    opt = graphopt.optimize(TrainBN(), target="x86", pipeline="", example_inputs=(x, w, b))
+    edge = x.clone()
+    edge.view(-1)[::5] = 3e38
+    edge.view(-1)[2::5] = -3e38
+    for inp in (x, edge):
+        assert compare(opt(inp, w, b), TrainBN()(inp, w, b)) is None

@@ -253,30 +253,6 @@ def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
     return missing
 
 
-def _check_no_empty_tensors(ep: torch.export.ExportedProgram, gm: fx.GraphModule | None) -> None:
-    """LoweringError naming every op that reads or produces a tensor with no elements (a zero-size dim).
-
-    TVM's kernels and its VM assume non-empty buffers: an mm with a zero-size inner dimension stopped with
-    a bare ValueError ('expected to be compact array') at the first call, instead of returning zeros."""
-    empty = []
-    for node in ep.graph.nodes:
-        if node.op != "call_function":
-            continue
-        vals = [(a.name, a.meta.get("val")) for a in node.all_input_nodes] + [(node.name, node.meta.get("val"))]
-        for name, val in vals:
-            for t in pytree.tree_leaves(val):
-                if isinstance(t, torch.Tensor) and t.numel() == 0:
-                    empty.append(f"  - {_qualified_op(node)} (exported node '{node.name}') from "
-                                 f"{_fx_origin(node, gm)}: '{name}' is {TensorSpec.of(t)}")
-                    break
-            else:
-                continue
-            break
-    if empty:
-        raise LoweringError("the TVM backend does not support tensors with no elements (a zero-size "
-                            "dimension); they reach:\n" + "\n".join(empty))
-
-
 # ---------------------------------------------------------------------------------------------- lower
 def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> Lowered:
     """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
@@ -294,7 +270,6 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
             raise LoweringError(f"input {i} is a {_describe(x)}: the TVM backend takes tensor inputs only "
                                 f"(one tensor per forward() argument)")
     ep = export_graph(gm, example_inputs)
-    _check_no_empty_tensors(ep, gm)
 
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 

@@ -4,9 +4,9 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
 +-Inf. TVM 0.27 departs from it in a few places; each is corrected here, in one place per layer:
 
   nan_propagating_minmax()   TIR pass, run on every scheduled kernel before codegen (build.build_module).
-                             TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)` /
-                             maxnum: a NaN operand is dropped (relu(NaN) = 0, clamp(NaN) = lo, max-pool and
-                             amax skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
+                             TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)`
+                             (`<` for min): a NaN in `a` is dropped (relu(NaN) = 0, clamp(NaN) = lo,
+                             max-pool and max() skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
                              when an operand is NaN. Every float Max/Min becomes
                                  select(isnan(a), a, select(isnan(b), b, max(a, b)))
                              with isnan an integer test of the bits (see _is_nan: it vectorizes, and no
@@ -22,6 +22,9 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                                        LoweringError when the graph uses it (TVM's converter
                                                        returned zeros)
                                layer_norm              NaN rows where PyTorch's float32 moments overflow
+                               amax / amin             (no TVM converter) relax max / min
+                               batch norm (training)   batch statistics that cannot overflow where PyTorch's
+                                                       do not, and PyTorch's five outputs
 """
 from __future__ import annotations
 
@@ -342,7 +345,77 @@ def _layer_norm(node, importer):
     return bb.emit(relax.op.where(overflow, relax.const(np.nan, dtype), out))
 
 
+# ------------------------------------------------------------------------------------------ reductions
+def _amax_amin(node, importer):
+    """amax / amin (TVM's importer has no converter): relax max / min over `dim` (all dims when empty); a
+    0-d input is its own result. NaN propagates through the TIR pass above."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", [])
+    keepdim = bool(args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+    ndim = int(x.ty.ndim)
+    if ndim == 0:
+        return x
+    dims = [dim] if isinstance(dim, int) else list(dim or range(ndim))
+    op = relax.op.max if getattr(node.target, "__name__", "").startswith("amax") else relax.op.min
+    return importer.block_builder.emit(op(x, axis=[int(d) % ndim for d in dims], keepdims=keepdim))
+
+
+# ------------------------------------------------------------------------------------------ batch norm
+def _batch_norm_training(node, importer):
+    """Training-mode batch norm (_native_batch_norm_legit_functional) with batch statistics that do not
+    overflow where PyTorch's do not: mean = sum(x / n) (TVM's sum(x) / n overflowed on values near float32's
+    range, giving NaN rows where PyTorch's finite mean gives finite ones), var = sum((x - mean)^2 / n), the
+    output as PyTorch forms it (x * alpha + beta, alpha = rstd * weight, beta = bias - mean * alpha), and
+    the op's five outputs as PyTorch defines them (TVM's converter returned zeros for the saved rstd and the
+    new running variance): out, saved mean, saved rstd, new running mean, new running var (unbiased)."""
+    import numpy as np
+    from tvm import relax
+
+    args = list(node.args)
+    training = args[5] if len(args) > 5 else node.kwargs.get("training", True)
+    if not training:
+        return importer._batch_norm_legit_functional(node)
+    x = importer.env[args[0]]
+    dtype = str(x.ty.dtype)
+    shape = [int(d) for d in x.ty.shape]
+    channels = shape[1]
+    axes = [0] + list(range(2, len(shape)))
+    n = int(np.prod([shape[a] for a in axes]))
+    momentum = float(args[6] if len(args) > 6 else node.kwargs.get("momentum", 0.1))
+    eps = float(args[7] if len(args) > 7 else node.kwargs.get("eps", 1e-5))
+
+    def param(i, fill):
+        a = args[i] if len(args) > i else None
+        return importer.env[a] if a is not None else relax.const(np.full(channels, fill, dtype), dtype)
+
+    weight, bias, running_mean, running_var = param(1, 1.0), param(2, 0.0), param(3, 0.0), param(4, 1.0)
+    bb = importer.block_builder
+    c = lambda v: relax.const(v, dtype)      # noqa: E731
+    mean = bb.emit(relax.op.sum(relax.op.multiply(x, c(1.0 / n)), axis=axes))
+    centered = bb.emit(relax.op.subtract(x, relax.op.reshape(mean, [1, channels] + [1] * (len(shape) - 2))))
+    var = bb.emit(relax.op.sum(relax.op.multiply(relax.op.multiply(centered, centered), c(1.0 / n)), axis=axes))
+    rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, c(eps))))
+    # PyTorch's form: x * alpha + beta per channel, never x - mean (which overflows where x * 0 does not)
+    alpha = bb.emit(relax.op.multiply(rstd, weight))
+    beta = bb.emit(relax.op.subtract(bias, relax.op.multiply(mean, alpha)))
+    per_channel = [1, channels] + [1] * (len(shape) - 2)
+    out = bb.emit(relax.op.add(relax.op.multiply(x, relax.op.reshape(alpha, per_channel)),
+                               relax.op.reshape(beta, per_channel)))
+    new_mean = bb.emit(relax.op.add(relax.op.multiply(running_mean, c(1.0 - momentum)),
+                                    relax.op.multiply(mean, c(momentum))))
+    unbiased = c(momentum * n / max(n - 1, 1))
+    new_var = bb.emit(relax.op.add(relax.op.multiply(running_var, c(1.0 - momentum)),
+                                   relax.op.multiply(var, unbiased)))
+    return bb.emit(relax.Tuple([out, mean, rstd, new_mean, new_var]))
+
+
 _CONVERTERS: dict[str, Callable] = {
+    "_native_batch_norm_legit_functional.default": _batch_norm_training,
+    "amax.default": _amax_amin,
+    "amin.default": _amax_amin,
     "layer_norm.default": _layer_norm,
     "native_layer_norm.default": _layer_norm,
     "div.Tensor_mode": _div,

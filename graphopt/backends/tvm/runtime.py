@@ -109,6 +109,11 @@ class CompiledModule:
         import tvm
 
         x = x.detach()
+        if x.numel() == 0:            # torch gives empty tensors strides TVM calls non-compact ((5, 0): (1, 1))
+            strides = [1] * x.dim()
+            for i in range(x.dim() - 2, -1, -1):
+                strides[i] = strides[i + 1] * x.shape[i + 1]
+            return tvm.runtime.from_dlpack(torch.empty_strided(tuple(x.shape), strides, dtype=x.dtype))
         if not x.is_contiguous() or (x.numel() and x.data_ptr() % _ALIGNMENT):
             x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         try:
