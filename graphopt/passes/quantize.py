@@ -103,8 +103,9 @@ class Quantize(Pass):
 
     Keeps exactly: every op that is not a quantized layer, graph inputs/outputs (always float32).
     Approximates: each quantized layer's input (rounding to 256 levels of its calibrated range, clipping
-    outside it) and weights (rounding to 255 levels per channel, 129 with [-64, 64]); the error is measured by the pass manager
-    and per layer in the report details (out_err: relative L2 error of the layer's output vs float).
+    outside it) and weights (rounding to 255 levels per channel, 129 with [-64, 64]); the error is measured
+    by the pass manager and per layer in the report details (out_err: relative L2 error of the layer's
+    output vs float).
     Layers whose name or module path matches a `skip` pattern (fnmatch) stay float. With `tolerance`, the
     layers whose lone quantization hurts the output most are kept float until the relative L2 error of
     the model outputs on the calibration batches is <= tolerance.

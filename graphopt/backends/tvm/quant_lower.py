@@ -158,8 +158,9 @@ def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
     """TIR: acc + Σ_k a[k]·w[j, k] over the 4 bytes k, for every lane j of an int32 accumulator vector.
 
     `a_u8x4` is 4 uint8 activations (int8 on sdot; broadcast to every lane), `w` the lanes·4 int8 weights of
-    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw: vpmaddubsw sums byte pairs into int16 with
-    saturation, vpmaddwd by ones sums int16 pairs into int32; exact only while |w| <= 64. exact=True
+    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw:
+    vpmaddubsw sums byte pairs into int16 with saturation, vpmaddwd by ones sums int16 pairs into int32;
+    exact only while |w| <= 64. exact=True
     splits the activations a = 128·hi + lo (lo <= 127, hi <= 1) so both pair sums stay in int16 for any
     int8 w (|127·128·2| < 32,768) and adds lo·w + 128·(hi·w): exact, twice the instructions.
     """
