@@ -524,9 +524,10 @@ class QuantLowering:
         exact = _needs_exact(self.path, wq)
         self.count(f"{op}:{self.path}" + (" (exact pair split)" if exact else ""))
         if exact and not any("exact pair split" in n for n in self.notes):
-            self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target): "
-                              f"those layers use the exact pair split (about half the speed); quantize for "
-                              f"this target to get ±{PAIR_WEIGHT_QMAX} weights")
+            self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target, "
+                              f"with reduce_range=false, or by QAT): those layers use the exact pair split "
+                              f"(about half the speed); quantize for this target to get ±{PAIR_WEIGHT_QMAX} "
+                              f"weights")
         return exact
 
     # -- constants of the exported program
