@@ -89,10 +89,11 @@ class Quantize(Pass):
     weights of Linear (static and dynamic) and Conv2d with groups=1 are quantized to [-64, 64]
     (2·255·64 = 32,640, ORT's reduce_range): the QDQ graph run in PyTorch stays the exact reference of the
     compiled kernel. Measured on the AVX2 path (benchmarks/bench_quantize.py --full-range-weights, x86:haswell
-    kernels): vs full-range weights through the exact pair split, int8/fp32 speed 2.4x vs 1.1x (ResNet-18),
-    2.9x vs 1.7x (MobileNetV2), 2.0x vs 1.1x (encoder), 1.7x vs 1.1x (digits CNN); cosine vs float32
-    0.99968 vs 0.99989 (ResNet-18), 0.99935 vs 0.99979 (MobileNetV2), 0.99984 vs 0.99991 (MLP), top-1
-    agreement 100% and digits accuracy unchanged either way. 7-bit activations (the other standard
+    kernels) against full-range weights through the exact pair split: int8/fp32 speed 2.4x vs 1.1x
+    (ResNet-18), 2.9x vs 1.7x (MobileNetV2), 2.0x vs 1.1x (encoder), 1.7x vs 1.1x (digits CNN), the same
+    for the memory-bound batch-1 MLP; cosine vs float32 0.99968 vs 0.99989 (ResNet-18), 0.99935 vs
+    0.99979 (MobileNetV2), 0.99984 vs 0.99991 (MLP); top-1 agreement 100% and digits accuracy unchanged
+    either way. 7-bit activations (the other standard
     answer) were not measured: the activation range is per tensor, so halving its levels costs more than
     halving per-channel weight levels. Depthwise and grouped convs (other kernels) keep [-127, 127], as do
     the vnni and ARM sdot paths (no intermediate int16). `reduce_range` overrides the choice: true gives
@@ -103,8 +104,9 @@ class Quantize(Pass):
 
     Keeps exactly: every op that is not a quantized layer, graph inputs/outputs (always float32).
     Approximates: each quantized layer's input (rounding to 256 levels of its calibrated range, clipping
-    outside it) and weights (rounding to 255 levels per channel, 129 with [-64, 64]); the error is measured by the pass manager
-    and per layer in the report details (out_err: relative L2 error of the layer's output vs float).
+    outside it) and weights (rounding to 255 levels per channel, 129 with [-64, 64]); the error is measured
+    by the pass manager and per layer in the report details (out_err: relative L2 error of the layer's
+    output vs float).
     Layers whose name or module path matches a `skip` pattern (fnmatch) stay float. With `tolerance`, the
     layers whose lone quantization hurts the output most are kept float until the relative L2 error of
     the model outputs on the calibration batches is <= tolerance.

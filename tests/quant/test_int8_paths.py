@@ -1,5 +1,6 @@
-"""The x86 int8 kernel paths (vnni, avx512bw, avx2): each built for its LLVM CPU, run here (this machine has
-AVX-512 + VNNI, so it runs all three) and compared with the QDQ graph run in PyTorch.
+"""The x86 int8 kernel paths (vnni, avx512bw, avx2, and the generic 'cpu' kernels): each built for its LLVM
+CPU and run here (an AVX-512 + VNNI machine runs all of them; on an older one the fixture skips what it cannot
+run) and compared with the QDQ graph run in PyTorch.
 
 Output scales are 1 and biases 0, so the float epilogue is exact and every comparison is bit for bit: any
 difference would be integer arithmetic (e.g. a saturated vpmaddubsw pair sum).
@@ -23,9 +24,20 @@ from graphopt.backends.tvm.quant_lower import int8_path, weight_qmax_for  # noqa
 from graphopt.backends.tvm.runtime import CompiledModule  # noqa: E402
 
 HOST = resolve_target("x86")
-X86_PATHS = {"x86:haswell": "avx2", "x86:skylake-avx512": "avx512bw", "x86": int8_path(HOST)}
+X86_PATHS = {"x86:haswell": "avx2", "x86:skylake-avx512": "avx512bw", "x86": int8_path(HOST),
+             "x86:nehalem": "cpu"}                               # no AVX2: the generic widening kernels
 QP = QParams(0.0625, 128, "uint8")             # 1/scale = 16 exactly
 QP0 = QParams(0.0625, 0, "uint8")              # zero point 0: large inputs quantize to 255
+
+
+def _skip_unless_runs_here(target: str) -> None:
+    """Skip when this machine lacks the instructions code built for `target` uses (e.g. skylake-avx512 code
+    on an AVX2-only CPU)."""
+    from tvm.target import codegen
+
+    needs = {"avx2": "avx2", "avx512bw": "avx512bw", "vnni": "avx512vnni"}.get(int8_path(resolve_target(target)))
+    if needs and not codegen.target_has_features(needs, HOST.tvm_target()):
+        pytest.skip(f"this CPU ({HOST.alias}) has no {needs}: cannot run code built for {target}")
 
 
 def _exact(mod):
@@ -96,6 +108,7 @@ def asm_of(exe) -> str:
 @pytest.fixture(scope="module", params=list(X86_PATHS))
 def built(request):
     target = request.param
+    _skip_unless_runs_here(target)
     spec = resolve_target(target)
     path = int8_path(spec)
     module = Layers(weight_qmax_for(path)).eval()
@@ -118,6 +131,7 @@ def test_int8_path_follows_the_llvm_features():
 def test_every_x86_path_equals_the_qdq_graph_bit_for_bit(built):
     target, path, module, args, compiled, _, lowered = built
     assert lowered.quant.startswith(f"path={path}:")
+    assert ("no AVX2" in lowered.quant) == (path == "cpu")
     for op in ("qlinear", "qconv2d", "qmatmul"):
         assert f"{op}:{path}" in lowered.quant
     assert f"qlinear:{path} (exact" not in lowered.quant and f"qconv2d:{path} (exact" not in lowered.quant
@@ -147,12 +161,15 @@ def test_assembly_uses_the_paths_instructions(built):
         assert "vpmaddubsw\t%zmm" in asm and "vpmaddwd\t%zmm" in asm and "vpdpbusd" not in asm
     elif path == "vnni":
         assert "vpdpbusd" in asm
+    elif path == "cpu":
+        assert "ymm" not in asm and "zmm" not in asm                # nehalem: SSE only
 
 
-@pytest.mark.parametrize("target", ["x86:haswell", "x86:skylake-avx512"])
+@pytest.mark.parametrize("target", ["x86:haswell"])            # avx512bw: the same code at 512 bits
 def test_full_range_weights_take_the_exact_split_on_pair_paths(target):
     """A graph quantized for another target (weights up to ±127) still equals its QDQ graph on a vpmaddubsw
     path: those layers switch to the exact pair split, and the note says so."""
+    _skip_unless_runs_here(target)
     spec = resolve_target(target)
     module = Layers(127).eval()
     args = _inputs()
@@ -172,6 +189,7 @@ def test_the_plain_pair_kernel_would_saturate_full_range_weights():
 
     from graphopt.backends.tvm.quant_lower import dense_kernel, pack_dense
 
+    _skip_unless_runs_here("x86:haswell")
     a = np.full((1, 8), 255, np.uint8)
     w = np.full((8, 8), 127, np.int8)
     target = resolve_target("x86:haswell").tvm_target()
@@ -187,8 +205,9 @@ def test_the_plain_pair_kernel_would_saturate_full_range_weights():
     assert out[False] == 4 * 32767                                  # each of the 4 pairs saturated
 
 
-@pytest.mark.parametrize("target,qmax", [("x86:haswell", 64), ("x86:skylake-avx512", 64), ("x86", None)])
+@pytest.mark.parametrize("target,qmax", [("x86:skylake-avx512", 64), ("x86", None)])
 def test_quantize_pass_picks_the_weight_range_for_the_path(target, qmax):
+    _skip_unless_runs_here(target)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
                           nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
@@ -209,6 +228,7 @@ def test_quantize_pass_picks_the_weight_range_for_the_path(target, qmax):
 
 
 def test_reduce_range_option_overrides_the_path():
+    _skip_unless_runs_here("x86:haswell")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8)).eval()
     x = torch.randn(2, 12)

@@ -158,8 +158,9 @@ def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
     """TIR: acc + Σ_k a[k]·w[j, k] over the 4 bytes k, for every lane j of an int32 accumulator vector.
 
     `a_u8x4` is 4 uint8 activations (int8 on sdot; broadcast to every lane), `w` the lanes·4 int8 weights of
-    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw: vpmaddubsw sums byte pairs into int16 with
-    saturation, vpmaddwd by ones sums int16 pairs into int32; exact only while |w| <= 64. exact=True
+    one packed [lanes, 4] block. vnni: one vpdpbusd; sdot: one sdot (s8·s8, 4 lanes). avx2/avx512bw:
+    vpmaddubsw sums byte pairs into int16 with saturation, vpmaddwd by ones sums int16 pairs into int32;
+    exact only while |w| <= 64. exact=True
     splits the activations a = 128·hi + lo (lo <= 127, hi <= 1) so both pair sums stay in int16 for any
     int8 w (|127·128·2| < 32,768) and adds lo·w + 128·(hi·w): exact, twice the instructions.
     """
@@ -523,9 +524,10 @@ class QuantLowering:
         exact = _needs_exact(self.path, wq)
         self.count(f"{op}:{self.path}" + (" (exact pair split)" if exact else ""))
         if exact and not any("exact pair split" in n for n in self.notes):
-            self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target): "
-                              f"those layers use the exact pair split (about half the speed); quantize for "
-                              f"this target to get ±{PAIR_WEIGHT_QMAX} weights")
+            self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target, "
+                              f"with reduce_range=false, or by QAT): those layers use the exact pair split "
+                              f"(about half the speed); quantize for this target to get ±{PAIR_WEIGHT_QMAX} "
+                              f"weights")
         return exact
 
     # -- constants of the exported program
