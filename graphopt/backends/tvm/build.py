@@ -104,7 +104,8 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
     try:
         from .numerics import nan_propagating_minmax      # PyTorch's NaN semantics for every float min/max
 
-        scheduled = nan_propagating_minmax()(scheduled)
+        if spec.kind == "llvm":     # CPU only: on CUDA the rewritten max of a reduction is no longer a
+            scheduled = nan_propagating_minmax()(scheduled)   # reducer LowerCrossThreadReduction matches
     except Exception as e:
         raise BuildError(f"NaN-propagating min/max for '{spec.alias}' failed: {type(e).__name__}: "
                          f"{_first_line(str(e))}") from e

@@ -3,7 +3,9 @@
 PyTorch is the specification: a compiled model must return what eager PyTorch returns, including NaN and
 +-Inf. TVM 0.27 departs from it in a few places; each is corrected here, in one place per layer:
 
-  nan_propagating_minmax()   TIR pass, run on every scheduled kernel before codegen (build.build_module).
+  nan_propagating_minmax()   TIR pass, run on every scheduled CPU kernel before codegen (build.build_module;
+                             not on CUDA yet: a rewritten reduction max is no reducer that TVM's
+                             cross-thread reduction lowering recognizes, so GPU max/min still drop NaN).
                              TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)`
                              (`<` for min): a NaN in `a` is dropped (relu(NaN) = 0, clamp(NaN) = lo,
                              max-pool and max() skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
