@@ -4,7 +4,8 @@
     python benchmarks/torchvision_coverage.py --models resnet18,vit_b_16 --json cov.json
     python benchmarks/torchvision_coverage.py --max-params 100e6     # list bigger ones as skipped, with why
 
-Per model (random weights, BatchNorm statistics randomized, eval mode, batch 1, the smallest input the
+Per model (random weights, BatchNorm statistics randomized, zero-initialized layers and ConvNeXt's 1e-6 layer
+scales made random, eval mode, batch 1, the smallest input the
 architecture takes, 64×64 where it can; see SIZES) two runs, each in its own process (a crash, a memory
 blow-up or --timeout cannot take the table down):
 
@@ -57,6 +58,13 @@ def build(name: str):
     size = kwargs.get("image_size", SIZES.get(name, DEFAULT_SIZE))
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     randomize_norms(model, 0)
+    with torch.no_grad():              # ViT zero-inits its classifier: every output would be 0 and compare equal
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.any():
+                m.weight.normal_(0, 0.02)
+        for pname, p in model.named_parameters():   # ConvNeXt's layer scale starts at 1e-6: blocks would vanish
+            if pname.endswith("layer_scale"):
+                p.uniform_(0.5, 1.0)
     g = torch.Generator().manual_seed(1)
     return model, torch.randn(1, 3, size, size, generator=g), torch.randn(1, 3, size, size, generator=g), size
 

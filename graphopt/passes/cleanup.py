@@ -33,8 +33,9 @@ class Cleanup(Pass):
 
     Changes: drops Identity and Dropout-family modules, functional dropout with training=False (or
     training=True, since an optimized model is for inference: that call is then replaced by its input,
-    and the report says so), `.contiguous()`/`.detach()` calls, `x * 1`, `x + 0`; then dead nodes and unused
-    submodules. Exact at inference: the outputs of the eval-mode model are unchanged bit for bit.
+    and the report says so), `.detach()` calls, `.contiguous()` calls unless a user depends on the memory
+    layout (`.view()`, which fails on a transposed tensor: kept, and the report says so), `x * 1`, `x + 0`;
+    then dead nodes and unused submodules. Exact at inference: the outputs of the eval-mode model are unchanged bit for bit.
     """
 
     exact = True
@@ -42,6 +43,7 @@ class Cleanup(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         removed: dict[str, int] = {}
         notes: list[str] = []
+        kept_contiguous = 0
         for node in list(gm.graph.nodes):
             kind = None
             if node.op == "call_module":
@@ -55,6 +57,9 @@ class Cleanup(Pass):
                                  f"the optimized model is for inference")
                 kind = node.target.__name__
             elif node.op == "call_method" and node.target in _NOOP_METHODS and len(node.args) == 1:
+                if node.target == "contiguous" and any(_needs_contiguous(u) for u in node.users):
+                    kept_contiguous += 1
+                    continue
                 kind = f".{node.target}()"
             elif node.op == "call_function" and node.target in (operator.mul, operator.add, torch.mul,
                                                                  torch.add) and len(node.args) == 2 \
@@ -82,7 +87,20 @@ class Cleanup(Pass):
         details = [{"removed": k, "count": v} for k, v in removed.items()]
         if removed:
             notes.append("removed " + ", ".join(f"{v} {k}" for k, v in removed.items()))
+        if kept_contiguous:
+            notes.append(f"kept {kept_contiguous} .contiguous() whose result is .view()-ed (a view needs "
+                         f"contiguous memory; without it the graph fails, e.g. ShuffleNet's channel shuffle)")
         return PassResult(gm, changed=bool(removed), notes=notes, details=details)
+
+
+_NEEDS_CONTIGUOUS_METHODS = {"view", "is_contiguous", "stride", "data_ptr"}
+
+
+def _needs_contiguous(user: fx.Node) -> bool:
+    """Whether `user` depends on its input's memory layout (x.view fails on a transposed tensor)."""
+    if user.op == "call_method":
+        return user.target in _NEEDS_CONTIGUOUS_METHODS
+    return user.op == "call_function" and user.target in (torch.Tensor.view, torch.Tensor.is_contiguous)
 
 
 def _keeps_dtype(node: fx.Node, scalar: object) -> bool:

@@ -55,3 +55,22 @@ def test_bert_encoder_dropouts_removed():
     opt = graphopt.optimize(model, target="torch", pipeline="fold_bn,cleanup", example_inputs=inputs)
     assert not any(isinstance(m, nn.Dropout) for m in opt.graph_module.modules())
     torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_contiguous_before_a_view_is_kept():
+    """ShuffleNet's channel shuffle: transpose -> .contiguous() -> .view(); without the copy the view fails."""
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            n, c, h, w = x.size()
+            x = x.view(n, 2, c // 2, h, w)
+            x = torch.transpose(x, 1, 2).contiguous()
+            y = x.view(n, c, h, w)
+            return y + x.permute(0, 2, 1, 3, 4).contiguous().sum(1)[:, None].expand(n, 2, c // 2, h, w).reshape(
+                n, c, h, w)
+
+    model = Shuffle().eval()
+    x = torch.randn(2, 6, 3, 3)
+    opt = graphopt.optimize(model, target="torch", pipeline="cleanup", example_inputs=(x,))
+    assert torch.equal(opt(x), model(x))
+    assert opt.graph_module.code.count(".contiguous()") == 1          # the one before .view kept, the other removed
+    assert any("kept 1 .contiguous()" in n for n in opt.report.records[-1].notes)
