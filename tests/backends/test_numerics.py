@@ -210,3 +210,22 @@ def test_training_mode_batch_norm_statistics_near_float32_limits_match_pytorch()
     edge.view(-1)[2::5] = -3e38
     for inp in (x, edge):
         assert compare(opt(inp, w, b), TrainBN()(inp, w, b)) is None
+
+
+def test_kernels_with_too_many_min_max_are_named_and_left_alone():
+    """A fused conv + mish kernel held 703 float min/max (fast_exp/fast_tanh clamps); their NaN rewrite grows
+    geometrically and its build did not finish. A kernel over the limit is left as TVM lowers it and named."""
+    import tvm
+    from tvm import te, tirx
+
+    from graphopt.backends.tvm.numerics import nan_propagating_minmax
+
+    a = te.placeholder((16,), name="a")
+    b = te.compute((16,), lambda i: tirx.min(tirx.max(a[i], tirx.const(0.0, "float32")),
+                                             tirx.const(6.0, "float32")), name="b")
+    mod = tvm.IRModule({"relu6": te.create_prim_func([a, b])})
+    skipped: list = []
+    assert nan_propagating_minmax(skipped, limit=2)(mod)["relu6"].same_as(mod["relu6"]) is False
+    assert skipped == []
+    assert nan_propagating_minmax(skipped, limit=1)(mod)["relu6"].same_as(mod["relu6"])
+    assert skipped == ["relu6"]

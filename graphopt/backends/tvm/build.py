@@ -105,7 +105,10 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
         from .numerics import nan_propagating_minmax      # PyTorch's NaN semantics for every float min/max
 
         if spec.kind == "llvm":     # CPU only: on CUDA the rewritten max of a reduction is no longer a
-            scheduled = nan_propagating_minmax()(scheduled)   # reducer LowerCrossThreadReduction matches
+            skipped: list = []      # reducer LowerCrossThreadReduction matches
+            scheduled = nan_propagating_minmax(skipped)(scheduled)
+            if skipped and report is not None:      # kernels whose min/max may drop NaN, named in the report
+                report.backend["nan_minmax_skipped"] = skipped
     except Exception as e:
         raise BuildError(f"NaN-propagating min/max for '{spec.alias}' failed: {type(e).__name__}: "
                          f"{_first_line(str(e))}") from e

@@ -90,8 +90,30 @@ def _nan_select(e):
     return out
 
 
-def nan_propagating_minmax():
-    """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above)."""
+MAX_MINMAX_PER_KERNEL = 64
+
+
+def _float_minmax_count(func) -> int:
+    import tvm_ffi
+    from tvm import tirx
+
+    n = [0]
+
+    def count(e):
+        n[0] += str(e.ty.dtype) in _NAN_BITS
+        return e
+
+    tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), count)])
+    return n[0]
+
+
+def nan_propagating_minmax(skipped: list | None = None, limit: int = MAX_MINMAX_PER_KERNEL):
+    """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above).
+
+    Each rewrite repeats its operands, so nested min/max grow the kernel's expression tree geometrically: a
+    fused conv + mish kernel (fast_exp/log/fast_tanh clamps) held 703 of them and the rewritten kernel did not
+    finish compiling. A kernel with more than `limit` float min/max is left as TVM lowers it (NaN may be
+    dropped there) and its name appended to `skipped`, which build_module puts in the report."""
     import tvm
     import tvm_ffi
     from tvm import tirx
@@ -101,6 +123,10 @@ def nan_propagating_minmax():
         updates = {}
         for gv, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc):
+                if _float_minmax_count(func) > limit:
+                    if skipped is not None:
+                        skipped.append(gv.name_hint)
+                    continue
                 new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_select)])
                 if not new.same_as(func):
                     updates[gv] = new
