@@ -578,7 +578,8 @@ def relax_layout_passes(target) -> list:
     erff, tanhf: 6e-8, 7e-8, 1.6e-7 relative.
     Edges: fast_exp returns inf for x > 88.376 (expf is finite up to 88.72) and loses the subnormal results
     (x < -87.33) to 0 or a few ulps; fast_erf and fast_tanh may pass +-1 by up to 3 ulps near their clamps
-    (|x| ~ 4 and ~ 9); fast_erf(NaN) is 1 (GELU still gives NaN: x multiplies it)."""
+    (|x| ~ 4 and ~ 9). NaN: their input clamps are float max/min, which propagate NaN on CPU targets
+    (numerics.nan_propagating_minmax), so fast_erf(NaN) and fast_tanh(NaN) are NaN as in PyTorch."""
     from tvm import relax
 
     return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform()]
