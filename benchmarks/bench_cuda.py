@@ -29,17 +29,14 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import get_model  # noqa: E402
+from _common import first_line  # noqa: E402
 
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    s = f"{type(e).__name__}: {e}".strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:limit]
 
 
 def gpu_info() -> dict:
