@@ -35,6 +35,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
         report.backend["lower_s"] = round(lowered.seconds, 3)
         if lowered.quant:
             report.backend["int8"] = lowered.quant
+        if lowered.sparse:
+            report.backend["sparse"] = lowered.sparse
+            report.backend["sparse_layers"] = lowered.sparse_layers
         report.backend["tvm_version"] = tvm.__version__
     executable = build_module(lowered.mod, spec, tune=tune, report=report)
     start = time.perf_counter()

@@ -78,6 +78,8 @@ class Lowered:
     const_outputs: list[int] = field(default_factory=list)   # outputs that depend on no input (see below)
     seconds: float = 0.0
     quant: str = ""                   # how graphopt's int8 ops were lowered (quant_lower.summary), if any
+    sparse: str = ""                  # how sparse Linear layers were lowered (sparse_lower.summary), if any
+    sparse_layers: list = field(default_factory=list)
 
 
 
@@ -279,7 +281,10 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
     custom, quant_state = custom_convert_map(ep, spec)
     from .numerics import convert_map as numerics_convert_map     # PyTorch's semantics where TVM's differ
 
-    custom = {**numerics_convert_map(ep), **custom}
+    from .sparse_lower import custom_convert_map as sparse_convert_map, summary as sparse_summary
+
+    sparse_custom, sparse_state = sparse_convert_map(ep, spec)     # the sparsify pass's SparseLinear
+    custom = {**numerics_convert_map(ep), **custom, **sparse_custom}
     missing = unsupported_ops(ep, {**importer.convert_map, **custom}, gm)
     if missing:
         lines = [f"  - {m['op']} (exported node '{m['node']}') from {m['origin']}" for m in missing]
@@ -327,5 +332,6 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
     n_params = len(mod["main"].params)
     if n_params != len(inputs):
         raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
+    sparse_line, sparse_rows = sparse_summary(sparse_state)
     return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), const_outputs,
-                   time.perf_counter() - start, quant_summary(quant_state))
+                   time.perf_counter() - start, quant_summary(quant_state), sparse_line, sparse_rows)
