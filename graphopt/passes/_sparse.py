@@ -59,6 +59,24 @@ def _backward(ctx, grad):
 sparse_linear.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("graphopt_sparse::sparse_conv2d", mutates_args=())
+def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor],
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int, block_r: int,
+                  block_c: int, kernel: str) -> torch.Tensor:
+    """conv2d(x, weight * mask, bias, ...) (NCHW, OIHW). SparseConv2d calls it only without autograd (inference
+    and export); training runs the plain conv on weight * mask."""
+    return F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)
+
+
+@sparse_conv2d.register_fake
+def _(x, weight, mask, bias, stride, padding, dilation, groups, block_r, block_c, kernel):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, weight.shape[0], oh, ow))
+
+
 class SparseLinear(nn.Linear):
     """nn.Linear computing with weight * mask (mask: bool buffer). `block` and `kernel` go to the backend."""
 
@@ -93,10 +111,12 @@ class SparseLinear(nn.Linear):
 
 
 class SparseConv2d(nn.Conv2d):
-    """nn.Conv2d computing with weight * mask (mask: bool buffer)."""
+    """nn.Conv2d computing with weight * mask (mask: bool buffer). Without autograd (inference, export) it calls
+    ``graphopt_sparse.sparse_conv2d`` so the backend can run it sparse; padding modes other than zeros and
+    string paddings keep the plain conv."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor) -> "SparseConv2d":
+    def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor, block=(1, 1), kernel: str = "auto") -> "SparseConv2d":
         new = cls.__new__(cls)
         new.__dict__.update({k: v for k, v in conv.__dict__.items()
                              if k not in ("_parameters", "_buffers", "_modules")})
@@ -105,12 +125,18 @@ class SparseConv2d(nn.Conv2d):
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
         new.register_buffer("mask", mask.to(torch.bool).clone())
+        new.block = tuple(int(b) for b in block)
+        new.kernel = kernel
         with torch.no_grad():
             new.weight.mul_(new.mask)
         return new
 
     def forward(self, x):
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
+        if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return self._conv_forward(x, self.weight * self.mask, self.bias)
+        return torch.ops.graphopt_sparse.sparse_conv2d(
+            x, self.weight, self.mask, self.bias, list(self.stride), list(self.padding), list(self.dilation),
+            self.groups, self.block[0], self.block[1], self.kernel)
 
 
 # ------------------------------------------------------------------------------------------- patterns

@@ -66,10 +66,10 @@ class Sparsify(Pass):
     sparsity=0 leaves the graph unchanged (exact). Skips: layers matching `exclude` (fnmatch on module
     paths), layers other than `layers` selects, and N:M-incompatible widths, each named in the notes.
 
-    Backend: `kernel` tells the TVM backend what to run for a SparseLinear: auto (a block-sparse kernel only
+    Backend: `kernel` tells the TVM backend what to run for a SparseLinear / SparseConv2d: auto (a block-sparse kernel only
     when it measures faster than the dense kernel for that layer's shape on the target; the decision per
     layer is in the report), sparse (always the sparse kernel: weights stored as values + indices), dense.
-    Convolutions run dense.
+    A SparseConv2d (groups=1) runs as im2col + the same kernel when chosen; grouped convs run dense.
 
     Report: one row per layer (shape, groups, sparsity reached, criterion), and the overall sparsity.
     """
@@ -161,7 +161,7 @@ class Sparsify(Pass):
                             "shape": "x".join(map(str, mod.weight.shape)), "pattern": str(self._pattern),
                             "groups": count_groups(tuple(mod.weight.shape), self._pattern),
                             "sparsity": round(z / n, 4), "was": round(1 - dense_before[path] / n, 4),
-                            "kernel": self.kernel if isinstance(mod, SparseLinear) else "dense (conv)"})
+                            "kernel": self.kernel if isinstance(mod, SparseLinear) or mod.groups == 1 else "dense (grouped)"})
         all_w = sum(p.numel() for n, p in gm.named_parameters() if n.endswith("weight"))
         notes.insert(0, f"{len(layers)} layers, {str(self._pattern)} pattern, criterion={self.criterion}, "
                         f"scope={self.scope}: {zeros / total:.2%} of their weights are zero "
@@ -196,7 +196,7 @@ class Sparsify(Pass):
         if isinstance(mod, nn.Linear):
             block = self._pattern.block
             return SparseLinear.from_linear(mod, mask, block, self.kernel)
-        return SparseConv2d.from_conv(mod, mask)
+        return SparseConv2d.from_conv(mod, mask, self._pattern.block, self.kernel)
 
     # --------------------------------------------------------------------------------------- scores
     def _scores(self, layers, hdiag, grads) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
-"""Lowering of ``torch.ops.graphopt_sparse.sparse_linear`` (the sparsify pass's SparseLinear) to TVM.
+"""Lowering of ``torch.ops.graphopt_sparse.sparse_linear`` / ``sparse_conv2d`` (the sparsify pass's SparseLinear
+and SparseConv2d) to TVM.
 
 Per layer, one of two implementations, chosen by the layer's `kernel` argument:
-  sparse   the block-sparse kernel (sparse_kernels.py): weight stored as BSR values + int32 block indices
-  dense    R.matmul with the masked weight as a dense constant (what an nn.Linear lowers to; the build's
-           default schedules apply)
+  sparse   the block-sparse kernel (sparse_kernels.py): weight stored as BSR values + int32 block indices; a
+           conv (groups=1) runs as im2col in Relax ([N·OH·OW, C·KH·KW] patches; a 1x1 stride-1 conv is just
+           an NHWC view) followed by the kernel, then back to NCHW
+  dense    R.matmul / R.nn.conv2d with the masked weight as a dense constant (what nn.Linear / nn.Conv2d lower
+           to; the build's default schedules apply). Grouped convs always run dense.
   auto     measured: both are built for this layer's exact shape (M rows, K, N, block, density) on the target
            and timed interleaved on this machine (TVM time_evaluator, median of rounds); the sparse kernel is
            used only when it is faster. Targets that cannot run here (cross builds) stay dense, noted.
@@ -25,6 +28,7 @@ from .sparse_kernels import BSR, bsr_kernel, row_tile, to_bsr
 __all__ = ["custom_convert_map", "summary", "SparseLowering", "measure_layer", "OP_NAME"]
 
 OP_NAME = "sparse_linear.default"
+CONV_OP_NAME = "sparse_conv2d.default"
 _CACHE: dict[tuple, tuple[float, float]] = {}
 
 
@@ -102,11 +106,12 @@ def emit_sparse(bb, x2, m: int, w: np.ndarray, bias: np.ndarray, block: tuple[in
     return y, bsr
 
 
-def _tiny_module(m: int, k: int, body):
+def _tiny_module(m, k, body):
+    """main(x) = body(x) with x float32 [m, k] (or of shape `m` when k is None)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([m, k], "float32"))
+    x = relax.Var("x", relax.TensorType(list(m) if k is None else [m, k], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = body(bb, x)
@@ -118,17 +123,21 @@ def _tiny_module(m: int, k: int, body):
 def measure_layer(m: int, w: np.ndarray, bias: np.ndarray, block: tuple[int, int], spec,
                   rounds: int = 5, min_ms: int = 20) -> tuple[float, float]:
     """(dense seconds, sparse seconds) per call of this layer on `spec` (must be the host), interleaved."""
+    n, k = w.shape
+    lanes = _lanes(spec)
+    dense = _tiny_module(m, k, lambda bb, x: emit_dense(bb, x, w, bias))
+    sparse = _tiny_module(m, k, lambda bb, x: emit_sparse(bb, x, m, w, bias, block, lanes)[0])
+    return _time_pair(dense, sparse, [m, k], spec, rounds, min_ms)
+
+
+def _time_pair(dense, sparse, xshape, spec, rounds: int, min_ms: int) -> tuple[float, float]:
     import tvm
     from tvm import relax
 
     from .build import build_module
 
-    n, k = w.shape
-    lanes = _lanes(spec)
-    dense = _tiny_module(m, k, lambda bb, x: emit_dense(bb, x, w, bias))
-    sparse = _tiny_module(m, k, lambda bb, x: emit_sparse(bb, x, m, w, bias, block, lanes)[0])
     dev = tvm.cpu(0)
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((m, k)).astype(np.float32))
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(xshape).astype(np.float32))
     timers = []
     for mod in (dense, sparse):
         vm = relax.VirtualMachine(build_module(mod, spec), dev)
@@ -141,69 +150,174 @@ def measure_layer(m: int, w: np.ndarray, bias: np.ndarray, block: tuple[int, int
     return float(np.median(dense_t)), float(np.median(sparse_t))
 
 
-def _convert(st: SparseLowering):
+def _weights(st: SparseLowering, node, what: str, x) -> tuple[np.ndarray, np.ndarray]:
+    """(masked float32 weight, float32 bias) of a sparse op node; LoweringError naming the node otherwise."""
+    w, mask = st.constant(node.args[1]), st.constant(node.args[2])
+    if w is None or mask is None:
+        raise LoweringError(f"graphopt_sparse.{what} (exported node '{node.name}'): the weight and mask must be "
+                            f"constants of the exported program")
+    w = (w.astype(np.float32) * mask.astype(np.float32)).astype(np.float32)
+    bias = np.zeros(w.shape[0], np.float32) if node.args[3] is None else st.constant(node.args[3])
+    if bias is None:
+        raise LoweringError(f"graphopt_sparse.{what} (exported node '{node.name}'): the bias is not a constant")
+    if str(x.ty.dtype) != "float32":
+        raise LoweringError(f"graphopt_sparse.{what} (exported node '{node.name}'): the sparse path takes float32 "
+                            f"inputs, got {x.ty.dtype}")
+    return w, bias.astype(np.float32)
+
+
+def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias: np.ndarray, block,
+            measure: Callable, extra: dict) -> tuple[str, dict]:
+    """('sparse' | 'dense', report row) for one layer; w2 is the [N, K] GEMM view of its weight."""
+    from .lower import _module_path
+
+    n, k = w2.shape
+    layer = _module_path(node.meta.get("nn_module_stack")) or node.name
+    bsr = to_bsr(w2, block)
+    density = bsr.nnzb * block[0] * block[1] / max(1, n * k)
+    row = {"layer": layer, **extra, "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}",
+           "density": round(float((w2 != 0).mean()), 4), "dense_us": None, "sparse_us": None}
+    choice, why = "dense", ""
+    if kernel == "sparse":
+        choice, why = "sparse", "kernel=sparse"
+    elif kernel == "auto":
+        if st.spec is None or not getattr(st.spec, "is_host", False):
+            why = "not measured (target is not this machine): dense"
+        else:
+            key = (st.spec.tvm if isinstance(st.spec.tvm, str) else repr(st.spec.tvm), extra.get("op"),
+                   repr(extra), m, k, n, block, round(density, 2))
+            try:
+                if st.measure is not None:
+                    times = st.measure(m, w2, bias, block, st.spec)
+                else:
+                    if key not in _CACHE:
+                        _CACHE[key] = measure()
+                    times = _CACHE[key]
+            except Exception as e:            # never fail a build over a measurement: stay dense
+                why = f"measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): dense"
+            else:
+                row["dense_us"], row["sparse_us"] = round(times[0] * 1e6, 2), round(times[1] * 1e6, 2)
+                choice = "sparse" if times[1] < times[0] else "dense"
+                why = f"measured: sparse/dense time {times[1] / max(times[0], 1e-12):.2f}"
+    else:
+        why = "kernel=dense"
+    stored = (bsr.stored_bytes if choice == "sparse" else w2.nbytes) + bias.nbytes
+    row.update(kernel=choice, why=why, stored_bytes=int(stored), dense_bytes=int(w2.nbytes + bias.nbytes))
+    st.layers.append(row)
+    row["_bsr"] = bsr
+    return choice, row
+
+
+def _convert_linear(st: SparseLowering):
     def convert(node, importer):
         from tvm import relax
 
-        from .lower import _module_path
-
         bb = importer.block_builder
         x = importer.env[node.args[0]]
-        w, mask = st.constant(node.args[1]), st.constant(node.args[2])
-        if w is None or mask is None:
-            raise LoweringError(f"graphopt_sparse.sparse_linear (exported node '{node.name}'): the weight and "
-                                f"mask must be constants of the exported program")
-        w = (w.astype(np.float32) * mask.astype(np.float32)).astype(np.float32)
-        bias = np.zeros(w.shape[0], np.float32) if node.args[3] is None else st.constant(node.args[3])
-        if bias is None:
-            raise LoweringError(f"graphopt_sparse.sparse_linear (exported node '{node.name}'): bias is not a constant")
-        block = (int(node.args[4]), int(node.args[5]))
-        kernel = str(node.args[6])
-        if str(x.ty.dtype) != "float32":
-            raise LoweringError(f"graphopt_sparse.sparse_linear (exported node '{node.name}'): the sparse path "
-                                f"takes float32 inputs, got {x.ty.dtype}")
+        w, bias = _weights(st, node, "sparse_linear", x)
+        block, kernel = (int(node.args[4]), int(node.args[5])), str(node.args[6])
         shape = [int(s) for s in x.ty.shape]
         n, k = w.shape
         m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        layer = _module_path(node.meta.get("nn_module_stack")) or node.name
-        bsr = to_bsr(w, block)
-        density = bsr.nnzb * block[0] * block[1] / max(1, n * k)
-        row = {"layer": layer, "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}",
-               "density": round(float((w != 0).mean()), 4), "dense_us": None, "sparse_us": None}
-        choice, why = "dense", ""
-        if kernel == "sparse":
-            choice, why = "sparse", "kernel=sparse"
-        elif kernel == "auto":
-            if st.spec is None or not getattr(st.spec, "is_host", False):
-                why = "not measured (target is not this machine): dense"
-            else:
-                key = (st.spec.tvm if isinstance(st.spec.tvm, str) else repr(st.spec.tvm), m, k, n, block,
-                       round(density, 2))
-                try:
-                    if st.measure is not None:
-                        times = st.measure(m, w, bias, block, st.spec)
-                    else:
-                        if key not in _CACHE:
-                            _CACHE[key] = measure_layer(m, w, bias, block, st.spec)
-                        times = _CACHE[key]
-                except Exception as e:            # never fail a build over a measurement: stay dense
-                    why = f"measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): dense"
-                else:
-                    row["dense_us"], row["sparse_us"] = round(times[0] * 1e6, 2), round(times[1] * 1e6, 2)
-                    choice = "sparse" if times[1] < times[0] else "dense"
-                    why = f"measured: sparse/dense time {times[1] / max(times[0], 1e-12):.2f}"
-        else:
-            why = "kernel=dense"
+        choice, row = _decide(st, node, kernel, m, w, bias, block,
+                              lambda: measure_layer(m, w, bias, block, st.spec), {"op": "linear"})
+        bsr = row.pop("_bsr")
         x2 = bb.emit(relax.op.reshape(x, [m, k]))
         if choice == "sparse":
-            y, bsr = emit_sparse(bb, x2, m, w, bias, block, _lanes(st.spec), bsr)
-            stored = bsr.stored_bytes + bias.nbytes
+            y, _ = emit_sparse(bb, x2, m, w, bias, block, _lanes(st.spec), bsr)
         else:
             y = emit_dense(bb, x2, w, bias)
-            stored = w.nbytes + bias.nbytes
-        row.update(kernel=choice, why=why, stored_bytes=int(stored), dense_bytes=int(w.nbytes + bias.nbytes))
-        st.layers.append(row)
         return bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
+    return convert
+
+
+def _conv_geometry(xshape, w, stride, padding, dilation):
+    n, c, h, wd = xshape
+    kh, kw = w.shape[2], w.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return n, c, kh, kw, oh, ow
+
+
+def emit_conv_dense(bb, x, w: np.ndarray, bias: np.ndarray, stride, padding, dilation, groups: int):
+    """conv2d as the importer lowers nn.Conv2d: R.nn.conv2d (NCHW, OIHW) + bias [1, O, 1, 1]."""
+    from tvm import relax
+
+    y = bb.emit(relax.op.nn.conv2d(x, _const(w), strides=stride, padding=padding, dilation=dilation,
+                                   groups=groups, out_dtype="float32"))
+    return bb.emit(relax.op.add(y, _const(bias.reshape(1, -1, 1, 1))))
+
+
+def emit_im2col(bb, x, xshape, w, stride, padding, dilation):
+    """NCHW x -> [N·OH·OW, C·KH·KW] patches, columns ordered (c, kh, kw) as an OIHW weight flattens."""
+    from tvm import relax
+
+    R = relax.op
+    n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)
+    if padding[0] or padding[1]:
+        x = bb.emit(R.nn.pad(x, [0, 0, 0, 0, padding[0], padding[0], padding[1], padding[1]], pad_value=0.0))
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1):
+        cols = bb.emit(R.permute_dims(x, [0, 2, 3, 1]))                       # [N, H, W, C]
+        return bb.emit(R.reshape(cols, [n * oh * ow, c]))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            b0, b1 = i * dilation[0], j * dilation[1]
+            t = R.strided_slice(x, axes=[2, 3], begin=[b0, b1],
+                                end=[b0 + (oh - 1) * stride[0] + 1, b1 + (ow - 1) * stride[1] + 1],
+                                strides=[stride[0], stride[1]])
+            taps.append(bb.emit(R.expand_dims(t, [2])))                       # [N, C, 1, OH, OW]
+    cols = bb.emit(R.concat(taps, axis=2)) if len(taps) > 1 else taps[0]    # [N, C, KH·KW, OH, OW]
+    cols = bb.emit(R.permute_dims(cols, [0, 3, 4, 1, 2]))                    # [N, OH, OW, C, KH·KW]
+    return bb.emit(R.reshape(cols, [n * oh * ow, c * kh * kw]))
+
+
+def emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, lanes, bsr=None):
+    from tvm import relax
+
+    n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)
+    o = w.shape[0]
+    m = n * oh * ow
+    cols = emit_im2col(bb, x, xshape, w, stride, padding, dilation)
+    y, _ = emit_sparse(bb, cols, m, w.reshape(o, -1), bias, block, lanes, bsr)
+    y = bb.emit(relax.op.reshape(y, [n, oh, ow, o]))
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def measure_conv(xshape, w, bias, stride, padding, dilation, block, spec, rounds: int = 5,
+                 min_ms: int = 20) -> tuple[float, float]:
+    """(dense seconds, sparse seconds) of one conv layer on `spec` (the host), interleaved."""
+    lanes = _lanes(spec)
+    dense = _tiny_module(list(xshape), None,
+                         lambda bb, x: emit_conv_dense(bb, x, w, bias, stride, padding, dilation, 1))
+    sparse = _tiny_module(list(xshape), None,
+                          lambda bb, x: emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation,
+                                                         block, lanes))
+    return _time_pair(dense, sparse, list(xshape), spec, rounds, min_ms)
+
+
+def _convert_conv(st: SparseLowering):
+    def convert(node, importer):
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        w, bias = _weights(st, node, "sparse_conv2d", x)
+        stride, padding, dilation = (list(map(int, node.args[i])) for i in (4, 5, 6))
+        groups, block, kernel = int(node.args[7]), (int(node.args[8]), int(node.args[9])), str(node.args[10])
+        xshape = [int(s) for s in x.ty.shape]
+        if groups != 1:
+            kernel = "dense"
+        n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)
+        w2 = w.reshape(w.shape[0], -1)
+        choice, row = _decide(st, node, kernel, n * oh * ow, w2, bias, block,
+                              lambda: measure_conv(xshape, w, bias, stride, padding, dilation, block, st.spec),
+                              {"op": f"conv{kh}x{kw}" + (f"/g{groups}" if groups != 1 else ""),
+                               "input": "x".join(map(str, xshape)), "stride": stride[0]})
+        bsr = row.pop("_bsr")
+        if groups != 1:
+            row["why"] = "grouped conv: dense"
+        if choice == "sparse":
+            return emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, _lanes(st.spec), bsr)
+        return emit_conv_dense(bb, x, w, bias, stride, padding, dilation, groups)
     return convert
 
 
@@ -214,7 +328,7 @@ def custom_convert_map(ep, spec=None, measure: Callable | None = None):
     if not present:
         return {}, None
     st = SparseLowering(ep, spec, measure)
-    return {OP_NAME: _convert(st)}, st
+    return {OP_NAME: _convert_linear(st), CONV_OP_NAME: _convert_conv(st)}, st
 
 
 def summary(st: SparseLowering | None) -> tuple[str, list[dict]]:
@@ -222,9 +336,10 @@ def summary(st: SparseLowering | None) -> tuple[str, list[dict]]:
     if st is None or not st.layers:
         return "", []
     n_sparse = sum(r["kernel"] == "sparse" for r in st.layers)
+    n_conv = sum(r.get("op", "linear") != "linear" for r in st.layers)
     stored = sum(r["stored_bytes"] for r in st.layers)
     dense = sum(r["dense_bytes"] for r in st.layers)
-    line = (f"{len(st.layers)} sparse Linear layers: {n_sparse} on the block-sparse kernel, "
+    line = (f"{len(st.layers)} sparse layers ({len(st.layers) - n_conv} Linear, {n_conv} conv): {n_sparse} on the block-sparse kernel, "
             f"{len(st.layers) - n_sparse} dense; their weights stored {stored / 1e3:.1f} kB "
             f"(dense float32 {dense / 1e3:.1f} kB, {dense / max(stored, 1):.2f}x smaller)")
     return line, list(st.layers)
