@@ -72,6 +72,20 @@ class Sparsify(Pass):
     A SparseConv2d (groups=1) runs as im2col + the same kernel when chosen; grouped convs run dense.
 
     Report: one row per layer (shape, groups, sparsity reached, criterion), and the overall sparsity.
+
+    Options:
+      sparsity          fraction of groups removed (default 0.5; N:M patterns fix it at 1 - N/M)
+      pattern           unstructured | N:M | RxC | "block(RxC)" (parentheses need quotes in pipeline text)
+      criterion         magnitude | gradient | obs          scope   layer | global
+      layers            all | linear | conv                  exclude module path patterns left dense
+      batches           calibration / train batches read by the gradient and obs criteria
+      kernel            auto | sparse | dense (TVM backend, see above)
+      steps             0: one-shot; > 0: gradual pruning with distillation for this many optimizer steps
+      initial_sparsity, prune_start, prune_end, prune_every
+                        the cubic schedule (s0, start and end as fractions of steps, steps between mask
+                        updates; 0 = 16 updates over the ramp)
+      lr, temperature, alpha, val_fraction, seed
+                        training (Adam), distillation loss, held-out share for the before/after note
     """
 
     sparsity: float | None = None

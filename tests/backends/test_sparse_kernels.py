@@ -11,7 +11,7 @@ from torch import nn
 
 import graphopt
 from graphopt.backends.tvm import sparse_lower
-from graphopt.backends.tvm.sparse_kernels import bsr_kernel, reference_bsr_dense, row_tile, to_bsr
+from graphopt.backends.tvm.sparse_kernels import bsr_kernel, kernel_kind, reference_bsr_dense, row_tile, to_bsr
 
 BLOCKS = [(1, 1), (16, 1), (1, 16), (4, 4), (2, 8), (8, 2), (3, 5)]
 
@@ -23,32 +23,36 @@ def _sparse_matrix(rng, n, k, block, density):
     return (rng.standard_normal((n, k)) * mask).astype(np.float32)
 
 
-@settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 19), n=st.integers(1, 45), k=st.integers(1, 45), block=st.sampled_from(BLOCKS),
-       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
-def test_bsr_kernel_matches_dense(m, n, k, block, density, seed):
+@settings(max_examples=24, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 45), k=st.integers(1, 45), block=st.sampled_from(BLOCKS),
+       density=st.floats(0.0, 1.0), lanes=st.sampled_from([4, 8, 16]), seed=st.integers(0, 2**16))
+def test_bsr_kernel_matches_dense(m, n, k, block, density, lanes, seed):
     import tvm
 
     rng = np.random.default_rng(seed)
     w = _sparse_matrix(rng, n, k, block, density)
-    bsr = to_bsr(w, block)
+    kind = kernel_kind(block, m, lanes)
+    bsr = to_bsr(w, block, kind)
     np.testing.assert_array_equal(bsr.to_dense(), w)
     r, c = block
     n_pad, k_pad = -(-n // r) * r, -(-k // c) * c
-    lanes = 8
-    func = bsr_kernel(m, n_pad, k_pad, bsr.nnzb, block, row_tile(m, block, lanes))
+    mt = row_tile(m, block, lanes, kind)
+    m_pad = -(-m // mt) * mt if kind == "mvec" else m
+    func = bsr_kernel(m_pad, n_pad, k_pad, bsr.nnzb, block, mt, kind)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm"}))
     x = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    xp = np.zeros((m, k_pad), np.float32)
-    xp[:, :k] = x
+    xp = np.zeros((m_pad, k_pad), np.float32)
+    xp[:m, :k] = x
     bp = np.zeros(n_pad, np.float32)
     bp[:n] = b
-    y = tvm.runtime.tensor(np.zeros((m, n_pad), np.float32))
-    xin = np.ascontiguousarray(xp.T) if bsr.kind == "rowvec" else xp
+    out = np.zeros((n_pad, m_pad) if kind == "mvec" else (m, n_pad), np.float32)
+    y = tvm.runtime.tensor(out)
+    xin = xp if kind == "colvec" else np.ascontiguousarray(xp.T)
     lib["main"](*[tvm.runtime.tensor(a) for a in (xin, bsr.data, bsr.indices, bsr.indptr, bp)], y)
+    got = y.numpy().T[:m] if kind == "mvec" else y.numpy()
     ref = reference_bsr_dense(x, bsr, b)
-    np.testing.assert_allclose(y.numpy()[:, :n], ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(got[:, :n], ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
 
 
 class _Net(nn.Module):
@@ -164,3 +168,13 @@ def test_measure_layer_runs():
     d, s = sparse_lower.measure_layer(2, w, np.zeros(24, np.float32), (4, 4), resolve_target("x86"), rounds=1,
                                       min_ms=1)
     assert d > 0 and s > 0
+
+
+def test_many_rows_wide_blocks_end_to_end():
+    """C > R with M >= a vector: the row-vectorized (mvec) kernel, M padded to its tile, output transposed."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 7)).eval(), torch.randn(2, 9, 40)
+    opt = graphopt.optimize(model, target="x86", pipeline="sparsify(sparsity=0.6,pattern=1x8,kernel=sparse)",
+                            example_inputs=(x,))
+    assert all(r["kernel"] == "sparse" and r["M"] == 18 for r in opt.report.backend["sparse_layers"])
+    torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)

@@ -7,12 +7,14 @@ Storage (`to_bsr`): W zero-padded to [NB*R, KB*C] (NB = ceil(N/R), KB = ceil(K/C
 non-zero are kept: `data` float32 [nnzb, R, C] (or [nnzb, C, R] for the row-vector kernel), `indices` int32
 [nnzb] (block column), `indptr` int32 [NB + 1]. Values + indices are what a compiled artifact stores.
 
-Two kernels, both parallel over block rows, with an MT-row register tile over the M dimension:
+Three kernels, all parallel over block rows, with a register tile over the M dimension:
   * "rowvec" (R >= C, e.g. 16x1, 4x4, 1x1): per non-zero block and per column c, acc[m, 0:R] +=
     data[j, c, 0:R] * xt[col*C + c, m] (a broadcast FMA over R output features); x is pre-transposed
     to [KB*C, M] so an M tile is contiguous.
   * "colvec" (C > R, e.g. 1x16): acc[m, r, 0:C] += data[j, r, 0:C] * x[m, col*C : col*C + C], reduced
-    horizontally once per output.
+    horizontally once per output (C > R with few rows, e.g. a batch-1 Linear with 1x16 blocks).
+  * "mvec" (C > R and M >= the vector width): acc[r, m-vector] += data[j, r, c] * xt[col*C + c, m-vector],
+    vectorized over rows of x (x transposed to [K, M], M zero-padded to the tile); writes yT [N, M].
 Ragged tails: N and K are padded to whole blocks (zero blocks are never stored; x is zero-padded along K by
 the caller), M needs no padding (rows beyond M are clamped on load and never stored). Float32 sums run in a
 different order from a dense GEMM: results agree to float rounding.
@@ -53,18 +55,22 @@ class BSR:
         out = np.zeros((nb, r, kb, c), np.float32)
         for i in range(nb):
             for j in range(self.indptr[i], self.indptr[i + 1]):
-                blk = self.data[j] if self.kind == "colvec" else self.data[j].T
+                blk = self.data[j].T if self.kind == "rowvec" else self.data[j]
                 out[i, :, self.indices[j], :] = blk
         return out.reshape(nb * r, kb * c)[:n, :k]
 
 
-def kernel_kind(block: tuple[int, int]) -> str:
+def kernel_kind(block: tuple[int, int], m: int = 1, lanes: int = 8) -> str:
+    """rowvec when R >= C; for C > R: mvec when M fills a vector, else colvec."""
     r, c = block
-    return "colvec" if c > r else "rowvec"
+    if c <= r:
+        return "rowvec"
+    return "mvec" if m >= lanes else "colvec"
 
 
-def to_bsr(w: np.ndarray, block: tuple[int, int]) -> BSR:
-    """BSR of float32 `w` [N, K] with `block` = (R, C); blocks that are all zero are not stored."""
+def to_bsr(w: np.ndarray, block: tuple[int, int], kind: str | None = None) -> BSR:
+    """BSR of float32 `w` [N, K] with `block` = (R, C); blocks that are all zero are not stored. `kind` (the
+    kernel, default kernel_kind(block)) sets the data layout."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
     r, c = block
@@ -77,7 +83,7 @@ def to_bsr(w: np.ndarray, block: tuple[int, int]) -> BSR:
     indptr = np.zeros(nb + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=nb), out=indptr[1:])
     data = blocks[rows, cols]                                         # [nnzb, R, C]
-    kind = kernel_kind(block)
+    kind = kind or kernel_kind(block)
     if kind == "rowvec":
         data = data.transpose(0, 2, 1)                                # [nnzb, C, R]
     if data.shape[0] == 0:                                            # an all-zero matrix: one zero block
@@ -92,26 +98,61 @@ def reference_bsr_dense(x: np.ndarray, m: BSR, bias: np.ndarray | None = None) -
     return y + (0 if bias is None else bias.astype(np.float64))
 
 
-def row_tile(m: int, block: tuple[int, int], lanes: int) -> int:
+def row_tile(m: int, block: tuple[int, int], lanes: int, kind: str | None = None) -> int:
     """Rows of the register tile: at most ~12 vector accumulators (16 vector registers on AVX2/NEON, 32 on
-    AVX-512, leaving room for the weight vector and broadcasts)."""
+    AVX-512, leaving room for the weight vector and broadcasts). For mvec: rows per tile, a multiple of
+    `lanes` (the caller pads M to a multiple of it)."""
     r, c = block
-    vecs = -(-r // lanes) if kernel_kind(block) == "rowvec" else r * -(-c // lanes)
+    kind = kind or kernel_kind(block)
+    if kind == "mvec":
+        budget = 24 if lanes >= 16 else 12
+        vecs = max(1, min(-(-m // lanes), budget // r, 8))
+        return vecs * lanes
+    vecs = -(-r // lanes) if kind == "rowvec" else r * -(-c // lanes)
     budget = 24 if lanes >= 16 else 12
     return max(1, min(m, budget // max(1, vecs), 16))
 
 
-def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int], mt: int):
+def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int], mt: int,
+               kind: str | None = None):
     """TIR PrimFunc. Arguments (in order):
         rowvec: XT [k_pad, m], data [nnzb, C, R], indices [nnzb], indptr [NB+1], bias [n_pad], Y [m, n_pad]
         colvec: X [m, k_pad],  data [nnzb, R, C], indices [nnzb], indptr [NB+1], bias [n_pad], Y [m, n_pad]
+        mvec:   XT [k_pad, m], data [nnzb, R, C], indices [nnzb], indptr [NB+1], bias [n_pad], YT [n_pad, m]
+                (m a multiple of mt: the caller pads rows)
     """
     from tvm.script import tirx as T
 
     r_, c_ = block
     nb = n_pad // r_
     mo_n = -(-m // mt)
-    kind = kernel_kind(block)
+    kind = kind or kernel_kind(block)
+
+    if kind == "mvec":
+        if m % mt:
+            raise ValueError(f"bsr mvec kernel: m={m} must be a multiple of the tile {mt}")
+
+        @T.prim_func
+        def bsr_mvec(XT: T.Buffer((k_pad, m), "float32"), D: T.Buffer((nnzb, r_, c_), "float32"),
+                     IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((nb + 1,), "int32"),
+                     B: T.Buffer((n_pad,), "float32"), YT: T.Buffer((n_pad, m), "float32")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            for i in T.parallel(nb):
+                for mo in range(mo_n):
+                    acc = T.decl_buffer((r_ * mt,), "float32", scope="local")
+                    for rr in T.unroll(r_):
+                        for mi in T.vectorized(mt):
+                            acc[rr * mt + mi] = T.float32(0)
+                    for j in range(PTR[i], PTR[i + 1]):
+                        for cc in range(c_):
+                            for rr in T.unroll(r_):
+                                for mi in T.vectorized(mt):
+                                    acc[rr * mt + mi] = acc[rr * mt + mi] + D[j, rr, cc] * XT[
+                                        IDX[j] * c_ + cc, mo * mt + mi]
+                    for rr in T.unroll(r_):
+                        for mi in T.vectorized(mt):
+                            YT[i * r_ + rr, mo * mt + mi] = acc[rr * mt + mi] + B[i * r_ + rr]
+        return bsr_mvec
 
     if kind == "rowvec":
         @T.prim_func

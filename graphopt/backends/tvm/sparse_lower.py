@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import LoweringError
-from .sparse_kernels import BSR, bsr_kernel, row_tile, to_bsr
+from .sparse_kernels import BSR, bsr_kernel, kernel_kind, row_tile, to_bsr
 
 __all__ = ["custom_convert_map", "summary", "SparseLowering", "measure_layer", "OP_NAME"]
 
@@ -87,20 +87,31 @@ def emit_sparse(bb, x2, m: int, w: np.ndarray, bias: np.ndarray, block: tuple[in
 
     n, k = w.shape
     r, c = block
-    bsr = bsr if bsr is not None else to_bsr(w, block)
+    kind = kernel_kind(block, m, lanes)
+    if bsr is None or bsr.kind != kind:
+        bsr = to_bsr(w, block, kind)
     n_pad, k_pad = -(-n // r) * r, -(-k // c) * c
     if k_pad != k:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, k_pad - k], pad_value=0.0))
-    if bsr.kind == "rowvec" and m > 1:
+    mt = row_tile(m, block, lanes, kind)
+    m_pad = -(-m // mt) * mt if kind == "mvec" else m
+    if m_pad != m:
+        x2 = bb.emit(relax.op.nn.pad(x2, [0, m_pad - m, 0, 0], pad_value=0.0))
+    if kind in ("rowvec", "mvec") and m_pad > 1:
         x2 = bb.emit(relax.op.permute_dims(x2, [1, 0]))
-    elif bsr.kind == "rowvec":
+    elif kind == "rowvec":
         x2 = bb.emit(relax.op.reshape(x2, [k_pad, 1]))
-    func = bsr_kernel(m, n_pad, k_pad, bsr.nnzb, block, row_tile(m, block, lanes))
-    gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_bsr_{r}x{c}")
+    func = bsr_kernel(m_pad, n_pad, k_pad, bsr.nnzb, block, mt, kind)
+    gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_bsr_{r}x{c}_{kind}")
     b = np.zeros(n_pad, np.float32)
     b[:n] = bias
+    out_shape = [n_pad, m_pad] if kind == "mvec" else [m, n_pad]
     y = bb.emit(relax.call_tir(gv, [x2, _const(bsr.data), _const(bsr.indices), _const(bsr.indptr), _const(b)],
-                               relax.TensorType([m, n_pad], "float32")))
+                               relax.TensorType(out_shape, "float32")))
+    if kind == "mvec":
+        if m_pad != m:
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[m]))
+        y = bb.emit(relax.op.permute_dims(y, [1, 0]))
     if n_pad != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     return y, bsr
@@ -173,7 +184,7 @@ def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias:
 
     n, k = w2.shape
     layer = _module_path(node.meta.get("nn_module_stack")) or node.name
-    bsr = to_bsr(w2, block)
+    bsr = to_bsr(w2, block, kernel_kind(block, m, _lanes(st.spec)))
     density = bsr.nnzb * block[0] * block[1] / max(1, n * k)
     row = {"layer": layer, **extra, "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}",
            "density": round(float((w2 != 0).mean()), 4), "dense_us": None, "sparse_us": None}

@@ -1,0 +1,167 @@
+"""Sparsity benchmark: block-sparse speed (MLP, BERT-style encoder) and 90% unstructured accuracy + size (digits).
+
+    python benchmarks/bench_sparsity.py                          # speed: mlp, encoder; accuracy: digits cnn, mlp
+    python benchmarks/bench_sparsity.py --parts speed --encoder base --target x86:haswell
+
+speed     each model built by graphopt dense float32 (pipeline "cleanup") and at 90% block sparsity with
+          16x1 and 1x16 blocks (sparsify, magnitude, one-shot: random weights, speed only; kernel=auto, so a
+          layer runs the BSR kernel only where it measured faster), timed interleaved in one run at batch 1
+          (PyTorch eager of the dense model as a reference); ratios are dense ms / sparse ms.
+accuracy  digits CNN and a digits MLP (64-256-256-10) trained here on scikit-learn's digits, then
+          sparsify(sparsity=0.9, steps=..) - gradual pruning with the dense model as distillation teacher -
+          and top-1 accuracy on the held-out quarter; artifacts (.gopt) of the dense and sparse builds
+          (kernel=auto and kernel=sparse) compared in bytes, and their latencies interleaved.
+Results also go to benchmarks/results/sparsity_*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, machine_info, physical_cores, set_threads, time_interleaved  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt.datasets import DigitsCNN, accuracy, batches, digits, train_classifier  # noqa: E402
+from graphopt.models import MLP, BertStyleEncoder  # noqa: E402
+
+
+def speed_models(encoder: str):
+    torch.manual_seed(0)
+    yield "mlp 1024-4096-4096-1000", MLP().eval(), (torch.randn(1, 1024),)
+    if encoder == "base":
+        enc, seq = BertStyleEncoder().eval(), 128
+    else:
+        enc, seq = BertStyleEncoder(vocab=8000, hidden=256, layers=4, heads=4, ffn=1024).eval(), 64
+    yield f"encoder {encoder} (seq {seq})", enc, (torch.randint(0, enc.tokens.num_embeddings, (1, seq)),)
+
+
+def decisions(opt) -> str:
+    rows = opt.report.backend.get("sparse_layers", [])
+    n = sum(r["kernel"] == "sparse" for r in rows)
+    return f"{n}/{len(rows)} layers sparse"
+
+
+def bench_speed(args) -> list[dict]:
+    out = []
+    for name, model, x in speed_models(args.encoder):
+        print(f"{name}: building", flush=True)
+        builds, info = {}, {}
+        t = time.perf_counter()
+        builds["dense"] = graphopt.optimize(model, target=args.target, pipeline="cleanup", example_inputs=x)
+        info["dense"] = f"build {time.perf_counter() - t:.0f} s"
+        for block in args.blocks.split(","):
+            t = time.perf_counter()
+            opt = graphopt.optimize(model, target=args.target, example_inputs=x,
+                                    pipeline=f"cleanup,sparsify(sparsity={args.sparsity},pattern={block})")
+            builds[block] = opt
+            info[block] = f"{decisions(opt)}, build {time.perf_counter() - t:.0f} s"
+            ref = builds["dense"].graph_module(*x)
+            err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
+            info[block] += f", max|compiled - graph| {err:.1e}"
+            _ = ref
+        fns = {k: (lambda o=o: o(*x)) for k, o in builds.items()}
+        fns["eager"] = lambda: model(*x)
+        times = time_interleaved(fns, rounds=args.rounds)
+        dense = times["dense"]["median_ms"]
+        for k, v in times.items():
+            out.append({"model": name, "variant": k, "median_ms": v["median_ms"], "p10_ms": v["p10_ms"],
+                        "p90_ms": v["p90_ms"], "dense_over_this": dense / v["median_ms"], "info": info.get(k, ""),
+                        "layers": builds[k].report.backend.get("sparse_layers") if k in builds else None})
+        print(format_table([["variant", "median ms", "p10", "p90", "dense / this", "notes"]] + [
+            [r["variant"], f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}",
+             f"{r['dense_over_this']:.2f}x", r["info"]] for r in out if r["model"] == name], right={1, 2, 3, 4}),
+            flush=True)
+    return out
+
+
+def digits_models():
+    (xtr, ytr), (xte, yte) = digits()
+    torch.manual_seed(0)
+    cnn = train_classifier(DigitsCNN(), batches(xtr, ytr, 64, shuffle=True), epochs=10)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                        nn.Linear(256, 10))
+    mlp = train_classifier(mlp, batches(xtr, ytr, 64, shuffle=True), epochs=20)
+    return {"digits cnn": cnn, "digits mlp": mlp}, (xtr, ytr), (xte, yte)
+
+
+def bench_accuracy(args) -> list[dict]:
+    models, (xtr, ytr), (xte, yte) = digits_models()
+    out = []
+    tmp = tempfile.mkdtemp()
+    x1 = (xte[:1],)
+    for name, model in models.items():
+        torch.manual_seed(0)
+        dense_acc = accuracy(model, xte, yte)
+        t = time.perf_counter()
+        pipe = f"fold_bn,sparsify(sparsity={args.sparsity},steps={args.steps})"
+        opt = graphopt.optimize(model, target="torch", pipeline=pipe, example_inputs=x1,
+                                train_data=batches(xtr, ytr, 32, shuffle=True))
+        train_s = time.perf_counter() - t
+        sparse_acc = accuracy(opt.graph_module, xte, yte)
+        builds = {"dense": graphopt.optimize(model, target=args.target, pipeline="fold_bn,cleanup", example_inputs=x1)}
+        for kernel in ("auto", "sparse"):
+            # same trained weights, lowered with another kernel choice
+            gm = opt.graph_module
+            for m in gm.modules():
+                if hasattr(m, "mask") and hasattr(m, "kernel"):
+                    m.kernel = kernel
+            builds[f"sparse kernel={kernel}"] = graphopt.optimize(gm, target=args.target, pipeline="",
+                                                                  example_inputs=x1)
+        sizes = {k: os.path.getsize(b.save(os.path.join(tmp, f"{name.replace(' ', '_')}_{k.split('=')[-1]}.gopt")))
+                 for k, b in builds.items()}
+        accs = {}
+        with torch.no_grad():
+            for k, b in builds.items():
+                accs[k] = sum((b(xte[i:i + 1]).argmax(-1) == yte[i]).item() for i in range(len(xte))) / len(xte) * 100
+        times = time_interleaved({k: (lambda b=b: b(*x1)) for k, b in builds.items()}, rounds=args.rounds)
+        for k in builds:
+            out.append({"model": name, "variant": k, "accuracy": accs[k], "artifact_bytes": sizes[k],
+                        "dense_artifact_over_this": sizes["dense"] / sizes[k], "median_ms": times[k]["median_ms"],
+                        "dense_over_this": times["dense"]["median_ms"] / times[k]["median_ms"],
+                        "report_sparse": builds[k].report.backend.get("sparse", "")})
+        print(f"{name}: dense accuracy (eager) {dense_acc:.2f}%, after {pipe} {sparse_acc:.2f}% "
+              f"(delta {sparse_acc - dense_acc:+.2f} pt; {train_s:.0f} s)")
+        print(opt.report.records[-1].notes[0])
+        print(format_table([["build", "accuracy %", "artifact kB", "dense / this (size)", "median ms", "dense / this (time)"]]
+                           + [[r["variant"], f"{r['accuracy']:.2f}", f"{r['artifact_bytes'] / 1e3:.1f}",
+                               f"{r['dense_artifact_over_this']:.2f}x", f"{r['median_ms']:.4f}",
+                               f"{r['dense_over_this']:.2f}x"] for r in out if r["model"] == name],
+                           right={1, 2, 3, 4, 5}))
+        for r in out:
+            if r["model"] == name and r["report_sparse"]:
+                print(f"  [{r['variant']}] {r['report_sparse']}")
+        print(flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="speed,accuracy")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--encoder", choices=["small", "base"], default="small")
+    ap.add_argument("--blocks", default="16x1,1x16")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=1500, help="gradual pruning steps (accuracy part)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    threads = set_threads(physical_cores())
+    print(json.dumps({"machine": machine_info(), "threads": threads, "target": args.target}), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    for part in args.parts.split(","):
+        res = bench_speed(args) if part == "speed" else bench_accuracy(args)
+        with open(os.path.join(args.out, f"sparsity_{part}.json"), "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
