@@ -77,7 +77,14 @@ class Report:
             for note in r.notes:
                 lines.append(f"  [{r.name}] {note}")
         if self.backend:
-            lines.append("backend: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()))
+            lines.append("backend: " + ", ".join(f"{k}={v}" for k, v in self.backend.items()
+                                                 if k != "sparse_layers"))
+        for r in self.backend.get("sparse_layers") or []:      # the sparse kernel decision per layer
+            timing = (f", dense {r['dense_us']:.1f} us vs sparse {r['sparse_us']:.1f} us"
+                      if r.get("dense_us") is not None else "")
+            lines.append(f"  [sparse] {r['layer']}: {r['kernel']} ({r['why']}{timing}); M={r['M']} K={r['K']} "
+                         f"N={r['N']} block {r['block']} density {r['density']:.3f}; weights "
+                         f"{r['stored_bytes'] / 1e3:.1f} kB (dense {r['dense_bytes'] / 1e3:.1f} kB)")
         return "\n".join(lines)
 
     def details_table(self, pass_name: str) -> str:

@@ -178,3 +178,11 @@ def test_many_rows_wide_blocks_end_to_end():
                             example_inputs=(x,))
     assert all(r["kernel"] == "sparse" and r["M"] == 18 for r in opt.report.backend["sparse_layers"])
     torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_report_prints_decision_per_layer(sparse_build):
+    opt, _ = sparse_build
+    text = opt.report.table()
+    assert "sparse_layers=" not in text
+    assert "[sparse] dw: dense (grouped conv: dense)" in text and "[sparse] fc1: sparse (kernel=sparse)" in text
+    assert "sparse=6 sparse layers (2 Linear, 4 conv): 5 on the block-sparse kernel" in text
