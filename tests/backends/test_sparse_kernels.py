@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import graphopt
+from tests.backends.conftest import needs_aarch64_runtime, needs_cross
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.sparse_kernels import bsr_kernel, kernel_kind, reference_bsr_dense, row_tile, to_bsr
 
@@ -186,3 +187,27 @@ def test_report_prints_decision_per_layer(sparse_build):
     assert "sparse_layers=" not in text
     assert "[sparse] dw: dense (grouped conv: dense)" in text and "[sparse] fc1: sparse (kernel=sparse)" in text
     assert "sparse=6 sparse layers (2 Linear, 4 conv): 5 on the block-sparse kernel" in text
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_sparse_kernels_run_on_aarch64(aarch64_server):
+    """Sparse kernels cross-built for aarch64 (NEON, 4 float lanes) and run under qemu: the row-vectorized
+    layout (conv, M=32) and the per-row one (Linear, M=2)."""
+    import gc
+
+    from graphopt.backends.tvm import rpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
+                          nn.Linear(20, 6)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    opt = graphopt.optimize(model, target="arm:cortex-a72", example_inputs=(x,),
+                            pipeline="sparsify(sparsity=0.5,pattern=1x4,kernel=sparse)")
+    assert [r["kernel"] for r in opt.report.backend["sparse_layers"]] == ["sparse"] * 3
+    try:
+        remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
+        torch.testing.assert_close(remote(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
+    finally:
+        remote = None
+        gc.collect()
