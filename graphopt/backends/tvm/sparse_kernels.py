@@ -4,8 +4,9 @@
     (R consecutive output features x C consecutive input features; 1x1 is CSR).
 
 Storage (`to_bsr`): W zero-padded to [NB*R, KB*C] (NB = ceil(N/R), KB = ceil(K/C)); the blocks with any
-non-zero are kept: `data` float32 [nnzb, R, C] (or [nnzb, C, R] for the row-vector kernel), `indices` int32
-[nnzb] (block column), `indptr` int32 [NB + 1]. Values + indices are what a compiled artifact stores.
+non-zero are kept: `data` float32 [nnzb, R, C] (or [nnzb, C, R] for the row-vector kernel), `indices` uint16
+[nnzb] (block column; int32 past 65,536 block columns), `indptr` int32 [NB + 1]. Values + indices are what
+a compiled artifact stores.
 
 Three kernels, all parallel over block rows, with a register tile over the M dimension:
   * "rowvec" (R >= C, e.g. 16x1, 4x4, 1x1): per non-zero block and per column c, acc[m, 0:R] +=
@@ -35,7 +36,7 @@ class BSR:
     shape: tuple[int, int]
     block: tuple[int, int]
     data: np.ndarray        # [nnzb, R, C] ('colvec') or [nnzb, C, R] ('rowvec')
-    indices: np.ndarray     # int32 [nnzb]
+    indices: np.ndarray     # uint16 [nnzb] (int32 beyond 65,536 block columns)
     indptr: np.ndarray      # int32 [NB + 1]
     kind: str
 
@@ -89,7 +90,8 @@ def to_bsr(w: np.ndarray, block: tuple[int, int], kind: str | None = None) -> BS
     if data.shape[0] == 0:                                            # an all-zero matrix: one zero block
         data = np.zeros((1,) + data.shape[1:], np.float32)           # (TVM buffers cannot be empty)
         cols = np.zeros(1, np.int64)
-    return BSR((n, k), (r, c), np.ascontiguousarray(data, np.float32), cols.astype(np.int32), indptr, kind)
+    idx_dtype = np.uint16 if kb <= 1 << 16 else np.int32                 # 2-byte block columns when they fit
+    return BSR((n, k), (r, c), np.ascontiguousarray(data, np.float32), cols.astype(idx_dtype), indptr, kind)
 
 
 def reference_bsr_dense(x: np.ndarray, m: BSR, bias: np.ndarray | None = None) -> np.ndarray:
@@ -114,7 +116,7 @@ def row_tile(m: int, block: tuple[int, int], lanes: int, kind: str | None = None
 
 
 def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int], mt: int,
-               kind: str | None = None):
+               kind: str | None = None, idx_dtype: str = "uint16"):
     """TIR PrimFunc. Arguments (in order):
         rowvec: XT [k_pad, m], data [nnzb, C, R], indices [nnzb], indptr [NB+1], bias [n_pad], Y [m, n_pad]
         colvec: X [m, k_pad],  data [nnzb, R, C], indices [nnzb], indptr [NB+1], bias [n_pad], Y [m, n_pad]
@@ -134,7 +136,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
 
         @T.prim_func
         def bsr_mvec(XT: T.Buffer((k_pad, m), "float32"), D: T.Buffer((nnzb, r_, c_), "float32"),
-                     IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((nb + 1,), "int32"),
+                     IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                      B: T.Buffer((n_pad,), "float32"), YT: T.Buffer((n_pad, m), "float32")):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for i in T.parallel(nb):
@@ -148,7 +150,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
                             for rr in T.unroll(r_):
                                 for mi in T.vectorized(mt):
                                     acc[rr * mt + mi] = acc[rr * mt + mi] + D[j, rr, cc] * XT[
-                                        IDX[j] * c_ + cc, mo * mt + mi]
+                                        T.Cast("int32", IDX[j]) * c_ + cc, mo * mt + mi]
                     for rr in T.unroll(r_):
                         for mi in T.vectorized(mt):
                             YT[i * r_ + rr, mo * mt + mi] = acc[rr * mt + mi] + B[i * r_ + rr]
@@ -157,7 +159,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
     if kind == "rowvec":
         @T.prim_func
         def bsr_rowvec(XT: T.Buffer((k_pad, m), "float32"), D: T.Buffer((nnzb, c_, r_), "float32"),
-                       IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((nb + 1,), "int32"),
+                       IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                        B: T.Buffer((n_pad,), "float32"), Y: T.Buffer((m, n_pad), "float32")):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for i in T.parallel(nb):
@@ -171,7 +173,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
                             for mi in T.unroll(mt):
                                 for rr in T.vectorized(r_):
                                     acc[mi * r_ + rr] = acc[mi * r_ + rr] + D[j, cc, rr] * XT[
-                                        IDX[j] * c_ + cc, T.min(mo * mt + mi, m - 1)]
+                                        T.Cast("int32", IDX[j]) * c_ + cc, T.min(mo * mt + mi, m - 1)]
                     for mi in T.unroll(mt):
                         if mo * mt + mi < m:
                             for rr in T.vectorized(r_):
@@ -180,7 +182,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
 
     @T.prim_func
     def bsr_colvec(X: T.Buffer((m, k_pad), "float32"), D: T.Buffer((nnzb, r_, c_), "float32"),
-                   IDX: T.Buffer((nnzb,), "int32"), PTR: T.Buffer((nb + 1,), "int32"),
+                   IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                    B: T.Buffer((n_pad,), "float32"), Y: T.Buffer((m, n_pad), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for i in T.parallel(nb):
@@ -194,7 +196,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
                         for mi in T.unroll(mt):
                             for cc in T.vectorized(c_):
                                 acc[(mi * r_ + rr) * c_ + cc] = acc[(mi * r_ + rr) * c_ + cc] + D[j, rr, cc] * X[
-                                    T.min(mo * mt + mi, m - 1), IDX[j] * c_ + cc]
+                                    T.min(mo * mt + mi, m - 1), T.Cast("int32", IDX[j]) * c_ + cc]
                 for mi in T.unroll(mt):
                     if mo * mt + mi < m:
                         for rr in T.unroll(r_):
