@@ -58,7 +58,10 @@ class Sparsify(Pass):
     along Zhu & Gupta's cubic schedule from `initial_sparsity` to `sparsity` between steps
     prune_start·steps and prune_end·steps, re-selecting the masks every `prune_every` steps from the
     current scores, and fine-tuning with the final masks fixed for the remaining steps. Masks only grow
-    (a pruned weight is zero and has zero gradient, so it never scores above a live one).
+    (a pruned weight is zero and has zero gradient, so it never scores above a live one). BatchNorm and
+    dropout stay in eval mode while training (fold_bn first folds BN away); the report notes validation
+    accuracy / agreement with the teacher before and after. Followed by `quantize`, the pruned layers become
+    ordinary int8 layers (zeros kept, dense int8 kernels).
 
     Keeps exactly: every unmasked weight (one-shot; gradual trains them), biases, every other layer, the
     graph's inputs/outputs. Masked weights stay 0 through later fine-tuning (distill), since the layer

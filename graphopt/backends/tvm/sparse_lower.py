@@ -8,8 +8,8 @@ Per layer, one of two implementations, chosen by the layer's `kernel` argument:
   dense    R.matmul / R.nn.conv2d with the masked weight as a dense constant (what nn.Linear / nn.Conv2d lower
            to; the build's default schedules apply). Grouped convs always run dense.
   auto     measured: both are built for this layer's exact shape (M rows, K, N, block, density) on the target
-           and timed interleaved on this machine (TVM time_evaluator; the fastest of `rounds` x 3 repeats of
-           >= 20 ms each, since on a shared machine other load only ever adds time); the sparse kernel is
+           and timed interleaved on this machine (TVM time_evaluator; the fastest of `rounds` x 10 single calls,
+           since on a shared machine other load only ever adds time); the sparse kernel is
            used only when it is faster. Targets that cannot run here (cross builds) stay dense, noted.
 Measurements are cached per process by (target, M, K, N, block, density to 1%).
 
@@ -133,16 +133,20 @@ def _tiny_module(m, k, body):
 
 
 def measure_layer(m: int, w: np.ndarray, bias: np.ndarray, block: tuple[int, int], spec,
-                  rounds: int = 5, min_ms: int = 20) -> tuple[float, float]:
+                  rounds: int = 5) -> tuple[float, float]:
     """(dense seconds, sparse seconds) per call of this layer on `spec` (must be the host), interleaved."""
     n, k = w.shape
     lanes = _lanes(spec)
     dense = _tiny_module(m, k, lambda bb, x: emit_dense(bb, x, w, bias))
     sparse = _tiny_module(m, k, lambda bb, x: emit_sparse(bb, x, m, w, bias, block, lanes)[0])
-    return _time_pair(dense, sparse, [m, k], spec, rounds, min_ms)
+    return _time_pair(dense, sparse, [m, k], spec, rounds)
 
 
-def _time_pair(dense, sparse, xshape, spec, rounds: int, min_ms: int) -> tuple[float, float]:
+def _time_pair(dense, sparse, xshape, spec, rounds: int) -> tuple[float, float]:
+    """Build both modules and time one call of each: `rounds` rounds, each 10 single calls of one then the
+    other; the fastest call of each. Single calls and the minimum, because on a shared machine other load
+    only ever adds time, and a short call is the likeliest to run undisturbed (with 15 runnable processes on
+    2 cores, the medians of 5-call repeats of one unchanged kernel varied 10x)."""
     import tvm
     from tvm import relax
 
@@ -154,12 +158,12 @@ def _time_pair(dense, sparse, xshape, spec, rounds: int, min_ms: int) -> tuple[f
     for mod in (dense, sparse):
         vm = relax.VirtualMachine(build_module(mod, spec), dev)
         vm["main"](x)                                     # warm up
-        timers.append(vm.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=int(min_ms)))
+        timers.append(vm.time_evaluator("main", dev, number=1, repeat=10, min_repeat_ms=0))
     dense_t, sparse_t = [], []
     for _ in range(rounds):
         dense_t.extend(timers[0](x).results)
         sparse_t.extend(timers[1](x).results)
-    return float(min(dense_t)), float(min(sparse_t))       # the minimum: least disturbed by other load
+    return float(min(dense_t)), float(min(sparse_t))
 
 
 def _weights(st: SparseLowering, node, what: str, x) -> tuple[np.ndarray, np.ndarray]:
@@ -296,8 +300,8 @@ def emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, l
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
 
-def measure_conv(xshape, w, bias, stride, padding, dilation, block, spec, rounds: int = 5,
-                 min_ms: int = 20) -> tuple[float, float]:
+def measure_conv(xshape, w, bias, stride, padding, dilation, block, spec,
+                 rounds: int = 5) -> tuple[float, float]:
     """(dense seconds, sparse seconds) of one conv layer on `spec` (the host), interleaved."""
     lanes = _lanes(spec)
     dense = _tiny_module(list(xshape), None,
@@ -305,7 +309,7 @@ def measure_conv(xshape, w, bias, stride, padding, dilation, block, spec, rounds
     sparse = _tiny_module(list(xshape), None,
                           lambda bb, x: emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation,
                                                          block, lanes))
-    return _time_pair(dense, sparse, list(xshape), spec, rounds, min_ms)
+    return _time_pair(dense, sparse, list(xshape), spec, rounds)
 
 
 def _convert_conv(st: SparseLowering):
