@@ -24,7 +24,7 @@ def _sparse_matrix(rng, n, k, block, density):
     return (rng.standard_normal((n, k)) * mask).astype(np.float32)
 
 
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 45), k=st.integers(1, 45), block=st.sampled_from(BLOCKS),
        density=st.floats(0.0, 1.0), lanes=st.sampled_from([4, 8, 16]), seed=st.integers(0, 2**16))
 def test_bsr_kernel_matches_dense(m, n, k, block, density, lanes, seed):
