@@ -150,8 +150,10 @@ def bench_case(name: str, batch: int, fp16: bool, variants: list[str], profile: 
     if fp16:
         try:       # graphopt precision="float16": float16 operands, float32 accumulation and signature
             t = time.perf_counter()
-            opt16 = graphopt.optimize(model.cpu(), target="cuda", example_inputs=(x,), precision="float16")
-            model.cuda()
+            try:
+                opt16 = graphopt.optimize(model.cpu(), target="cuda", example_inputs=(x,), precision="float16")
+            finally:
+                model.cuda()              # eager and the other variants run on the GPU whatever happened here
             row["compile_s"]["graphopt-fp16"] = round(time.perf_counter() - t, 1)
             row["max_abs"]["graphopt-fp16"], row["max_rel"]["graphopt-fp16"] = max_rel_diff(opt16(xc), want)
             fns["graphopt-fp16"] = lambda: opt16(xc)

@@ -23,13 +23,21 @@ def _cnn():
     return randomize_bn(m).eval(), torch.randn(2, 3, 12, 12)
 
 
+def _relu6_depthwise():
+    """MobileNetV2's block shape: ReLU6 lowers to R.clip with scalar bounds, which ToMixedPrecision cannot type."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                      nn.ReLU6(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    return randomize_bn(m).eval(), torch.randn(2, 3, 8, 8)
+
+
 def _encoder():
     torch.manual_seed(0)
     m = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
     return m, torch.randn(2, 10, 64)
 
 
-@pytest.mark.parametrize("make", [_cnn, _encoder], ids=["cnn", "encoder"])
+@pytest.mark.parametrize("make", [_cnn, _relu6_depthwise, _encoder], ids=["cnn", "relu6-depthwise", "encoder"])
 def test_float16_matches_float32_within_half_rounding(make):
     model, x = make()
     opt = graphopt.optimize(model, target="x86", example_inputs=(x,), precision="float16")

@@ -37,7 +37,43 @@ def apply_precision(mod, precision: str, report=None):
         return mod
     from tvm import relax
 
-    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(_clip_bounds_as_tensors(mod))
     if report is not None:
         report.backend["precision"] = "float16 (float32 accumulation; float32 inputs and outputs)"
     return mod
+
+
+def _clip_bounds_as_tensors(mod):
+    """R.clip(x, lo, hi) with scalar (PrimValue) bounds -> R.minimum(R.maximum(x, lo), hi) with tensor constants.
+
+    ToMixedPrecision types every call argument as a tensor and fails on clip's PrimValue bounds (ReLU6 in
+    MobileNetV2: "Expected TensorType, but got T.float64"). TVM legalizes clip to the same max/min pair, so
+    the values (NaN included) are unchanged."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    pattern = is_op("relax.clip")(wildcard(), wildcard(), wildcard())
+
+    def rewrite(call, _matches):
+        x, lo, hi = call.args
+        dtype = getattr(getattr(x, "ty", None), "dtype", None)
+        bounds = [_scalar(b) for b in (lo, hi)]
+        if dtype is None or any(b is None for b in bounds):
+            return call
+        lo_c, hi_c = (relax.const(b, dtype) for b in bounds)
+        return relax.op.minimum(relax.op.maximum(x, lo_c), hi_c)
+
+    import tvm
+
+    funcs = {gvar: rewrite_call(pattern, rewrite, func) if isinstance(func, relax.Function) else func
+             for gvar, func in mod.functions.items()}
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def _scalar(bound):
+    """The Python number of a clip bound (a FloatImm/IntImm, or a PrimValue holding one); None otherwise."""
+    value = getattr(bound, "value", None)
+    if isinstance(value, (int, float)):
+        return value
+    value = getattr(value, "value", None)
+    return value if isinstance(value, (int, float)) else None
