@@ -1,0 +1,351 @@
+"""Weight-only quantized Linear kernels (int8 and int4 weights, float32 activations and accumulation).
+
+Lowers ``graphopt::woq_linear`` (int8, per output channel) and ``graphopt::woq_linear_packed`` (int8 or int4,
+group-wise scales and zero points; graphopt.quant.weight_only) to hand-written TIR that reads the quantized
+bytes and dequantizes them inside the GEMM loop, so a layer reads 1 (int8) or 1/2 (int4) byte per weight
+instead of 4. Vectors are the target's float32 SIMD width (16 lanes AVX-512, 8 AVX2, 4 NEON).
+
+Weight layout (packed at compile time, numpy): columns in blocks of L lanes, K in pairs,
+  int8  [NB, 2·KP, L] int8        (KP = ceil(K/2); row 2·kp is input 2·kp)
+  int4  [NB, KP, L]   uint8       (low nibble: input 2·kp, high nibble: input 2·kp + 1)
+scales float32 and zero points int32 [NB, NG, L] (NG groups along K), bias float32 [NB·L].
+
+Two kernels, picked by the number of rows M (tokens × batch) at compile time:
+  direct (M <= 4: batch-1 GEMV, memory-bound)  each weight vector is loaded, widened (int8 -> int32, or the
+      two nibbles of a byte: and / shift), converted to float32, (minus zero point) times its group's scale,
+      and multiply-added into M·NT accumulator vectors; even and odd inputs go to separate accumulators
+      (independent FMA chains). Per-channel int8 scales are applied once in the epilogue instead.
+  panel  (M > 4: compute-bound)  per block of NT·L output columns and chunk of KC inputs the weights are
+      dequantized once into a float32 panel [KC, NT·L] (<= 64 KiB, stays in L1/L2), then an MT x NT·L
+      register-tiled float32 micro-kernel runs over all rows; partial sums go through the output between
+      chunks. Dequantization is paid once per weight, not once per row.
+Both are parallel over column blocks. Results equal x @ dequantized(W).T + bias up to float32 rounding
+(summation order, FMA contraction; the direct kernel's per-channel scale is applied after the sum).
+Input tails: an odd K reads its last pair's missing input at index K-1 against a zero weight (q = z); a last group
+shorter than group_size loops over what exists; N is padded to whole NT·L blocks and sliced off.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ...errors import LoweringError
+
+__all__ = ["lanes_for", "pack_weights", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
+           "DIRECT_MAX_ROWS"]
+
+DIRECT_MAX_ROWS = 4
+_PANEL_BYTES = 64 * 1024
+
+
+def lanes_for(spec) -> tuple[int, int]:
+    """(float32 lanes of one SIMD vector, SIMD registers) of an LLVM CPU target spec."""
+    from .schedules import cpu_vector
+
+    v = cpu_vector(spec.tvm_target())
+    return v.lanes("float32"), v.registers
+
+
+def tiles(m: int, nb: int, lanes: int, registers: int, cores: int) -> tuple[str, int, int]:
+    """(kernel, MT rows, NT column blocks) for an M x (nb·lanes) output."""
+    if m <= DIRECT_MAX_ROWS:
+        # accumulators: M x NT, and 2 (even/odd inputs) x M x NT of the group; the NT dequantized pairs
+        nt = 4 if registers >= 32 else 2
+        nt = max(1, min(nt, (registers - 4) // (3 * m + 2)))
+        while nt > 1 and math.ceil(nb / nt) < 2 * cores:        # keep every core busy on small layers
+            nt //= 2
+        return "direct", m, nt
+    if registers >= 32:
+        nt = 4 if lanes == 4 else 2                            # NEON: 6 x 4·4, AVX-512: 6 x 2·16 (+panel loads)
+        mt = next((r for r in (6, 8, 7, 5, 4) if m % r == 0), 6)
+    else:
+        nt = 2
+        mt = next((r for r in (6, 4, 5) if m % r == 0), 6)   # AVX2: 6 x 2·8 = 12 accumulators of 16
+    while nt > 1 and math.ceil(nb / nt) < cores:
+        nt //= 2
+    return "panel", mt, nt
+
+
+def pack_weights(q: np.ndarray, bits: int, lanes: int, nbp: int) -> np.ndarray:
+    """Integer weights q [N, K] (int8 values, or int4 values 0..15) in the kernels' layout, N padded to nbp·L
+    columns and K to an even count with zeros (int4 pads with 0: the zero point of a padded column is 0)."""
+    n, k = q.shape
+    kp = (k + 1) // 2
+    q = np.pad(q.astype(np.int16), ((0, nbp * lanes - n), (0, 2 * kp - k)))
+    blocks = q.reshape(nbp, lanes, 2 * kp).transpose(0, 2, 1)             # [NB, 2KP, L]
+    if bits == 8:
+        return np.ascontiguousarray(blocks.astype(np.int8))
+    lo, hi = blocks[:, 0::2, :], blocks[:, 1::2, :]
+    return np.ascontiguousarray((lo | (hi << 4)).astype(np.uint8))
+
+
+def _group_table(v: np.ndarray, lanes: int, nbp: int, dtype) -> np.ndarray:
+    """[N, NG] per-group values -> [NB, NG, L] (padded columns 0)."""
+    n, ng = v.shape
+    v = np.pad(v.astype(dtype), ((0, nbp * lanes - n), (0, 0)))
+    return np.ascontiguousarray(v.reshape(nbp, lanes, ng).transpose(0, 2, 1))
+
+
+def _dequant(T, W, S, Z, bits, sym, scaled, nb, g, kp, j, high: bool):
+    """float32 value of one weight (vectorized over lane j by the caller's loop)."""
+    if bits == 8:
+        q = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
+    else:
+        byte = T.Cast("int32", W[nb, kp, j])
+        q = T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15)
+    if not sym:
+        q = q - Z[nb, g, j]
+    w = T.Cast("float32", q)
+    return w * S[nb, g, j] if scaled else w
+
+
+def _extent(T, full, rest, ragged: bool):
+    """min(full, rest) when the last block is ragged, else `full` (a constant extent LLVM can see)."""
+    return T.min(full, rest) if ragged else full
+
+
+def _channel_scale(T, S, nb, j, per_channel: bool):
+    return S[nb, 0, j] if per_channel else T.float32(1)
+
+
+def _group_of(kp, GP: int, per_channel: bool):
+    return 0 if per_channel else kp // GP
+
+
+def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool):
+    """TIR for M <= 4 rows: Y[M, NB·L] = X · dequant(W)ᵀ + B, G the group size (even; G >= K: one group per
+    channel). Per group g the kernel sums x·float32(q) (the raw integers: no per-weight subtract or scale)
+    and Σx, then adds s·Σx·q + o·Σx with o = -z·s (O [NB, NG, L]; absent when symmetric): the same value
+    as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group)."""
+    from tvm.script import tirx as T
+
+    KP = (K + 1) // 2
+    per_channel = G >= 2 * KP
+    NG = 1 if per_channel else (K + G - 1) // G
+    GP = KP if per_channel else G // 2          # pairs per group
+    ragged = KP % GP != 0
+    odd = K % 2 == 1
+    NBO = NB // NT
+    N = NB * L
+    w_shape = (NB, 2 * KP, L) if bits == 8 else (NB, KP, L)
+    w_dtype = "int8" if bits == 8 else "uint8"
+    A = M * NT * L
+
+    @T.prim_func
+    def woq_direct(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
+                   S: T.Buffer((NB, NG, L), "float32"), O: T.Buffer((NB, NG, L), "float32"),
+                   Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            acc = T.decl_buffer((A,), "float32", scope="local")          # [row, nt, lane]
+            accg = T.decl_buffer((2 * A,), "float32", scope="local")     # [parity, row, nt, lane] of a group
+            xs = T.decl_buffer((2 * M,), "float32", scope="local")       # Σx of a group [parity, row]
+            wf = T.decl_buffer((2 * NT * L,), "float32", scope="local")
+            for t in T.unroll(M * NT):
+                for j in T.vectorized(L):
+                    acc[t * L + j] = T.float32(0)
+            for g in range(NG):
+                for t in T.unroll(2 * M * NT):
+                    for j in T.vectorized(L):
+                        accg[t * L + j] = T.float32(0)
+                for t in T.unroll(2 * M):
+                    xs[t] = T.float32(0)
+                for kp in range(_extent(T, GP, KP - g * GP, ragged)):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False)
+                        for j in T.vectorized(L):
+                            wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True)
+                    for mi in T.unroll(M):
+                        xs[mi] = xs[mi] + X[mi, (g * GP + kp) * 2]
+                        xs[M + mi] = xs[M + mi] + X[mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)]
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                accg[(mi * NT + nt) * L + j] = accg[(mi * NT + nt) * L + j] + X[
+                                    mi, (g * GP + kp) * 2] * wf[nt * L + j]
+                            for j in T.vectorized(L):
+                                accg[((M + mi) * NT + nt) * L + j] = accg[((M + mi) * NT + nt) * L + j] + X[
+                                    mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)] * wf[(NT + nt) * L + j]
+                for mi in T.unroll(M):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + _group_term(
+                                T, accg[(mi * NT + nt) * L + j] + accg[((M + mi) * NT + nt) * L + j],
+                                xs[mi] + xs[M + mi], S[nbo * NT + nt, g, j], O[nbo * NT + nt, g, j], sym)
+            for mi in T.unroll(M):
+                for nt in T.unroll(NT):
+                    for j in T.vectorized(L):
+                        Y[mi, (nbo * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
+    return woq_direct
+
+
+def _raw(T, W, bits, nb, kp, j, high: bool):
+    """float32 of the stored integer (no zero point, no scale)."""
+    if bits == 8:
+        return T.Cast("float32", W[nb, kp * 2 + (1 if high else 0), j])
+    byte = T.Cast("int32", W[nb, kp, j])
+    return T.Cast("float32", T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15))
+
+
+def _group_term(T, sum_xq, sum_x, s, o, sym: bool):
+    return sum_xq * s if sym else sum_xq * s + sum_x * o
+
+
+def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool):
+    """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), dequantize into a
+    float32 panel, then an MT x NT·L register-tiled float32 GEMM over all rows. G as in direct_kernel."""
+    from tvm.script import tirx as T
+
+    KP = (K + 1) // 2
+    per_channel = G >= 2 * KP
+    NG = 1 if per_channel else (K + G - 1) // G
+    GP = KP if per_channel else G // 2
+    # chunk of pairs: a whole number of groups (or any size per-channel), panel <= _PANEL_BYTES
+    cap = max(1, _PANEL_BYTES // (2 * NT * L * 4))
+    if per_channel:
+        KCP = min(KP, cap)
+    else:
+        KCP = GP * max(1, min(cap // GP, (KP + GP - 1) // GP))
+    NC = (KP + KCP - 1) // KCP
+    ragged = KP % KCP != 0
+    NBO = NB // NT
+    N = NB * L
+    MO = (M + MT - 1) // MT
+    W_ = NT * L
+    w_shape = (NB, 2 * KP, L) if bits == 8 else (NB, KP, L)
+    w_dtype = "int8" if bits == 8 else "uint8"
+
+    @T.prim_func
+    def woq_panel(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
+                  S: T.Buffer((NB, NG, L), "float32"), Z: T.Buffer((NB, NG, L), "int32"),
+                  Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            P = T.decl_buffer((2 * KCP * W_,), "float32", scope="global")
+            acc = T.decl_buffer((MT * NT * L,), "float32", scope="local")
+            for c in range(NC):
+                for kp in range(_extent(T, KCP, KP - c * KCP, ragged)):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            P[(2 * kp) * W_ + nt * L + j] = _dequant(
+                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, False)
+                        for j in T.vectorized(L):
+                            P[(2 * kp + 1) * W_ + nt * L + j] = _dequant(
+                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, True)
+                for mo in range(MO):
+                    for mi in T.unroll(MT):
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                acc[(mi * NT + nt) * L + j] = T.if_then_else(
+                                    c == 0, T.float32(0),
+                                    Y[T.min(mo * MT + mi, M - 1), (nbo * NT + nt) * L + j])
+                    for k in range(T.min(2 * KCP, K - c * 2 * KCP)):
+                        for mi in T.unroll(MT):
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + X[
+                                        T.min(mo * MT + mi, M - 1), c * 2 * KCP + k] * P[k * W_ + nt * L + j]
+                    for mi in T.unroll(MT):
+                        if mo * MT + mi < M:
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    Y[mo * MT + mi, (nbo * NT + nt) * L + j] = T.if_then_else(
+                                        c == NC - 1,
+                                        acc[(mi * NT + nt) * L + j]
+                                        * _channel_scale(T, S, nbo * NT + nt, j, per_channel)
+                                        + Bi[(nbo * NT + nt) * L + j],
+                                        acc[(mi * NT + nt) * L + j])
+    return woq_panel
+
+
+def _cores(spec) -> int:
+    try:
+        return max(1, int(spec.tvm.get("num-cores", 1)))
+    except Exception:
+        return 1
+
+
+def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarray], bias: np.ndarray,
+             bits: int, group_size: Optional[int], spec) -> tuple:
+    """Emit the weight-only kernel for float32 x [..., K] and integer weights q [N, K] (int8 values or int4
+    values 0..15), scales float32 [N, NG], zeros [N, NG] (None: symmetric), bias float32 [N]. Returns
+    (float32 [..., N] Relax expression, kernel name)."""
+    import tvm
+    from tvm import relax
+
+    def const(a):
+        return relax.const(tvm.runtime.tensor(np.ascontiguousarray(a)))
+
+    shape = [int(s) for s in x.ty.shape]
+    n, k = q.shape
+    if shape[-1] != k:
+        raise LoweringError(f"weight-only linear: input has {shape[-1]} features, the weight {k}")
+    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    lanes, regs = lanes_for(spec)
+    nb = (n + lanes - 1) // lanes
+    kind, mt, nt = tiles(m, nb, lanes, regs, _cores(spec))
+    nbp = (nb + nt - 1) // nt * nt
+    kp = (k + 1) // 2
+    g = 2 * kp if group_size is None or group_size >= k else int(group_size)
+    sym = zeros is None or not np.any(zeros)
+    ng = scales.shape[1]
+    zt = np.zeros((nbp, ng, lanes), np.int32) if sym else _group_table(zeros, lanes, nbp, np.int32)
+    if k % 2 and not sym:       # the odd K's missing input meets weight z - z = 0 (the direct kernel reads it)
+        q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
+    args = [const(pack_weights(q, bits, lanes, nbp)), const(_group_table(scales, lanes, nbp, np.float32)),
+            const(zt), const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
+    if kind == "direct":
+        offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
+        args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
+        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym)
+    else:
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym)
+    name = f"graphopt_woq{bits}_{kind}"
+    gv = bb.add_func(func.without_attr("global_symbol"), name)
+    x2 = bb.emit(relax.op.reshape(x, [m, k]))
+    y = bb.emit(relax.call_tir(gv, [x2, *args], relax.TensorType([m, nbp * lanes], "float32")))
+    if nbp * lanes != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"int{bits} {kind}"
+
+
+def convert_packed(st, node, importer):
+    """Converter of ``graphopt::woq_linear_packed(x, wq, scales, zeros, bias, bits, group_size, in_features)``
+    for graphopt.backends.tvm.quant_lower (`st`: its QuantLowering state: weights, path, counts)."""
+    from tvm import relax
+
+    from ...quant.weight_only import BITS
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    bits, group_size, k = int(node.args[5]), int(node.args[6]), int(node.args[7])
+    if bits not in BITS:
+        raise LoweringError(f"woq_linear_packed: bits={bits} (node '{node.name}'): only 8 and 4 have kernels")
+    wq = st.need(node, 1, "the packed weight")
+    scales = st.need(node, 2, "scales").astype(np.float32)
+    zeros = st.need(node, 3, "zero points").astype(np.int32)
+    n = wq.shape[0]
+    bias = st.bias(node, 4, n)
+    if bits == 4:
+        u = wq.astype(np.uint8)
+        q = np.stack([u & 15, u >> 4], axis=2).reshape(n, -1)[:, :k].astype(np.int16)
+    else:
+        q = wq.astype(np.int16)
+    if q.shape[1] != k:
+        raise LoweringError(f"woq_linear_packed (node '{node.name}'): weight holds {q.shape[1]} inputs, "
+                            f"in_features is {k}")
+    gs = group_size or None
+    if st.path == "relax":                      # no LLVM CPU target (CUDA): dequantize once, float matmul
+        st.count(f"woq_linear_packed:int{bits}:relax")
+        g = k if gs is None else gs
+        idx = np.arange(k) // g
+        w = ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T
+        y = relax.op.matmul(x, relax.const(np.ascontiguousarray(w)))
+        return bb.emit(relax.op.add(y, relax.const(bias)))
+    y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec)
+    st.count(f"woq_linear_packed:{kind}")
+    return y
