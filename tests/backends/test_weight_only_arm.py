@@ -26,7 +26,7 @@ def test_weight_only_kernels_build_for_aarch64_with_neon_fma(arm_build):
 
     _, _, opt = arm_build
     line = opt.report.backend["int8"]
-    assert "woq_linear_packed:int4 direct×2" in line and "woq_linear_packed:int4 panel×2" in line
+    assert "woq_linear_packed:int4 direct×3" in line and "woq_linear_packed:int4 panel×2" in line
     asm = asm_of(opt.compiled.executable)
     assert "fmla\tv" in asm and "ucvtf\tv" in asm            # vector FMA, nibbles converted in vector lanes
 

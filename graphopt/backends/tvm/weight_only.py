@@ -181,6 +181,96 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
     return woq_direct
 
 
+def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
+    """TIR for int4 with M <= 4 rows, weights as 32-bit words of 8 nibbles: W [NB, KW, L] int32, nibble i
+    of word w in lane j = q[column j, input 8·w + i]. Nibble i < 7 is masked in place (q·16^i: exact in
+    float32) and multiplies an input pre-scaled by 2^-4i (XP, exact), nibble 7 is shifted down and masked
+    (scale 1): one and + one convert + one FMA per SIMD vector of weights, about as few instructions as an int8 weight
+    (sign-extending load + convert + FMA) for half the bytes. XS [M, NG]: Σx per group (unscaled), for the
+    zero-point term o = -z·s (O), and XS7 [M, NG]: Σx over inputs 8w + 7, which add back the 8 nibble 7 lost
+    (8·s·XS7). P accumulator sets (nibble i -> set i % P) keep P·M·NT FMA chains in
+    flight. Groups are KW·8 / NG inputs, a multiple of 8 (inputs padded with zeros to NG groups)."""
+    from tvm.script import tirx as T
+
+    GW = KW // NG
+    NBO = NB // NT
+    N = NB * L
+    A = M * NT * L
+
+    @T.prim_func
+    def woq4_words(XP: T.Buffer((M, KW * 8), "float32"), XS: T.Buffer((M, NG), "float32"),
+                   XS7: T.Buffer((M, NG), "float32"),
+                   W: T.Buffer((NB, KW, L), "int32"), S: T.Buffer((NB, NG, L), "float32"),
+                   O: T.Buffer((NB, NG, L), "float32"), Bi: T.Buffer((N,), "float32"),
+                   Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            acc = T.decl_buffer((A,), "float32", scope="local")
+            accg = T.decl_buffer((P * A,), "float32", scope="local")      # [set, row, nt, lane]
+            wf = T.decl_buffer((NT * L,), "float32", scope="local")
+            for t in T.unroll(M * NT):
+                for j in T.vectorized(L):
+                    acc[t * L + j] = T.float32(0)
+            for g in range(NG):
+                for t in T.unroll(P * M * NT):
+                    for j in T.vectorized(L):
+                        accg[t * L + j] = T.float32(0)
+                for w in range(GW):
+                    for i in T.unroll(8):
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                wf[nt * L + j] = _nibble(T, W[nbo * NT + nt, g * GW + w, j], i)
+                        for mi in T.unroll(M):
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    accg[(((i % P) * M + mi) * NT + nt) * L + j] = accg[
+                                        (((i % P) * M + mi) * NT + nt) * L + j] + XP[
+                                        mi, (g * GW + w) * 8 + i] * wf[nt * L + j]
+                for mi in T.unroll(M):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + _sum_sets(
+                                T, accg, P, (mi * NT + nt) * L + j, A) * S[nbo * NT + nt, g, j] + XS[mi, g] * O[
+                                nbo * NT + nt, g, j] + XS7[mi, g] * (S[nbo * NT + nt, g, j] * T.float32(8))
+            for mi in T.unroll(M):
+                for nt in T.unroll(NT):
+                    for j in T.vectorized(L):
+                        Y[mi, (nbo * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
+    return woq4_words
+
+
+def _nibble(T, word, i):
+    """float32 of nibble i (a TIR loop variable, unrolled) of a 32-bit word: masked in place (q·16^i) for
+    i < 7; nibble 7 (stored as q + 8 mod 16) shifted down arithmetically: q - 8."""
+    return T.if_then_else(i == 7, T.Cast("float32", T.shift_right(word, 28)),
+                          T.Cast("float32", T.bitwise_and(word, T.shift_left(15, 4 * T.min(i, 6)))))
+
+
+def _sum_sets(T, accg, P: int, idx, A: int):
+    total = accg[idx]
+    for p in range(1, P):
+        total = total + accg[p * A + idx]
+    return total
+
+
+def nibble_scales() -> np.ndarray:
+    """The factor each input is pre-scaled by for direct4_kernel, by input index mod 8."""
+    return np.array([2.0 ** (-4 * i) for i in range(7)] + [1.0], np.float32)
+
+
+def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
+    """int4 values q [N, K] (0..15) -> int32 words [NB, KW, L]: nibble i of word w in lane j is q[nb·L + j, 8w + i]
+    for i < 7 and (q + 8) mod 16 for i = 7 (read back as q - 8 by an arithmetic shift); N padded to nbp·L
+    columns, K to 8·kw inputs, with zeros."""
+    n, k = q.shape
+    q = np.pad(q.astype(np.uint32), ((0, nbp * lanes - n), (0, 8 * kw - k)))
+    q = q.reshape(nbp, lanes, kw, 8)
+    words = np.zeros((nbp, lanes, kw), np.uint32)
+    for i in range(8):
+        words |= ((q[..., i] + (8 if i == 7 else 0)) % 16) << np.uint32(4 * i)
+    return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
+
+
 def _raw(T, W, bits, nb, kp, j, high: bool):
     """float32 of the stored integer (no zero point, no scale)."""
     if bits == 8:
@@ -288,9 +378,20 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     lanes, regs = lanes_for(spec)
     nb = (n + lanes - 1) // lanes
     kind, mt, nt = tiles(m, nb, lanes, regs, _cores(spec))
-    nbp = (nb + nt - 1) // nt * nt
     kp = (k + 1) // 2
-    g = 2 * kp if group_size is None or group_size >= k else int(group_size)
+    per_channel = group_size is None or group_size >= k
+    g = 2 * kp if per_channel else int(group_size)
+    if kind == "direct" and regs < 32 and lanes == 8:
+        # AVX2 GEMV: 16-lane vectors (two ymm registers each), one or two column blocks per task: measured
+        # faster than 8-lane blocks (benchmarks/bench_weight_only.py, x86:haswell)
+        lanes = 16
+        nb = (n + lanes - 1) // lanes
+        nt = 2 if bits == 4 and (per_channel or g % 8 == 0) and m == 1 else 1
+        while nt > 1 and nb / nt < 2 * _cores(spec):
+            nt //= 2
+    nbp = (nb + nt - 1) // nt * nt
+    if bits == 4 and per_channel and kind == "direct":
+        g = (k + 7) // 8 * 8                    # the word kernel's one group: K rounded up to whole words
     sym = zeros is None or not np.any(zeros)
     ng = scales.shape[1]
     zt = np.zeros((nbp, ng, lanes), np.int32) if sym else _group_table(zeros, lanes, nbp, np.int32)
@@ -298,6 +399,8 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
         q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
     args = [const(pack_weights(q, bits, lanes, nbp)), const(_group_table(scales, lanes, nbp, np.float32)),
             const(zt), const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
+    if kind == "direct" and bits == 4 and g % 8 == 0:
+        return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
     if kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
@@ -349,3 +452,31 @@ def convert_packed(st, node, importer):
     y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec)
     st.count(f"woq_linear_packed:{kind}")
     return y
+
+
+def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const):
+    """int4 GEMV through direct4_kernel: pad x to NG·g inputs, pre-scale it per nibble, sum it per group."""
+    from tvm import relax
+
+    R = relax.op
+    ng = scales.shape[1]
+    kpad = ng * g
+    kw = kpad // 8
+    sets = 2 if regs >= 32 else 4 if nt <= 2 else 2
+    x2 = bb.emit(R.reshape(x, [m, k]))
+    if kpad != k:
+        x2 = bb.emit(R.nn.pad(x2, [0, 0, 0, kpad - k], pad_value=0.0))
+    xs = bb.emit(R.sum(R.reshape(x2, [m, ng, g]), axis=[2]))
+    xs7 = bb.emit(R.sum(R.strided_slice(R.reshape(x2, [m, ng, g // 8, 8]), axes=[3], begin=[7], end=[8]),
+                        axis=[2, 3]))
+    xp = bb.emit(R.multiply(x2, const(np.tile(nibble_scales(), kw))))
+    offsets = -(zeros.astype(np.float32) * scales.astype(np.float32))
+    args = [xp, xs, xs7, const(pack_int4_words(q, lanes, nbp, kw)), const(_group_table(scales, lanes, nbp, np.float32)),
+            const(_group_table(offsets, lanes, nbp, np.float32)),
+            const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
+    func = direct4_kernel(m, kw, ng, nbp, lanes, nt, sets)
+    gv = bb.add_func(func.without_attr("global_symbol"), "graphopt_woq4_words")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nbp * lanes], "float32")))
+    if nbp * lanes != n:
+        y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(R.reshape(y, [*shape[:-1], n])), "int4 direct"
