@@ -56,7 +56,7 @@ __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "de
            "OP_NAMES"]
 
 OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
-            "woq_linear.default", "woq_linear_packed.default")
+            "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -714,6 +714,15 @@ def _convert_woq_linear_packed(st: QuantLowering):
     return convert
 
 
+def _convert_clustered_linear(st: QuantLowering):
+    """Weight-shared Linear (graphopt.quant.cluster): codebook lookups in the weight-only kernels."""
+    def convert(node, importer):
+        from .weight_only import convert_clustered
+
+        return convert_clustered(st, node, importer)
+    return convert
+
+
 def _convert_qconv2d(st: QuantLowering):
     def convert(node, importer):
         relax = _relax()
@@ -856,6 +865,7 @@ _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "dynamic_qlinear.default": _convert_dynamic_qlinear,
     "woq_linear.default": _convert_woq_linear,
     "woq_linear_packed.default": _convert_woq_linear_packed,
+    "clustered_linear.default": _convert_clustered_linear,
 }
 
 

@@ -88,8 +88,10 @@ def _group_table(v: np.ndarray, lanes: int, nbp: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(v.reshape(nbp, lanes, ng).transpose(0, 2, 1))
 
 
-def _dequant(T, W, S, Z, bits, sym, scaled, nb, g, kp, j, high: bool):
-    """float32 value of one weight (vectorized over lane j by the caller's loop)."""
+def _dequant(T, W, S, Z, bits, sym, scaled, nb, g, kp, j, high: bool, CB=None, C: int = 1):
+    """float32 value of one weight (vectorized over lane j by the caller's loop); a codebook entry when C > 1."""
+    if C > 1:
+        return _raw(T, W, bits, nb, kp, j, high, CB, C)
     if bits == 8:
         q = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
     else:
@@ -114,11 +116,12 @@ def _group_of(kp, GP: int, per_channel: bool):
     return 0 if per_channel else kp // GP
 
 
-def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool):
+def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool, C: int = 1):
     """TIR for M <= 4 rows: Y[M, NB·L] = X · dequant(W)ᵀ + B, G the group size (even; G >= K: one group per
     channel). Per group g the kernel sums x·float32(q) (the raw integers: no per-weight subtract or scale)
     and Σx, then adds s·Σx·q + o·Σx with o = -z·s (O [NB, NG, L]; absent when symmetric): the same value
-    as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group)."""
+    as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group).
+    C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S)."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -136,7 +139,7 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
     @T.prim_func
     def woq_direct(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
                    S: T.Buffer((NB, NG, L), "float32"), O: T.Buffer((NB, NG, L), "float32"),
-                   Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+                   CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
             acc = T.decl_buffer((A,), "float32", scope="local")          # [row, nt, lane]
@@ -155,9 +158,9 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                 for kp in range(_extent(T, GP, KP - g * GP, ragged)):
                     for nt in T.unroll(NT):
                         for j in T.vectorized(L):
-                            wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False)
+                            wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False, CB, C)
                         for j in T.vectorized(L):
-                            wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True)
+                            wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True, CB, C)
                     for mi in T.unroll(M):
                         xs[mi] = xs[mi] + X[mi, (g * GP + kp) * 2]
                         xs[M + mi] = xs[M + mi] + X[mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)]
@@ -271,21 +274,25 @@ def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
     return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
 
 
-def _raw(T, W, bits, nb, kp, j, high: bool):
-    """float32 of the stored integer (no zero point, no scale)."""
+def _raw(T, W, bits, nb, kp, j, high: bool, CB=None, C: int = 1):
+    """float32 of the stored integer (no zero point, no scale), or its codebook entry when C > 1."""
     if bits == 8:
-        return T.Cast("float32", W[nb, kp * 2 + (1 if high else 0), j])
+        v = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
+        if C > 1:
+            return CB[T.bitwise_and(v, 255)]
+        return T.Cast("float32", v)
     byte = T.Cast("int32", W[nb, kp, j])
-    return T.Cast("float32", T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15))
+    q = T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15)
+    return CB[q] if C > 1 else T.Cast("float32", q)
 
 
 def _group_term(T, sum_xq, sum_x, s, o, sym: bool):
     return sum_xq * s if sym else sum_xq * s + sum_x * o
 
 
-def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool):
+def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool, C: int = 1):
     """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), dequantize into a
-    float32 panel, then an MT x NT·L register-tiled float32 GEMM over all rows. G as in direct_kernel."""
+    float32 panel, then an MT x NT·L register-tiled float32 GEMM over all rows. G, C as in direct_kernel."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -310,7 +317,7 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
     @T.prim_func
     def woq_panel(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
                   S: T.Buffer((NB, NG, L), "float32"), Z: T.Buffer((NB, NG, L), "int32"),
-                  Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+                  CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
             P = T.decl_buffer((2 * KCP * W_,), "float32", scope="global")
@@ -321,11 +328,11 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
                         for j in T.vectorized(L):
                             P[(2 * kp) * W_ + nt * L + j] = _dequant(
                                 T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
-                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, False)
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, False, CB, C)
                         for j in T.vectorized(L):
                             P[(2 * kp + 1) * W_ + nt * L + j] = _dequant(
                                 T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
-                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, True)
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, True, CB, C)
                 for mo in range(MO):
                     for mi in T.unroll(MT):
                         for nt in T.unroll(NT):
@@ -360,10 +367,11 @@ def _cores(spec) -> int:
 
 
 def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarray], bias: np.ndarray,
-             bits: int, group_size: Optional[int], spec) -> tuple:
+             bits: int, group_size: Optional[int], spec, codebook: Optional[np.ndarray] = None) -> tuple:
     """Emit the weight-only kernel for float32 x [..., K] and integer weights q [N, K] (int8 values or int4
     values 0..15), scales float32 [N, NG], zeros [N, NG] (None: symmetric), bias float32 [N]. Returns
-    (float32 [..., N] Relax expression, kernel name)."""
+    (float32 [..., N] Relax expression, kernel name). `codebook` (float32 [16] for 4-bit, [256] for 8-bit
+    indices q): weight sharing, w = codebook[q] (scales ones, no zero points)."""
     import tvm
     from tvm import relax
 
@@ -386,7 +394,7 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
         # faster than 8-lane blocks (benchmarks/bench_weight_only.py, x86:haswell)
         lanes = 16
         nb = (n + lanes - 1) // lanes
-        nt = 2 if bits == 4 and (per_channel or g % 8 == 0) and m == 1 else 1
+        nt = 2 if bits == 4 and (per_channel or g % 8 == 0) and m == 1 and codebook is None else 1
         while nt > 1 and nb / nt < 2 * _cores(spec):
             nt //= 2
     nbp = (nb + nt - 1) // nt * nt
@@ -399,21 +407,24 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
         q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
     args = [const(pack_weights(q, bits, lanes, nbp)), const(_group_table(scales, lanes, nbp, np.float32)),
             const(zt), const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
-    if kind == "direct" and bits == 4 and g % 8 == 0:
+    cb = np.zeros(1, np.float32) if codebook is None else codebook.astype(np.float32)
+    args.insert(3, const(cb))
+    if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
         return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
     if kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
-        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym)
+        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size)
     else:
-        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym)
-    name = f"graphopt_woq{bits}_{kind}"
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size)
+    name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
     gv = bb.add_func(func.without_attr("global_symbol"), name)
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
     y = bb.emit(relax.call_tir(gv, [x2, *args], relax.TensorType([m, nbp * lanes], "float32")))
     if nbp * lanes != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"int{bits} {kind}"
+    what = f"codebook{bits}" if codebook is not None else f"int{bits}"
+    return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"{what} {kind}"
 
 
 def convert_packed(st, node, importer):
@@ -480,3 +491,26 @@ def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, n
     if nbp * lanes != n:
         y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
     return bb.emit(R.reshape(y, [*shape[:-1], n])), "int4 direct"
+
+
+def convert_clustered(st, node, importer):
+    """Converter of ``graphopt::clustered_linear(x, idx, codebook, bias, bits, in_features)`` (weight sharing,
+    graphopt.quant.cluster): the weight-only kernels with a codebook lookup in place of int -> float."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    bits, k = int(node.args[4]), int(node.args[5])
+    idx = st.need(node, 1, "the cluster indices").astype(np.uint8)
+    codebook = st.need(node, 2, "the codebook").astype(np.float32)
+    n = idx.shape[0]
+    bias = st.bias(node, 3, n)
+    q = (np.stack([idx & 15, idx >> 4], axis=2).reshape(n, -1)[:, :k] if bits == 4 else idx).astype(np.int16)
+    if st.path == "relax":
+        st.count(f"clustered_linear:{bits}-bit:relax")
+        w = np.ascontiguousarray(codebook[q].T)
+        return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(bias)))
+    ones = np.ones((n, 1), np.float32)
+    y, kind = emit_woq(bb, x, q, ones, None, bias, bits, None, st.spec, codebook=codebook)
+    st.count(f"clustered_linear:{kind}")
+    return y
