@@ -10,6 +10,9 @@ machine hit every variant alike; median ms per call at batch 1):
   fp32        graphopt `cleanup` compiled for the target (our own float32 build)
   woq8        + quantize(mode=weight_only)                     int8, per output channel
   woq4-g<G>   + quantize(mode=weight_only,bits=4,group_size=G) int4, groups of G inputs (one per --group)
+  cluster16   + cluster(k=16) (with --cluster): weight sharing, 4-bit indices into a per-layer codebook of
+              16 float32 values; its compressed model file (graphopt.compressed, zstd-coded indices) is
+              written and its size printed next to the float32 weights' bytes
 Models:
   mlp      graphopt.models "mlp" (1024-4096-4096-1000, batch 1: M = 1, memory-bound GEMV)
   encoder  bench_quantize's BERT-style encoder (small: 4 layers, hidden 256, seq 64 -> every Linear has
@@ -61,6 +64,8 @@ def bench(name: str, args) -> dict:
     builds = {"fp32": "cleanup", "woq8": "cleanup,quantize(mode=weight_only)"}
     for g in args.group:
         builds[f"woq4-g{g}"] = f"cleanup,quantize(mode=weight_only,bits=4,group_size={g})"
+    if args.cluster:
+        builds["cluster16"] = "cleanup,cluster(k=16)"
     fns, info = {"eager": model}, {}
     for key, pipe in builds.items():
         t = time.perf_counter()
@@ -69,6 +74,15 @@ def bench(name: str, args) -> dict:
                      "kernels": opt.report.backend.get("int8", "").split(";")[0],
                      "size_bytes": opt.report.final.size_bytes}
         fns[key] = opt
+        if key == "cluster16":
+            import tempfile
+
+            from graphopt import compressed
+
+            with tempfile.TemporaryDirectory() as d:
+                path = compressed.save(opt, os.path.join(d, "model.goptz"))
+                info[key]["compressed_file_bytes"] = os.path.getsize(path)
+            info[key]["float32_param_bytes"] = sum(p.numel() * 4 for p in model.parameters())
         print(f"  built {key}: {info[key]['build_s']} s  {info[key]['kernels']}", flush=True)
     for fn in fns.values():
         with torch.no_grad():
@@ -102,6 +116,11 @@ def print_result(res: dict) -> None:
             print(f"  {k}: int4 / int8-weight-only speed {r['vs_woq8']}x (goal >= 1.5), int4 / fp32 speed "
                   f"{r['vs_fp32']}x (goal >= 2), cosine vs float32 {r['cosine']}")
     print(f"  woq8: int8-weight-only / fp32 speed {rows['woq8']['vs_fp32']}x (goal >= 1.0)")
+    if "cluster16" in rows:
+        r = rows["cluster16"]
+        print(f"  cluster16: compressed file {r['compressed_file_bytes']:,} B vs float32 parameters "
+              f"{r['float32_param_bytes']:,} B ({r['float32_param_bytes'] / r['compressed_file_bytes']:.1f}x "
+              f"smaller), speed vs fp32 {r['vs_fp32']}x, cosine {r['cosine']}")
     for k, r in rows.items():
         if r.get("kernels"):
             print(f"  [{k}] {r['kernels']}")
@@ -114,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--encoder", choices=["small", "base"], default="small")
     ap.add_argument("--group", default="128", help="int4 group sizes, comma-separated")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--cluster", action="store_true", help="also build cluster(k=16) and its compressed file")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     args.group = [int(g) for g in args.group.split(",") if g.strip()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_corrupted_compressed_files_are_typed_errors(clustered, tmp_path):
 tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
-from tests.quant.test_int8_paths import _compile  # noqa: E402
+from tests.quant.test_int8_paths import _compile, asm_of  # noqa: E402
 
 # (rows, in, out, k): 4-bit and 8-bit indices, direct (M <= 4) and panel kernels, odd K and N, pruned zeros
 LUT_SHAPES = [(1, 37, 21, 16), (7, 64, 33, 16), (1, 53, 19, 64), (9, 30, 17, 40)]
@@ -153,8 +154,13 @@ def test_codebook_kernels_match_the_reference():
     module = LutLayers().eval()
     g = torch.Generator().manual_seed(1)
     args = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in LUT_SHAPES)
-    compiled, _, lowered = _compile(module, args, resolve_target("x86"))
+    spec = resolve_target("x86")
+    compiled, exe, lowered = _compile(module, args, spec)
     assert "clustered_linear:codebook4 direct×1" in lowered.quant and "codebook8 panel×1" in lowered.quant
+    from tvm.target import codegen
+
+    if codegen.target_has_features("avx512f", spec.tvm_target()):      # 16-entry lookup: one permute
+        assert re.search(r"vperm(ps|d)\t%zmm", asm_of(exe))            # (LLVM may pick the integer form)
     with torch.no_grad():
         refs = module(*args)
     eps = torch.finfo(torch.float32).eps

@@ -116,12 +116,14 @@ def _group_of(kp, GP: int, per_channel: bool):
     return 0 if per_channel else kp // GP
 
 
-def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool, C: int = 1):
+def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool, C: int = 1,
+                  permute: bool = False):
     """TIR for M <= 4 rows: Y[M, NB·L] = X · dequant(W)ᵀ + B, G the group size (even; G >= K: one group per
     channel). Per group g the kernel sums x·float32(q) (the raw integers: no per-weight subtract or scale)
     and Σx, then adds s·Σx·q + o·Σx with o = -z·s (O [NB, NG, L]; absent when symmetric): the same value
     as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group).
-    C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S)."""
+    C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S).
+    permute (AVX-512, C = 16, L = 16, 4-bit): the lookup is one vpermps of the codebook register."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -157,10 +159,17 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                     xs[t] = T.float32(0)
                 for kp in range(_extent(T, GP, KP - g * GP, ragged)):
                     for nt in T.unroll(NT):
-                        for j in T.vectorized(L):
-                            wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False, CB, C)
-                        for j in T.vectorized(L):
-                            wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True, CB, C)
+                        if permute:
+                            wf[T.ramp(nt * L, 1, L)] = _permute16(T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0],
+                                                                                   f"uint8x{L}"), False)
+                            wf[T.ramp((NT + nt) * L, 1, L)] = _permute16(
+                                T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0], f"uint8x{L}"), True)
+                        else:
+                            for j in T.vectorized(L):
+                                wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False, CB, C)
+                            for j in T.vectorized(L):
+                                wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True, CB,
+                                                             C)
                     for mi in T.unroll(M):
                         xs[mi] = xs[mi] + X[mi, (g * GP + kp) * 2]
                         xs[M + mi] = xs[M + mi] + X[mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)]
@@ -272,6 +281,14 @@ def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
     for i in range(8):
         words |= ((q[..., i] + (8 if i == 7 else 0)) % 16) << np.uint32(4 * i)
     return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
+
+
+def _permute16(T, CB, byte_vec, high: bool):
+    """16 codebook entries picked by the low or high nibbles of 16 bytes: AVX-512 vpermps (permvar.sf.512)."""
+    b = T.Cast("int32x16", byte_vec)
+    idx = T.shift_right(b, T.broadcast(T.int32(4), 16)) if high else T.bitwise_and(b, T.broadcast(T.int32(15), 16))
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
+                                   CB.vload([0], "float32x16"), idx, dtype="float32x16")
 
 
 def _raw(T, W, bits, nb, kp, j, high: bool, CB=None, C: int = 1):
@@ -414,7 +431,9 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     if kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
-        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size)
+        permute = (codebook is not None and bits == 4 and lanes == 16 and regs >= 32
+                   and spec.arch == "x86_64")
+        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute)
     else:
         func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size)
     name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
