@@ -191,3 +191,23 @@ def test_int4_artifact_round_trips(tmp_path):
     with torch.no_grad():
         ref = opt.graph_module(x)                   # the torch reference graph of the same quantized model
     assert torch.allclose(opt(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_relax_lowering_without_an_llvm_cpu_target():
+    """spec None (the 'relax' path CUDA takes): weights dequantized once at compile time, a float matmul."""
+    from graphopt.backends.tvm import build_module, lower_graph
+    from graphopt.backends.tvm.runtime import CompiledModule
+    from graphopt.quant.cluster import ClusteredLinear
+
+    torch.manual_seed(0)
+    module = nn.Sequential(PackedWeightOnlyLinear(torch.randn(12, 21), torch.randn(12), 4, 8),
+                           WeightOnlyLinear(torch.randn(9, 12), None),
+                           ClusteredLinear(torch.randn(5, 9), torch.randn(5), 16)).eval()
+    x = torch.randn(3, 21)
+    lowered = lower_graph(torch.fx.symbolic_trace(module), (x,), None)
+    assert "relax" in lowered.quant and "direct" not in lowered.quant
+    host = resolve_target("x86")
+    compiled = CompiledModule(build_module(lowered.mod, host), host, lowered.inputs, lowered.outputs,
+                              lowered.out_spec, lowered.const_outputs)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), module(x), rtol=1e-5, atol=1e-5)
