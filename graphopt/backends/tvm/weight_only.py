@@ -5,24 +5,28 @@ group-wise scales and zero points; graphopt.quant.weight_only) to hand-written T
 bytes and dequantizes them inside the GEMM loop, so a layer reads 1 (int8) or 1/2 (int4) byte per weight
 instead of 4. Vectors are the target's float32 SIMD width (16 lanes AVX-512, 8 AVX2, 4 NEON).
 
-Weight layout (packed at compile time, numpy): columns in blocks of L lanes, K in pairs,
-  int8  [NB, 2·KP, L] int8        (KP = ceil(K/2); row 2·kp is input 2·kp)
-  int4  [NB, KP, L]   uint8       (low nibble: input 2·kp, high nibble: input 2·kp + 1)
-scales float32 and zero points int32 [NB, NG, L] (NG groups along K), bias float32 [NB·L].
+Weight layouts (packed at compile time, numpy): columns in blocks of L lanes,
+  int8 / pairs   [NB, 2·KP, L] int8, or [NB, KP, L] uint8 for 4-bit (low nibble: input 2·kp, high: 2·kp + 1)
+  int4 words     [NB, K/8, L] int32, 8 nibbles per word (the int4 GEMV kernel, groups of 8k inputs)
+scales float32 and zero points [NB, NG, L] (NG groups along K), bias float32 [NB·L]; codebooks (weight
+sharing, graphopt.quant.cluster) float32 [16] or [256].
 
-Two kernels, picked by the number of rows M (tokens × batch) at compile time:
-  direct (M <= 4: batch-1 GEMV, memory-bound)  each weight vector is loaded, widened (int8 -> int32, or the
-      two nibbles of a byte: and / shift), converted to float32, (minus zero point) times its group's scale,
-      and multiply-added into M·NT accumulator vectors; even and odd inputs go to separate accumulators
-      (independent FMA chains). Per-channel int8 scales are applied once in the epilogue instead.
-  panel  (M > 4: compute-bound)  per block of NT·L output columns and chunk of KC inputs the weights are
-      dequantized once into a float32 panel [KC, NT·L] (<= 64 KiB, stays in L1/L2), then an MT x NT·L
-      register-tiled float32 micro-kernel runs over all rows; partial sums go through the output between
-      chunks. Dequantization is paid once per weight, not once per row.
+Kernels, picked by the number of rows M (tokens × batch) at compile time:
+  direct (M <= 4: batch-1 GEMV, memory-bound): per group, x·float32(q) and Σx are accumulated (even and odd
+      inputs in separate accumulators: independent FMA chains) and s·Σxq + o·Σx (o = -z·s) is added at the
+      group's end: no per-weight subtract or multiply. int4 with groups of 8k inputs uses direct4_kernel
+      (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
+      cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
+      register for 4-bit indices on AVX-512; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
+  panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
+      dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2), then an MT x NT·L register-tiled
+      float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
+      Dequantization is paid once per weight, not once per row.
 Both are parallel over column blocks. Results equal x @ dequantized(W).T + bias up to float32 rounding
-(summation order, FMA contraction; the direct kernel's per-channel scale is applied after the sum).
-Input tails: an odd K reads its last pair's missing input at index K-1 against a zero weight (q = z); a last group
-shorter than group_size loops over what exists; N is padded to whole NT·L blocks and sliced off.
+(summation order, FMA contraction, the zero-point term subtracted once per group).
+Input tails: an odd K reads its last pair's missing input at index K-1 against weight q = z (zero); a last
+group shorter than group_size loops over what exists (the word kernel pads x with zeros instead); N is padded
+to whole NT·L blocks and sliced off.
 """
 from __future__ import annotations
 
