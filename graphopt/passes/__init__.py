@@ -3,3 +3,4 @@ from . import cleanup, distill, fold_bn  # noqa: F401
 from . import quantize  # noqa: F401
 from . import lowrank  # noqa: F401
 from . import prune  # noqa: F401
+from . import cluster  # noqa: F401
