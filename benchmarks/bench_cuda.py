@@ -7,9 +7,10 @@
 What one run does, each section reported even when another fails:
   1. per model and batch (graphopt.models, random weights): graphopt.optimize(model, target="cuda") untuned
      (dlight default schedules, the GPU's own sm_XX), PyTorch eager on the GPU, torch.compile (default mode),
-     ONNX Runtime's CUDA execution provider when onnxruntime-gpu is installed, and the same model in
-     float16 (`model.half()`, compiled by graphopt; --fp16-batches) -- all timed interleaved round-robin
-     (CUDA-synchronized), with max |Δ| against eager float32 on the GPU.
+     ONNX Runtime's CUDA execution provider when onnxruntime-gpu is installed, and in float16
+     (--fp16-batches): graphopt precision="float16" (float32 accumulation) against the model in half
+     precision in eager -- all timed interleaved round-robin (CUDA-synchronized), with max |Δ| against eager
+     float32 on the GPU. --profile adds graphopt's per-kernel timings (top 12, kernel_profile.py).
   2. --tune N: a short MetaSchedule run on the GPU for the first model at the largest batch, with records kept
      in --database, then a re-compile from those records (it must run zero new trials) and its latency.
   3. --artifact PATH: an artifact saved on another machine (e.g. built for cuda:sm_90 on a CPU-only machine
@@ -100,7 +101,7 @@ def ort_cuda_session(model, x):
     return lambda: sess.run(None, {name: xn})[0]
 
 
-def bench_case(name: str, batch: int, fp16: bool, variants: list[str]) -> dict:
+def bench_case(name: str, batch: int, fp16: bool, variants: list[str], profile: bool = False) -> dict:
     torch.manual_seed(0)
     model, (x,) = get_model(name, batch)
     row = {"model": name, "batch": batch, "errors": {}, "compile_s": {}, "max_abs": {}, "max_rel": {}}
@@ -145,24 +146,44 @@ def bench_case(name: str, batch: int, fp16: bool, variants: list[str]) -> dict:
             fns["ort"] = run
         except Exception as e:
             row["errors"]["ort"] = first_line(e)
+    opt16 = None
     if fp16:
-        try:
-            half = get_model(name, batch)[0].half().eval()
-            xh = x.half() if x.is_floating_point() else x
+        try:       # graphopt precision="float16": float16 operands, float32 accumulation and signature
             t = time.perf_counter()
-            opt16 = graphopt.optimize(half, target="cuda", example_inputs=(xh,))
+            try:
+                opt16 = graphopt.optimize(model.cpu(), target="cuda", example_inputs=(x,), precision="float16")
+            finally:
+                model.cuda()              # eager and the other variants run on the GPU whatever happened here
             row["compile_s"]["graphopt-fp16"] = round(time.perf_counter() - t, 1)
-            xhc = xh.cuda()
-            half = half.cuda()
-            row["max_abs"]["graphopt-fp16"], row["max_rel"]["graphopt-fp16"] = max_rel_diff(opt16(xhc), want)
+            row["max_abs"]["graphopt-fp16"], row["max_rel"]["graphopt-fp16"] = max_rel_diff(opt16(xc), want)
+            fns["graphopt-fp16"] = lambda: opt16(xc)
+        except Exception as e:
+            row["errors"]["graphopt-fp16"] = first_line(e)
+        try:       # PyTorch's own float16: the model in half precision (eager)
+            half = get_model(name, batch)[0].half().eval().cuda()
+            xhc = xc.half() if xc.is_floating_point() else xc
+            with torch.no_grad():
+                row["max_abs"]["eager-fp16"], row["max_rel"]["eager-fp16"] = max_rel_diff(half(xhc), want)
 
             def eager16():
                 with torch.no_grad():
                     return half(xhc)
-            fns["graphopt-fp16"] = lambda: opt16(xhc)
             fns["eager-fp16"] = eager16
         except Exception as e:
-            row["errors"]["graphopt-fp16"] = first_line(e)
+            row["errors"]["eager-fp16"] = first_line(e)
+    if profile:
+        from graphopt.backends.tvm.kernel_profile import profile_kernels
+
+        row["profile"] = {}
+        for key, mod in (("graphopt", opt), ("graphopt-fp16", opt16)):
+            if mod is None:
+                continue
+            try:
+                rows = profile_kernels(mod, xc, repeat=3)
+                row["profile"][key] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                       for r in rows[:12]]
+            except Exception as e:
+                row["errors"][f"profile-{key}"] = first_line(e)
     row["times"] = time_cuda(fns)
     return row
 
@@ -225,8 +246,9 @@ def run_artifact(path: str) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     cols = ["graphopt", "eager", "torch.compile", "ort", "graphopt-fp16", "eager-fp16"]
-    print("\n| model, batch | " + " | ".join(cols) + " | graphopt/eager | graphopt/torch.compile | max rel |Δ| |")
-    print("|" + "---|" * (len(cols) + 4))
+    print("\n| model, batch | " + " | ".join(cols) +  " | graphopt/eager | graphopt/torch.compile | max rel |Δ| "
+          "| graphopt-fp16/eager-fp16 | fp16 max rel |Δ| |")
+    print("|" + "---|" * (len(cols) + 6))
     for r in rows:
         if "times" not in r:
             print(f"| {r['model']}, {r['batch']} | failed: {r.get('error')} |")
@@ -236,7 +258,11 @@ def print_table(rows: list[dict]) -> None:
         ratio = lambda a, b: f"{t[a]['ms'] / t[b]['ms']:.2f}" if a in t and b in t else "-"  # noqa: E731
         print(f"| {r['model']}, {r['batch']} | " + " | ".join(cells)
               + f" | {ratio('graphopt', 'eager')} | {ratio('graphopt', 'torch.compile')} | "
-              + f"{r['max_rel'].get('graphopt', float('nan')):.2e} |")
+              + f"{r['max_rel'].get('graphopt', float('nan')):.2e} | {ratio('graphopt-fp16', 'eager-fp16')} | "
+              + f"{r['max_rel'].get('graphopt-fp16', float('nan')):.2e} |")
+        for key, prof in r.get("profile", {}).items():
+            top = ", ".join(f"{p['name']} {100 * p['share']:.0f}%" for p in prof[:5])
+            print(f"|   profile {key}: {top} |")
 
 
 def main(argv=None) -> int:
@@ -245,6 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="32,1")
     ap.add_argument("--fp16-batches", default="32", help="batches that also run float16 ('' for none)")
     ap.add_argument("--variants", default="torch.compile,ort")
+    ap.add_argument("--profile", action="store_true", help="per-kernel timings of graphopt's builds (top 12)")
     ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials on the GPU (0: no tuning section)")
     ap.add_argument("--tune-model", default="resnet18")
     ap.add_argument("--tune-batch", type=int, default=32)
@@ -276,7 +303,7 @@ def main(argv=None) -> int:
     for name in [m for m in a.models.split(",") if m]:
         for batch in [int(b) for b in a.batches.split(",")]:
             try:
-                row = bench_case(name, batch, batch in fp16_batches, variants)
+                row = bench_case(name, batch, batch in fp16_batches, variants, a.profile)
             except Exception as e:
                 row = {"model": name, "batch": batch, "error": first_line(e),
                        "trace": traceback.format_exc()[-3000:]}

@@ -22,7 +22,7 @@ DEFAULT_PIPELINE = "fold_bn,cleanup"
 def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,
              *, example_inputs: tuple | torch.Tensor | None = None, calibration: Iterable | None = None,
              train_data: Iterable | None = None, tune: Any = None, verify: bool = True, capture_method: str = "auto",
-             exact_rtol: float = 1e-4) -> OptimizedModel:
+             exact_rtol: float = 1e-4, precision: str = "float32") -> OptimizedModel:
     """Optimize `model` for `target` and return an OptimizedModel.
 
     model:          an nn.Module (never mutated; a copy is traced in eval mode)
@@ -33,6 +33,8 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     train_data:     iterable of inputs or (inputs, labels) batches for passes that train (distill)
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
+    precision:      compute precision of a TVM target: "float32", or "float16" (float16 operands, float32
+                    accumulation and signature; pays on CUDA tensor cores; see backends/tvm/precision.py)
     """
     if example_inputs is None:
         raise GraphoptError("optimize() needs example_inputs=(tensor, ...): one example per forward() "
@@ -41,6 +43,12 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     spec = resolve_target(target)
+    if precision not in ("float32", "fp32"):
+        from .backends.tvm.precision import check_precision
+
+        precision = check_precision(precision)
+        if spec.kind == "torch":
+            raise GraphoptError(f"precision={precision!r} applies to compiled (TVM) targets, not 'torch'")
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
     start = time.perf_counter()
@@ -61,7 +69,7 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     else:
         from .backends.tvm import compile_graph
 
-        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report)
+        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report, precision=precision)
     opt = OptimizedModel(gm, compiled, report, pipe, spec, captured.method)
     opt.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
     return opt

@@ -4,3 +4,4 @@ from . import quantize  # noqa: F401
 from . import lowrank  # noqa: F401
 from . import prune  # noqa: F401
 from . import sparsify  # noqa: F401
+from . import cluster  # noqa: F401

@@ -12,7 +12,7 @@ from ..analysis.compare import flatten_outputs
 from ..errors import CalibrationError, PassError
 from ..pipeline import Context, Pass, PassResult, register_pass
 from ..quant import graph as qgraph
-from ..quant.modules import FakeQuantize, QuantConv2d, QuantLinear, QuantMatmul
+from ..quant.modules import FakeQuantize, QuantConv2d, QuantLinear, QuantMatmul, WeightOnlyLinear
 from ..quant.qparams import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX
 
 __all__ = ["Quantize", "activation_dtype_for", "int8_path_for", "int8_path_note"]
@@ -79,7 +79,14 @@ class Quantize(Pass):
                    `ops` picks the kinds (linear, conv2d, matmul). Observers: minmax, moving_average,
                    percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
-      weight_only  Linear only: int8 weights, float32 compute. No data.
+      weight_only  Linear only: int8 or int4 weights, float32 activations and compute. No data.
+                   bits=8 (default): symmetric int8, per output channel, or per group of `group_size`
+                   inputs; bits=4: two weights per byte, asymmetric per group (scale + integer zero point,
+                   zero exact), group_size default 128 (-1: per output channel). On LLVM CPU targets the
+                   kernels dequantize inside the GEMM loop (graphopt.backends.tvm.weight_only), so a layer
+                   reads 1 or 1/2 byte per weight instead of 4. Approximates each weight by its group's
+                   grid: |error| <= scale/2 (255 levels int8, 16 levels int4); the details list each layer's
+                   weight rel. L2 error (w_err).
     A graph prepared for QAT (graphopt.quant.prepare_qat, fine-tuned) is converted with its learned ranges
     whatever the mode; no calibration data is needed then.
 
@@ -115,6 +122,7 @@ class Quantize(Pass):
     exact = False
     mode: Literal["static", "dynamic", "weight_only"] = "static"
     bits: int = 8
+    group_size: Optional[int] = None
     activation: Literal["auto", "uint8", "int8"] = "auto"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     percentile: float = 99.99
@@ -127,8 +135,18 @@ class Quantize(Pass):
     reduce_range: Optional[bool] = None
 
     def __post_init__(self):
-        if self.bits != 8:
-            raise ValueError(f"bits={self.bits}: only 8-bit quantization is implemented")
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits={self.bits}: choose 8, or 4 with mode=weight_only")
+        if self.bits == 4 and self.mode != "weight_only":
+            raise ValueError(f"bits=4 needs mode=weight_only (int4 weights, float activations), got mode={self.mode}")
+        if self.group_size is not None:
+            if self.mode != "weight_only":
+                raise ValueError(f"group_size={self.group_size} needs mode=weight_only (static and dynamic "
+                                 f"int8 weights are per output channel)")
+            if self.group_size != -1:
+                from ..quant.weight_only import check_options
+
+                check_options(self.bits, self.group_size)
         bad = [o for o in self.ops if o not in ("linear", "conv2d", "matmul")]
         if bad:
             raise ValueError(f"ops {bad} not supported: choose from linear, conv2d, matmul")
@@ -167,11 +185,40 @@ class Quantize(Pass):
         if not survey.sites:
             notes.append("no quantizable Linear/Conv2d layer found: graph unchanged")
 
+    def _group(self) -> Optional[int]:
+        """Weight-only group size: None = per output channel."""
+        if self.group_size == -1:
+            return None
+        return 128 if self.group_size is None and self.bits == 4 else self.group_size
+
     def _swap(self, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) -> PassResult:
-        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax)
+        make = None
+        group = self._group()
+        w_err: dict[int, float] = {}
+        if self.mode == "weight_only":
+            from ..quant.weight_only import PackedWeightOnlyLinear
+
+            def make(lin):
+                if self.bits == 4 or group is not None:
+                    mod = PackedWeightOnlyLinear(lin.weight, lin.bias, self.bits, group)
+                    deq = mod.dequantized_weight()
+                else:
+                    mod = WeightOnlyLinear(lin.weight, lin.bias)
+                    deq = mod.weight_q.float() * mod.w_scale.reshape(-1, 1)
+                w = lin.weight.detach().double()
+                w_err[id(mod)] = float((deq.double() - w).norm() / w.norm().clamp_min(1e-300))
+                return mod
+        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make)
         self._survey_notes(survey, notes)
         details = [{"layer": s.path, "kind": s.kind, "mode": self.mode,
                     "input": "uint8 per call" if self.mode == "dynamic" else "float32"} for s in survey.sites]
+        if self.mode == "weight_only":
+            for row in details:
+                mod = new.get_submodule(row["layer"])
+                row.update(bits=self.bits, group=getattr(mod, "group_size", None) or "channel",
+                           w_err=w_err.get(id(mod), float("nan")))
+            notes.append(f"weight-only int{self.bits}, "
+                         f"{'per output channel' if group is None else f'groups of {group} inputs'}")
         if self.tolerance is not None:
             notes.append("tolerance is only applied in static mode")
         return PassResult(new, changed=bool(survey.sites), notes=notes, details=details)

@@ -489,9 +489,10 @@ def prepare_qat(gm: fx.GraphModule, *, dtype: str = "uint8", kinds=("linear", "c
 
 
 def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = (),
-                weight_qmax: int = WEIGHT_QMAX) -> tuple[fx.GraphModule, Survey]:
+                weight_qmax: int = WEIGHT_QMAX, make=None) -> tuple[fx.GraphModule, Survey]:
     """A new GraphModule with every Linear replaced by DynamicQuantLinear ("dynamic", weights in
-    [-weight_qmax, weight_qmax]) or WeightOnlyLinear ("weight_only", [-127, 127]: float32 compute);
+    [-weight_qmax, weight_qmax]) or WeightOnlyLinear ("weight_only", [-127, 127]: float32 compute), or by
+    `make(linear)` when given (e.g. graphopt.quant.weight_only.PackedWeightOnlyLinear);
     Conv2d and everything else stays float. `gm` is not changed."""
     cls = {"dynamic": DynamicQuantLinear, "weight_only": WeightOnlyLinear}[mode]
     graph, _ = _copy_graph(gm)
@@ -505,7 +506,7 @@ def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = (),
             continue
         mod = work.get_submodule(site.path)
         extra = {"weight_qmax": weight_qmax} if mode == "dynamic" else {}
-        _set_module(work, site.path, cls(mod.weight, mod.bias, **extra))
+        _set_module(work, site.path, make(mod) if make is not None else cls(mod.weight, mod.bias, **extra))
     survey.sites = [s for s in survey.sites if s.kind == "linear"]
     work.recompile()
     return work, survey

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["COMMON_OPS", "VARIANTS", "Case", "Result", "op_infos", "make_cases", "inject", "compare",
-           "run_cases", "summarize", "lowerable_ops"]
+           "run_cases", "remote_executor", "summarize", "lowerable_ops"]
 
 # Ops a typical CNN / MLP / transformer uses (OpInfo names; "name.variant" picks a variant).
 COMMON_OPS = (
@@ -281,7 +281,11 @@ def _float64(case: Case):
         return None
 
 
-def _run_group(cases: list[Case], refs: list, target: str):
+def _run_here(opt, inputs):
+    return opt(*inputs)
+
+
+def _run_group(cases: list[Case], refs: list, target: str, execute: Callable = _run_here):
     """Compile `cases` as one module and compare; returns a list of Results, or the exception raised."""
     from ..api import optimize
 
@@ -289,7 +293,7 @@ def _run_group(cases: list[Case], refs: list, target: str):
     inputs = module.inputs()
     try:
         opt = optimize(module, target=target, pipeline="", example_inputs=inputs)
-        got = opt(*inputs)
+        got = execute(opt, inputs)
     except Exception as e:          # noqa: BLE001 - classified by the caller
         return e
     return [Result(c, "match" if (d := compare(g, r, alt=_float64(c))) is None else "wrong", d or "")
@@ -305,9 +309,11 @@ def _classify_error(case: Case, e: BaseException) -> Result:
 
 
 def run_cases(cases: list[Case], target: str = "x86", batch: int = 8,
-              progress: Callable[[Result], None] | None = None) -> list[Result]:
+              progress: Callable[[Result], None] | None = None, execute: Callable | None = None) -> list[Result]:
     """Run every case (eager first; samples eager rejects are dropped) and classify it. `batch` cases share
-    one compiled module; a failing batch falls back to one module per case."""
+    one compiled module; a failing batch falls back to one module per case. `execute(opt, inputs)` runs a
+    compiled module (default: here; remote_executor() runs an ARM build on an aarch64 RPC device)."""
+    execute = execute or _run_here
     import warnings
 
     runnable, refs = [], []
@@ -321,28 +327,41 @@ def run_cases(cases: list[Case], target: str = "x86", batch: int = 8,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for start in range(0, len(runnable), max(1, batch)):
-            for r in _run_split(runnable[start:start + batch], refs[start:start + batch], target):
+            for r in _run_split(runnable[start:start + batch], refs[start:start + batch], target, execute):
                 results.append(r)
                 if progress is not None:
                     progress(r)
     return results
 
 
-def _run_split(group: list[Case], refs: list, target: str) -> list[Result]:
+def _run_split(group: list[Case], refs: list, target: str, execute: Callable = _run_here) -> list[Result]:
     """Results for `group` compiled as one module; when that fails, for each half in turn (so one failing
     case among n costs about 2 log2(n) builds, not n). Wrong answers in a batch are confirmed alone."""
-    out = _run_group(group, refs, target)
+    out = _run_group(group, refs, target, execute)
     if isinstance(out, list):
-        return [r if r.kind != "wrong" or len(group) == 1 else _single(r.case, refs[i], target)
+        return [r if r.kind != "wrong" or len(group) == 1 else _single(r.case, refs[i], target, execute)
                 for i, r in enumerate(out)]
     if len(group) == 1:
         return [_classify_error(group[0], out)]
     mid = len(group) // 2
-    return _run_split(group[:mid], refs[:mid], target) + _run_split(group[mid:], refs[mid:], target)
+    return (_run_split(group[:mid], refs[:mid], target, execute)
+            + _run_split(group[mid:], refs[mid:], target, execute))
 
 
-def _single(case: Case, ref, target: str) -> Result:
-    out = _run_group([case], [ref], target)
+def remote_executor(session) -> Callable:
+    """execute(opt, inputs) for run_cases that runs each compiled module on an RPC `session` (an aarch64
+    device, or qemu: graphopt.backends.tvm.rpc.DeviceServer) and returns its outputs as a tuple."""
+    from ..backends.tvm import rpc
+
+    def execute(opt, inputs):
+        out = rpc.load_remote(opt, session)(*inputs)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    return execute
+
+
+def _single(case: Case, ref, target: str, execute: Callable = _run_here) -> Result:
+    out = _run_group([case], [ref], target, execute)
     return out[0] if isinstance(out, list) else _classify_error(case, out)
 
 

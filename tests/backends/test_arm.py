@@ -198,3 +198,20 @@ def test_int8_kernels_run_on_aarch64_and_equal_the_qdq_graph(aarch64_server):
     remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
     for got, ref in zip(remote(*args), refs):
         assert torch.equal(got, ref)
+
+
+# ------------------------------------------------------------------------------- PyTorch's semantics on aarch64
+@needs_cross
+@needs_aarch64_runtime
+def test_opinfo_samples_with_nan_and_inf_match_pytorch_on_aarch64(aarch64_session):
+    """The OpInfo differential harness (graphopt.testing.opinfo) on the ARM build: NaN/Inf samples of the
+    ops whose NaN semantics the backend rewrites (relu, clamp, maximum, amax) give PyTorch's answers there
+    too (AArch64 FMAX/FMIN from llvm.maximum/minimum). The full sweep: benchmarks/opinfo_sweep.py --target arm."""
+    from graphopt.testing import opinfo
+
+    cases = opinfo.make_cases(["nn.functional.relu", "clamp", "maximum", "amax"], samples=1,
+                              variants=["nonfinite"])
+    results = opinfo.run_cases(cases, target="arm:cortex-a72", batch=len(cases),
+                               execute=opinfo.remote_executor(aarch64_session))
+    assert len(results) == len(cases) >= 4
+    assert all(r.kind == "match" for r in results), opinfo.summarize(results)

@@ -209,6 +209,20 @@ def test_cuda_model_runs_on_the_gpu_and_matches_torch(tmp_path):
     torch.testing.assert_close(loaded(xc), got, rtol=0, atol=0)
 
 
+@needs_gpu
+def test_float16_cuda_model_runs_on_the_gpu_and_matches_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).eval()
+    x = torch.randn(128, 256)
+    opt = graphopt.optimize(model, target="cuda", example_inputs=(x,), precision="float16")
+    xc = x.cuda()
+    with torch.no_grad():
+        want = model.cuda()(xc)
+    got = opt(xc)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)      # float16 operands, float32 accumulation
+
+
 # -------------------------------------------------------------------------------- compatibility, tuning
 def test_gpu_mismatch_follows_sass_and_ptx_compatibility():
     assert cuda.gpu_mismatch("sm_80", (8, 0)) is None
@@ -309,3 +323,38 @@ def test_gpu_tuning_builder_builds_and_exports_a_candidate():
     (result,) = builder.build([ms.builder.BuilderInput(mod, target)])
     assert result.error_msg is None, result.error_msg[-2000:]
     assert result.artifact_path and result.artifact_path.endswith(".tar")
+
+
+def test_gpu_recompile_from_kept_records_runs_no_new_trials(monkeypatch, tmp_path):
+    """A second tuned build with the same database and trial count measures nothing new (the records and
+    graphopt_cuda_progress.json say the trials were run); only the missing trials are run when more are asked.
+    The GPU check is bypassed: with nothing to measure, no GPU is touched."""
+    import contextlib
+    import json
+
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backends.tvm.lower import lower_graph
+
+    model, x = _convnet()
+    spec = resolve_target("cuda:sm_80")
+    target = spec.tvm_target()
+    with target:
+        mod = relax.transform.LegalizeOps()(lower_graph(capture(model, (x,)).gm, (x,)).mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target, {}, module_equality="structural")
+    (tmp_path / cuda.CUDA_PROGRESS_FILE).write_text(json.dumps(
+        {"version": 1, "tasks": {cuda._task_set_key(tasks): {"searched": 16}}}))
+    monkeypatch.setattr("graphopt.backends.targets.cuda_available", lambda: True)
+    monkeypatch.setattr(cuda, "cuda_runtime_available", lambda: True)
+    ran = []
+    monkeypatch.setattr(ms.tune, "tune_tasks", lambda **kw: ran.append(kw["max_trials_global"]))
+    # building the TuneContexts loads TVM's CUDA tensor intrinsics (minutes); the trial accounting needs none
+    monkeypatch.setattr("graphopt.backends.tvm.tuning.logs.tune_contexts",
+                        contextlib.contextmanager(lambda tasks, work_dir: (yield [], [])))
+    _, summary = cuda._tune_on_gpu(mod, spec, target, {"trials": 16, "database": str(tmp_path)})
+    assert ran == [] and summary["new_trials"] == 0 and summary["tasks"] == len(tasks)
+    _, summary = cuda._tune_on_gpu(mod, spec, target, {"trials": 40, "database": str(tmp_path)})
+    assert ran == [24] and summary["new_trials"] == 24          # only what is missing
+    assert isinstance(mod, tvm.IRModule)

@@ -212,20 +212,42 @@ def test_training_mode_batch_norm_statistics_near_float32_limits_match_pytorch()
         assert compare(opt(inp, w, b), TrainBN()(inp, w, b)) is None
 
 
-def test_kernels_with_too_many_min_max_are_named_and_left_alone():
-    """A fused conv + mish kernel held 703 float min/max (fast_exp/fast_tanh clamps); their NaN rewrite grows
-    geometrically and its build did not finish. A kernel over the limit is left as TVM lowers it and named."""
+def test_nested_min_max_keep_nan_and_do_not_grow_the_kernel():
+    """A fused conv + mish kernel held 703 float min/max (fast_exp/fast_tanh clamps); a select-based NaN
+    rewrite repeated operands, grew geometrically and had to leave such kernels unrewritten (NaN dropped).
+    llvm.maximum/minimum keep each operand once: the whole fused kernel is rewritten and NaN/Inf inputs give
+    PyTorch's NaN positions."""
     import tvm
+    import tvm_ffi
     from tvm import te, tirx
 
     from graphopt.backends.tvm.numerics import nan_propagating_minmax
 
     a = te.placeholder((16,), name="a")
-    b = te.compute((16,), lambda i: tirx.min(tirx.max(a[i], tirx.const(0.0, "float32")),
-                                             tirx.const(6.0, "float32")), name="b")
-    mod = tvm.IRModule({"relu6": te.create_prim_func([a, b])})
-    skipped: list = []
-    assert nan_propagating_minmax(skipped, limit=2)(mod)["relu6"].same_as(mod["relu6"]) is False
-    assert skipped == []
-    assert nan_propagating_minmax(skipped, limit=1)(mod)["relu6"].same_as(mod["relu6"])
-    assert skipped == ["relu6"]
+    deep = a[0]
+    for k in range(40):                               # 40 nested clamps: 80 min/max
+        deep = tirx.min(tirx.max(deep * 1.5, tirx.const(-k, "float32")), tirx.const(k + 6.0, "float32"))
+    b = te.compute((16,), lambda i: deep + a[i], name="b")
+    mod = tvm.IRModule({"deep": te.create_prim_func([a, b])})
+    out = nan_propagating_minmax()(mod)["deep"]
+    n = [0]
+    count_float = lambda e: (n.__setitem__(0, n[0] + (str(e.ty.dtype) == "float32")), e)[1]  # noqa: E731
+    tvm_ffi.structural_map(out, [((tirx.Max, tirx.Min), count_float)])
+    assert n[0] == 0 and "llvm.maximum" in out.script() and len(out.script()) < 3 * len(mod["deep"].script())
+
+    class ConvMish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return F.mish(self.conv(x)).clamp(-1, 5)
+
+    torch.manual_seed(0)
+    model = ConvMish().eval()
+    x = torch.randn(1, 3, 12, 12)
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+    x[0, 0, 3, 3], x[0, 1, 5, 5], x[0, 2, 7, 7] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.isnan(ref).any() and compare(opt(x), ref) is None, compare(opt(x), ref)

@@ -22,9 +22,10 @@ __all__ = ["compile_graph", "lower_graph", "build_module", "export_library", "Co
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *, tune: Any = None,
-                  report=None) -> CompiledModule:
+                  report=None, precision: str = "float32") -> CompiledModule:
     """Lower `gm`, build it for `spec` and wrap it: a CompiledModule with the example inputs' signature.
 
+    precision: "float32", or "float16" (float32 accumulation, float32 signature; see precision.py).
     Records lower_s (and, via build_module, schedule_s / build_s / target) in report.backend.
     Raises LoweringError, BuildError (TuningError for a tuning request that cannot be honoured).
     """
@@ -39,7 +40,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
             report.backend["sparse"] = lowered.sparse
             report.backend["sparse_layers"] = lowered.sparse_layers
         report.backend["tvm_version"] = tvm.__version__
-    executable = build_module(lowered.mod, spec, tune=tune, report=report)
+    from .precision import apply_precision
+
+    executable = build_module(apply_precision(lowered.mod, precision, report), spec, tune=tune, report=report)
     start = time.perf_counter()
     compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
                               lowered.const_outputs)

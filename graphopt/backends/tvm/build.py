@@ -104,11 +104,8 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
     try:
         from .numerics import nan_propagating_minmax      # PyTorch's NaN semantics for every float min/max
 
-        if spec.kind == "llvm":     # CPU only: on CUDA the rewritten max of a reduction is no longer a
-            skipped: list = []      # reducer LowerCrossThreadReduction matches
-            scheduled = nan_propagating_minmax(skipped)(scheduled)
-            if skipped and report is not None:      # kernels whose min/max may drop NaN, named in the report
-                report.backend["nan_minmax_skipped"] = skipped
+        if spec.kind == "llvm":     # CPU only: CUDA C has no llvm.maximum, and a rewritten reduction max
+            scheduled = nan_propagating_minmax()(scheduled)     # is no reducer cross-thread lowering matches
     except Exception as e:
         raise BuildError(f"NaN-propagating min/max for '{spec.alias}' failed: {type(e).__name__}: "
                          f"{_first_line(str(e))}") from e

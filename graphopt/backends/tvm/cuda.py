@@ -44,6 +44,7 @@ __all__ = ["default_schedule_rules", "schedule_for_gpu", "schedule_cuda", "unsch
            "export_options", "gpu_mismatch", "DeviceImage", "device_images", "DEVICE_FORMAT"]
 
 DEVICE_FORMAT = "fatbin"
+CUDA_PROGRESS_FILE = "graphopt_cuda_progress.json"   # trials measured per set of kernels, beside the records
 _FATBIN_MAGIC = 0xBA55ED50
 _EM_CUDA = 190
 _compiled: dict[tuple[str, str, str], bytes] = {}       # (sha256(source), arch, fmt) -> device code
@@ -122,6 +123,7 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     from tvm.s_tir import meta_schedule as ms
 
     from .tuning.logs import tune_contexts
+    from .tuning.records import Progress
 
     try:
         from .tuning import coerce_tune
@@ -133,21 +135,40 @@ def _tune_on_gpu(mod, spec: TargetSpec, target, tune):
     database = getattr(options, "database", None)
     per_iter = int(getattr(options, "trials_per_iter", 16))
     start = time.perf_counter()
-    work_dir = database or tempfile.mkdtemp(prefix="graphopt-cuda-tune-")
-    builder = ms.builder.LocalBuilder(f_build=_gpu_build(), timeout_sec=float(getattr(options, "timeout", 60.0)))
-    nvcc = find_nvcc()
-    # ms.relax_integration.tune_relax, with the tune contexts of tuning.logs.tune_contexts: MetaSchedule's own
-    # logger set-up (logging.config) fails on a handler without a name on its logger
+    work_dir = Path(database or tempfile.mkdtemp(prefix="graphopt-cuda-tune-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
     tasks = ms.relax_integration.extract_tasks(mod, target, {}, module_equality="structural")
-    with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext(), \
-            tune_contexts(tasks, work_dir) as (contexts, weights):
-        db = ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
-                                num_trials_per_iter=per_iter, builder=builder, runner="local",
-                                cost_model=_gpu_cost_model())
+    # trials already measured for this set of kernels (a re-compile from kept records runs only what is missing)
+    progress = Progress(work_dir / CUDA_PROGRESS_FILE)
+    entry = progress.get(_task_set_key(tasks))
+    missing = max(0, trials - int(entry.get("searched", 0)))
+    summary = {"trials": trials, "new_trials": missing, "tasks": len(tasks), "database": str(work_dir),
+               "cost_model": _gpu_cost_model()}
+    if missing and tasks:
+        builder = ms.builder.LocalBuilder(f_build=_gpu_build(), timeout_sec=float(getattr(options, "timeout", 60.0)))
+        nvcc = find_nvcc()
+        # ms.relax_integration.tune_relax, with the tune contexts of tuning.logs.tune_contexts: MetaSchedule's own
+        # logger set-up (logging.config) fails on a handler without a name on its logger
+        with _nvcc_on_path(nvcc) if nvcc else contextlib.nullcontext(), \
+                tune_contexts(tasks, str(work_dir)) as (contexts, weights):
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                               max_trials_global=missing, num_trials_per_iter=min(per_iter, missing),
+                               builder=builder, runner="local", cost_model=_gpu_cost_model())
+        entry["searched"] = trials
+        progress.save()
+    db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    return mod, {"trials": trials, "database": str(work_dir), "cost_model": _gpu_cost_model(),
-                 "seconds": round(time.perf_counter() - start, 3)}
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return mod, summary
+
+
+def _task_set_key(tasks) -> str:
+    """One key for a set of tuning tasks (their structural hashes, order-free)."""
+    from .tuning.records import task_key
+
+    keys = sorted(task_key(t.dispatched[0]) for t in tasks)
+    return "cuda:" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def _gpu_cost_model() -> str:

@@ -9,12 +9,11 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                              TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)`
                              (`<` for min): a NaN in `a` is dropped (relu(NaN) = 0, clamp(NaN) = lo,
                              max-pool and max() skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
-                             when an operand is NaN. Every float Max/Min becomes
-                                 select(isnan(a), a, select(isnan(b), b, max(a, b)))
-                             with isnan an integer test of the bits (see _is_nan: it vectorizes, and no
-                             simplifier folds it away): per vector an and, an integer compare and a blend
-                             more for each non-constant operand. Integer Max/Min (index arithmetic, int8
-                             kernels) are left alone.
+                             when an operand is NaN. Every float Max/Min becomes LLVM's llvm.maximum /
+                             llvm.minimum (IEEE 754-2019: NaN in, NaN out; x86: max + unordered compare +
+                             blend per vector; AArch64: one FMAX/FMIN). They order -0.0 below +0.0, where
+                             PyTorch returns either zero: equal values. Integer Max/Min (index arithmetic,
+                             int8 kernels) are left alone.
   convert_map(ep)            importer converters (lower.lower_graph) for ATen ops whose TVM converter has
                              other semantics than PyTorch:
                                div.Tensor_mode floor   PyTorch's div_floor_floating (fmod-based; Inf/NaN
@@ -38,82 +37,27 @@ __all__ = ["nan_propagating_minmax", "convert_map"]
 
 
 # ------------------------------------------------------------------------------------------- TIR pass
-_NAN_BITS = {"float32": ("int32", 0x7FFFFFFF, 0x7F800000), "float64": ("int64", 0x7FFFFFFFFFFFFFFF,
-              0x7FF0000000000000), "float16": ("int16", 0x7FFF, 0x7C00), "bfloat16": ("int16", 0x7FFF, 0x7F80)}
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
-def _is_nan(v, dtype: str):
-    """isnan(v) as an integer test on v's bits: |bits| > bits of +Inf. tirx.isnan would do, but TIR's
-    vectorizer scalarizes any loop that calls it (LLVM then emitted gathers and scatters); compares of
-    float values would do too, but TIR's simplifier reasons about them as if NaN did not exist."""
-    from tvm import tirx
-
-    itype, mask, inf = _NAN_BITS[dtype]
-    bits = tirx.reinterpret(itype, v)
-    return tirx.bitwise_and(bits, tirx.const(mask, itype)) > tirx.const(inf, itype)
-
-
-def _is_guarded_load(v) -> bool:
-    """Whether `v` is an if_then_else (a padded load): the only operand worth binding to a variable. Copies of
-    other operands are common subexpressions LLVM merges; binding them too made TVM's CSE pass fail
-    ('variable cse_v1 has been used before definition') on kernels that fuse several min/max."""
-    from tvm import ir
-
-    return isinstance(v, ir.expr.Call) and isinstance(v.op, ir.Op) and v.op.name.endswith(".if_then_else")
-
-
-def _nan_select(e):
+def _nan_minmax(e):
     """The NaN-propagating form of a float tirx.Max / tirx.Min node (others are returned unchanged):
-        max(a, b) -> let x = a, y = b in select(isnan(x), x, select(isnan(y), y, max(x, y)))
-    (the isnan test of a constant operand is left out; a let evaluates a padded load's if_then_else once)."""
+    LLVM's llvm.maximum / llvm.minimum (IEEE 754-2019 maximum/minimum: NaN if either operand is NaN), one
+    opaque pure call with each operand once, so nested min/max do not grow and the vectorizer keeps it whole."""
     from tvm import tirx
 
     dtype = str(e.ty.dtype)
-    if dtype not in _NAN_BITS:
+    if dtype not in _FLOATS:
         return e
-    binds, ops = [], []
-    for name, v in (("nan_a", e.a), ("nan_b", e.b)):
-        if not _is_guarded_load(v):
-            ops.append(v)
-        else:
-            var = tirx.Var(name, dtype)
-            binds.append((var, v))
-            ops.append(var)
-    x, y = ops
-    out = tirx.Max(x, y) if isinstance(e, tirx.Max) else tirx.Min(x, y)
-    if not isinstance(y, tirx.FloatImm):
-        out = tirx.Select(_is_nan(y, dtype), y, out)
-    if not isinstance(x, tirx.FloatImm):
-        out = tirx.Select(_is_nan(x, dtype), x, out)
-    for var, value in reversed(binds):
-        out = tirx.Let(var, value, out)
-    return out
+    name = "llvm.maximum" if isinstance(e, tirx.Max) else "llvm.minimum"
+    return tirx.call_llvm_pure_intrin(dtype, name, e.a, e.b)
 
 
-MAX_MINMAX_PER_KERNEL = 64
-
-
-def _float_minmax_count(func) -> int:
-    import tvm_ffi
-    from tvm import tirx
-
-    n = [0]
-
-    def count(e):
-        n[0] += str(e.ty.dtype) in _NAN_BITS
-        return e
-
-    tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), count)])
-    return n[0]
-
-
-def nan_propagating_minmax(skipped: list | None = None, limit: int = MAX_MINMAX_PER_KERNEL):
+def nan_propagating_minmax():
     """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above).
 
-    Each rewrite repeats its operands, so nested min/max grow the kernel's expression tree geometrically: a
-    fused conv + mish kernel (fast_exp/log/fast_tanh clamps) held 703 of them and the rewritten kernel did not
-    finish compiling. A kernel with more than `limit` float min/max is left as TVM lowers it (NaN may be
-    dropped there) and its name appended to `skipped`, which build_module puts in the report."""
+    The rewrite does not grow a kernel (the select-based form it replaces repeated each operand, grew
+    geometrically on nested min/max and had to leave kernels with more than 64 of them unrewritten)."""
     import tvm
     import tvm_ffi
     from tvm import tirx
@@ -123,11 +67,7 @@ def nan_propagating_minmax(skipped: list | None = None, limit: int = MAX_MINMAX_
         updates = {}
         for gv, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc):
-                if _float_minmax_count(func) > limit:
-                    if skipped is not None:
-                        skipped.append(gv.name_hint)
-                    continue
-                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_select)])
+                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_minmax)])
                 if not new.same_as(func):
                     updates[gv] = new
         if not updates:

@@ -14,7 +14,8 @@ TVM's torch frontends have no converters for quantize/dequantize; this module su
                   the run-time zero point
   qmatmul         two activations (e.g. attention): the right operand is packed at run time (fused
                   reshape/transpose) and its zero-point term ΣB computed in Relax; batched int8 kernel
-  woq_linear      float32 x int8-weight kernel (weights widened in registers; float32 accumulate)
+  woq_linear      weight-only int8 / int4 (woq_linear_packed): graphopt.backends.tvm.weight_only's kernels
+                  (dequantized in the GEMM loop; float32 accumulate)
 
 Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules and tuners leave them alone):
   * x86, path from the target's LLVM features (int8_path): 'vnni' (AVX512-VNNI ``vpdpbusd``, uint8 x int8
@@ -52,10 +53,10 @@ from ...quant.qparams import REDUCED_WEIGHT_QMAX
 
 __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "describe_path", "PATHS",
            "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
-           "woq_kernel", "OP_NAMES"]
+           "OP_NAMES"]
 
 OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
-            "woq_linear.default")
+            "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -439,38 +440,6 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
     return qbmm
 
 
-def woq_kernel(M: int, K: int, NB: int, MT: int, NT: int):
-    """TIR: Y[M, NB·16] = (X · float32(W)ᵀ) · S + B for float32 X [M, K] and int8 W packed [NB, K, 16]."""
-    from tvm.script import tirx as T
-
-    N = NB * 16
-    MO = (M + MT - 1) // MT
-    NBO = NB // NT
-
-    @T.prim_func
-    def woq(X: T.Buffer((M, K), "float32"), W: T.Buffer((NB, K, 16), "int8"), S: T.Buffer((N,), "float32"),
-            Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        for nbo in T.parallel(NBO):
-            for mo in range(MO):
-                acc = T.decl_buffer((MT * NT * 16,), "float32", scope="local")
-                for t in T.unroll(MT * NT):
-                    acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
-                for k in range(K):
-                    for nt in T.unroll(NT):
-                        for mi in T.unroll(MT):
-                            for j in T.vectorized(16):
-                                acc[(mi * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] + X[
-                                    T.min(mo * MT + mi, M - 1), k] * T.Cast("float32", W[nbo * NT + nt, k, j])
-                for mi in T.unroll(MT):
-                    if mo * MT + mi < M:
-                        for nt in T.unroll(NT):
-                            for j in T.vectorized(16):
-                                Y[mo * MT + mi, (nbo * NT + nt) * 16 + j] = acc[(mi * NT + nt) * 16 + j] * S[
-                                    (nbo * NT + nt) * 16 + j] + Bi[(nbo * NT + nt) * 16 + j]
-    return woq
-
-
 # ----------------------------------------------------------------------------------- weight packing
 def pack_dense(w: np.ndarray, path: str) -> np.ndarray:
     """int8 [N, K] -> [NB, KB, L, 4] (vnni, avx512bw, avx2) or [NB, KB, 4, 16] (cpu), L = lanes_of(path),
@@ -714,11 +683,11 @@ def _convert_dynamic_qlinear(st: QuantLowering):
 
 
 def _convert_woq_linear(st: QuantLowering):
+    """int8 per-channel weight-only Linear: graphopt.backends.tvm.weight_only's kernels on LLVM CPUs."""
     def convert(node, importer):
         relax = _relax()
         bb = importer.block_builder
         x = importer.env[node.args[0]]
-        shape = _shape(x)
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
@@ -728,21 +697,29 @@ def _convert_woq_linear(st: QuantLowering):
             w = relax.op.multiply(relax.op.astype(_const(np.ascontiguousarray(wq.T)), "float32"),
                                   _const(w_scale.reshape(1, n)))
             return bb.emit(relax.op.add(relax.op.matmul(x, w), _const(bias)))
-        st.count(f"woq_linear:{st.path}")
-        m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        nb = (n + 15) // 16
-        mt, nt = _tiles(m, nb, _cores(st.spec))
-        mt = min(mt, 4)
-        packed = np.pad(wq, ((0, nb * 16 - n), (0, 0))).reshape(nb, 16, k).transpose(0, 2, 1)
-        gv = bb.add_func(_private(woq_kernel(m, k, nb, mt, nt)), "graphopt_woq_dense")
-        x2 = bb.emit(relax.op.reshape(x, [m, k]))
-        y = bb.emit(relax.call_tir(gv, [x2, _const(np.ascontiguousarray(packed)),
-                                        _const(_pad_vec(w_scale, nb * 16, np.float32)),
-                                        _const(_pad_vec(bias, nb * 16, np.float32))],
-                                   relax.TensorType([m, nb * 16], "float32")))
-        if nb * 16 != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-        return bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
+        from .weight_only import emit_woq
+
+        y, kind = emit_woq(bb, x, wq, w_scale.reshape(n, 1), None, bias, 8, None, st.spec)
+        st.count(f"woq_linear:{kind}")
+        return y
+    return convert
+
+
+def _convert_woq_linear_packed(st: QuantLowering):
+    """int8 / int4 weight-only Linear with group-wise scales (graphopt.quant.weight_only)."""
+    def convert(node, importer):
+        from .weight_only import convert_packed
+
+        return convert_packed(st, node, importer)
+    return convert
+
+
+def _convert_clustered_linear(st: QuantLowering):
+    """Weight-shared Linear (graphopt.quant.cluster): codebook lookups in the weight-only kernels."""
+    def convert(node, importer):
+        from .weight_only import convert_clustered
+
+        return convert_clustered(st, node, importer)
     return convert
 
 
@@ -887,6 +864,8 @@ _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "qmatmul.default": _convert_qmatmul,
     "dynamic_qlinear.default": _convert_dynamic_qlinear,
     "woq_linear.default": _convert_woq_linear,
+    "woq_linear_packed.default": _convert_woq_linear_packed,
+    "clustered_linear.default": _convert_clustered_linear,
 }
 
 

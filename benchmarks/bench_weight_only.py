@@ -1,0 +1,153 @@
+"""Weight-only quantization, measured: int8 and int4 weight kernels against our float32 build, one run.
+
+    python benchmarks/bench_weight_only.py                              # mlp + encoder, host target
+    python benchmarks/bench_weight_only.py --target x86:haswell         # the AVX2 kernels on any newer x86
+    python benchmarks/bench_weight_only.py --models mlp --group 32,128 --rounds 11
+
+Variants per model (built in this process; timings interleaved round-robin, so load changes on a shared
+machine hit every variant alike; median ms per call at batch 1):
+  eager       PyTorch eager float32 (the original model)
+  fp32        graphopt `cleanup` compiled for the target (our own float32 build)
+  woq8        + quantize(mode=weight_only)                     int8, per output channel
+  woq4-g<G>   + quantize(mode=weight_only,bits=4,group_size=G) int4, groups of G inputs (one per --group)
+  cluster16   + cluster(k=16) (with --cluster): weight sharing, 4-bit indices into a per-layer codebook of
+              16 float32 values; its compressed model file (graphopt.compressed, zstd-coded indices) is
+              written and its size printed next to the float32 weights' bytes
+Models:
+  mlp      graphopt.models "mlp" (1024-4096-4096-1000, batch 1: M = 1, memory-bound GEMV)
+  encoder  bench_quantize's BERT-style encoder (small: 4 layers, hidden 256, seq 64 -> every Linear has
+           M = 64 rows; base: BERT-base shape, seq 128), fed hashed real sentences
+Printed per model: ms, speed vs fp32 and vs woq8, cosine with the float32 model's outputs (eager, over the
+evaluation inputs), and the size of the compiled weights; then the ratios the issue asks for
+(int4 / int8-weight-only speed, int4 / fp32 speed). Writes <out>/weight_only_<model>_<target>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import graphopt  # noqa: E402
+from _common import machine_info, physical_cores, set_threads, time_interleaved  # noqa: E402
+from graphopt.models import get_model  # noqa: E402
+
+
+def model_mlp():
+    model, (x,) = get_model("mlp")
+    g = torch.Generator().manual_seed(1)
+    eval_x = torch.cat([torch.randn(x.shape, generator=g) for _ in range(8)])
+    return model, (x,), eval_x
+
+
+def model_encoder(size: str):
+    from bench_quantize import model_encoder as enc
+
+    spec = enc(size)
+    return spec["model"], spec["example"], spec["eval_x"]
+
+
+def per_sample(fn, xs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(xs[i:i + 1]) for i in range(len(xs))])
+
+
+def bench(name: str, args) -> dict:
+    model, example, eval_x = model_mlp() if name == "mlp" else model_encoder(args.encoder)
+    builds = {"fp32": "cleanup", "woq8": "cleanup,quantize(mode=weight_only)"}
+    for g in args.group:
+        builds[f"woq4-g{g}"] = f"cleanup,quantize(mode=weight_only,bits=4,group_size={g})"
+    if args.cluster:
+        builds["cluster16"] = "cleanup,cluster(k=16)"
+    fns, info = {"eager": model}, {}
+    for key, pipe in builds.items():
+        t = time.perf_counter()
+        opt = graphopt.optimize(model, args.target, pipe, example_inputs=example)
+        info[key] = {"pipeline": pipe, "build_s": round(time.perf_counter() - t, 1),
+                     "kernels": opt.report.backend.get("int8", "").split(";")[0],
+                     "size_bytes": opt.report.final.size_bytes}
+        fns[key] = opt
+        if key == "cluster16":
+            import tempfile
+
+            from graphopt import compressed
+
+            with tempfile.TemporaryDirectory() as d:
+                path = compressed.save(opt, os.path.join(d, "model.goptz"))
+                info[key]["compressed_file_bytes"] = os.path.getsize(path)
+            info[key]["float32_param_bytes"] = sum(p.numel() * 4 for p in model.parameters())
+        print(f"  built {key}: {info[key]['build_s']} s  {info[key]['kernels']}", flush=True)
+    for fn in fns.values():
+        with torch.no_grad():
+            fn(*example)
+    stats = time_interleaved({k: (lambda fn=fn: fn(*example)) for k, fn in fns.items()}, rounds=args.rounds,
+                             slice_s=0.2)
+    ms = {k: v["median_ms"] for k, v in stats.items()}
+    ref = per_sample(model, eval_x)
+    rows = {}
+    for key, fn in fns.items():
+        out = ref if key == "eager" else per_sample(fn, eval_x)
+        rows[key] = {"ms": round(ms[key], 3), "vs_fp32": round(ms["fp32"] / ms[key], 2),
+                     "vs_woq8": round(ms["woq8"] / ms[key], 2),
+                     "cosine": round(F.cosine_similarity(out.flatten().double(), ref.flatten().double(),
+                                                         dim=0).item(), 6),
+                     **info.get(key, {})}
+    return {"model": name, "target": args.target, "batch": 1, "rows": rows, "machine": machine_info()}
+
+
+def print_result(res: dict) -> None:
+    rows = res["rows"]
+    print(f"\n{res['model']} (target {res['target']}, batch 1)")
+    head = ["variant", "ms", "vs_fp32", "vs_woq8", "cosine", "weights_MB"]
+    table = [head] + [[k, str(r["ms"]), str(r["vs_fp32"]), str(r["vs_woq8"]), str(r["cosine"]),
+                       f"{r['size_bytes'] / 1e6:.1f}" if "size_bytes" in r else ""] for k, r in rows.items()]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    for t in table:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(t, widths)))
+    for k, r in rows.items():
+        if k.startswith("woq4"):
+            print(f"  {k}: int4 / int8-weight-only speed {r['vs_woq8']}x (goal >= 1.5), int4 / fp32 speed "
+                  f"{r['vs_fp32']}x (goal >= 2), cosine vs float32 {r['cosine']}")
+    print(f"  woq8: int8-weight-only / fp32 speed {rows['woq8']['vs_fp32']}x (goal >= 1.0)")
+    if "cluster16" in rows:
+        r = rows["cluster16"]
+        print(f"  cluster16: compressed file {r['compressed_file_bytes']:,} B vs float32 parameters "
+              f"{r['float32_param_bytes']:,} B ({r['float32_param_bytes'] / r['compressed_file_bytes']:.1f}x "
+              f"smaller), speed vs fp32 {r['vs_fp32']}x, cosine {r['cosine']}")
+    for k, r in rows.items():
+        if r.get("kernels"):
+            print(f"  [{k}] {r['kernels']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,encoder")
+    ap.add_argument("--target", default="x86")
+    ap.add_argument("--encoder", choices=["small", "base"], default="small")
+    ap.add_argument("--group", default="128", help="int4 group sizes, comma-separated")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--cluster", action="store_true", help="also build cluster(k=16) and its compressed file")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    args.group = [int(g) for g in args.group.split(",") if g.strip()]
+    threads = set_threads(physical_cores())
+    os.makedirs(args.out, exist_ok=True)
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        print(f"{name}:", flush=True)
+        res = bench(name, args)
+        res["threads"] = threads
+        print_result(res)
+        path = os.path.join(args.out, f"weight_only_{name}_{args.target.replace(':', '-')}.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""Weight-only quantized Linear kernels (int8 and int4 weights, float32 activations and accumulation).
+
+Lowers ``graphopt::woq_linear`` (int8, per output channel) and ``graphopt::woq_linear_packed`` (int8 or int4,
+group-wise scales and zero points; graphopt.quant.weight_only) to hand-written TIR that reads the quantized
+bytes and dequantizes them inside the GEMM loop, so a layer reads 1 (int8) or 1/2 (int4) byte per weight
+instead of 4. Vectors are the target's float32 SIMD width (16 lanes AVX-512, 8 AVX2, 4 NEON).
+
+Weight layouts (packed at compile time, numpy): columns in blocks of L lanes,
+  int8 / pairs   [NB, 2·KP, L] int8, or [NB, KP, L] uint8 for 4-bit (low nibble: input 2·kp, high: 2·kp + 1)
+  int4 words     [NB, K/8, L] int32, 8 nibbles per word (the int4 GEMV kernel, groups of 8k inputs)
+scales float32 and zero points [NB, NG, L] (NG groups along K), bias float32 [NB·L]; codebooks (weight
+sharing, graphopt.quant.cluster) float32 [16] or [256].
+
+Kernels, picked by the number of rows M (tokens × batch) at compile time:
+  direct (M <= 4: batch-1 GEMV, memory-bound): per group, x·float32(q) and Σx are accumulated (even and odd
+      inputs in separate accumulators: independent FMA chains) and s·Σxq + o·Σx (o = -z·s) is added at the
+      group's end: no per-weight subtract or multiply. int4 with groups of 8k inputs uses direct4_kernel
+      (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
+      cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
+      register for 4-bit indices on AVX-512; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
+  panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
+      dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2), then an MT x NT·L register-tiled
+      float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
+      Dequantization is paid once per weight, not once per row.
+Both are parallel over column blocks. Results equal x @ dequantized(W).T + bias up to float32 rounding
+(summation order, FMA contraction, the zero-point term subtracted once per group).
+Input tails: an odd K reads its last pair's missing input at index K-1 against weight q = z (zero); a last
+group shorter than group_size loops over what exists (the word kernel pads x with zeros instead); N is padded
+to whole NT·L blocks and sliced off.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ...errors import LoweringError
+
+__all__ = ["lanes_for", "pack_weights", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
+           "DIRECT_MAX_ROWS"]
+
+DIRECT_MAX_ROWS = 4
+_PANEL_BYTES = 64 * 1024
+
+
+def lanes_for(spec) -> tuple[int, int]:
+    """(float32 lanes of one SIMD vector, SIMD registers) of an LLVM CPU target spec."""
+    from .schedules import cpu_vector
+
+    v = cpu_vector(spec.tvm_target())
+    return v.lanes("float32"), v.registers
+
+
+def tiles(m: int, nb: int, lanes: int, registers: int, cores: int) -> tuple[str, int, int]:
+    """(kernel, MT rows, NT column blocks) for an M x (nb·lanes) output."""
+    if m <= DIRECT_MAX_ROWS:
+        # accumulators: M x NT, and 2 (even/odd inputs) x M x NT of the group; the NT dequantized pairs
+        nt = 4 if registers >= 32 else 2
+        nt = max(1, min(nt, (registers - 4) // (3 * m + 2)))
+        while nt > 1 and math.ceil(nb / nt) < 2 * cores:        # keep every core busy on small layers
+            nt //= 2
+        return "direct", m, nt
+    if registers >= 32:
+        nt = 4 if lanes == 4 else 2                            # NEON: 6 x 4·4, AVX-512: 6 x 2·16 (+panel loads)
+        mt = next((r for r in (6, 8, 7, 5, 4) if m % r == 0), 6)
+    else:
+        nt = 2
+        mt = next((r for r in (6, 4, 5) if m % r == 0), 6)   # AVX2: 6 x 2·8 = 12 accumulators of 16
+    while nt > 1 and math.ceil(nb / nt) < cores:
+        nt //= 2
+    return "panel", mt, nt
+
+
+def pack_weights(q: np.ndarray, bits: int, lanes: int, nbp: int) -> np.ndarray:
+    """Integer weights q [N, K] (int8 values, or int4 values 0..15) in the kernels' layout, N padded to nbp·L
+    columns and K to an even count with zeros (int4 pads with 0: the zero point of a padded column is 0)."""
+    n, k = q.shape
+    kp = (k + 1) // 2
+    q = np.pad(q.astype(np.int16), ((0, nbp * lanes - n), (0, 2 * kp - k)))
+    blocks = q.reshape(nbp, lanes, 2 * kp).transpose(0, 2, 1)             # [NB, 2KP, L]
+    if bits == 8:
+        return np.ascontiguousarray(blocks.astype(np.int8))
+    lo, hi = blocks[:, 0::2, :], blocks[:, 1::2, :]
+    return np.ascontiguousarray((lo | (hi << 4)).astype(np.uint8))
+
+
+def _group_table(v: np.ndarray, lanes: int, nbp: int, dtype) -> np.ndarray:
+    """[N, NG] per-group values -> [NB, NG, L] (padded columns 0)."""
+    n, ng = v.shape
+    v = np.pad(v.astype(dtype), ((0, nbp * lanes - n), (0, 0)))
+    return np.ascontiguousarray(v.reshape(nbp, lanes, ng).transpose(0, 2, 1))
+
+
+def _dequant(T, W, S, Z, bits, sym, scaled, nb, g, kp, j, high: bool, CB=None, C: int = 1):
+    """float32 value of one weight (vectorized over lane j by the caller's loop); a codebook entry when C > 1."""
+    if C > 1:
+        return _raw(T, W, bits, nb, kp, j, high, CB, C)
+    if bits == 8:
+        q = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
+    else:
+        byte = T.Cast("int32", W[nb, kp, j])
+        q = T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15)
+    if not sym:
+        q = q - Z[nb, g, j]
+    w = T.Cast("float32", q)
+    return w * S[nb, g, j] if scaled else w
+
+
+def _extent(T, full, rest, ragged: bool):
+    """min(full, rest) when the last block is ragged, else `full` (a constant extent LLVM can see)."""
+    return T.min(full, rest) if ragged else full
+
+
+def _channel_scale(T, S, nb, j, per_channel: bool):
+    return S[nb, 0, j] if per_channel else T.float32(1)
+
+
+def _group_of(kp, GP: int, per_channel: bool):
+    return 0 if per_channel else kp // GP
+
+
+def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool, C: int = 1,
+                  permute: bool = False):
+    """TIR for M <= 4 rows: Y[M, NB·L] = X · dequant(W)ᵀ + B, G the group size (even; G >= K: one group per
+    channel). Per group g the kernel sums x·float32(q) (the raw integers: no per-weight subtract or scale)
+    and Σx, then adds s·Σx·q + o·Σx with o = -z·s (O [NB, NG, L]; absent when symmetric): the same value
+    as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group).
+    C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S).
+    permute (AVX-512, C = 16, L = 16, 4-bit): the lookup is one vpermps of the codebook register."""
+    from tvm.script import tirx as T
+
+    KP = (K + 1) // 2
+    per_channel = G >= 2 * KP
+    NG = 1 if per_channel else (K + G - 1) // G
+    GP = KP if per_channel else G // 2          # pairs per group
+    ragged = KP % GP != 0
+    odd = K % 2 == 1
+    NBO = NB // NT
+    N = NB * L
+    w_shape = (NB, 2 * KP, L) if bits == 8 else (NB, KP, L)
+    w_dtype = "int8" if bits == 8 else "uint8"
+    A = M * NT * L
+
+    @T.prim_func
+    def woq_direct(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
+                   S: T.Buffer((NB, NG, L), "float32"), O: T.Buffer((NB, NG, L), "float32"),
+                   CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            acc = T.decl_buffer((A,), "float32", scope="local")          # [row, nt, lane]
+            accg = T.decl_buffer((2 * A,), "float32", scope="local")     # [parity, row, nt, lane] of a group
+            xs = T.decl_buffer((2 * M,), "float32", scope="local")       # Σx of a group [parity, row]
+            wf = T.decl_buffer((2 * NT * L,), "float32", scope="local")
+            for t in T.unroll(M * NT):
+                for j in T.vectorized(L):
+                    acc[t * L + j] = T.float32(0)
+            for g in range(NG):
+                for t in T.unroll(2 * M * NT):
+                    for j in T.vectorized(L):
+                        accg[t * L + j] = T.float32(0)
+                for t in T.unroll(2 * M):
+                    xs[t] = T.float32(0)
+                for kp in range(_extent(T, GP, KP - g * GP, ragged)):
+                    for nt in T.unroll(NT):
+                        if permute:
+                            wf[T.ramp(nt * L, 1, L)] = _permute16(T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0],
+                                                                                   f"uint8x{L}"), False)
+                            wf[T.ramp((NT + nt) * L, 1, L)] = _permute16(
+                                T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0], f"uint8x{L}"), True)
+                        else:
+                            for j in T.vectorized(L):
+                                wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False, CB, C)
+                            for j in T.vectorized(L):
+                                wf[(NT + nt) * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, True, CB,
+                                                             C)
+                    for mi in T.unroll(M):
+                        xs[mi] = xs[mi] + X[mi, (g * GP + kp) * 2]
+                        xs[M + mi] = xs[M + mi] + X[mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)]
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                accg[(mi * NT + nt) * L + j] = accg[(mi * NT + nt) * L + j] + X[
+                                    mi, (g * GP + kp) * 2] * wf[nt * L + j]
+                            for j in T.vectorized(L):
+                                accg[((M + mi) * NT + nt) * L + j] = accg[((M + mi) * NT + nt) * L + j] + X[
+                                    mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)] * wf[(NT + nt) * L + j]
+                for mi in T.unroll(M):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + _group_term(
+                                T, accg[(mi * NT + nt) * L + j] + accg[((M + mi) * NT + nt) * L + j],
+                                xs[mi] + xs[M + mi], S[nbo * NT + nt, g, j], O[nbo * NT + nt, g, j], sym)
+            for mi in T.unroll(M):
+                for nt in T.unroll(NT):
+                    for j in T.vectorized(L):
+                        Y[mi, (nbo * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
+    return woq_direct
+
+
+def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
+    """TIR for int4 with M <= 4 rows, weights as 32-bit words of 8 nibbles: W [NB, KW, L] int32, nibble i
+    of word w in lane j = q[column j, input 8·w + i]. Nibble i < 7 is masked in place (q·16^i: exact in
+    float32) and multiplies an input pre-scaled by 2^-4i (XP, exact), nibble 7 is shifted down and masked
+    (scale 1): one and + one convert + one FMA per SIMD vector of weights, about as few instructions as an int8 weight
+    (sign-extending load + convert + FMA) for half the bytes. XS [M, NG]: Σx per group (unscaled), for the
+    zero-point term o = -z·s (O), and XS7 [M, NG]: Σx over inputs 8w + 7, which add back the 8 nibble 7 lost
+    (8·s·XS7). P accumulator sets (nibble i -> set i % P) keep P·M·NT FMA chains in
+    flight. Groups are KW·8 / NG inputs, a multiple of 8 (inputs padded with zeros to NG groups)."""
+    from tvm.script import tirx as T
+
+    GW = KW // NG
+    NBO = NB // NT
+    N = NB * L
+    A = M * NT * L
+
+    @T.prim_func
+    def woq4_words(XP: T.Buffer((M, KW * 8), "float32"), XS: T.Buffer((M, NG), "float32"),
+                   XS7: T.Buffer((M, NG), "float32"),
+                   W: T.Buffer((NB, KW, L), "int32"), S: T.Buffer((NB, NG, L), "float32"),
+                   O: T.Buffer((NB, NG, L), "float32"), Bi: T.Buffer((N,), "float32"),
+                   Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            acc = T.decl_buffer((A,), "float32", scope="local")
+            accg = T.decl_buffer((P * A,), "float32", scope="local")      # [set, row, nt, lane]
+            wf = T.decl_buffer((NT * L,), "float32", scope="local")
+            for t in T.unroll(M * NT):
+                for j in T.vectorized(L):
+                    acc[t * L + j] = T.float32(0)
+            for g in range(NG):
+                for t in T.unroll(P * M * NT):
+                    for j in T.vectorized(L):
+                        accg[t * L + j] = T.float32(0)
+                for w in range(GW):
+                    for i in T.unroll(8):
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                wf[nt * L + j] = _nibble(T, W[nbo * NT + nt, g * GW + w, j], i)
+                        for mi in T.unroll(M):
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    accg[(((i % P) * M + mi) * NT + nt) * L + j] = accg[
+                                        (((i % P) * M + mi) * NT + nt) * L + j] + XP[
+                                        mi, (g * GW + w) * 8 + i] * wf[nt * L + j]
+                for mi in T.unroll(M):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + _sum_sets(
+                                T, accg, P, (mi * NT + nt) * L + j, A) * S[nbo * NT + nt, g, j] + XS[mi, g] * O[
+                                nbo * NT + nt, g, j] + XS7[mi, g] * (S[nbo * NT + nt, g, j] * T.float32(8))
+            for mi in T.unroll(M):
+                for nt in T.unroll(NT):
+                    for j in T.vectorized(L):
+                        Y[mi, (nbo * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
+    return woq4_words
+
+
+def _nibble(T, word, i):
+    """float32 of nibble i (a TIR loop variable, unrolled) of a 32-bit word: masked in place (q·16^i) for
+    i < 7; nibble 7 (stored as q + 8 mod 16) shifted down arithmetically: q - 8."""
+    return T.if_then_else(i == 7, T.Cast("float32", T.shift_right(word, 28)),
+                          T.Cast("float32", T.bitwise_and(word, T.shift_left(15, 4 * T.min(i, 6)))))
+
+
+def _sum_sets(T, accg, P: int, idx, A: int):
+    total = accg[idx]
+    for p in range(1, P):
+        total = total + accg[p * A + idx]
+    return total
+
+
+def nibble_scales() -> np.ndarray:
+    """The factor each input is pre-scaled by for direct4_kernel, by input index mod 8."""
+    return np.array([2.0 ** (-4 * i) for i in range(7)] + [1.0], np.float32)
+
+
+def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
+    """int4 values q [N, K] (0..15) -> int32 words [NB, KW, L]: nibble i of word w in lane j is q[nb·L + j, 8w + i]
+    for i < 7 and (q + 8) mod 16 for i = 7 (read back as q - 8 by an arithmetic shift); N padded to nbp·L
+    columns, K to 8·kw inputs, with zeros."""
+    n, k = q.shape
+    q = np.pad(q.astype(np.uint32), ((0, nbp * lanes - n), (0, 8 * kw - k)))
+    q = q.reshape(nbp, lanes, kw, 8)
+    words = np.zeros((nbp, lanes, kw), np.uint32)
+    for i in range(8):
+        words |= ((q[..., i] + (8 if i == 7 else 0)) % 16) << np.uint32(4 * i)
+    return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
+
+
+def _permute16(T, CB, byte_vec, high: bool):
+    """16 codebook entries picked by the low or high nibbles of 16 bytes: AVX-512 vpermps (permvar.sf.512)."""
+    b = T.Cast("int32x16", byte_vec)
+    idx = T.shift_right(b, T.broadcast(T.int32(4), 16)) if high else T.bitwise_and(b, T.broadcast(T.int32(15), 16))
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
+                                   CB.vload([0], "float32x16"), idx, dtype="float32x16")
+
+
+def _raw(T, W, bits, nb, kp, j, high: bool, CB=None, C: int = 1):
+    """float32 of the stored integer (no zero point, no scale), or its codebook entry when C > 1."""
+    if bits == 8:
+        v = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
+        if C > 1:
+            return CB[T.bitwise_and(v, 255)]
+        return T.Cast("float32", v)
+    byte = T.Cast("int32", W[nb, kp, j])
+    q = T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15)
+    return CB[q] if C > 1 else T.Cast("float32", q)
+
+
+def _group_term(T, sum_xq, sum_x, s, o, sym: bool):
+    return sum_xq * s if sym else sum_xq * s + sum_x * o
+
+
+def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool, C: int = 1):
+    """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), dequantize into a
+    float32 panel, then an MT x NT·L register-tiled float32 GEMM over all rows. G, C as in direct_kernel."""
+    from tvm.script import tirx as T
+
+    KP = (K + 1) // 2
+    per_channel = G >= 2 * KP
+    NG = 1 if per_channel else (K + G - 1) // G
+    GP = KP if per_channel else G // 2
+    # chunk of pairs: a whole number of groups (or any size per-channel), panel <= _PANEL_BYTES
+    cap = max(1, _PANEL_BYTES // (2 * NT * L * 4))
+    if per_channel:
+        KCP = min(KP, cap)
+    else:
+        KCP = GP * max(1, min(cap // GP, (KP + GP - 1) // GP))
+    NC = (KP + KCP - 1) // KCP
+    ragged = KP % KCP != 0
+    NBO = NB // NT
+    N = NB * L
+    MO = (M + MT - 1) // MT
+    W_ = NT * L
+    w_shape = (NB, 2 * KP, L) if bits == 8 else (NB, KP, L)
+    w_dtype = "int8" if bits == 8 else "uint8"
+
+    @T.prim_func
+    def woq_panel(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
+                  S: T.Buffer((NB, NG, L), "float32"), Z: T.Buffer((NB, NG, L), "int32"),
+                  CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nbo in T.parallel(NBO):
+            P = T.decl_buffer((2 * KCP * W_,), "float32", scope="global")
+            acc = T.decl_buffer((MT * NT * L,), "float32", scope="local")
+            for c in range(NC):
+                for kp in range(_extent(T, KCP, KP - c * KCP, ragged)):
+                    for nt in T.unroll(NT):
+                        for j in T.vectorized(L):
+                            P[(2 * kp) * W_ + nt * L + j] = _dequant(
+                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, False, CB, C)
+                        for j in T.vectorized(L):
+                            P[(2 * kp + 1) * W_ + nt * L + j] = _dequant(
+                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, True, CB, C)
+                for mo in range(MO):
+                    for mi in T.unroll(MT):
+                        for nt in T.unroll(NT):
+                            for j in T.vectorized(L):
+                                acc[(mi * NT + nt) * L + j] = T.if_then_else(
+                                    c == 0, T.float32(0),
+                                    Y[T.min(mo * MT + mi, M - 1), (nbo * NT + nt) * L + j])
+                    for k in range(T.min(2 * KCP, K - c * 2 * KCP)):
+                        for mi in T.unroll(MT):
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + X[
+                                        T.min(mo * MT + mi, M - 1), c * 2 * KCP + k] * P[k * W_ + nt * L + j]
+                    for mi in T.unroll(MT):
+                        if mo * MT + mi < M:
+                            for nt in T.unroll(NT):
+                                for j in T.vectorized(L):
+                                    Y[mo * MT + mi, (nbo * NT + nt) * L + j] = T.if_then_else(
+                                        c == NC - 1,
+                                        acc[(mi * NT + nt) * L + j]
+                                        * _channel_scale(T, S, nbo * NT + nt, j, per_channel)
+                                        + Bi[(nbo * NT + nt) * L + j],
+                                        acc[(mi * NT + nt) * L + j])
+    return woq_panel
+
+
+def _cores(spec) -> int:
+    try:
+        return max(1, int(spec.tvm.get("num-cores", 1)))
+    except Exception:
+        return 1
+
+
+def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarray], bias: np.ndarray,
+             bits: int, group_size: Optional[int], spec, codebook: Optional[np.ndarray] = None) -> tuple:
+    """Emit the weight-only kernel for float32 x [..., K] and integer weights q [N, K] (int8 values or int4
+    values 0..15), scales float32 [N, NG], zeros [N, NG] (None: symmetric), bias float32 [N]. Returns
+    (float32 [..., N] Relax expression, kernel name). `codebook` (float32 [16] for 4-bit, [256] for 8-bit
+    indices q): weight sharing, w = codebook[q] (scales ones, no zero points)."""
+    import tvm
+    from tvm import relax
+
+    def const(a):
+        return relax.const(tvm.runtime.tensor(np.ascontiguousarray(a)))
+
+    shape = [int(s) for s in x.ty.shape]
+    n, k = q.shape
+    if shape[-1] != k:
+        raise LoweringError(f"weight-only linear: input has {shape[-1]} features, the weight {k}")
+    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    lanes, regs = lanes_for(spec)
+    nb = (n + lanes - 1) // lanes
+    kind, mt, nt = tiles(m, nb, lanes, regs, _cores(spec))
+    kp = (k + 1) // 2
+    per_channel = group_size is None or group_size >= k
+    g = 2 * kp if per_channel else int(group_size)
+    if kind == "direct" and regs < 32 and lanes == 8:
+        # AVX2 GEMV: 16-lane vectors (two ymm registers each), one or two column blocks per task: measured
+        # faster than 8-lane blocks (benchmarks/bench_weight_only.py, x86:haswell)
+        lanes = 16
+        nb = (n + lanes - 1) // lanes
+        nt = 2 if bits == 4 and (per_channel or g % 8 == 0) and m == 1 and codebook is None else 1
+        while nt > 1 and nb / nt < 2 * _cores(spec):
+            nt //= 2
+    nbp = (nb + nt - 1) // nt * nt
+    if bits == 4 and per_channel and kind == "direct":
+        g = (k + 7) // 8 * 8                    # the word kernel's one group: K rounded up to whole words
+    sym = zeros is None or not np.any(zeros)
+    ng = scales.shape[1]
+    zt = np.zeros((nbp, ng, lanes), np.int32) if sym else _group_table(zeros, lanes, nbp, np.int32)
+    if k % 2 and not sym:       # the odd K's missing input meets weight z - z = 0 (the direct kernel reads it)
+        q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
+    args = [const(pack_weights(q, bits, lanes, nbp)), const(_group_table(scales, lanes, nbp, np.float32)),
+            const(zt), const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
+    cb = np.zeros(1, np.float32) if codebook is None else codebook.astype(np.float32)
+    args.insert(3, const(cb))
+    if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
+        return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
+    if kind == "direct":
+        offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
+        args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
+        permute = (codebook is not None and bits == 4 and lanes == 16 and regs >= 32
+                   and spec.arch == "x86_64")
+        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute)
+    else:
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size)
+    name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
+    gv = bb.add_func(func.without_attr("global_symbol"), name)
+    x2 = bb.emit(relax.op.reshape(x, [m, k]))
+    y = bb.emit(relax.call_tir(gv, [x2, *args], relax.TensorType([m, nbp * lanes], "float32")))
+    if nbp * lanes != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    what = f"codebook{bits}" if codebook is not None else f"int{bits}"
+    return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"{what} {kind}"
+
+
+def convert_packed(st, node, importer):
+    """Converter of ``graphopt::woq_linear_packed(x, wq, scales, zeros, bias, bits, group_size, in_features)``
+    for graphopt.backends.tvm.quant_lower (`st`: its QuantLowering state: weights, path, counts)."""
+    from tvm import relax
+
+    from ...quant.weight_only import BITS
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    bits, group_size, k = int(node.args[5]), int(node.args[6]), int(node.args[7])
+    if bits not in BITS:
+        raise LoweringError(f"woq_linear_packed: bits={bits} (node '{node.name}'): only 8 and 4 have kernels")
+    wq = st.need(node, 1, "the packed weight")
+    scales = st.need(node, 2, "scales").astype(np.float32)
+    zeros = st.need(node, 3, "zero points").astype(np.int32)
+    n = wq.shape[0]
+    bias = st.bias(node, 4, n)
+    if bits == 4:
+        u = wq.astype(np.uint8)
+        q = np.stack([u & 15, u >> 4], axis=2).reshape(n, -1)[:, :k].astype(np.int16)
+    else:
+        q = wq.astype(np.int16)
+    if q.shape[1] != k:
+        raise LoweringError(f"woq_linear_packed (node '{node.name}'): weight holds {q.shape[1]} inputs, "
+                            f"in_features is {k}")
+    gs = group_size or None
+    if st.path == "relax":                      # no LLVM CPU target (CUDA): dequantize once, float matmul
+        st.count(f"woq_linear_packed:int{bits}:relax")
+        g = k if gs is None else gs
+        idx = np.arange(k) // g
+        w = ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T
+        y = relax.op.matmul(x, relax.const(np.ascontiguousarray(w)))
+        return bb.emit(relax.op.add(y, relax.const(bias)))
+    y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec)
+    st.count(f"woq_linear_packed:{kind}")
+    return y
+
+
+def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const):
+    """int4 GEMV through direct4_kernel: pad x to NG·g inputs, pre-scale it per nibble, sum it per group."""
+    from tvm import relax
+
+    R = relax.op
+    ng = scales.shape[1]
+    kpad = ng * g
+    kw = kpad // 8
+    sets = 2 if regs >= 32 else 4 if nt <= 2 else 2
+    x2 = bb.emit(R.reshape(x, [m, k]))
+    if kpad != k:
+        x2 = bb.emit(R.nn.pad(x2, [0, 0, 0, kpad - k], pad_value=0.0))
+    xs = bb.emit(R.sum(R.reshape(x2, [m, ng, g]), axis=[2]))
+    xs7 = bb.emit(R.sum(R.strided_slice(R.reshape(x2, [m, ng, g // 8, 8]), axes=[3], begin=[7], end=[8]),
+                        axis=[2, 3]))
+    xp = bb.emit(R.multiply(x2, const(np.tile(nibble_scales(), kw))))
+    offsets = -(zeros.astype(np.float32) * scales.astype(np.float32))
+    args = [xp, xs, xs7, const(pack_int4_words(q, lanes, nbp, kw)), const(_group_table(scales, lanes, nbp, np.float32)),
+            const(_group_table(offsets, lanes, nbp, np.float32)),
+            const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
+    func = direct4_kernel(m, kw, ng, nbp, lanes, nt, sets)
+    gv = bb.add_func(func.without_attr("global_symbol"), "graphopt_woq4_words")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nbp * lanes], "float32")))
+    if nbp * lanes != n:
+        y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(R.reshape(y, [*shape[:-1], n])), "int4 direct"
+
+
+def convert_clustered(st, node, importer):
+    """Converter of ``graphopt::clustered_linear(x, idx, codebook, bias, bits, in_features)`` (weight sharing,
+    graphopt.quant.cluster): the weight-only kernels with a codebook lookup in place of int -> float."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    bits, k = int(node.args[4]), int(node.args[5])
+    idx = st.need(node, 1, "the cluster indices").astype(np.uint8)
+    codebook = st.need(node, 2, "the codebook").astype(np.float32)
+    n = idx.shape[0]
+    bias = st.bias(node, 3, n)
+    q = (np.stack([idx & 15, idx >> 4], axis=2).reshape(n, -1)[:, :k] if bits == 4 else idx).astype(np.int16)
+    if st.path == "relax":
+        st.count(f"clustered_linear:{bits}-bit:relax")
+        w = np.ascontiguousarray(codebook[q].T)
+        return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(bias)))
+    ones = np.ones((n, 1), np.float32)
+    y, kind = emit_woq(bb, x, q, ones, None, bias, bits, None, st.spec, codebook=codebook)
+    st.count(f"clustered_linear:{kind}")
+    return y

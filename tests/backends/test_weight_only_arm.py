@@ -1,0 +1,44 @@
+"""Weight-only int8 / int4 kernels on aarch64 (NEON, 4 float32 lanes): cross-built here, run under qemu-user
+through TVM RPC against the dequantized reference (the shapes of tests/quant/test_weight_only.py: ragged
+groups, odd K and N, direct and panel kernels)."""
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends.tvm import rpc
+from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+
+pytest.importorskip("tvm")
+
+
+@pytest.fixture(scope="module")
+def arm_build():
+    from tests.quant.test_weight_only import Layers, _inputs
+
+    module, args = Layers().eval(), _inputs()
+    opt = graphopt.optimize(module, target="arm:cortex-a72", pipeline=[], example_inputs=args)
+    return module, args, opt
+
+
+@needs_cross
+def test_weight_only_kernels_build_for_aarch64_with_neon_fma(arm_build):
+    from tests.quant.test_int8_paths import asm_of
+
+    _, _, opt = arm_build
+    line = opt.report.backend["int8"]
+    assert "woq_linear_packed:int4 direct×3" in line and "woq_linear_packed:int4 panel×2" in line
+    asm = asm_of(opt.compiled.executable)
+    assert "fmla\tv" in asm and "ucvtf\tv" in asm            # vector FMA, nibbles converted in vector lanes
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_weight_only_kernels_run_on_aarch64_and_match_the_reference(arm_build, aarch64_server):
+    from tests.quant.test_weight_only import SHAPES, _tolerance
+
+    module, args, opt = arm_build
+    with torch.no_grad():
+        refs = module(*args)
+    remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
+    for shape, layer, x, got, ref in zip(SHAPES, module.layers, args, remote(*args), refs):
+        assert not ((got - ref).abs() > _tolerance(layer, x)).any(), f"{shape}: {(got - ref).abs().max():.3g}"

@@ -1,0 +1,169 @@
+"""Weight sharing: k-means codebooks, the cluster pass, codebook-lookup kernels, compressed model files."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import graphopt
+from graphopt import compressed
+from graphopt.errors import ArtifactError, PipelineError
+from graphopt.quant.cluster import ClusteredLinear, kmeans_1d
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 300), st.floats(0.0, 0.9), st.integers(0, 2 ** 31 - 1))
+def test_kmeans_codebook_is_small_keeps_zeros_and_assigns_each_value_its_nearest_entry(k, n, zero_frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g)
+    v[torch.rand(n, generator=g) < zero_frac] = 0.0
+    codebook, idx = kmeans_1d(v, k)
+    assert codebook.dtype == torch.float32 and codebook.numel() <= k
+    assert int(idx.min()) >= 0 and int(idx.max()) < codebook.numel()
+    deq = codebook[idx]
+    assert torch.all(deq[v == 0] == 0)                              # pruned weights stay exactly zero
+    nz = v != 0
+    dist = (v[nz].double().unsqueeze(1) - codebook.double().unsqueeze(0)).abs()
+    assert torch.allclose((deq[nz].double() - v[nz].double()).abs(), dist.min(dim=1).values, rtol=0, atol=1e-7)
+    if torch.unique(v).numel() <= k:                                # few distinct values: represented exactly
+        assert torch.equal(deq, v)
+
+
+def test_more_clusters_means_less_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48)
+    errs = [(ClusteredLinear(w, None, k).dequantized_weight() - w).norm() / w.norm() for k in (4, 16, 64)]
+    assert errs[0] > errs[1] > errs[2] and errs[1] < 0.15
+
+
+@pytest.mark.parametrize("opts,match", [("k=1", "k=1"), ("k=300", "k=300"), ("iters=0", "iters=0")])
+def test_bad_cluster_options_are_typed_errors(opts, match):
+    with pytest.raises(PipelineError, match=match):
+        graphopt.optimize(nn.Sequential(nn.Linear(4, 2)), "torch", f"cluster({opts})",
+                          example_inputs=(torch.randn(1, 4),))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc1, self.fc2 = nn.Linear(4 * 6 * 6, 37), nn.Linear(37, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 1, 8, 8)
+    opt = graphopt.optimize(model, "torch", "cluster(k=16)", example_inputs=(x,))
+    return model, x, opt
+
+
+def test_pass_clusters_linears_leaves_convs_and_reports_sizes(clustered):
+    pytest.importorskip("zstandard")
+    model, x, opt = clustered
+    mods = [m for m in opt.graph_module.modules() if isinstance(m, ClusteredLinear)]
+    assert len(mods) == 2 and all(m.bits == 4 and m.k <= 16 for m in mods)
+    rec = opt.report.records[-1]
+    assert any("conv" in n and "not clustered" in n for n in rec.notes)
+    assert any("zstd-coded indices" in n for n in rec.notes)
+    assert all(0 < d["w_err"] < 0.2 and d["zstd_index_bytes"] > 0 for d in rec.details)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(opt(x).flatten(), model(x).flatten(), dim=0)
+    assert cos > 0.98
+
+
+def test_compressed_file_round_trips_bit_for_bit(clustered, tmp_path):
+    pytest.importorskip("zstandard")
+    _, x, opt = clustered
+    path = compressed.save(opt, str(tmp_path / "net.goptz"))
+    sizes = compressed.section_sizes(path)
+    assert set(sizes) == {"graph", "indices/fc1", "indices/fc2"}
+    gm = compressed.load(path)
+    before = dict(opt.graph_module.named_buffers())
+    after = dict(gm.named_buffers())
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(gm(x), opt.graph_module(x))
+
+
+def test_corrupted_compressed_files_are_typed_errors(clustered, tmp_path):
+    pytest.importorskip("zstandard")
+    _, _, opt = clustered
+    path = compressed.save(opt, str(tmp_path / "net.goptz"))
+    data = open(path, "rb").read()
+    header_end = len(data) - sum(compressed.section_sizes(path).values())
+
+    def broken(name: str, blob: bytes) -> str:
+        p = str(tmp_path / name)
+        with open(p, "wb") as f:
+            f.write(blob)
+        return p
+
+    cases = {
+        "magic": (b"XXXXXX\n" + data[7:], "bad magic"),
+        "truncated": (data[:-10], "truncated"),
+        "graph": (data[:header_end + 5] + bytes([data[header_end + 5] ^ 0xFF]) + data[header_end + 6:],
+                  "section 'graph' is corrupted"),
+        "indices": (data[:-3] + bytes([data[-3] ^ 0x01]) + data[-2:], "section 'indices/fc2' is corrupted"),
+        "header": (data[:12] + b"{" + data[13:], "unreadable header"),
+    }
+    for name, (blob, match) in cases.items():
+        with pytest.raises(ArtifactError, match=match):
+            compressed.load(broken(name, blob))
+    with pytest.raises(ArtifactError, match="no such file"):
+        compressed.load(str(tmp_path / "missing.goptz"))
+    assert os.path.getsize(path) == len(data)
+
+
+# ---------------------------------------------------------------------------------------- TVM kernels
+tvm = pytest.importorskip("tvm")
+
+from graphopt.backends.targets import resolve_target  # noqa: E402
+from tests.quant.test_int8_paths import _compile, asm_of  # noqa: E402
+
+# (rows, in, out, k): 4-bit and 8-bit indices, direct (M <= 4) and panel kernels, odd K and N, pruned zeros
+LUT_SHAPES = [(1, 37, 21, 16), (7, 64, 33, 16), (1, 53, 19, 64), (9, 30, 17, 40)]
+
+
+class LutLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        mods = []
+        for _, k, n, kk in LUT_SHAPES:
+            w = torch.randn(n, k)
+            w[:, ::4] = 0.0
+            mods.append(ClusteredLinear(w, torch.randn(n), kk))
+        self.layers = nn.ModuleList(mods)
+
+    def forward(self, a, b, c, d):
+        return self.layers[0](a), self.layers[1](b), self.layers[2](c), self.layers[3](d)
+
+
+def test_codebook_kernels_match_the_reference():
+    module = LutLayers().eval()
+    g = torch.Generator().manual_seed(1)
+    args = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in LUT_SHAPES)
+    spec = resolve_target("x86")
+    compiled, exe, lowered = _compile(module, args, spec)
+    assert "clustered_linear:codebook4 direct×1" in lowered.quant and "codebook8 panel×1" in lowered.quant
+    from tvm.target import codegen
+
+    if codegen.target_has_features("avx512f", spec.tvm_target()):      # 16-entry lookup: one permute
+        assert re.search(r"vperm(ps|d)\t%zmm", asm_of(exe))            # (LLVM may pick the integer form)
+    with torch.no_grad():
+        refs = module(*args)
+    eps = torch.finfo(torch.float32).eps
+    for layer, x, got, ref in zip(module.layers, args, compiled(*args), refs):
+        tol = (x.abs() @ layer.dequantized_weight().abs().t() + layer.bias.abs()) * 8 * eps
+        assert not ((got - ref).abs() > tol).any()

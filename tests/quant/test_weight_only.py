@@ -1,0 +1,213 @@
+"""Weight-only int8 / int4 quantization: packing, group-wise quantization, the TVM kernels (direct GEMV and
+panel GEMM) against the dequantized reference on ragged shapes, the quantize pass options, artifacts, ARM.
+
+Kernels are compared with torch.ops.graphopt.woq_linear_packed / woq_linear (float32 x dequantized weight):
+equal up to float32 rounding of the sums (order, FMA, the per-group zero-point term), so the tolerance is
+a few ulps of Σ|x|·|w| per output, not a quantization step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import graphopt
+from graphopt.errors import PipelineError
+from graphopt.quant.modules import WeightOnlyLinear
+from graphopt.quant.weight_only import (PackedWeightOnlyLinear, dequantize_groups, pack_int4, quantize_groups,
+                                        unpack_int4)
+
+
+# ------------------------------------------------------------------------------------- pure PyTorch
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 41), st.integers(0, 2 ** 31 - 1))
+def test_int4_packing_round_trips(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int16)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, (k + 1) // 2)
+    assert torch.equal(unpack_int4(packed, k), q)
+    assert torch.equal(pack_int4(unpack_int4(packed, k)), packed)
+
+
+def test_int4_packing_refuses_out_of_range_values():
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.tensor([[3, 16]]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([8, 4]), st.sampled_from([None, 2, 8, 32]), st.integers(1, 6), st.integers(1, 70),
+       st.integers(0, 2 ** 31 - 1))
+def test_group_quantization_error_is_at_most_half_a_step_and_zero_is_exact(bits, group, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 3
+    w[:, ::3] = 0.0                                              # pruned weights must stay exactly zero
+    q, s, z = quantize_groups(w, bits, group)
+    gs = k if group is None else group
+    assert s.shape == z.shape == (n, -(-k // gs))
+    lo, hi = (-127, 127) if bits == 8 else (0, 15)
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+    deq = dequantize_groups(q, s, z, group)
+    step = s[:, torch.arange(k) // gs]
+    assert torch.all((deq - w).abs() <= step * 0.5 + 1e-6 * w.abs() + 1e-30)
+    assert torch.all(deq[:, ::3] == 0)
+
+
+@pytest.mark.parametrize("opts,match", [
+    ("bits=3", "bits=3"), ("bits=4", "mode=weight_only"), ("mode=static,group_size=32", "group_size"),
+    ("mode=weight_only,group_size=7", "group_size=7"), ("mode=weight_only,bits=4,group_size=0", "group_size=0"),
+    ("mode=dynamic,bits=4", "mode=weight_only")])
+def test_bad_weight_only_options_are_typed_errors(opts, match):
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(PipelineError, match=match):
+        graphopt.optimize(model, "torch", f"quantize({opts})", example_inputs=(torch.randn(1, 8),))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(70, 64), nn.Linear(64, 33), nn.Linear(33, 5)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("bits,group,expect", [(4, 32, 32), (4, -1, None), (8, 16, 16), (4, None, 128)])
+def test_pass_swaps_linears_and_reports_each_layer(bits, group, expect):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(3, 70)
+    gopt = "" if group is None else f",group_size={group}"
+    opt = graphopt.optimize(model, "torch", f"quantize(mode=weight_only,bits={bits}{gopt})", example_inputs=(x,))
+    mods = [m for m in opt.graph_module.modules() if isinstance(m, PackedWeightOnlyLinear)]
+    assert len(mods) == 3 and all(m.bits == bits for m in mods)
+    # a group at least as long as the row is per-channel (fc3: 33 inputs, fc1 with 128: 70)
+    assert mods[0].group_size == (expect if expect is not None and expect < 70 else None)
+    rec = opt.report.records[-1]
+    assert [d["bits"] for d in rec.details] == [bits] * 3
+    assert all(0 < d["w_err"] < (0.2 if bits == 4 else 0.01) for d in rec.details)
+    with torch.no_grad():
+        ref, got = model(x), opt(x)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > (0.98 if bits == 4 else 0.9999)
+    if bits == 4:
+        float_bytes = sum(p.numel() * 4 for p in model.parameters())
+        assert rec.size_bytes < float_bytes / 4
+
+
+def test_default_int8_weight_only_keeps_the_per_channel_module():
+    torch.manual_seed(0)
+    opt = graphopt.optimize(MLP().eval(), "torch", "quantize(mode=weight_only)", example_inputs=(torch.randn(2, 70),))
+    assert sum(isinstance(m, WeightOnlyLinear) for m in opt.graph_module.modules()) == 3
+
+
+# ---------------------------------------------------------------------------------------- TVM kernels
+tvm = pytest.importorskip("tvm")
+
+from graphopt.backends.targets import resolve_target  # noqa: E402
+from graphopt.backends.tvm.weight_only import DIRECT_MAX_ROWS  # noqa: E402
+from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of  # noqa: E402
+
+# (rows M, in K, out N, bits, group): ragged groups (K % group != 0), odd K, odd N, per-channel, one GEMV
+# (direct kernel: int4 groups of 8k inputs take the word kernel, others the pair kernel) and one GEMM
+# (panel kernel, M > DIRECT_MAX_ROWS) of each kind
+SHAPES = [(1, 37, 21, 4, 8), (3, 70, 17, 4, None), (2, 45, 13, 4, 10), (1, 64, 33, 8, 16), (1, 53, 19, 8, None),
+          (7, 37, 21, 4, 8), (9, 129, 40, 4, 32), (6, 300, 35, 8, None), (5, 75, 9, 8, 10)]
+
+
+class Layers(nn.Module):
+    """One weight-only Linear per SHAPES entry, each fed its own input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        mods = []
+        for m, k, n, bits, group in SHAPES:
+            w, b = torch.randn(n, k), torch.randn(n)
+            mods.append(WeightOnlyLinear(w, b) if bits == 8 and group is None
+                        else PackedWeightOnlyLinear(w, b, bits, group))
+        self.layers = nn.ModuleList(mods)
+
+    def forward(self, x0, x1, x2, x3, x4, x5, x6, x7, x8):
+        xs = (x0, x1, x2, x3, x4, x5, x6, x7, x8)
+        return tuple(self.layers[i](xs[i]) for i in range(len(SHAPES)))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(m, k, generator=g) for m, k, *_ in SHAPES)
+
+
+def _tolerance(layer, x):
+    """A few float32 ulps of Σ_k |x|·|w| per output (the rounding of any summation order)."""
+    w = (layer.dequantized_weight() if isinstance(layer, PackedWeightOnlyLinear)
+         else layer.weight_q.float() * layer.w_scale.reshape(-1, 1))
+    return (x.abs() @ w.abs().t() + layer.bias.abs()) * 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module", params=["x86", "x86:haswell"])
+def built(request):
+    _skip_unless_runs_here(request.param)
+    module, args = Layers().eval(), _inputs()
+    compiled, exe, lowered = _compile(module, args, resolve_target(request.param))
+    return request.param, module, args, compiled, exe, lowered
+
+
+def test_kernels_match_the_dequantized_reference(built):
+    target, module, args, compiled, _, lowered = built
+    with torch.no_grad():
+        refs = module(*args)
+    for (m, k, n, bits, group), layer, x, got, ref in zip(SHAPES, module.layers, args, compiled(*args), refs):
+        assert got.shape == ref.shape == (m, n)
+        bad = (got - ref).abs() > _tolerance(layer, x)
+        assert not bad.any(), f"{target} {(m, k, n, bits, group)}: max |diff| {(got - ref).abs().max():.3g}"
+
+
+def test_each_layer_takes_the_kernel_for_its_row_count(built):
+    _, _, _, _, _, lowered = built
+    direct = sum(1 for s in SHAPES if s[0] <= DIRECT_MAX_ROWS)
+    counts = dict(part.rsplit("×", 1) for part in lowered.quant.split(":", 1)[1].split(";")[0].strip().split(", "))
+    assert sum(int(v) for k, v in counts.items() if "direct" in k) == direct
+    assert sum(int(v) for k, v in counts.items() if "panel" in k) == len(SHAPES) - direct
+
+
+def test_kernels_dequantize_in_registers_with_the_targets_vectors(built):
+    target, _, _, _, exe, _ = built
+    asm = asm_of(exe)
+    assert "vcvtdq2ps" in asm and "vfmadd" in asm
+    if target == "x86:haswell":
+        assert "zmm" not in asm                     # AVX2 code: 256-bit vectors only
+
+
+def test_int4_artifact_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(1, 70)
+    opt = graphopt.optimize(model, "x86", "quantize(mode=weight_only,bits=4,group_size=16)", example_inputs=(x,))
+    assert "woq_linear_packed:int4 direct×3" in opt.report.backend["int8"]
+    again = graphopt.load(opt.save(str(tmp_path / "mlp4.gopt")))
+    assert torch.equal(again(x), opt(x))
+    with torch.no_grad():
+        ref = opt.graph_module(x)                   # the torch reference graph of the same quantized model
+    assert torch.allclose(opt(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_relax_lowering_without_an_llvm_cpu_target():
+    """spec None (the 'relax' path CUDA takes): weights dequantized once at compile time, a float matmul."""
+    from graphopt.backends.tvm import build_module, lower_graph
+    from graphopt.backends.tvm.runtime import CompiledModule
+    from graphopt.quant.cluster import ClusteredLinear
+
+    torch.manual_seed(0)
+    module = nn.Sequential(PackedWeightOnlyLinear(torch.randn(12, 21), torch.randn(12), 4, 8),
+                           WeightOnlyLinear(torch.randn(9, 12), None),
+                           ClusteredLinear(torch.randn(5, 9), torch.randn(5), 16)).eval()
+    x = torch.randn(3, 21)
+    lowered = lower_graph(torch.fx.symbolic_trace(module), (x,), None)
+    assert "relax" in lowered.quant and "direct" not in lowered.quant
+    host = resolve_target("x86")
+    compiled = CompiledModule(build_module(lowered.mod, host), host, lowered.inputs, lowered.outputs,
+                              lowered.out_spec, lowered.const_outputs)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), module(x), rtol=1e-5, atol=1e-5)
