@@ -121,6 +121,8 @@ def _inputs():
 def chain(request):
     target = request.param
     _skip_unless_runs_here(target)
+    if target != "x86" and int8_path(resolve_target(target)) == int8_path(resolve_target("x86")):
+        pytest.skip(f"this host's int8 path is {int8_path(resolve_target(target))} too: the x86 case covers it")
     spec = resolve_target(target)
     module = Chain(weight_qmax_for(int8_path(spec))).eval()
     args = _inputs()
