@@ -50,6 +50,8 @@ import numpy as np
 
 from ...errors import LoweringError
 from ...quant.qparams import REDUCED_WEIGHT_QMAX
+from . import quant_fuse
+from .quant_epilogue import FLOAT, Epilogue
 
 __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "describe_path", "PATHS",
            "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
@@ -73,6 +75,14 @@ OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.d
 PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu", "relax")
 PAIR_PATHS = ("avx512bw", "avx2")          # the paths whose int16 pair sums can saturate
 PAIR_WEIGHT_QMAX = REDUCED_WEIGHT_QMAX      # |w| <= 64: 2·255·64 = 32,640 <= 32,767, pairs never saturate
+# int8 GEMM/conv kernels with fewer multiply-adds than this run on one thread: waking the thread pool costs
+# microseconds (far more on a loaded machine, where a worker may wait for a core), more than such a layer
+# takes on one core (~4M MACs: 20-40 us). Digits CNN's 1.2M-MAC conv on a loaded 2-core Zen 4: 11.2 us in
+# parallel, 7.3 us on one thread.
+PARALLEL_MIN_MACS = 1 << 22
+# requantize epilogues fused into the producing int8 kernel (quant_fuse.py); False: the unfused lowering
+# (float32 out, elementwise quantize kernel), kept as the reference the fused kernels are tested against
+FUSE_EPILOGUES = True
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 _PAIR_INTRINSICS = {"avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
@@ -234,11 +244,15 @@ def _conv_tiles(ow: int, blocks: int, path: str) -> tuple[int, int]:
     return mt, next(t for t in (2, 1) if blocks % t == 0)
 
 
-def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: bool = False):
+def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: bool = False,
+                 epi: Epilogue = FLOAT, n_out: int | None = None):
     """TIR: Y[M, NB·L] = float32(A·Wᵀ - C) · S + B for A uint8 [M, KB·4] and packed int8 W (L = lanes_of).
 
     W layout: [NB, KB, L, 4] (vnni, avx512bw, avx2: see _dot4) or [NB, KB, 4, 16] (cpu: widening
     multiply-adds); C int32, S/B float32 of length NB·L. `exact`: the exact pair split of _dot4.
+    `epi` (quant_epilogue.Epilogue): what is stored, float32 or the requantized codes of the next layer;
+    `n_out`: the columns Y has (default NB·L; fewer: the last vector is stored lane by lane).
+    Runs in parallel only above PARALLEL_MIN_MACS (a thread-pool wake-up costs more than a small layer).
     """
     from tvm.script import tirx as T
 
@@ -249,12 +263,15 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     MO = (M + MT - 1) // MT
     NBO = NB // NT
     w_shape = (NB, KB, L, 4) if fast else (NB, KB, 4, L)
+    NS = N if n_out is None else n_out
+    full = NS == N
+    par = T.parallel if M * K * N >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func
     def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
-               S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+               S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, NS), epi.dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        for nbo in T.parallel(NBO):
+        for nbo in par(NBO):
             for mo in range(MO):
                 acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
                 for t in T.unroll(MT * NT):
@@ -276,16 +293,29 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
                 for mi in T.unroll(MT):
                     if mo * MT + mi < M:
                         for nt in T.unroll(NT):
-                            for j in T.vectorized(L):
-                                Y[mo * MT + mi, (nbo * NT + nt) * L + j] = T.Cast(
-                                    "float32", acc[(mi * NT + nt) * L + j] - C[(nbo * NT + nt) * L + j]) * S[
-                                    (nbo * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
+                            if full:
+                                for j in T.vectorized(L):
+                                    Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
+                                        acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                        S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
+                            elif (nbo * NT + nt) * L + L <= NS:
+                                for j in T.vectorized(L):
+                                    Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
+                                        acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                        S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
+                            elif (nbo * NT + nt) * L < NS:
+                                for j in range(L):
+                                    if (nbo * NT + nt) * L + j < NS:
+                                        Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
+                                            acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                            S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
     return qdense
 
 
 def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
                 stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, path: str,
-                exact: bool = False):
+                exact: bool = False, epi: Epilogue = FLOAT, c_out: int | None = None,
+                out_pad: tuple[int, int] = (0, 0)):
     """TIR: NHWC float32 Y[N, OH, OW, COB·L] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
     that is already padded (spatially with the zero point; channels up to a multiple of 4). Output channels
     are padded to whole L-lane blocks (L = lanes_of(path)) so every store is one vector; the caller slices
@@ -294,6 +324,11 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
 
     W layout: [COB, KH, KW, CB, L, 4] (vnni, avx512bw, avx2) or [COB, KH, KW, CB, 4, 16] (cpu); C/S/B of
     length COB·L. `exact`: the exact pair split of _dot4.
+
+    Fused output (quant_fuse.py): `epi` stores the next layer's int8 codes instead of float32; `c_out`
+    channels are stored (default COB·L); `out_pad` = (ph, pw) makes Y the next conv's input as its kernel
+    reads it, [N, OH + 2ph, OW + 2pw, c_out] with the border filled with the zero point (epi.zp + epi.shift).
+    Runs in parallel only above PARALLEL_MIN_MACS.
     """
     from tvm.script import tirx as T
 
@@ -306,13 +341,25 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     OWO = (OW + MT - 1) // MT
     CBO = COB // NT
     w_shape = (COB, KH, KW, CB, L, 4) if fast else (COB, KH, KW, CB, 4, L)
+    NS = COB * L if c_out is None else c_out
+    full = NS == COB * L
+    ph, pw = out_pad
+    padded = bool(ph or pw)
+    OHs, OWs = OH + 2 * ph, OW + 2 * pw
+    fill = epi.zp + epi.shift if epi.requantizes else 0
+    par = T.parallel if N * OH * OW * CO * KH * KW * Cp >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func
     def qconv(X: T.Buffer((N, Hp, Wp, Cp), a_dtype), W: T.Buffer(w_shape, "int8"),
               C: T.Buffer((COB * L,), "int32"), S: T.Buffer((COB * L,), "float32"),
-              Bi: T.Buffer((COB * L,), "float32"), Y: T.Buffer((N, OH, OW, COB * L), "float32")):
+              Bi: T.Buffer((COB * L,), "float32"), Y: T.Buffer((N, OHs, OWs, NS), epi.dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        for row in T.parallel(N * OH):
+        if padded:                                      # the border of the next conv's input: zero point
+            for n, h, w in T.grid(N, OHs, OWs):
+                if h < ph or h >= OH + ph or w < pw or w >= OW + pw:
+                    for c in T.vectorized(NS):
+                        Y[n, h, w, c] = T.Cast(epi.dtype, fill)
+        for row in par(N * OH):
             for cbo in range(CBO):
                 for owo in range(OWO):
                     acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
@@ -341,10 +388,23 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
                             for nt in T.unroll(NT):
-                                for j in T.vectorized(L):
-                                    Y[row // OH, row % OH, owo * MT + mi, (cbo * NT + nt) * L + j] = T.Cast(
-                                        "float32", acc[(mi * NT + nt) * L + j] - C[(cbo * NT + nt) * L + j]) \
-                                        * S[(cbo * NT + nt) * L + j] + Bi[(cbo * NT + nt) * L + j]
+                                if full:
+                                    for j in T.vectorized(L):
+                                        Y[row // OH, row % OH + ph, owo * MT + mi + pw, (cbo * NT + nt) * L + j] = \
+                                            epi.value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
+                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
+                                elif (cbo * NT + nt) * L + L <= NS:
+                                    for j in T.vectorized(L):
+                                        Y[row // OH, row % OH + ph, owo * MT + mi + pw, (cbo * NT + nt) * L + j] = \
+                                            epi.value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
+                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
+                                elif (cbo * NT + nt) * L < NS:
+                                    for j in range(L):
+                                        if (cbo * NT + nt) * L + j < NS:
+                                            Y[row // OH, row % OH + ph, owo * MT + mi + pw,
+                                              (cbo * NT + nt) * L + j] = epi.value(
+                                                acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
+                                                S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
     return qconv
 
 
@@ -483,6 +543,7 @@ class QuantLowering:
     path: str
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    fuse: Any = None                # quant_fuse.FuseState: fused requantize chains of this program
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -567,6 +628,8 @@ def _convert_quantize(st: QuantLowering):
     from graphopt.quant.ops import inv_scale_of
 
     def convert(node, importer):
+        if st.fuse is not None and node in st.fuse.absorbed_values:     # requantized by a fused producer
+            return st.fuse.absorbed_values[node]
         relax = _relax()
         bb = importer.block_builder
         x = importer.env[node.args[0]]
@@ -595,26 +658,27 @@ def _epilogue_relax(bb, acc, out_scale, bias, channel_axis: int, ndim: int):
 
 
 def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list[int],
-                exact: bool = False):
+                exact: bool = False, epi: Epilogue = FLOAT, flat: bool = False):
     """Emit the qdense kernel for uint8 x [..., K]; comp/out_scale/bias are Relax float/int vectors of
-    length NB·L (or numpy arrays). Returns float32 [..., N]."""
+    length NB·L (or numpy arrays). Returns float32 [..., N] (the kernel stores exactly N columns), or with
+    a requantizing `epi` and flat=True the [M, N] codes as the kernel stored them."""
     relax = _relax()
     n, k = wq.shape
     L = lanes_of(st.path)
     m = int(np.prod(lead)) if lead else 1
-    x2 = bb.emit(relax.op.reshape(xu8, [m, k]))
+    x2 = bb.emit(relax.op.reshape(xu8, [m, k])) if _shape(xu8) != [m, k] else xu8
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
     kb, nb = (k + 3) // 4, (n + L - 1) // L
     mt, nt = _tiles(m, nb, _cores(st.spec), st.path)
-    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact)
+    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact, epi, n)
     gv = bb.add_func(_private(func), "graphopt_qdense")
     args = [x2, _const(pack_dense(wq, st.path))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
         args.append(_const(_pad_vec(v, nb * L, dt)) if isinstance(v, np.ndarray) else v)
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nb * L], "float32")))
-    if nb * L != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], epi.dtype)))
+    if flat or [*lead, n] == [m, n]:
+        return y
     return bb.emit(relax.op.reshape(y, [*lead, n]))
 
 
@@ -636,10 +700,33 @@ def _convert_qlinear(st: QuantLowering):
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
         exact = st.kernel("qlinear", wq)
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
+        ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
+        if ki is not None and ki.dtype == act_dtype_of(st.path) and ki.layout[0] in ("plain", "flat_nhwc"):
+            xu8, zp8 = ki.var, ki.zp                    # codes stored by the fused producer
+            if ki.layout[0] == "flat_nhwc":
+                wq = quant_fuse.permute_flat_weight(wq, ki.layout[1])
+        else:
+            xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         comp = _zero_point_term(zp8, wq)
-        return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
+        plan = st.fuse.plans.get(node) if st.fuse else None
+        if plan is None:
+            return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
+        epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
+        st.count("fused requantize epilogue")
+        y = _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact, epi, flat=True)
+        out = quant_fuse.KernelInput(y, want, zp_out, ("plain",))
+        return _record_fused(st, bb, plan, out, None, shape[:-1])
     return convert
+
+
+def _record_fused(st: QuantLowering, bb, plan, out, shape_nchw, lead):
+    """Book-keeping of a fused producer: its codes for the consumer kernel, and the graph-layout view that
+    the quantize node (and the absorbed nodes before it) stand for."""
+    st.fuse.kernel_inputs[plan.quantize] = out
+    view = quant_fuse.graph_view(bb, plan, out, shape_nchw, lead)
+    for n in plan.absorbed:
+        st.fuse.absorbed_values[n] = view
+    return view
 
 
 def _convert_dynamic_qlinear(st: QuantLowering):
@@ -749,22 +836,63 @@ def _convert_qconv2d(st: QuantLowering):
                                       dilation=dilation, groups=groups, out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), 1, 4)
         exact = st.kernel("qconv2d", wq)
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         cpad = -c % 4
-        nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
+        ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
+        if (ki is not None and ki.dtype == act_dtype_of(st.path) and ki.layout == ("nhwc", tuple(padding))
+                and _shape(ki.var)[3] == c + cpad):
+            nhwc, zp8 = ki.var, ki.zp                   # already NHWC and padded by the fused producer
+        else:
+            xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
+            nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         L = lanes_of(st.path)
         cb, cob = (c + cpad) // 4, (co + L - 1) // L
         mt, nt = _conv_tiles(ow, cob, st.path)
-        func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt,
-                           st.path, exact)
-        gv = bb.add_func(_private(func), "graphopt_qconv2d")
         comp = _zero_point_term(zp8, wq)
         args = [nhwc, _const(pack_conv(wq, st.path)), _const(_pad_vec(comp, cob * L, np.int32)),
                 _const(_pad_vec(out_scale, cob * L, np.float32)), _const(_pad_vec(bias, cob * L, np.float32))]
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * L], "float32")))
-        return _nchw_output(bb, y, co)
+        plan = st.fuse.plans.get(node) if st.fuse else None
+        if plan is None:
+            func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt,
+                               st.path, exact)
+            gv = bb.add_func(_private(func), "graphopt_qconv2d")
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * L], "float32")))
+            return _nchw_output(bb, y, co)
+        return _fused_conv(st, bb, plan, args, (n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride),
+                                                tuple(dilation), mt, nt), exact)
     return convert
+
+
+def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
+    """Emit a qconv2d whose epilogue requantizes for the next int8 layer (quant_fuse.py): the conv kernel
+    stores the codes NHWC (padded for a conv consumer), then a max-pool on the codes if the chain has one."""
+    relax = _relax()
+    n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt = geometry
+    epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
+    st.count("fused requantize epilogue")
+    c_out = co if plan.flatten is not None else quant_fuse.round_up(co, 4)
+    pad_next = plan.consumer[1] if plan.consumer and plan.consumer[0] == "conv" else (0, 0)
+    conv_pad = (0, 0) if plan.pool else pad_next
+    func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact, epi,
+                       c_out, conv_pad)
+    gv = bb.add_func(_private(func), "graphopt_qconv2d")
+    shape = [n, oh + 2 * conv_pad[0], ow + 2 * conv_pad[1], c_out]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, want)))
+    h, w = oh, ow
+    if plan.pool:
+        p = plan.pool
+        h = (oh + 2 * p["padding"][0] - p["dilation"][0] * (p["kernel"][0] - 1) - 1) // p["stride"][0] + 1
+        w = (ow + 2 * p["padding"][1] - p["dilation"][1] * (p["kernel"][1] - 1) - 1) // p["stride"][1] + 1
+        low = (-128 if want == "int8" else 0)
+        lowest = np.array([max(low, epi.qmin + epi.shift)], dtype=want)
+        pool = quant_fuse.pool_kernel(n, oh, ow, c_out, p, h, w, want, pad_next, zp_out)
+        pv = bb.add_func(_private(pool), "graphopt_qmaxpool")
+        y = bb.emit(relax.call_tir(pv, [y, _const(lowest)],
+                                   relax.TensorType([n, h + 2 * pad_next[0], w + 2 * pad_next[1], c_out], want)))
+        st.count("qmaxpool (on int8 codes)")
+    layout = ("flat_nhwc", (co, h, w)) if plan.flatten is not None else ("nhwc", pad_next)
+    out = quant_fuse.KernelInput(y, want, zp_out, layout)
+    return _record_fused(st, bb, plan, out, (n, co, h, w), None)
 
 
 def _nhwc_input(bb, xu8, padding, cpad: int, zp8: int):
@@ -892,7 +1020,10 @@ def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowerin
         raise LoweringError(f"no TVM lowering for graphopt op(s) {', '.join(sorted(unknown))}")
     st = QuantLowering(ep, spec, int8_path(spec))
     st.notes.append(describe_path(st.path, getattr(spec, "alias", "?"), getattr(spec, "arch", "")))
-    return {name: _CONVERTERS[name](st) for name in present}, st
+    st.fuse = quant_fuse.FuseState(quant_fuse.plan_fusions(ep, st.path) if FUSE_EPILOGUES else {})
+    converters = quant_fuse.absorbed_converters(st.fuse, ep)
+    converters.update({name: _CONVERTERS[name](st) for name in present})
+    return converters, st
 
 
 def summary(st: QuantLowering | None) -> str:

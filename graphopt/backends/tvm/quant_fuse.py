@@ -1,0 +1,332 @@
+"""Fused requantize epilogues: int8 layer -> int8 layer with no float32 tensor in memory between them.
+
+A statically quantized graph reaches the lowering as
+    qconv2d / qlinear (int32 -> float32) -> [ReLU | ReLU6 | clamp]* -> [max-pool] -> [flatten] -> quantize
+    -> the next qconv2d / qlinear.
+Unfused, that is an int8 kernel writing float32, an elementwise kernel (activation, quantize, then the next
+conv's NHWC permute and zero-point padding), and a float pooling kernel: three launches and two tensors
+through memory per layer (at batch 1 on the digits CNN, 13 kernels for 5 layers; the launches, not the
+arithmetic, were most of the time). This module finds those chains in the exported ATen graph (plan) and
+lowers each to ONE kernel whose epilogue (quant_epilogue.Epilogue) applies the activation and the quantize
+to the int32 accumulators in registers and stores the codes exactly as the next int8 kernel reads them:
+
+  next op a Conv2d (groups=1)   NHWC, already padded with the zero point by that conv's padding, channels to
+                                a multiple of 4: the consumer's permute/pad kernel disappears
+  max-pool in between           the pool runs on the uint8/int8 codes (pool_kernel: NHWC, 1-byte reads,
+                                writing the next conv's padded input); exact, because quantize and the
+                                activations are monotone non-decreasing: quantize(max(x)) = max(quantize(x))
+  flatten then a Linear         NHWC codes; the Linear's weight columns are permuted to (h, w, c) order at
+                                build time, so the flatten is free
+  next op a Linear              [M, N] codes
+  anything else                 NHWC / [M, N] codes and a Relax view in the graph's layout for the other
+                                consumers (slice/permute; dead code, so removed, when nothing reads it)
+The sdot path multiplies int8 activations: its kernels store codes shifted by -128 (Epilogue.shift), the x86
+kernels shift int8 codes by +128 the same way, so no conversion kernel runs between layers either.
+
+Contract: exact. Every stored code equals what the unfused kernels compute (same float32 operations in the
+same order: dequantize epilogue, each activation's max/min, round(x * float32(1/scale)) + zp, clamp; see
+quant_epilogue); tests/quant/test_fused_epilogue.py compares fused and unfused builds bit for bit. A chain
+that does not have this shape (a tensor with several users, another op in between, a float consumer) is
+left to the unfused lowering, which stays correct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .quant_epilogue import Epilogue
+
+__all__ = ["FusePlan", "KernelInput", "plan_fusions", "absorbed_converters", "pool_kernel"]
+
+_ACT_OPS = ("relu.default", "relu_.default", "relu6.default", "relu6_.default", "hardtanh.default",
+            "hardtanh_.default", "clamp.default")
+_POOL_OPS = ("max_pool2d_with_indices.default", "max_pool2d.default")
+_FLATTEN_OPS = ("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints")
+
+
+def _op(node) -> str:
+    return getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else ""
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _act_bounds(node) -> tuple | None:
+    """(lo, hi) of a ReLU / ReLU6 / hardtanh / clamp node with constant bounds (None: unbounded), else None."""
+    name, args, kw = _op(node), node.args, node.kwargs
+    if name.startswith("relu6"):
+        return (0.0, 6.0)
+    if name.startswith("relu"):
+        return (0.0, None)
+    if name.startswith("hardtanh"):
+        lo = args[1] if len(args) > 1 else kw.get("min_val", -1.0)
+        hi = args[2] if len(args) > 2 else kw.get("max_val", 1.0)
+        return (_num(lo), _num(hi)) if _num(lo) is not None and _num(hi) is not None else None
+    if name == "clamp.default":
+        lo = args[1] if len(args) > 1 else kw.get("min")
+        hi = args[2] if len(args) > 2 else kw.get("max")
+        if (lo is not None and _num(lo) is None) or (hi is not None and _num(hi) is None) or lo is hi is None:
+            return None
+        return (_num(lo), _num(hi))
+    return None
+
+
+def _shape_of(node) -> tuple | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return tuple(int(s) for s in val.shape) if val is not None and hasattr(val, "shape") else None
+
+
+@dataclass
+class FusePlan:
+    """One fused chain: producer (qconv2d / qlinear) -> acts -> [pool] -> [flatten] -> quantize."""
+
+    producer: Any
+    quantize: Any
+    acts: tuple
+    absorbed: list                  # every node after the producer, up to and including the quantize
+    pool: dict | None = None        # kernel, stride, padding, dilation of a max-pool on the codes
+    flatten: tuple | None = None    # (C, H, W) of an NCHW -> [N, C·H·W] flatten
+    consumer: tuple | None = None   # ("conv", (ph, pw)) | ("linear",) | None
+
+
+@dataclass
+class KernelInput:
+    """Codes written by a fused producer in the layout an int8 kernel reads (see the module docstring)."""
+
+    var: Any                        # Relax var
+    dtype: str                      # uint8 | int8 (already shifted for the consumer's kernel)
+    zp: int                         # zero point of these codes (shift included)
+    layout: tuple                   # ("nhwc", (ph, pw)) | ("flat_nhwc", (C, H, W)) | ("plain",)
+
+
+def plan_fusions(ep, path: str) -> dict:
+    """{producer node: FusePlan} for the exported program `ep` on int8 path `path` (no plan on 'relax')."""
+    if path == "relax":
+        return {}
+    plans = {}
+    for node in ep.graph.nodes:
+        name = _op(node)
+        if name == "qlinear.default" or (name == "qconv2d.default" and _conv_fusable(node)):
+            plan = _plan_chain(node, is_conv=name == "qconv2d.default")
+            if plan is not None:
+                plans[node] = plan
+    return plans
+
+
+def _conv_fusable(node) -> bool:
+    """Producers conv_kernel handles: groups == 1 (depthwise and grouped convs keep their own kernels)."""
+    return int(node.args[8]) == 1
+
+
+def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
+    acts, absorbed = [], []
+    pool = flatten = None
+    cur = producer
+    while True:
+        if len(cur.users) != 1:
+            return None
+        user = next(iter(cur.users))
+        if not user.args or user.args[0] is not cur:
+            return None
+        name = _op(user)
+        if name in _ACT_OPS:
+            bounds = _act_bounds(user)
+            if bounds is None:
+                return None
+            acts.append(bounds)
+        elif name in _POOL_OPS and is_conv and pool is None and flatten is None:
+            pool = _pool_args(user)
+            if pool is None:
+                return None
+            if name == "max_pool2d_with_indices.default":     # the values (getitem 0) only, never the indices
+                if len(user.users) != 1:
+                    return None
+                getter = next(iter(user.users))
+                if _op(getter) != "getitem" and getattr(getter.target, "__name__", "") != "getitem":
+                    return None
+                if getter.args[1] != 0:
+                    return None
+                absorbed.append(user)
+                user = getter
+        elif name in _FLATTEN_OPS and is_conv and flatten is None:
+            src, dst = _shape_of(cur), _shape_of(user)
+            if src is None or dst is None or len(src) != 4 or dst != (src[0], src[1] * src[2] * src[3]):
+                return None
+            flatten = src[1:]
+        elif name == "quantize.default":
+            absorbed.append(user)
+            return FusePlan(producer, user, tuple(acts), absorbed, pool, flatten, _consumer(user, flatten))
+        else:
+            return None
+        absorbed.append(user)
+        cur = user
+
+
+def _pool_args(node) -> dict | None:
+    """kernel/stride/padding/dilation of a max_pool2d node (ceil_mode False), else None."""
+    args = list(node.args) + [None] * 6
+
+    def pair(v, default):
+        v = default if v is None or (isinstance(v, (list, tuple)) and len(v) == 0) else v
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        return (int(v[0]), int(v[-1]))
+
+    kw = node.kwargs
+    kernel = pair(args[1], None)
+    stride = pair(args[2] if args[2] is not None else kw.get("stride"), kernel)
+    padding = pair(args[3] if args[3] is not None else kw.get("padding"), 0)
+    dilation = pair(args[4] if args[4] is not None else kw.get("dilation"), 1)
+    ceil = args[5] if args[5] is not None else kw.get("ceil_mode", False)
+    if ceil:
+        return None
+    return dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+
+
+def _consumer(q, flatten) -> tuple | None:
+    """How the quantize's single int8 consumer reads it, or None (several users, or a float op)."""
+    if len(q.users) != 1:
+        return None
+    user = next(iter(q.users))
+    if not user.args or user.args[0] is not q:
+        return None
+    if _op(user) == "qconv2d.default" and flatten is None and int(user.args[8]) == 1:
+        return ("conv", (int(user.args[6][0]), int(user.args[6][-1])))
+    if _op(user) == "qlinear.default":
+        return ("linear",)
+    return None
+
+
+# --------------------------------------------------------------------------------------- emission
+def requant_epilogue(plan: FusePlan, want: str) -> tuple[Epilogue, str, int]:
+    """(epilogue, stored dtype, stored zero point) of a plan whose consumer kernel reads `want` codes."""
+    from graphopt.quant.ops import inv_scale_of
+
+    scale, zp, qmin, qmax = plan.quantize.args[1:5]
+    qdtype = "uint8" if qmin >= 0 else "int8"
+    shift = 0 if qdtype == want else (128 if want == "uint8" else -128)
+    epi = Epilogue(want, plan.acts, inv_scale_of(scale), int(zp), int(qmin), int(qmax), shift)
+    return epi, want, int(zp) + shift
+
+
+def graph_view(bb, plan: FusePlan, ki: KernelInput, shape_nchw: tuple | None, lead: list | None = None):
+    """The quantize node's value in the graph's own layout and dtype, from the fused codes (Relax ops that
+    dead-code elimination removes when only the fused consumer reads the codes)."""
+    from tvm import relax
+
+    R = relax.op
+    y = ki.var
+    if ki.layout[0] == "plain":
+        n = int(y.ty.shape[-1])
+        y = R.reshape(y, [*lead, n])
+    else:
+        n_, h_, w_, _ = [int(s) for s in y.ty.shape]
+        c, h, w = shape_nchw[1:]
+        ph = (h_ - h) // 2 if ki.layout[0] == "nhwc" else 0
+        pw = (w_ - w) // 2 if ki.layout[0] == "nhwc" else 0
+        y = R.strided_slice(y, axes=[1, 2, 3], begin=[ph, pw, 0], end=[ph + h, pw + w, c])
+        y = R.permute_dims(y, [0, 3, 1, 2])
+        if plan.flatten is not None:
+            y = R.reshape(y, [n_, c * h * w])
+    qmin = plan.quantize.args[3]
+    qdtype = "uint8" if qmin >= 0 else "int8"
+    if ki.dtype != qdtype:
+        shift = ki.zp - int(plan.quantize.args[2])
+        y = R.astype(R.subtract(R.astype(y, "int16"), relax.const(shift, "int16")), qdtype)
+    return bb.emit(y)
+
+
+def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dtype: str,
+                out_pad: tuple[int, int], fill: int):
+    """TIR: max-pool of NHWC int8/uint8 codes X[N, H, W, C] into Y[N, OH + 2ph, OW + 2pw, C] (out_pad = the
+    next conv's padding, its border = `fill`). Lo[0] (an input, a one-element tensor) is where each max
+    starts: the lowest code, so pool padding never wins over a real element, as PyTorch's -inf padding."""
+    from tvm.script import tirx as T
+
+    (kh, kw), (sh, sw) = pool["kernel"], pool["stride"]
+    (pph, ppw), (dh, dw) = pool["padding"], pool["dilation"]
+    ph, pw = out_pad
+    OHs, OWs = OH + 2 * ph, OW + 2 * pw
+    padded = bool(ph or pw)
+    guarded = bool(pph or ppw)
+    V = 1
+    while V < 64 and C % (V * 2) == 0:
+        V *= 2
+    CV = C // V
+    par = T.parallel if N * OH * OW * C * kh * kw >= (1 << 18) else T.serial
+
+    @T.prim_func
+    def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        if padded:
+            for n, h, w in T.grid(N, OHs, OWs):
+                if h < ph or h >= OH + ph or w < pw or w >= OW + pw:
+                    for c in range(C):
+                        Y[n, h, w, c] = T.Cast(dtype, fill)
+        for row in par(N * OH):
+            for ow in range(OW):
+                for cv in range(CV):
+                    acc = T.decl_buffer((V,), dtype, scope="local")
+                    for c in T.vectorized(V):
+                        acc[c] = Lo[0]
+                    for i in T.unroll(kh):
+                        for j in T.unroll(kw):
+                            if guarded:
+                                if 0 <= (row % OH) * sh - pph + i * dh < H and 0 <= ow * sw - ppw + j * dw < W:
+                                    for c in T.vectorized(V):
+                                        acc[c] = T.max(acc[c], X[row // OH, (row % OH) * sh - pph + i * dh,
+                                                                 ow * sw - ppw + j * dw, cv * V + c])
+                            else:
+                                for c in T.vectorized(V):
+                                    acc[c] = T.max(acc[c], X[row // OH, (row % OH) * sh + i * dh, ow * sw + j * dw,
+                                                             cv * V + c])
+                    for c in T.vectorized(V):
+                        Y[row // OH, row % OH + ph, ow + pw, cv * V + c] = acc[c]
+    return qpool
+
+
+# --------------------------------------------------------------------------------- absorbed nodes
+def absorbed_converters(st, ep) -> dict:
+    """Converters for the ATen ops of absorbed nodes (activations, pools, getitem, flatten): an absorbed node
+    returns the value its fused producer recorded; any other node of the same op converts as usual."""
+    names = {_op(n) if _op(n) else getattr(n.target, "__name__", "") for plan in st.plans.values()
+             for n in plan.absorbed}
+    names.discard("quantize.default")          # quant_lower's own converter handles it
+    out = {}
+    for name in names:
+        out[name] = _passthrough(st, name)
+    return out
+
+
+def _passthrough(st, name: str):
+    def convert(node, importer):
+        if node in st.absorbed_values:
+            return st.absorbed_values[node]
+        return _default_converter(importer, name)(node)
+    return convert
+
+
+def _default_converter(importer, name: str):
+    cache = importer.__dict__.setdefault("_graphopt_default_converters", {})
+    if not cache:
+        cache.update(type(importer).create_convert_map(importer))
+    return cache[name]
+
+
+@dataclass
+class FuseState:
+    plans: dict = field(default_factory=dict)
+    kernel_inputs: dict = field(default_factory=dict)       # quantize node -> KernelInput
+    absorbed_values: dict = field(default_factory=dict)     # absorbed node -> its Relax value
+
+
+def round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def permute_flat_weight(wq: np.ndarray, chw: tuple) -> np.ndarray:
+    """Linear weight [N, C·H·W] (NCHW flatten order) -> [N, H·W·C] (NHWC order)."""
+    c, h, w = chw
+    return np.ascontiguousarray(wq.reshape(wq.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(wq.shape[0], -1))

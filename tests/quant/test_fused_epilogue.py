@@ -1,0 +1,189 @@
+"""Fused requantize epilogues (graphopt/backends/tvm/quant_fuse.py): an int8 conv/linear followed by its
+activation, max-pool, flatten and the next quantize lowers to one kernel storing the next layer's codes.
+
+Fused builds are compared bit for bit with the QDQ graph run in PyTorch, or with the unfused lowering of
+the same graph (quant_lower.FUSE_EPILOGUES = False: float32 out, elementwise quantize kernel), which
+test_int8_paths.py / test_lowering.py hold to the QDQ graph:
+  * Chain: a synthetic network whose scales are powers of two and biases multiples of 1/16, so every float32
+    operation is exact and the fused kernels must equal PyTorch bit for bit (round-half-even ties
+    included). It covers C % 4 != 0, output channels that are not whole vectors, ReLU / ReLU6 / clamp, a
+    signed int8 quantize read by a uint8 kernel (the +128 shift), a padded max-pool on the codes, flatten
+    into a Linear (weight columns permuted), and a quantized tensor with two users (not fused into its
+    consumer: the graph-layout view).
+  * the digits CNN with calibrated (non-power-of-two) scales, host path: fused == unfused bit for bit (the
+    float32 rounding of scale and bias is the same in both).
+Chain on x86 native (the host's int8 path) and x86:haswell (AVX2 vpmaddubsw path); one build per target and
+model (builds dominate the run time).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.backends.targets import resolve_target
+from graphopt.quant import ops
+from graphopt.quant.modules import QuantConv2d, QuantLinear
+from graphopt.quant.qparams import QParams
+
+tvm = pytest.importorskip("tvm")
+
+from graphopt.backends.tvm import build_module, lower_graph  # noqa: E402
+from graphopt.backends.tvm import quant_lower  # noqa: E402
+from graphopt.backends.tvm.quant_lower import int8_path, weight_qmax_for  # noqa: E402
+from graphopt.backends.tvm.runtime import CompiledModule  # noqa: E402
+
+from .test_int8_paths import _skip_unless_runs_here  # noqa: E402
+
+TARGETS = ["x86", "x86:haswell"]
+
+QA = QParams(1 / 16, 128, "uint8")
+QB = QParams(1 / 8, 0, "uint8")
+QC = QParams(1 / 16, 0, "int8")            # signed codes, read by the uint8 x86 kernels with a +128 shift
+QD = QParams(1 / 4, 3, "uint8")
+QE = QParams(1 / 8, 10, "uint8")
+QF = QParams(1 / 2, 0, "uint8")
+
+
+def _q(t, qp):
+    lo, hi = (0, 255) if qp.dtype == "uint8" else (-128, 127)
+    return ops.quantize(t, qp.scale, qp.zero_point, lo, hi)
+
+
+def _exact(mod, shift: int, g):
+    """out_scale a power of two and bias multiples of 1/16: the float32 epilogue is exact."""
+    mod.out_scale.fill_(2.0 ** -shift)
+    n = mod.out_scale.shape[0]
+    mod.bias = (torch.randint(-32, 32, (n,), generator=g) / 16.0).float()
+    return mod
+
+
+class Chain(nn.Module):
+    def __init__(self, qmax: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        conv = lambda ci, co, **kw: nn.Conv2d(ci, co, 3, **kw)            # noqa: E731
+        self.c1 = _exact(QuantConv2d(conv(6, 20, padding=1), QA, weight_qmax=qmax), 6, g)
+        self.c2 = _exact(QuantConv2d(conv(20, 24, padding=1), QB, weight_qmax=qmax), 7, g)
+        self.c3 = _exact(QuantConv2d(conv(24, 16, stride=2, padding=1), QC, weight_qmax=qmax), 7, g)
+        self.c4 = _exact(QuantConv2d(conv(16, 12, padding=1), QD, weight_qmax=qmax), 7, g)
+        self.l1 = _exact(QuantLinear(torch.randn(37, 12 * 3 * 3, generator=g), None, QE, weight_qmax=qmax), 8, g)
+        self.l2 = _exact(QuantLinear(torch.randn(10, 37, generator=g), None, QF, weight_qmax=qmax), 6, g)
+
+    def forward(self, x):
+        a = _q(x, QA)
+        b = _q(F.relu(self.c1(a)), QB)
+        side = b.float().sum(dim=1)                       # a second user of b: b is not fused into c2
+        c = _q(F.relu6(self.c2(b)), QC)
+        d = _q(F.max_pool2d(F.relu(self.c3(c)), 3, 2, padding=1), QD)
+        e = _q(torch.flatten(torch.clamp(self.c4(d), -1.0, 5.0), 1), QE)
+        f = _q(F.relu(self.l1(e)), QF)
+        return self.l2(f), side
+
+
+def _build(module, args, spec, fuse: bool):
+    saved = quant_lower.FUSE_EPILOGUES
+    quant_lower.FUSE_EPILOGUES = fuse
+    try:
+        gm = module if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module)
+        lowered = lower_graph(gm, args, spec)
+        exe = build_module(lowered.mod, spec)
+    finally:
+        quant_lower.FUSE_EPILOGUES = saved
+    return CompiledModule(exe, spec, lowered.inputs, lowered.outputs, lowered.out_spec, lowered.const_outputs), lowered
+
+
+def _kernel_outputs(lowered) -> list[str]:
+    """dtypes of the graphopt int8 kernels' outputs in the lowered main, after dead-code elimination."""
+    from tvm import relax
+
+    main = relax.transform.DeadCodeElimination()(lowered.mod)["main"]
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            name = e.args[0].name_hint
+            if name.startswith("graphopt_q"):
+                found.append((name, str(e.ty.dtype)))
+
+    relax.analysis.post_order_visit(main, visit)
+    return found
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return ((torch.randint(-100, 100, (2, 6, 11, 11), generator=g) + 0.5) / 16,)   # .5: round-half-even ties
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def chain(request):
+    target = request.param
+    _skip_unless_runs_here(target)
+    if target != "x86" and int8_path(resolve_target(target)) == int8_path(resolve_target("x86")):
+        pytest.skip(f"this host's int8 path is {int8_path(resolve_target(target))} too: the x86 case covers it")
+    spec = resolve_target(target)
+    module = Chain(weight_qmax_for(int8_path(spec))).eval()
+    args = _inputs()
+    fused, lowered = _build(module, args, spec, True)
+    return target, module, args, fused, lowered
+
+
+def test_chain_fused_equals_the_qdq_graph_bit_for_bit(chain):
+    target, module, args, fused, lowered = chain
+    assert "fused requantize epilogue×5" in lowered.quant, lowered.quant
+    assert "qmaxpool (on int8 codes)×1" in lowered.quant
+    with torch.no_grad():
+        ref = module(*args)
+    for name, y, r in zip(("logits", "side"), fused(*args), ref):
+        assert torch.equal(y, r), f"{target}: {name}: fused != PyTorch by {(y - r).abs().max().item()}"
+    assert ref[0].abs().max() > 0 and ref[0].std() > 0                 # not a degenerate all-equal output
+
+
+def test_chain_keeps_codes_between_int8_kernels(chain):
+    *_, lowered = chain
+    outs = _kernel_outputs(lowered)
+    float_out = [n for n, dt in outs if dt == "float32"]
+    assert len(float_out) == 1 and float_out[0].startswith("graphopt_qdense"), outs   # the logits only
+    assert sum(dt in ("uint8", "int8") for _, dt in outs) == 6                         # 5 layers + the pool
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from graphopt.datasets import DigitsCNN
+
+    target = "x86"
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8).eval()
+    x = torch.randn(1, 1, 8, 8)
+    calib = [torch.randn(16, 1, 8, 8)]
+    opt = graphopt.optimize(model, target, "fold_bn,cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=calib)
+    unfused, _ = _build(opt.graph_module, (x,), resolve_target(target), False)
+    return target, opt, unfused
+
+
+def test_digits_cnn_fused_equals_unfused_bit_for_bit(digits):
+    target, opt, unfused = digits
+    assert "fused requantize epilogue×4" in opt.report.backend["int8"], opt.report.backend["int8"]
+    g = torch.Generator().manual_seed(2)
+    xs = torch.randn(16, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        for i in range(len(xs)):
+            x = xs[i:i + 1]
+            y, u, r = opt(x), unfused(x), opt.graph_module(x)
+            assert torch.equal(y, u), f"{target}: sample {i}: fused != unfused by {(y - u).abs().max().item()}"
+            assert torch.allclose(y, r, rtol=0, atol=1e-4 * r.abs().max().item())
+
+
+def test_sdot_chain_lowers_to_shifted_int8_codes():
+    """ARM dot-product path (lowered only, no build: cheap): the same chain fuses, and the codes between the
+    kernels are int8 (uint8 codes shifted by -128 for sdot's s8·s8 products) with no conversion kernel."""
+    spec = resolve_target("arm:neoverse-n1")
+    module = Chain(weight_qmax_for(int8_path(spec))).eval()
+    lowered = lower_graph(torch.fx.symbolic_trace(module), _inputs(), spec)
+    assert lowered.quant.startswith("path=sdot:") and "fused requantize epilogue×5" in lowered.quant
+    outs = _kernel_outputs(lowered)
+    assert [dt for _, dt in outs].count("float32") == 1
+    assert sum(dt == "int8" for _, dt in outs) == 6, outs
