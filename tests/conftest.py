@@ -4,8 +4,13 @@ import os
 import pytest
 import torch
 
-# 2-core CI machine: keep torch from oversubscribing when TVM also runs threads.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread for PyTorch and TVM's runtime. The tests run small shapes, where a second thread saves little, and on
+# a busy 2-core machine (CI runners share their cores) the threads spin at each barrier waiting for a core: a
+# DenseNet-121 forward at 64x64 took 1 s of CPU with 2 threads against 0.03 s with 1 (test_fold_bn.py: 47 s of
+# CPU -> 9 s). TVM_NUM_THREADS is read when TVM's pool starts (setdefault: an exported value wins; graphopt's own
+# default, the physical core count, is tested in a subprocess without it).
+torch.set_num_threads(1)
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 # Global state a test could leave behind for the next one (the suite runs in random order: pytest-randomly).
 # MetaSchedule reads the handlers of its logger when a search starts; graphopt and the tests read these
