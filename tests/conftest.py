@@ -4,8 +4,13 @@ import os
 import pytest
 import torch
 
-# 2-core CI machine: keep torch from oversubscribing when TVM also runs threads.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread for PyTorch and TVM's runtime. The tests run small shapes, where a second thread saves little, and on
+# a busy 2-core machine (CI runners share their cores) the threads spin at each barrier waiting for a core: a
+# DenseNet-121 forward at 64x64 took 1 s of CPU with 2 threads against 0.03 s with 1 (test_fold_bn.py: 47 s of
+# CPU -> 9 s). TVM_NUM_THREADS is read when TVM's pool starts (setdefault: an exported value wins; graphopt's own
+# default, the physical core count, is tested in a subprocess without it).
+torch.set_num_threads(1)
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 # Global state a test could leave behind for the next one (the suite runs in random order: pytest-randomly).
 # MetaSchedule reads the handlers of its logger when a search starts; graphopt and the tests read these
@@ -41,3 +46,31 @@ def _leaves_no_global_state():
     if changed:
         pytest.fail("this test left global state changed (use monkeypatch, or restore it): " + "; ".join(changed),
                     pytrace=False)
+
+
+# ------------------------------------------------------------------------- builds shared across test files
+# The same build checked for different things in different files (end to end: eager match, report, save/load;
+# test_schedules: every kernel scheduled). Built once per session: a ResNet-18 or bert_tiny build for x86 is
+# the largest single cost of those tests. Tests only call and save these, never change them.
+@pytest.fixture(scope="session")
+def resnet18_x86():
+    """(model, input, OptimizedModel): ResNet-18 with random BN statistics, 1x3x64x64, default pipeline, x86."""
+    torchvision = pytest.importorskip("torchvision")
+    import graphopt
+    from tests.helpers import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    return model, x, graphopt.optimize(model, "x86", example_inputs=(x,))
+
+
+@pytest.fixture(scope="session")
+def bert_tiny_x86():
+    """(model, inputs, OptimizedModel): the bundled bert_tiny, default pipeline, x86."""
+    import graphopt
+    from graphopt.models import get_model
+
+    torch.manual_seed(0)
+    model, inputs = get_model("bert_tiny")
+    return model, inputs, graphopt.optimize(model, "x86", example_inputs=inputs)

@@ -2,6 +2,7 @@
 a failing variant is reported and the run goes on."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--config", "", "--models", "mlp", "--batches", "1",
        "--tune", "0", "--rounds", "2", "--calls", "2", "--budget", "5"]
+# A user's environment: tests/conftest.py sets TVM_NUM_THREADS=1 for the test process; the benchmark picks its own.
+ENV = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
 
 
 def _finite_positive(x) -> bool:
@@ -18,13 +21,13 @@ def _finite_positive(x) -> bool:
 
 
 def test_run_py_rejects_unknown_variant():
-    bad = subprocess.run(RUN + ["--variants", "eager,nonsense"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(RUN + ["--variants", "eager,nonsense"], env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
 
 
 def test_run_py_measures_mlp_against_every_peer(tmp_path):
     variants = ["graphopt", "eager", "torch.compile", "ort"]    # all but graphopt-tuned (--tune 0)
-    out = subprocess.run(RUN + ["--variants", ",".join(variants), "--out", str(tmp_path)], capture_output=True,
+    out = subprocess.run(RUN + ["--variants", ",".join(variants), "--out", str(tmp_path)], env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads((tmp_path / "run.json").read_text())
@@ -53,7 +56,7 @@ def test_run_py_measures_mlp_against_every_peer(tmp_path):
 
 def test_run_py_reports_a_failing_variant_and_goes_on(tmp_path):
     out = subprocess.run(RUN + ["--variants", "graphopt,eager", "--pipeline", "no_such_pass", "--out",
-                                str(tmp_path)], capture_output=True, text=True, timeout=300)
+                                str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (res,) = json.loads((tmp_path / "run.json").read_text())["results"]
     failed, eager = res["variants"]["graphopt"], res["variants"]["eager"]
@@ -71,7 +74,8 @@ def test_run_py_tuned_variant_reports_tuning_then_reuses_records(tmp_path):
                                         "--rounds", "2", "--calls", "2", "--budget", "5"]
     runs = []
     for i in range(2):
-        out = subprocess.run(cmd + ["--out", str(tmp_path / str(i))], capture_output=True, text=True, timeout=900)
+        out = subprocess.run(cmd + ["--out", str(tmp_path / str(i))], env=ENV, capture_output=True, text=True,
+                             timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         (res,) = json.loads((tmp_path / str(i) / "run.json").read_text())["results"]
         runs.append(res["variants"]["graphopt-tuned"])

@@ -6,12 +6,13 @@ import torch
 import torchvision
 
 import graphopt
-from graphopt.models import get_model
 from tests.helpers import randomize_bn
 
 
-def _flow(model, inputs, tmp_path, pipeline="fold_bn,cleanup"):
-    opt = graphopt.optimize(model, target="x86", pipeline=pipeline, example_inputs=inputs)
+def _flow(model, inputs, tmp_path, pipeline="fold_bn,cleanup", opt=None):
+    """`opt`: the build of `model` for x86 with `pipeline`, when a session fixture already has it."""
+    if opt is None:
+        opt = graphopt.optimize(model, target="x86", pipeline=pipeline, example_inputs=inputs)
     with torch.no_grad():
         expected = model(*inputs)
     torch.testing.assert_close(opt(*inputs), expected, rtol=1e-4, atol=1e-4)
@@ -29,16 +30,20 @@ def _flow(model, inputs, tmp_path, pipeline="fold_bn,cleanup"):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_torchvision_cnn(name, tmp_path):
-    model = randomize_bn(getattr(torchvision.models, name)()).eval()
-    opt, _ = _flow(model, (torch.randn(1, 3, 64, 64),), tmp_path)
+def test_torchvision_cnn(name, tmp_path, request):
+    if name == "resnet18":                  # the session's build (tests/conftest.py): the default pipeline, x86
+        model, x, built = request.getfixturevalue("resnet18_x86")
+    else:
+        model, built = randomize_bn(getattr(torchvision.models, name)()).eval(), None
+        x = torch.randn(1, 3, 64, 64)
+    opt, _ = _flow(model, (x,), tmp_path, opt=built)
     bn = (torch.nn.BatchNorm2d,)
     assert not any(isinstance(m, bn) for m in opt.graph_module.modules())
 
 
-def test_transformer_encoder(tmp_path):
-    model, inputs = get_model("bert_tiny")
-    opt, _ = _flow(model, inputs, tmp_path)
+def test_transformer_encoder(tmp_path, bert_tiny_x86):
+    model, inputs, built = bert_tiny_x86          # the session's build (tests/conftest.py): default pipeline, x86
+    opt, _ = _flow(model, inputs, tmp_path, opt=built)
     assert opt.report.backend["capture"] == "symbolic_trace"
 
 

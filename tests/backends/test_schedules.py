@@ -30,7 +30,6 @@ from torch import nn
 import graphopt
 from graphopt.analysis.compare import flatten_outputs
 from graphopt.backends.targets import resolve_target
-from graphopt.models import get_model
 from tests.helpers import randomize_bn
 
 tvm = pytest.importorskip("tvm")
@@ -66,7 +65,11 @@ def kernel_counts(summary: str) -> dict[str, int]:
 
 def x86(model: nn.Module, *inputs, **kw):
     """optimize() for the host x86 target; checks every kernel got a default schedule."""
-    opt = graphopt.optimize(model.eval(), "x86", example_inputs=inputs, **kw)
+    return checked_x86(graphopt.optimize(model.eval(), "x86", example_inputs=inputs, **kw))
+
+
+def checked_x86(opt):
+    """`opt` (an x86 build), after checking every kernel got a default schedule."""
     assert opt.report.backend["schedule"] == "graphopt-default"
     kernel_counts(opt.report.backend["kernels"])
     return opt
@@ -419,9 +422,13 @@ def _torchvision(name: str):
 
 
 @pytest.mark.parametrize("name", ["resnet18", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])   # ~25 s
-def test_torchvision_models_are_fully_scheduled(name):
-    model, x = _torchvision(name)
-    opt = x86(model, x)
+def test_torchvision_models_are_fully_scheduled(name, request):
+    if name == "resnet18":           # the session's build (tests/conftest.py): the same model, input and pipeline
+        model, x, opt = request.getfixturevalue("resnet18_x86")
+        opt = checked_x86(opt)
+    else:
+        model, x = _torchvision(name)
+        opt = x86(model, x)
     counts = kernel_counts(opt.report.backend["kernels"])
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert counts.get(PG, 0) >= convs // 2, counts           # convs (fused with BN, ReLU, residuals) are GEMMs
@@ -429,9 +436,9 @@ def test_torchvision_models_are_fully_scheduled(name):
         assert_close(opt(x), model(x), name)
 
 
-def test_bert_tiny_is_fully_scheduled():
-    model, (ids,) = get_model("bert_tiny")
-    opt = x86(model, ids)
+def test_bert_tiny_is_fully_scheduled(bert_tiny_x86):
+    model, (ids,), opt = bert_tiny_x86      # the session's build (tests/conftest.py): default pipeline, x86
+    opt = checked_x86(opt)
     with torch.no_grad():
         assert_close(opt(ids), model(ids), "bert_tiny")
     # the precise statistics, from apply_default_schedules on the same Relax module

@@ -89,12 +89,25 @@ def _optimize(db, **options):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """One real tuning run of the tiny model (8 trials); tests copy its database before touching it."""
+    """One real tuning run of the tiny model (8 trials); tests copy its database before touching it.
+
+    It runs with a handler without a name on MetaSchedule's logger (a user's logging set-up, see
+    test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger), which is removed afterwards."""
     db = tmp_path_factory.mktemp("tuned") / "records"
-    opt, model, x, seconds = _optimize(db)
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.StreamHandler(io.StringIO())
+    assert handler.get_name() is None
+    logger.addHandler(handler)
+    logger_before = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        opt, model, x, seconds = _optimize(db)
+        logger_after = (logger.level, logger.propagate, list(logger.handlers))
+    finally:
+        logger.removeHandler(handler)
     print(f"\nfirst tune of the tiny model ({TRIALS} trials): {seconds:.1f} s, "
           f"tuning {opt.report.backend['tuning']['seconds']:.1f} s")
-    return {"db": db, "opt": opt, "model": model, "x": x, "seconds": seconds}
+    return {"db": db, "opt": opt, "model": model, "x": x, "seconds": seconds, "logger_before": logger_before,
+            "logger_after": logger_after, "handler_output": handler.stream.getvalue()}
 
 
 def _copy_db(tuned, tmp_path) -> Path:
@@ -233,27 +246,18 @@ def test_kernels_with_integer_inputs_are_not_tuned(tmp_path, recwarn):
         torch.testing.assert_close(opt(ids), model(ids), rtol=1e-4, atol=1e-5)
 
 
-def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tmp_path):
+def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tuned):
     """A handler without a name on the "tvm.s_tir.meta_schedule" logger (a user's logging set-up) broke every
     search: MetaSchedule's logger set-up builds a logging.config dict from the handlers' names (TuningError:
     AttributeError: 'NoneType' object has no attribute 'format'). The search runs, the user's handler stays
-    and sees MetaSchedule's messages, and the logger is left as it was found."""
-    logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    handler = logging.StreamHandler(io.StringIO())
-    assert handler.get_name() is None
-    logger.addHandler(handler)
-    before = (logger.level, logger.propagate, list(logger.handlers))
-    try:
-        opt, model, x, _ = _optimize(tmp_path / "records", trials=2, trials_per_iter=2)
-        after = (logger.level, logger.propagate, list(logger.handlers))
-    finally:
-        logger.removeHandler(handler)
-    tuning = opt.report.backend["tuning"]
+    and sees MetaSchedule's messages, and the logger is left as it was found. (The module's tuning run has
+    such a handler on the logger: see the `tuned` fixture.)"""
+    tuning = tuned["opt"].report.backend["tuning"]
     assert tuning["tasks_tuned"] > 0 and tuning["new_trials"] > tuning["tasks"], tuning
-    assert after == before
-    assert "Logging directory" in handler.stream.getvalue()
-    assert list((tmp_path / "records" / "logs").glob("*task_scheduler*.log"))
-    _assert_matches(opt, model, x)
+    assert tuned["logger_after"] == tuned["logger_before"]
+    assert "Logging directory" in tuned["handler_output"]
+    assert list((tuned["db"] / "logs").glob("*task_scheduler*.log"))
+    _assert_matches(tuned["opt"], tuned["model"], tuned["x"])
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse
@@ -462,16 +466,18 @@ def test_coerce_tune_accepts():
 
 
 # ------------------------------------------------------------------------------------------------ 6. CLI
-def test_cli_tune_prints_a_summary_and_keeps_records(tmp_path):
+def test_cli_tune_prints_a_summary_and_keeps_records(tmp_path, monkeypatch, capfd):
+    """`graphopt tune` (graphopt.cli.main, the console script's entry point; run in this process: a
+    subprocess would pay the torch/TVM imports again)."""
+    from graphopt import cli
+
     db = tmp_path / "cli-records"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "tune", "--model", "mlp", "--trials", "1",
-                           "--database", str(db)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=400)
+    code = cli.main(["tune", "--model", "mlp", "--trials", "1", "--database", str(db)])
+    out, err = capfd.readouterr()
     print(f"\ngraphopt tune --model mlp --trials 1: {time.perf_counter() - start:.1f} s")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    assert code == 0, err[-3000:]
     assert "graphopt tune: mlp (batch 1) for 'x86', 1 trial" in out
     summary = re.search(r"tuned in [\d.]+ s: (\d+) new measurements, 0 records reused, (\d+)/(\d+) kernels "
                         r"searched", out)
@@ -482,12 +488,17 @@ def test_cli_tune_prints_a_summary_and_keeps_records(tmp_path):
     assert 0 < int(summary.group(2)) <= int(summary.group(3))
     assert f"records: {db}" in out
     assert re.search(r"kernels: [1-9]\d* from tuning records", out), out
-    assert BAR.search(proc.stderr), "no tqdm progress bar on stderr"
+    assert BAR.search(err), "no tqdm progress bar on stderr"
 
 
 def test_cli_tune_unknown_model_exits_nonzero():
+    """Through `python -m graphopt.cli` (the module's own entry point), and in this process."""
     from graphopt import cli
 
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "tune", "--model", "no-such-model"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no-such-model" in proc.stderr, proc.stderr[-3000:]
     with pytest.raises(SystemExit) as info:
         cli.main(["tune", "--model", "no-such-model"])
     assert info.value.code == 2
