@@ -251,3 +251,29 @@ def test_nested_min_max_keep_nan_and_do_not_grow_the_kernel():
     with torch.no_grad():
         ref = model(x)
     assert torch.isnan(ref).any() and compare(opt(x), ref) is None, compare(opt(x), ref)
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("fn, shape, match", [
+    (lambda x: torch.native_layer_norm(x, [4], None, None, 1e-5)[1], (2, 3, 4), r"native_layer_norm.*output 1 \(mean\)"),
+    (lambda x: F.avg_pool3d(x, 2, divisor_override=3), (1, 2, 4, 4, 4), r"avg_pool3d.*divisor_override=3"),
+    (lambda x: F.interpolate(x, size=(3, 3), mode="bilinear", antialias=True), (1, 2, 8, 8),
+     r"upsample_bilinear2d_aa.*antialias=True"),
+    (lambda x: F.max_pool3d(x, 2, return_indices=True)[1].float(), (1, 2, 4, 4, 4), r"max_pool3d.*output 1 \(indices\)"),
+    (lambda x: torch.masked_select(x, x > 0), (3, 4), r"masked_select.*data-dependent shape"),
+    (lambda x: torch.max(x, dim=1), (3, 4), r"output structure.*return_types\.max"),
+], ids=["native_layer_norm-mean", "avg_pool3d-divisor_override", "bilinear-antialias", "max_pool3d-indices",
+        "masked_select", "max-structseq"])
+def test_what_the_backend_cannot_honour_is_a_typed_error(fn, shape, match):
+    """Found by the full OpInfo sweep (benchmarks/opinfo_sweep.py --all): TVM's converters returned wrong
+    auxiliary outputs or ignored an argument (silently wrong), or lowering crashed untyped."""
+    with pytest.raises(LoweringError, match=match):
+        graphopt.optimize(_Fn(fn), target="x86", pipeline="", example_inputs=(torch.randn(*shape),))

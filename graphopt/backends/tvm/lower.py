@@ -323,6 +323,10 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         if not isinstance(val, torch.Tensor):
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is a {type(val).__name__}, not a tensor: "
                                 f"the TVM backend returns tensors only")
+        if not all(isinstance(d, int) for d in val.shape):      # e.g. masked_select, nonzero: data-dependent
+            op = _qualified_op(n) if isinstance(n, fx.Node) and n.op == "call_function" else "?"
+            raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}, from {op}) has a data-dependent shape "
+                                f"{tuple(val.shape)}: the TVM backend compiles static shapes only")
         outputs.append(TensorSpec.of(val))
         if not depends.get(n, False):
             const_outputs.append(i)
@@ -333,5 +337,12 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
     if n_params != len(inputs):
         raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
     sparse_line, sparse_rows = sparse_summary(sparse_state)
-    return Lowered(mod, inputs, outputs, pytree.treespec_dumps(out_spec), const_outputs,
+    try:
+        out_spec_text = pytree.treespec_dumps(out_spec)
+    except Exception as e:      # e.g. torch.return_types.max (a structseq) has no serialized pytree name
+        shown = " ".join(str(out_spec).split())
+        raise LoweringError(f"the model's output structure ({shown}) cannot be saved with the compiled module: "
+                            f"{type(e).__name__}: {_first_line(str(e))}; return tensors in a tuple, list or "
+                            f"dict instead") from e
+    return Lowered(mod, inputs, outputs, out_spec_text, const_outputs,
                    time.perf_counter() - start, quant_summary(quant_state), sparse_line, sparse_rows)

@@ -380,12 +380,59 @@ def _batch_norm_training(node, importer):
     return bb.emit(relax.Tuple([out, mean, rstd, new_mean, new_var]))
 
 
+def _tvm_converter(importer, name: str):
+    """TVM's own converter for ATen op `name` (bound to `importer`), whatever graphopt put in front of it."""
+    return importer.create_convert_map()[name]
+
+
+def _refusing_outputs(name: str, outputs: dict[int, str], inner: Callable | None = None) -> Callable:
+    """A converter that raises LoweringError when the graph reads any of `outputs` ({index: what}) of ATen op
+    `name` (TVM's converter returns wrong values for them), else converts as `inner` (default: TVM's)."""
+
+    def convert(node, importer):
+        used = [f"output {i} ({what})" for i, what in outputs.items() if _uses_output(node, i)]
+        if used:
+            raise LoweringError(f"aten.{name}: {', '.join(used)} is not supported by the TVM backend (its "
+                                f"converter computes it wrongly); use the op's main output only")
+        return inner(node, importer) if inner is not None else _tvm_converter(importer, name)(node)
+
+    return convert
+
+
+def _refusing_args(name: str, refuse: Callable[[dict], str | None], names: list[str], defaults: dict) -> Callable:
+    """A converter that raises LoweringError naming the argument when refuse(args) says why, else TVM's."""
+
+    def convert(node, importer):
+        args = {k: node.args[i] if i < len(node.args) else node.kwargs.get(k, defaults.get(k))
+                for i, k in enumerate(names)}
+        why = refuse(args)
+        if why:
+            raise LoweringError(f"aten.{name}: {why} is not supported by the TVM backend (its converter "
+                                f"ignores it)")
+        return _tvm_converter(importer, name)(node)
+
+    return convert
+
+
 _CONVERTERS: dict[str, Callable] = {
     "_native_batch_norm_legit_functional.default": _batch_norm_training,
     "amax.default": _amax_amin,
     "amin.default": _amax_amin,
     "layer_norm.default": _layer_norm,
-    "native_layer_norm.default": _layer_norm,
+    "native_layer_norm.default": _refusing_outputs("native_layer_norm.default", {1: "mean", 2: "rstd"},
+                                                   _layer_norm),
+    "native_group_norm.default": _refusing_outputs("native_group_norm.default", {1: "mean", 2: "rstd"}),
+    "_native_batch_norm_legit_no_training.default": _refusing_outputs(
+        "_native_batch_norm_legit_no_training.default", {1: "save_mean", 2: "save_invstd"}),
+    "max_pool3d_with_indices.default": _refusing_outputs("max_pool3d_with_indices.default", {1: "indices"}),
+    "avg_pool3d.default": _refusing_args(
+        "avg_pool3d.default",
+        lambda a: f"divisor_override={a['divisor_override']}" if a["divisor_override"] is not None else None,
+        ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+        {"divisor_override": None}),
+    "_upsample_bilinear2d_aa.default": _refusing_args(
+        "_upsample_bilinear2d_aa.default", lambda a: "antialias=True (anti-aliased bilinear resampling)",
+        [], {}),
     "div.Tensor_mode": _div,
     "avg_pool2d.default": _avg_pool2d,
     "max_pool2d_with_indices.default": _max_pool2d_with_indices,
