@@ -22,7 +22,7 @@ DEFAULT_PIPELINE = "fold_bn,cleanup"
 def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,
              *, example_inputs: tuple | torch.Tensor | None = None, calibration: Iterable | None = None,
              train_data: Iterable | None = None, tune: Any = None, verify: bool = True, capture_method: str = "auto",
-             exact_rtol: float = 1e-4) -> OptimizedModel:
+             exact_rtol: float = 1e-4, dynamic: Any = None) -> OptimizedModel:
     """Optimize `model` for `target` and return an OptimizedModel.
 
     model:          an nn.Module (never mutated; a copy is traced in eval mode)
@@ -33,6 +33,9 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     train_data:     iterable of inputs or (inputs, labels) batches for passes that train (distill)
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
+    dynamic:        dims that may vary at run time, with bounds, e.g. {"batch": (1, 64), "seq": (8, 512)} or
+                    {"input_ids": {0: Dim("batch", max=64)}} (see graphopt/dynamic.py); one compiled module then
+                    serves every size inside the bounds, and each pass is also checked at other sizes
     """
     if example_inputs is None:
         raise GraphoptError("optimize() needs example_inputs=(tensor, ...): one example per forward() "
@@ -43,12 +46,16 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     spec = resolve_target(target)
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
+    from .dynamic import parse_dynamic
+
+    dyn = parse_dynamic(dynamic, example_inputs, model)
+
     start = time.perf_counter()
-    captured = capture(model, example_inputs, method=capture_method)
+    captured = capture(model, example_inputs, method=capture_method, dynamic=dyn)
     capture_s = time.perf_counter() - start
     ctx = Context(original=copy.deepcopy(model).eval(), example_inputs=example_inputs,
                   calibration=calibration, train_data=train_data, target=spec.alias,
-                  exact_rtol=exact_rtol)
+                  exact_rtol=exact_rtol, dynamic=dyn)
     gm, report = PassManager(pipe, verify=verify).run(captured.gm, ctx)
     report.backend["capture"] = captured.method
     report.backend["capture_s"] = round(capture_s, 3)
@@ -61,7 +68,8 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     else:
         from .backends.tvm import compile_graph
 
-        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report)
+        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report, dynamic=dyn)
     opt = OptimizedModel(gm, compiled, report, pipe, spec, captured.method)
     opt.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    opt.dynamic = dyn
     return opt
