@@ -112,9 +112,24 @@ def _loops_are_iters(sch, block) -> bool:
         return False
     for loop, iv in zip(loops, ivs):
         e, d = _extent(sch, loop), _int(iv.dom.extent)
+        if e is None and d is None:            # symbolic extents (dynamic dims): the same expression
+            if not _same_expr(sch.get(loop).extent, iv.dom.extent):
+                return False
+            continue
         if e is None or d is None or e != d:
             return False
     return True
+
+
+def _same_expr(a, b) -> bool:
+    if a.same_as(b):
+        return True
+    from tvm.sym.analyzer import Analyzer
+
+    try:
+        return bool(Analyzer().can_prove_equal(a, b))
+    except Exception:
+        return False
 
 
 def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> None:
@@ -126,6 +141,7 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         return
     extents = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in extents):
+        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min)
         return
     inner = loops[-1]
     outer = list(loops[:-1])
@@ -142,6 +158,36 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
     else:
         outer.append(inner)
     _parallel_outer(sch, outer, extents, parallel_min)
+
+
+def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int) -> None:
+    """Injective block with a symbolic (dynamic) extent: a static innermost loop is vectorized as in
+    _vectorize_inner; a symbolic one is split by `lanes` (the partial last vector guarded by a predicate) and
+    vectorized. The outer loops are fused and run in parallel unless the static part alone is too small to
+    pay for it at the smallest size (each dynamic dim counts as 1)."""
+    inner, outer = loops[-1], list(loops[:-1])
+    e = extents[-1]
+    if e is not None:
+        if e % lanes == 0 and e > lanes:
+            lo, li = sch.split(inner, [None, lanes])
+            sch.vectorize(li)
+            outer.append(lo)
+        elif 1 < e <= lanes:
+            sch.vectorize(inner)
+        elif (t := _pow2_divisor(e, lanes)) >= 4:
+            lo, li = sch.split(inner, [None, t])
+            sch.vectorize(li)
+            outer.append(lo)
+        else:
+            outer.append(inner)
+    else:
+        lo, li = sch.split(inner, [None, lanes])
+        sch.vectorize(li)
+        outer.append(lo)
+    if outer:
+        static = math.prod(x for x in extents if x is not None)
+        if static * 64 >= parallel_min:     # any dynamic dim of a few dozen makes it large enough
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def _parallel_outer(sch, outer: list, extents: list[int], parallel_min: int) -> None:
@@ -223,6 +269,19 @@ def _schedule_rule_base():
     return ScheduleRule
 
 
+def _tiled_index_map(splits: dict[int, int], ndim: int):
+    """An index map splitting dims d of `splits` into [idx // t, idx % t] (t = splits[d])."""
+    def index_map(*idx):
+        out = []
+        for d in range(ndim):
+            if d in splits:
+                out += [idx[d] // splits[d], idx[d] % splits[d]]
+            else:
+                out.append(idx[d])
+        return out
+    return index_map
+
+
 class PackedGemm:
     """Register-tiled schedule for kernels with one reduction block (conv, dense, matmul, pooling, means).
 
@@ -289,9 +348,7 @@ class PackedGemm:
 
         blk = sch.get(main)
         ivs = list(blk.iter_vars)
-        ext = [_int(iv.dom.extent) for iv in ivs]
-        if any(e is None for e in ext):
-            return None
+        ext = [_int(iv.dom.extent) for iv in ivs]          # None: a symbolic extent (a dynamic dim)
         axes = self._output_axes(blk)
         if axes is None:
             return None
@@ -303,20 +360,24 @@ class PackedGemm:
             return None
 
         # ---- tile sizes
+        # A symbolic extent (dynamic batch / sequence) is tiled by constants like a static one; its last,
+        # partial tile is guarded by the predicate TVM's split adds (the tail's rows / columns are skipped).
         out_dtype = blk.writes[0].source.dtype
         lanes = vec.lanes(out_dtype)
         E = ext[vi]
-        while lanes > 1 and E % lanes:
+        while E is not None and lanes > 1 and E % lanes:
             lanes //= 2
-        n_vectors = E // lanes
+        n_vectors = E // lanes if E is not None else None
         Er = ext[ri] if ri is not None else 1
         max_acc = self.max_accumulators or (vec.registers - 4)
         best = None
         for nvec in range(1, 9):
-            if n_vectors % nvec:
+            if n_vectors is None and nvec > 2:
+                break                       # symbolic columns: short vector rows keep the guarded tail small
+            if n_vectors is not None and n_vectors % nvec:
                 continue
-            for rows in range(1, Er + 1):
-                if Er % rows or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
+            for rows in range(1, (Er if Er is not None else 8) + 1):
+                if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
                     continue
                 score = (rows * nvec / (rows + nvec), rows * nvec)
                 if best is None or score > best[0]:
@@ -328,7 +389,8 @@ class PackedGemm:
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
         loops = sch.get_loops(main)
-        if self.pack_weights and E > tile and func.attrs is not None and "layout_free_buffers" in func.attrs:
+        if (self.pack_weights and E is not None and E > tile and func.attrs is not None
+                and "layout_free_buffers" in func.attrs):
             params = list(func.params)
             free = [params[int(i)] for i in func.attrs["layout_free_buffers"]]
             for r_index, region in enumerate(blk.reads):
@@ -347,20 +409,56 @@ class PackedGemm:
             loops = sch.get_loops(main)
 
         # ---- tiling
-        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])
+        # A symbolic tiled axis (dynamic rows / columns) is split without TVM's tail predicate on the
+        # reduction: a predicate there keeps the register tile from being compacted (its size becomes
+        # symbolic, the accumulators live in memory: 2.5x slower). Instead, the inputs read along that axis
+        # are staged per tile into a fixed-size buffer (a guarded copy: rows past the end are never read
+        # from the input), the full tile is computed, and the write-back is guarded (cache_write below).
+        staged = [i for i, e in ((vi, E), (ri, Er)) if i is not None and e is None] if not pads else []
+        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes], disable_predication=vi in staged)
         inner = [v_n, v_l]
         outer = [loops[i] for i in spatial if i not in (vi, ri)]
         if ri is not None:
-            r_o, r_i = sch.split(loops[ri], [None, rows])
+            r_o, r_i = sch.split(loops[ri], [None, rows], disable_predication=ri in staged)
             outer.append(r_o)
             inner.insert(0, r_i)
         if self._channel_wise(blk, vi, ri):
             outer.append(v_o)
         else:
             outer.insert(0, v_o)
-        sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+        if all(_extent(sch, lp) is not None for lp in outer):
+            sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(fused)
+            n_outer = 1
+        else:
+            fused, n_outer = self._symbolic_outer(sch, outer, [loops[i] for i in reduce_], inner, target)
+        if staged:
+            axis_vars = [ivs[i].var for i in staged]
+            reads = list(sch.get(main).reads)
+            written = sch.get(main).writes[0].source
+            targets = [k for k, region in enumerate(reads) if not region.source.same_as(written) and any(
+                _mentions(r.min, v) for r in region.region for v in axis_vars)]
+            for k in targets:
+                src = reads[k].source
+                index = next(j for j, region in enumerate(sch.get(main).reads) if region.source.same_as(src))
+                stage = sch.cache_read(main, index, "global")
+                # tile the staged copy's symbolic axes as [tiles, tile] (padded with zeros), so each tile's
+                # buffer has a fixed size even when the axis is shorter than one tile
+                region = sch.get(main).reads[index].region
+                splits = {}
+                for d, r in enumerate(region):
+                    for i in staged:
+                        if _mentions(r.min, ivs[i].var):
+                            splits[d] = rows if i == ri else nvec * lanes
+                if splits:
+                    index_map = _tiled_index_map(splits, len(region))
+
+                    dtype = sch.get(stage).writes[0].source.dtype
+                    from tvm import tirx as _t
+
+                    sch.transform_layout(stage, ("write", 0), index_map, pad_value=_t.const(0, dtype))
+                sch.compute_at(stage, fused)
         write_back = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(write_back, fused)
         if not _same(sch.get(outputs[0]), sch.get(main)):
@@ -370,12 +468,12 @@ class PackedGemm:
         for lp in loops[-len(inner):-1]:
             sch.unroll(lp)
         if reduce_:
-            sch.decompose_reduction(main, loops[1])
+            sch.decompose_reduction(main, loops[n_outer])
 
         # ---- padding: per tile for convolutions (no full padded copy), inline for pooling
         reduce_size = 1
         for i in reduce_:
-            reduce_size *= ext[i]
+            reduce_size *= ext[i] if ext[i] is not None else 1 << 10
         for pad in pads:
             mode = self.pad
             if mode == "auto":
@@ -401,11 +499,44 @@ class PackedGemm:
 
         # ---- write-back (+ epilogue): vectorized
         wb_loops = sch.get_loops(write_back)[1:]
-        if wb_loops:
+        if wb_loops and (E is None or Er is None):
+            # a guarded tail: vectorize the columns only, so the rows' guard stays outside the vector loop
+            # (a fused rows x columns loop puts the guard on every lane and the vectorizer gives up)
+            _, li = sch.split(wb_loops[-1], [None, lanes])
+            sch.vectorize(li)
+        elif wb_loops:
             flat = sch.fuse(*wb_loops) if len(wb_loops) > 1 else wb_loops[0]
             _, li = sch.split(flat, [None, lanes])
             sch.vectorize(li)
         return sch
+
+    @staticmethod
+    def _symbolic_outer(sch, outer: list, reduce_loops: list, inner: list, target) -> tuple[Any, int]:
+        """Order and parallelize the outer tile loops when some have a symbolic (dynamic) extent.
+
+        Fusing a symbolic loop with others makes every tile index a floordiv/floormod by a symbolic count,
+        which the simplifier cannot cancel in the register tile's offsets: the accumulators then stay in
+        memory (measured 2.3x slower than the static build on a 256-wide Linear). So: the static loops
+        (weight panels, channels) are fused together and run in parallel when there are at least as many of
+        them as cores, with the symbolic loops (batch, rows) nested inside, serial; otherwise the first
+        symbolic loop runs in parallel, outermost. Returns (the innermost outer loop, number of outer loops)."""
+        cores = _int(target.attrs.get("num-cores", 1)) or 1 if hasattr(target, "attrs") else 1
+        static = [lp for lp in outer if _extent(sch, lp) is not None]
+        symbolic = [lp for lp in outer if _extent(sch, lp) is None]
+        size = math.prod(_extent(sch, lp) for lp in static) if static else 1
+        order = static + symbolic if static and size >= cores else symbolic + static
+        sch.reorder(*order, *reduce_loops, *inner)
+        if order[0] in static or (static and order[0].same_as(static[0])):
+            head = sch.fuse(*static) if len(static) > 1 else static[0]
+            sch.parallel(head)
+            return symbolic[-1], 1 + len(symbolic)
+        sch.parallel(symbolic[0])
+        rest = symbolic[1:] + static
+        if len(static) > 1:
+            fused_static = sch.fuse(*static)
+            rest = symbolic[1:] + [fused_static]
+        last = rest[-1] if rest else symbolic[0]
+        return last, 1 + len(rest)
 
     @staticmethod
     def _output_axes(blk) -> tuple[int, int | None] | None:
@@ -421,7 +552,7 @@ class PackedGemm:
             return None
         for expr in reversed(out_index[:-1]):
             j = _iter_index(ivs, expr)
-            if j is not None and (_int(ivs[j].dom.extent) or 0) > 1:
+            if j is not None and (_int(ivs[j].dom.extent) or 2) > 1:      # symbolic: a dynamic dim, > 1
                 return vi, j
         return vi, None
 
