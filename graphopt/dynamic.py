@@ -203,8 +203,11 @@ def _bounds(value: Any, name: str) -> tuple[int, int]:
                                 f"{value!r}")
     try:
         lo = 1 if lo is None else int(lo)
+    except Exception:                                 # noqa: BLE001 - reported below
+        raise DynamicShapeError(f"dynamic dim '{name}': lower bound {lo!r} is not an integer") from None
+    try:
         hi_i = None if hi is None else int(hi)
-    except (TypeError, ValueError, OverflowError):
+    except Exception:                                 # torch's int_oo (a Dim without max) does not convert
         hi_i = None
     if hi_i is None or hi_i > 1 << 40:
         raise DynamicShapeError(f"dynamic dim '{name}' has no upper bound: {_UNBOUNDED_HINT}")

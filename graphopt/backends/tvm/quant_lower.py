@@ -579,8 +579,40 @@ def _const(arr: np.ndarray):
     return relax.const(tvm.runtime.tensor(np.ascontiguousarray(arr)))
 
 
-def _shape(expr) -> list[int]:
-    return [int(s) for s in expr.ty.shape]
+def _shape(expr) -> list:
+    """The tensor's shape: ints, and TIR expressions for dynamic dims (graphopt.dynamic)."""
+    out = []
+    for s in expr.ty.shape:
+        try:
+            out.append(int(s))
+        except TypeError:
+            out.append(s)
+    return out
+
+
+def _is_static(dims) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
+def _prod(dims):
+    """Product of sizes (ints or TIR expressions); an int when all are static."""
+    out = 1
+    for d in dims:
+        out = out * d
+    return int(out) if isinstance(out, (int, np.integer)) else out
+
+
+def _rows_var(m):
+    """What a kernel's row count is: `m` itself when static; for a dynamic m (a TIR expression such as
+    batch*seq) a fresh TIR variable, which TVM binds from the argument's shape at run time."""
+    if isinstance(m, (int, np.integer)):
+        return int(m)
+    from tvm import tirx
+
+    return tirx.Var("m", "int64")
+
+
+_DYNAMIC_ROWS_HINT = 64          # tile choice for a dynamic row count: the shape of a large M
 
 
 def _to_uint8(bb, xq, zp: int, dtype: str, want: str = "uint8"):
@@ -632,13 +664,13 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     relax = _relax()
     n, k = wq.shape
     L = lanes_of(st.path)
-    m = int(np.prod(lead)) if lead else 1
+    m = _prod(lead) if lead else 1
     x2 = bb.emit(relax.op.reshape(xu8, [m, k]))
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
     kb, nb = (k + 3) // 4, (n + L - 1) // L
-    mt, nt = _tiles(m, nb, _cores(st.spec), st.path)
-    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact)
+    mt, nt = _tiles(m if isinstance(m, int) else _DYNAMIC_ROWS_HINT, nb, _cores(st.spec), st.path)
+    func = dense_kernel(_rows_var(m), kb, nb, mt, nt, st.path, exact)
     gv = bb.add_func(_private(func), "graphopt_qdense")
     args = [x2, _const(pack_dense(wq, st.path))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
@@ -729,12 +761,12 @@ def _convert_woq_linear(st: QuantLowering):
                                   _const(w_scale.reshape(1, n)))
             return bb.emit(relax.op.add(relax.op.matmul(x, w), _const(bias)))
         st.count(f"woq_linear:{st.path}")
-        m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        m = _prod(shape[:-1]) if len(shape) > 1 else 1
         nb = (n + 15) // 16
-        mt, nt = _tiles(m, nb, _cores(st.spec))
+        mt, nt = _tiles(m if isinstance(m, int) else _DYNAMIC_ROWS_HINT, nb, _cores(st.spec))
         mt = min(mt, 4)
         packed = np.pad(wq, ((0, nb * 16 - n), (0, 0))).reshape(nb, 16, k).transpose(0, 2, 1)
-        gv = bb.add_func(_private(woq_kernel(m, k, nb, mt, nt)), "graphopt_woq_dense")
+        gv = bb.add_func(_private(woq_kernel(_rows_var(m), k, nb, mt, nt)), "graphopt_woq_dense")
         x2 = bb.emit(relax.op.reshape(x, [m, k]))
         y = bb.emit(relax.call_tir(gv, [x2, _const(np.ascontiguousarray(packed)),
                                         _const(_pad_vec(w_scale, nb * 16, np.float32)),
@@ -761,12 +793,14 @@ def _convert_qconv2d(st: QuantLowering):
         bias = st.bias(node, 3, wq.shape[0])
         n, c, h, w = _shape(xq)
         co, ci, kh, kw = wq.shape
-        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if st.path != "relax" and groups == c == co and ci == 1:
+        dynamic = not _is_static((n, c, h, w))
+        if not dynamic:
+            oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+            ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if not dynamic and st.path != "relax" and groups == c == co and ci == 1:
             return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow)
-        if st.path == "relax" or groups != 1:
-            st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else ""))
+        if st.path == "relax" or groups != 1 or dynamic:     # dynamic batch/size: TVM's integer conv
+            st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else " (dynamic)" if dynamic else ""))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(R.nn.conv2d(xi, R.astype(_const(wq), "int32"), strides=stride, padding=padding,
                                       dilation=dilation, groups=groups, out_dtype="int32"))
@@ -850,8 +884,11 @@ def _convert_qmatmul(st: QuantLowering):
         a_zp, out_scale = int(node.args[2]), float(node.args[3])
         sa, sb = _shape(aq), _shape(bq)
         m, k, n = sa[-2], sa[-1], sb[-1]
-        if st.path == "relax" or sa[:-2] != sb[:-2]:
-            st.count("qmatmul:relax" + (" (broadcast)" if sa[:-2] != sb[:-2] else ""))
+        dynamic = not (_is_static(sa) and _is_static(sb))
+        if st.path == "relax" or dynamic or sa[:-2] != sb[:-2]:
+            # dynamic dims: the run-time packing of the right operand pads to whole vectors by a static
+            # amount, so a dynamic batch of matmuls takes TVM's integer matmul (scheduled by the defaults)
+            st.count("qmatmul:relax" + (" (dynamic)" if dynamic else " (broadcast)" if sa[:-2] != sb[:-2] else ""))
             ai = bb.emit(R.subtract(R.astype(aq, "int32"), relax.const(a_zp, "int32")))
             acc = bb.emit(R.matmul(ai, R.astype(bq, "int32"), out_dtype="int32"))
             return bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(out_scale, "float32")))
