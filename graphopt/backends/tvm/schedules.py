@@ -376,7 +376,7 @@ class PackedGemm:
                 break                       # symbolic columns: short vector rows keep the guarded tail small
             if n_vectors is not None and n_vectors % nvec:
                 continue
-            for rows in range(1, (Er if Er is not None else 8) + 1):
+            for rows in (range(1, Er + 1) if Er is not None else (1, 2, 4, 8)):
                 if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
                     continue
                 score = (rows * nvec / (rows + nvec), rows * nvec)
@@ -459,6 +459,15 @@ class PackedGemm:
 
                     sch.transform_layout(stage, ("write", 0), index_map, pad_value=_t.const(0, dtype))
                 sch.compute_at(stage, fused)
+                # vectorize the copy along its innermost axis: the tail guard (if_then_else on the row)
+                # does not depend on that axis; scalar, the copies cost as much as the tile's FMAs
+                copy_loops = sch.get_loops(stage)
+                last_extent = _extent(sch, copy_loops[-1])
+                if last_extent is not None and last_extent >= lanes:
+                    t = _pow2_divisor(last_extent, lanes)
+                    if t >= 4:
+                        _, li = sch.split(copy_loops[-1], [None, t])
+                        sch.vectorize(li)
         write_back = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(write_back, fused)
         if not _same(sch.get(outputs[0]), sch.get(main)):
