@@ -442,7 +442,7 @@ class PackedGemm:
             for k in targets:
                 src = reads[k].source
                 index = next(j for j, region in enumerate(sch.get(main).reads) if region.source.same_as(src))
-                stage = sch.cache_read(main, index, "global")
+                stage = sch.cache_read(main, index, "local")      # a stack buffer, not a heap workspace per tile
                 # tile the staged copy's symbolic axes as [tiles, tile] (padded with zeros), so each tile's
                 # buffer has a fixed size even when the axis is shorter than one tile
                 region = sch.get(main).reads[index].region
@@ -722,7 +722,9 @@ def relax_layout_passes(target) -> list:
     (numerics.nan_propagating_minmax), so fast_erf(NaN) and fast_tanh(NaN) are NaN as in PyTorch."""
     from tvm import relax
 
-    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform()]
+    from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
+
+    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform(), reshape_views()]
 
 
 def _calls_op(mod, name: str) -> bool:

@@ -175,3 +175,36 @@ def symbolic_importer():
             return None
 
     return SymbolicShapeImporter()
+
+
+def reshape_views():
+    """Relax pass: in functions with dynamic dims, `R.reshape` of a tensor becomes `R.memory.view` (same
+    bytes, new shape: no copy). With static shapes TVM already turns reshape kernels into views
+    (RewriteDataflowReshape); its pattern check fails on the symbolic index arithmetic of a dynamic reshape,
+    which then stays a copy kernel that also keeps its neighbours from fusing. Values are unchanged."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Views(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.reshape" and len(call.args) == 2
+                    and isinstance(call.args[0].ty, relax.TensorType)):
+                shape = call.ty.shape if isinstance(call.ty, relax.TensorType) else None
+                if shape is not None:
+                    return relax.op.memory.view(call.args[0], shape)
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptDynamicReshapeViews")
+    def _pass(mod, ctx):
+        mutator = _Views(mod)
+        changed = False
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function) and func.attrs is not None and "tir_var_upper_bound" in func.attrs:
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+                changed = True
+        return mutator.builder_.get() if changed else mod
+
+    return _pass
