@@ -269,19 +269,6 @@ def _schedule_rule_base():
     return ScheduleRule
 
 
-def _tiled_index_map(splits: dict[int, int], ndim: int):
-    """An index map splitting dims d of `splits` into [idx // t, idx % t] (t = splits[d])."""
-    def index_map(*idx):
-        out = []
-        for d in range(ndim):
-            if d in splits:
-                out += [idx[d] // splits[d], idx[d] % splits[d]]
-            else:
-                out.append(idx[d])
-        return out
-    return index_map
-
-
 class PackedGemm:
     """Register-tiled schedule for kernels with one reduction block (conv, dense, matmul, pooling, means).
 
@@ -362,6 +349,8 @@ class PackedGemm:
         # ---- tile sizes
         # A symbolic extent (dynamic batch / sequence) is tiled by constants like a static one; its last,
         # partial tile is guarded by the predicate TVM's split adds (the tail's rows / columns are skipped).
+        # The outer tile loops stay fused into one parallel loop: nesting a dynamic one un-fused lets the
+        # register tile's buffer take a dynamic size (it is no longer compacted to the tile).
         out_dtype = blk.writes[0].source.dtype
         lanes = vec.lanes(out_dtype)
         E = ext[vi]
@@ -409,65 +398,21 @@ class PackedGemm:
             loops = sch.get_loops(main)
 
         # ---- tiling
-        # A symbolic tiled axis (dynamic rows / columns) is split without TVM's tail predicate on the
-        # reduction: a predicate there keeps the register tile from being compacted (its size becomes
-        # symbolic, the accumulators live in memory: 2.5x slower). Instead, the inputs read along that axis
-        # are staged per tile into a fixed-size buffer (a guarded copy: rows past the end are never read
-        # from the input), the full tile is computed, and the write-back is guarded (cache_write below).
-        staged = [i for i, e in ((vi, E), (ri, Er)) if i is not None and e is None] if not pads else []
-        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes], disable_predication=vi in staged)
+        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])      # a dynamic axis: guarded tail
         inner = [v_n, v_l]
         outer = [loops[i] for i in spatial if i not in (vi, ri)]
         if ri is not None:
-            r_o, r_i = sch.split(loops[ri], [None, rows], disable_predication=ri in staged)
+            r_o, r_i = sch.split(loops[ri], [None, rows])
             outer.append(r_o)
             inner.insert(0, r_i)
         if self._channel_wise(blk, vi, ri):
             outer.append(v_o)
         else:
             outer.insert(0, v_o)
-        if all(_extent(sch, lp) is not None for lp in outer):
-            sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
-            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-            sch.parallel(fused)
-            n_outer = 1
-        else:
-            fused, n_outer = self._symbolic_outer(sch, outer, [loops[i] for i in reduce_], inner, target)
-        if staged:
-            axis_vars = [ivs[i].var for i in staged]
-            reads = list(sch.get(main).reads)
-            written = sch.get(main).writes[0].source
-            targets = [k for k, region in enumerate(reads) if not region.source.same_as(written) and any(
-                _mentions(r.min, v) for r in region.region for v in axis_vars)]
-            for k in targets:
-                src = reads[k].source
-                index = next(j for j, region in enumerate(sch.get(main).reads) if region.source.same_as(src))
-                stage = sch.cache_read(main, index, "local")      # a stack buffer, not a heap workspace per tile
-                # tile the staged copy's symbolic axes as [tiles, tile] (padded with zeros), so each tile's
-                # buffer has a fixed size even when the axis is shorter than one tile
-                region = sch.get(main).reads[index].region
-                splits = {}
-                for d, r in enumerate(region):
-                    for i in staged:
-                        if _mentions(r.min, ivs[i].var):
-                            splits[d] = rows if i == ri else nvec * lanes
-                if splits:
-                    index_map = _tiled_index_map(splits, len(region))
-
-                    dtype = sch.get(stage).writes[0].source.dtype
-                    from tvm import tirx as _t
-
-                    sch.transform_layout(stage, ("write", 0), index_map, pad_value=_t.const(0, dtype))
-                sch.compute_at(stage, fused)
-                # vectorize the copy along its innermost axis: the tail guard (if_then_else on the row)
-                # does not depend on that axis; scalar, the copies cost as much as the tile's FMAs
-                copy_loops = sch.get_loops(stage)
-                last_extent = _extent(sch, copy_loops[-1])
-                if last_extent is not None and last_extent >= lanes:
-                    t = _pow2_divisor(last_extent, lanes)
-                    if t >= 4:
-                        _, li = sch.split(copy_loops[-1], [None, t])
-                        sch.vectorize(li)
+        sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+        n_outer = 1
         write_back = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(write_back, fused)
         if not _same(sch.get(outputs[0]), sch.get(main)):
@@ -518,34 +463,6 @@ class PackedGemm:
             _, li = sch.split(flat, [None, lanes])
             sch.vectorize(li)
         return sch
-
-    @staticmethod
-    def _symbolic_outer(sch, outer: list, reduce_loops: list, inner: list, target) -> tuple[Any, int]:
-        """Order and parallelize the outer tile loops when some have a symbolic (dynamic) extent.
-
-        Fusing a symbolic loop with others makes every tile index a floordiv/floormod by a symbolic count,
-        which the simplifier cannot cancel in the register tile's offsets: the accumulators then stay in
-        memory (measured 2.3x slower than the static build on a 256-wide Linear). So: the static loops
-        (weight panels, channels) are fused together and run in parallel when there are at least as many of
-        them as cores, with the symbolic loops (batch, rows) nested inside, serial; otherwise the first
-        symbolic loop runs in parallel, outermost. Returns (the innermost outer loop, number of outer loops)."""
-        cores = _int(target.attrs.get("num-cores", 1)) or 1 if hasattr(target, "attrs") else 1
-        static = [lp for lp in outer if _extent(sch, lp) is not None]
-        symbolic = [lp for lp in outer if _extent(sch, lp) is None]
-        size = math.prod(_extent(sch, lp) for lp in static) if static else 1
-        order = static + symbolic if static and size >= cores else symbolic + static
-        sch.reorder(*order, *reduce_loops, *inner)
-        if order[0] in static or (static and order[0].same_as(static[0])):
-            head = sch.fuse(*static) if len(static) > 1 else static[0]
-            sch.parallel(head)
-            return symbolic[-1], 1 + len(symbolic)
-        sch.parallel(symbolic[0])
-        rest = symbolic[1:] + static
-        if len(static) > 1:
-            fused_static = sch.fuse(*static)
-            rest = symbolic[1:] + [fused_static]
-        last = rest[-1] if rest else symbolic[0]
-        return last, 1 + len(rest)
 
     @staticmethod
     def _output_axes(blk) -> tuple[int, int | None] | None:
