@@ -602,17 +602,6 @@ def _prod(dims):
     return int(out) if isinstance(out, (int, np.integer)) else out
 
 
-def _rows_var(m):
-    """What a kernel's row count is: `m` itself when static; for a dynamic m (a TIR expression such as
-    batch*seq) a fresh TIR variable, which TVM binds from the argument's shape at run time."""
-    if isinstance(m, (int, np.integer)):
-        return int(m)
-    from tvm import tirx
-
-    return tirx.Var("m", "int64")
-
-
-_DYNAMIC_ROWS_HINT = 64          # tile choice for a dynamic row count: the shape of a large M
 
 
 def _to_uint8(bb, xq, zp: int, dtype: str, want: str = "uint8"):
@@ -669,8 +658,8 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
     kb, nb = (k + 3) // 4, (n + L - 1) // L
-    mt, nt = _tiles(m if isinstance(m, int) else _DYNAMIC_ROWS_HINT, nb, _cores(st.spec), st.path)
-    func = dense_kernel(_rows_var(m), kb, nb, mt, nt, st.path, exact)
+    mt, nt = _tiles(m, nb, _cores(st.spec), st.path)
+    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact)
     gv = bb.add_func(_private(func), "graphopt_qdense")
     args = [x2, _const(pack_dense(wq, st.path))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
@@ -692,8 +681,9 @@ def _convert_qlinear(st: QuantLowering):
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
-        if st.path == "relax":
-            st.count("qlinear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            # dynamic rows: TVM's integer matmul (the hand-written kernels are built for a static row count)
+            st.count("qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             wt = _const(np.ascontiguousarray(wq.T))
             xi = bb.emit(relax.op.subtract(relax.op.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
@@ -726,8 +716,8 @@ def _convert_dynamic_qlinear(st: QuantLowering):
         inv = bb.emit(R.divide(f32(1.0), scale))
         zp = bb.emit(R.clip(R.round(R.multiply(R.negative(lo), inv)), 0.0, 255.0))
         xq = bb.emit(R.clip(R.add(R.round(R.multiply(x, inv)), zp), 0.0, 255.0))
-        if st.path == "relax":
-            st.count("dynamic_qlinear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            st.count("dynamic_qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), R.astype(zp, "int32")))
             acc = bb.emit(R.matmul(xi, R.astype(_const(np.ascontiguousarray(wq.T)), "int32"), out_dtype="int32"))
             y = bb.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, _const(w_scale))))
@@ -755,18 +745,18 @@ def _convert_woq_linear(st: QuantLowering):
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
         n, k = wq.shape
-        if st.path == "relax":
-            st.count("woq_linear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            st.count("woq_linear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             w = relax.op.multiply(relax.op.astype(_const(np.ascontiguousarray(wq.T)), "float32"),
                                   _const(w_scale.reshape(1, n)))
             return bb.emit(relax.op.add(relax.op.matmul(x, w), _const(bias)))
         st.count(f"woq_linear:{st.path}")
         m = _prod(shape[:-1]) if len(shape) > 1 else 1
         nb = (n + 15) // 16
-        mt, nt = _tiles(m if isinstance(m, int) else _DYNAMIC_ROWS_HINT, nb, _cores(st.spec))
+        mt, nt = _tiles(m, nb, _cores(st.spec))
         mt = min(mt, 4)
         packed = np.pad(wq, ((0, nb * 16 - n), (0, 0))).reshape(nb, 16, k).transpose(0, 2, 1)
-        gv = bb.add_func(_private(woq_kernel(_rows_var(m), k, nb, mt, nt)), "graphopt_woq_dense")
+        gv = bb.add_func(_private(woq_kernel(m, k, nb, mt, nt)), "graphopt_woq_dense")
         x2 = bb.emit(relax.op.reshape(x, [m, k]))
         y = bb.emit(relax.call_tir(gv, [x2, _const(np.ascontiguousarray(packed)),
                                         _const(_pad_vec(w_scale, nb * 16, np.float32)),
