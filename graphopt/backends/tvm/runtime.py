@@ -99,8 +99,8 @@ class CompiledModule:
             if got.dtype != s.dtype:
                 raise InputError(f"input {i}: expected dtype {s.dtype} ({s}), got {got.dtype} ({got})")
             if not s.matches(got.shape):
-                raise InputError(f"input {i}{f' ({s.name!r})' if s.name else ''}: expected shape {s} "
-                                 f"({', '.join(str(d) for d in s.shape)}), got {got.shape} ({got})")
+                raise InputError(f"input {i}: expected shape {s.shape} ({s}), got {got.shape} ({got})"
+                                 + (f" for argument '{s.name}'" if s.name else ""))
             if x.device.type != dev.type or (dev.index is not None and x.device.index not in (None, dev.index)):
                 raise InputError(f"input {i}: expected a tensor on {dev} (target '{self.spec.alias}'), "
                                  f"got one on {x.device}")
