@@ -55,6 +55,7 @@ def test_fp32_matches_eager_at_every_shape(encoder, fp32, b, s):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow          # the dynamic int8 build took 891 s on a loaded 2-core machine (fp32: 48 s)
 @pytest.mark.parametrize("b,s", SHAPES)
 def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
     x = _ids(b, s, seed=3)
@@ -63,20 +64,20 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
         ref = encoder(x)
     out = int8(x)
     torch.testing.assert_close(out, q, rtol=1e-3, atol=1e-3)
+    assert "(dynamic)" in int8.report.backend["int8"]
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.98, cos
 
 
-def test_signature_names_dims_and_kernels_are_scheduled(fp32, int8):
+def test_signature_names_dims_and_kernels_are_scheduled(fp32):
     spec = fp32.compiled.inputs[0]
     assert spec.shape == ("batch", "seq") and spec.name == "input_ids"
     assert fp32.compiled.outputs[0].shape == ("batch", 2)
     kernels = fp32.report.backend["kernels"]
     assert "unscheduled" not in kernels and "PackedGemm" in kernels, kernels
     assert "batch in [1, 6]" in fp32.report.backend["dynamic"]
-    assert "path=" in int8.report.backend["int8"]
     # every pass was checked at other sizes inside the bounds
-    notes = [n for r in int8.report.records for n in r.notes]
+    notes = [n for r in fp32.report.records for n in r.notes]
     assert any(n.startswith("checked at other dynamic sizes") for n in notes), notes
 
 
