@@ -22,7 +22,7 @@ DEFAULT_PIPELINE = "fold_bn,cleanup"
 def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | str | Sequence | None = None,
              *, example_inputs: tuple | torch.Tensor | None = None, calibration: Iterable | None = None,
              train_data: Iterable | None = None, tune: Any = None, verify: bool = True, capture_method: str = "auto",
-             exact_rtol: float = 1e-4, precision: str = "float32") -> OptimizedModel:
+             exact_rtol: float = 1e-4, precision: str = "float32", dynamic: Any = None) -> OptimizedModel:
     """Optimize `model` for `target` and return an OptimizedModel.
 
     model:          an nn.Module (never mutated; a copy is traced in eval mode)
@@ -35,6 +35,9 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     verify:         check every pass against the original model (exact passes must stay exact)
     precision:      compute precision of a TVM target: "float32", or "float16" (float16 operands, float32
                     accumulation and signature; pays on CUDA tensor cores; see backends/tvm/precision.py)
+    dynamic:        dims that may vary at run time, with bounds, e.g. {"batch": (1, 64), "seq": (8, 512)} or
+                    {"input_ids": {0: Dim("batch", max=64)}} (see graphopt/dynamic.py); one compiled module then
+                    serves every size inside the bounds, and each pass is also checked at other sizes
     """
     if example_inputs is None:
         raise GraphoptError("optimize() needs example_inputs=(tensor, ...): one example per forward() "
@@ -51,12 +54,16 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
             raise GraphoptError(f"precision={precision!r} applies to compiled (TVM) targets, not 'torch'")
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
+    from .dynamic import parse_dynamic
+
+    dyn = parse_dynamic(dynamic, example_inputs, model)
+
     start = time.perf_counter()
-    captured = capture(model, example_inputs, method=capture_method)
+    captured = capture(model, example_inputs, method=capture_method, dynamic=dyn)
     capture_s = time.perf_counter() - start
     ctx = Context(original=copy.deepcopy(model).eval(), example_inputs=example_inputs,
                   calibration=calibration, train_data=train_data, target=spec.alias,
-                  exact_rtol=exact_rtol)
+                  exact_rtol=exact_rtol, dynamic=dyn)
     gm, report = PassManager(pipe, verify=verify).run(captured.gm, ctx)
     report.backend["capture"] = captured.method
     report.backend["capture_s"] = round(capture_s, 3)
@@ -69,7 +76,9 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     else:
         from .backends.tvm import compile_graph
 
-        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report, precision=precision)
+        compiled = compile_graph(gm, example_inputs, spec, tune=tune, report=report, precision=precision,
+                                 dynamic=dyn)
     opt = OptimizedModel(gm, compiled, report, pipe, spec, captured.method)
     opt.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    opt.dynamic = dyn
     return opt

@@ -316,6 +316,7 @@ def load(path: str):
     opt = OptimizedModel(None, compiled, report, pipeline, spec, capture_method)
     if hasattr(opt, "input_shapes"):
         opt.input_shapes = [s.shape for s in compiled.inputs]
+    opt.dynamic = compiled.dynamic
     return opt
 
 
@@ -345,6 +346,11 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
         outputs = [TensorSpec.from_dict(d) for d in sig["outputs"]]
         out_spec = str(sig["out_spec"])
         const_outputs = [int(i) for i in sig.get("const_outputs", [])]
+        dynamic = None
+        if sig.get("dynamic"):
+            from .dynamic import DynamicSpec
+
+            dynamic = DynamicSpec.from_dict(sig["dynamic"])
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"artifact {path} has an unreadable signature: {e}") from e
     tmp = tempfile.mkdtemp(prefix="graphopt-load-")
@@ -355,7 +361,8 @@ def _load_library(payload: bytes, meta: dict, spec, path: str):
         try:
             with native_stderr_filtered():                # TVM logs "Scope Loaded:" per VM function
                 lib = tvm.runtime.load_module(lib_path)   # dlopen: the library stays mapped after unlink
-                return CompiledModule(lib, spec, inputs, outputs, out_spec, const_outputs, library_bytes=payload)
+                return CompiledModule(lib, spec, inputs, outputs, out_spec, const_outputs, library_bytes=payload,
+                                      dynamic=dynamic)
         except GraphoptError:
             raise
         except Exception as e:

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .analysis.compare import compare_outputs
 from .analysis.shapes import propagate_shapes
-from .errors import CaptureError
+from .errors import CaptureError, DynamicShapeError
 
 __all__ = ["capture", "Captured"]
 
@@ -60,8 +60,13 @@ class _TraceFailure(Exception):
         self.where, self.reason = where, reason
 
 
-def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    ep = torch.export.export(model, example_inputs, strict=False)
+def _export(model: nn.Module, example_inputs: tuple, dynamic=None) -> fx.GraphModule:
+    if dynamic:
+        from .dynamic import export_dynamic
+
+        ep = export_dynamic(model, dynamic, example_inputs, type(model).__name__)
+    else:
+        ep = torch.export.export(model, example_inputs, strict=False)
     gm = ep.module()
     if not isinstance(gm, fx.GraphModule):  # pragma: no cover - depends on torch version
         raise TypeError(f"torch.export returned {type(gm).__name__}, not a GraphModule")
@@ -73,10 +78,14 @@ def _first_line(reason: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto") -> Captured:
+def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dynamic=None) -> Captured:
     """Trace a copy of `model` (eval mode) and propagate shapes with `example_inputs`.
 
     method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
+    dynamic: a graphopt.dynamic.DynamicSpec (or None). The model must then torch.export with those dims
+    symbolic (DynamicShapeError naming the dim and the line/op that fixes it otherwise), and the captured
+    graph must match the model at other sizes inside the bounds too (DynamicShapeError if tracing baked a
+    size in).
     The captured graph is checked against the model on the example inputs.
     """
     if not isinstance(model, nn.Module):
@@ -110,11 +119,13 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto") ->
             failures.append(f"symbolic_trace failed in module '{f.where}': {_first_line(f.reason)}")
     if gm is None and method in ("auto", "export"):
         try:
-            gm = _export(copy.deepcopy(model).eval(), example_inputs)
+            gm = _export(copy.deepcopy(model).eval(), example_inputs, dynamic)
             used = "torch.export"
             if failures:
                 notes.append(failures[-1] + "; used torch.export instead (aten-level graph: "
                              "module-level passes such as fold_bn see fewer modules)")
+        except DynamicShapeError:
+            raise
         except Exception as e:
             failures.append(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}")
     if gm is None:
@@ -130,7 +141,38 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto") ->
     if diff.structure_error or diff.max_rel > 1e-5:
         raise CaptureError(f"captured graph of {type(model).__name__} ({used}) disagrees with the model "
                            f"({diff}); the model probably has input-dependent behaviour tracing cannot keep")
+    if dynamic:
+        if used != "torch.export":
+            # the model itself must export with these dims symbolic (DynamicShapeError naming the line if not)
+            from .dynamic import export_dynamic
+
+            export_dynamic(copy.deepcopy(model).eval(), dynamic, example_inputs, type(model).__name__)
+        _check_variants(work, gm, used, dynamic, example_inputs)
+        notes.append(f"dynamic dims: {dynamic.describe()}")
     return Captured(gm, used, notes)
+
+
+def _check_variants(model: nn.Module, gm: fx.GraphModule, used: str, dynamic, example_inputs: tuple) -> None:
+    """The captured graph must equal the model at other sizes inside the bounds (a trace can bake in a size)."""
+    for variant in dynamic.variants(example_inputs):
+        shapes = ", ".join(_describe(x) for x in variant)
+        try:
+            with torch.no_grad():
+                ref = model(*variant)
+        except Exception as e:
+            raise DynamicShapeError(f"{type(model).__name__} itself fails at other sizes inside the dynamic bounds "
+                                    f"({shapes}): {type(e).__name__}: {_first_line(str(e))}") from e
+        try:
+            with torch.no_grad():
+                got = gm(*variant)
+        except Exception as e:
+            raise DynamicShapeError(f"the captured graph of {type(model).__name__} ({used}) fails at {shapes} "
+                                    f"(inside the dynamic bounds {dynamic.describe()}): a size of the example was "
+                                    f"fixed during tracing: {type(e).__name__}: {_first_line(str(e))}") from e
+        diff = compare_outputs(got, ref)
+        if diff.structure_error or diff.max_rel > 1e-5:
+            raise DynamicShapeError(f"the captured graph of {type(model).__name__} ({used}) disagrees with the "
+                                    f"model at {shapes} ({diff}): a size of the example was fixed during tracing")
 
 
 def _describe(x: Any) -> str:

@@ -9,6 +9,11 @@ class CaptureError(GraphoptError):
     """The model could not be turned into an fx.GraphModule (untraceable control flow, unsupported Python)."""
 
 
+class DynamicShapeError(CaptureError):
+    """A dim requested as dynamic cannot be (the model specializes it, branches on it or on data values), or
+    the `dynamic=` specification is malformed. Names the input, the dim and, where found, the op and line."""
+
+
 class PipelineError(GraphoptError):
     """A pipeline text or object is malformed: unknown pass, unknown or badly typed option."""
 

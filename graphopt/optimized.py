@@ -39,6 +39,7 @@ class OptimizedModel:
         self.target = target
         self.capture_method = capture_method
         self.input_shapes: list[tuple[int, ...]] = []     # the example inputs' shapes (compiled signature)
+        self.dynamic = None             # graphopt.dynamic.DynamicSpec: the dims that may vary per call, or None
 
     def __call__(self, *args, **kwargs):
         if self.compiled is self.graph_module and self.graph_module is not None:

@@ -47,6 +47,10 @@ class Context:
     exact_rtol: float = 1e-4          # an exact pass may change outputs by at most this * max|reference|
     reference_outputs: Any = None
     notes: list[str] = field(default_factory=list)
+    dynamic: Any = None               # graphopt.dynamic.DynamicSpec: dims that vary at run time, or None
+    # with dynamic dims: the example inputs at other sizes inside the bounds, and the original's outputs there
+    variant_inputs: list = field(default_factory=list)
+    variant_outputs: list = field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.example_inputs, tuple):
@@ -54,6 +58,10 @@ class Context:
         if self.reference_outputs is None:
             with torch.no_grad():
                 self.reference_outputs = self.original(*self.example_inputs)
+        if self.dynamic and not self.variant_inputs:
+            self.variant_inputs = self.dynamic.variants(self.example_inputs)
+            with torch.no_grad():
+                self.variant_outputs = [self.original(*v) for v in self.variant_inputs]
 
     def calibration_batches(self, limit: int | None = None, *, needed_by: str = "") -> list[tuple]:
         """Calibration data as a list of input tuples. Raises CalibrationError when there is none.
@@ -509,7 +517,39 @@ class PassManager:
                     p.name, f"is declared exact but changed the outputs: max |Δ| = {step.max_abs:.3g} "
                     f"({step.max_rel:.3g} of max |reference|, allowed {ctx.exact_rtol:g})")
             previous = outputs
+            notes = list(result.notes)
+            if ctx.variant_inputs:
+                notes += self._check_variants(p, new_gm, ctx, diff)
             report.add(PassRecord.measure(str(p), new_gm, diff, seconds=seconds, exact=p.is_exact(),
-                                          notes=result.notes, details=result.details))
+                                          notes=notes, details=result.details))
             gm = new_gm
         return gm, report
+
+    def _check_variants(self, p: Pass, gm: fx.GraphModule, ctx: Context, diff) -> list[str]:
+        """Dynamic dims: run the pass's graph at the other sizes too (ctx.variant_inputs). It must run; an
+        exact pass must stay exact there; an approximating one must not drift far beyond what it showed on the
+        example inputs (4x its relative error there, plus exact_rtol). Returns a note with the errors seen."""
+        from .analysis.compare import compare_outputs
+
+        seen = []
+        for inputs, reference in zip(ctx.variant_inputs, ctx.variant_outputs):
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+            try:
+                with torch.no_grad():
+                    out = gm(*inputs)
+            except Exception as e:
+                raise PassError(p.name, f"left a graph that fails at input shape(s) {shapes}, inside the dynamic "
+                                        f"bounds: {type(e).__name__}: {e}") from e
+            vd = compare_outputs(out, reference)
+            if vd.structure_error:
+                raise PassError(p.name, f"changed the outputs' structure at input shape(s) {shapes}: "
+                                        f"{vd.structure_error}")
+            allowed = ctx.exact_rtol if p.is_exact() else 4 * diff.max_rel + ctx.exact_rtol
+            if self.verify and p.is_exact() and vd.max_rel > allowed:
+                raise PassError(p.name, f"is declared exact but changed the outputs at input shape(s) {shapes}: "
+                                        f"{vd.max_rel:.3g} of max |reference| (allowed {allowed:g})")
+            if self.verify and not p.is_exact() and vd.max_rel > max(allowed, 0.05):
+                raise PassError(p.name, f"is accurate at the example shape ({diff.max_rel:.3g} of max |reference|)"
+                                        f" but not at input shape(s) {shapes} ({vd.max_rel:.3g})")
+            seen.append(f"{shapes}: {vd.max_rel:.2g}")
+        return [f"checked at other dynamic sizes (max rel |Δ|): {'; '.join(seen)}"] if seen else []

@@ -22,7 +22,7 @@ __all__ = ["compile_graph", "lower_graph", "build_module", "export_library", "Co
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *, tune: Any = None,
-                  report=None, precision: str = "float32") -> CompiledModule:
+                  report=None, precision: str = "float32", dynamic: Any = None) -> CompiledModule:
     """Lower `gm`, build it for `spec` and wrap it: a CompiledModule with the example inputs' signature.
 
     precision: "float32", or "float16" (float32 accumulation, float32 signature; see precision.py).
@@ -31,7 +31,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
     """
     import tvm
 
-    lowered = lower_graph(gm, example_inputs, spec)
+    lowered = lower_graph(gm, example_inputs, spec, dynamic)
     if report is not None:
         report.backend["lower_s"] = round(lowered.seconds, 3)
         if lowered.quant:
@@ -45,7 +45,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
     executable = build_module(apply_precision(lowered.mod, precision, report), spec, tune=tune, report=report)
     start = time.perf_counter()
     compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
-                              lowered.const_outputs)
+                              lowered.const_outputs, dynamic=dynamic)
+    if report is not None and dynamic:
+        report.backend["dynamic"] = dynamic.describe()
     if report is not None:
         report.backend["vm_init_s"] = round(time.perf_counter() - start, 3)
     return compiled

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils import _pytree as pytree
 
 from ...errors import LoweringError
@@ -36,35 +37,64 @@ _PROVENANCE_KEY = "graphopt_fx_node"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Static shape and dtype of one input or output tensor (dtype as torch names it, without 'torch.')."""
+    """Shape and dtype of one input or output tensor (dtype as torch names it, without 'torch.').
 
-    shape: tuple[int, ...]
+    A dynamic dim is a string: the dim's name for an input ("batch"), an expression of dim names for an
+    output ("2*seq"); its bounds live in the module's DynamicSpec."""
+
+    shape: tuple[int | str, ...]
     dtype: str
     index_bound: int | None = None    # an integer input used as row indices: valid values are 0..bound-1
     index_of: str = ""                # what it indexes (op and module), for the error message
+    name: str = ""                    # the forward() argument's name (inputs), for error messages
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "TensorSpec":
-        return cls(tuple(int(s) for s in t.shape), str(t.dtype).replace("torch.", ""))
+    def of(cls, t: torch.Tensor, names: dict[str, str] | None = None, name: str = "") -> "TensorSpec":
+        return cls(tuple(_dim(s, names) for s in t.shape), str(t.dtype).replace("torch.", ""), name=name)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def is_dynamic(self) -> bool:
+        return any(isinstance(s, str) for s in self.shape)
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        """Whether a concrete shape fits (static dims equal; dynamic dims are checked against their bounds
+        elsewhere, by DynamicSpec.check)."""
+        return len(shape) == len(self.shape) and all(isinstance(w, str) or int(w) == int(g)
+                                                     for w, g in zip(self.shape, shape))
+
     def to_dict(self) -> dict:
-        d = {"shape": list(self.shape), "dtype": self.dtype}
+        d = {"shape": [s if isinstance(s, str) else int(s) for s in self.shape], "dtype": self.dtype}
         if self.index_bound is not None:
             d.update(index_bound=int(self.index_bound), index_of=self.index_of)
+        if self.name:
+            d["name"] = self.name
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
         bound = d.get("index_bound")
-        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), None if bound is None else int(bound),
-                   str(d.get("index_of", "")))
+        return cls(tuple(s if isinstance(s, str) else int(s) for s in d["shape"]), str(d["dtype"]),
+                   None if bound is None else int(bound), str(d.get("index_of", "")), str(d.get("name", "")))
 
     def __str__(self) -> str:
-        return f"tensor{self.shape}:{self.dtype}"
+        shape = "(" + ", ".join(str(s) for s in self.shape) + ("," if len(self.shape) == 1 else "") + ")"
+        return f"tensor{shape}:{self.dtype}"
+
+
+def _dim(s: Any, names: dict[str, str] | None) -> int | str:
+    """A static size as int; a torch SymInt as its expression with torch's symbols renamed to dim names."""
+    if isinstance(s, torch.SymInt):
+        import re
+
+        text = str(s.node.expr)
+        for sym, dim in (names or {}).items():
+            text = re.sub(rf"\b{re.escape(sym)}\b", dim, text)
+        return text
+    return int(s)
 
 
 @dataclass
@@ -80,6 +110,7 @@ class Lowered:
     quant: str = ""                   # how graphopt's int8 ops were lowered (quant_lower.summary), if any
     sparse: str = ""                  # how sparse Linear layers were lowered (sparse_lower.summary), if any
     sparse_layers: list = field(default_factory=list)
+    dynamic: Any = None               # graphopt.dynamic.DynamicSpec of the inputs' dynamic dims, or None
 
 
 
@@ -96,8 +127,11 @@ def _first_line(text: str, limit: int = 400) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None) -> torch.export.ExportedProgram:
     """torch.export the GraphModule and decompose it to core ATen (what the TVM importer consumes).
+
+    `dynamic` (a DynamicSpec): those dims stay symbolic (exported on DynamicSpec.trace_examples); a graph
+    that fixes one of them is a LoweringError naming the dim and the line/op.
 
     Every node of `gm` is tagged (temporarily) with its name in node.meta["custom"], which torch.export
     carries to the ATen nodes it produces, so errors can name the fx node an ATen op came from.
@@ -110,8 +144,21 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.Expo
         node.meta["custom"] = custom
     try:
         with torch.no_grad():
-            ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+            if dynamic:
+                examples = dynamic.trace_examples(example_inputs)
+                shapes = dynamic.dynamic_shapes(len(examples))
+                try:
+                    ep = torch.export.export(gm, tuple(examples), dynamic_shapes=shapes, strict=False)
+                except Exception as e:
+                    from ...dynamic import explain_export_failure
+
+                    raise LoweringError("the optimized graph cannot keep its dynamic dims: " + explain_export_failure(
+                        gm, examples, shapes, e, dynamic, "optimized graph")) from e
+            else:
+                ep = torch.export.export(gm, tuple(example_inputs), strict=False)
             return ep.run_decompositions()
+    except LoweringError:
+        raise
     except Exception as e:
         raise LoweringError(f"torch.export of the optimized graph failed, so it cannot be lowered to TVM: "
                             f"{type(e).__name__}: {_first_line(str(e))}") from e
@@ -256,10 +303,13 @@ def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
 
 
 # ---------------------------------------------------------------------------------------------- lower
-def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> Lowered:
+def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dynamic: Any = None) -> Lowered:
     """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
 
     `spec` (a TargetSpec, optional) picks the kernels for graphopt's int8 ops (see quant_lower).
+    `dynamic` (a graphopt.dynamic.DynamicSpec, optional): those input dims become TIR variables with their
+    bounds (tir_var_lower_bound / tir_var_upper_bound on main; memory is planned for the upper bounds), and
+    the signature names them.
 
     Raises LoweringError: non-tensor inputs, export failure, unsupported ops (all listed), importer failure.
     """
@@ -271,11 +321,16 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         if not isinstance(x, torch.Tensor):
             raise LoweringError(f"input {i} is a {_describe(x)}: the TVM backend takes tensor inputs only "
                                 f"(one tensor per forward() argument)")
-    ep = export_graph(gm, example_inputs)
+    ep = export_graph(gm, example_inputs, dynamic)
 
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    if dynamic:
+        from .symbolic import symbolic_importer
 
-    importer = ExportedProgramImporter()
+        importer = symbolic_importer()
+    else:
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        importer = ExportedProgramImporter()
     from .quant_lower import custom_convert_map, summary as quant_summary   # graphopt's int8 ops
 
     custom, quant_state = custom_convert_map(ep, spec)
@@ -305,10 +360,20 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
             raise LoweringError(f"{e} ({where.strip()})") from e
         raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}") from e
 
-    inputs = [TensorSpec.of(x) for x in example_inputs]
+    names = {}
+    if dynamic:
+        from .symbolic import shape_names
+
+        names = shape_names(ep, dynamic)
+    arg_names = list(dynamic.input_names) if dynamic else []
+    inputs = []
+    for i, x in enumerate(example_inputs):
+        shape = tuple((dynamic.dim_of(i, a) if dynamic else None) or int(s) for a, s in enumerate(x.shape))
+        inputs.append(TensorSpec(shape, str(x.dtype).replace("torch.", ""),
+                                 name=arg_names[i] if i < len(arg_names) else ""))
     for i, (rows, what) in index_bounds(ep, gm).items():
         if i < len(inputs) and not inputs[i].torch_dtype.is_floating_point:
-            inputs[i] = TensorSpec(inputs[i].shape, inputs[i].dtype, rows, what)
+            inputs[i] = TensorSpec(inputs[i].shape, inputs[i].dtype, rows, what, inputs[i].name)
     out_spec = ep.call_spec.out_spec
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     out_args = list(output_node.args[0])
@@ -323,11 +388,11 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         if not isinstance(val, torch.Tensor):
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is a {type(val).__name__}, not a tensor: "
                                 f"the TVM backend returns tensors only")
-        if not all(isinstance(d, int) for d in val.shape):      # e.g. masked_select, nonzero: data-dependent
+        if any(free_unbacked_symbols(d) for d in val.shape if not isinstance(d, int)):  # masked_select, nonzero
             op = _qualified_op(n) if isinstance(n, fx.Node) and n.op == "call_function" else "?"
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}, from {op}) has a data-dependent shape "
-                                f"{tuple(val.shape)}: the TVM backend compiles static shapes only")
-        outputs.append(TensorSpec.of(val))
+                                f"{tuple(val.shape)}: the TVM backend compiles shapes known before the call only")
+        outputs.append(TensorSpec.of(val, names))
         if not depends.get(n, False):
             const_outputs.append(i)
     if out_spec is None or out_spec.num_leaves != len(outputs):
@@ -344,5 +409,5 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None) -> 
         raise LoweringError(f"the model's output structure ({shown}) cannot be saved with the compiled module: "
                             f"{type(e).__name__}: {_first_line(str(e))}; return tensors in a tuple, list or "
                             f"dict instead") from e
-    return Lowered(mod, inputs, outputs, out_spec_text, const_outputs,
-                   time.perf_counter() - start, quant_summary(quant_state), sparse_line, sparse_rows)
+    return Lowered(mod, inputs, outputs, out_spec_text, const_outputs, time.perf_counter() - start,
+                   quant_summary(quant_state), sparse=sparse_line, sparse_layers=sparse_rows, dynamic=dynamic)

@@ -609,8 +609,29 @@ def _const(arr: np.ndarray):
     return relax.const(tvm.runtime.tensor(np.ascontiguousarray(arr)))
 
 
-def _shape(expr) -> list[int]:
-    return [int(s) for s in expr.ty.shape]
+def _shape(expr) -> list:
+    """The tensor's shape: ints, and TIR expressions for dynamic dims (graphopt.dynamic)."""
+    out = []
+    for s in expr.ty.shape:
+        try:
+            out.append(int(s))
+        except TypeError:
+            out.append(s)
+    return out
+
+
+def _is_static(dims) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
+def _prod(dims):
+    """Product of sizes (ints or TIR expressions); an int when all are static."""
+    out = 1
+    for d in dims:
+        out = out * d
+    return int(out) if isinstance(out, (int, np.integer)) else out
+
+
 
 
 def _to_uint8(bb, xq, zp: int, dtype: str, want: str = "uint8"):
@@ -665,8 +686,8 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     relax = _relax()
     n, k = wq.shape
     L = lanes_of(st.path)
-    m = int(np.prod(lead)) if lead else 1
-    x2 = bb.emit(relax.op.reshape(xu8, [m, k])) if _shape(xu8) != [m, k] else xu8
+    m = _prod(lead) if lead else 1
+    x2 = bb.emit(relax.op.reshape(xu8, [m, k])) if not isinstance(m, int) or _shape(xu8) != [m, k] else xu8
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
     kb, nb = (k + 3) // 4, (n + L - 1) // L
@@ -693,8 +714,9 @@ def _convert_qlinear(st: QuantLowering):
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
-        if st.path == "relax":
-            st.count("qlinear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            # dynamic rows: TVM's integer matmul (the hand-written kernels are built for a static row count)
+            st.count("qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             wt = _const(np.ascontiguousarray(wq.T))
             xi = bb.emit(relax.op.subtract(relax.op.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
@@ -750,8 +772,8 @@ def _convert_dynamic_qlinear(st: QuantLowering):
         inv = bb.emit(R.divide(f32(1.0), scale))
         zp = bb.emit(R.clip(R.round(R.multiply(R.negative(lo), inv)), 0.0, 255.0))
         xq = bb.emit(R.clip(R.add(R.round(R.multiply(x, inv)), zp), 0.0, 255.0))
-        if st.path == "relax":
-            st.count("dynamic_qlinear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            st.count("dynamic_qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), R.astype(zp, "int32")))
             acc = bb.emit(R.matmul(xi, R.astype(_const(np.ascontiguousarray(wq.T)), "int32"), out_dtype="int32"))
             y = bb.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, _const(w_scale))))
@@ -779,8 +801,8 @@ def _convert_woq_linear(st: QuantLowering):
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
         n, k = wq.shape
-        if st.path == "relax":
-            st.count("woq_linear:relax")
+        if st.path == "relax" or not _is_static(shape):
+            st.count("woq_linear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             w = relax.op.multiply(relax.op.astype(_const(np.ascontiguousarray(wq.T)), "float32"),
                                   _const(w_scale.reshape(1, n)))
             return bb.emit(relax.op.add(relax.op.matmul(x, w), _const(bias)))
@@ -825,12 +847,14 @@ def _convert_qconv2d(st: QuantLowering):
         bias = st.bias(node, 3, wq.shape[0])
         n, c, h, w = _shape(xq)
         co, ci, kh, kw = wq.shape
-        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if st.path != "relax" and groups == c == co and ci == 1:
+        dynamic = not _is_static((n, c, h, w))
+        if not dynamic:
+            oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+            ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if not dynamic and st.path != "relax" and groups == c == co and ci == 1:
             return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow)
-        if st.path == "relax" or groups != 1:
-            st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else ""))
+        if st.path == "relax" or groups != 1 or dynamic:     # dynamic batch/size: TVM's integer conv
+            st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else " (dynamic)" if dynamic else ""))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(R.nn.conv2d(xi, R.astype(_const(wq), "int32"), strides=stride, padding=padding,
                                       dilation=dilation, groups=groups, out_dtype="int32"))
@@ -955,8 +979,11 @@ def _convert_qmatmul(st: QuantLowering):
         a_zp, out_scale = int(node.args[2]), float(node.args[3])
         sa, sb = _shape(aq), _shape(bq)
         m, k, n = sa[-2], sa[-1], sb[-1]
-        if st.path == "relax" or sa[:-2] != sb[:-2]:
-            st.count("qmatmul:relax" + (" (broadcast)" if sa[:-2] != sb[:-2] else ""))
+        dynamic = not (_is_static(sa) and _is_static(sb))
+        if st.path == "relax" or dynamic or sa[:-2] != sb[:-2]:
+            # dynamic dims: the run-time packing of the right operand pads to whole vectors by a static
+            # amount, so a dynamic batch of matmuls takes TVM's integer matmul (scheduled by the defaults)
+            st.count("qmatmul:relax" + (" (dynamic)" if dynamic else " (broadcast)" if sa[:-2] != sb[:-2] else ""))
             ai = bb.emit(R.subtract(R.astype(aq, "int32"), relax.const(a_zp, "int32")))
             acc = bb.emit(R.matmul(ai, R.astype(bq, "int32"), out_dtype="int32"))
             return bb.emit(R.multiply(R.astype(acc, "float32"), relax.const(out_scale, "float32")))

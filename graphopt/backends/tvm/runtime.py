@@ -37,11 +37,12 @@ class CompiledModule:
     out_spec:      serialized torch pytree spec of the output structure
     const_outputs: indices of flat outputs that depend on no input (copied on every call)
     library_bytes: the shared library it was loaded from, if any (saving again copies it, no re-export)
+    dynamic:       DynamicSpec of the dims that may vary per call (named in inputs' shapes), or None
     """
 
     def __init__(self, executable: Any, spec: TargetSpec, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], out_spec: str, const_outputs: Sequence[int] = (), *,
-                 library_bytes: bytes | None = None):
+                 library_bytes: bytes | None = None, dynamic: Any = None):
         self.executable = executable
         self.spec = spec
         self.inputs = list(inputs)
@@ -50,6 +51,7 @@ class CompiledModule:
         self._tree = pytree.treespec_loads(out_spec)
         self.const_outputs = sorted(int(i) for i in const_outputs)
         self.library_bytes = library_bytes
+        self.dynamic = dynamic          # graphopt.dynamic.DynamicSpec: dims that may vary, with bounds (or None)
         self._vm = None
         self._main = None
         # per input (torch dtype, shape) for the per-call check's fast path (a mismatch takes the full check)
@@ -98,13 +100,16 @@ class CompiledModule:
             got = TensorSpec.of(x)
             if got.dtype != s.dtype:
                 raise InputError(f"input {i}: expected dtype {s.dtype} ({s}), got {got.dtype} ({got})")
-            if got.shape != s.shape:
-                raise InputError(f"input {i}: expected shape {s.shape} ({s}), got {got.shape} ({got})")
+            if not s.matches(got.shape):
+                raise InputError(f"input {i}: expected shape {s.shape} ({s}), got {got.shape} ({got})"
+                                 + (f" for argument '{s.name}'" if s.name else ""))
             if x.device.type != dev.type or (dev.index is not None and x.device.index not in (None, dev.index)):
                 raise InputError(f"input {i}: expected a tensor on {dev} (target '{self.spec.alias}'), "
                                  f"got one on {x.device}")
             if s.index_bound is not None and x.numel():
                 _check_index_range(i, x, s)
+        if self.dynamic:
+            self.dynamic.check(args, [s.name for s in self.inputs])
 
     def _matches(self, args: Sequence[Any]) -> bool:
         """The per-call fast path of check_inputs: True when every input is a CPU tensor of the compiled
@@ -153,8 +158,11 @@ class CompiledModule:
         return pytree.tree_unflatten(leaves, self._tree)
 
     def signature(self) -> dict:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-                "out_spec": self.out_spec, "const_outputs": list(self.const_outputs)}
+        sig = {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+               "out_spec": self.out_spec, "const_outputs": list(self.const_outputs)}
+        if self.dynamic:
+            sig["dynamic"] = self.dynamic.to_dict()
+        return sig
 
     def export_library(self, path: str) -> str:
         """Write the shared library to `path` (a copy of the loaded bytes for a module loaded from a file)."""

@@ -112,9 +112,24 @@ def _loops_are_iters(sch, block) -> bool:
         return False
     for loop, iv in zip(loops, ivs):
         e, d = _extent(sch, loop), _int(iv.dom.extent)
+        if e is None and d is None:            # symbolic extents (dynamic dims): the same expression
+            if not _same_expr(sch.get(loop).extent, iv.dom.extent):
+                return False
+            continue
         if e is None or d is None or e != d:
             return False
     return True
+
+
+def _same_expr(a, b) -> bool:
+    if a.same_as(b):
+        return True
+    from tvm.sym.analyzer import Analyzer
+
+    try:
+        return bool(Analyzer().can_prove_equal(a, b))
+    except Exception:
+        return False
 
 
 def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> None:
@@ -126,6 +141,7 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         return
     extents = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in extents):
+        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min)
         return
     inner = loops[-1]
     outer = list(loops[:-1])
@@ -142,6 +158,36 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
     else:
         outer.append(inner)
     _parallel_outer(sch, outer, extents, parallel_min)
+
+
+def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int) -> None:
+    """Injective block with a symbolic (dynamic) extent: a static innermost loop is vectorized as in
+    _vectorize_inner; a symbolic one is split by `lanes` (the partial last vector guarded by a predicate) and
+    vectorized. The outer loops are fused and run in parallel unless the static part alone is too small to
+    pay for it at the smallest size (each dynamic dim counts as 1)."""
+    inner, outer = loops[-1], list(loops[:-1])
+    e = extents[-1]
+    if e is not None:
+        if e % lanes == 0 and e > lanes:
+            lo, li = sch.split(inner, [None, lanes])
+            sch.vectorize(li)
+            outer.append(lo)
+        elif 1 < e <= lanes:
+            sch.vectorize(inner)
+        elif (t := _pow2_divisor(e, lanes)) >= 4:
+            lo, li = sch.split(inner, [None, t])
+            sch.vectorize(li)
+            outer.append(lo)
+        else:
+            outer.append(inner)
+    else:
+        lo, li = sch.split(inner, [None, lanes])
+        sch.vectorize(li)
+        outer.append(lo)
+    if outer:
+        static = math.prod(x for x in extents if x is not None)
+        if static * 64 >= parallel_min:     # any dynamic dim of a few dozen makes it large enough
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def _parallel_outer(sch, outer: list, extents: list[int], parallel_min: int) -> None:
@@ -289,9 +335,7 @@ class PackedGemm:
 
         blk = sch.get(main)
         ivs = list(blk.iter_vars)
-        ext = [_int(iv.dom.extent) for iv in ivs]
-        if any(e is None for e in ext):
-            return None
+        ext = [_int(iv.dom.extent) for iv in ivs]          # None: a symbolic extent (a dynamic dim)
         axes = self._output_axes(blk)
         if axes is None:
             return None
@@ -303,20 +347,26 @@ class PackedGemm:
             return None
 
         # ---- tile sizes
+        # A symbolic extent (dynamic batch / sequence) is tiled by constants like a static one; its last,
+        # partial tile is guarded by the predicate TVM's split adds (the tail's rows / columns are skipped).
+        # The outer tile loops stay fused into one parallel loop: nesting a dynamic one un-fused lets the
+        # register tile's buffer take a dynamic size (it is no longer compacted to the tile).
         out_dtype = blk.writes[0].source.dtype
         lanes = vec.lanes(out_dtype)
         E = ext[vi]
-        while lanes > 1 and E % lanes:
+        while E is not None and lanes > 1 and E % lanes:
             lanes //= 2
-        n_vectors = E // lanes
+        n_vectors = E // lanes if E is not None else None
         Er = ext[ri] if ri is not None else 1
         max_acc = self.max_accumulators or (vec.registers - 4)
         best = None
         for nvec in range(1, 9):
-            if n_vectors % nvec:
+            if n_vectors is None and nvec > 2:
+                break                       # symbolic columns: short vector rows keep the guarded tail small
+            if n_vectors is not None and n_vectors % nvec:
                 continue
-            for rows in range(1, Er + 1):
-                if Er % rows or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
+            for rows in (range(1, Er + 1) if Er is not None else (1, 2, 4, 8)):
+                if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
                     continue
                 score = (rows * nvec / (rows + nvec), rows * nvec)
                 if best is None or score > best[0]:
@@ -328,7 +378,8 @@ class PackedGemm:
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
         loops = sch.get_loops(main)
-        if self.pack_weights and E > tile and func.attrs is not None and "layout_free_buffers" in func.attrs:
+        if (self.pack_weights and E is not None and E > tile and func.attrs is not None
+                and "layout_free_buffers" in func.attrs):
             params = list(func.params)
             free = [params[int(i)] for i in func.attrs["layout_free_buffers"]]
             for r_index, region in enumerate(blk.reads):
@@ -347,7 +398,7 @@ class PackedGemm:
             loops = sch.get_loops(main)
 
         # ---- tiling
-        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])
+        v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])      # a dynamic axis: guarded tail
         inner = [v_n, v_l]
         outer = [loops[i] for i in spatial if i not in (vi, ri)]
         if ri is not None:
@@ -361,6 +412,7 @@ class PackedGemm:
         sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
+        n_outer = 1
         write_back = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(write_back, fused)
         if not _same(sch.get(outputs[0]), sch.get(main)):
@@ -370,12 +422,12 @@ class PackedGemm:
         for lp in loops[-len(inner):-1]:
             sch.unroll(lp)
         if reduce_:
-            sch.decompose_reduction(main, loops[1])
+            sch.decompose_reduction(main, loops[n_outer])
 
         # ---- padding: per tile for convolutions (no full padded copy), inline for pooling
         reduce_size = 1
         for i in reduce_:
-            reduce_size *= ext[i]
+            reduce_size *= ext[i] if ext[i] is not None else 1 << 10
         for pad in pads:
             mode = self.pad
             if mode == "auto":
@@ -401,7 +453,12 @@ class PackedGemm:
 
         # ---- write-back (+ epilogue): vectorized
         wb_loops = sch.get_loops(write_back)[1:]
-        if wb_loops:
+        if wb_loops and (E is None or Er is None):
+            # a guarded tail: vectorize the columns only, so the rows' guard stays outside the vector loop
+            # (a fused rows x columns loop puts the guard on every lane and the vectorizer gives up)
+            _, li = sch.split(wb_loops[-1], [None, lanes])
+            sch.vectorize(li)
+        elif wb_loops:
             flat = sch.fuse(*wb_loops) if len(wb_loops) > 1 else wb_loops[0]
             _, li = sch.split(flat, [None, lanes])
             sch.vectorize(li)
@@ -421,7 +478,7 @@ class PackedGemm:
             return None
         for expr in reversed(out_index[:-1]):
             j = _iter_index(ivs, expr)
-            if j is not None and (_int(ivs[j].dom.extent) or 0) > 1:
+            if j is not None and (_int(ivs[j].dom.extent) or 2) > 1:      # symbolic: a dynamic dim, > 1
                 return vi, j
         return vi, None
 
@@ -582,7 +639,9 @@ def relax_layout_passes(target) -> list:
     (numerics.nan_propagating_minmax), so fast_erf(NaN) and fast_tanh(NaN) are NaN as in PyTorch."""
     from tvm import relax
 
-    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform()]
+    from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
+
+    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform(), reshape_views()]
 
 
 def _calls_op(mod, name: str) -> bool:

@@ -1,0 +1,205 @@
+"""Dynamic dims (graphopt/dynamic.py): one compiled module for every batch size / sequence length in bounds.
+
+Compiled fixtures are module-scoped and tiny (one-layer encoder, hidden 32) to keep the file cheap.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.dynamic import DynamicSpec, parse_dynamic
+from graphopt.errors import DynamicShapeError, InputError
+from graphopt.models import BertStyleEncoder
+
+VOCAB, MAX_SEQ, MAX_BATCH = 300, 48, 6
+DIMS = {"batch": (1, MAX_BATCH), "seq": (4, MAX_SEQ)}
+SHAPES = [(1, 4), (3, 17), (MAX_BATCH, MAX_SEQ)]
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return BertStyleEncoder(vocab=VOCAB, hidden=32, layers=1, heads=2, ffn=64, max_len=MAX_SEQ).eval()
+
+
+def _ids(b, s, seed=0):
+    return torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(seed * 100 + b * 7 + s))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return _encoder()
+
+
+@pytest.fixture(scope="module")
+def fp32(encoder):
+    return graphopt.optimize(encoder, "x86", "cleanup", example_inputs=(_ids(2, 16),), dynamic=DIMS)
+
+
+@pytest.fixture(scope="module")
+def int8(encoder):
+    calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9), (1, 33))]      # varied shapes
+    return graphopt.optimize(encoder, "x86", "cleanup,quantize(progress=false)", example_inputs=(_ids(2, 16),),
+                             calibration=calib, dynamic=DIMS)
+
+
+# ------------------------------------------------------------------------------------------ compiled
+@pytest.mark.parametrize("b,s", SHAPES)
+def test_fp32_matches_eager_at_every_shape(encoder, fp32, b, s):
+    x = _ids(b, s, seed=2)
+    with torch.no_grad():
+        ref = encoder(x)
+    out = fp32(x)
+    assert out.shape == ref.shape == (b, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow          # the dynamic int8 build took 891 s on a loaded 2-core machine (fp32: 48 s)
+@pytest.mark.parametrize("b,s", SHAPES)
+def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
+    x = _ids(b, s, seed=3)
+    with torch.no_grad():
+        q = int8.graph_module(x)          # the quantized fx graph: what the compiled int8 module computes
+        ref = encoder(x)
+    out = int8(x)
+    torch.testing.assert_close(out, q, rtol=1e-3, atol=1e-3)
+    assert "(dynamic)" in int8.report.backend["int8"]
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.98, cos
+
+
+def test_signature_names_dims_and_kernels_are_scheduled(fp32):
+    spec = fp32.compiled.inputs[0]
+    assert spec.shape == ("batch", "seq") and spec.name == "input_ids"
+    assert fp32.compiled.outputs[0].shape == ("batch", 2)
+    kernels = fp32.report.backend["kernels"]
+    assert "unscheduled" not in kernels and "PackedGemm" in kernels, kernels
+    assert "batch in [1, 6]" in fp32.report.backend["dynamic"]
+    # every pass was checked at other sizes inside the bounds
+    notes = [n for r in fp32.report.records for n in r.notes]
+    assert any(n.startswith("checked at other dynamic sizes") for n in notes), notes
+
+
+def test_calls_outside_bounds_are_input_errors(fp32):
+    with pytest.raises(InputError, match=r"input 0 \('input_ids'\) dim 1 \('seq'\) is 49, outside its bounds 4\.\.48"):
+        fp32(_ids(2, MAX_SEQ + 1))
+    with pytest.raises(InputError, match=r"dim 0 \('batch'\) is 7, outside its bounds 1\.\.6"):
+        fp32(_ids(MAX_BATCH + 1, 8))
+    with pytest.raises(InputError, match=r"dim 1 \('seq'\) is 3"):
+        fp32(_ids(1, 3))
+    with pytest.raises(InputError, match="dtype"):
+        fp32(_ids(2, 8).float())
+
+
+def test_artifact_round_trip_keeps_dynamism(fp32, encoder, tmp_path):
+    path = fp32.save(str(tmp_path / "enc.gopt"))
+    loaded = graphopt.load(path)
+    assert loaded.dynamic is not None and loaded.dynamic.dims["seq"].max == MAX_SEQ
+    assert loaded.compiled.inputs[0].shape == ("batch", "seq")
+    for b, s in ((1, 5), (4, 31)):
+        x = _ids(b, s, seed=4)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), encoder(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="'seq'"):
+        loaded(_ids(1, MAX_SEQ + 1))
+
+
+# --------------------------------------------------------------------------- models that cannot be dynamic
+class DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return x
+
+
+class FixedReshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).reshape(3, -1)
+
+
+class ShapeBranch(nn.Module):
+    def forward(self, x):
+        if x.shape[1] > 8:
+            return x.sum(1)
+        return x.mean(1)
+
+
+def test_data_dependent_control_flow_is_a_typed_error_naming_the_op():
+    with pytest.raises(DynamicShapeError, match=r"aten\.item.*|x\.sum\(\) > 0") as e:
+        graphopt.optimize(DataBranch(), "torch", example_inputs=(torch.randn(3, 5, 4),), dynamic={"batch": (1, 8)})
+    assert "if x.sum() > 0" in str(e.value) and "data" in str(e.value)
+
+
+def test_specialized_dim_is_a_typed_error_naming_the_dim_and_line():
+    with pytest.raises(DynamicShapeError, match="batch") as e:
+        graphopt.optimize(FixedReshape(), "torch", example_inputs=(torch.randn(3, 5, 4),), dynamic={"batch": (1, 8)})
+    assert "reshape(3, -1)" in str(e.value)
+    with pytest.raises(DynamicShapeError, match="seq") as e:
+        graphopt.optimize(ShapeBranch(), "torch", example_inputs=(torch.randn(2, 10, 4),),
+                          dynamic={"seq": (2, 16)})
+    assert "x.shape[1] > 8" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def test_parse_forms_and_errors():
+    x, m = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long)
+
+    class Two(nn.Module):
+        def forward(self, input_ids, mask):
+            return input_ids + mask
+
+    spec = parse_dynamic({"batch": (1, 8), "seq": (2, 64)}, (x, m), Two())
+    assert spec.axes == {0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}}
+    from torch.export import Dim
+
+    spec2 = parse_dynamic({"mask": {1: Dim("seq", min=2, max=64)}, "input_ids": {1: "seq"}}, (x, m), Two())
+    assert spec2.axes == {0: {1: "seq"}, 1: {1: "seq"}} and spec2.dims["seq"].max == 64
+    spec3 = parse_dynamic(({0: Dim("b", max=8)}, None), (x, m), Two())
+    assert spec3.axes == {0: {0: "b"}} and spec3.dims["b"].min == 0      # torch.export Dim default
+    assert DynamicSpec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
+    with pytest.raises(DynamicShapeError, match="no upper bound"):
+        parse_dynamic({"input_ids": {0: Dim("batch")}}, (x, m), Two())
+    with pytest.raises(DynamicShapeError, match="'heads' is not placed"):
+        parse_dynamic({"heads": (1, 4)}, (x, m), Two())
+    with pytest.raises(DynamicShapeError, match="outside its bounds"):
+        parse_dynamic({"seq": (1, 8)}, (x, m), Two())
+    # shared dims must agree at call time
+    with pytest.raises(InputError, match="must agree"):
+        spec.check((torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long)))
+
+
+# ------------------------------------------------------------------------------- passes with dynamic dims
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_fold_bn_prune_lowrank_with_dynamic_batch_compiled():
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 8, 8)
+    opt = graphopt.optimize(model, "x86", "fold_bn,cleanup,prune(ratio=0.25),lowrank(energy=0.99)",
+                            example_inputs=(x,), dynamic={"batch": (1, 16)})
+    assert "unscheduled" not in opt.report.backend["kernels"], opt.report.backend["kernels"]
+    for b in (1, 5, 16):
+        xb = torch.randn(b, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(xb), opt.graph_module(xb), rtol=1e-4, atol=1e-4)
