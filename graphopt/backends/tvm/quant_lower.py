@@ -801,6 +801,7 @@ def _convert_woq_linear(st: QuantLowering):
         w_scale = st.need(node, 2, "w_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
         n, k = wq.shape
+        shape = _shape(x)
         if st.path == "relax" or not _is_static(shape):
             st.count("woq_linear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             w = relax.op.multiply(relax.op.astype(_const(np.ascontiguousarray(wq.T)), "float32"),
