@@ -77,6 +77,16 @@ def _(x, weight, mask, bias, stride, padding, dilation, groups, block_r, block_c
     return x.new_empty((n, weight.shape[0], oh, ow))
 
 
+def _attach_mask(new: nn.Module, mask: torch.Tensor, block, kernel: str) -> nn.Module:
+    """Give a Sparse* layer its bool mask buffer, block shape and kernel choice, and zero its masked weights."""
+    new.register_buffer("mask", mask.to(torch.bool).clone())
+    new.block = tuple(int(b) for b in block)
+    new.kernel = kernel
+    with torch.no_grad():
+        new.weight.mul_(new.mask)
+    return new
+
+
 class SparseLinear(nn.Linear):
     """nn.Linear computing with weight * mask (mask: bool buffer). `block` and `kernel` go to the backend."""
 
@@ -95,12 +105,7 @@ class SparseLinear(nn.Linear):
         new.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=lin.weight.requires_grad)
         new.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(),
                                                               requires_grad=lin.bias.requires_grad)
-        new.register_buffer("mask", mask.to(torch.bool).clone())
-        new.block = tuple(int(b) for b in block)
-        new.kernel = kernel
-        with torch.no_grad():
-            new.weight.mul_(new.mask)
-        return new
+        return _attach_mask(new, mask, block, kernel)
 
     def forward(self, x):
         return torch.ops.graphopt_sparse.sparse_linear(x, self.weight, self.mask, self.bias, self.block[0],
@@ -124,12 +129,7 @@ class SparseConv2d(nn.Conv2d):
                            for k, v in conv._parameters.items()}
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
-        new.register_buffer("mask", mask.to(torch.bool).clone())
-        new.block = tuple(int(b) for b in block)
-        new.kernel = kernel
-        with torch.no_grad():
-            new.weight.mul_(new.mask)
-        return new
+        return _attach_mask(new, mask, block, kernel)
 
     def forward(self, x):
         if torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str):
