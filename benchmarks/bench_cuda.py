@@ -79,6 +79,14 @@ def time_cuda(fns: dict, rounds: int = 7, slice_s: float = 0.1) -> dict:
     return out
 
 
+def no_grad_call(fn, x):
+    """A closure calling fn(x) under torch.no_grad() (eager and torch.compile variants of the timing loop)."""
+    def call():
+        with torch.no_grad():
+            return fn(x)
+    return call
+
+
 def max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     d = (got.float() - want.float()).abs().max().item()
     return d, d / max(want.float().abs().max().item(), 1e-30)
@@ -118,10 +126,7 @@ def bench_case(name: str, batch: int, fp16: bool, variants: list[str], profile: 
     row["max_abs"]["graphopt"], row["max_rel"]["graphopt"] = max_rel_diff(got, want)
     fns["graphopt"] = lambda: opt(xc)
 
-    def eager():
-        with torch.no_grad():
-            return model(xc)
-    fns["eager"] = eager
+    fns["eager"] = no_grad_call(model, xc)
     if "torch.compile" in variants:
         try:
             t = time.perf_counter()
@@ -131,11 +136,7 @@ def bench_case(name: str, batch: int, fp16: bool, variants: list[str], profile: 
             torch.cuda.synchronize()
             row["compile_s"]["torch.compile"] = round(time.perf_counter() - t, 1)
             row["max_abs"]["torch.compile"], row["max_rel"]["torch.compile"] = max_rel_diff(out, want)
-
-            def tc():
-                with torch.no_grad():
-                    return compiled(xc)
-            fns["torch.compile"] = tc
+            fns["torch.compile"] = no_grad_call(compiled, xc)
         except Exception as e:
             row["errors"]["torch.compile"] = first_line(e)
     if "ort" in variants:
@@ -164,11 +165,7 @@ def bench_case(name: str, batch: int, fp16: bool, variants: list[str], profile: 
             xhc = xc.half() if xc.is_floating_point() else xc
             with torch.no_grad():
                 row["max_abs"]["eager-fp16"], row["max_rel"]["eager-fp16"] = max_rel_diff(half(xhc), want)
-
-            def eager16():
-                with torch.no_grad():
-                    return half(xhc)
-            fns["eager-fp16"] = eager16
+            fns["eager-fp16"] = no_grad_call(half, xhc)
         except Exception as e:
             row["errors"]["eager-fp16"] = first_line(e)
     if profile:
@@ -211,16 +208,8 @@ def bench_tuning(name: str, batch: int, trials: int, database: str) -> dict:
     compiled = torch.compile(model)
     with torch.no_grad():
         compiled(xc)
-
-    def tc():
-        with torch.no_grad():
-            return compiled(xc)
-
-    def eager():
-        with torch.no_grad():
-            return model(xc)
     out["times"] = time_cuda({"graphopt": lambda: untuned(xc), "graphopt-tuned": lambda: again(xc),
-                              "eager": eager, "torch.compile": tc})
+                              "eager": no_grad_call(model, xc), "torch.compile": no_grad_call(compiled, xc)})
     return out
 
 
