@@ -9,11 +9,15 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                              TIR `max(a, b)` / `min(a, b)` on floats become LLVM's `select(a > b, a, b)`
                              (`<` for min): a NaN in `a` is dropped (relu(NaN) = 0, clamp(NaN) = lo,
                              max-pool and max() skip NaN). PyTorch's maximum/minimum/clamp/relu/max-reductions return NaN
-                             when an operand is NaN. Every float Max/Min becomes LLVM's llvm.maximum /
-                             llvm.minimum (IEEE 754-2019: NaN in, NaN out; x86: max + unordered compare +
-                             blend per vector; AArch64: one FMAX/FMIN). They order -0.0 below +0.0, where
-                             PyTorch returns either zero: equal values. Integer Max/Min (index arithmetic,
-                             int8 kernels) are left alone.
+                             when an operand is NaN. A float Max/Min against a non-NaN constant (relu,
+                             relu6, clamp, hardtanh, the fast_* input clamps) becomes PyTorch's own
+                             `C > x ? C : x` (`<` for min): exact, NaN and signed zero included
+                             (relu(-0.0) = -0.0, where llvm.maximum gives +0.0), and no slower than the
+                             form below (MobileNetV2, x86:haswell, interleaved: equal). Every other float Max/Min
+                             becomes LLVM's llvm.maximum / llvm.minimum (IEEE 754-2019: NaN in, NaN out;
+                             x86: max + unordered compare + blend per vector; AArch64: one FMAX/FMIN); they
+                             order -0.0 below +0.0, where PyTorch returns either zero: equal values.
+                             Integer Max/Min (index arithmetic, int8 kernels) are left alone.
   convert_map(ep)            importer converters (lower.lower_graph) for ATen ops whose TVM converter has
                              other semantics than PyTorch:
                                div.Tensor_mode floor   PyTorch's div_floor_floating (fmod-based; Inf/NaN
@@ -49,7 +53,17 @@ def _nan_minmax(e):
     dtype = str(e.ty.dtype)
     if dtype not in _FLOATS:
         return e
-    name = "llvm.maximum" if isinstance(e, tirx.Max) else "llvm.minimum"
+    is_max = isinstance(e, tirx.Max)
+    for const, x in ((e.a, e.b), (e.b, e.a)):
+        if isinstance(const, tirx.FloatImm) and const.value == const.value:        # a non-NaN constant bound
+            # clamp / relu / relu6 against a constant C: PyTorch's `C > x ? C : x` (`<` for min) exactly,
+            # NaN and signed zero included (relu(-0.0) = -0.0); x86 selects it into one vmaxps / vminps
+            # (their "return the second operand if unordered" rule is this select). x is bound once (Let):
+            # nested clamps do not repeat it.
+            v = tirx.Var("clamped", dtype)
+            cond = tirx.GT(const, v) if is_max else tirx.LT(const, v)
+            return tirx.Let(v, x, tirx.Select(cond, const, v))
+    name = "llvm.maximum" if is_max else "llvm.minimum"
     return tirx.call_llvm_pure_intrin(dtype, name, e.a, e.b)
 
 
