@@ -842,3 +842,31 @@ def test_channel_wise_kernels_take_channel_blocks_innermost(make, shape, channel
         assert axes is not None, name
         found.append(schedules.PackedGemm._channel_wise(blk, *axes))
     assert sorted(found) == channel_wise
+
+
+@pytest.mark.parametrize("make, shape, small", [
+    (lambda: nn.Sequential(nn.Conv2d(16, 96, 1), nn.ReLU6()), (1, 16, 12, 12), True),      # 6 KiB of weights
+    (lambda: nn.Sequential(nn.Conv2d(96, 24, 1), nn.ReLU()), (1, 96, 12, 12), True),
+    (lambda: nn.Sequential(nn.Conv2d(128, 256, 3, padding=1), nn.ReLU()), (1, 128, 6, 6), False),   # 1.1 MiB
+])
+def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, small):
+    """Weights that stay in L2 (`PackedGemm.small_weight_bytes`): every channel block of a pixel tile in turn
+    (whole output lines written once) instead of one pass over the output per channel block; both orders
+    compute what the unscheduled kernel computes, bit for bit."""
+    model = make().eval()
+    x = torch.randn(*shape)
+    mod, _ = lowered(model, x)
+    decided = []
+    for func in prim_funcs(legalized(mod)).values():
+        sch = s_tir.Schedule(func)
+        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
+        if len(mains) != 1:
+            continue
+        blk = sch.get(mains[0])
+        ivs = list(blk.iter_vars)
+        ext = [schedules._int(iv.dom.extent) for iv in ivs]
+        vi, _ = schedules.PackedGemm._output_axes(blk)
+        reduce_ = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.CommReduce]
+        decided.append(schedules.PackedGemm()._small_weights(ext, reduce_, ext[vi], "float32"))
+    assert decided == [small]
+    check_scheduled_equals_unscheduled(model, x)

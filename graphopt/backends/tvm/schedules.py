@@ -358,22 +358,10 @@ class PackedGemm:
             lanes //= 2
         n_vectors = E // lanes if E is not None else None
         Er = ext[ri] if ri is not None else 1
-        max_acc = self.max_accumulators or (vec.registers - 4)
-        best = None
-        for nvec in range(1, 9):
-            if n_vectors is None and nvec > 2:
-                break                       # symbolic columns: short vector rows keep the guarded tail small
-            if n_vectors is not None and n_vectors % nvec:
-                continue
-            for rows in (range(1, Er + 1) if Er is not None else (1, 2, 4, 8)):
-                if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
-                    continue
-                score = (rows * nvec / (rows + nvec), rows * nvec)
-                if best is None or score > best[0]:
-                    best = (score, rows, nvec)
-        if best is None:
+        tile_shape = self._choose_tile(n_vectors, Er, vec)
+        if tile_shape is None:
             return None
-        _, rows, nvec = best
+        rows, nvec = tile_shape
         tile = nvec * lanes
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
@@ -405,7 +393,7 @@ class PackedGemm:
             r_o, r_i = sch.split(loops[ri], [None, rows])
             outer.append(r_o)
             inner.insert(0, r_i)
-        if self._channel_wise(blk, vi, ri):
+        if self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype):
             outer.append(v_o)
         else:
             outer.insert(0, v_o)
@@ -463,6 +451,39 @@ class PackedGemm:
             _, li = sch.split(flat, [None, lanes])
             sch.vectorize(li)
         return sch
+
+    def _choose_tile(self, n_vectors: int | None, Er: int | None, vec: CpuVector) -> tuple[int, int] | None:
+        """(rows, nvec) of the register tile: `rows` output rows (pixels) x `nvec` SIMD vectors of output
+        channels, maximizing FMAs per load (rows*nvec / (rows+nvec)) within the register file; `rows`
+        divides Er and `nvec` divides n_vectors (None: a symbolic extent)."""
+        max_acc = self.max_accumulators or (vec.registers - 4)
+        best = None
+        for nvec in range(1, 9):
+            if n_vectors is None and nvec > 2:
+                break                       # symbolic columns: short vector rows keep the guarded tail small
+            if n_vectors is not None and n_vectors % nvec:
+                continue
+            for rows in (range(1, Er + 1) if Er is not None else (1, 2, 4, 8)):
+                if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
+                    continue
+                score = (rows * nvec / (rows + nvec), rows * nvec)
+                if best is None or score > best[0]:
+                    best = (score, rows, nvec)
+        return None if best is None else (best[1], best[2])
+
+    small_weight_bytes = 256 << 10
+
+    def _small_weights(self, ext: list, reduce_: list, E: int | None, dtype: str) -> bool:
+        """Whether every channel block's weights together (reduction size x output channels) stay in the
+        L2 cache: then the pixel tiles go outermost and each tile computes all its channel blocks in turn,
+        so an output pixel's channels are written together (whole cache lines, one pass over the output)
+        rather than one channel block per pass over the whole output (MobileNetV2's 1x1 expansions)."""
+        if E is None or any(ext[i] is None for i in reduce_):
+            return False
+        size = E * _dtype_bits(dtype) // 8
+        for i in reduce_:
+            size *= ext[i]
+        return size <= self.small_weight_bytes
 
     @staticmethod
     def _output_axes(blk) -> tuple[int, int | None] | None:
