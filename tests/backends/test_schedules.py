@@ -870,3 +870,34 @@ def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, smal
         decided.append(schedules.PackedGemm()._small_weights(ext, reduce_, ext[vi], "float32"))
     assert decided == [small]
     check_scheduled_equals_unscheduled(model, x)
+
+
+def test_whole_tensor_max_and_min_are_vectorized_and_exact():
+    """x.max() / x.amin() (dynamic quantization's activation range): ScalarMinMax splits them into SIMD
+    running extrema; the unscheduled loop's value bit for bit (max/min reassociate exactly, +-Inf included),
+    and with graphopt's NaN-propagating min/max (applied by the build, not by these helpers) PyTorch's NaN; a
+    whole-tensor sum stays with the rules that do not reassociate."""
+    class Extrema(nn.Module):
+        def forward(self, x):
+            return x.max(), x.amin(), x.abs().amax()
+
+    x = torch.randn(2, 64, 96)
+    mod, _ = lowered(Extrema().eval(), x)
+    _, stats = build_with(mod)
+    assert stats.by_rule.get("ScalarMinMax", 0) == 3 and not stats.unscheduled
+    opt = graphopt.optimize(Extrema().eval(), target="x86", pipeline="", example_inputs=(x,))
+    for special in (None, float("inf"), -float("inf"), float("nan")):
+        y = x.clone()
+        if special is not None:
+            y[1, 17, 5] = special
+        if special == special:
+            check_scheduled_equals_unscheduled(Extrema().eval(), y)
+        for g, r in zip(opt(y), Extrema()(y)):
+            assert torch.equal(g, r) or (g.isnan() and r.isnan()), (special, g, r)
+
+    class Total(nn.Module):
+        def forward(self, x):
+            return x.sum()
+
+    mod, _ = lowered(Total().eval(), x)
+    assert "ScalarMinMax" not in build_with(mod)[1].by_rule
