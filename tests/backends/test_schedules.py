@@ -901,3 +901,49 @@ def test_whole_tensor_max_and_min_are_vectorized_and_exact():
 
     mod, _ = lowered(Total().eval(), x)
     assert "ScalarMinMax" not in build_with(mod)[1].by_rule
+
+
+def test_convolutions_before_multihead_attention_still_take_nhwc():
+    """nn.MultiheadAttention's export squeezes axis -2; TVM's ConvertLayout died on the negative axis
+    (std::bad_alloc) and the whole network kept NCHW convolutions. Axes are made non-negative first."""
+    import warnings
+
+    class ConvAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+            return self.mha(y, y, y, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model, x = ConvAttention().eval(), torch.randn(1, 3, 8, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the NCHW fall-back is a warning
+        mod, _ = lowered(model, x)
+        layouts = [str(e.attrs.data_layout) for e in _calls(legalized_relax(mod), "relax.nn.conv2d")]
+    assert layouts == ["NHWC"]
+    opt = graphopt.optimize(model, target="x86", example_inputs=(x,))
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def legalized_relax(mod):
+    """The Relax module after graphopt's layout passes (before legalization)."""
+    target = HOST.tvm_target()
+    with target:
+        return tvm.transform.Sequential(schedules.relax_layout_passes(target))(mod)
+
+
+def _calls(mod, name):
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name:
+            found.append(e)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found

@@ -700,6 +700,39 @@ def rewrite_elementwise():
     return _pass
 
 
+def nonnegative_squeeze_axes():
+    """Relax pass: `R.squeeze(x, axis=[-2])` spelled with axes counted from the front (same op, same value).
+    TVM 0.27's ConvertLayout infers squeeze's layout from the raw axis and dies with std::bad_alloc on a
+    negative one: any network with a convolution and an nn.MultiheadAttention (whose export squeezes
+    axis -2) then kept all its convolutions in NCHW."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.squeeze" and call.attrs.axis):
+                return call
+            info = getattr(call.args[0], "ty", None) or getattr(call.args[0], "struct_info", None)
+            ndim = getattr(info, "ndim", -1)
+            axes = [int(a) for a in call.attrs.axis]
+            if ndim is None or ndim < 0 or all(a >= 0 for a in axes):
+                return call
+            return relax.op.squeeze(call.args[0], [a + ndim if a < 0 else a for a in axes])
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptNonnegativeSqueezeAxes")
+    def _pass(mod, ctx):
+        rewriter = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
 def relax_layout_passes(target) -> list:
     """Relax passes run before legalization: conv2d in NHWC/HWIO (channels innermost), with the
     elementwise ops between convolutions following that layout; exp/erf/tanh/softmax as TVM's vectorizable
@@ -718,7 +751,8 @@ def relax_layout_passes(target) -> list:
 
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
-    return [rewrite_elementwise(), convert_conv_layout(), relax.transform.FastMathTransform(), reshape_views()]
+    return [rewrite_elementwise(), nonnegative_squeeze_axes(), convert_conv_layout(), relax.transform.FastMathTransform(),
+            reshape_views()]
 
 
 def _calls_op(mod, name: str) -> bool:
