@@ -113,43 +113,47 @@ def parse_budgets(spec) -> list[Budget]:
 
 
 def _solve(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str, float], objective: str,
-           cap: tuple[str, float] | None = None) -> list[int] | None:
+           cap: tuple[str, float] | None = None, shrink: float = 0.0) -> list[int] | None:
+    """One milp solve; None when infeasible. `shrink` tightens every budget's slack by that fraction."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     sizes = [len(c) for c in costs]
     offsets = np.cumsum([0] + sizes)
     nvar = int(offsets[-1])
+    upper = np.ones(nvar)
 
     def row(kind: str) -> np.ndarray:
         return np.array([float(ch.get(kind, 0.0)) for layer in costs for ch in layer])
 
-    rows, lo, hi = [], [], []
     one = np.zeros((len(costs), nvar))
     for i in range(len(costs)):
         one[i, offsets[i]:offsets[i + 1]] = 1.0
-    rows.append(one)
-    lo += [1.0] * len(costs)
-    hi += [1.0] * len(costs)
+    rows, lo, hi = [one], [1.0] * len(costs), [1.0] * len(costs)
     for kind, limit in list(limits.items()) + ([cap] if cap else []):
-        r = row(kind)
-        # shift each layer's costs by its cheapest choice (a constant, since one choice is taken per layer), then
-        # scale the row so the slack left is 1: the solver's tolerances become relative to the budget's slack
-        base = sum(float(min(ch.get(kind, 0.0) for ch in layer)) for layer in costs)
+        # each layer's costs above its cheapest choice (one choice is taken per layer, so the cheapest ones add
+        # up to a constant), against the slack the budget leaves over that constant
         mins = np.concatenate([np.full(s, min(float(ch.get(kind, 0.0)) for ch in layer))
                                for s, layer in zip(sizes, costs)])
-        slack = limit - base
+        extra = row(kind) - mins
+        slack = (limit - float(sum(min(float(ch.get(kind, 0.0)) for ch in layer) for layer in costs))) * (1 - shrink)
         if slack < 0:
             return None
-        scale = 1.0 / max(slack, 1e-300) if slack > 0 else 1.0
-        rows.append(((r - mins) * scale)[None, :])
-        lo.append(-np.inf)
-        hi.append(slack * scale)
+        eps = 1e-12 * abs(limit)                   # float rounding of the sums
+        over = extra > slack + eps
+        upper[over] = 0.0                          # a choice that alone overruns the slack is never feasible
+        extra = np.where(over, 0.0, extra)
+        if slack > eps:                            # scaled to [0, 1]: the solver's tolerance is relative
+            rows.append((extra / slack)[None, :])
+            lo.append(-np.inf)
+            hi.append(1.0)
     c = row(objective)
+    c = c - np.concatenate([np.full(s, min(float(ch.get(objective, 0.0)) for ch in layer))
+                            for s, layer in zip(sizes, costs)])
     span = float(np.max(np.abs(c))) if c.size else 0.0
     c = c / span if span > 0 else c
     res = milp(c, constraints=LinearConstraint(np.vstack(rows), lo, hi), integrality=np.ones(nvar),
-               bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "presolve": True})
-    if res.x is None or res.status not in (0,):
+               bounds=Bounds(0, upper), options={"mip_rel_gap": 0.0, "presolve": True})
+    if res.x is None or res.status != 0:
         return None
     x = np.round(res.x).astype(int)
     return [int(np.argmax(x[offsets[i]:offsets[i + 1]])) for i in range(len(costs))]
@@ -184,8 +188,7 @@ def allocate(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str
     pick = _solve(costs, limits, objective)
     if pick is None or not _feasible(costs, pick, limits):
         # the solver's tolerance let a budget slip by a hair: tighten by that much and solve again
-        tight = {k: v - 1e-7 * abs(v) for k, v in limits.items()}
-        pick = _solve(costs, tight, objective)
+        pick = _solve(costs, limits, objective, shrink=1e-5)
         if pick is None or not _feasible(costs, pick, limits):
             raise BudgetError(f"no allocation meets the budgets {', '.join(f'{k} <= {v:.6g}' for k, v in limits.items())}"
                               f" together")

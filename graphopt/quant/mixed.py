@@ -31,7 +31,6 @@ from torch import fx, nn
 from ..analysis.flops import model_size_bytes
 from . import graph as qgraph
 from .modules import (DynamicQuantLinear, FloatMatmul, QuantConv2d, QuantLinear, WeightOnlyLinear)
-from .qparams import act_qparams
 
 __all__ = ["CHOICES", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
 
@@ -171,13 +170,18 @@ class MixedBuilder:
     def quantize_input(self, path: str, choice: str, i: int, x: torch.Tensor) -> Optional[torch.Tensor]:
         """What input `i` of layer `path` becomes under `choice` (fake-quantized, float), or None when the
         choice keeps that input float32 (float32, weight-only)."""
+        x = x.detach().float()
         if choice == "int8_static":
             qp = self.input_qparams(path)[i]
-        elif choice == "int8_dynamic":
-            qp = act_qparams(float(x.min()), float(x.max()), "uint8")
-        else:
-            return None
-        return torch.fake_quantize_per_tensor_affine(x.detach().float(), qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+            q = torch.ops.graphopt.quantize.default(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+            return (q.float() - qp.zero_point) * qp.scale
+        if choice == "int8_dynamic":
+            from .ops import dynamic_act_qparams
+
+            scale, inv, zp = dynamic_act_qparams(x)
+            q = torch.clamp(torch.round(x * inv) + zp, 0.0, 255.0)
+            return (q - zp) * scale
+        return None
 
 
 def rel_error_sq(got, ref) -> float:

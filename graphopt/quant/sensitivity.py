@@ -10,11 +10,15 @@ output   (measured) quantize that layer alone, run the batches, measure err². E
 hessian  (HAWQ-V2/V3) second-order estimate. With L = ½ Σ_b ||f(x_b; θ) - y_b||² / (||y_b||² · n_batches),
          L = 0 and ∇L = 0 at the float32 weights, so a perturbation δ of one block costs 2ΔL ≈ δᵀHδ, and with
          HAWQ's isotropic approximation δᵀHδ ≈ Tr(H_block)/n_block · ||δ||². The traces come from Hutchinson's
-         estimator, Tr(H) = E[vᵀHv] over Rademacher v, with Hv by double backpropagation; one Hv product over
-         all blocks at once gives every block's estimate (E[v_iᵀ H_ij v_j] = 0 for i != j). Blocks: each layer's
+         estimator. L is a squared error with zero residual at the float32 weights, so its Hessian is exactly
+         the Gauss-Newton matrix H = Σ_b J_bᵀJ_b / (||y_b||² · n_batches), and Tr(H_block) = E_u ||J_blockᵀ u||²
+         over Rademacher probes u of the outputs: one backward pass per probe gives every block's estimate,
+         never negative. (The other form, E_v[vᵀHv] with Hv by double backpropagation and v over all blocks at
+         once, as PyHessian does per layer, is the same expectation but pays cross-block noise
+         E[v_iᵀH_ij v_j] = 0 sample by sample: it goes negative on small blocks.) Blocks: each layer's
          weight (δ = Q(W) - W of the choice) and, for the choices that quantize activations (int8 static and
          dynamic), each input activation of each batch (δ = Q(a) - a). Costs `samples` x batches forward +
-         double-backward passes, independent of the number of choices; cheaper than `output` when layers x
+         backward passes, independent of the number of choices; cheaper than `output` when layers x
          choices is large, but an approximation (isotropic, second order, blocks independent).
 """
 from __future__ import annotations
@@ -68,49 +72,40 @@ def hessian_traces(builder: MixedBuilder, batches: Sequence[tuple], refs: Sequen
     a_acc: dict[tuple[str, int, int], float] = {}
     inputs: dict[tuple[str, int, int], torch.Tensor] = {}
     nb = len(batches)
-    for b, (batch, ref) in enumerate(zip(batches, refs)):
-        from ..analysis.compare import flatten_outputs
+    from ..analysis.compare import flatten_outputs
 
-        ref_t = [r.detach().float() for r in flatten_outputs(ref)]
-        denom = sum(float((r.double() ** 2).sum()) for r in ref_t) * nb
+    for b, (batch, ref) in enumerate(zip(batches, refs)):
+        denom = sum(float((r.detach().double() ** 2).sum()) for r in flatten_outputs(ref)) * nb
+        leaves: dict[tuple[str, int, int], torch.Tensor] = {}
+        handles = []
+        for path in builder.layers:
+            def pre(mod, args, path=path):
+                new = []
+                for i, a in enumerate(args):
+                    d = torch.zeros_like(a, requires_grad=True)
+                    leaves[(path, i, b)] = d
+                    inputs[(path, i, b)] = a.detach().clone()
+                    new.append(a + d)
+                return tuple(new)
+            handles.append(gm.get_submodule(path).register_forward_pre_hook(pre))
+        try:
+            with torch.enable_grad():
+                out = [o.float() for o in flatten_outputs(gm(*batch))]
+        finally:
+            for h in handles:
+                h.remove()
+        keys_w, keys_a = list(weights), list(leaves)
+        params = [weights[k] for k in keys_w] + [leaves[k] for k in keys_a]
         for s in range(samples):
-            leaves: dict[tuple[str, int, int], torch.Tensor] = {}
-            handles = []
-            for path in builder.layers:
-                def pre(mod, args, path=path):
-                    new = []
-                    for i, a in enumerate(args):
-                        d = torch.zeros_like(a, requires_grad=True)
-                        leaves[(path, i, b)] = d
-                        if s == 0:
-                            inputs[(path, i, b)] = a.detach().clone()
-                        new.append(a + d)
-                    return tuple(new)
-                handles.append(gm.get_submodule(path).register_forward_pre_hook(pre))
-            try:
-                with torch.enable_grad():
-                    out = flatten_outputs(gm(*batch))
-                    loss = 0.5 * sum(((o.float() - r) ** 2).sum() for o, r in zip(out, ref_t)) / denom
-                    keys_w = list(weights)
-                    keys_a = list(leaves)
-                    params = [weights[k] for k in keys_w] + [leaves[k] for k in keys_a]
-                    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                    vs = [torch.randint(0, 2, p.shape, generator=gen).float() * 2 - 1 for p in params]
-                    dot = sum((g * v).sum() for g, v in zip(grads, vs) if g is not None)
-                    if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
-                        hv = [None] * len(params)
-                    else:
-                        hv = torch.autograd.grad(dot, params, allow_unused=True)
-            finally:
-                for h in handles:
-                    h.remove()
-            for i, (p, v, h) in enumerate(zip(params, vs, hv)):
-                val = 0.0 if h is None else float((v * h).sum()) / p.numel()
+            us = [torch.randint(0, 2, o.shape, generator=gen).float() * 2 - 1 for o in out]
+            probe = sum((o * u).sum() for o, u in zip(out, us))
+            grads = torch.autograd.grad(probe, params, retain_graph=s < samples - 1, allow_unused=True)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                val = 0.0 if g is None else float((g.double() ** 2).sum()) / (p.numel() * denom * samples)
                 if i < len(keys_w):
-                    w_acc[keys_w[i]] += val / samples           # H_W sums over batches, mean over samples
+                    w_acc[keys_w[i]] += val                  # H_W sums over the batches
                 else:
-                    k = keys_a[i - len(keys_w)]
-                    a_acc[k] = a_acc.get(k, 0.0) + val / samples
+                    a_acc[keys_a[i - len(keys_w)]] = a_acc.get(keys_a[i - len(keys_w)], 0.0) + val
     return w_acc, a_acc, inputs
 
 
