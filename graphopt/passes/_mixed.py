@@ -21,7 +21,7 @@ from ..quant.mixed import SHORT, MixedBuilder, mean_error
 
 __all__ = ["run_mixed"]
 
-_REFITS = 8
+_REFITS = 12
 
 
 def _fmt_bytes(n: float) -> str:
@@ -117,17 +117,8 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
     err = mean_error(new, evalb, refs)
     refits = 0
     if "error" in by_kind:
-        target_err = by_kind["error"].value
-        while err > target_err and refits < _REFITS:
-            refits += 1
-            limits["error"] *= (target_err / err) ** 2 * 0.9
-            pick = alloc.allocate(costs, limits, objective, secondary, names)
-            assign = {pth: builder.choices[pth][j] for pth, j in zip(layers, pick)}
-            new = builder.build(assign)
-            err = mean_error(new, evalb, refs)
-        if err > target_err:
-            raise BudgetError(f"budget {by_kind['error']}: after {refits} refits the measured output error is still "
-                              f"{err:.4g} (the per-layer errors do not add up on this model); loosen the budget")
+        pick, assign, new, err, refits = _refit_error(builder, costs, limits, objective, secondary, names, layers,
+                                                      by_kind["error"], pick, assign, new, err, evalb, refs)
     predicted = math.sqrt(sum(costs[i][j]["error"] for i, j in enumerate(pick)))
     size = fixed + sum(costs[i][j]["size"] for i, j in enumerate(pick))
 
@@ -171,6 +162,36 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
                          "choices": {k: list(v) for k, v in builder.choices.items()}, "limits": dict(limits),
                          "objective": objective}
     return PassResult(new, notes=notes, details=details)
+
+
+def _refit_error(builder, costs, limits, objective, secondary, names, layers, budget, pick, assign, new, err,
+                 evalb, refs):
+    """The per-layer errors do not add exactly. While the measured error is over the budget, search the
+    predicted-error limit: first scaled by (budget / measured)², then bisected between the largest limit whose
+    allocation measured within the budget and the smallest that did not, to 2% (at most _REFITS solves).
+    Returns the allocation with the largest limit that measured within budget."""
+    target = budget.value
+    refits = 0
+    if err <= target:
+        return pick, assign, new, err, refits
+    hi, lo, best = limits["error"], None, None
+    while refits < _REFITS and (lo is None or (hi - lo) > 0.02 * hi):
+        refits += 1
+        cand = hi * (target / err) ** 2 * 0.98 if lo is None else 0.5 * (lo + hi)
+        trial = dict(limits, error=cand)
+        p2 = alloc.allocate(costs, trial, objective, secondary, names)
+        a2 = {pth: builder.choices[pth][j] for pth, j in zip(layers, p2)}
+        g2 = builder.build(a2)
+        e2 = mean_error(g2, evalb, refs)
+        if e2 <= target:
+            lo, best = cand, (p2, a2, g2, e2)
+        else:
+            hi, err = cand, e2
+    if best is None:
+        raise BudgetError(f"budget {budget}: after {refits} refits the measured output error is still {err:.4g} (the "
+                          f"per-layer errors do not add up on this model); loosen the budget")
+    limits["error"] = lo
+    return (*best, refits)
 
 
 def _why(choices: list[str], costs: list[dict], j: int, objective: str, limits: dict) -> str:

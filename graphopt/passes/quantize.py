@@ -103,7 +103,8 @@ class Quantize(Pass):
                    the cost of one forward per layer and choice; "hessian" is a second-order, isotropic estimate
                    that costs a few double-backward passes whatever the number of choices (use it on large
                    models). Errors combine in squares (independent per-layer noise); with an error budget the
-                   result is measured and re-solved with a tighter limit until it holds. Needs calibration
+                   result is measured, and the predicted-error limit searched (scaled, then bisected) for the
+                   smallest model whose measured error holds. Needs calibration
                    data. The details give each layer's choice, bytes, sensitivity, the alternatives and why.
     A graph prepared for QAT (graphopt.quant.prepare_qat, fine-tuned) is converted with its learned ranges
     whatever the mode; no calibration data is needed then.

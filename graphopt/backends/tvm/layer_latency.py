@@ -11,7 +11,8 @@ times. VM builtins (allocation, shape checks) are left out: a whole model plans 
 Approximations: the model's time is taken as the sum of its layers' kernel times (the ops between layers do not
 change with the choices, and are not counted); fusion across a layer boundary (an epilogue fused into the next
 op) and cache effects between layers are not seen. Layers of the same kind, shapes and choice share one
-compile and one measurement.
+compile and one measurement, within a call and across calls in the same process (a cache keyed by target and
+signature: a benchmark that costs the same layers twice measures them once).
 """
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["layer_latencies", "layer_inputs", "single_layer_graph"]
+__all__ = ["layer_latencies", "layer_inputs", "single_layer_graph", "clear_cache"]
+
+_CACHE: dict[tuple, float] = {}
+
+
+def clear_cache() -> None:
+    """Forget the per-process measurements (measure again on the next call)."""
+    _CACHE.clear()
 
 
 def layer_inputs(builder, batch: tuple) -> dict[str, tuple]:
@@ -88,13 +96,13 @@ def layer_latencies(builder, target: str, *, repeat: int = 5, progress: bool = F
     if batch is None:
         batch = builder.calibration_batch
     inputs = layer_inputs(builder, batch)
-    cache: dict[tuple, float] = {}
+    cache = _CACHE
     out: dict[tuple[str, str], float] = {}
     todo = [(p, c) for p in builder.layers for c in builder.choices[p]]
     for path, choice in tqdm(todo, desc="quantize(mixed): per-layer kernel timings", disable=not progress,
                              leave=False):
         xs = inputs[path]
-        key = _signature(builder, path, choice, xs)
+        key = (spec.alias, repeat) + _signature(builder, path, choice, xs)
         if key not in cache:
             gm = single_layer_graph(builder, path, choice, len(xs))
             compiled = compile_graph(gm, xs, spec)
