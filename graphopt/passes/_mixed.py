@@ -216,4 +216,4 @@ def _why(choices: list[str], costs: list[dict], j: int, objective: str, limits: 
     save_txt = (_fmt_bytes(saved) if objective == "size" else f"{saved:.3g} ms" if objective == "latency"
                 else f"err² {saved:.3g}")
     return (f"{SHORT[c]} would save {save_txt} of {objective} but costs {', '.join(parts) or 'nothing budgeted'}"
-            f": the {'/'.join(costlier) or 'budget'} budget spends it better elsewhere")
+            f": within the {'/'.join(costlier) or ''} budget that buys more elsewhere")
