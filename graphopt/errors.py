@@ -52,3 +52,8 @@ class CalibrationError(GraphoptError):
 
 class RemoteError(GraphoptError):
     """An RPC device, server or tracker cannot be reached, or a run on it failed. Names host:port / device key."""
+
+
+class BudgetError(PipelineError):
+    """A mixed-precision budget (quantize(bits=mixed, budget=...)) is malformed, or no allocation of the layers
+    can meet it. Names the budget and, when it cannot be met, the least it can be."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -87,6 +87,25 @@ class Quantize(Pass):
                    reads 1 or 1/2 byte per weight instead of 4. Approximates each weight by its group's
                    grid: |error| <= scale/2 (255 levels int8, 16 levels int4); the details list each layer's
                    weight rel. L2 error (w_err).
+      bits=mixed   mixed precision (graphopt/passes/_mixed.py): each layer gets one of float32, int8 static,
+                   int8 dynamic, int8 weight-only, int4 weight-only (those the target has kernels for:
+                   graphopt.quant.mixed.supported_choices; `choices` narrows them; Conv2d and matmul: float32 or
+                   static), chosen exactly by an integer program (scipy.optimize.milp) under `budget`:
+                   size:0.25 (fraction of the float32 model's bytes) or size:3MB, error:0.02 (output rel. L2
+                   error on the calibration batches), latency:0.6 or latency:1.5ms (summed per-layer kernel time,
+                   compiled and profiled on the target; graphopt.backends.tvm.layer_latency); several at once as
+                   a list. `objective` (auto: size under an error budget, else error) is what it minimises.
+                   Sensitivity (`sensitivity`): "output" (default) measures the output error of each layer
+                   quantized alone, each way; "hessian" is HAWQ-V2/V3's Hutchinson Hessian-trace estimate times
+                   the choice's squared perturbation ||Q(W)-W||² (and ||Q(a)-a||² for quantized activations).
+                   "output" is the default because it measures exactly the quantity the error budget bounds
+                   and sees everything a choice does (calibrated activation ranges, clipping, int4 groups) at
+                   the cost of one forward per layer and choice; "hessian" is a second-order, isotropic estimate
+                   that costs a few double-backward passes whatever the number of choices (use it on large
+                   models). Errors combine in squares (independent per-layer noise); with an error budget the
+                   result is measured, and the predicted-error limit searched (scaled, then bisected) for the
+                   smallest model whose measured error holds. Needs calibration
+                   data. The details give each layer's choice, bytes, sensitivity, the alternatives and why.
     A graph prepared for QAT (graphopt.quant.prepare_qat, fine-tuned) is converted with its learned ranges
     whatever the mode; no calibration data is needed then.
 
@@ -121,7 +140,7 @@ class Quantize(Pass):
 
     exact = False
     mode: Literal["static", "dynamic", "weight_only"] = "static"
-    bits: int = 8
+    bits: Union[int, str] = 8
     group_size: Optional[int] = None
     activation: Literal["auto", "uint8", "int8"] = "auto"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
@@ -133,10 +152,20 @@ class Quantize(Pass):
     eval_batches: int = 4
     progress: bool = True
     reduce_range: Optional[bool] = None
+    budget: list[str] = field(default_factory=list)
+    objective: Literal["auto", "size", "error", "latency"] = "auto"
+    sensitivity: Literal["output", "hessian"] = "output"
+    hutchinson_samples: int = 8
+    choices: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.bits == "mixed":
+            self._check_mixed()
+            return
+        if self.budget or self.choices:
+            raise ValueError(f"budget / choices need bits=mixed, got bits={self.bits!r}")
         if self.bits not in (8, 4):
-            raise ValueError(f"bits={self.bits}: choose 8, or 4 with mode=weight_only")
+            raise ValueError(f"bits={self.bits}: choose 8, 4 with mode=weight_only, or mixed")
         if self.bits == 4 and self.mode != "weight_only":
             raise ValueError(f"bits=4 needs mode=weight_only (int4 weights, float activations), got mode={self.mode}")
         if self.group_size is not None:
@@ -157,6 +186,21 @@ class Quantize(Pass):
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
+    def _check_mixed(self) -> None:
+        from ..quant.allocate import parse_budgets
+        from ..quant.mixed import canonical_choice
+        from ..quant.weight_only import check_options
+
+        parse_budgets(self.budget)                       # BudgetError naming a malformed budget
+        for c in self.choices:
+            canonical_choice(c)
+        if self.mode != "static":
+            raise ValueError(f"bits=mixed chooses the mode per layer: leave mode at its default, got {self.mode}")
+        if self.group_size not in (None, -1):
+            check_options(4, self.group_size)
+        if self.hutchinson_samples < 1 or self.calib_batches < 1 or self.eval_batches < 1:
+            raise ValueError("hutchinson_samples, calib_batches and eval_batches must be >= 1")
+
     # ------------------------------------------------------------------------------------------ run
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         notes: list[str] = []
@@ -167,6 +211,10 @@ class Quantize(Pass):
         qmax = self._qmax(path)
         if any(isinstance(m, FakeQuantize) for m in gm.modules()):
             return self._convert_qat(gm, ctx, notes)
+        if self.bits == "mixed":
+            from ._mixed import run_mixed
+
+            return run_mixed(self, gm, ctx, notes, qmax)
         if self.mode in ("dynamic", "weight_only"):
             return self._swap(gm, ctx, notes, qmax)
         return self._static(gm, ctx, notes, qmax)

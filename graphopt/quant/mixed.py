@@ -1,0 +1,202 @@
+"""Mixed precision: one quantization choice per layer, and the graph that runs a given assignment.
+
+Choices (CHOICES), and what each stores and runs:
+  float32           the float layer, unchanged                                   4 B / weight
+  int8_static       QuantLinear / QuantConv2d / QuantMatmul: input quantized per tensor with calibrated qparams
+                    (uint8 or int8 for the target), int8 per-channel weights, int32 accumulation   1 B / weight
+  int8_dynamic      DynamicQuantLinear: input quantized per call from its own range          1 B / weight
+  int8_weight_only  WeightOnlyLinear: int8 per-channel weights, float32 input and compute    1 B / weight
+  int4_weight_only  PackedWeightOnlyLinear: int4 weights (two per byte), group-wise scale + zero point, float32
+                    input and compute                                                       1/2 B / weight
+(plus each choice's scales, zero points and bias, counted in its bytes).
+
+What a target can run (supported_choices): Conv2d and activation x activation matmuls have float32 and
+int8_static kernels. Linear has all five on LLVM CPU targets (x86, arm: the weight-only kernels of
+graphopt.backends.tvm.weight_only dequantize inside the GEMM loop) and on "torch" (the reference); on CUDA the
+weight-only Linear is lowered by plain TVM ops that rebuild a float32 weight (no packed kernel: neither smaller
+in memory nor faster), so it is not offered there.
+
+MixedBuilder calibrates once (static observers over the calibration batches) and then builds the graph of any
+assignment {layer path: choice} cheaply: the static layers through graphopt.quant.graph.Converter, the
+dynamic / weight-only ones swapped in afterwards (their modules are made once per layer and cached).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from ..analysis.flops import model_size_bytes
+from . import graph as qgraph
+from .modules import (DynamicQuantLinear, FloatMatmul, QuantConv2d, QuantLinear, WeightOnlyLinear)
+
+__all__ = ["CHOICES", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
+
+CHOICES = ("float32", "int8_static", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+SHORT = {"float32": "fp32", "int8_static": "int8-static", "int8_dynamic": "int8-dyn",
+         "int8_weight_only": "int8-woq", "int4_weight_only": "int4-woq"}
+_ALIASES = {**{v: k for k, v in SHORT.items()}, "static": "int8_static", "dynamic": "int8_dynamic",
+            "weight_only": "int8_weight_only", "woq8": "int8_weight_only", "woq4": "int4_weight_only",
+            "fp32": "float32", "float": "float32"}
+
+
+def canonical_choice(name: str) -> str:
+    """The CHOICES name of `name` (also accepts the short names and static/dynamic/weight_only/woq8/woq4)."""
+    if name in CHOICES:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    raise ValueError(f"unknown precision choice {name!r}: choose from {', '.join(CHOICES)}")
+
+
+def supported_choices(target: str, kind: str) -> list[str]:
+    """The choices a layer of `kind` (linear, conv2d, matmul) has kernels for on `target` (module docstring)."""
+    if kind in ("conv2d", "matmul"):
+        return ["float32", "int8_static"]
+    base = target.split(":", 1)[0]
+    if base in ("cuda", "gpu", "nvidia"):
+        return ["float32", "int8_static", "int8_dynamic"]
+    return list(CHOICES)
+
+
+def dequantized_weight(mod: nn.Module) -> Optional[torch.Tensor]:
+    """The float32 weight a quantized (or float) layer module computes with; None for weightless layers."""
+    if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        return mod.weight.detach().float()
+    if hasattr(mod, "dequantized_weight"):
+        return mod.dequantized_weight().float()
+    if isinstance(mod, (DynamicQuantLinear, WeightOnlyLinear)):
+        return mod.weight_q.float() * mod.w_scale.reshape(-1, 1)
+    return None
+
+
+class MixedBuilder:
+    """Calibrated once; builds the fx graph of any per-layer assignment of CHOICES.
+
+    `layers` are the quantizable layer paths (in graph order), `kinds[path]` their kind, `choices[path]` the
+    choices offered for each (supported on the target, within `allowed`).
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], *, target: str, dtype: str,
+                 observer: str = "minmax", percentile: float = 99.99, kinds=("linear", "conv2d", "matmul"),
+                 skip: Sequence[str] = (), weight_qmax: int = 127, group_size: Optional[int] = 128,
+                 allowed: Sequence[str] = CHOICES, progress: bool = False):
+        from .weight_only import check_options
+
+        if group_size is not None:
+            check_options(4, group_size)
+        self.group_size = group_size
+        self.calibration_batch = tuple(batches[0])
+        self.prepared, self.survey = qgraph.prepare(gm, dtype=dtype, observer=observer, percentile=percentile,
+                                                    kinds=kinds, skip=skip)
+        if self.survey.sites:
+            qgraph.calibrate(self.prepared, batches, progress=progress, desc="quantize(mixed): calibrating")
+        self.conv = qgraph.Converter(self.prepared, weight_qmax=weight_qmax)
+        self.weight_qmax = weight_qmax
+        self.dtype = dtype
+        self.layers: list[str] = list(self.conv.layer_paths)
+        self.kinds: dict[str, str] = {}
+        self.choices: dict[str, list[str]] = {}
+        allowed = [canonical_choice(c) for c in allowed]
+        for path in self.layers:
+            mod = self.prepared.get_submodule(path)
+            kind = ("linear" if isinstance(mod, nn.Linear) else "conv2d" if isinstance(mod, nn.Conv2d)
+                    else "matmul" if isinstance(mod, FloatMatmul) else type(mod).__name__)
+            self.kinds[path] = kind
+            self.choices[path] = [c for c in supported_choices(target, kind) if c in allowed or c == "float32"]
+        self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
+        self._cache: dict[tuple[str, str], nn.Module] = {}
+        self.float_gm = self.conv.build([])
+
+    # ------------------------------------------------------------------------------------------ modules
+    def input_qparams(self, path: str) -> list:
+        """The calibrated qparams of layer `path`'s inputs (one per argument)."""
+        return [self.conv.qparams(str(a.target)) for a in self._nodes[path].args]
+
+    def module(self, path: str, choice: str) -> nn.Module:
+        """The module layer `path` runs under `choice` (cached)."""
+        key = (path, choice)
+        if key in self._cache:
+            return self._cache[key]
+        float_mod = self.prepared.get_submodule(path)
+        if choice == "float32":
+            mod = float_mod
+        elif choice == "int8_static":
+            mod = self.conv.quant_module(path, self.input_qparams(path))
+        elif choice == "int8_dynamic":
+            mod = DynamicQuantLinear(float_mod.weight, float_mod.bias, weight_qmax=self.weight_qmax)
+        elif choice == "int8_weight_only":
+            mod = WeightOnlyLinear(float_mod.weight, float_mod.bias)
+        elif choice == "int4_weight_only":
+            from .weight_only import PackedWeightOnlyLinear
+
+            mod = PackedWeightOnlyLinear(float_mod.weight, float_mod.bias, 4, self.group_size)
+        else:
+            raise ValueError(f"unknown choice {choice!r} for layer '{path}'")
+        self._cache[key] = mod
+        return mod
+
+    def layer_bytes(self, path: str, choice: str) -> int:
+        """Stored bytes of layer `path` under `choice` (weights, scales, zero points, bias)."""
+        return model_size_bytes(self.module(path, choice))
+
+    def fixed_bytes(self) -> int:
+        """Bytes of everything that is not a quantizable layer (embeddings, norms, the layers left float)."""
+        return model_size_bytes(self.float_gm) - sum(self.layer_bytes(p, "float32") for p in self.layers)
+
+    # ------------------------------------------------------------------------------------------- graphs
+    def build(self, assignment: dict[str, str]) -> fx.GraphModule:
+        """The graph with each layer of `assignment` at its choice (layers not named stay float32)."""
+        unknown = set(assignment) - set(self.layers)
+        if unknown:
+            raise KeyError(f"not a quantizable layer: {', '.join(sorted(unknown))}")
+        for path, choice in assignment.items():
+            if choice not in self.choices[path]:
+                raise ValueError(f"layer '{path}' ({self.kinds[path]}) cannot take {choice!r}; its choices: "
+                                 f"{', '.join(self.choices[path])}")
+        gm = self.conv.build([p for p, c in assignment.items() if c == "int8_static"])
+        swapped = False
+        for path, choice in assignment.items():
+            if choice in ("int8_dynamic", "int8_weight_only", "int4_weight_only"):
+                qgraph._set_module(gm, path, self.module(path, choice))
+                swapped = True
+        if swapped:
+            gm.recompile()
+        return gm
+
+    # --------------------------------------------------------------------------- activation perturbation
+    def quantize_input(self, path: str, choice: str, i: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """What input `i` of layer `path` becomes under `choice` (fake-quantized, float), or None when the
+        choice keeps that input float32 (float32, weight-only)."""
+        x = x.detach().float()
+        if choice == "int8_static":
+            qp = self.input_qparams(path)[i]
+            q = torch.ops.graphopt.quantize.default(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+            return (q.float() - qp.zero_point) * qp.scale
+        if choice == "int8_dynamic":
+            from .ops import dynamic_act_qparams
+
+            scale, inv, zp = dynamic_act_qparams(x)
+            q = torch.clamp(torch.round(x * inv) + zp, 0.0, 255.0)
+            return (q - zp) * scale
+        return None
+
+
+def rel_error_sq(got, ref) -> float:
+    """||got - ref||² / ||ref||² over all output tensors (float64)."""
+    from ..analysis.compare import flatten_outputs
+
+    num = den = 0.0
+    for a, b in zip(flatten_outputs(got), flatten_outputs(ref)):
+        a, b = a.detach().double(), b.detach().double()
+        num += float(((a - b) ** 2).sum())
+        den += float((b ** 2).sum())
+    return num / max(den, 1e-300)
+
+
+def mean_error(gm: nn.Module, batches: Sequence[tuple], refs: Sequence) -> float:
+    """Root mean (over batches) squared relative L2 error of `gm`'s outputs vs `refs` (the tolerance metric)."""
+    with torch.no_grad():
+        return math.sqrt(sum(rel_error_sq(gm(*b), r) for b, r in zip(batches, refs)) / max(len(batches), 1))
