@@ -321,6 +321,9 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         if not isinstance(x, torch.Tensor):
             raise LoweringError(f"input {i} is a {_describe(x)}: the TVM backend takes tensor inputs only "
                                 f"(one tensor per forward() argument)")
+    from .aten_semantics import check_graph
+
+    check_graph(gm)                # outputs that torch.export's decompositions compute wrongly
     ep = export_graph(gm, example_inputs, dynamic)
 
     if dynamic:
