@@ -21,6 +21,9 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
                           in float64 too, as ATen's std does
   flash attention (CPU)   its logsumexp output is refused (TVM's converter returned the attention output's
                           shape for it)
+  transposed convolution  with a weight that is not a finite constant: a kernel that multiplies real input
+                          elements only (TVM's zero-dilated input gave 0 * Inf = NaN where PyTorch's GEMM +
+                          col2im gives +-Inf); 3-D too (TVM's importer had none)
   sum over dim 0 of a 0-d tensor: the tensor itself (PyTorch allows dim 0 / -1 there; TVM's sum refused it)
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Callable
 
 from ...errors import LoweringError
 
-__all__ = ["CONVERTERS", "check_graph"]
+__all__ = ["CONVERTERS", "converters", "check_graph"]
 
 
 def _relax():
@@ -345,6 +348,96 @@ def _sum_dim(node, importer):
         return x if _dtype(x) == out_dt else importer.block_builder.emit(relax.op.astype(x, out_dt))
     return _tvm(importer, "sum.dim_IntList")(node)
 
+# ------------------------------------------------------------------------------- transposed convolution
+def _tuple(v, n: int) -> list[int]:
+    if isinstance(v, (list, tuple)):
+        v = list(v)
+        return [int(x) for x in (v * n if len(v) == 1 else v)]
+    return [int(v)] * n
+
+
+def _finite_constant(ep, node) -> bool:
+    """Whether fx node `node` of ExportedProgram `ep` is a parameter/buffer/constant with finite values only
+    (bound into the module as a constant after conversion)."""
+    import torch
+
+    if ep is None or getattr(node, "op", None) != "placeholder":
+        return False
+    for spec in ep.graph_signature.input_specs:
+        if getattr(spec.arg, "name", None) == node.name and spec.target is not None:
+            value = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            return isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all())
+    return False
+
+
+def _conv_transpose_te(x, w, stride, padding, dilation, output_padding, groups: int):
+    """Transposed convolution summing only the products of real input elements and weights, as PyTorch's
+    GEMM + col2im does: out[b, oc, o] = sum over (ic, k) with o + p - k*d = i*s, 0 <= i < size of
+    x[b, ic, i] * w[ic, oc % OCg, k]. TVM's kernel convolves a zero-dilated, zero-padded input instead, where
+    0 * Inf = NaN appears at outputs PyTorch computes as +-Inf or finite values."""
+    from tvm import te, tirx
+
+    nd = len(x.shape) - 2
+    batch, in_c = x.shape[0], int(x.shape[1])
+    sizes = [int(d) for d in x.shape[2:]]
+    kernel = [int(d) for d in w.shape[2:]]
+    out_cg = int(w.shape[1])
+    in_cg = in_c // groups
+    out_sizes = [(sizes[d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel[d] - 1)
+                 + output_padding[d] + 1 for d in range(nd)]
+    ric = te.reduce_axis((0, in_cg), name="ric")
+    rk = [te.reduce_axis((0, kernel[d]), name=f"rk{d}") for d in range(nd)]
+    dtype = str(x.dtype)
+
+    def body(b, oc, *o):
+        g = oc // out_cg
+        ic = g * in_cg + ric
+        valid = None
+        index = []
+        for d in range(nd):
+            t = o[d] + padding[d] - rk[d] * dilation[d]
+            ok = tirx.all(t >= 0, tirx.floormod(t, stride[d]) == 0, tirx.floordiv(t, stride[d]) < sizes[d])
+            valid = ok if valid is None else tirx.all(valid, ok)
+            index.append(tirx.Select(ok, tirx.floordiv(t, stride[d]), 0))
+        prod = x[(b, ic, *index)] * w[(ic, tirx.floormod(oc, out_cg), *rk)]
+        return te.sum(tirx.Select(valid, prod, tirx.const(0, dtype)), axis=[ric, *rk])
+
+    return te.compute([batch, out_cg * groups, *out_sizes], body, name="conv_transpose_exact")
+
+
+def _conv_transpose(node, importer, ep=None):
+    """aten.convolution (transposed=True) and conv_transpose{1,2}d: TVM's kernel when the weight is a finite
+    constant (then its zero-dilated convolution multiplies zeros by finite weights only: the same sum);
+    otherwise the exact kernel above (a weight given at run time may hold Inf/NaN)."""
+    relax = _relax()
+    name = getattr(node.target, "__name__", "")
+    args = importer.retrieve_args(node)
+    if name.startswith("convolution"):
+        transposed = bool(args[6]) if len(args) > 6 else False
+        if not transposed:
+            return _tvm(importer, name)(node)
+        stride, padding, dilation = (args[3] if len(args) > 3 else 1, args[4] if len(args) > 4 else 0,
+                                     args[5] if len(args) > 5 else 1)
+        output_padding, groups = (args[7] if len(args) > 7 else 0), int(args[8] if len(args) > 8 else 1)
+    else:       # conv_transpose{1,2,3}d.input(x, w, bias, stride, padding, output_padding, groups, dilation)
+        stride, padding = (args[3] if len(args) > 3 else 1, args[4] if len(args) > 4 else 0)
+        output_padding, groups = (args[5] if len(args) > 5 else 0), int(args[6] if len(args) > 6 else 1)
+        dilation = args[7] if len(args) > 7 else 1
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    if _ndim(x) in (3, 4) and _finite_constant(ep, node.args[1]):
+        return _tvm(importer, name)(node)
+    nd = _ndim(x) - 2
+    if isinstance(padding, str):
+        raise LoweringError(f"aten.{name}: padding={padding!r} is not supported by the TVM backend for a "
+                            f"transposed convolution")
+    bb = importer.block_builder
+    out = bb.emit_te(_conv_transpose_te, x, w, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd),
+                     _tuple(output_padding, nd), groups)
+    if isinstance(bias, relax.Expr):
+        out = bb.emit(relax.op.add(out, relax.op.reshape(bias, [1, -1] + [1] * nd)))
+    return out
+
 
 def _tvm(importer, name: str) -> Callable:
     from .numerics import _tvm_converter
@@ -405,3 +498,12 @@ CONVERTERS: dict[str, Callable] = {
     "sqrt.default": _sqrt,
     "sum.dim_IntList": _sum_dim,
 }
+
+
+def converters(ep) -> dict[str, Callable]:
+    """CONVERTERS plus those that read `ep` (an ExportedProgram): the transposed convolutions."""
+    import functools
+
+    conv = functools.partial(_conv_transpose, ep=ep)
+    return {**CONVERTERS, "convolution.default": conv, "conv_transpose1d.default": conv,
+            "conv_transpose2d.input": conv, "conv_transpose3d.input": conv}

@@ -94,7 +94,9 @@ def nan_propagating_minmax():
 def convert_map(ep) -> dict[str, Callable]:
     """Converters (node, importer) -> relax.Var overriding TVM's for the ops listed in the module docstring
     that occur in `ep` (an ExportedProgram)."""
-    from .aten_semantics import CONVERTERS as more       # the --all sweep's findings
+    from .aten_semantics import converters         # the --all sweep's findings
+
+    more = converters(ep)
 
     present = {getattr(n.target, "__name__", "") for n in ep.graph.nodes if n.op == "call_function"}
     return {name: fn for name, fn in {**_CONVERTERS, **more}.items() if name in present}
