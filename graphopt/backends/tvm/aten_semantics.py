@@ -24,6 +24,9 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
   transposed convolution  with a weight that is not a finite constant: a kernel that multiplies real input
                           elements only (TVM's zero-dilated input gave 0 * Inf = NaN where PyTorch's GEMM +
                           col2im gives +-Inf); 3-D too (TVM's importer had none)
+  margin losses           decompositions() replaces torch's for multi_margin_loss / multilabel_margin_loss:
+                          a term is added only where positive (ATen's `if (z > 0)` skips NaN terms; torch's
+                          decomposition's clamp_min kept them)
   sum over dim 0 of a 0-d tensor: the tensor itself (PyTorch allows dim 0 / -1 there; TVM's sum refused it)
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Callable
 
 from ...errors import LoweringError
 
-__all__ = ["CONVERTERS", "converters", "check_graph"]
+__all__ = ["CONVERTERS", "converters", "check_graph", "decompositions", "run_decompositions"]
 
 
 def _relax():
@@ -507,3 +510,100 @@ def converters(ep) -> dict[str, Callable]:
     conv = functools.partial(_conv_transpose, ep=ep)
     return {**CONVERTERS, "convolution.default": conv, "conv_transpose1d.default": conv,
             "conv_transpose2d.input": conv, "conv_transpose3d.input": conv}
+
+
+# ------------------------------------------------------------------------------------ decompositions
+def _positive_part(z):
+    """z where z > 0, else 0: ATen's margin-loss kernels add a term only `if (z > 0)`, so a NaN term is
+    skipped; torch's own decompositions use clamp_min(0), which keeps it (NaN loss where eager's is finite)."""
+    import torch
+
+    return torch.where(z > 0, z, torch.zeros_like(z))
+
+
+def _multi_margin_loss(input, target, p=1, margin=1, weight=None, reduction=1):
+    """aten.multi_margin_loss as ATen's CPU kernel computes it: per sample, the sum over classes d != target
+    of max-if-positive(margin - x[target] + x[d]) (squared for p = 2, times weight[target]), divided by the
+    number of classes; then the reduction (0 none, 1 mean, 2 sum)."""
+    import torch
+
+    input = torch.atleast_2d(input)
+    target_1d = torch.atleast_1d(target)
+    dim = input.shape[1]
+    t = target_1d.unsqueeze(1)
+    u = torch.gather(input, 1, t)
+    z = _positive_part(margin - u + input)
+    z = z if p == 1 else z * z
+    if weight is not None:
+        z = z * torch.atleast_1d(weight)[target_1d].unsqueeze(1)
+    idx = torch.arange(dim, device=input.device)
+    z = torch.where(idx != t, z, torch.zeros_like(z))
+    per_sample = z.sum(dim=1) / dim
+    if reduction == 1:
+        return per_sample.mean()
+    if reduction == 2:
+        return per_sample.sum()
+    return per_sample
+
+
+def _multilabel_margin_loss_forward(input, target, reduction):
+    """aten.multilabel_margin_loss_forward as ATen's CPU kernel: targets up to the first -1; for each target
+    j and each non-target class d, the term 1 - x[j] + x[d] if positive; the sum divided by the number of
+    classes (after summing, as ATen: a sum that overflows is Inf there too)."""
+    import torch
+
+    orig_target_shape = target.shape
+    input = torch.atleast_2d(input)
+    target = torch.atleast_2d(target)
+    dim = input.shape[1]
+    idx = torch.arange(dim, device=target.device)
+    is_end = target == -1
+    end_idx = torch.amin(torch.where(is_end, idx, dim), dim=-1, keepdim=True)
+    target_mask = idx < end_idx
+    tidx0 = torch.where(target_mask, target, 0)
+    u = torch.gather(input, dim=-1, index=tidx0)
+    tidx1 = torch.where(target_mask, target, -1)
+    is_target = torch.any(idx == tidx1.unsqueeze(dim=-1), dim=1)
+    z = _positive_part(1.0 - u.T.unsqueeze(dim=-1) + input)
+    z = torch.where(is_target, torch.zeros_like(z), z)
+    z = torch.where(target_mask.T.unsqueeze(dim=-1), z, torch.zeros_like(z))
+    per_sample = z.sum(dim=(0, -1)) / dim
+    if reduction == 1:
+        out = per_sample.mean()
+    elif reduction == 2:
+        out = per_sample.sum()
+    else:
+        out = per_sample
+    return out, is_target.to(input.dtype).reshape(orig_target_shape)
+
+
+def decompositions():
+    """torch.export's default decomposition table with the margin losses decomposed as ATen computes them."""
+    import torch
+
+    table = torch.export.default_decompositions()
+    aten = torch.ops.aten
+    table[aten.multi_margin_loss.default] = _multi_margin_loss
+    table[aten.multilabel_margin_loss_forward.default] = _multilabel_margin_loss_forward
+    return table
+
+
+def run_decompositions(ep):
+    """ep.run_decompositions(decompositions()). aten.multi_margin_loss also has a Python kernel for the
+    Autograd key (torch's clamp_min decomposition) that runs before any table is consulted: it is swapped for
+    _multi_margin_loss while decomposing and restored afterwards."""
+    import torch
+    from torch._C import DispatchKey
+
+    op = torch.ops.aten.multi_margin_loss.default
+    kernels = getattr(op, "py_kernels", None)
+    old = kernels.get(DispatchKey.Autograd) if kernels is not None else None
+    if old is not None:
+        kernels[DispatchKey.Autograd] = _multi_margin_loss
+        op._dispatch_cache.clear()
+    try:
+        return ep.run_decompositions(decompositions())
+    finally:
+        if old is not None:
+            kernels[DispatchKey.Autograd] = old
+            op._dispatch_cache.clear()

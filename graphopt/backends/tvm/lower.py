@@ -156,7 +156,9 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None)
                         gm, examples, shapes, e, dynamic, "optimized graph")) from e
             else:
                 ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-            return ep.run_decompositions()
+            from .aten_semantics import run_decompositions
+
+            return run_decompositions(ep)          # torch's table, the margin losses as ATen computes them
     except LoweringError:
         raise
     except Exception as e:
