@@ -397,6 +397,10 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
             op = _qualified_op(n) if isinstance(n, fx.Node) and n.op == "call_function" else "?"
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}, from {op}) has a data-dependent shape "
                                 f"{tuple(val.shape)}: the TVM backend compiles shapes known before the call only")
+        static = not any(isinstance(d, torch.SymInt) for d in val.shape)
+        if static and val.numel() == 0 and not depends.get(n, False):
+            raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is an empty constant of shape "
+                                f"{tuple(val.shape)}: TVM's executable format cannot store a zero-size constant")
         outputs.append(TensorSpec.of(val, names))
         if not depends.get(n, False):
             const_outputs.append(i)
