@@ -27,6 +27,7 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
   margin losses           decompositions() replaces torch's for multi_margin_loss / multilabel_margin_loss:
                           a term is added only where positive (ATen's `if (z > 0)` skips NaN terms; torch's
                           decomposition's clamp_min kept them)
+  softmax backward        decomposed as ATen's kernel computes it, o * (g - sum(g * o))
   sum over dim 0 of a 0-d tensor: the tensor itself (PyTorch allows dim 0 / -1 there; TVM's sum refused it)
 """
 from __future__ import annotations
@@ -165,15 +166,26 @@ def _remainder(node, importer):
     args = importer.retrieve_args(node)
     a, b = args[0], args[1]
 
+    bb = importer.block_builder
+
     def as_expr(v):
-        if isinstance(v, relax.Expr):
-            return v if _dtype(v) == out_dtype else importer.block_builder.emit(relax.op.astype(v, out_dtype))
-        return relax.const(float(v), out_dtype)
+        return v if _dtype(v) == out_dtype else bb.emit(relax.op.astype(v, out_dtype))
+
+    from tvm import te, tirx
 
     from .numerics import _broadcast_apply
 
-    return importer.block_builder.emit_te(lambda x, y: _broadcast_apply(_remainder_body, x, y),
-                                          as_expr(a), as_expr(b))
+    if isinstance(a, relax.Expr) and isinstance(b, relax.Expr):
+        return bb.emit_te(lambda x, y: _broadcast_apply(_remainder_body, x, y), as_expr(a), as_expr(b))
+    # a Python scalar on one side: a TIR constant in the kernel (emit_te takes no 0-d Relax constant)
+    tensor, scalar, scalar_first = (b, a, True) if isinstance(b, relax.Expr) else (a, b, False)
+
+    def kernel(t):
+        c = tirx.const(float(scalar), out_dtype)
+        return te.compute(t.shape, lambda *i: _remainder_body(c, t(*i)) if scalar_first
+                          else _remainder_body(t(*i), c), name="remainder")
+
+    return bb.emit_te(kernel, as_expr(tensor))
 
 
 def _remainder_body(x, y):
@@ -494,6 +506,7 @@ CONVERTERS: dict[str, Callable] = {
     "elu.default": _elu,
     "remainder.Tensor": _remainder,
     "remainder.Scalar": _remainder,
+    "remainder.Scalar_Tensor": _remainder,
     "select.int": _select,
     "index.Tensor": _index_tensor,
     "var.correction": _var,
@@ -577,6 +590,15 @@ def _multilabel_margin_loss_forward(input, target, reduction):
     return out, is_target.to(input.dtype).reshape(orig_target_shape)
 
 
+def _softmax_backward_data(grad_output, output, dim, input_dtype):
+    """aten._softmax_backward_data as ATen's CPU kernel: output * (grad_output - sum(grad_output * output))
+    (torch's decomposition, g * o - o * sum(g * o), differs from it on Inf: NaN where eager gives +-Inf)."""
+    import torch
+
+    s = torch.sum(grad_output * output, dim=dim, keepdim=True)
+    return ((grad_output - s) * output).to(input_dtype).contiguous()
+
+
 def decompositions():
     """torch.export's default decomposition table with the margin losses decomposed as ATen computes them."""
     import torch
@@ -585,6 +607,7 @@ def decompositions():
     aten = torch.ops.aten
     table[aten.multi_margin_loss.default] = _multi_margin_loss
     table[aten.multilabel_margin_loss_forward.default] = _multilabel_margin_loss_forward
+    table[aten._softmax_backward_data.default] = _softmax_backward_data
     return table
 
 
