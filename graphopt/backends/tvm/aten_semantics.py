@@ -5,6 +5,7 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
 
   ne                      IEEE "unordered or not equal": NaN != x is True (TVM emitted LLVM's ordered `one`,
                           False for NaN; count_nonzero, nanmean's x != x, norm(ord=0), hinge loss read it)
+  eq                      x == x of a float tensor is not isnan(x) (TVM folded it to True: isfinite(NaN))
   mul by the literal 0     x * 0 is NaN for NaN/+-Inf x (TVM's simplifier folded it to 0: softshrink's
                           decomposition, where(|x| > l, x - sign(x) * l, x * 0), returned 0 for NaN)
   grid_sampler_2d         the grid transposed to TVM's (N, 2, H, W) layout (TVM's converter passed
@@ -84,12 +85,25 @@ def _ne(node, importer):
     return not eq
 
 
+def _eq(node, importer):
+    """a == b; x == x of a float tensor is not isnan(x) (TVM's simplifier folded it to True: isfinite's
+    decomposition, (x == x) * (|x| != inf), returned True for NaN)."""
+    relax = _relax()
+    a, b = node.args[0], node.args[1]
+    if a is b and isinstance(importer.env.get(a), relax.Expr) and _dtype(importer.env[a]).startswith("float"):
+        return importer.block_builder.emit(relax.op.logical_not(relax.op.isnan(importer.env[a])))
+    return importer._binary_op(relax.op.equal, operator.eq)(node)
+
+
 # ------------------------------------------------------------------------------------------- activations
 def _mul(node, importer):
     """a * b; a float tensor times the literal 0 stays x * 0 (NaN for NaN and +-Inf, as in PyTorch; the
     decomposed softshrink is where(|x| > l, x - sign(x) * l, x * 0)): TVM's simplifier folds x * 0 to 0."""
     relax = _relax()
     args = importer.retrieve_args(node)
+    if len(args) > 1 and all(isinstance(a, relax.Expr) and _dtype(a) == "bool" for a in args[:2]):
+        # bool * bool is logical and (LLVM codegen has no multiply for i1: isfinite's decomposition)
+        return importer.block_builder.emit(relax.op.logical_and(args[0], args[1]))
     out = importer._binary_op(relax.op.multiply, operator.mul)(node)
     zero_scalar = [a for a in args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0]
     tensors = [a for a in args[:2] if isinstance(a, relax.Expr)]
@@ -499,6 +513,7 @@ def _flash_attention_cpu(node, importer):
 CONVERTERS: dict[str, Callable] = {
     "_scaled_dot_product_flash_attention_for_cpu.default": _flash_attention_cpu,
     "ne.Tensor": _ne,
+    "eq.Tensor": _eq,
     "ne.Scalar": _ne,
     "mul.Tensor": _mul,
     "mul.Scalar": _mul,
