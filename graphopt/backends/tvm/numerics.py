@@ -26,6 +26,9 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                amax / amin             (no TVM converter) relax max / min
                                batch norm (training)   batch statistics that cannot overflow where PyTorch's
                                                        do not, and PyTorch's five outputs
+                             plus aten_semantics.converters(ep): the ops the full OpInfo sweep found wrong
+                             (ne, remainder, elu, moments, transposed convolution, ...; see that module)
+  _bool_not                  in the same TIR pass: `not x` as `int8(x) == 0` (TVM's vectorized `not` was wrong)
 """
 from __future__ import annotations
 
