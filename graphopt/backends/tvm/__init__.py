@@ -44,8 +44,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
 
     executable = build_module(apply_precision(lowered.mod, precision, report), spec, tune=tune, report=report)
     start = time.perf_counter()
-    compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
-                              lowered.const_outputs, dynamic=dynamic)
+    try:
+        compiled = CompiledModule(executable, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
+                                  lowered.const_outputs, dynamic=dynamic)
+    except Exception as e:
+        if "Invalid DLTensor file format" not in str(e):
+            raise
+        from ...errors import BuildError     # TVM folded an empty tensor into a constant it cannot load back
+
+        raise BuildError("the executable holds a zero-size constant, which TVM's executable format cannot load "
+                         "(an empty tensor built without reading an input's values, e.g. full/fill/ones_like of a "
+                         "shape with a 0)") from e
     if report is not None and dynamic:
         report.backend["dynamic"] = dynamic.describe()
     if report is not None:

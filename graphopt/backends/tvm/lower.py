@@ -156,7 +156,9 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None)
                         gm, examples, shapes, e, dynamic, "optimized graph")) from e
             else:
                 ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-            return ep.run_decompositions()
+            from .aten_semantics import run_decompositions
+
+            return run_decompositions(ep)          # torch's table, the margin losses as ATen computes them
     except LoweringError:
         raise
     except Exception as e:
@@ -321,6 +323,9 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         if not isinstance(x, torch.Tensor):
             raise LoweringError(f"input {i} is a {_describe(x)}: the TVM backend takes tensor inputs only "
                                 f"(one tensor per forward() argument)")
+    from .aten_semantics import check_graph
+
+    check_graph(gm)                # outputs that torch.export's decompositions compute wrongly
     ep = export_graph(gm, example_inputs, dynamic)
 
     if dynamic:
@@ -392,6 +397,10 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
             op = _qualified_op(n) if isinstance(n, fx.Node) and n.op == "call_function" else "?"
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}, from {op}) has a data-dependent shape "
                                 f"{tuple(val.shape)}: the TVM backend compiles shapes known before the call only")
+        static = not any(isinstance(d, torch.SymInt) for d in val.shape)
+        if static and val.numel() == 0 and not depends.get(n, False):
+            raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is an empty constant of shape "
+                                f"{tuple(val.shape)}: TVM's executable format cannot store a zero-size constant")
         outputs.append(TensorSpec.of(val, names))
         if not depends.get(n, False):
             const_outputs.append(i)

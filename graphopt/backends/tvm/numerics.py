@@ -30,6 +30,9 @@ PyTorch is the specification: a compiled model must return what eager PyTorch re
                                amax / amin             (no TVM converter) relax max / min
                                batch norm (training)   batch statistics that cannot overflow where PyTorch's
                                                        do not, and PyTorch's five outputs
+                             plus aten_semantics.converters(ep): the ops the full OpInfo sweep found wrong
+                             (ne, remainder, elu, moments, transposed convolution, ...; see that module)
+  _bool_not                  in the same TIR pass: `not x` as `int8(x) == 0` (TVM's vectorized `not` was wrong)
 """
 from __future__ import annotations
 
@@ -67,8 +70,18 @@ def _nan_minmax(e):
     return tirx.call_llvm_pure_intrin(dtype, name, e.a, e.b)
 
 
+def _bool_not(e):
+    """`not x` as `int8(x) == 0`: TVM 0.27's LLVM codegen miscompiles a vectorized logical not of a bool
+    loaded from a buffer (every lane came out false: _safe_softmax's fully masked rows, whose mask is
+    `not any(...)`, returned NaN instead of 0 once dlight's Reduction rule vectorized the mask)."""
+    from tvm import tirx
+
+    return tirx.EQ(tirx.Cast("int8", e.a), tirx.const(0, "int8"))
+
+
 def nan_propagating_minmax():
-    """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above).
+    """Module pass: every float min/max of every PrimFunc propagates NaN, as PyTorch's does (see above);
+    every logical not is spelled so that it survives vectorization (_bool_not).
 
     The rewrite does not grow a kernel (the select-based form it replaces repeated each operand, grew
     geometrically on nested min/max and had to leave kernels with more than 64 of them unrewritten)."""
@@ -81,7 +94,7 @@ def nan_propagating_minmax():
         updates = {}
         for gv, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc):
-                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_minmax)])
+                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_minmax), (tirx.Not, _bool_not)])
                 if not new.same_as(func):
                     updates[gv] = new
         if not updates:
@@ -98,8 +111,12 @@ def nan_propagating_minmax():
 def convert_map(ep) -> dict[str, Callable]:
     """Converters (node, importer) -> relax.Var overriding TVM's for the ops listed in the module docstring
     that occur in `ep` (an ExportedProgram)."""
+    from .aten_semantics import converters         # the --all sweep's findings
+
+    more = converters(ep)
+
     present = {getattr(n.target, "__name__", "") for n in ep.graph.nodes if n.op == "call_function"}
-    return {name: fn for name, fn in _CONVERTERS.items() if name in present}
+    return {name: fn for name, fn in {**_CONVERTERS, **more}.items() if name in present}
 
 
 def _broadcast_apply(f, a, b):

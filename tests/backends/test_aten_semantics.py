@@ -1,0 +1,161 @@
+"""The ops the full OpInfo sweep (benchmarks/opinfo_sweep.py --all) found silently wrong, compiled for x86 and
+compared with eager PyTorch on inputs holding NaN, +-Inf, -0.0, denormals and values near float32's limits
+(graphopt/backends/tvm/aten_semantics.py). Ops are batched into one compiled module: builds dominate the time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.errors import LoweringError
+from graphopt.testing.opinfo import compare
+
+tvm = pytest.importorskip("tvm")
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _specials(shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    for i, v in enumerate((NAN, INF, -INF, -0.0, 0.0, 1e-40, 3e38, -3e38)):
+        flat[i * 7 % flat.numel()::37] = v
+    return x
+
+
+class _Ops(nn.Module):
+    """One output per fixed op; x, y: (16, 24) with special values, w: a run-time transposed-conv weight."""
+
+    names = ("ne", "ne_scalar", "isnan_via_ne", "count_nonzero", "mul_zero", "softshrink", "selu", "elu_scaled",
+             "celu", "remainder", "remainder_scalar", "rmod", "select_neg", "index_neg", "take_neg", "var",
+             "std", "var_mean", "std_mean_keepdim", "std_all", "nanmean", "norm0", "safe_softmax",
+             "conv_transpose2d", "conv_transpose1d", "multi_margin", "multilabel_margin", "grid_sample",
+             "sdpa", "count_nonzero_0d")
+
+    def forward(self, x, y, w, idx, tgt, lbl, grid, scalar):
+        img = x.reshape(2, 3, 8, 8)
+        # the transposed convolutions get NaN/Inf but no +-3e38: where a float32 partial sum overflows, whether
+        # it meets an Inf of the other sign (NaN) depends on the summation order, in PyTorch as here
+        xc = torch.where(torch.isfinite(x) & (x.abs() > 1e30), torch.full_like(x, 1.0), x)
+        masked = x.masked_fill(x > 2, -INF)
+        q = x.reshape(2, 2, 4, 24)[:, :, :, :8]
+        # scalar % tensor: PyTorch's vectorized (Sleef) fmod returns NaN for a denormal divisor, its scalar
+        # fmod the exact remainder (which graphopt returns): no denormal divisors there
+        yd = torch.where((y.abs() < 1.2e-38) & (y != 0), torch.full_like(y, 2.0), y)
+        return (x != y, x != 1.5, x != x, torch.count_nonzero(x, dim=1), x * 0, F.softshrink(x, 0.5), F.selu(x),
+                F.elu(x, alpha=0.7) * 1.0, F.celu(x, alpha=1.3), torch.remainder(x, y),
+                torch.remainder(x, -2.5), 3.7 % yd, x.select(1, -2), x[idx], torch.take(x, idx),
+                torch.var(x, dim=1), torch.std(x, dim=0, unbiased=False), torch.var_mean(x, dim=1),
+                torch.std_mean(x, dim=0, keepdim=True), torch.std(x), torch.nanmean(x, dim=1),
+                torch.linalg.vector_norm(x, ord=0, dim=1), torch.ops.aten._safe_softmax.default(masked, 1),
+                F.conv_transpose2d(xc.reshape(2, 3, 8, 8), w, stride=2, padding=1, output_padding=1),
+                F.conv_transpose1d(xc.reshape(2, 3, 64), w[:, :, 0], stride=3, padding=2),
+                F.multi_margin_loss(x[:, :10], tgt), F.multilabel_margin_loss(x[:4, :6], lbl),
+                F.grid_sample(img, grid, align_corners=False), F.scaled_dot_product_attention(q, q, q),
+                torch.count_nonzero(scalar, dim=0))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = _Ops().eval()
+    x, y = _specials((16, 24), seed=1), _specials((16, 24), seed=2)
+    w = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    w[0, 1, 1, 1], w[1, 2, 0, 2], w[2, 0, 2, 0] = INF, -INF, NAN
+    idx = torch.tensor([0, -1, 5, -16, 3])
+    tgt = torch.tensor([0, 3, 9, 1, 2, 2, 7, 5, 0, 1, 4, 6, 8, 3, 9, 1])
+    lbl = torch.tensor([[0, 2, -1, 1, 0, 0], [5, -1, 0, 0, 0, 0], [1, 3, 4, -1, 0, 0], [2, 0, 1, 3, 4, 5]])
+    grid = torch.rand(2, 5, 6, 2) * 2.4 - 1.2
+    grid[0, 1, 2, 0], grid[1, 3, 3, 1] = NAN, INF
+    scalar = torch.tensor(NAN)
+    inputs = (x, y, w, idx, tgt, lbl, grid, scalar)
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+        # attention: PyTorch's flash and math kernels disagree on non-finite rows; both are PyTorch's answer
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            math_sdpa = model(*inputs)[_Ops.names.index("sdpa")]
+        alts = {"sdpa": math_sdpa}
+    return opt(*inputs), ref, alts
+
+
+@pytest.mark.parametrize("name", _Ops.names)
+def test_fixed_ops_match_pytorch_on_special_values(compiled, name):
+    got, ref, alts = compiled
+    i = _Ops.names.index(name)
+    alt = alts.get(name)
+    assert compare(got[i], ref[i], alt=alt) is None, f"{name}: {compare(got[i], ref[i], alt=alt)}"
+
+
+def test_std_and_var_mean_near_float32_limits_match_pytorch():
+    """ATen accumulates the moments in float64: (x - mean)^2 of values near 3e38 does not overflow there
+    (std 1.1e38, finite), and var_mean's mean is NaN after an infinity that is not last (Welford)."""
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.std(x, dim=1), torch.var_mean(x, dim=1), torch.var(x, dim=0, correction=0)
+
+    x = torch.randn(4, 6)
+    x[0, :3], x[0, 3:] = 3e38, 1e38         # float32 (x - mean)^2 overflows; float64 does not
+    x[1, 0] = INF            # mean NaN (an element follows the infinity)
+    x[2, 5] = -INF           # last: mean -Inf
+    x[3, 2] = NAN
+    opt = graphopt.optimize(M().eval(), target="x86", pipeline="", example_inputs=(x,))
+    assert compare(opt(x), M()(x)) is None
+    assert torch.isfinite(opt(x)[0][0]) and float(opt(x)[0][0]) > 1e38
+
+
+def test_finite_constant_transposed_conv_weights_keep_tvms_kernel():
+    """A ConvTranspose2d module's weight is a finite constant: TVM's (schedulable) kernel gives PyTorch's sums;
+    a non-finite weight takes the exact kernel, and both match eager."""
+    from graphopt.backends.tvm import aten_semantics
+
+    used = []
+    original = aten_semantics._conv_transpose_te
+
+    def spy(*args):
+        used.append(1)
+        return original(*args)
+
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), nn.ReLU()).eval()
+    x = _specials((2, 4, 8, 8), seed=3)
+    aten_semantics._conv_transpose_te = spy
+    try:
+        opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+        assert not used and compare(opt(x), model(x)) is None
+        with torch.no_grad():
+            model[0].weight[1, 2, 0, 0] = INF
+        opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))
+        assert used and compare(opt(x), model(x)) is None
+    finally:
+        aten_semantics._conv_transpose_te = original
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+@pytest.mark.parametrize("fn, shapes, match", [
+    (lambda x, g: F.grid_sample(x, g, padding_mode="border", align_corners=False), [(1, 2, 5, 5), (1, 3, 3, 2)],
+     r"grid_sampler_2d.*padding_mode='border'"),
+    (lambda x, g: F.grid_sample(x, g, padding_mode="reflection", align_corners=True), [(1, 2, 5, 5), (1, 3, 3, 2)],
+     r"grid_sampler_2d.*padding_mode='reflection'"),
+    (lambda q, k: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k)[1], [(1, 2, 3, 8), (1, 2, 5, 8)],
+     r"_scaled_dot_product_flash_attention_for_cpu.*output 1 \(logsumexp\)"),
+    (lambda x: (x.new_zeros((2, 0)), x + 1), [(3, 4)], r"output 0 .*empty constant of shape \(2, 0\)"),
+], ids=["grid_sample-border", "grid_sample-reflection", "flash-logsumexp", "empty-constant-output"])
+def test_what_the_backend_cannot_honour_is_a_typed_error(fn, shapes, match):
+    """The sweep found these silently wrong (grid_sample border/reflection on NaN/Inf grids, the flash op's
+    logsumexp from torch's decomposition) or crashing on load (a zero-size constant in the executable)."""
+    inputs = tuple(torch.randn(*s) for s in shapes)
+    with pytest.raises(LoweringError, match=match):
+        graphopt.optimize(_Fn(fn), target="x86", pipeline="", example_inputs=inputs)
