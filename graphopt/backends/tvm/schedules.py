@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .inline_budget import BUDGET, expanded_size, plan_inlining
+
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "ScalarMinMax", "Injective", "default_rules", "relax_layout_passes",
            "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
 
@@ -317,13 +319,18 @@ class PackedGemm:
             return None
 
         # epilogue: inline every elementwise block after the reduction except the function's output block
-        after = False
+        # (not when that would grow an expression past inline_budget.BUDGET: the next rule gets the kernel)
+        after, epilogue = False, []
         for b in blocks:
             if _same(sch.get(b), main_stmt):
                 after = True
                 continue
             if after and not _same(sch.get(b), sch.get(outputs[0])):
-                sch.compute_inline(b)
+                epilogue.append(b)
+        if epilogue and len(plan_inlining(sch, blocks, epilogue)[0]) != len(epilogue):
+            return None
+        for b in epilogue:
+            sch.compute_inline(b)
         # prologue: inline producers that are plain copies/transposes/reshapes (no padding condition)
         pads = []
         for b in sch.get_producers(main):
@@ -561,12 +568,12 @@ class Injective:
         if not blocks or any(_is_reduction_block(sch, b) for b in blocks):
             return None
         outputs = sch.get_output_blocks(sch.get_sblock("root"))
-        for b in blocks:
-            if not any(_same(sch.get(b), sch.get(o)) for o in outputs):
-                try:
-                    sch.compute_inline(b)
-                except Exception:
-                    pass
+        inner = [b for b in blocks if not any(_same(sch.get(b), sch.get(o)) for o in outputs)]
+        for b in plan_inlining(sch, blocks, inner)[0]:      # a block that would blow up keeps its buffer
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
         for b in _root_blocks(sch):
             dtype = sch.get(b).writes[0].source.dtype if sch.get(b).writes else "float32"
             if not _tile_transpose(sch, b, vec.lanes(dtype)):
@@ -857,6 +864,20 @@ def is_scheduled(func) -> bool:
     return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
 
 
+def _inlining_oversized(func) -> bool:
+    """Whether inlining every non-output block of `func` grows an expression past inline_budget.BUDGET."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        outputs = sch.get_output_blocks(sch.get_sblock("root"))
+        inner = [b for b in blocks if not any(_same(sch.get(b), sch.get(o)) for o in outputs)]
+        return bool(inner) and expanded_size(sch, blocks, inner) > BUDGET
+    except Exception:
+        return False
+
+
 def apply_default_schedules(mod, target, rules: list | None = None):
     """Schedule every unscheduled PrimFunc of `mod` with the first rule that takes it.
 
@@ -874,7 +895,10 @@ def apply_default_schedules(mod, target, rules: list | None = None):
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             done = False
+            oversized = _inlining_oversized(func)
             for rule in rules:
+                if oversized and not isinstance(rule, (PackedGemm, Injective)):
+                    continue        # rules that inline everything (dlight's) would grow a giant expression
                 try:
                     sch = rule.apply(func, target, False)
                 except Exception:
