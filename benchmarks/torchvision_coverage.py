@@ -111,6 +111,22 @@ def run_one(name: str, which: str, rtol: float) -> dict:
     return row
 
 
+def _peak_rss_gb(who=None) -> float:
+    """Peak resident memory in GiB: this process's VmHWM (getrusage's ru_maxrss survives exec, so a child
+    would report the parent's peak when that was higher), or the children's ru_maxrss for `who`."""
+    import resource
+
+    if who is None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return round(int(line.split()[1]) / 2**20, 2)
+        except OSError:
+            pass
+    return round(resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss / 2**20, 2)
+
+
 def _child(name: str, which: str, rtol: float, timeout: float, threads: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--run", which, "--rtol", str(rtol),
            "--threads", str(threads)]
@@ -122,7 +138,11 @@ def _child(name: str, which: str, rtol: float, timeout: float, threads: int) -> 
         if line.startswith("{"):
             return json.loads(line)
     tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300]}
+    import resource
+
+    # killed (e.g. out of memory): the largest child so far, a lower bound on what this one reached
+    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300],
+            "peak_rss_gb_at_least": _peak_rss_gb(resource.RUSAGE_CHILDREN)}
 
 
 def _params(name: str) -> float:
@@ -144,7 +164,60 @@ def _cell(r: dict | None) -> list[str]:
         return ["-", "", ""]
     if r["status"] == "fail":
         return [f"FAIL {r.get('kind', '')}", "", str(r.get("seconds", ""))]
-    return [r["status"], f"{r['rel']:.1e}", str(r.get("compile_s", ""))]
+    secs = r.get("compile_s")              # rows of older runs may hold only the total (compile + eager)
+    return [r["status"], f"{r['rel']:.1e}", str(secs) if secs is not None else (
+        f"({r['seconds']} total)" if r.get("seconds") else "")]
+
+
+def _peak(rs: dict) -> str:
+    """Peak resident memory of the model's runs in GiB, measured (≥: the run was killed before reporting)."""
+    peaks = [r["peak_rss_gb"] for r in rs.values() if r.get("peak_rss_gb") is not None]
+    if peaks:
+        return f"{max(peaks):.1f}"
+    low = [r["peak_rss_gb_at_least"] for r in rs.values() if r.get("peak_rss_gb_at_least") is not None]
+    return f"≥{max(low):.1f}" if low else ""
+
+
+def _print_table(results: dict, runs: list, sizes: dict, skipped: dict) -> None:
+    header = ["model", "params M", "input"]
+    for which in runs:
+        header += [f"{which}: result", "rel|Δ|" if which == "x86" else "rel|Δ| vs orig",
+                   "compile s" if which == "x86" else "s"] + (["FLOPs kept"] if which == "prune" else [])
+    header.append("peak GiB")
+    rows = [header]
+    for n, rs in results.items():
+        first = next(iter(rs.values()), {})
+        row = [n, f"{sizes[n] / 1e6:.1f}", str(first.get("size", ""))]
+        for which in runs:
+            row += _cell(rs.get(which)) + ([str(rs.get(which, {}).get("flops_kept", ""))] if which == "prune" else [])
+        rows.append(row + [_peak(rs)])
+    for n, why in skipped.items():
+        rows.append([n, f"{sizes[n] / 1e6:.1f}", "", f"skipped: {why}"] + [""] * (len(header) - 4))
+    print()
+    print(format_table(rows, right={1, 2}))
+    for n, rs in results.items():
+        for which, r in rs.items():
+            if r["status"] != "ok":
+                print(f"{n} [{which}]: {r.get('kind', r['status'])}: {r.get('error', '')}")
+    for which in runs:
+        ok = sum(rs.get(which, {}).get("status") == "ok" for rs in results.values())
+        print(f"{which}: {ok}/{len(results)} ok")
+
+
+def _merge(paths: list[str]) -> int:
+    """One table from --jsonl files (a later row of the same model and run replaces an earlier one)."""
+    results: dict[str, dict[str, dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    results.setdefault(r["model"], {})[r["run"]] = r
+    runs = sorted({w for rs in results.values() for w in rs}, key=lambda w: (w != "x86", w))
+    sizes = {n: max((r.get("params_m") or 0) for r in rs.values()) * 1e6 for n, rs in results.items()}
+    results = dict(sorted(results.items(), key=lambda kv: sizes[kv[0]]))
+    _print_table(results, runs, sizes, {})
+    return 0
 
 
 def main(argv=None) -> int:
@@ -156,12 +229,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-params", type=float, default=0, help="list models above this many params as skipped")
     ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--json", default="")
+    ap.add_argument("--jsonl", default="", help="append each row to this file as soon as it is done (a run cut "
+                                                "short keeps what it finished; merge runs with --merge)")
+    ap.add_argument("--merge", default="", help="comma-separated --jsonl files: print one table of their rows "
+                                                "(the last row of a model and run wins) and run nothing")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--run", default="x86", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    if args.merge:
+        return _merge([p for p in args.merge.split(",") if p])
     if args.one:
-        print(json.dumps(run_one(args.one, args.run, args.rtol)), flush=True)
+        row = run_one(args.one, args.run, args.rtol)
+        row["peak_rss_gb"] = _peak_rss_gb()          # measured: what this model and run needed, in GiB
+        print(json.dumps(row), flush=True)
         return 0
 
     names = [n for n in args.models.split(",") if n] or model_names()
@@ -180,31 +261,13 @@ def main(argv=None) -> int:
         for which in runs:
             r = _child(n, which, args.rtol, args.timeout, args.threads)
             results[n][which] = r
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(r) + "\n")
             extra = f" {r.get('error', '')}" if r["status"] != "ok" else ""
             print(f"{n} [{which}] {r['status']} {r.get('kind', '')} rel={r.get('rel', float('nan')):.1e} "
-                  f"s={r.get('seconds', '')}{extra}", flush=True)
-    header = ["model", "params M", "input"]
-    for which in runs:
-        header += [f"{which}: result", "rel|Δ|" if which == "x86" else "rel|Δ| vs orig",
-                   "compile s" if which == "x86" else "s"] + (["FLOPs kept"] if which == "prune" else [])
-    rows = [header]
-    for n, rs in results.items():
-        first = next(iter(rs.values()), {})
-        row = [n, f"{sizes[n] / 1e6:.1f}", str(first.get("size", ""))]
-        for which in runs:
-            row += _cell(rs.get(which)) + ([str(rs.get(which, {}).get("flops_kept", ""))] if which == "prune" else [])
-        rows.append(row)
-    for n, why in skipped.items():
-        rows.append([n, f"{sizes[n] / 1e6:.1f}", "", f"skipped: {why}"] + [""] * (len(header) - 4))
-    print()
-    print(format_table(rows, right={1, 2}))
-    for n, rs in results.items():
-        for which, r in rs.items():
-            if r["status"] != "ok":
-                print(f"{n} [{which}]: {r.get('kind', r['status'])}: {r.get('error', '')}")
-    for which in runs:
-        ok = sum(rs.get(which, {}).get("status") == "ok" for rs in results.values())
-        print(f"{which}: {ok}/{len(results)} ok")
+                  f"compile_s={r.get('compile_s', '')} s={r.get('seconds', '')}{extra}", flush=True)
+    _print_table(results, runs, sizes, skipped)
     print(f"{len(results)} models in {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
