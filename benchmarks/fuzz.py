@@ -2,6 +2,7 @@
 
     python benchmarks/fuzz.py --count 500 --seed 0              # models 0..499, the four pipelines, x86
     python benchmarks/fuzz.py --count 50 --seed 1000 --pipelines default,quantize --json fuzz.json
+    python benchmarks/fuzz.py --count 426 --seed 74                # resume: models 74..499
 
 Models come from graphopt.testing.random_models (conv/linear/depthwise/grouped convs, residual adds,
 concat/split, BN/GN/LN, nn.MultiheadAttention and scaled_dot_product_attention, a dozen activations, random
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--json", default="", help="write every outcome to this file")
     ap.add_argument("--quiet", action="store_true", help="print only what is not matched, and the counts")
+    ap.add_argument("--slow", type=float, default=30.0,
+                    help="a run over this many seconds prints its three slowest phases (capture, passes, build)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
 
@@ -49,9 +52,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     def show(o):
+        slow = ""
+        if o.seconds > args.slow and o.phases:         # say where a slow run's time went
+            top = sorted(o.phases.items(), key=lambda kv: -kv[1])[:3]
+            slow = "  slowest: " + ", ".join(f"{k} {v:.1f}s" for k, v in top)
         if o.status == "matched":
-            if not args.quiet:
-                print(f"  {o.seed:5d} {o.pipeline:9s} matched  rel|Δ| {o.max_rel:.1e}  {o.seconds:5.1f}s", flush=True)
+            if not args.quiet or slow:
+                print(f"  {o.seed:5d} {o.pipeline:9s} matched  rel|Δ| {o.max_rel:.1e}  {o.seconds:5.1f}s{slow}",
+                      flush=True)
             return
         print(f"  {o.seed:5d} {o.pipeline:9s} {o.status.upper():8s} {o.kind}: {o.message}", flush=True)
         print(f"        model: {o.describe}", flush=True)

@@ -48,6 +48,7 @@ class Outcome:
     message: str = ""
     seconds: float = 0.0
     describe: str = ""
+    phases: dict = field(default_factory=dict)   # seconds: capture, each pass, lower, schedule, build (report)
     trace: str = field(default="", repr=False)
 
 
@@ -76,6 +77,7 @@ def check(rm: RandomModel, pipeline: str = "default", target: str = "x86") -> Ou
     out = Outcome(rm.seed, name, "matched", describe=rm.describe)
     try:
         opt = graphopt_optimize(rm, text, target, calib)
+        out.phases = _phases(opt)
         got = opt(*fresh)
         with torch.no_grad():
             eager = opt.graph_module(*fresh)
@@ -101,6 +103,18 @@ def check(rm: RandomModel, pipeline: str = "default", target: str = "x86") -> Ou
                 out.message = str(exact)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _phases(opt) -> dict:
+    """Where optimize() spent its time, from its report (what a slow seed is profiled by first)."""
+    report = getattr(opt, "report", None)
+    if report is None:
+        return {}
+    phases = {f"pass:{r.name}": round(r.seconds, 3) for r in report.records[1:]}
+    for k in ("capture_s", "lower_s", "schedule_s", "build_s", "vm_init_s"):
+        if k in report.backend:
+            phases[k[:-2]] = report.backend[k]
+    return phases
 
 
 def graphopt_optimize(rm: RandomModel, pipeline: str, target: str, calibration):
