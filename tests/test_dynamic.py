@@ -203,3 +203,17 @@ def test_fold_bn_prune_lowrank_with_dynamic_batch_compiled():
         xb = torch.randn(b, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(opt(xb), opt.graph_module(xb), rtol=1e-4, atol=1e-4)
+
+
+def test_indexing_a_dynamic_dim_from_either_end():
+    """x[:, -1] (a GPT's last token) on a dynamic sequence: the negative index counts from the actual end."""
+    class Ends(torch.nn.Module):
+        def forward(self, x):
+            return x[:, -1] * 2, x[:, 0], x[:, -2]
+
+    model, x = Ends().eval(), torch.randn(2, 5, 3)
+    opt = graphopt.optimize(model, target="x86", example_inputs=(x,), dynamic={"x": {1: "seq"}, "seq": (2, 16)})
+    for n in (2, 5, 9, 16):
+        y = torch.randn(2, n, 3)
+        for got, ref in zip(opt(y), model(y)):
+            assert torch.equal(got, ref), n

@@ -222,6 +222,8 @@ def _wrap_index(bb, index, size: int):
 
 
 def _select(node, importer):
+    import tvm.tirx
+
     relax = _relax()
     x = importer.env[node.args[0]]
     dim, index = int(node.args[1]), node.args[2]
@@ -229,7 +231,15 @@ def _select(node, importer):
         return _tvm(importer, "select.int")(node)
     ndim = _ndim(x)
     dim %= max(ndim, 1)
-    size = _shape(x)[dim]
+    extent = x.ty.shape[dim]
+    if not isinstance(extent, tvm.tirx.IntImm):        # a dynamic dim (a symbolic extent)
+        if index >= 0:
+            return _tvm(importer, "select.int")(node)
+        bb = importer.block_builder                     # x[..., -k]: strided_slice counts from the end
+        end = index + 1 if index < -1 else (1 << 63) - 1
+        part = bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[index], end=[end]))
+        return bb.emit(relax.op.squeeze(part, [dim]))
+    size = int(extent)
     if not -size <= index < size:
         raise LoweringError(f"aten.select.int: index {index} is out of range for dim {dim} of size {size}")
     return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
