@@ -781,9 +781,9 @@ def _calls_op(mod, name: str) -> bool:
 
 def convert_conv_layout():
     """Module pass: relax.transform.ConvertLayout to NHWC/HWIO convolutions, only where the module has a 2-D
-    convolution. ConvertLayout walks every op's layout rule, and TVM 0.27 dies with std::bad_alloc on some
-    graphs without any convolution (nn.TransformerEncoder as torch.export captures it); on such a failure
-    the module is kept in its own layout (correct, the convolutions just vectorize less well)."""
+    convolution. ConvertLayout walks every op's layout rule, and TVM 0.27 dies with std::bad_alloc on some of
+    them (a negative squeeze axis, as in nn.MultiheadAttention: nonnegative_squeeze_axes runs first); on any
+    such failure the module is kept in its own layout (correct, the convolutions just vectorize less well)."""
     import warnings
 
     import tvm
