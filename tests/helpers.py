@@ -39,3 +39,14 @@ class WeightNoise(Pass):
                 noise = torch.randn(m.weight.shape, generator=g) * self.sigma
                 m.weight = nn.Parameter(m.weight.detach() * (1 + noise))
         return PassResult(gm)
+
+
+def specials(shape, seed: int = 0) -> torch.Tensor:
+    """Random values with NaN, +-Inf, -0.0 and large values spread over the tensor (big enough that the
+    kernels take their vectorized paths)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    for i, v in enumerate((float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, 3e38, -3e38)):
+        flat[i * 7 % flat.numel()::37] = v
+    return x

@@ -12,19 +12,11 @@ from torch import nn
 import graphopt
 from graphopt.errors import LoweringError
 from graphopt.testing.opinfo import compare
+from tests.helpers import specials
 
 tvm = pytest.importorskip("tvm")
 
 NAN, INF = float("nan"), float("inf")
-
-
-def _specials(shape, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 3
-    flat = x.view(-1)
-    for i, v in enumerate((NAN, INF, -INF, -0.0, 0.0, 1e-40, 3e38, -3e38)):
-        flat[i * 7 % flat.numel()::37] = v
-    return x
 
 
 class _Ops(nn.Module):
@@ -62,7 +54,7 @@ class _Ops(nn.Module):
 @pytest.fixture(scope="module")
 def compiled():
     model = _Ops().eval()
-    x, y = _specials((16, 24), seed=1), _specials((16, 24), seed=2)
+    x, y = specials((16, 24), seed=1), specials((16, 24), seed=2)
     w = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(4))
     w[0, 1, 1, 1], w[1, 2, 0, 2], w[2, 0, 2, 0] = INF, -INF, NAN
     idx = torch.tensor([0, -1, 5, -16, 3])
@@ -122,7 +114,7 @@ def test_finite_constant_transposed_conv_weights_keep_tvms_kernel():
         return original(*args)
 
     model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), nn.ReLU()).eval()
-    x = _specials((2, 4, 8, 8), seed=3)
+    x = specials((2, 4, 8, 8), seed=3)
     aten_semantics._conv_transpose_te = spy
     try:
         opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x,))

@@ -14,21 +14,11 @@ from torch import nn
 import graphopt
 from graphopt.errors import LoweringError
 from graphopt.testing.opinfo import compare
+from tests.helpers import specials
 
 tvm = pytest.importorskip("tvm")
 
 NAN, INF = float("nan"), float("inf")
-
-
-def _specials(shape, seed: int = 0) -> torch.Tensor:
-    """Random values with NaN, +-Inf, -0.0 and large values spread over the tensor (big enough that the
-    kernels take their vectorized paths)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 3
-    flat = x.view(-1)
-    for i, v in enumerate((NAN, INF, -INF, -0.0, 0.0, 1e-40, 3e38, -3e38)):
-        flat[i * 7 % flat.numel()::37] = v
-    return x
 
 
 class _ElementwiseOps(nn.Module):
@@ -50,7 +40,7 @@ class _ElementwiseOps(nn.Module):
 @pytest.fixture(scope="module")
 def elementwise():
     model = _ElementwiseOps().eval()
-    x, y = _specials((32, 64), seed=1), _specials((32, 64), seed=2)
+    x, y = specials((32, 64), seed=1), specials((32, 64), seed=2)
     opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(x, y))
     with torch.no_grad():
         ref = model(x, y)
