@@ -266,13 +266,25 @@ def _is_pad_block(sch, block) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ rules
-def _schedule_rule_base():
-    from tvm.s_tir.dlight import ScheduleRule
+class _CpuRule:
+    """dlight's ScheduleRule protocol for graphopt's CPU rules: `apply(func, target, tunable)` returns the
+    subclass's `_apply(func, target)` schedule, or None when the rule does not take the kernel or any TIR
+    shape it does not understand makes scheduling fail (the next rule is tried)."""
 
-    return ScheduleRule
+    def apply(self, func, target, tunable: bool = False):
+        try:
+            return self._apply(func, target)
+        except Exception:
+            return None
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+    def _apply(self, func, target):
+        raise NotImplementedError
 
 
-class PackedGemm:
+class PackedGemm(_CpuRule):
     """Register-tiled schedule for kernels with one reduction block (conv, dense, matmul, pooling, means).
 
     Tile choice: the output's innermost axis (output channels / columns) is split into [outer, nvec, lanes]
@@ -288,16 +300,6 @@ class PackedGemm:
         self.pack_weights = pack_weights
         self.max_accumulators = max_accumulators
         self.pad = pad          # "auto" | "at" (per tile) | "inline" (guarded loads) | "separate"
-
-    # dlight's ScheduleRule protocol: apply(func, target, tunable) -> Schedule | None
-    def apply(self, func, target, tunable: bool = False):
-        try:
-            return self._apply(func, target)
-        except Exception:       # any TIR shape this rule does not understand: let the next rule try
-            return None
-
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
 
     def _apply(self, func, target):
         from tvm import s_tir, tirx
@@ -545,19 +547,10 @@ class PackedGemm:
         return len(sources) >= 2
 
 
-class Injective:
+class Injective(_CpuRule):
     """Kernels without a reduction (elementwise, transpose, reshape, padding, layout transforms): inline the
     intermediate blocks, then per remaining block a vectorized inner loop and a parallel outer loop;
     transposes are tiled so both sides stay in cache (`_tile_transpose`)."""
-
-    def apply(self, func, target, tunable: bool = False):
-        try:
-            return self._apply(func, target)
-        except Exception:
-            return None
-
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
 
     def _apply(self, func, target):
         from tvm import s_tir
@@ -581,22 +574,13 @@ class Injective:
         return sch
 
 
-class ScalarMinMax:
+class ScalarMinMax(_CpuRule):
     """Whole-tensor max / min to one value (`x.max()`, `x.amin()`, dynamic quantization's per-call activation
     range): the reduction loops fused and split by a multiple of the SIMD width, rfactor'ed into that many
     running extrema (a vectorized loop), then one short loop folds them. max/min are associative and
     commutative, NaN-propagating ones too (numerics.nan_propagating_minmax runs after scheduling), so the
     result is the unscheduled kernel's exactly. Sums are left alone (reassociation changes their rounding).
     Without this rule such a kernel stayed an unvectorized loop (16K floats: ~20 µs on one core)."""
-
-    def apply(self, func, target, tunable: bool = False):
-        try:
-            return self._apply(func, target)
-        except Exception:
-            return None
-
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
 
     def _apply(self, func, target):
         from tvm import s_tir, tirx
