@@ -872,6 +872,37 @@ def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, smal
     check_scheduled_equals_unscheduled(model, x)
 
 
+@pytest.mark.parametrize("vec, n_vectors, Er, padded, parallel, expect", [
+    (schedules.CpuVector(32, 16), 8, 56, True, 56, (6, 2)),     # AVX2 3x3 64-ch at 56 wide: 4x2 -> 6x2 + 2 rows
+    (schedules.CpuVector(32, 16), 16, 28, True, 28, (6, 2)),    # tail of 4 rows: still half a tile
+    (schedules.CpuVector(32, 16), 64, 14, True, 14, None),      # tail of 2 of 14 rows on a padded conv: keep 2x4
+    (schedules.CpuVector(32, 16), 120, 7, False, 7, (4, 3)),    # 1x1 960-ch at 7 wide: 1x8 -> 4x3 + 3 rows
+    (schedules.CpuVector(32, 16), 8, 48, True, 48, None),       # 6 divides 48: no tail needed
+    (schedules.CpuVector(32, 16), 2, 61, False, 1, None),       # one column block: the rows are the parallelism
+    (schedules.CpuVector(64, 32), 4, 56, True, 56, (6, 4)),     # AVX-512: 4x4 -> 6x4 + 2 rows
+])
+def test_register_tiles_may_leave_a_row_tail(vec, n_vectors, Er, padded, parallel, expect):
+    """PackedGemm takes a register tile whose rows do not divide the row count (a serial loop of full tiles
+    and one guarded tail) only where the divisors allow a clearly worse tile, the tail is cheap, and the
+    parallel loop keeps enough iterations without the row tiles."""
+    rule = schedules.PackedGemm()
+    ext = [1, parallel, Er, n_vectors * vec.lanes("float32")]
+    tile = rule._choose_tile(n_vectors, Er, vec)
+    got = rule._row_tail_tile(n_vectors, Er, vec, tile, ext, [0, 1, 2, 3], 3, 2, padded)
+    assert got == expect
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(32, 64, 1), nn.ReLU()), (1, 32, 8, 7)),     # 7 wide: 6 rows + 1
+    (lambda: nn.Sequential(nn.Linear(64, 512), nn.GELU()), (61, 64)),             # 61 rows: 10 x 6 + 1
+    (lambda: nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU()), (1, 16, 9, 56)),  # 56 wide, padded
+])
+def test_row_tail_tiles_compute_what_the_unscheduled_kernel_computes(make, shape):
+    """Kernels whose register tile leaves a partial last row tile (on AVX2 and AVX-512 hosts alike) give the
+    unscheduled kernel's results bit for bit, the guarded tail rows included."""
+    check_scheduled_equals_unscheduled(make().eval(), torch.randn(*shape))
+
+
 def test_whole_tensor_max_and_min_are_vectorized_and_exact():
     """x.max() / x.amin() (dynamic quantization's activation range): ScalarMinMax splits them into SIMD
     running extrema; the unscheduled loop's value bit for bit (max/min reassociate exactly, +-Inf included),

@@ -293,13 +293,17 @@ class PackedGemm(_CpuRule):
     (rows*nvec / (rows+nvec)) within the register file. Everything else of the output is parallel, in one
     loop: channel blocks outermost, so one weight panel serves every pixel tile in turn; for channel-wise
     kernels (depthwise conv, pooling: no weight panel to reuse) innermost, so each input line is read once
-    (MobileNetV2 7.36 -> 6.80 ms, interleaved).
+    (MobileNetV2 7.36 -> 6.80 ms, interleaved). Where the row count's divisors allow only a clearly worse
+    tile (AVX2's 16 registers at 56/28/7-wide images), the rows take the better tile anyway: the row tiles
+    become a serial loop inside the parallel one and the last, partial tile is guarded (`_row_tail_tile`).
     """
 
-    def __init__(self, pack_weights: bool = True, max_accumulators: int | None = None, pad: str = "auto"):
+    def __init__(self, pack_weights: bool = True, max_accumulators: int | None = None, pad: str = "auto",
+                 row_tails: bool | None = None):
         self.pack_weights = pack_weights
         self.max_accumulators = max_accumulators
         self.pad = pad          # "auto" | "at" (per tile) | "inline" (guarded loads) | "separate"
+        self.row_tails = self.row_tails_default if row_tails is None else row_tails
 
     def _apply(self, func, target):
         from tvm import s_tir, tirx
@@ -372,6 +376,9 @@ class PackedGemm(_CpuRule):
         if tile_shape is None:
             return None
         rows, nvec = tile_shape
+        tail = self._row_tail_tile(n_vectors, Er, vec, tile_shape, ext, spatial, vi, ri, bool(pads))
+        if tail is not None:
+            rows, nvec = tail
         tile = nvec * lanes
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
@@ -403,16 +410,19 @@ class PackedGemm(_CpuRule):
             r_o, r_i = sch.split(loops[ri], [None, rows])
             outer.append(r_o)
             inner.insert(0, r_i)
+        serial = []
+        if tail is not None:
+            serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
         if self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype):
             outer.append(v_o)
         else:
             outer.insert(0, v_o)
-        sch.reorder(*outer, *[loops[i] for i in reduce_], *inner)
+        sch.reorder(*outer, *serial, *[loops[i] for i in reduce_], *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
-        n_outer = 1
+        n_outer = 1 + len(serial)
         write_back = sch.cache_write(main, 0, "local")
-        sch.reverse_compute_at(write_back, fused)
+        sch.reverse_compute_at(write_back, serial[0] if serial else fused)
         if not _same(sch.get(outputs[0]), sch.get(main)):
             sch.reverse_compute_inline(outputs[0])
         loops = sch.get_loops(main)
@@ -450,7 +460,7 @@ class PackedGemm(_CpuRule):
                 sch.parallel(sch.fuse(*pad_loops))
 
         # ---- write-back (+ epilogue): vectorized
-        wb_loops = sch.get_loops(write_back)[1:]
+        wb_loops = sch.get_loops(write_back)[n_outer:]
         if wb_loops and (E is None or Er is None):
             # a guarded tail: vectorize the columns only, so the rows' guard stays outside the vector loop
             # (a fused rows x columns loop puts the guard on every lane and the vectorizer gives up)
@@ -462,7 +472,8 @@ class PackedGemm(_CpuRule):
             sch.vectorize(li)
         return sch
 
-    def _choose_tile(self, n_vectors: int | None, Er: int | None, vec: CpuVector) -> tuple[int, int] | None:
+    def _choose_tile(self, n_vectors: int | None, Er: int | None, vec: CpuVector,
+                     row_choices=(1, 2, 4, 8)) -> tuple[int, int] | None:
         """(rows, nvec) of the register tile: `rows` output rows (pixels) x `nvec` SIMD vectors of output
         channels, maximizing FMAs per load (rows*nvec / (rows+nvec)) within the register file; `rows`
         divides Er and `nvec` divides n_vectors (None: a symbolic extent)."""
@@ -473,7 +484,7 @@ class PackedGemm(_CpuRule):
                 break                       # symbolic columns: short vector rows keep the guarded tail small
             if n_vectors is not None and n_vectors % nvec:
                 continue
-            for rows in (range(1, Er + 1) if Er is not None else (1, 2, 4, 8)):
+            for rows in (range(1, Er + 1) if Er is not None else row_choices):
                 if (Er is not None and Er % rows) or rows * nvec > max_acc or rows * nvec + nvec >= vec.registers:
                     continue
                 score = (rows * nvec / (rows + nvec), rows * nvec)
@@ -481,7 +492,34 @@ class PackedGemm(_CpuRule):
                     best = (score, rows, nvec)
         return None if best is None else (best[1], best[2])
 
+    def _row_tail_tile(self, n_vectors, Er, vec, tile_shape, ext, spatial, vi, ri, padded):
+        """A larger register tile whose rows do not divide the row count, for when the rows' divisors allow
+        only a poor one (AVX2's 16 registers: 56-, 28-, 14- and 7-wide images get 4x2 or 7x1 tiles where 6x2
+        fits): the row tiles become a serial loop split into full tiles and one guarded tail. None: keep."""
+        if not self.row_tails or n_vectors is None or Er is None or ri is None or any(
+                ext[i] is None for i in spatial):
+            return None
+        best = self._choose_tile(n_vectors, None, vec, row_choices=range(1, 9))
+        if best is None or Er % best[0] == 0 or Er < best[0]:
+            return None
+        # the tail tile runs below speed (too few accumulators to hide the FMA latency): only where it is
+        # small or still has half a tile's rows, or the kernel reads no padded input (no per-tile copy)
+        tail_rows = Er % best[0]
+        if not (tail_rows * 2 >= best[0] or tail_rows * 16 <= Er or not padded):
+            return None
+        # the row tiles leave the parallel loop: keep enough parallel work without them
+        parallel = n_vectors // best[1]
+        for i in spatial:
+            if i not in (vi, ri):
+                parallel *= ext[i]
+        if parallel < self.min_parallel:
+            return None
+        score = lambda t: t[0] * t[1] / (t[0] + t[1])
+        return best if score(best) > score(tile_shape) * 1.1 else None
+
     small_weight_bytes = 256 << 10
+    row_tails_default = True
+    min_parallel = 8
 
     def _small_weights(self, ext: list, reduce_: list, E: int | None, dtype: str) -> bool:
         """Whether every channel block's weights together (reduction size x output channels) stay in the
