@@ -894,12 +894,58 @@ def test_register_tiles_may_leave_a_row_tail(vec, n_vectors, Er, padded, paralle
 
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Sequential(nn.Conv2d(32, 64, 1), nn.ReLU()), (1, 32, 8, 7)),     # 7 wide: 6 rows + 1
+    (lambda: nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()), (1, 64, 7, 7)),  # AVX2: 49 pixels
+    (lambda: nn.Sequential(nn.Conv2d(32, 128, 3, 2, padding=1), nn.Hardtanh()), (1, 32, 28, 28)),  # 14x14
     (lambda: nn.Sequential(nn.Linear(64, 512), nn.GELU()), (61, 64)),             # 61 rows: 10 x 6 + 1
     (lambda: nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU()), (1, 16, 9, 56)),  # 56 wide, padded
 ])
 def test_row_tail_tiles_compute_what_the_unscheduled_kernel_computes(make, shape):
     """Kernels whose register tile leaves a partial last row tile (on AVX2 and AVX-512 hosts alike) give the
     unscheduled kernel's results bit for bit, the guarded tail rows included."""
+    check_scheduled_equals_unscheduled(make().eval(), torch.randn(*shape))
+
+
+def _flatten_decision(model, x, vec):
+    """What PackedGemm._flatten_pixels decides for the one conv kernel of `model`, for SIMD facts `vec`."""
+    mod, _ = lowered(model.eval(), x)
+    rule = schedules.PackedGemm()
+    for func in prim_funcs(legalized(mod)).values():
+        sch = s_tir.Schedule(func)
+        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
+        if len(mains) != 1:
+            continue
+        blk = sch.get(mains[0])
+        ivs = list(blk.iter_vars)
+        ext = [schedules._int(iv.dom.extent) for iv in ivs]
+        vi, ri = schedules.PackedGemm._output_axes(blk)
+        spatial = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.DataPar]
+        n_vectors = ext[vi] // vec.lanes("float32")
+        tile = rule._choose_tile(n_vectors, ext[ri], vec)
+        if rule._row_tail_tile(n_vectors, ext[ri], vec, tile, ext, spatial, vi, ri, True) is not None:
+            return None         # as in PackedGemm._apply: a width that takes a tail tile is not merged
+        return rule._flatten_pixels(sch, mains[0], func, n_vectors, vec, tile, ext, spatial, vi, ri, True)
+    raise AssertionError("no reduction kernel")
+
+
+def test_small_images_merge_rows_and_width_on_16_register_targets():
+    """A 7x7 conv output on AVX2 (16 registers: 7 wide allows only 7x1 or 1x8 tiles) is tiled over one
+    49-pixel axis with a 6x2 tile; AVX-512 (32 registers, 7x3 fits) keeps rows and width; a 56-wide image
+    is not merged (its width takes a 6-row tile with a 2-row tail)."""
+    conv = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU())
+    got = _flatten_decision(conv, torch.randn(1, 64, 7, 7), schedules.CpuVector(32, 16))
+    assert got is not None and got[0][1] == 7 and got[1] == (6, 2)
+    assert _flatten_decision(conv, torch.randn(1, 64, 7, 7), schedules.CpuVector(64, 32)) is None
+    assert _flatten_decision(conv, torch.randn(1, 64, 56, 56), schedules.CpuVector(32, 16)) is None
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()), (1, 64, 7, 7)),
+    (lambda: nn.Sequential(nn.Conv2d(32, 64, 3, 2, padding=1), nn.ReLU6()), (2, 32, 28, 28)),
+])
+def test_merged_pixel_axis_builds_for_avx2_bit_for_bit(make, shape, monkeypatch):
+    """The merged-pixel schedule (taken on 16-register targets) built for x86:haswell, whose code runs on
+    any AVX2 or AVX-512 host, computes what the unscheduled kernel computes, bit for bit."""
+    monkeypatch.setitem(globals(), "HOST", resolve_target("x86:haswell"))
     check_scheduled_equals_unscheduled(make().eval(), torch.randn(*shape))
 
 
