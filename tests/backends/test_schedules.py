@@ -879,7 +879,8 @@ def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, smal
     (schedules.CpuVector(32, 16), 120, 7, False, 7, (4, 3)),    # 1x1 960-ch at 7 wide: 1x8 -> 4x3 + 3 rows
     (schedules.CpuVector(32, 16), 8, 48, True, 48, None),       # 6 divides 48: no tail needed
     (schedules.CpuVector(32, 16), 2, 61, False, 1, None),       # one column block: the rows are the parallelism
-    (schedules.CpuVector(64, 32), 4, 56, True, 56, (6, 4)),     # AVX-512: 4x4 -> 6x4 + 2 rows
+    (schedules.CpuVector(64, 32), 16, 56, True, 56, (6, 4)),    # AVX-512 256-ch: 4x4 -> 6x4 + 2 rows
+    (schedules.CpuVector(32, 16), 4, 28, False, 28, None),      # 1x1 conv to 32 channels: 2 column blocks
 ])
 def test_register_tiles_may_leave_a_row_tail(vec, n_vectors, Er, padded, parallel, expect):
     """PackedGemm takes a register tile whose rows do not divide the row count (a serial loop of full tiles
@@ -893,11 +894,11 @@ def test_register_tiles_may_leave_a_row_tail(vec, n_vectors, Er, padded, paralle
 
 
 @pytest.mark.parametrize("make, shape", [
-    (lambda: nn.Sequential(nn.Conv2d(32, 64, 1), nn.ReLU()), (1, 32, 8, 7)),     # 7 wide: 6 rows + 1
+    (lambda: nn.Sequential(nn.Conv2d(32, 256, 1), nn.ReLU()), (1, 32, 8, 7)),    # 7 wide: 6 rows + 1
     (lambda: nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()), (1, 64, 7, 7)),  # AVX2: 49 pixels
     (lambda: nn.Sequential(nn.Conv2d(32, 128, 3, 2, padding=1), nn.Hardtanh()), (1, 32, 28, 28)),  # 14x14
     (lambda: nn.Sequential(nn.Linear(64, 512), nn.GELU()), (61, 64)),             # 61 rows: 10 x 6 + 1
-    (lambda: nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU()), (1, 16, 9, 56)),  # 56 wide, padded
+    (lambda: nn.Sequential(nn.Conv2d(16, 256, 3, padding=1), nn.ReLU()), (1, 16, 9, 56)),  # 56 wide, padded
 ])
 def test_row_tail_tiles_compute_what_the_unscheduled_kernel_computes(make, shape):
     """Kernels whose register tile leaves a partial last row tile (on AVX2 and AVX-512 hosts alike) give the
