@@ -73,6 +73,28 @@ def test_lifted_tensor_constant_lowers():
         assert compare_outputs(opt(fresh), model(fresh)).max_rel <= 1e-5
 
 
+class CatOntoEmptyCache(nn.Module):
+    """transformers' DynamicCache: each layer's keys start as torch.tensor([]) and new keys are cat'ed onto it
+    along dim -2 (ATen skips an empty 1-D input beside 4-D ones; TVM's concat refused the mixed ranks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        k = self.lin(x).view(1, 2, 4, 8)
+        return torch.cat([torch.tensor([], dtype=x.dtype), k], dim=-2) * 2 + torch.cat([k, k], dim=1).sum(1, True)
+
+
+def test_cat_skips_legacy_empty_tensor():
+    model = CatOntoEmptyCache().eval()
+    g = torch.Generator().manual_seed(0)
+    x, fresh = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    opt = graphopt.optimize(model, "x86", example_inputs=(x,))
+    with torch.no_grad():
+        assert compare_outputs(opt(fresh), model(fresh)).max_rel <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------- transformers
 def test_main_output_wrapper_returns_the_named_field():
     pytest.importorskip("transformers")
