@@ -63,16 +63,23 @@ class Spec:
 TINY_BERTLIKE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 
-def _hf(model_cls: str, config_cls: str, full: dict | None = None, tiny: dict | None = None, part=None):
-    """A builder: transformers.<model_cls>(<config_cls>(**kwargs)), eager attention; `part` picks a submodule."""
-    def build(is_tiny: bool):
+def _hf(model_cls: str, config_cls: str, depth: str, full: dict | None = None, tiny: dict | None = None,
+        part=None):
+    """A builder: transformers.<model_cls>(<config_cls>(**kwargs)), attention ATTN; `part` picks a submodule;
+    `depth` is the config key of the (encoder) layer count, which --layers overrides."""
+    def build(is_tiny: bool, layers: int | None = None):
         import transformers
 
         kwargs = dict(tiny if is_tiny else (full or {}))
+        if layers and not is_tiny:
+            kwargs[depth] = layers
+            if "encoder_layers" in kwargs:                    # an encoder taken out of a seq2seq model
+                kwargs["decoder_layers"] = 1
         config = getattr(transformers, config_cls)(**kwargs)
         config._attn_implementation = ATTN
         model = getattr(transformers, model_cls)(config)
-        return part(model) if part else model
+        standard = getattr(getattr(transformers, config_cls)(**(full or {})), depth)
+        return (part(model) if part else model), (getattr(config, depth), standard)
     return build
 
 
@@ -80,45 +87,45 @@ ATTN = "sdpa"     # what from_pretrained picks by default; --attn eager for the 
 
 
 def _timm(name: str, **kwargs):
-    def build(is_tiny: bool):
+    def build(is_tiny: bool, layers: int | None = None):
         import timm
 
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs), None
     return build
 
 
 MODELS: dict[str, Spec] = {
-    "bert": Spec("transformers", _hf("BertModel", "BertConfig", tiny=TINY_BERTLIKE), "text+mask",
+    "bert": Spec("transformers", _hf("BertModel", "BertConfig", "num_hidden_layers", tiny=TINY_BERTLIKE), "text+mask",
                  "last_hidden_state", "BertConfig() = bert-base (12 layers, 768 wide)"),
-    "distilbert": Spec("transformers", _hf("DistilBertModel", "DistilBertConfig",
+    "distilbert": Spec("transformers", _hf("DistilBertModel", "DistilBertConfig", "n_layers",
                                            tiny={"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128}),
                        "text+mask", "last_hidden_state", "DistilBertConfig() = distilbert-base (6 layers, 768)"),
-    "roberta": Spec("transformers", _hf("RobertaModel", "RobertaConfig", tiny=TINY_BERTLIKE), "text+mask",
+    "roberta": Spec("transformers", _hf("RobertaModel", "RobertaConfig", "num_hidden_layers", tiny=TINY_BERTLIKE), "text+mask",
                     "last_hidden_state", "RobertaConfig() = roberta-base layout (12 layers, 768)"),
     # AlbertConfig() is albert-xxlarge (4096 wide); albert-base-v2's sizes are the family's base model
-    "albert": Spec("transformers", _hf("AlbertModel", "AlbertConfig",
+    "albert": Spec("transformers", _hf("AlbertModel", "AlbertConfig", "num_hidden_layers",
                                        full={"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
                                        tiny={**TINY_BERTLIKE, "embedding_size": 32}),
                    "text+mask", "last_hidden_state", "albert-base-v2 sizes (12 shared layers, 768; embedding 128)"),
-    "electra": Spec("transformers", _hf("ElectraModel", "ElectraConfig",
+    "electra": Spec("transformers", _hf("ElectraModel", "ElectraConfig", "num_hidden_layers",
                                         tiny={**TINY_BERTLIKE, "embedding_size": 32}),
                     "text+mask", "last_hidden_state", "ElectraConfig() = electra-small discriminator (12 x 256)"),
-    "gpt2": Spec("transformers", _hf("GPT2Model", "GPT2Config", tiny={"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    "gpt2": Spec("transformers", _hf("GPT2Model", "GPT2Config", "n_layer", tiny={"n_embd": 64, "n_layer": 2, "n_head": 4}),
                  "text", "last_hidden_state", "GPT2Config() = gpt2 (124M: 12 layers, 768), causal mask"),
-    "vit": Spec("transformers", _hf("ViTModel", "ViTConfig",
+    "vit": Spec("transformers", _hf("ViTModel", "ViTConfig", "num_hidden_layers",
                                     tiny={**TINY_BERTLIKE, "image_size": 32, "patch_size": 8}),
                 "image", "last_hidden_state", "ViTConfig() = vit-base-patch16-224"),
-    "t5-encoder": Spec("transformers", _hf("T5EncoderModel", "T5Config",
+    "t5-encoder": Spec("transformers", _hf("T5EncoderModel", "T5Config", "num_layers",
                                            tiny={"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2,
                                                  "num_heads": 4}),
                        "text+mask", "last_hidden_state", "T5Config() = t5-small encoder (6 layers, 512)"),
-    "bart-encoder": Spec("transformers", _hf("BartModel", "BartConfig",
+    "bart-encoder": Spec("transformers", _hf("BartModel", "BartConfig", "encoder_layers",
                                              tiny={"d_model": 64, "encoder_layers": 2, "decoder_layers": 1,
                                                    "encoder_attention_heads": 4, "decoder_attention_heads": 4,
                                                    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
                                              part=lambda m: m.get_encoder()),
                          "text+mask", "last_hidden_state", "BartConfig() = bart-large encoder (12 layers, 1024)"),
-    "whisper-encoder": Spec("transformers", _hf("WhisperModel", "WhisperConfig",
+    "whisper-encoder": Spec("transformers", _hf("WhisperModel", "WhisperConfig", "encoder_layers",
                                                 tiny={"d_model": 64, "encoder_layers": 2, "decoder_layers": 1,
                                                       "encoder_attention_heads": 4, "decoder_attention_heads": 4,
                                                       "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
@@ -180,17 +187,21 @@ def _randomize(model, seed: int = 0) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
 
 
-def build(name: str, tiny: bool = False, seq: int = 64):
-    """(model, make_inputs(seed) -> tuple of tensors, info dict). The model is in eval mode, random weights."""
+def build(name: str, tiny: bool = False, seq: int = 64, layers: int | None = None):
+    """(model, make_inputs(seed) -> tuple of tensors, info dict). The model is in eval mode, random weights.
+    `layers` (transformers only): that many layers instead of the standard count, every shape unchanged."""
     import torch
 
     spec = MODELS[name]
     torch.manual_seed(0)
-    raw = spec.build(tiny).eval()
+    raw, depth = spec.build(tiny, layers)
+    raw = raw.eval()
     _randomize(raw)
     info = {"source": spec.source, "config": spec.note + (" [--tiny: 2 layers, 64 wide]" if tiny and
                                                             spec.source == "transformers" else ""),
             "output": spec.output or "logits"}
+    if depth is not None:
+        info["layers"] = f"{depth[0]}" if depth[0] == depth[1] or tiny else f"{depth[0]} of {depth[1]}"
     if spec.source == "timm":
         size = raw.default_cfg.get("input_size", (3, 224, 224))[-1]         # --tiny leaves timm models as they are
         info["input"] = f"image 3x{size}x{size}"
@@ -243,7 +254,7 @@ def _failure(e: BaseException) -> dict:
 
 
 def run_one(name: str, which: str, tiny: bool = False, seq: int = 64, rtol: float = 1e-3,
-            min_cos: float = 0.99) -> dict:
+            min_cos: float = 0.99, layers: int | None = None) -> dict:
     """One model, one run ("fp32" or "int8"), in this process. Returns a JSON-able row."""
     import torch
 
@@ -252,7 +263,7 @@ def run_one(name: str, which: str, tiny: bool = False, seq: int = 64, rtol: floa
 
     row: dict = {"model": name, "run": which, "tiny": tiny}
     try:
-        model, make, info = build(name, tiny, seq)
+        model, make, info = build(name, tiny, seq, layers)
     except Exception as e:                                        # noqa: BLE001 - the table reports it
         return {**row, "status": "fail", "stage": "build", **_failure(e)}
     row.update(info)
@@ -300,7 +311,8 @@ def _peak_rss_gb() -> float:
 def _child(name: str, which: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--run", which, "--seq", str(args.seq),
            "--rtol", str(args.rtol), "--min-cos", str(args.min_cos), "--threads", str(args.threads),
-           "--attn", args.attn] + (["--tiny"] if args.tiny else [])
+           "--attn", args.attn] + (["--tiny"] if args.tiny else []) + (
+               ["--layers", str(args.layers)] if args.layers else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -329,7 +341,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     """The markdown table (README) of {model: {run: row}}, models in MODELS order, then failure details."""
     order = {n: i for i, n in enumerate(MODELS)}
     runs = [w for w in PIPELINES if any(w in rs for rs in results.values())]
-    header = ["model", "source", "params M", "input", "output", "capture"]
+    header = ["model", "source", "layers", "params M", "input", "output", "capture"]
     for w in runs:
         header += [f"{w}", "rel\\|Δ\\|" if w == "fp32" else "cosine", "compile s"]
     header.append("peak GiB")
@@ -338,7 +350,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
         rs = results[n]
         first = next((r for r in rs.values() if "params_m" in r), next(iter(rs.values())))
         capture = next((r["capture"] for r in rs.values() if r.get("capture")), "")
-        row = [n + (" (tiny)" if first.get("tiny") else ""), first.get("source", ""),
+        row = [n + (" (tiny)" if first.get("tiny") else ""), first.get("source", ""), first.get("layers", ""),
                f"{first.get('params_m', 0):.1f}", first.get("input", ""), first.get("output", ""), capture]
         for w in runs:
             row += _cell(rs.get(w), w)
@@ -376,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="", help=f"comma-separated, from: {','.join(MODELS)} (default: all)")
     ap.add_argument("--runs", default="fp32,int8")
     ap.add_argument("--tiny", action="store_true", help="2-layer, 64-wide transformers configs (timm unchanged)")
+    ap.add_argument("--layers", type=int, default=0, help="transformers: this many layers instead of the "
+                                                          "standard count (same shapes, shorter build)")
     ap.add_argument("--seq", type=int, default=64, help="sequence length of the text models")
     ap.add_argument("--attn", default=ATTN, choices=["sdpa", "eager"], help="transformers attention implementation")
     ap.add_argument("--rtol", type=float, default=1e-3)
@@ -393,7 +407,7 @@ def main(argv=None) -> int:
         return 0
     set_threads(args.threads)
     if args.one:
-        row = run_one(args.one, args.run, args.tiny, args.seq, args.rtol, args.min_cos)
+        row = run_one(args.one, args.run, args.tiny, args.seq, args.rtol, args.min_cos, args.layers or None)
         row["peak_rss_gb"] = _peak_rss_gb()
         print(json.dumps(row), flush=True)
         return 0
