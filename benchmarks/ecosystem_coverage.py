@@ -154,7 +154,8 @@ def _main_output_wrapper():
             super().__init__()
             self.model, self.names, self.output = model, names, output
 
-        def forward(self, *args):
+        def forward(self, first, second=None):       # named parameters, not *args: torch.export's dynamic_shapes
+            args = (first,) if second is None else (first, second)      # are given per parameter
             out = self.model(**dict(zip(self.names, args)))
             return out[self.output]
 

@@ -95,6 +95,22 @@ def test_cat_skips_legacy_empty_tensor():
         assert compare_outputs(opt(fresh), model(fresh)).max_rel <= 1e-5
 
 
+class NegativeIndexOnDynamicDim(nn.Module):
+    """x[[-1, 0]] on the dynamic batch dim: the negative index wraps by the run-time extent (graphopt's
+    index.Tensor converter took int() of the symbolic extent: LoweringError on a dynamic tiny BERT)."""
+
+    def forward(self, x):
+        return x[torch.tensor([-1, 0, 1])] * 2
+
+
+def test_negative_index_on_dynamic_dim():
+    model = NegativeIndexOnDynamicDim().eval()
+    opt = graphopt.optimize(model, "x86", example_inputs=(torch.randn(4, 3),), dynamic={"batch": (2, 9)})
+    for batch in (2, 5, 9):
+        x = torch.randn(batch, 3)
+        assert torch.equal(opt(x), model(x)), batch
+
+
 # ----------------------------------------------------------------------------------------- transformers
 def test_main_output_wrapper_returns_the_named_field():
     pytest.importorskip("transformers")

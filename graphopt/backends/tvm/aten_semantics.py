@@ -216,12 +216,17 @@ def _remainder_body(x, y):
 
 
 # ------------------------------------------------------------------------------------------------ indexing
-def _wrap_index(bb, index, size: int):
-    """index + size where index < 0 (PyTorch's negative indices)."""
+def _wrap_index(bb, index, size):
+    """index + size where index < 0 (PyTorch's negative indices); `size` an int or a symbolic extent (a TIR
+    expression of a dynamic dim: read at run time through shape_to_tensor)."""
     relax = _relax()
     op = relax.op
     dt = _dtype(index)
-    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, relax.const(size, dt)), index))
+    if isinstance(size, int):
+        extent = relax.const(size, dt)
+    else:
+        extent = bb.emit(op.astype(op.reshape(op.shape_to_tensor(relax.ShapeExpr([size])), []), dt))
+    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, extent), index))
 
 
 def _select(node, importer):
@@ -248,12 +253,19 @@ def _select(node, importer):
     return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
 
 
+def _extents(x) -> list:
+    """x's shape: ints, and the TIR expressions of dynamic dims as they are."""
+    import tvm.tirx
+
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in x.ty.shape]
+
+
 def _index_tensor(node, importer):
     """x[i0, i1, ...] with negative indices wrapped (TVM's converter read out of bounds for them)."""
     relax = _relax()
     x = importer.env[node.args[0]]
     indices = list(node.args[1])
-    shape = _shape(x) if hasattr(x.ty, "shape") and x.ty.shape is not None else None
+    shape = _extents(x) if hasattr(x.ty, "shape") and x.ty.shape is not None else None
     saved = {}
     try:
         if shape is not None:
