@@ -23,7 +23,8 @@ Per model two runs, each in its own process (a crash, a memory blow-up or --time
   fp32  graphopt.optimize(model, "x86", "fold_bn,cleanup") (the default pipeline), default schedules;
         rel|Δ| = max|Δ| / max|eager| on a fresh input; `ok` up to --rtol (1e-3), `DIFF` beyond
   int8  "fold_bn,cleanup,quantize" (static int8: Linear/Conv2d/activation matmuls on integer kernels), calibrated
-        on 4 random inputs; cosine(compiled, eager) on a fresh input; `ok` from --min-cos (0.99), `LOW` below
+        on 4 random inputs; cosine(compiled, eager) on a fresh input; `ok` from --min-cos (0.99), `LOW` below,
+        `NOT QUANTIZED` when the build holds no integer kernel (quantize found no op it handles)
 
 A failure shows the error's class and, for graphopt's typed errors, the pass (PassError) or the op/node named
 in the message. Compile seconds are graphopt.optimize's wall time (capture, passes, lowering, build).
@@ -291,6 +292,8 @@ def run_one(name: str, which: str, tiny: bool = False, seq: int = 64, rtol: floa
         row.update(status="DIFF", error=diff.structure_error)
     elif which == "fp32":
         row["status"] = "ok" if diff.max_rel <= rtol else "DIFF"
+    elif not row.get("int8_path"):
+        row["status"] = "NOT QUANTIZED"        # quantize found no Linear/Conv2d/matmul it handles: still fp32
     else:
         row["status"] = "ok" if row["cos"] >= min_cos else "LOW"
     row["seconds"] = round(time.perf_counter() - start, 1)
@@ -329,6 +332,8 @@ def _child(name: str, which: str, args) -> dict:
 def _cell(r: dict | None, which: str) -> list[str]:
     if r is None:
         return ["-", "", ""]
+    if which == "int8" and r["status"] == "ok" and not r.get("int8_path"):      # rows written before the check
+        r = {**r, "status": "NOT QUANTIZED"}
     if r["status"] == "fail":
         what = r.get("kind", "")
         if r.get("pass"):
@@ -351,7 +356,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
         rs = results[n]
         first = next((r for r in rs.values() if "params_m" in r), next(iter(rs.values())))
         capture = next((r["capture"] for r in rs.values() if r.get("capture")), "")
-        row = [n + (" (tiny)" if first.get("tiny") else ""), first.get("source", ""), first.get("layers", ""),
+        layers = first.get("layers") or ("standard" if first.get("source") == "transformers" else "")
+        row = [n + (" (tiny)" if first.get("tiny") else ""), first.get("source", ""), layers,
                f"{first.get('params_m', 0):.1f}", first.get("input", ""), first.get("output", ""), capture]
         for w in runs:
             row += _cell(rs.get(w), w)
@@ -360,13 +366,17 @@ def table(results: dict[str, dict[str, dict]]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     notes = []
     for w in runs:
-        ok = sum(rs.get(w, {}).get("status") == "ok" for rs in results.values())
+        ok = sum(rs.get(w, {}).get("status") == "ok" and (w != "int8" or bool(rs[w].get("int8_path")))
+                 for rs in results.values())
         notes.append(f"{w}: {ok}/{len(results)} ok")
     lines.append("")
     lines.append(", ".join(notes))
     for n, rs in results.items():
         for w, r in rs.items():
-            if r["status"] != "ok":
+            if w == "int8" and r["status"] == "ok" and not r.get("int8_path"):
+                lines.append(f"- {n} [int8]: NOT QUANTIZED: no integer kernel in the build (quantize found no op it "
+                             f"handles), so the int8 build is the fp32 one")
+            elif r["status"] != "ok":
                 where = f" (pass {r['pass']})" if r.get("pass") else ""
                 lines.append(f"- {n} [{w}]: {r['status']} {r.get('kind', '')}{where}: {r.get('error', '')}")
     return "\n".join(lines)
