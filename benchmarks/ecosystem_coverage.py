@@ -376,6 +376,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             if w == "int8" and r["status"] == "ok" and not r.get("int8_path"):
                 lines.append(f"- {n} [int8]: NOT QUANTIZED: no integer kernel in the build (quantize found no op it "
                              f"handles), so the int8 build is the fp32 one")
+            elif r["status"] in ("DIFF", "LOW") and not r.get("error"):
+                lines.append(f"- {n} [{w}]: {r['status']}: rel|Δ| {r['rel']:.2e}, cosine {r['cos']:.4f} vs eager")
             elif r["status"] != "ok":
                 where = f" (pass {r['pass']})" if r.get("pass") else ""
                 lines.append(f"- {n} [{w}]: {r['status']} {r.get('kind', '')}{where}: {r.get('error', '')}")
