@@ -30,6 +30,9 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
                           decomposition's clamp_min kept them)
   softmax backward        decomposed as ATen's kernel computes it, o * (g - sum(g * o))
   sum over dim 0 of a 0-d tensor: the tensor itself (PyTorch allows dim 0 / -1 there; TVM's sum refused it)
+  cat                     legacy empty 1-D inputs (shape (0,)) next to tensors of another rank are skipped,
+                          as ATen skips them (TVM's concat refused mixed ranks: transformers' DynamicCache
+                          starts every layer's keys/values as torch.tensor([]) and cats onto it, GPT-2)
 """
 from __future__ import annotations
 
@@ -213,12 +216,17 @@ def _remainder_body(x, y):
 
 
 # ------------------------------------------------------------------------------------------------ indexing
-def _wrap_index(bb, index, size: int):
-    """index + size where index < 0 (PyTorch's negative indices)."""
+def _wrap_index(bb, index, size):
+    """index + size where index < 0 (PyTorch's negative indices); `size` an int or a symbolic extent (a TIR
+    expression of a dynamic dim: read at run time through shape_to_tensor)."""
     relax = _relax()
     op = relax.op
     dt = _dtype(index)
-    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, relax.const(size, dt)), index))
+    if isinstance(size, int):
+        extent = relax.const(size, dt)
+    else:
+        extent = bb.emit(op.astype(op.reshape(op.shape_to_tensor(relax.ShapeExpr([size])), []), dt))
+    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, extent), index))
 
 
 def _select(node, importer):
@@ -245,12 +253,19 @@ def _select(node, importer):
     return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
 
 
+def _extents(x) -> list:
+    """x's shape: ints, and the TIR expressions of dynamic dims as they are."""
+    import tvm.tirx
+
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in x.ty.shape]
+
+
 def _index_tensor(node, importer):
     """x[i0, i1, ...] with negative indices wrapped (TVM's converter read out of bounds for them)."""
     relax = _relax()
     x = importer.env[node.args[0]]
     indices = list(node.args[1])
-    shape = _shape(x) if hasattr(x.ty, "shape") and x.ty.shape is not None else None
+    shape = _extents(x) if hasattr(x.ty, "shape") and x.ty.shape is not None else None
     saved = {}
     try:
         if shape is not None:
@@ -386,6 +401,33 @@ def _sum_dim(node, importer):
         out_dt = _val_dtype(node) or _dtype(x)
         return x if _dtype(x) == out_dt else importer.block_builder.emit(relax.op.astype(x, out_dt))
     return _tvm(importer, "sum.dim_IntList")(node)
+
+# -------------------------------------------------------------------------------------------------- cat
+def _cat(node, importer):
+    """torch.cat: a 1-D input of shape (0,) beside inputs of another rank is skipped (ATen's legacy rule),
+    the rest concatenated along dim; the result has the node's dtype (computed over all inputs, as ATen)."""
+    import tvm.tirx
+
+    relax = _relax()
+    vals = [importer.env[t] for t in node.args[0]]
+    if len({_ndim(v) for v in vals}) == 1:
+        return _tvm(importer, "cat.default")(node)
+
+    def legacy_empty(v):
+        extent = v.ty.shape[0] if _ndim(v) == 1 else None
+        return isinstance(extent, tvm.tirx.IntImm) and int(extent) == 0
+
+    kept = [v for v in vals if not legacy_empty(v)]
+    if not kept or len({_ndim(v) for v in kept}) != 1:
+        raise LoweringError(f"aten.cat.default (node '{node.name}'): inputs of ranks {[_ndim(v) for v in vals]}: "
+                            f"only empty 1-D tensors may differ in rank from the others")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim %= _ndim(kept[0])
+    bb = importer.block_builder
+    out = kept[0] if len(kept) == 1 else bb.emit(relax.op.concat(kept, axis=dim))
+    out_dt = _val_dtype(node) or _dtype(out)
+    return out if _dtype(out) == out_dt else bb.emit(relax.op.astype(out, out_dt))
+
 
 # ------------------------------------------------------------------------------- transposed convolution
 def _tuple(v, n: int) -> list[int]:
@@ -538,6 +580,7 @@ CONVERTERS: dict[str, Callable] = {
     "var_mean.correction": _var_mean,
     "sqrt.default": _sqrt,
     "sum.dim_IntList": _sum_dim,
+    "cat.default": _cat,
 }
 
 

@@ -134,10 +134,15 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None)
     that fixes one of them is a LoweringError naming the dim and the line/op.
 
     Every node of `gm` is tagged (temporarily) with its name in node.meta["custom"], which torch.export
-    carries to the ATen nodes it produces, so errors can name the fx node an ATen op came from.
+    carries to the ATen nodes it produces, so errors can name the fx node an ATen op came from. get_attr nodes
+    are not tagged: torch.export gives a lifted constant's placeholder the custom metadata of both its get_attr
+    node and the op that read it (aten.lift_fresh_copy for a `torch.tensor(...)` inside forward, as in GPT-2's
+    attention), and asserts the two agree.
     """
     saved: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue
         saved[node] = node.meta.get("custom", _MISSING)
         custom = dict(saved[node]) if isinstance(saved[node], dict) else {}
         custom[_PROVENANCE_KEY] = node.name

@@ -921,16 +921,19 @@ def finalize_passes(target) -> list:
 
 
 def split_layout_rewrite_preproc():
-    """relax.transform.SplitLayoutRewritePreproc over the kernels it understands. That pass requires a root
-    block with compute blocks in every PrimFunc of the module, also in those it does not change; hand-written
-    kernels (the int8 ones of quant_lower.py: plain loops) are set aside while it runs and put back after."""
+    """relax.transform.SplitLayoutRewritePreproc over the kernels it changes. That pass requires a root
+    block with compute blocks in every PrimFunc of the module, also in those it does not change; kernels
+    without a weight-repacking block are set aside while it runs and put back after: the hand-written int8 ones
+    of quant_lower.py (plain loops), and TOPI's scan kernels such as cumsum (a root block over bare loops:
+    RoBERTa's position ids), where the pass stops with "There should be a compute block if there is only one
+    subtree under the root"."""
     import tvm
-    from tvm import relax, s_tir, tirx
+    from tvm import relax, tirx
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptSplitLayoutRewritePreproc")
     def _pass(mod, ctx):
         aside = {gv: func for gv, func in mod.functions_items()
-                 if isinstance(func, tirx.PrimFunc) and not isinstance(func.body, s_tir.SBlockRealize)}
+                 if isinstance(func, tirx.PrimFunc) and not _has_layout_rewrite_preproc(func)}
         if not aside:
             return relax.transform.SplitLayoutRewritePreproc()(mod)
         rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in aside}, attrs=mod.attrs,
@@ -941,6 +944,26 @@ def split_layout_rewrite_preproc():
         return out
 
     return _pass
+
+
+def _has_layout_rewrite_preproc(func) -> bool:
+    """Whether a PrimFunc holds a block marked meta_schedule.layout_rewrite_preproc (a weight repack that
+    SplitLayoutRewritePreproc moves into its own function)."""
+    from tvm import s_tir
+
+    stack = [func.body]
+    while stack:                   # the statement tree: SeqStmt.seq, For/Let/Attr/SBlock.body, SBlockRealize.block
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, s_tir.SBlock) and "meta_schedule.layout_rewrite_preproc" in node.annotations:
+            return True
+        stack.extend(getattr(node, "seq", None) or ())
+        for attr in ("body", "block", "then_case", "else_case", "init"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    return False
 
 
 @dataclass
