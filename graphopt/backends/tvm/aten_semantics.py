@@ -30,6 +30,12 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
                           decomposition's clamp_min kept them)
   softmax backward        decomposed as ATen's kernel computes it, o * (g - sum(g * o))
   sum over dim 0 of a 0-d tensor: the tensor itself (PyTorch allows dim 0 / -1 there; TVM's sum refused it)
+
+Dynamic (symbolic) dims: _shape gives a static dim as an int and a dynamic one as its TIR expression; the
+moments, index and select converters and the exact transposed convolution compute with it (a size a Relax op
+needs as a value is read from the shape at run time, _dim_tensor). What must be static (the weight and input
+channels of a transposed convolution here; pooling windows and training batch norm in numerics.py) raises a
+LoweringError naming the op, the exported node and the dynamic dims (_static_shape), never a bare TypeError.
 """
 from __future__ import annotations
 
@@ -266,8 +272,6 @@ def _wrap_index(bb, index, size):
 
 
 def _select(node, importer):
-    import tvm.tirx
-
     relax = _relax()
     x = importer.env[node.args[0]]
     dim, index = int(node.args[1]), node.args[2]
@@ -275,15 +279,14 @@ def _select(node, importer):
         return _tvm(importer, "select.int")(node)
     ndim = _ndim(x)
     dim %= max(ndim, 1)
-    extent = x.ty.shape[dim]
-    if not isinstance(extent, tvm.tirx.IntImm):        # a dynamic dim (a symbolic extent)
+    size = _shape(x)[dim]
+    if not _is_static(size):                            # a dynamic dim (a symbolic extent)
         if index >= 0:
             return _tvm(importer, "select.int")(node)
         bb = importer.block_builder                     # x[..., -k]: strided_slice counts from the end
         end = index + 1 if index < -1 else (1 << 63) - 1
         part = bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[index], end=[end]))
         return bb.emit(relax.op.squeeze(part, [dim]))
-    size = int(extent)
     if not -size <= index < size:
         raise LoweringError(f"aten.select.int: index {index} is out of range for dim {dim} of size {size}")
     return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
