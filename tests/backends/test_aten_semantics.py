@@ -151,3 +151,63 @@ def test_what_the_backend_cannot_honour_is_a_typed_error(fn, shapes, match):
     inputs = tuple(torch.randn(*s) for s in shapes)
     with pytest.raises(LoweringError, match=match):
         graphopt.optimize(_Fn(fn), target="x86", pipeline="", example_inputs=inputs)
+
+
+# ------------------------------------------------------------------------------------------ dynamic dims
+_DYN = {"batch": (1, 6), "seq": (2, 12)}        # x: (batch, seq, 4)
+
+
+class _DynOps(nn.Module):
+    """Converters that read the input's shape (_shape keeps a dynamic dim symbolic): moments over dynamic
+    dims (n read at run time, divisor max(0, n - correction)), negative indices into dynamic dims, and the
+    exact transposed convolution over a dynamic length."""
+
+    names = ("var_last", "std_seq", "var_mean_keepdim", "std_mean_seq", "var_correction3", "var_all",
+             "index_seq", "index_batch", "select_neg", "conv_transpose1d")
+
+    def forward(self, x, idx, w):
+        return (x.var(dim=-1), x.std(dim=1), torch.var_mean(x, dim=(0, 1), keepdim=True),
+                torch.std_mean(x, dim=1), torch.var(x, dim=1, correction=3), torch.var(x), x[:, idx],
+                x[idx[:2]], x.select(1, -2), F.conv_transpose1d(x.transpose(1, 2), w, stride=2, padding=1))
+
+
+@pytest.fixture(scope="module")
+def dynamic_ops():
+    idx = torch.tensor([0, -1, 1, -2])
+    w = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(5))
+    w[1, 0, 2] = INF                       # a run-time weight: the exact transposed-convolution kernel
+    model = _DynOps().eval()
+    opt = graphopt.optimize(model, target="x86", pipeline="", example_inputs=(torch.randn(3, 5, 4), idx, w),
+                            dynamic={"x": {0: "batch", 1: "seq"}, **_DYN})
+    return model, opt, idx, w
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 2, 4), (6, 12, 4)], ids=str)
+def test_shape_reading_converters_keep_dynamic_dims_symbolic(dynamic_ops, shape):
+    """_shape used to call int() on every dim: var/std/var_mean and index.Tensor failed to lower on a dynamic
+    dim. Each size runs with NaN/Inf/near-limit values, one infinity early and one last in a reduction (the
+    Welford mean's NaN rule) and a seq of 2 (var with correction=3: divisor 0)."""
+    model, opt, idx, w = dynamic_ops
+    x = specials(shape, seed=shape[1])
+    x[0, 0, 1], x[-1, -1, 2] = INF, -INF
+    with torch.no_grad():
+        ref = model(x, idx, w)
+    got = opt(x, idx, w)
+    for name, g, r in zip(_DynOps.names, got, ref):
+        assert compare(g, r) is None, f"{name} at {shape}: {compare(g, r)}"
+
+
+@pytest.mark.parametrize("fn, dynamic, match", [
+    (lambda x: F.avg_pool2d(x, 2, divisor_override=3), {"x": {2: ("h", 4, 16)}},
+     r"avg_pool2d.*static height and width.*fx node 'avg_pool2d'"),
+    (lambda x: F.max_pool2d(x, 3, stride=1, ceil_mode=True), {"x": {3: ("w", 4, 16)}},
+     r"max_pool2d_with_indices.*static height and width.*fx node 'max_pool2d'"),
+], ids=["avg_pool2d-divisor_override-dynamic-h", "max_pool2d-ceil-dynamic-w"])
+def test_what_needs_static_dims_is_a_typed_error_on_a_dynamic_dim(fn, dynamic, match):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    with pytest.raises(LoweringError, match=match):
+        graphopt.optimize(M(), target="x86", pipeline="", example_inputs=(torch.randn(1, 2, 7, 9),),
+                          dynamic=dynamic)

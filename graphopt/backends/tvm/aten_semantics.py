@@ -33,6 +33,12 @@ Each converter computes what eager PyTorch computes on CPU, NaN/+-Inf included:
   cat                     legacy empty 1-D inputs (shape (0,)) next to tensors of another rank are skipped,
                           as ATen skips them (TVM's concat refused mixed ranks: transformers' DynamicCache
                           starts every layer's keys/values as torch.tensor([]) and cats onto it, GPT-2)
+
+Dynamic (symbolic) dims: _shape gives a static dim as an int and a dynamic one as its TIR expression; the
+moments, index and select converters and the exact transposed convolution compute with it (a size a Relax op
+needs as a value is read from the shape at run time, _dim_tensor). What must be static (the weight and input
+channels of a transposed convolution here; pooling windows and training batch norm in numerics.py) raises a
+LoweringError naming the op, the exported node and the dynamic dims (_static_shape), never a bare TypeError.
 """
 from __future__ import annotations
 
@@ -58,8 +64,51 @@ def _ndim(x) -> int:
     return int(x.ty.ndim)
 
 
-def _shape(x) -> list[int]:
-    return [int(d) for d in x.ty.shape]
+def _shape(x) -> list:
+    """x's shape: an int per static dim, the TIR expression (an int64 tir var, or an expression of them) per
+    dynamic one, for the converter to keep symbolic (_dim_tensor) or refuse (_static_shape)."""
+    from tvm import tirx
+
+    return [int(d) if isinstance(d, tirx.IntImm) else d for d in x.ty.shape]
+
+
+def _is_static(dim) -> bool:
+    return isinstance(dim, int)
+
+
+def _static_shape(node, x, what: str) -> list[int]:
+    """_shape(x) when every dim is static, else a LoweringError naming the op, the node and the dynamic dims
+    (`what`: what of the op needs static sizes)."""
+    shape = _shape(x)
+    dynamic = [f"dim {i} ({d})" for i, d in enumerate(shape) if not _is_static(d)]
+    if dynamic:
+        raise LoweringError(f"{_op_name(node)} (exported node '{node.name}'): {what} needs static sizes, but "
+                            f"{', '.join(dynamic)} of its input is dynamic; not supported by the TVM backend")
+    return shape
+
+
+def _op_name(node) -> str:
+    target = node.target
+    namespace = getattr(target, "namespace", "aten")
+    return f"{namespace}.{getattr(target, '__name__', str(target))}"
+
+
+def _dim_tensor(bb, dims, dtype: str):
+    """A 0-d tensor of `dtype` holding the product of `dims` (ints and TIR expressions: a dynamic size read
+    at run time from the shape; Relax binary ops take no PrimExpr operand)."""
+    relax = _relax()
+    op = relax.op
+    static = 1
+    symbolic = None
+    for d in dims:
+        if _is_static(d):
+            static *= d
+        else:
+            symbolic = d if symbolic is None else symbolic * d
+    if symbolic is None:
+        return relax.const(static, dtype)
+    size = op.shape_to_tensor(relax.ShapeExpr([symbolic * static if static != 1 else symbolic]))
+    return bb.emit(op.reshape(op.astype(size, dtype), []))
 
 
 def _arg(node, i: int, name: str, default=None):
@@ -217,21 +266,15 @@ def _remainder_body(x, y):
 
 # ------------------------------------------------------------------------------------------------ indexing
 def _wrap_index(bb, index, size):
-    """index + size where index < 0 (PyTorch's negative indices); `size` an int or a symbolic extent (a TIR
-    expression of a dynamic dim: read at run time through shape_to_tensor)."""
+    """index + size where index < 0 (PyTorch's negative indices); `size` an int or, for a dynamic dim, its TIR
+    expression (read from the shape at run time)."""
     relax = _relax()
     op = relax.op
     dt = _dtype(index)
-    if isinstance(size, int):
-        extent = relax.const(size, dt)
-    else:
-        extent = bb.emit(op.astype(op.reshape(op.shape_to_tensor(relax.ShapeExpr([size])), []), dt))
-    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, extent), index))
+    return bb.emit(op.where(op.less(index, relax.const(0, dt)), op.add(index, _dim_tensor(bb, [size], dt)), index))
 
 
 def _select(node, importer):
-    import tvm.tirx
-
     relax = _relax()
     x = importer.env[node.args[0]]
     dim, index = int(node.args[1]), node.args[2]
@@ -239,15 +282,14 @@ def _select(node, importer):
         return _tvm(importer, "select.int")(node)
     ndim = _ndim(x)
     dim %= max(ndim, 1)
-    extent = x.ty.shape[dim]
-    if not isinstance(extent, tvm.tirx.IntImm):        # a dynamic dim (a symbolic extent)
+    size = _shape(x)[dim]
+    if not _is_static(size):                            # a dynamic dim (a symbolic extent)
         if index >= 0:
             return _tvm(importer, "select.int")(node)
         bb = importer.block_builder                     # x[..., -k]: strided_slice counts from the end
         end = index + 1 if index < -1 else (1 << 63) - 1
         part = bb.emit(relax.op.strided_slice(x, axes=[dim], begin=[index], end=[end]))
         return bb.emit(relax.op.squeeze(part, [dim]))
-    size = int(extent)
     if not -size <= index < size:
         raise LoweringError(f"aten.select.int: index {index} is out of range for dim {dim} of size {size}")
     return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
@@ -302,16 +344,21 @@ def _moments(node, importer, want_mean: bool):
         axes = sorted({int(d) % max(ndim, 1) for d in ([dim] if isinstance(dim, int) else dim)})
     if ndim == 0:
         axes = []
-    n = 1
-    for a in axes:
-        n *= shape[a]
+    sizes = [shape[a] for a in axes]
+    static_n = 1
+    for d in sizes:
+        static_n *= d if _is_static(d) else 1
+    n = static_n if all(_is_static(d) for d in sizes) else None      # None: a dynamic dim is reduced
     bb = importer.block_builder
-    if n == 0:                  # no elements: NaN moments, as PyTorch (TVM's mean divided by a constant 0)
+    if static_n == 0:           # no elements: NaN moments, as PyTorch (TVM's mean divided by a constant 0)
         import numpy as np
 
         out_shape = [1 if a in axes else shape[a] for a in range(ndim)] if keepdim else \
             [shape[a] for a in range(ndim) if a not in axes]
-        nan = relax.const(np.full(out_shape, np.nan, "float64"))
+        if all(_is_static(d) for d in out_shape):
+            nan = relax.const(np.full(out_shape, np.nan, "float64"))
+        else:
+            nan = bb.emit(op.full(relax.ShapeExpr(out_shape), relax.const(float("nan"), "float64"), "float64"))
         return nan, nan
     xd = bb.emit(op.astype(x, "float64"))
     if axes:
@@ -323,22 +370,35 @@ def _moments(node, importer, want_mean: bool):
     else:
         mean = xd
         m2 = bb.emit(op.multiply(op.subtract(xd, xd), op.subtract(xd, xd)))
-    if want_mean and axes and n > 1:
+    if want_mean and axes and (n is None or n > 1):
         # ATen's Welford update makes the mean NaN once any element after an infinite one (in reduction
-        # order) arrives: mean + (x - inf) / k = inf - inf. Only an infinity in the last position survives.
-        import numpy as np
-
-        pos_shape = [shape[a] if a in axes else 1 for a in range(ndim)]
-        pos = np.arange(n).reshape([shape[a] for a in axes]).reshape(pos_shape)
-        not_last = relax.const(pos < n - 1)
-        early_inf = op.logical_and(op.isinf(xd), not_last)
-        hit = bb.emit(op.max(op.astype(early_inf, "int8"), axis=axes, keepdims=keepdim))
+        # order, row-major over the reduced dims) arrives: mean + (x - inf) / k = inf - inf. Only an infinity
+        # in the last position (every reduced index at its extent - 1) survives.
+        early_inf = bb.emit_te(_early_inf_te, xd, axes)
+        hit = bb.emit(op.max(early_inf, axis=axes, keepdims=keepdim))
         mean = bb.emit(op.where(op.greater(hit, relax.const(0, "int8")), relax.const(float("nan"), "float64"),
                                 mean))
-    divisor = max(0.0, n - float(correction))
-    scale = 1.0 / divisor if divisor > 0 else float("inf")     # M2 / 0: +Inf, or NaN where M2 is 0 or NaN
-    var = bb.emit(op.multiply(m2, relax.const(scale, "float64")))
+    if n is not None:
+        divisor = max(0.0, n - float(correction))
+        scale = 1.0 / divisor if divisor > 0 else float("inf")     # M2 / 0: +Inf, or NaN where M2 is 0 or NaN
+        var = bb.emit(op.multiply(m2, relax.const(scale, "float64")))
+    else:                       # M2 / max(0, n - correction) with n read from the shape at run time
+        count = _dim_tensor(bb, sizes, "float64")
+        divisor = bb.emit(op.maximum(op.subtract(count, relax.const(float(correction), "float64")),
+                                     relax.const(0.0, "float64")))
+        var = bb.emit(op.divide(m2, divisor))
     return var, mean
+
+
+def _early_inf_te(x, axes):
+    """int8 1 where x is +-Inf and not at the last position of the reduction over `axes`, else 0."""
+    from tvm import te, tirx
+
+    def body(*i):
+        last = tirx.all(*[i[a] == x.shape[a] - 1 for a in axes])
+        return tirx.Cast("int8", tirx.And(tirx.isinf(x(*i)), tirx.Not(last)))
+
+    return te.compute(x.shape, body, name="welford_early_inf")
 
 
 def _float32(importer, x, like: str):
@@ -460,7 +520,7 @@ def _conv_transpose_te(x, w, stride, padding, dilation, output_padding, groups: 
 
     nd = len(x.shape) - 2
     batch, in_c = x.shape[0], int(x.shape[1])
-    sizes = [int(d) for d in x.shape[2:]]
+    sizes = list(x.shape[2:])          # dynamic (symbolic) spatial sizes stay TIR expressions
     kernel = [int(d) for d in w.shape[2:]]
     out_cg = int(w.shape[1])
     in_cg = in_c // groups
@@ -479,7 +539,7 @@ def _conv_transpose_te(x, w, stride, padding, dilation, output_padding, groups: 
             t = o[d] + padding[d] - rk[d] * dilation[d]
             ok = tirx.all(t >= 0, tirx.floormod(t, stride[d]) == 0, tirx.floordiv(t, stride[d]) < sizes[d])
             valid = ok if valid is None else tirx.all(valid, ok)
-            index.append(tirx.Select(ok, tirx.floordiv(t, stride[d]), 0))
+            index.append(tirx.Select(ok, tirx.floordiv(t, stride[d]), tirx.const(0, str(t.ty.dtype))))
         prod = x[(b, ic, *index)] * w[(ic, tirx.floormod(oc, out_cg), *rk)]
         return te.sum(tirx.Select(valid, prod, tirx.const(0, dtype)), axis=[ric, *rk])
 
@@ -509,6 +569,10 @@ def _conv_transpose(node, importer, ep=None):
     if _ndim(x) in (3, 4) and _finite_constant(ep, node.args[1]):
         return _tvm(importer, name)(node)
     nd = _ndim(x) - 2
+    _static_shape(node, w, "the weight of a transposed convolution")
+    if not _is_static(_shape(x)[1]):
+        raise LoweringError(f"{_op_name(node)} (exported node '{node.name}'): the input's channel dim (dim 1) is "
+                            f"dynamic; a transposed convolution needs it static in the TVM backend")
     if isinstance(padding, str):
         raise LoweringError(f"aten.{name}: padding={padding!r} is not supported by the TVM backend for a "
                             f"transposed convolution")

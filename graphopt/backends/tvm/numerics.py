@@ -247,7 +247,7 @@ def _max_pool2d_with_indices(node, importer):
     x, squeeze = _as_4d(importer, a["x"])
     k, st, p, d = (_pair(a["kernel_size"]), _pair(a["stride"], a["kernel_size"]), _pair(a["padding"]),
                    _pair(a["dilation"]))
-    h, w = _hw(x)
+    h, w = _hw(x, node)
     _, ah = pool_windows(h, k[0], st[0], p[0], d[0], True)
     _, aw = pool_windows(w, k[1], st[1], p[1], d[1], True)
     out = importer.block_builder.emit(relax.op.nn.max_pool2d(
@@ -272,7 +272,7 @@ def _avg_pool2d(node, importer):
         return importer._avg_pool2d(node)
     x, squeeze = _as_4d(importer, a["x"])
     k, st, p = _pair(a["kernel_size"]), _pair(a["stride"], a["kernel_size"]), _pair(a["padding"])
-    size = _hw(x)
+    size = _hw(x, node)
     dims = [pool_windows(size[i], k[i], st[i], p[i], 1, bool(a["ceil_mode"])) for i in range(2)]
     dtype = str(x.ty.dtype)
     bb = importer.block_builder
@@ -308,9 +308,17 @@ def _as_4d(importer, x):
     return x, False
 
 
-def _hw(x) -> list[int]:
-    shape = x.ty.shape
-    return [int(shape[2]), int(shape[3])]
+def _hw(x, node) -> list[int]:
+    """Height and width of NCHW `x`; a LoweringError naming the node when either is dynamic (the windows of
+    ceil_mode / divisor_override pooling are planned per position at compile time)."""
+    from .aten_semantics import _op_name, _shape
+
+    h, w = _shape(x)[2:4]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise LoweringError(f"{_op_name(node)} (exported node '{node.name}'): ceil_mode / divisor_override pooling "
+                            f"needs static height and width, but the input's are ({h}, {w}); not supported "
+                            f"by the TVM backend")
+    return [h, w]
 
 
 def _restore(importer, out, squeeze: bool):
@@ -379,7 +387,9 @@ def _batch_norm_training(node, importer):
         return importer._batch_norm_legit_functional(node)
     x = importer.env[args[0]]
     dtype = str(x.ty.dtype)
-    shape = [int(d) for d in x.ty.shape]
+    from .aten_semantics import _static_shape
+
+    shape = _static_shape(node, x, "training-mode batch norm (its batch statistics)")
     channels = shape[1]
     axes = [0] + list(range(2, len(shape)))
     n = int(np.prod([shape[a] for a in axes]))
