@@ -191,7 +191,7 @@ class SearchResult:
         chosen = self.chosen.pipeline if self.chosen else "(none within budget)"
         what = {"latency": "the fastest", "size": "the smallest stored weights",
                 "compressed": "the smallest compressed file"}[self.objective]
-        lines.append(f"chosen ({what} within budget {self.budget:g}): {chosen}")
+        lines.append(f"chosen: {chosen} ({what} within budget {self.budget:g})")
         lines.append("size: weight bytes the compiled model stores (sparse layers on the block-sparse kernel at "
                      "their values + indices); smaller: baseline / candidate"
                      + ("; compressed: graphopt.compressed.save file bytes" if show_z else ""))
