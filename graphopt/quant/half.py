@@ -9,6 +9,7 @@ compiled layer is the more accurate of the two and they agree to float16 roundin
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,6 +46,7 @@ class HalfLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, compute=float16"
 
 
+@functools.lru_cache(maxsize=64)
 def has_fast_float16(target: str) -> bool:
     """True for aarch64 targets whose CPU has FP16 arithmetic (LLVM feature fullfp16); False otherwise (x86,
     torch, cuda: CUDA's float16 Linear lowering is not verified on a GPU yet, so it is not offered)."""
