@@ -2,11 +2,16 @@
 
     python benchmarks/bench_search.py                      # digits CNN + ResNet-18-shaped + BERT-shaped
     python benchmarks/bench_search.py --models digits --target x86 --out benchmarks/results
+    python benchmarks/bench_search.py --models digits --objective size --compressed   # smallest within budget
 
 digits: a CNN trained here on scikit-learn's bundled digits; metric = top-1 accuracy on the held-out
 split, budget 1 point; compressed candidates may be followed by distillation on the training split.
 resnet18 / bert: random-weight models (no data can be downloaded); metric = cosine similarity (x100) of
 outputs with the original model on generated inputs, budget 1.0 (i.e. cosine >= 0.99).
+The space is graphopt.searcher.default_space (prune, lowrank, sparsify, cluster, int8 / int4 / mixed
+quantize and their combinations; digits adds distillation twins) unless --legacy-space (the grid without
+sparsity, bits and clusters). --objective picks latency (default), size (stored weight bytes) or compressed
+(graphopt.compressed file bytes; --compressed records them for every objective).
 Writes <out>/search_<model>.json and .png, prints each Pareto table.
 """
 from __future__ import annotations
@@ -26,7 +31,13 @@ from graphopt.datasets import DigitsCNN, accuracy, batches, digits, train_classi
 from graphopt.models import BertStyleEncoder  # noqa: E402
 
 
-def _space(base: str, with_distill: bool, prune_ratios=(0.25, 0.5), energies=(0.9, 0.95), quant=True):
+def _space(base: str, with_distill: bool, args=None, prune_ratios=(0.25, 0.5), energies=(0.9, 0.95), quant=True):
+    if args is not None and not args.legacy_space:
+        from graphopt.searcher import default_space
+
+        space = default_space(distill=with_distill)
+        return [s.replace("distill(epochs=2,progress=false)", "distill(epochs=3,lr=0.001,progress=false)")
+                for s in space]
     have = graphopt.available_passes()
     out = [base]
     comp = []
@@ -55,9 +66,10 @@ def run_digits(args):
     data = (xte[:n], yte[:n])
     calib = [xtr[i:i + bs] for i in range(0, 512, bs)]
     return graphopt.search(model, args.target, data, graphopt.top1, budget=1.0, example_inputs=(xte[:bs],),
-                           space=_space("fold_bn,cleanup", True), calibration=calib,
+                           space=_space("fold_bn,cleanup", True, args), calibration=calib,
                            train_data=batches(xtr, ytr, 64, shuffle=True),
-                           state=os.path.join(args.out, "search_digits.state.json"), repeats=args.repeats)
+                           state=os.path.join(args.out, "search_digits.state.json"), repeats=args.repeats,
+                           objective=args.objective, compressed=args.compressed)
 
 
 def _cosine_search(name, model, make_input, args, n_eval=8):
@@ -66,9 +78,9 @@ def _cosine_search(name, model, make_input, args, n_eval=8):
     data = [make_input() for _ in range(n_eval)]
     calib = [make_input() for _ in range(8)]
     return graphopt.search(model, args.target, data, graphopt.cosine(model), budget=1.0,
-                           example_inputs=(example,), space=_space("fold_bn,cleanup", False),
+                           example_inputs=(example,), space=_space("fold_bn,cleanup", False, args),
                            calibration=calib, state=os.path.join(args.out, f"search_{name}.state.json"),
-                           repeats=args.repeats)
+                           repeats=args.repeats, objective=args.objective, compressed=args.compressed)
 
 
 def run_resnet18(args):
@@ -97,6 +109,9 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--bert-layers", type=int, default=4, help="BERT-base width, this many layers")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--objective", default="latency", choices=["latency", "size", "compressed"])
+    p.add_argument("--compressed", action="store_true", help="record graphopt.compressed file bytes too")
+    p.add_argument("--legacy-space", action="store_true", help="the grid without sparsity, bits and clusters")
     p.add_argument("--resume", action="store_true", help="keep candidates measured by an interrupted run")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -123,7 +123,7 @@ class Distill(Pass):
         labelled = any(lab is not None for _, lab in data) and self.alpha < 1.0
         teacher_out = _TeacherCache(teacher)
 
-        params = [p for p in gm.parameters()]
+        params = self._trainable(gm)
         for p in params:
             p.requires_grad_(True)
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer]
@@ -223,6 +223,10 @@ class Distill(Pass):
         return PassResult(gm, notes=notes, details=history)
 
     # ------------------------------------------------------------------------------------------ pieces
+    def _trainable(self, gm: nn.Module) -> list[nn.Parameter]:
+        """The parameters trained (all of the graph's; a pass reusing this machinery may train fewer)."""
+        return list(gm.parameters())
+
     def _check_options(self):
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
             raise ValueError(f"distill: alpha must be in [0, 1] and temperature > 0 "

@@ -88,7 +88,8 @@ class Quantize(Pass):
                    grid: |error| <= scale/2 (255 levels int8, 16 levels int4); the details list each layer's
                    weight rel. L2 error (w_err).
       bits=mixed   mixed precision (graphopt/passes/_mixed.py): each layer gets one of float32, int8 static,
-                   int8 dynamic, int8 weight-only, int4 weight-only (those the target has kernels for:
+                   int8 dynamic, int8 weight-only, int4 weight-only, and float16 on aarch64 CPUs with FP16
+                   arithmetic (graphopt.quant.half; never x86) (those the target has kernels for:
                    graphopt.quant.mixed.supported_choices; `choices` narrows them; Conv2d and matmul: float32 or
                    static), chosen exactly by an integer program (scipy.optimize.milp) under `budget`:
                    size:0.25 (fraction of the float32 model's bytes) or size:3MB, error:0.02 (output rel. L2

@@ -87,6 +87,33 @@ def _(x, idx, codebook, bias, bits, in_features):
     return x.new_empty((*x.shape[:-1], idx.shape[0]), dtype=torch.float32)
 
 
+def _setup(ctx, inputs, output):
+    x, idx, codebook, bias, bits, in_features = inputs
+    ctx.save_for_backward(x, idx, codebook)
+    ctx.bits, ctx.in_features, ctx.has_bias = bits, in_features, bias is not None
+
+
+def _backward(ctx, grad):
+    """Deep Compression's centroid gradient: dL/dc_k = sum of dL/dW_ij over the weights with index k (the
+    indices are constants: they get no gradient)."""
+    x, idx, codebook = ctx.saved_tensors
+    i = (unpack_int4(idx, ctx.in_features) if ctx.bits == 4 else idx).long()
+    g2 = grad.reshape(-1, grad.shape[-1]).float()
+    gx = gc = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = (g2 @ codebook.float()[i]).reshape(x.shape).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]).float()                 # dL/dW [N, K]
+        gc = torch.zeros_like(codebook, dtype=torch.float32).index_add_(0, i.flatten(), gw.flatten())
+        gc = gc.to(codebook.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = g2.sum(0)
+    return gx, None, gc, gb, None, None
+
+
+clustered_linear.register_autograd(_backward, setup_context=_setup)
+
+
 class ClusteredLinear(nn.Module):
     """Linear whose weights are codebook[index]: float32 codebook [k] (padded to 16 or 256 entries), uint8
     indices (two per byte for k <= 16), float32 bias."""

@@ -8,6 +8,8 @@ Choices (CHOICES), and what each stores and runs:
   int8_weight_only  WeightOnlyLinear: int8 per-channel weights, float32 input and compute    1 B / weight
   int4_weight_only  PackedWeightOnlyLinear: int4 weights (two per byte), group-wise scale + zero point, float32
                     input and compute                                                       1/2 B / weight
+  float16           HalfLinear (graphopt.quant.half): float16 weights, input and arithmetic  2 B / weight
+                    (Linear, only on targets with fast float16 arithmetic: aarch64 CPUs with FP16)
 (plus each choice's scales, zero points and bias, counted in its bytes).
 
 What a target can run (supported_choices): Conv2d and activation x activation matmuls have float32 and
@@ -32,33 +34,37 @@ from ..analysis.flops import model_size_bytes
 from . import graph as qgraph
 from .modules import (DynamicQuantLinear, FloatMatmul, QuantConv2d, QuantLinear, WeightOnlyLinear)
 
-__all__ = ["CHOICES", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
+__all__ = ["CHOICES", "ALL_CHOICES", "FLOAT16", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
 
 CHOICES = ("float32", "int8_static", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+FLOAT16 = "float16"                    # offered only where the target has fast float16 (supported_choices)
+ALL_CHOICES = CHOICES + (FLOAT16,)
 SHORT = {"float32": "fp32", "int8_static": "int8-static", "int8_dynamic": "int8-dyn",
-         "int8_weight_only": "int8-woq", "int4_weight_only": "int4-woq"}
+         "int8_weight_only": "int8-woq", "int4_weight_only": "int4-woq", "float16": "fp16"}
 _ALIASES = {**{v: k for k, v in SHORT.items()}, "static": "int8_static", "dynamic": "int8_dynamic",
             "weight_only": "int8_weight_only", "woq8": "int8_weight_only", "woq4": "int4_weight_only",
-            "fp32": "float32", "float": "float32"}
+            "fp32": "float32", "float": "float32", "half": "float16"}
 
 
 def canonical_choice(name: str) -> str:
     """The CHOICES name of `name` (also accepts the short names and static/dynamic/weight_only/woq8/woq4)."""
-    if name in CHOICES:
+    if name in ALL_CHOICES:
         return name
     if name in _ALIASES:
         return _ALIASES[name]
-    raise ValueError(f"unknown precision choice {name!r}: choose from {', '.join(CHOICES)}")
+    raise ValueError(f"unknown precision choice {name!r}: choose from {', '.join(ALL_CHOICES)}")
 
 
 def supported_choices(target: str, kind: str) -> list[str]:
     """The choices a layer of `kind` (linear, conv2d, matmul) has kernels for on `target` (module docstring)."""
     if kind in ("conv2d", "matmul"):
         return ["float32", "int8_static"]
+    from .half import has_fast_float16
+
     base = target.split(":", 1)[0]
     if base in ("cuda", "gpu", "nvidia"):
         return ["float32", "int8_static", "int8_dynamic"]
-    return list(CHOICES)
+    return list(CHOICES) + ([FLOAT16] if has_fast_float16(target) else [])
 
 
 def dequantized_weight(mod: nn.Module) -> Optional[torch.Tensor]:
@@ -82,7 +88,7 @@ class MixedBuilder:
     def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], *, target: str, dtype: str,
                  observer: str = "minmax", percentile: float = 99.99, kinds=("linear", "conv2d", "matmul"),
                  skip: Sequence[str] = (), weight_qmax: int = 127, group_size: Optional[int] = 128,
-                 allowed: Sequence[str] = CHOICES, progress: bool = False):
+                 allowed: Sequence[str] = ALL_CHOICES, progress: bool = False):
         from .weight_only import check_options
 
         if group_size is not None:
@@ -133,6 +139,10 @@ class MixedBuilder:
             from .weight_only import PackedWeightOnlyLinear
 
             mod = PackedWeightOnlyLinear(float_mod.weight, float_mod.bias, 4, self.group_size)
+        elif choice == "float16":
+            from .half import HalfLinear
+
+            mod = HalfLinear(float_mod.weight, float_mod.bias)
         else:
             raise ValueError(f"unknown choice {choice!r} for layer '{path}'")
         self._cache[key] = mod
@@ -159,7 +169,7 @@ class MixedBuilder:
         gm = self.conv.build([p for p, c in assignment.items() if c == "int8_static"])
         swapped = False
         for path, choice in assignment.items():
-            if choice in ("int8_dynamic", "int8_weight_only", "int4_weight_only"):
+            if choice in ("int8_dynamic", "int8_weight_only", "int4_weight_only", "float16"):
                 qgraph._set_module(gm, path, self.module(path, choice))
                 swapped = True
         if swapped:
@@ -181,6 +191,8 @@ class MixedBuilder:
             scale, inv, zp = dynamic_act_qparams(x)
             q = torch.clamp(torch.round(x * inv) + zp, 0.0, 255.0)
             return (q - zp) * scale
+        if choice == "float16":
+            return x.to(torch.float16).float()
         return None
 
 
