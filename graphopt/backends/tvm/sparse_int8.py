@@ -198,6 +198,14 @@ def _dp(path: str, V: int, acc, u8, s8, exact: bool):
     return acc + madd(lo, 1) + madd(hi, 128)
 
 
+def _unroll(accs: int, path: str) -> int:
+    """Independent accumulator sets for a kernel with `accs` accumulator vectors per set: a dot-product
+    instruction has a latency of several cycles, so a single chain of them (one row of x, one vector of
+    output rows) would wait on itself; 4 interleaved chains hide it while the registers last."""
+    budget = 24 if vector_lanes(path) == 16 else 11
+    return max(1, min(4, budget // max(1, accs)))
+
+
 def row_tile(kind: str, block: tuple[int, int], m: int, path: str) -> int:
     """Rows of x per register tile (qmvec: a multiple of the vector lanes; the caller pads M to it)."""
     r, c = block
@@ -230,6 +238,11 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
     MO = -(-M // mt)
     NS = n_out
     par = T.parallel
+    # block rows per parallel iteration: a kernel's local buffers are allocated once per parallel iteration
+    # (a call into the runtime's workspace allocator, ~0.1 us), so thousands of tiny iterations (a 4096-row
+    # Linear with 1x16 blocks) would spend more time allocating than computing
+    CH = max(d for d in range(1, max(1, nb // 64) + 1) if nb % d == 0)
+    NO = nb // CH
     ishape = m.indices.shape
     dshape = m.data.shape
     odt = epi.dtype
@@ -237,6 +250,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
     if m.kind == "qrow":
         V = _qrow_lanes(r_, path)
         G = r_ // V
+        U = _unroll(mt * G, path)
 
         def gather(X, I, q, row):
             if m.packed:
@@ -252,12 +266,24 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                      Y: T.Buffer((M, NS), odt)):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            for i in par(nb):
-                for mo in range(MO):
-                    acc = T.decl_buffer((mt * r_,), "int32", scope="local")
-                    for t in T.unroll(mt * G):
+            for io in par(NO):
+                acc = T.decl_buffer((U * mt * r_,), "int32", scope="local")
+                for ii in range(CH):
+                  i = io * CH + ii
+                  for mo in range(MO):
+                    for t in T.unroll(U * mt * G):
                         acc[T.ramp(t * V, 1, V)] = T.broadcast(T.int32(0), V)
-                    for q in range(P[i], P[i + 1]):
+                    for qo in range((P[i + 1] - P[i]) // U):
+                        for u in T.unroll(U):
+                            for mi in T.unroll(mt):
+                                for g in T.unroll(G):
+                                    acc[T.ramp(((u * mt + mi) * G + g) * V, 1, V)] = _dp(
+                                        path, V, acc[T.ramp(((u * mt + mi) * G + g) * V, 1, V)],
+                                        T.reinterpret(T.broadcast(T.reinterpret(
+                                            gather(X, I, P[i] + qo * U + u, T.min(mo * mt + mi, M - 1)),
+                                            dtype="int32"), V), dtype=f"uint8x{4 * V}"),
+                                        D.vload([P[i] + qo * U + u, g * V, 0], f"int8x{4 * V}"), exact)
+                    for q in range(P[i] + (P[i + 1] - P[i]) // U * U, P[i + 1]):
                         for mi in T.unroll(mt):
                             for g in T.unroll(G):
                                 acc[T.ramp((mi * G + g) * V, 1, V)] = _dp(
@@ -266,6 +292,9 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                                         gather(X, I, q, T.min(mo * mt + mi, M - 1)), dtype="int32"), V),
                                         dtype=f"uint8x{4 * V}"),
                                     D.vload([q, g * V, 0], f"int8x{4 * V}"), exact)
+                    for u in T.unroll(1, U):
+                        for t in T.unroll(mt * G):
+                            acc[T.ramp(t * V, 1, V)] = acc[T.ramp(t * V, 1, V)] + acc[T.ramp((u * mt * G + t) * V, 1, V)]
                     for mi in T.unroll(mt):
                         if mo * mt + mi < M:
                             for rr in T.vectorized(r_):
@@ -276,6 +305,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
 
     if m.kind == "qcol":
         V = c_ // 4
+        U = _unroll(mt * r_, path)
 
         @T.prim_func
         def qbsr_col(X: T.Buffer((M, kp), "uint8"), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
@@ -283,13 +313,27 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                      Y: T.Buffer((M, NS), odt)):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            for i in par(nb):
-                for mo in range(MO):
-                    acc = T.decl_buffer((mt * r_ * V,), "int32", scope="local")
-                    tot = T.decl_buffer((1,), "int32", scope="local")
-                    for t in T.unroll(mt * r_):
+            for io in par(NO):
+                acc = T.decl_buffer((U * mt * r_ * V,), "int32", scope="local")
+                tot = T.decl_buffer((1,), "int32", scope="local")
+                for ii in range(CH):
+                  i = io * CH + ii
+                  for mo in range(MO):
+                    for t in T.unroll(U * mt * r_):
                         acc[T.ramp(t * V, 1, V)] = T.broadcast(T.int32(0), V)
-                    for j in range(P[i], P[i + 1]):
+                    for jo in range((P[i + 1] - P[i]) // U):
+                        for u in T.unroll(U):
+                            for rr in T.unroll(r_):
+                                for mi in T.unroll(mt):
+                                    acc[T.ramp(((u * mt + mi) * r_ + rr) * V, 1, V)] = _dp(
+                                        path, V, acc[T.ramp(((u * mt + mi) * r_ + rr) * V, 1, V)],
+                                        X.vload([T.min(mo * mt + mi, M - 1),
+                                                 T.Cast("int32", I[P[i] + jo * U + u]) * c_], f"uint8x{c_}"),
+                                        D.vload([P[i] + jo * U + u, rr, 0], f"int8x{c_}"), exact)
+                    for u in T.unroll(1, U):
+                        for t in T.unroll(mt * r_):
+                            acc[T.ramp(t * V, 1, V)] = acc[T.ramp(t * V, 1, V)] + acc[T.ramp((u * mt * r_ + t) * V, 1, V)]
+                    for j in range(P[i] + (P[i + 1] - P[i]) // U * U, P[i + 1]):
                         for rr in T.unroll(r_):
                             for mi in T.unroll(mt):
                                 acc[T.ramp((mi * r_ + rr) * V, 1, V)] = _dp(
@@ -343,11 +387,13 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                   S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                   YT: T.Buffer((NS, M), odt)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        for i in par(nb):
-            for ro in range(RO):
+        for io in par(NO):
+            acc = T.decl_buffer((RT * mt,), "int32", scope="local")
+            xv = T.decl_buffer((4 * V,), "uint8", scope="local")
+            for ii in range(CH):
+              i = io * CH + ii
+              for ro in range(RO):
                 for mo in range(MO):
-                    acc = T.decl_buffer((RT * mt,), "int32", scope="local")
-                    xv = T.decl_buffer((4 * V,), "uint8", scope="local")
                     for t in T.unroll(RT * MV):
                         acc[T.ramp(t * V, 1, V)] = T.broadcast(T.int32(0), V)
                     for j in range(P[i], P[i + 1]):
