@@ -201,3 +201,20 @@ def test_paths_without_sparse_int8_kernel_stay_dense():
                             pipeline="sparsify(sparsity=0.8,pattern=16x1,kernel=sparse),quantize(progress=false)")
     lowered = lower_graph(capture(opt.graph_module, (x,)).gm, (x,), resolve_target("x86:nehalem"))
     assert all(r["kernel"] == "dense int8" and "no sparse int8 kernel" in r["why"] for r in lowered.sparse_layers)
+
+
+def test_artifact_deflates_a_compressible_library_and_stores_dense_weights(tmp_path):
+    """model.so is deflated when that saves >= 10% (a sparse int8 model: mostly code), stored as is when not
+    (random bytes standing in for dense float32 weights); both round-trip."""
+    import zipfile
+
+    from graphopt import artifact
+
+    assert artifact._payload_compression(os.urandom(1 << 20)) == zipfile.ZIP_STORED
+    assert artifact._payload_compression(b"\x00\x01" * (1 << 20)) == zipfile.ZIP_DEFLATED
+    opt, x = _build("x86", "16x1", "sparse", (1, 70))
+    path = opt.save(tmp_path / "s8.gopt")
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(artifact.LIBRARY)
+    assert info.compress_type == zipfile.ZIP_DEFLATED and info.compress_size < 0.8 * info.file_size
+    assert torch.equal(graphopt.load(path)(x), opt(x))
