@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 
 from . import ops
-from .modules import QuantLinear
+from .modules import QuantConv2d, QuantLinear
 from .qparams import WEIGHT_QMAX
 
-__all__ = ["SparseQuantLinear", "sparse_qlinear"]
+__all__ = ["SparseQuantLinear", "SparseQuantConv2d", "sparse_qlinear", "sparse_qconv2d"]
 
 
 @torch.library.custom_op("graphopt::sparse_qlinear", mutates_args=())
@@ -48,3 +48,32 @@ class SparseQuantLinear(QuantLinear):
     def extra_repr(self) -> str:
         zeros = float((self.weight_q == 0).float().mean())
         return f"{super().extra_repr()}, block={self.block}, kernel={self.kernel}, zeros={zeros:.3f}"
+
+
+@torch.library.custom_op("graphopt::sparse_qconv2d", mutates_args=())
+def sparse_qconv2d(xq: torch.Tensor, wq: torch.Tensor, out_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   x_zp: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                   block_r: int, block_c: int, kernel: str) -> torch.Tensor:
+    """graphopt.qconv2d(...); block_r/block_c/kernel only inform the backend (1x1 stride-1 convs can run on the
+    block-sparse int8 kernel, as an NHWC [N·H·W, C] GEMM)."""
+    return ops.qconv2d(xq, wq, out_scale, bias, x_zp, stride, padding, dilation, groups)
+
+
+@sparse_qconv2d.register_fake
+def _(xq, wq, out_scale, bias, x_zp, stride, padding, dilation, groups, block_r, block_c, kernel):
+    return torch.ops.graphopt.qconv2d(xq, wq, out_scale, bias, x_zp, stride, padding, dilation, groups)
+
+
+class SparseQuantConv2d(QuantConv2d):
+    """QuantConv2d of a SparseConv2d: int8 weight with the mask's zeros, its block shape and kernel choice."""
+
+    def __init__(self, sparse_conv, x_qparams, weight_qmax: int = WEIGHT_QMAX):
+        super().__init__(sparse_conv, x_qparams, weight=sparse_conv.weight * sparse_conv.mask,
+                         weight_qmax=weight_qmax)
+        self.block = tuple(int(b) for b in sparse_conv.block)
+        self.kernel = str(sparse_conv.kernel)
+
+    def forward(self, xq: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphopt.sparse_qconv2d(xq, self.weight_q, self.out_scale, self.bias, self.x_zp,
+                                                 self.stride, self.padding, self.dilation, self.groups,
+                                                 self.block[0], self.block[1], self.kernel)

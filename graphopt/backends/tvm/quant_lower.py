@@ -57,7 +57,7 @@ __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "de
            "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
            "OP_NAMES"]
 
-OP_NAMES = ("quantize.default", "qlinear.default", "sparse_qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
+OP_NAMES = ("quantize.default", "qlinear.default", "sparse_qlinear.default", "sparse_qconv2d.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
             "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default")
 
 
@@ -737,7 +737,8 @@ def _convert_qlinear(st: QuantLowering, sparse: bool = False):
         if sparse:
             from .sparse_qlower import layer_call
 
-            call = layer_call(st, node, wq, out_scale, bias, shape[:-1])
+            call = layer_call(st, node, wq, out_scale, bias, shape[:-1], (int(node.args[5]), int(node.args[6])),
+                              str(node.args[7]))
         if plan is None:
             return call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
         epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
@@ -1024,6 +1025,8 @@ _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "quantize.default": _convert_quantize,
     "qlinear.default": _convert_qlinear,
     "sparse_qlinear.default": lambda st: _convert_qlinear(st, sparse=True),
+    "sparse_qconv2d.default": lambda st: __import__("graphopt.backends.tvm.sparse_qlower",
+                                                    fromlist=["x"]).convert_sparse_qconv2d(st),
     "qconv2d.default": _convert_qconv2d,
     "qmatmul.default": _convert_qmatmul,
     "dynamic_qlinear.default": _convert_dynamic_qlinear,

@@ -117,19 +117,21 @@ def measure_int8_layer(m: int, wq: np.ndarray, block, spec, path: str, exact: bo
     return _time_pair(dense, sparse, [m, k], spec, rounds, dtype="uint8")
 
 
-def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray, lead: list) -> Callable:
-    """The kernel emitter (quant_lower._dense_call's signature) for this sparse_qlinear node, after deciding
-    sparse or dense; the decision goes to st.sparse_rows."""
+def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray, lead: list, block, kernel: str,
+               extra: dict | None = None) -> Callable:
+    """The kernel emitter (quant_lower._dense_call's signature) for this sparse_qlinear node (or a 1x1 conv's
+    [N·H·W, C] GEMM), after deciding sparse or dense; the decision goes to st.sparse_rows."""
     from .lower import _module_path
     from .quant_lower import _dense_call, _needs_exact
 
-    block, kernel = (int(node.args[5]), int(node.args[6])), str(node.args[7])
+    block = tuple(int(b) for b in block)
     n, k = wq.shape
     m = int(np.prod(lead)) if lead else 1
     kind = int8_kind(block, m, st.path)
     exact = _needs_exact(st.path, wq)
     q = to_qbsr(wq, block, kind) if kind else None
-    row = {"layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": "linear", "int8": True,
+    row = {"layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": "linear", **(extra or {}),
+           "int8": True,
            "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}", "density": round(float((wq != 0).mean()), 4),
            "dense_us": None, "sparse_us": None}
     choice, why = "dense", ""
@@ -171,6 +173,55 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
     def call(st_, bb, xu8, wq_, comp, out_scale_, bias_, lead_, exact_=False, epi=FLOAT, flat=False):
         return emit_sparse_int8(st_, bb, xu8, wq_, comp, out_scale_, bias_, lead_, exact_, epi, flat, q, block)
     return call
+
+
+def convert_sparse_qconv2d(st):
+    """Converter of graphopt.sparse_qconv2d: a 1x1, stride-1, unpadded conv (groups=1) on a static shape runs as
+    an NHWC [N·H·W, C] x [O, C] GEMM on the sparse int8 kernel when chosen (layer_call); every other conv, and
+    one that stays dense, is quant_lower's dense int8 conv (the op's first nine arguments are qconv2d's)."""
+    from .quant_lower import _convert_qconv2d, _is_static, _shape, _to_uint8, _zero_point_term
+
+    dense_conv = _convert_qconv2d(st)
+
+    def convert(node, importer):
+        from tvm import relax
+
+        R = relax.op
+        bb = importer.block_builder
+        xq = importer.env[node.args[0]]
+        zp = int(node.args[4])
+        stride, padding, groups = list(node.args[5]), list(node.args[6]), int(node.args[8])
+        block, kernel = (int(node.args[9]), int(node.args[10])), str(node.args[11])
+        wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+        shape = _shape(xq)
+        co, ci, kh, kw = wq.shape
+        if not ((kh, kw) == (1, 1) and stride == [1, 1] and padding == [0, 0] and groups == 1
+                and _is_static(shape) and st.path != "relax"):
+            from .lower import _module_path
+
+            if not hasattr(st, "sparse_rows"):
+                st.sparse_rows = []
+            st.sparse_rows.append({
+                "layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": f"conv{kh}x{kw}",
+                "int8": True, "M": None, "K": ci * kh * kw, "N": co, "block": f"{block[0]}x{block[1]}",
+                "density": round(float((wq != 0).mean()), 4), "dense_us": None, "sparse_us": None,
+                "kernel": "dense int8", "why": "sparse int8 convs: 1x1, stride 1, unpadded, groups=1, static shape",
+                "stored_bytes": int(wq.size + co * 4), "dense_bytes": int(wq.size * 4 + co * 4)})
+            return dense_conv(node, importer)
+        out_scale = st.need(node, 2, "out_scale").astype(np.float32)
+        bias = st.bias(node, 3, co)
+        n, c, h, w = shape
+        w2 = wq.reshape(co, ci)
+        call = layer_call(st, node, w2, out_scale, bias, [n * h * w], block, kernel,
+                          {"op": "conv1x1", "input": "x".join(map(str, shape))})
+        if call.__name__ == "_dense_call":
+            return dense_conv(node, importer)
+        exact = st.kernel("qconv2d", wq)
+        xu8, zp8 = _to_uint8(bb, xq, zp, str(xq.ty.dtype), "uint8")
+        x2 = bb.emit(R.reshape(R.permute_dims(xu8, [0, 2, 3, 1]), [n * h * w, c]))
+        y = call(st, bb, x2, w2, _zero_point_term(zp8, w2), out_scale, bias, [n * h * w], exact)
+        return bb.emit(R.permute_dims(R.reshape(y, [n, h, w, co]), [0, 3, 1, 2]))
+    return convert
 
 
 def clear_cache() -> None:
