@@ -3,12 +3,13 @@
     python benchmarks/bench_sparsity.py                          # speed: mlp, encoder; accuracy: digits cnn, mlp
     python benchmarks/bench_sparsity.py --parts speed --encoder base --target x86:haswell
 
-speed     each model built by graphopt dense float32 (pipeline "cleanup") and at 90% block sparsity with
+speed     each model built by graphopt dense float32 (pipeline "cleanup"), dense int8 ("cleanup,quantize") and at 90% block sparsity with
           16x1 and 1x16 blocks (sparsify, magnitude, one-shot: random weights, speed only; kernel=auto, so a
           layer runs the BSR kernel only where it measured faster), timed interleaved in one run at batch 1
           (PyTorch eager of the dense model as a reference); ratios are dense ms / sparse ms, of the medians,
           the 10th percentiles and the minima (on a heavily shared machine the low percentiles are the
-          least disturbed).
+          least disturbed). "<block> int8" variants: the same sparsify followed by quantize (static int8;
+          sparse layers on the block-sparse int8 kernels where measured faster than dense int8).
 accuracy  digits CNN and a digits MLP (64-256-256-10) trained here on scikit-learn's digits, then
           sparsify(sparsity=0.9, steps=..) - gradual pruning with the dense model as distillation teacher -
           and top-1 accuracy on the held-out quarter; artifacts (.gopt) of the dense and sparse builds
@@ -47,8 +48,19 @@ def speed_models(encoder: str):
 
 def decisions(opt) -> str:
     rows = opt.report.backend.get("sparse_layers", [])
-    n = sum(r["kernel"] == "sparse" for r in rows)
-    return f"{n}/{len(rows)} layers sparse"
+    n = sum(str(r["kernel"]).startswith("sparse") for r in rows)
+    kinds = sorted({r["kernel"] for r in rows if str(r["kernel"]).startswith("sparse int8")})
+    return f"{n}/{len(rows)} layers sparse" + (f" ({', '.join(k.split()[-1] for k in kinds)})" if kinds else "")
+
+
+def calibration(x, n: int = 4) -> list[tuple]:
+    """n random batches shaped like the example inputs (token ids stay in the example's range)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        out.append(tuple(torch.randint(0, int(t.max()) + 1, t.shape, generator=g) if not t.is_floating_point()
+                         else torch.randn(t.shape, generator=g) for t in x))
+    return out
 
 
 def bench_speed(args) -> list[dict]:
@@ -59,16 +71,24 @@ def bench_speed(args) -> list[dict]:
         t = time.perf_counter()
         builds["dense"] = graphopt.optimize(model, target=args.target, pipeline="cleanup", example_inputs=x)
         info["dense"] = f"build {time.perf_counter() - t:.0f} s"
-        for block in args.blocks.split(","):
+        calib = calibration(x)
+        q = ",quantize(progress=false)"
+        if args.int8:
             t = time.perf_counter()
-            opt = graphopt.optimize(model, target=args.target, example_inputs=x,
-                                    pipeline=f"cleanup,sparsify(sparsity={args.sparsity},pattern={block})")
-            builds[block] = opt
-            info[block] = f"{decisions(opt)}, build {time.perf_counter() - t:.0f} s"
-            ref = builds["dense"].graph_module(*x)
-            err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
-            info[block] += f", max|compiled - graph| {err:.1e}"
-            _ = ref
+            builds["dense int8"] = graphopt.optimize(model, target=args.target, pipeline="cleanup" + q,
+                                                     example_inputs=x, calibration=calib)
+            info["dense int8"] = f"build {time.perf_counter() - t:.0f} s"
+        for block in args.blocks.split(","):
+            for int8 in ((False, True) if args.int8 else (False,)):
+                key = block + (" int8" if int8 else "")
+                t = time.perf_counter()
+                opt = graphopt.optimize(model, target=args.target, example_inputs=x, calibration=calib,
+                                        pipeline=f"cleanup,sparsify(sparsity={args.sparsity},pattern={block})"
+                                                 + (q if int8 else ""))
+                builds[key] = opt
+                info[key] = f"{decisions(opt)}, build {time.perf_counter() - t:.0f} s"
+                err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
+                info[key] += f", max|compiled - graph| {err:.1e}"
         fns = {k: (lambda o=o: o(*x)) for k, o in builds.items()}
         fns["eager"] = lambda: model(*x)
         times = time_interleaved(fns, rounds=args.rounds)
@@ -121,31 +141,61 @@ def bench_accuracy(args) -> list[dict]:
                     m.kernel = kernel
             builds[f"sparse kernel={kernel}"] = graphopt.optimize(gm, target=args.target, pipeline="",
                                                                   example_inputs=x1)
-        sizes = {k: os.path.getsize(b.save(os.path.join(tmp, f"{name.replace(' ', '_')}_{k.split('=')[-1]}.gopt")))
+        if args.int8:
+            # the same sparse weights, then static int8 (calibrated on 32 training images): int8 values in
+            # the sparse kernels (kernel=sparse), and the dense int8 build of the dense model for reference
+            calib = [(xtr[i:i + 1],) for i in range(32)]
+            builds["dense int8"] = graphopt.optimize(model, target=args.target, example_inputs=x1, calibration=calib,
+                                                     pipeline="fold_bn,cleanup,quantize(progress=false)")
+            for m in gm.modules():
+                if hasattr(m, "mask") and hasattr(m, "kernel"):
+                    m.kernel = "sparse"
+            builds["sparse int8 kernel=sparse"] = graphopt.optimize(gm, target=args.target, example_inputs=x1,
+                                                                    calibration=calib,
+                                                                    pipeline="quantize(progress=false)")
+        sizes = {k: os.path.getsize(b.save(os.path.join(tmp, f"{name.replace(' ', '_')}_{k.replace(' ', '_').replace('=', '-')}.gopt")))
                  for k, b in builds.items()}
         accs = {}
         with torch.no_grad():
             for k, b in builds.items():
                 accs[k] = sum((b(xte[i:i + 1]).argmax(-1) == yte[i]).item() for i in range(len(xte))) / len(xte) * 100
         times = time_interleaved({k: (lambda b=b: b(*x1)) for k, b in builds.items()}, rounds=args.rounds)
+        libs = {k: _library_bytes(os.path.join(tmp, f"{name.replace(' ', '_')}_{k.replace(' ', '_').replace('=', '-')}.gopt"))
+                for k in builds}
         for k in builds:
             out.append({"model": name, "variant": k, "accuracy": accs[k], "artifact_bytes": sizes[k],
+                        "library_bytes": libs[k], "weights_stored": _weights_line(builds[k]),
                         "dense_artifact_over_this": sizes["dense"] / sizes[k], "median_ms": times[k]["median_ms"],
                         "dense_over_this": times["dense"]["median_ms"] / times[k]["median_ms"],
                         "report_sparse": builds[k].report.backend.get("sparse", "")})
         print(f"{name}: dense accuracy (eager) {dense_acc:.2f}%, after {pipe} {sparse_acc:.2f}% "
               f"(delta {sparse_acc - dense_acc:+.2f} pt; {train_s:.0f} s)")
         print(opt.report.records[-1].notes[0])
-        print(format_table([["build", "accuracy %", "artifact kB", "dense / this (size)", "median ms", "dense / this (time)"]]
+        print(format_table([["build", "accuracy %", "artifact kB", "dense / this (size)", "library kB (undeflated)",
+                             "median ms", "dense / this (time)"]]
                            + [[r["variant"], f"{r['accuracy']:.2f}", f"{r['artifact_bytes'] / 1e3:.1f}",
-                               f"{r['dense_artifact_over_this']:.2f}x", f"{r['median_ms']:.4f}",
-                               f"{r['dense_over_this']:.2f}x"] for r in out if r["model"] == name],
-                           right={1, 2, 3, 4, 5}))
+                               f"{r['dense_artifact_over_this']:.2f}x", f"{r['library_bytes'] / 1e3:.1f}",
+                               f"{r['median_ms']:.4f}", f"{r['dense_over_this']:.2f}x"]
+                              for r in out if r["model"] == name],
+                           right={1, 2, 3, 4, 5, 6}))
         for r in out:
             if r["model"] == name and r["report_sparse"]:
                 print(f"  [{r['variant']}] {r['report_sparse']}")
         print(flush=True)
     return out
+
+
+def _library_bytes(path: str) -> int:
+    """Size of the artifact's library before the zip's deflate."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n != "graphopt.json"]
+        return sum(zf.getinfo(n).file_size for n in names)
+
+
+def _weights_line(opt) -> str:
+    return opt.report.backend.get("sparse", "")
 
 
 def main(argv=None):
@@ -157,6 +207,9 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--steps", type=int, default=1500, help="gradual pruning steps (accuracy part)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-int8", dest="int8", action="store_false",
+                    help="speed: skip the int8 variants (dense int8: cleanup,quantize; sparse int8: "
+                         "sparsify then quantize, static int8 calibrated on 4 random batches)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     threads = set_threads(physical_cores())

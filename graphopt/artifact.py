@@ -5,7 +5,8 @@ An artifact (suffix ``.gopt`` by convention) is a zip archive holding
   graphopt.json      metadata: format version, graphopt/TVM/torch versions, target (alias + TVM dict),
                      input/output signature, pipeline text, the optimization report, capture method, and the
                      sha256 + size of the payload
-  model.so           TVM targets: the compiled library (`Executable.export_library`)
+  model.so           TVM targets: the compiled library (`Executable.export_library`); deflated when that
+                     saves >= 10% (code, sparse and int8 weights), stored as is otherwise (dense float32 weights)
   graph_module.pt    target "torch": the optimized fx.GraphModule (torch.save)
 
 ``load(path)`` checks, in this order, and refuses with ArtifactError naming the file: missing file, not a
@@ -67,6 +68,21 @@ def _compatible(saved: str, ours: str) -> bool:
     """Semantic versioning: same major, and (while major is 0) same minor."""
     s, o = _major_minor(saved), _major_minor(ours)
     return s == o if o[0] == 0 else s[0] == o[0]
+
+
+def _payload_compression(payload: bytes) -> int:
+    """ZIP_DEFLATED when deflate saves >= 10% on a sample of the payload, else ZIP_STORED. Dense float32
+    weights barely compress (a few %), so a large dense model is stored as is (saving stays fast); the code of
+    a library compresses about 2x, and in a sparse or int8 model's library the code is most of the bytes."""
+    import zlib
+
+    chunk, n = 1 << 18, 8
+    if len(payload) <= chunk * n:
+        sample = payload
+    else:
+        step = (len(payload) - chunk) // (n - 1)
+        sample = b"".join(payload[i * step:i * step + chunk] for i in range(n))
+    return zipfile.ZIP_DEFLATED if len(zlib.compress(sample, 1)) <= 0.9 * len(sample) else zipfile.ZIP_STORED
 
 
 def _sha256(data: bytes) -> str:
@@ -138,7 +154,7 @@ def save(opt, path: str) -> str:
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             zf.writestr(METADATA, json.dumps(meta, indent=1, sort_keys=True))
-            zf.writestr(name, payload, compress_type=zipfile.ZIP_STORED)   # weights barely compress
+            zf.writestr(name, payload, compress_type=_payload_compression(payload), compresslevel=1)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

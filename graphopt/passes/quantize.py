@@ -347,7 +347,8 @@ class Quantize(Pass):
             mod = qgm.get_submodule(path)
             if not isinstance(mod, (QuantLinear, QuantConv2d, QuantMatmul)):
                 raise PassError(self.name, f"layer '{path}' was not quantized (got {type(mod).__name__})")
-            kind = {QuantLinear: "linear", QuantConv2d: "conv2d", QuantMatmul: "matmul"}[type(mod)]
+            kind = next(v for k, v in ((QuantLinear, "linear"), (QuantConv2d, "conv2d"), (QuantMatmul, "matmul"))
+                        if isinstance(mod, k))
             qp = mod.x_qparams
             row = {"layer": path, "kind": kind, "mode": mode, "input": qp.dtype, "scale": qp.scale,
                    "zp": qp.zero_point}

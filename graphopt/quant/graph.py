@@ -410,7 +410,14 @@ class Converter:
         """The integer module for layer `path` given its inputs' qparams (cached per path)."""
         if path not in self._cache:
             mod = self.prepared.get_submodule(path)
-            if isinstance(mod, nn.Linear):
+            from ..passes._sparse import SparseConv2d, SparseLinear
+            from .sparse import SparseQuantConv2d, SparseQuantLinear
+
+            if isinstance(mod, SparseLinear):                 # sparsify's layers: keep their block pattern
+                self._cache[path] = SparseQuantLinear(mod, qps[0], weight_qmax=self.weight_qmax)
+            elif isinstance(mod, SparseConv2d) and mod.groups == 1 and not isinstance(mod.padding, str):
+                self._cache[path] = SparseQuantConv2d(mod, qps[0], weight_qmax=self.weight_qmax)
+            elif isinstance(mod, nn.Linear):
                 self._cache[path] = QuantLinear(mod.weight, mod.bias, qps[0], weight_qmax=self.weight_qmax)
             elif isinstance(mod, nn.Conv2d):
                 qmax = self.weight_qmax if mod.groups == 1 else WEIGHT_QMAX

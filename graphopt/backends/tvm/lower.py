@@ -415,7 +415,7 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
     n_params = len(mod["main"].params)
     if n_params != len(inputs):
         raise LoweringError(f"the lowered main takes {n_params} input(s), the model {len(inputs)}")
-    sparse_line, sparse_rows = sparse_summary(sparse_state)
+    sparse_line, sparse_rows = sparse_summary(sparse_state, getattr(quant_state, "sparse_rows", None))
     try:
         out_spec_text = pytree.treespec_dumps(out_spec)
     except Exception as e:      # e.g. torch.return_types.max (a structseq) has no serialized pytree name

@@ -102,6 +102,9 @@ class KernelInput:
     layout: tuple                   # ("nhwc", (ph, pw)) | ("flat_nhwc", (C, H, W)) | ("plain",)
 
 
+LINEAR_OPS = ("qlinear.default", "sparse_qlinear.default")   # same arguments 0-4; sparse: graphopt.quant.sparse
+
+
 def plan_fusions(ep, path: str) -> dict:
     """{producer node: FusePlan} for the exported program `ep` on int8 path `path` (no plan on 'relax')."""
     if path == "relax":
@@ -109,7 +112,7 @@ def plan_fusions(ep, path: str) -> dict:
     plans = {}
     for node in ep.graph.nodes:
         name = _op(node)
-        if name == "qlinear.default" or (name == "qconv2d.default" and _conv_fusable(node)):
+        if name in LINEAR_OPS or (name == "qconv2d.default" and _conv_fusable(node)):
             plan = _plan_chain(node, is_conv=name == "qconv2d.default")
             if plan is not None:
                 plans[node] = plan
@@ -194,7 +197,7 @@ def _consumer(q, flatten) -> tuple | None:
         return None
     if _op(user) == "qconv2d.default" and flatten is None and int(user.args[8]) == 1:
         return ("conv", (int(user.args[6][0]), int(user.args[6][-1])))
-    if _op(user) == "qlinear.default":
+    if _op(user) in LINEAR_OPS:
         return ("linear",)
     return None
 

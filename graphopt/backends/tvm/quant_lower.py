@@ -57,7 +57,7 @@ __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "de
            "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
            "OP_NAMES"]
 
-OP_NAMES = ("quantize.default", "qlinear.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
+OP_NAMES = ("quantize.default", "qlinear.default", "sparse_qlinear.default", "sparse_qconv2d.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
             "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default")
 
 
@@ -703,7 +703,9 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     return bb.emit(relax.op.reshape(y, [*lead, n]))
 
 
-def _convert_qlinear(st: QuantLowering):
+def _convert_qlinear(st: QuantLowering, sparse: bool = False):
+    """qlinear, and sparse_qlinear (a sparsify-then-quantize layer: same arguments plus block shape and kernel
+    choice; sparse_qlower emits the block-sparse int8 kernel or this dense one, per layer)."""
     def convert(node, importer):
         relax = _relax()
         bb = importer.block_builder
@@ -731,11 +733,17 @@ def _convert_qlinear(st: QuantLowering):
             xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
         comp = _zero_point_term(zp8, wq)
         plan = st.fuse.plans.get(node) if st.fuse else None
+        call = _dense_call
+        if sparse:
+            from .sparse_qlower import layer_call
+
+            call = layer_call(st, node, wq, out_scale, bias, shape[:-1], (int(node.args[5]), int(node.args[6])),
+                              str(node.args[7]))
         if plan is None:
-            return _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
+            return call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact)
         epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
         st.count("fused requantize epilogue")
-        y = _dense_call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact, epi, flat=True)
+        y = call(st, bb, xu8, wq, comp, out_scale, bias, shape[:-1], exact, epi, flat=True)
         out = quant_fuse.KernelInput(y, want, zp_out, ("plain",))
         return _record_fused(st, bb, plan, out, None, shape[:-1])
     return convert
@@ -1016,6 +1024,9 @@ def _convert_qmatmul(st: QuantLowering):
 _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "quantize.default": _convert_quantize,
     "qlinear.default": _convert_qlinear,
+    "sparse_qlinear.default": lambda st: _convert_qlinear(st, sparse=True),
+    "sparse_qconv2d.default": lambda st: __import__("graphopt.backends.tvm.sparse_qlower",
+                                                    fromlist=["x"]).convert_sparse_qconv2d(st),
     "qconv2d.default": _convert_qconv2d,
     "qmatmul.default": _convert_qmatmul,
     "dynamic_qlinear.default": _convert_dynamic_qlinear,

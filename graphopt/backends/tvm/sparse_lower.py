@@ -142,7 +142,7 @@ def measure_layer(m: int, w: np.ndarray, bias: np.ndarray, block: tuple[int, int
     return _time_pair(dense, sparse, [m, k], spec, rounds)
 
 
-def _time_pair(dense, sparse, xshape, spec, rounds: int) -> tuple[float, float]:
+def _time_pair(dense, sparse, xshape, spec, rounds: int, dtype: str = "float32") -> tuple[float, float]:
     """Build both modules and time one call of each: `rounds` rounds, each 10 single calls of one then the
     other; the fastest call of each. Single calls and the minimum, because on a shared machine other load
     only ever adds time, and a short call is the likeliest to run undisturbed (with 15 runnable processes on
@@ -153,7 +153,9 @@ def _time_pair(dense, sparse, xshape, spec, rounds: int) -> tuple[float, float]:
     from .build import build_module
 
     dev = tvm.cpu(0)
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(xshape).astype(np.float32))
+    rng = np.random.default_rng(0)
+    x = tvm.runtime.tensor(rng.integers(0, 256, xshape).astype(np.uint8) if dtype == "uint8"
+                           else rng.standard_normal(xshape).astype(np.float32))
     timers = []
     for mod in (dense, sparse):
         vm = relax.VirtualMachine(build_module(mod, spec), dev)
@@ -347,18 +349,21 @@ def custom_convert_map(ep, spec=None, measure: Callable | None = None):
     return {OP_NAME: _convert_linear(st), CONV_OP_NAME: _convert_conv(st)}, st
 
 
-def summary(st: SparseLowering | None) -> tuple[str, list[dict]]:
-    """(one line for the report, per-layer rows)."""
-    if st is None or not st.layers:
+def summary(st: SparseLowering | None, int8_rows: list[dict] | None = None) -> tuple[str, list[dict]]:
+    """(one line for the report, per-layer rows); `int8_rows`: the sparse int8 layers (sparse_qlower)."""
+    rows = (list(st.layers) if st is not None else []) + list(int8_rows or [])
+    if not rows:
         return "", []
-    n_sparse = sum(r["kernel"] == "sparse" for r in st.layers)
-    n_conv = sum(r.get("op", "linear") != "linear" for r in st.layers)
-    stored = sum(r["stored_bytes"] for r in st.layers)
-    dense = sum(r["dense_bytes"] for r in st.layers)
-    line = (f"{len(st.layers)} sparse layers ({len(st.layers) - n_conv} Linear, {n_conv} conv): {n_sparse} on the block-sparse kernel, "
-            f"{len(st.layers) - n_sparse} dense; their weights stored {stored / 1e3:.1f} kB "
+    n_sparse = sum(str(r["kernel"]).startswith("sparse") for r in rows)
+    n_conv = sum(r.get("op", "linear") != "linear" for r in rows)
+    n_int8 = sum(bool(r.get("int8")) for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    dense = sum(r["dense_bytes"] for r in rows)
+    line = (f"{len(rows)} sparse layers ({len(rows) - n_conv} Linear, {n_conv} conv"
+            + (f"; {n_int8} int8" if n_int8 else "") + f"): {n_sparse} on the block-sparse kernel, "
+            f"{len(rows) - n_sparse} dense; their weights stored {stored / 1e3:.1f} kB "
             f"(dense float32 {dense / 1e3:.1f} kB, {dense / max(stored, 1):.2f}x smaller)")
-    return line, list(st.layers)
+    return line, rows
 
 
 def clear_cache() -> None:
