@@ -21,7 +21,10 @@ only (its causal mask is built inside the model).
 Per model two runs, each in its own process (a crash, a memory blow-up or --timeout cannot take the table down):
 
   fp32  graphopt.optimize(model, "x86", "fold_bn,cleanup") (the default pipeline), default schedules;
-        rel|Δ| = max|Δ| / max|eager| on a fresh input; `ok` up to --rtol (1e-3), `DIFF` beyond
+        rel|Δ| = max|Δ| / max|eager| on a fresh input; `ok` up to --rtol (1e-3), `DIFF` beyond, unless the model
+        is so ill-conditioned that eager itself moves that far (eager float32 vs float64, and eager's output when
+        the input moves by one float32 rounding step): then `ok` (marked *) when the build is within
+        max(rtol, 2x the larger of those) of eager float64
   int8  "fold_bn,cleanup,quantize" (static int8: Linear/Conv2d/activation matmuls on integer kernels), calibrated
         on 4 random inputs; cosine(compiled, eager) on a fresh input; `ok` from --min-cos (0.99), `LOW` below,
         `NOT QUANTIZED` when the build holds no integer kernel (quantize found no op it handles)
@@ -247,6 +250,36 @@ def build(name: str, tiny: bool = False, seq: int = 64, layers: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- one model
+def _float64_errors(model, inputs, ref, got) -> tuple[float, float]:
+    """(rel|eager float32 - eager float64|, rel|build - eager float64|), rel = max|Δ| / max|float64|."""
+    import copy
+
+    import torch
+
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(*[t.double() if t.is_floating_point() else t for t in inputs])
+    ref64 = ref64.double()
+    scale = ref64.abs().max().clamp_min(1e-30)
+    rel = lambda t: float((t.detach().double() - ref64).abs().max() / scale)
+    return rel(ref), rel(got)
+
+
+def _rounding_spread(model, inputs, ref, trials: int = 3) -> float:
+    """How far eager's own output moves (rel, as rel|Δ|) when every float input is perturbed by one rounding
+    step (relative 2^-24, float32's unit roundoff): the model's conditioning at this input."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(trials):
+            moved = [t * (1 + 2.0 ** -24 * torch.randn(t.shape, generator=g).sign()) if t.is_floating_point()
+                     else t for t in inputs]
+            out = model(*moved)
+            worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    return worst
+
+
 def _failure(e: BaseException) -> dict:
     """The error's class, the pass it names (PassError) and its first line."""
     out = {"kind": type(e).__name__, "error": first_line(e)}
@@ -292,6 +325,15 @@ def run_one(name: str, which: str, tiny: bool = False, seq: int = 64, rtol: floa
         row.update(status="DIFF", error=diff.structure_error)
     elif which == "fp32":
         row["status"] = "ok" if diff.max_rel <= rtol else "DIFF"
+        if row["status"] == "DIFF":
+            # is the model itself that sensitive? eager float32 against eager float64 on the same input: a
+            # build no farther from float64 than eager float32 is computes as exactly as PyTorch does
+            e32, ours = _float64_errors(model, fresh, ref, got)
+            spread = _rounding_spread(model, fresh, ref)
+            row["eager_rel64"], row["rel64"], row["eager_spread"] = e32, ours, spread
+            if ours <= max(rtol, 2 * max(e32, spread)):
+                row["status"] = "ok"
+                row["ill_conditioned"] = True
     elif not row.get("int8_path"):
         row["status"] = "NOT QUANTIZED"        # quantize found no Linear/Conv2d/matmul it handles: still fp32
     else:
@@ -340,6 +382,8 @@ def _cell(r: dict | None, which: str) -> list[str]:
             what += f" in {r['pass']}"
         return [f"FAIL {what}", "", ""]
     metric = f"{r['rel']:.1e}" if which == "fp32" else f"{r['cos']:.4f}"
+    if which == "fp32" and r.get("ill_conditioned"):
+        metric += "*"
     return [r["status"], metric, str(r.get("compile_s", ""))]
 
 
@@ -373,6 +417,11 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     lines.append(", ".join(notes))
     for n, rs in results.items():
         for w, r in rs.items():
+            if r.get("ill_conditioned"):
+                lines.append(f"- {n} [{w}]: * ill-conditioned as built (random norms): eager float32 is "
+                             f"{r['eager_rel64']:.1e} from eager float64 and moves {r.get('eager_spread', 0):.1e} "
+                             f"when the input moves by one rounding step; the build is {r['rel64']:.1e} from "
+                             f"float64")
             if w == "int8" and r["status"] == "ok" and not r.get("int8_path"):
                 lines.append(f"- {n} [int8]: NOT QUANTIZED: no integer kernel in the build (quantize found no op it "
                              f"handles), so the int8 build is the fp32 one")
