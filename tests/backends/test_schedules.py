@@ -816,6 +816,17 @@ def test_inner_axis_that_lanes_do_not_divide_is_still_vectorized(shape):
     check_scheduled_equals_unscheduled(fn, x)
 
 
+def reduction_kernels(model, x):
+    """(name, func, schedule, main block) of each kernel of `model` with exactly one reduction block (what
+    PackedGemm schedules), from the legalized module, before scheduling."""
+    mod, _ = lowered(model.eval(), x)
+    for name, func in prim_funcs(legalized(mod)).items():
+        sch = s_tir.Schedule(func)
+        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
+        if len(mains) == 1:
+            yield name, func, sch, mains[0]
+
+
 @pytest.mark.parametrize("make, shape, channel_wise", [
     (lambda: nn.Conv2d(96, 96, 3, groups=96, padding=1), (1, 96, 10, 10), [True]),     # depthwise
     (lambda: nn.Sequential(nn.Conv2d(3, 80, 1), nn.MaxPool2d(3, 2, 1)), (1, 3, 9, 9),   # NHWC pool after a
@@ -830,14 +841,9 @@ def test_channel_wise_kernels_take_channel_blocks_innermost(make, shape, channel
     """PackedGemm orders the parallel tiles channel blocks innermost exactly for the kernels that read their
     input at the output's channel (depthwise conv, pooling), weight-panel order (channel blocks outermost)
     for those that reduce over input channels."""
-    mod, _ = lowered(make().eval(), torch.randn(*shape))
     found = []
-    for name, func in prim_funcs(legalized(mod)).items():
-        sch = s_tir.Schedule(func)
-        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
-        if len(mains) != 1:
-            continue
-        blk = sch.get(mains[0])
+    for name, _, sch, main in reduction_kernels(make(), torch.randn(*shape)):
+        blk = sch.get(main)
         axes = schedules.PackedGemm._output_axes(blk)
         assert axes is not None, name
         found.append(schedules.PackedGemm._channel_wise(blk, *axes))
@@ -855,14 +861,9 @@ def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, smal
     compute what the unscheduled kernel computes, bit for bit."""
     model = make().eval()
     x = torch.randn(*shape)
-    mod, _ = lowered(model, x)
     decided = []
-    for func in prim_funcs(legalized(mod)).values():
-        sch = s_tir.Schedule(func)
-        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
-        if len(mains) != 1:
-            continue
-        blk = sch.get(mains[0])
+    for _, _, sch, main in reduction_kernels(model, x):
+        blk = sch.get(main)
         ivs = list(blk.iter_vars)
         ext = [schedules._int(iv.dom.extent) for iv in ivs]
         vi, _ = schedules.PackedGemm._output_axes(blk)
@@ -907,24 +908,16 @@ def test_row_tail_tiles_compute_what_the_unscheduled_kernel_computes(make, shape
 
 
 def _flatten_decision(model, x, vec):
-    """What PackedGemm._flatten_pixels decides for the one conv kernel of `model`, for SIMD facts `vec`."""
-    mod, _ = lowered(model.eval(), x)
+    """What PackedGemm._plan_rows decides to merge for the one conv kernel of `model`, for SIMD facts `vec`."""
     rule = schedules.PackedGemm()
-    for func in prim_funcs(legalized(mod)).values():
-        sch = s_tir.Schedule(func)
-        mains = [b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b)]
-        if len(mains) != 1:
-            continue
-        blk = sch.get(mains[0])
-        ivs = list(blk.iter_vars)
+    for _, func, sch, main in reduction_kernels(model, x):
+        ivs = list(sch.get(main).iter_vars)
         ext = [schedules._int(iv.dom.extent) for iv in ivs]
-        vi, ri = schedules.PackedGemm._output_axes(blk)
+        vi, ri = schedules.PackedGemm._output_axes(sch.get(main))
         spatial = [i for i, iv in enumerate(ivs) if int(iv.iter_type) == tirx.IterVar.DataPar]
         n_vectors = ext[vi] // vec.lanes("float32")
         tile = rule._choose_tile(n_vectors, ext[ri], vec)
-        if rule._row_tail_tile(n_vectors, ext[ri], vec, tile, ext, spatial, vi, ri, True) is not None:
-            return None         # as in PackedGemm._apply: a width that takes a tail tile is not merged
-        return rule._flatten_pixels(sch, mains[0], func, n_vectors, vec, tile, ext, spatial, vi, ri, True)
+        return rule._plan_rows(sch, main, func, n_vectors, vec, tile, ext, spatial, vi, ri, True)[1]
     raise AssertionError("no reduction kernel")
 
 

@@ -387,11 +387,7 @@ class PackedGemm(_CpuRule):
         if tile_shape is None:
             return None
         rows, nvec = tile_shape
-        tail = self._row_tail_tile(n_vectors, Er, vec, tile_shape, ext, spatial, vi, ri, bool(pads))
-        flat = None
-        if tail is None:
-            flat = self._flatten_pixels(sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri,
-                                        bool(pads))
+        tail, flat = self._plan_rows(sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri, bool(pads))
         if flat is not None:
             # one pixel axis (rows x width) in place of two: its extent takes the better tile
             (h, width, _), tail = flat
@@ -527,6 +523,34 @@ class PackedGemm(_CpuRule):
                     best = (score, rows, nvec)
         return None if best is None else (best[1], best[2])
 
+    def _plan_rows(self, sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri, padded):
+        """(tail tile, merged pixel axis), at most one of them not None: a better register tile over the
+        output rows with a guarded tail (`_row_tail_tile`), else on 16-register targets one over rows x width
+        (`_flatten_pixels`); (None, None) keeps `tile_shape`."""
+        tail = self._row_tail_tile(n_vectors, ext[ri] if ri is not None else 1, vec, tile_shape, ext, spatial,
+                                   vi, ri, padded)
+        if tail is not None:
+            return tail, None
+        return None, self._flatten_pixels(sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri)
+
+    def _serial_rows_tile(self, n_vectors, rows, vec, tile_shape, parallel_others, padded):
+        """The best register tile of up to 8 rows for `rows` output rows run as a serial loop of full tiles and
+        one guarded tail, or None where it is not clearly better than `tile_shape` (score x 1.1) or costs
+        more than it gains: < 4 column blocks (1x1 convs to 16-32 channels: measured 5-30% slower); a tail
+        that runs below speed (too few accumulators to hide the FMA latency) unless it is small, still has
+        half a tile's rows, or the kernel reads no padded input; fewer than `min_parallel` iterations left
+        in the parallel loop (`parallel_others`: the other parallel axes' extent) without the row tiles."""
+        best = self._choose_tile(n_vectors, None, vec, row_choices=range(1, 9))
+        if best is None or rows < best[0] or n_vectors // best[1] < 4:
+            return None
+        tail_rows = rows % best[0]
+        if not (tail_rows * 2 >= best[0] or tail_rows * 16 <= rows or not padded):
+            return None
+        if n_vectors // best[1] * parallel_others < self.min_parallel:
+            return None
+        score = lambda t: t[0] * t[1] / (t[0] + t[1])
+        return best if score(best) > score(tile_shape) * 1.1 else None
+
     def _row_tail_tile(self, n_vectors, Er, vec, tile_shape, ext, spatial, vi, ri, padded):
         """A larger register tile whose rows do not divide the row count, for when the rows' divisors allow
         only a poor one (AVX2's 16 registers: 56-, 28-, 14- and 7-wide images get 4x2 or 7x1 tiles where 6x2
@@ -534,25 +558,11 @@ class PackedGemm(_CpuRule):
         if not self.row_tails or n_vectors is None or Er is None or ri is None or any(
                 ext[i] is None for i in spatial):
             return None
-        best = self._choose_tile(n_vectors, None, vec, row_choices=range(1, 9))
-        if best is None or Er % best[0] == 0 or Er < best[0] or n_vectors // best[1] < 4:
-            return None         # < 4 column blocks (1x1 convs to 16-32 channels): measured 5-30% slower
-        # the tail tile runs below speed (too few accumulators to hide the FMA latency): only where it is
-        # small or still has half a tile's rows, or the kernel reads no padded input (no per-tile copy)
-        tail_rows = Er % best[0]
-        if not (tail_rows * 2 >= best[0] or tail_rows * 16 <= Er or not padded):
-            return None
-        # the row tiles leave the parallel loop: keep enough parallel work without them
-        parallel = n_vectors // best[1]
-        for i in spatial:
-            if i not in (vi, ri):
-                parallel *= ext[i]
-        if parallel < self.min_parallel:
-            return None
-        score = lambda t: t[0] * t[1] / (t[0] + t[1])
-        return best if score(best) > score(tile_shape) * 1.1 else None
+        others = math.prod(ext[i] for i in spatial if i not in (vi, ri))
+        best = self._serial_rows_tile(n_vectors, Er, vec, tile_shape, others, padded)
+        return best if best is not None and Er % best[0] else None
 
-    def _flatten_pixels(self, sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri, padded):
+    def _flatten_pixels(self, sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri):
         """For a kernel reducing over channels whose output rows and width are static and adjacent (NHWC conv
         output [n, h, w, c]) and whose width allows only a poor tile even with a tail (7- and 14-wide
         images on AVX2), merge h and w into one pixel axis of the block (TIR transform_block_layout) and
@@ -574,19 +584,9 @@ class PackedGemm(_CpuRule):
         if h is None or h != ri - 1 or int(ivs[h].iter_type) != tirx.IterVar.DataPar or ext[h] is None \
                 or ext[h] < 2 or ext[ri] is None or self._channel_wise(blk, vi, ri):
             return None
-        best = self._choose_tile(n_vectors, None, vec, row_choices=range(1, 9))
-        score = lambda t: t[0] * t[1] / (t[0] + t[1])
-        if best is None or score(best) <= score(tile_shape) * 1.1 or n_vectors // best[1] < 4:
-            return None
-        pixels = ext[h] * ext[ri]
-        tail_rows = pixels % best[0]
-        if pixels < best[0] or not (tail_rows * 2 >= best[0] or tail_rows * 16 <= pixels):
-            return None
-        parallel = n_vectors // best[1]       # the pixel tiles run serially inside the parallel loop
-        for i in spatial:
-            if i not in (vi, ri, h):
-                parallel *= ext[i]
-        if parallel < self.min_parallel:
+        others = math.prod(ext[i] for i in spatial if i not in (vi, ri, h))
+        best = self._serial_rows_tile(n_vectors, ext[h] * ext[ri], vec, tile_shape, others, padded=True)
+        if best is None:
             return None
         width = ext[ri]
         sch.transform_block_layout(main, _merge_axes_map(len(ivs), h, width))
@@ -750,6 +750,22 @@ def _scalar(expr) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _relax_function_pass(rewriter_cls, name: str):
+    """Module pass applying the PyExprMutator `rewriter_cls` to every Relax function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, ctx):
+        rewriter = rewriter_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
 def rewrite_elementwise():
     """Relax pass: spell clip and GELU with ops the CPU schedules handle well. Same values.
 
@@ -795,15 +811,7 @@ def rewrite_elementwise():
                 return relax.op.multiply(x, relax.op.add(const(0.5), relax.op.multiply(const(0.5), t)))
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphoptRewriteElementwise")
-    def _pass(mod, ctx):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
+    return _relax_function_pass(_Rewriter, "GraphoptRewriteElementwise")
 
 
 def nonnegative_squeeze_axes():
@@ -828,15 +836,7 @@ def nonnegative_squeeze_axes():
                 return call
             return relax.op.squeeze(call.args[0], [a + ndim if a < 0 else a for a in axes])
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphoptNonnegativeSqueezeAxes")
-    def _pass(mod, ctx):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
+    return _relax_function_pass(_Rewriter, "GraphoptNonnegativeSqueezeAxes")
 
 
 def relax_layout_passes(target) -> list:
