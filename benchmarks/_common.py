@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 __all__ = ["physical_cores", "set_threads", "machine_info", "gemm_peak_gflops", "time_interleaved",
-           "first_line", "format_table"]
+           "first_line", "format_table", "peak_rss_gb", "run_child"]
 
 
 def physical_cores() -> int:
@@ -197,6 +197,39 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
         out[k] = {"median_ms": statistics.median(xs), "p10_ms": _pct(xs, 0.1), "p90_ms": _pct(xs, 0.9),
                   "min_ms": min(xs), "samples": len(xs), "rounds": done_rounds}
     return out
+
+
+def peak_rss_gb(who=None) -> float:
+    """Peak resident memory in GiB: this process's VmHWM (getrusage's ru_maxrss survives exec, so a child
+    would report the parent's peak when that was higher), or the children's ru_maxrss for `who`."""
+    import resource
+
+    if who is None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return round(int(line.split()[1]) / 2**20, 2)
+        except OSError:
+            pass
+    return round(resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss / 2**20, 2)
+
+
+def run_child(cmd: list[str], name: str, which: str, timeout: float) -> dict:
+    """Run one coverage case in its own process: the JSON row it prints last, or a failure row (timeout, or
+    the exit code and the last stderr line) naming model `name` and run `which`."""
+    import json
+    import subprocess
+
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "run": which, "status": "fail", "kind": "timeout", "error": f"over {timeout:g} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300]}
 
 
 def first_line(e: BaseException | str, limit: int = 300) -> str:

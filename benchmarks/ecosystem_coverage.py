@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import first_line, format_table, physical_cores, set_threads  # noqa: E402
+from _common import first_line, peak_rss_gb, physical_cores, run_child, set_threads  # noqa: E402
 
 PIPELINES = {"fp32": "fold_bn,cleanup", "int8": "fold_bn,cleanup,quantize(progress=false)"}
 CALIB_BATCHES = 4
@@ -342,32 +341,12 @@ def run_one(name: str, which: str, tiny: bool = False, seq: int = 64, rtol: floa
     return row
 
 
-def _peak_rss_gb() -> float:
-    """This process's peak resident memory (VmHWM) in GiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 2**20, 2)
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _child(name: str, which: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--run", which, "--seq", str(args.seq),
            "--rtol", str(args.rtol), "--min-cos", str(args.min_cos), "--threads", str(args.threads),
            "--attn", args.attn] + (["--tiny"] if args.tiny else []) + (
                ["--layers", str(args.layers)] if args.layers else [])
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "run": which, "status": "fail", "kind": "timeout", "error": f"over {args.timeout:g} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300]}
+    return run_child(cmd, name, which, args.timeout)
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -470,7 +449,7 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     if args.one:
         row = run_one(args.one, args.run, args.tiny, args.seq, args.rtol, args.min_cos, args.layers or None)
-        row["peak_rss_gb"] = _peak_rss_gb()
+        row["peak_rss_gb"] = peak_rss_gb()
         print(json.dumps(row), flush=True)
         return 0
     names = [n for n in args.models.split(",") if n] or list(MODELS)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import first_line, format_table, physical_cores, set_threads  # noqa: E402
+from _common import first_line, format_table, peak_rss_gb, physical_cores, run_child, set_threads  # noqa: E402
 
 # smallest input side each family accepts (default 64), and constructor options that make a smaller input valid
 SIZES = {"inception_v3": 75, "maxvit_t": 224}
@@ -111,38 +110,16 @@ def run_one(name: str, which: str, rtol: float) -> dict:
     return row
 
 
-def _peak_rss_gb(who=None) -> float:
-    """Peak resident memory in GiB: this process's VmHWM (getrusage's ru_maxrss survives exec, so a child
-    would report the parent's peak when that was higher), or the children's ru_maxrss for `who`."""
-    import resource
-
-    if who is None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return round(int(line.split()[1]) / 2**20, 2)
-        except OSError:
-            pass
-    return round(resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss / 2**20, 2)
-
-
 def _child(name: str, which: str, rtol: float, timeout: float, threads: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--run", which, "--rtol", str(rtol),
            "--threads", str(threads)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "run": which, "status": "fail", "kind": "timeout", "error": f"over {timeout:g} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-    import resource
+    row = run_child(cmd, name, which, timeout)
+    if row.get("kind", "").startswith("exit"):
+        import resource
 
-    # killed (e.g. out of memory): the largest child so far, a lower bound on what this one reached
-    return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300],
-            "peak_rss_gb_at_least": _peak_rss_gb(resource.RUSAGE_CHILDREN)}
+        # killed (e.g. out of memory): the largest child so far, a lower bound on what this one reached
+        row["peak_rss_gb_at_least"] = peak_rss_gb(resource.RUSAGE_CHILDREN)
+    return row
 
 
 def _params(name: str) -> float:
@@ -241,7 +218,7 @@ def main(argv=None) -> int:
         return _merge([p for p in args.merge.split(",") if p])
     if args.one:
         row = run_one(args.one, args.run, args.rtol)
-        row["peak_rss_gb"] = _peak_rss_gb()          # measured: what this model and run needed, in GiB
+        row["peak_rss_gb"] = peak_rss_gb()          # measured: what this model and run needed, in GiB
         print(json.dumps(row), flush=True)
         return 0
 
