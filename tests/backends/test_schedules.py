@@ -880,7 +880,7 @@ def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, smal
     (schedules.CpuVector(32, 16), 120, 7, False, 7, (4, 3)),    # 1x1 960-ch at 7 wide: 1x8 -> 4x3 + 3 rows
     (schedules.CpuVector(32, 16), 8, 48, True, 48, None),       # 6 divides 48: no tail needed
     (schedules.CpuVector(32, 16), 2, 61, False, 1, None),       # one column block: the rows are the parallelism
-    (schedules.CpuVector(64, 32), 16, 56, True, 56, (6, 4)),    # AVX-512 256-ch: 4x4 -> 6x4 + 2 rows
+    (schedules.CpuVector(64, 32), 16, 56, True, 56, (3, 4)),    # AVX-512 256-ch, tile < 1 KiB (15 zmm): 7x2 -> 3x4 + 2 rows
     (schedules.CpuVector(32, 16), 4, 28, False, 28, None),      # 1x1 conv to 32 channels: 2 column blocks
 ])
 def test_register_tiles_may_leave_a_row_tail(vec, n_vectors, Er, padded, parallel, expect):
