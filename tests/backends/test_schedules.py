@@ -1018,3 +1018,29 @@ def _calls(mod, name):
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return found
+
+
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
+@pytest.mark.parametrize("make, shape, workspaces", [
+    (lambda: nn.Sequential(nn.Conv2d(32, 256, 3, padding=1), nn.ReLU()), (1, 32, 14, 14), 2),  # + padded copy
+    (lambda: nn.Linear(256, 512), (7, 256), 1),          # the weight panels
+])
+def test_register_tile_is_a_stack_buffer_not_a_heap_workspace(make, shape, workspaces, mcpu):
+    """PackedGemm's accumulator tile must reach LLVM as a stack alloca (TVM 0.27 lowers only constant
+    'global' buffers under 1 KiB so; 'local' or larger ones become TVMBackendAllocWorkspace calls, which LLVM
+    cannot keep in registers once an input is also a workspace: a store per FMA). Counted in the LLVM IR of
+    each compiled kernel, on both register files (AVX2 16 x 32 B, AVX-512 32 x 64 B): the only workspaces
+    left are the weight panels (split out and folded at build time in a real build) and a convolution's
+    padded input copy."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"})
+    kernels = list(reduction_kernels(make(), torch.randn(*shape)))
+    assert kernels
+    for name, func, _, _ in kernels:
+        sch = schedules.PackedGemm()._apply(func, target)
+        assert sch is not None, name
+        src = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
+                          target=target).mod.inspect_source("ll")
+        calls = len(re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace", src))
+        assert calls == workspaces, (name, mcpu, calls)
