@@ -1080,9 +1080,9 @@ def test_dynamic_transpose_is_vectorized_with_a_partitioned_tail(heads, width):
 
 def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():
     """DynamicRows takes a softmax over a dynamic row length (the attention scores of a dynamic sequence):
-    per-row blocks, vectorized elementwise loops with partitioned tails, sequential reductions in the
-    reference order, so the result equals the unscheduled kernel's bit for bit at every size; a static
-    softmax is left to dlight's rule."""
+    reductions parallel over rows and sequential along them (the reference order), elementwise passes
+    vectorized with partitioned tails, so the result equals the unscheduled kernel's bit for bit at every
+    size; a static softmax is left to dlight's rule."""
     import tvm
     from tvm import topi
 
