@@ -68,7 +68,9 @@ def _rel_l2(got, ref) -> float:
 @dataclass
 class Quantize(Pass):
     """Quantize Linear, Conv2d and activation x activation matmuls to int8 (integer kernels; everything
-    else stays float32).
+    else stays float32). Layers written as a matmul against a constant weight count as Linear: torch.addmm
+    with an (in, out) weight (transformers' Conv1D: GPT-2), x @ W [+ b], F.linear(x, W.t()); the weight is
+    transposed once at compile time so its output channels are per-channel rows (graphopt.quant.const_matmul).
 
     Modes:
       static       observers + calibration (ctx.calibration, required), then per-tensor activation
