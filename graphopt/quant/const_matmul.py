@@ -103,10 +103,11 @@ def _ndim(node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def _row_bias(gm: fx.GraphModule, node, out: int) -> tuple[torch.Tensor, fx.Node] | None:
-    """A constant of `out` values broadcast along rows ((out,), (1, out), (1, 1, out) ...), flattened."""
+def _row_bias(gm: fx.GraphModule, node, out: int, dtype: torch.dtype) -> tuple[torch.Tensor, fx.Node] | None:
+    """A constant of `out` values of `dtype` broadcast along rows ((out,), (1, out), (1, 1, out) ...), flattened
+    (another dtype would change the sum's type promotion)."""
     b = _const(gm, node)
-    if b is None or not b.is_floating_point() or b.numel() != out or (b.dim() and b.shape[-1] != out):
+    if b is None or b.dtype != dtype or b.numel() != out or (b.dim() and b.shape[-1] != out):
         return None
     return b.reshape(out), node
 
@@ -115,7 +116,7 @@ def _is_one(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 1
 
 
-def _following_bias(gm: fx.GraphModule, node: fx.Node, out: int):
+def _following_bias(gm: fx.GraphModule, node: fx.Node, out: int, dtype: torch.dtype):
     """(add node, bias) when `node`'s only user adds a constant row of `out` values to it, else None."""
     if len(node.users) != 1:
         return None
@@ -126,7 +127,7 @@ def _following_bias(gm: fx.GraphModule, node: fx.Node, out: int):
     other = add.args[1] if add.args[0] is node else add.args[0] if add.args[1] is node else None
     if other is None or other is node:
         return None
-    found = _row_bias(gm, other, out)
+    found = _row_bias(gm, other, out, dtype)
     if found is None:
         return None
     out_nd, in_nd = _ndim(add), _ndim(node)
@@ -155,7 +156,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
         if found is None:
             return None
         w, src, transposed = found
-        bias = _row_bias(gm, b_arg, w.shape[0]) if b_arg is not None else None
+        bias = _row_bias(gm, b_arg, w.shape[0], w.dtype) if b_arg is not None else None
         if b_arg is not None and bias is None:
             return None
         return node.args[0], w, (src, transposed), bias, [node]
@@ -169,7 +170,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
         if found is None or _const(gm, x) is not None:
             return None
         m, src, transposed = found
-        bias = _row_bias(gm, b_arg, m.shape[1])
+        bias = _row_bias(gm, b_arg, m.shape[1], m.dtype)
         if bias is None:
             return None
         return x, m.t(), (src, not transposed), bias, [node]
@@ -184,7 +185,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
         if fn in _MATMUL and (nd is None or nd < 2):
             return None
         m, src, transposed = found
-        follow = _following_bias(gm, node, m.shape[1])
+        follow = _following_bias(gm, node, m.shape[1], m.dtype)
         if follow is None:
             return x, m.t(), (src, not transposed), None, [node]
         add, bias = follow
@@ -224,7 +225,7 @@ def linearize(gm: fx.GraphModule) -> int:
             with torch.no_grad():
                 mod.weight = nn.Parameter(w.detach().contiguous().clone(), requires_grad=False)
                 if b is not None:
-                    mod.bias = nn.Parameter(b.detach().to(w.dtype).clone(), requires_grad=False)
+                    mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
             target = str(src.target)
             name = _free_name(gm, target.rsplit(".", 1)[0] if "." in target else node.name)
             gm.add_submodule(name, mod)

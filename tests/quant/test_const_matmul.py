@@ -101,6 +101,28 @@ def test_look_alikes_are_left_alone():
     assert not any(isinstance(m, nn.Linear) for m in gm.modules())
 
 
+def test_a_bias_of_another_dtype_is_not_folded():
+    """x @ W + b with b float64 promotes the sum to float64: the Linear takes the product, the add stays."""
+
+    class Promoting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.register_buffer("b", torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return x @ self.w + self.b
+
+    model, x = Promoting().eval(), torch.randn(3, 6)
+    gm = capture(model, (x,), method="symbolic_trace").gm
+    assert linearize(gm) == 1
+    (lin,) = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert lin.bias is None
+    with torch.no_grad():
+        out = gm(x)
+    assert out.dtype == torch.float64 and torch.allclose(out, model(x))
+
+
 @settings(max_examples=20, deadline=None)
 @given(k=st.integers(1, 9), n=st.integers(1, 9), lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
        form=st.sampled_from(["addmm", "matmul_bias", "bias_matmul", "matmul", "mm", "linear_t", "linear_T",
