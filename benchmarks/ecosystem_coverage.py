@@ -27,7 +27,8 @@ Per model two runs, each in its own process (a crash, a memory blow-up or --time
         max(rtol, 2x the larger of those) of eager float64
   int8  "fold_bn,cleanup,quantize" (static int8: Linear/Conv2d/activation matmuls on integer kernels), calibrated
         on --calib (32: quantize's calib_batches) random inputs; cosine(compiled, eager) on a fresh input; `ok`
-        from --min-cos (0.99), `LOW` below, `NOT QUANTIZED` when the build holds no integer kernel (quantize found no op it handles)
+        from --min-cos (0.99), `LOW` below, `NOT QUANTIZED` when the build holds no integer kernel (quantize
+        found no op it handles)
 
 A failure shows the error's class and, for graphopt's typed errors, the pass (PassError) or the op/node named
 in the message. Compile seconds are graphopt.optimize's wall time (capture, passes, lowering, build).
