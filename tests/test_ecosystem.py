@@ -176,3 +176,15 @@ def test_full_size_model(name, which):
     pytest.importorskip("transformers" if coverage.MODELS[name].source == "transformers" else "timm")
     row = coverage.run_one(name, which)
     assert row["status"] == "ok", row
+
+
+def test_table_names_the_calibration_counts():
+    """Rows calibrated on different counts (older rows carry none: 4) are named under the table."""
+    def row(name, cos, calib=None):
+        r = {"model": name, "run": "int8", "status": "ok", "cos": cos, "rel": 0.01, "int8_path": "path=vnni",
+             "params_m": 1.0, "source": "timm"}
+        return {"int8": r if calib is None else {**r, "calib": calib}}
+
+    text = coverage.table({"a": row("a", 0.999, 32), "b": row("b", 0.995), "c": row("c", 0.998, 4)})
+    assert "int8 calibrated on 4 random inputs (32: a)" in text
+    assert "int8 calibrated on 32 random inputs" in coverage.table({"a": row("a", 0.999, 32)})

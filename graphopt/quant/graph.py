@@ -96,11 +96,16 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
 
 
 def modularize(gm: fx.GraphModule) -> int:
-    """Turn functional linear/conv2d calls with constant (get_attr) weights into Linear/Conv2d modules.
+    """Turn functional linear/conv2d calls with constant (get_attr) weights into Linear/Conv2d modules, and
+    matmuls against a constant weight (addmm as in transformers' Conv1D, x @ W [+ b], linear of a transposed
+    constant) into Linear modules with the weight transposed once (graphopt.quant.const_matmul).
 
-    Mutates `gm`; returns how many calls were converted. Exact (same op, same tensors).
+    Mutates `gm`; returns how many calls were converted. Exact (same op, same tensors) for the functional
+    calls; the same product for the matmuls (float32 summation order may differ in the last bit).
     """
-    count = 0
+    from .const_matmul import linearize
+
+    count = linearize(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEAR_FUNCS | _CONV_FUNCS:
             continue
