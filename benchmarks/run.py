@@ -62,6 +62,7 @@ DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.json")
 BUILTIN = {"models": "resnet18,mobilenet_v2,bert_base,mlp", "batches": "1,8", "pipeline": "fold_bn,cleanup",
            "tune": 64, "database": None, "variants": ",".join(ALL_VARIANTS), "rounds": 10, "slice": 0.25, "calls": 0,
            "budget": 120.0, "rtol": 1e-3, "image": None, "seq": None, "threads": 0, "target": "x86",
+           "peak_size": 2048,
            "json": "run.json", "out": os.path.join(HERE, "results")}
 
 
@@ -404,6 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image", type=int, help="image models: N×N inputs instead of 224 (quick checks)")
     ap.add_argument("--seq", type=int, help="sequence models: this sequence length instead of 128")
     ap.add_argument("--threads", type=int, help="threads for every runtime (default 0: physical cores)")
+    ap.add_argument("--peak-size", type=int, help="n of the n×n×n GEMMs that measure the machine's peak (default "
+                                                    "2048; smaller only for quick checks: a small GEMM under-reads it)")
     ap.add_argument("--out", help="output directory (default benchmarks/results)")
     ap.add_argument("--json", help="JSON file name inside --out (default run.json)")
     args = ap.parse_args(argv)
@@ -412,7 +415,7 @@ def main(argv=None) -> int:
     threads = int(opts["threads"]) or physical_cores()
     th = set_threads(threads)                         # before TVM's thread pool starts
     machine = machine_info()
-    peak_info = gemm_peak_gflops(threads)
+    peak_info = gemm_peak_gflops(threads, n=int(opts["peak_size"]))
     machine.update({"threads": threads, "thread_settings": th, "peak_gflops": peak_info["gflops"],
                     "peak": peak_info, "peak_measurements": [{"when": "start", **peak_info}]})
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
@@ -424,7 +427,7 @@ def main(argv=None) -> int:
 
     def measure_peak(when: str) -> float:
         """Measure the GEMM peak again; the run's peak is the best measurement (load only ever lowers it)."""
-        info = gemm_peak_gflops(threads)
+        info = gemm_peak_gflops(threads, n=int(opts["peak_size"]))
         machine["peak_measurements"].append({"when": when, **info})
         if info["gflops"] > machine["peak_gflops"]:
             machine["peak_gflops"] = info["gflops"]

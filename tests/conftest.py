@@ -74,3 +74,24 @@ def bert_tiny_x86():
     torch.manual_seed(0)
     model, inputs = get_model("bert_tiny")
     return model, inputs, graphopt.optimize(model, "x86", example_inputs=inputs)
+
+
+@pytest.fixture(scope="session")
+def transformer_encoder_x86():
+    """(model, input, OptimizedModel, warning messages of the build): nn.TransformerEncoder (2 layers, d_model
+    32, GELU; not symbolically traceable, so captured by torch.export), default pipeline, x86. Checked by
+    test_end_to_end.py (match, report, save, load) and test_schedules.py (every kernel scheduled, no layout
+    fall-back); each used to build its own encoder."""
+    import warnings
+
+    import graphopt
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True,
+                                             activation="gelu")
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = graphopt.optimize(model, "x86", example_inputs=(x,))
+    return model, x, opt, [str(w.message) for w in caught]

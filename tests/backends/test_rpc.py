@@ -64,17 +64,24 @@ def _measure(runner, artifact_paths, mod):
 
 
 # ------------------------------------------------------------------------------------- direct servers
-def test_loopback_server_runs_an_artifact(host_model):
-    model, x, opt, path = host_model
+@pytest.fixture(scope="module")
+def loopback_server():
+    """One direct (no tracker) server of this machine for the tests below: starting one costs ~3 s of CPU (a
+    process that imports TVM). Each test opens its own session; the module's autouse gc releases it."""
     with rpc.LocalServer() as server:
-        session = rpc.connect(server.device, timeout=60)
-        assert rpc.device_threads(session) >= 1
-        remote = rpc.load_remote(path, session)
-        got = remote(x)
-        torch.testing.assert_close(got, opt(x), rtol=0, atol=0)        # same library, same machine
-        with torch.no_grad():
-            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
-        del remote, session
+        yield server
+
+
+def test_loopback_server_runs_an_artifact(host_model, loopback_server):
+    model, x, opt, path = host_model
+    session = rpc.connect(loopback_server.device, timeout=60)
+    assert rpc.device_threads(session) >= 1
+    remote = rpc.load_remote(path, session)
+    got = remote(x)
+    torch.testing.assert_close(got, opt(x), rtol=0, atol=0)        # same library, same machine
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    del remote, session
 
 
 def test_connecting_to_nothing_is_a_bounded_remote_error():
@@ -85,12 +92,11 @@ def test_connecting_to_nothing_is_a_bounded_remote_error():
     assert time.monotonic() - start < 30
 
 
-def test_artifact_of_the_torch_backend_has_nothing_to_run_remotely(tmp_path):
+def test_artifact_of_the_torch_backend_has_nothing_to_run_remotely(tmp_path, loopback_server):
     model, x = _mlp()
     path = graphopt.optimize(model, target="torch", example_inputs=(x,)).save(tmp_path / "t.gopt")
-    with rpc.LocalServer() as server:
-        with pytest.raises(ArtifactError, match="nothing to run on an RPC device"):
-            rpc.load_remote(path, rpc.connect(server.device, timeout=60))
+    with pytest.raises(ArtifactError, match="nothing to run on an RPC device"):
+        rpc.load_remote(path, rpc.connect(loopback_server.device, timeout=60))
 
 
 # ------------------------------------------------------------------------------------------- tracker

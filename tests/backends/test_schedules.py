@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import numpy as np
 import pytest
@@ -374,14 +373,17 @@ def test_random_mlps_match_torch_many(spec):
     check_mlp(spec)
 
 
-def check_scheduled_equals_unscheduled(model, x):
+def check_scheduled_equals_unscheduled(model, x, *more):
+    """Builds `model` (for example input `x`) with and without the default rules; both give the same outputs bit
+    for bit on `x` and on each input of `more` (same shapes: the two builds are shared)."""
     mod, low = lowered(model, x)
     fast, stats = build_with(mod)
     slow, none = build_with(mod, rules=[])
     assert not stats.unscheduled and none.unscheduled and not none.by_rule
-    got, ref = compiled(fast, low)(x), compiled(slow, low)(x)
-    for g, r in zip(flatten_outputs(got), flatten_outputs(ref)):
-        assert torch.equal(g, r), f"scheduled != unscheduled: max |Δ| {(g - r).abs().max().item():.3g} ({model})"
+    fast, slow = compiled(fast, low), compiled(slow, low)
+    for inp in (x, *more):
+        for g, r in zip(flatten_outputs(fast(inp)), flatten_outputs(slow(inp))):
+            assert torch.equal(g, r), f"scheduled != unscheduled: max |Δ| {(g - r).abs().max().item():.3g} ({model})"
 
 
 def check_bit_for_bit(conv_spec, mlp_spec):
@@ -684,16 +686,11 @@ def test_quantized_model_with_int8_kernels_and_packed_float_layers():
         assert_close(compiled(out, low)(x), opt.graph_module(x))
 
 
-def test_transformer_encoder_without_convolutions_builds():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True, activation="gelu")
-    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
-    x = torch.randn(2, 7, 32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt = x86(model, x)
+def test_transformer_encoder_without_convolutions_builds(transformer_encoder_x86):
+    model, x, opt, caught = transformer_encoder_x86      # the session's build (tests/conftest.py): default pipeline
+    opt = checked_x86(opt)
     assert opt.report.backend["capture"] == "torch.export"
-    assert not [w for w in caught if "layout conversion failed" in str(w.message)]
+    assert not [w for w in caught if "layout conversion failed" in w]
     with torch.no_grad():
         assert_close(opt(x), model(x), "TransformerEncoder")
 
@@ -957,14 +954,16 @@ def test_whole_tensor_max_and_min_are_vectorized_and_exact():
     _, stats = build_with(mod)
     assert stats.by_rule.get("ScalarMinMax", 0) == 3 and not stats.unscheduled
     opt = graphopt.optimize(Extrema().eval(), target="x86", pipeline="", example_inputs=(x,))
+    finite = []
     for special in (None, float("inf"), -float("inf"), float("nan")):
         y = x.clone()
         if special is not None:
             y[1, 17, 5] = special
         if special == special:
-            check_scheduled_equals_unscheduled(Extrema().eval(), y)
+            finite.append(y)
         for g, r in zip(opt(y), Extrema()(y)):
             assert torch.equal(g, r) or (g.isnan() and r.isnan()), (special, g, r)
+    check_scheduled_equals_unscheduled(Extrema().eval(), *finite)      # one pair of builds, every input
 
     class Total(nn.Module):
         def forward(self, x):

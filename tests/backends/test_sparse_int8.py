@@ -132,9 +132,18 @@ def _build(target, pattern, kernel, shape, tmp=None):
                                       f"quantize(progress=false)"), x
 
 
-@pytest.mark.parametrize("target,path", TARGETS)
-@pytest.mark.parametrize("pattern,shape", [("16x1", (1, 70)), ("1x16", (1, 70)), ("4x4", (2, 5, 70)),
-                                           ("1x16", (37, 70)), ("unstructured", (20, 70))])
+LAYER_CASES = [("16x1", (1, 70)), ("1x16", (1, 70)), ("4x4", (2, 5, 70)), ("1x16", (37, 70)),
+               ("unstructured", (20, 70))]
+# Every pattern on the AVX2 path (any x86 host runs it); the native path (vnni / avx512bw) takes a matrix-vector
+# and a many-row case in the default run, its other three under -m slow (~2 s of building each). The kernel
+# layouts of both paths are all checked by test_kernels_sum_exactly.
+NATIVE_DEFAULT = {("16x1", (1, 70)), ("1x16", (37, 70))}
+
+
+@pytest.mark.parametrize("target,path,pattern,shape", [
+    pytest.param(target, path, pattern, shape, id=f"{pattern}-{'x'.join(map(str, shape))}-{target}-{path}",
+                 marks=[] if path == "avx2" or (pattern, shape) in NATIVE_DEFAULT else [pytest.mark.slow])
+    for target, path in TARGETS for pattern, shape in LAYER_CASES])
 def test_sparse_int8_layer_equals_dense_int8_bit_for_bit(target, path, pattern, shape):
     sparse, x = _build(target, pattern, "sparse", shape)
     dense, _ = _build(target, pattern, "dense", shape)

@@ -58,6 +58,25 @@ def _no_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_TUNING_DIR", str(tmp_path / "default-tuning-dir"))
 
 
+# Each tuning run starts one build/measure worker process per core (tuning/workers.py), and each worker imports
+# TVM: ~4 s of CPU per worker, most of these tests' time. They check record, resume and check mechanics, which
+# do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count (a
+# process group of several workers that must ignore SIGINT): in its subprocess and in the resumed run here.
+KEEPS_WORKERS = ("test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials",)
+
+
+def _one_worker(mp: pytest.MonkeyPatch) -> None:
+    from graphopt.backends.tvm.tuning import driver
+
+    mp.setattr(driver, "worker_count", lambda target: 1)
+
+
+@pytest.fixture(autouse=True)
+def _one_tuning_worker(request, monkeypatch):
+    if request.node.originalname not in KEEPS_WORKERS:
+        _one_worker(monkeypatch)
+
+
 def _records(db: Path) -> list[str]:
     text = (db / RECORD_FILE).read_text(encoding="utf-8")
     assert text.endswith("\n"), f"{db / RECORD_FILE} does not end with a newline"
@@ -100,7 +119,9 @@ def tuned(tmp_path_factory):
     logger.addHandler(handler)
     logger_before = (logger.level, logger.propagate, list(logger.handlers))
     try:
-        opt, model, x, seconds = _optimize(db)
+        with pytest.MonkeyPatch.context() as mp:
+            _one_worker(mp)
+            opt, model, x, seconds = _optimize(db)
         logger_after = (logger.level, logger.propagate, list(logger.handlers))
     finally:
         logger.removeHandler(handler)
