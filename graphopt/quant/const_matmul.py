@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph import _arg, _call_module_in_place_of, _const, _free_name, _tidy
+
 __all__ = ["linearize"]
 
 _aten = torch.ops.aten
@@ -42,18 +44,6 @@ _ADD = {operator.add, torch.add, _aten.add.Tensor}
 _T = {torch.t, _aten.t.default, "t"} | ({_aten.numpy_T.default} if hasattr(_aten, "numpy_T") else set())
 _TRANSPOSE = {torch.transpose, _aten.transpose.int, "transpose", "swapaxes", "swapdims"}
 _PERMUTE = {torch.permute, _aten.permute.default, "permute"}
-
-
-def _const(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        obj = gm
-        try:
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            return None
-        return obj if isinstance(obj, torch.Tensor) else None
-    return None
 
 
 def _is_swap(dims, ndim: int = 2) -> bool:
@@ -91,10 +81,6 @@ def _matrix(gm: fx.GraphModule, node) -> tuple[torch.Tensor, fx.Node, bool] | No
     if w is None or w.dim() != 2 or not w.is_floating_point():
         return None
     return (w.t(), src, True) if src is not node else (w, src, False)
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _ndim(node) -> int | None:
@@ -193,14 +179,6 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
-def _free_name(root: nn.Module, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 1
-    while hasattr(root, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def linearize(gm: fx.GraphModule) -> int:
     """Replace each matmul against a constant weight (addmm, matmul/mm [+ bias], linear of a transposed
     constant) by a call of an nn.Linear holding the weight in (out, in) layout. Mutates `gm`; returns how many
@@ -230,17 +208,8 @@ def linearize(gm: fx.GraphModule) -> int:
             name = _free_name(gm, target.rsplit(".", 1)[0] if "." in target else node.name)
             gm.add_submodule(name, mod)
             made[key] = name
-        last = replaced[-1]
-        with gm.graph.inserting_before(last):
-            new = gm.graph.call_module(name, (x,))
-        new.meta = dict(last.meta)
-        last.replace_all_uses_with(new)
-        for n in reversed(replaced):
-            gm.graph.erase_node(n)
-            erased.add(n)
+        _call_module_in_place_of(gm, name, x, replaced)
+        erased.update(replaced)
         count += 1
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+    _tidy(gm, count)
     return count

@@ -81,10 +81,14 @@ def _free_name(root: nn.Module, base: str) -> str:
 
 
 def _const(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    """The tensor a get_attr node names, else None (also for a dangling attribute path)."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         obj = gm
-        for part in str(arg.target).split("."):
-            obj = getattr(obj, part)
+        try:
+            for part in str(arg.target).split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
         return obj if isinstance(obj, torch.Tensor) else None
     return None
 
@@ -134,17 +138,31 @@ def modularize(gm: fx.GraphModule) -> int:
             _arg(node, 1, "weight").target) else node.name
         name = _free_name(gm, base)
         gm.add_submodule(name, mod)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _call_module_in_place_of(gm, name, x, [node])
         count += 1
-    if count:
+    _tidy(gm, count)
+    return count
+
+
+def _call_module_in_place_of(gm: fx.GraphModule, name: str, x, nodes: list) -> fx.Node:
+    """Call submodule `name` on `x` where the last of `nodes` was, hand it that node's users and metadata,
+    and erase `nodes` (a chain ending in that node)."""
+    last = nodes[-1]
+    with gm.graph.inserting_before(last):
+        new = gm.graph.call_module(name, (x,))
+    new.meta = dict(last.meta)
+    last.replace_all_uses_with(new)
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
+    return new
+
+
+def _tidy(gm: fx.GraphModule, changed: int) -> None:
+    """After `changed` rewrites: drop dead nodes and the submodules nothing calls, regenerate the code."""
+    if changed:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
-    return count
 
 
 def _float_activation(node) -> bool:
