@@ -16,6 +16,8 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
                                 constants, `layout_free_buffers`) are repacked into contiguous panels
                                 [N/tile, ..., tile] (a layout-rewrite block that `finalize_passes` splits out
                                 of the kernel and FoldConstant evaluates at build time: no run-time cost).
+  DynamicRows                   row reductions (softmax, layer norm) over a dynamic extent: one pass per block
+                                over the whole tensor, vector tails partitioned off.
   dlight.cpu.Reduction          softmax / layer norm / RMS norm style row reductions (TVM's rule).
   ScalarMinMax                  whole-tensor max / min to one value: SIMD running extrema (rfactor), exact.
   Injective                     everything else without a reduction (elementwise, transpose, reshape,
@@ -37,7 +39,8 @@ from typing import Any
 
 from .inline_budget import BUDGET, expanded_size, plan_inlining
 
-__all__ = ["CpuVector", "cpu_vector", "PackedGemm", "ScalarMinMax", "Injective", "default_rules", "relax_layout_passes",
+__all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "ScalarMinMax", "Injective", "default_rules",
+           "relax_layout_passes",
            "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
 
 
