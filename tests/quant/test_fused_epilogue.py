@@ -187,3 +187,39 @@ def test_sdot_chain_lowers_to_shifted_int8_codes():
     outs = _kernel_outputs(lowered)
     assert [dt for _, dt in outs].count("float32") == 1
     assert sum(dt == "int8" for _, dt in outs) == 6, outs
+
+
+class DepthwiseBlock(nn.Module):
+    """MobileNetV2's inverted residual without the residual: 1x1 expand + ReLU6, 3x3 depthwise + ReLU6,
+    1x1 project. 32 expanded channels (whole 16-channel blocks), a 7-wide image (a partial row tile)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6())
+        self.project = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        return self.project(self.dw(self.expand(x)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_depthwise_conv_reads_the_codes_its_producer_stored(target):
+    """The expand conv's fused epilogue stores the depthwise conv's input as the depthwise kernel reads it
+    (NHWC uint8, padded with the zero point, whole 16-channel blocks), so no permute/pad/quantize kernel runs
+    between them; the result equals the unfused lowering bit for bit and the QDQ graph to float rounding."""
+    _skip_unless_runs_here(target)
+    torch.manual_seed(0)
+    model = DepthwiseBlock().eval()
+    x = torch.randn(1, 8, 7, 7)
+    opt = graphopt.optimize(model, target, "cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=[torch.randn(8, 8, 7, 7)])
+    assert "qconv2d:depthwise reads fused codes×1" in opt.report.backend["int8"], opt.report.backend["int8"]
+    unfused, _ = _build(opt.graph_module, (x,), resolve_target(target), False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(4):
+            xi = torch.randn(1, 8, 7, 7, generator=g)
+            y, u, r = opt(xi), unfused(xi), opt.graph_module(xi)
+            assert torch.equal(y, u), f"{target}: fused != unfused by {(y - u).abs().max().item()}"
+            assert torch.allclose(y, r, rtol=0, atol=1e-4 * r.abs().max().item())

@@ -197,6 +197,12 @@ def _consumer(q, flatten) -> tuple | None:
         return None
     if _op(user) == "qconv2d.default" and flatten is None and int(user.args[8]) == 1:
         return ("conv", (int(user.args[6][0]), int(user.args[6][-1])))
+    shape = _shape_of(q)
+    if (_op(user) == "qconv2d.default" and flatten is None and shape is not None and len(shape) == 4
+            and int(user.args[8]) == shape[1] and int(user.args[8]) > 1):
+        # a depthwise conv (one filter per channel; quant_lower's depthwise kernel reads NHWC uint8 codes
+        # padded spatially with the zero point and to whole 16-channel blocks)
+        return ("dwconv", (int(user.args[6][0]), int(user.args[6][-1])))
     if _op(user) in LINEAR_OPS:
         return ("linear",)
     return None

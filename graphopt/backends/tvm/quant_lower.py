@@ -861,7 +861,9 @@ def _convert_qconv2d(st: QuantLowering):
             oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
             ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         if not dynamic and st.path != "relax" and groups == c == co and ci == 1:
-            return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow)
+            ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
+            return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow,
+                                   ki)
         if st.path == "relax" or groups != 1 or dynamic:     # dynamic batch/size: TVM's integer conv
             st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else " (dynamic)" if dynamic else ""))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
@@ -903,8 +905,11 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
     n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt = geometry
     epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
     st.count("fused requantize epilogue")
-    c_out = co if plan.flatten is not None else quant_fuse.round_up(co, 4)
-    pad_next = plan.consumer[1] if plan.consumer and plan.consumer[0] == "conv" else (0, 0)
+    # a depthwise consumer reads whole 16-channel blocks: stored so when the kernel computes that many channels
+    dw_next = (bool(plan.consumer) and plan.consumer[0] == "dwconv" and want == "uint8"
+               and quant_fuse.round_up(co, 16) <= cob * lanes_of(st.path))
+    c_out = co if plan.flatten is not None else quant_fuse.round_up(co, 16 if dw_next else 4)
+    pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
     conv_pad = (0, 0) if plan.pool else pad_next
     func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact, epi,
                        c_out, conv_pad)
@@ -955,16 +960,23 @@ def _zero_point_term(zp8: int, wq: np.ndarray) -> np.ndarray:
 
 
 def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarray, out_scale: np.ndarray,
-                    bias: np.ndarray, stride, padding, dilation, oh: int, ow: int):
+                    bias: np.ndarray, stride, padding, dilation, oh: int, ow: int, ki=None):
     """Emit depthwise_kernel for a quantized depthwise conv (groups == channels, one filter each); returns
-    float32 NCHW like the other converters (slice and permute fuse into the consumer)."""
+    float32 NCHW like the other converters (slice and permute fuse into the consumer). `ki`: the codes a fused
+    producer stored for it (quant_fuse: NHWC uint8, padded spatially and to 16-channel blocks), read as they
+    are instead of permuting and padding the graph-layout tensor again."""
     relax = _relax()
     R = relax.op
     n, c, h, w = _shape(xq)
     kh, kw = wq.shape[2:]
-    xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
     cpad = -c % 16
-    nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
+    if (ki is not None and ki.dtype == "uint8" and ki.layout == ("nhwc", tuple(padding))
+            and _shape(ki.var)[3] == c + cpad):
+        nhwc, zp8 = ki.var, ki.zp
+        st.count("qconv2d:depthwise reads fused codes")
+    else:
+        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
+        nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
     cp = c + cpad
     mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
     func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw, tuple(stride),
