@@ -393,7 +393,8 @@ class PackedGemm(_CpuRule):
         n_vectors = E // lanes if E is not None else None
         Er = ext[ri] if ri is not None else 1
         # dynamic rows padded to whole tiles (pad_dynamic) take any row count, like static rows with a tail
-        tile_shape = self._choose_tile(n_vectors, Er, vec, row_choices=range(1, 9) if self.pad_dynamic else (1, 2, 4, 8))
+        tile_shape = self._choose_tile(n_vectors, Er, vec,
+                                       row_choices=range(1, 9) if self.pad_dynamic else (1, 2, 4, 8))
         if tile_shape is None:
             return None
         rows, nvec = tile_shape
