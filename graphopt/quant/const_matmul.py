@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import _arg, _call_module_in_place_of, _const, _free_name, _tidy
+from .graph import _add_layer, _arg, _call_module_in_place_of, _const, _tidy
 
 __all__ = ["linearize"]
 
@@ -199,14 +199,7 @@ def linearize(gm: fx.GraphModule) -> int:
         name = made.get(key)
         if name is None:
             out_f, in_f = w.shape
-            mod = nn.Linear(in_f, out_f, bias=b is not None)
-            with torch.no_grad():
-                mod.weight = nn.Parameter(w.detach().contiguous().clone(), requires_grad=False)
-                if b is not None:
-                    mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-            target = str(src.target)
-            name = _free_name(gm, target.rsplit(".", 1)[0] if "." in target else node.name)
-            gm.add_submodule(name, mod)
+            name = _add_layer(gm, nn.Linear(in_f, out_f, bias=b is not None), w, b, src, node.name)
             made[key] = name
         _call_module_in_place_of(gm, name, x, replaced)
         erased.update(replaced)

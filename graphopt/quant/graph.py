@@ -109,7 +109,7 @@ def modularize(gm: fx.GraphModule) -> int:
     """
     from .const_matmul import linearize
 
-    count = linearize(gm)
+    count, converted = linearize(gm), 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEAR_FUNCS | _CONV_FUNCS:
             continue
@@ -130,18 +130,25 @@ def modularize(gm: fx.GraphModule) -> int:
             dilation, groups = _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1)
             mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
                             padding=padding, dilation=dilation, groups=groups, bias=b is not None)
-        with torch.no_grad():
-            mod.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-            if b is not None:
-                mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-        base = str(_arg(node, 1, "weight").target).rsplit(".", 1)[0] if "." in str(
-            _arg(node, 1, "weight").target) else node.name
-        name = _free_name(gm, base)
-        gm.add_submodule(name, mod)
+        name = _add_layer(gm, mod, w, b, _arg(node, 1, "weight"), node.name)
         _call_module_in_place_of(gm, name, x, [node])
-        count += 1
-    _tidy(gm, count)
-    return count
+        converted += 1
+    _tidy(gm, converted)                # (linearize tidied after its own rewrites)
+    return count + converted
+
+
+def _add_layer(gm: fx.GraphModule, mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None, weight_attr: fx.Node,
+               fallback: str) -> str:
+    """Give `mod` copies of `w` (and `b`) as frozen parameters and add it to `gm` under a free name: the
+    module path of the get_attr `weight_attr` reads (else `fallback`). Returns the name."""
+    with torch.no_grad():
+        mod.weight = nn.Parameter(w.detach().contiguous().clone(), requires_grad=False)
+        if b is not None:
+            mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+    target = str(weight_attr.target)
+    name = _free_name(gm, target.rsplit(".", 1)[0] if "." in target else fallback)
+    gm.add_submodule(name, mod)
+    return name
 
 
 def _call_module_in_place_of(gm: fx.GraphModule, name: str, x, nodes: list) -> fx.Node:
