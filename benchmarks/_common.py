@@ -232,6 +232,16 @@ def run_child(cmd: list[str], name: str, which: str, timeout: float) -> dict:
     return {"model": name, "run": which, "status": "fail", "kind": f"exit {p.returncode}", "error": tail[:300]}
 
 
+def append_jsonl(path: str, row: dict) -> None:
+    """Append `row` to the JSON-lines file `path` (nothing when `path` is empty): a long sweep cut short
+    keeps every row done so far."""
+    import json
+
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def first_line(e: BaseException | str, limit: int = 300) -> str:
     """An error's first meaningful line (type name included), shortened to `limit` characters."""
     if isinstance(e, BaseException):

@@ -46,7 +46,7 @@ from typing import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import first_line, peak_rss_gb, physical_cores, run_child, set_threads  # noqa: E402
+from _common import append_jsonl, first_line, peak_rss_gb, physical_cores, run_child, set_threads  # noqa: E402
 
 PIPELINES = {"fp32": "fold_bn,cleanup", "int8": "fold_bn,cleanup,quantize(progress=false)"}
 CALIB_BATCHES = 32              # quantize's own calib_batches default (4 left MobileNetV3-L's ranges short)
@@ -476,9 +476,7 @@ def main(argv=None) -> int:
         for which in [w for w in args.runs.split(",") if w]:
             r = _child(n, which, args)
             results[n][which] = r
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            append_jsonl(args.jsonl, r)
             extra = f" {r.get('kind', '')}: {r.get('error', '')}" if r["status"] != "ok" else ""
             print(f"{n} [{which}] {r['status']} rel={r.get('rel', float('nan')):.1e} cos={r.get('cos', float('nan')):.4f} "
                   f"compile_s={r.get('compile_s', '')} capture={r.get('capture', '')}{extra}", flush=True)

@@ -29,7 +29,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import first_line, format_table, peak_rss_gb, physical_cores, run_child, set_threads  # noqa: E402
+from _common import (append_jsonl, first_line, format_table, peak_rss_gb, physical_cores,  # noqa: E402
+                     run_child, set_threads)
 
 # smallest input side each family accepts (default 64), and constructor options that make a smaller input valid
 SIZES = {"inception_v3": 75, "maxvit_t": 224}
@@ -238,9 +239,7 @@ def main(argv=None) -> int:
         for which in runs:
             r = _child(n, which, args.rtol, args.timeout, args.threads)
             results[n][which] = r
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            append_jsonl(args.jsonl, r)
             extra = f" {r.get('error', '')}" if r["status"] != "ok" else ""
             print(f"{n} [{which}] {r['status']} {r.get('kind', '')} rel={r.get('rel', float('nan')):.1e} "
                   f"compile_s={r.get('compile_s', '')} s={r.get('seconds', '')}{extra}", flush=True)
