@@ -873,12 +873,7 @@ def _convert_qconv2d(st: QuantLowering):
         exact = st.kernel("qconv2d", wq)
         cpad = -c % 4
         ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
-        if (ki is not None and ki.dtype == act_dtype_of(st.path) and ki.layout == ("nhwc", tuple(padding))
-                and _shape(ki.var)[3] == c + cpad):
-            nhwc, zp8 = ki.var, ki.zp                   # already NHWC and padded by the fused producer
-        else:
-            xu8, zp8 = _to_uint8(bb, xq, zp, dtype, act_dtype_of(st.path))
-            nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
+        nhwc, zp8, _ = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, act_dtype_of(st.path))
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         L = lanes_of(st.path)
         cb, cob = (c + cpad) // 4, (co + L - 1) // L
@@ -933,6 +928,17 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
     return _record_fused(st, bb, plan, out, (n, co, h, w), None)
 
 
+def _conv_input(bb, ki, xq, zp: int, dtype: str, padding, cpad: int, want: str):
+    """(NHWC `want` codes padded spatially with the zero point and with `cpad` more channels, their zero point,
+    whether they are the codes a fused producer stored, `ki`) for an int8 conv kernel reading `xq`."""
+    c = _shape(xq)[1]
+    if (ki is not None and ki.dtype == want and ki.layout == ("nhwc", tuple(padding))
+            and _shape(ki.var)[3] == c + cpad):
+        return ki.var, ki.zp, True                      # already NHWC and padded by the fused producer
+    xu8, zp8 = _to_uint8(bb, xq, zp, dtype, want)
+    return _nhwc_input(bb, xu8, padding, cpad, zp8), zp8, False
+
+
 def _nhwc_input(bb, xu8, padding, cpad: int, zp8: int):
     """The NCHW uint8 activation as the int8 conv kernels read it: NHWC, padded spatially with the zero
     point and with `cpad` more channels."""
@@ -966,17 +972,12 @@ def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarr
     producer stored for it (quant_fuse: NHWC uint8, padded spatially and to 16-channel blocks), read as they
     are instead of permuting and padding the graph-layout tensor again."""
     relax = _relax()
-    R = relax.op
     n, c, h, w = _shape(xq)
     kh, kw = wq.shape[2:]
     cpad = -c % 16
-    if (ki is not None and ki.dtype == "uint8" and ki.layout == ("nhwc", tuple(padding))
-            and _shape(ki.var)[3] == c + cpad):
-        nhwc, zp8 = ki.var, ki.zp
+    nhwc, zp8, fused = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, "uint8")
+    if fused:
         st.count("qconv2d:depthwise reads fused codes")
-    else:
-        xu8, zp8 = _to_uint8(bb, xq, zp, dtype)
-        nhwc = _nhwc_input(bb, xu8, padding, cpad, zp8)
     cp = c + cpad
     mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
     func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw, tuple(stride),
