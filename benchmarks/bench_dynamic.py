@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     dims = {"batch": (1, max_b), "seq": (8, max_s)}
     example = (ids(vocab, 2, 16),)
     # calibration on varied shapes inside the bounds
-    calib = [ids(vocab, b, s, seed=1) for b, s in ((1, 16), (2, 64), (4, 32), (1, 128))]
+    calib = [ids(vocab, b, s, seed=1) for b, s in ((1, 16), (2, 64), (4, 32), (1, 128), (2, 8))]
     print(f"machine: {machine_info().get('cpu', '?')}, {threads} threads; encoder {args.encoder}; "
           f"target {args.target}; dynamic {dims}", flush=True)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.backends.targets import resolve_target
 from graphopt.dynamic import DynamicSpec, parse_dynamic
 from graphopt.errors import DynamicShapeError, InputError
 from graphopt.models import BertStyleEncoder
@@ -55,7 +56,6 @@ def test_fp32_matches_eager_at_every_shape(encoder, fp32, b, s):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow          # the dynamic int8 build took 891 s on a loaded 2-core machine (fp32: 48 s)
 @pytest.mark.parametrize("b,s", SHAPES)
 def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
     x = _ids(b, s, seed=3)
@@ -64,9 +64,28 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
         ref = encoder(x)
     out = int8(x)
     torch.testing.assert_close(out, q, rtol=1e-3, atol=1e-3)
-    assert "(dynamic)" in int8.report.backend["int8"]
+    from graphopt.backends.tvm.quant_lower import int8_path
+
+    path = int8_path(resolve_target("x86"))
+    # the Linears run the path's own int8 GEMM on the dynamic row count (batch x seq), not TVM's generic one
+    assert f"qlinear:{path} (dynamic rows)" in int8.report.backend["int8"], int8.report.backend["int8"]
+    assert "qlinear:relax" not in int8.report.backend["int8"]
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.98, cos
+
+
+def test_dynamic_mode_int8_runs_its_gemm_on_the_dynamic_row_count(encoder):
+    """quantize(mode=dynamic) (activations quantized per call from their min/max) in a dynamic-shape build: the
+    Linears take the path's int8 GEMM with a run-time row count and match the quantized graph everywhere."""
+    from graphopt.backends.tvm.quant_lower import int8_path
+
+    opt = graphopt.optimize(encoder, "x86", "cleanup,quantize(mode=dynamic,progress=false)",
+                            example_inputs=(_ids(2, 16),), dynamic=DIMS)
+    assert f"dynamic_qlinear:{int8_path(resolve_target('x86'))} (dynamic rows)" in opt.report.backend["int8"]
+    for b, s in SHAPES:
+        x = _ids(b, s, seed=5)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)
 
 
 def test_signature_names_dims_and_kernels_are_scheduled(fp32):

@@ -241,3 +241,48 @@ def test_reduce_range_option_overrides_the_path():
             assert "exact pair split" in opt.report.backend["int8"]
             with torch.no_grad():
                 assert torch.allclose(opt(x), opt.graph_module(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["x86:haswell", "x86:skylake-avx512", "x86", "x86:nehalem"])
+def test_dynamic_row_count_kernel_equals_the_static_one(target):
+    """The int8 GEMM built for a row count known only at run time (a dynamic batch x sequence: one kernel,
+    register tile for many rows, the last row tile clamping its loads and guarding its stores) gives the
+    static kernel's outputs bit for bit at row counts that are and are not whole tiles."""
+    import numpy as np
+    from tvm import tirx
+
+    from graphopt.backends.tvm.quant_lower import (DYNAMIC_ROWS_HINT, _tiles, dense_kernel, lanes_of,
+                                                    pack_dense)
+
+    _skip_unless_runs_here(target)
+    path = int8_path(resolve_target(target))
+    L = lanes_of(path)
+    K, N = 36, 3 * L - 5                           # K % 4 == 0 after padding; N not whole vectors
+    kb, nb = K // 4, (N + L - 1) // L
+    rng = np.random.default_rng(0)
+    w = rng.integers(-weight_qmax_for(path), weight_qmax_for(path) + 1, (N, K)).astype(np.int8)
+    c = np.zeros(nb * L, np.int32)
+    c[:N] = rng.integers(-500, 500, N)
+    s = np.zeros(nb * L, np.float32)
+    s[:N] = rng.uniform(0.01, 0.1, N)
+    b = np.zeros(nb * L, np.float32)
+    b[:N] = rng.normal(size=N)
+    tgt = resolve_target(target).tvm_target()
+    mt, nt = _tiles(DYNAMIC_ROWS_HINT, nb, 1, path)
+    dyn = tvm.compile(dense_kernel(tirx.Var("m", "int64"), kb, nb, mt, nt, path, n_out=N)
+                      .with_attr("global_symbol", "f"), target=tgt)
+    args = [pack_dense(w, path), c, s, b]
+    for m in (1, mt, mt + 1, 3 * mt - 1):
+        a = rng.integers(0, 256 if path != "sdot" else 128, (m, K)).astype(np.uint8)
+        out = {}
+        for name, lib in (("dynamic", dyn), ("static", None)):
+            if lib is None:
+                smt, snt = _tiles(m, nb, 1, path)
+                lib = tvm.compile(dense_kernel(m, kb, nb, smt, snt, path, n_out=N).with_attr("global_symbol", "f"),
+                                  target=tgt)
+            y = tvm.runtime.tensor(np.zeros((m, N), np.float32))
+            lib["f"](tvm.runtime.tensor(a), *[tvm.runtime.tensor(v) for v in args], y)
+            out[name] = y.numpy()
+        ref = (a.astype(np.int64) @ w.T.astype(np.int64) - c[:N]).astype(np.float32) * s[:N] + b[:N]
+        np.testing.assert_array_equal(out["dynamic"], out["static"])
+        np.testing.assert_allclose(out["dynamic"], ref, rtol=1e-5, atol=1e-5)

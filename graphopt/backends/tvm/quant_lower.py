@@ -80,6 +80,9 @@ PAIR_WEIGHT_QMAX = REDUCED_WEIGHT_QMAX      # |w| <= 64: 2·255·64 = 32,640 <= 
 # takes on one core (~4M MACs: 20-40 us). Digits CNN's 1.2M-MAC conv on a loaded 2-core Zen 4: 11.2 us in
 # parallel, 7.3 us on one thread.
 PARALLEL_MIN_MACS = 1 << 22
+# register tile of a GEMM whose row count is only known at run time (a dynamic batch x sequence): chosen as
+# for a many-row GEMM, the last row tile clamps its loads and guards its stores
+DYNAMIC_ROWS_HINT = 64
 # requantize epilogues fused into the producing int8 kernel (quant_fuse.py); False: the unfused lowering
 # (float32 out, elementwise quantize kernel), kept as the reference the fused kernels are tested against
 FUSE_EPILOGUES = True
@@ -265,7 +268,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     w_shape = (NB, KB, L, 4) if fast else (NB, KB, 4, L)
     NS = N if n_out is None else n_out
     full = NS == N
-    par = T.parallel if M * K * N >= PARALLEL_MIN_MACS else T.serial
+    par = T.parallel if not isinstance(M, int) or M * K * N >= PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func
     def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
@@ -548,11 +551,11 @@ class QuantLowering:
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    def kernel(self, op: str, wq: np.ndarray) -> bool:
-        """Count `op` on this path; True when its weights need the exact pair split (|w| > 64 on a
-        vpmaddubsw path: quantized for another target), with a note saying so once."""
+    def kernel(self, op: str, wq: np.ndarray, how: str = "") -> bool:
+        """Count `op` on this path (`how`: e.g. " (dynamic rows)"); True when its weights need the exact pair
+        split (|w| > 64 on a vpmaddubsw path: quantized for another target), with a note saying so once."""
         exact = _needs_exact(self.path, wq)
-        self.count(f"{op}:{self.path}" + (" (exact pair split)" if exact else ""))
+        self.count(f"{op}:{self.path}{how}" + (" (exact pair split)" if exact else ""))
         if exact and not any("exact pair split" in n for n in self.notes):
             self.notes.append(f"some int8 weights exceed ±{PAIR_WEIGHT_QMAX} (quantized for another target, "
                               f"with reduce_range=false, or by QAT): those layers use the exact pair split "
@@ -589,6 +592,12 @@ class QuantLowering:
             raise LoweringError(f"{node.target}: {what} (argument {i} of exported node '{node.name}') is not a "
                                 f"constant of the exported program; graphopt's int8 kernels need constant weights")
         return v
+
+
+def _tir_var(name: str):
+    from tvm import tirx
+
+    return tirx.Var(name, "int64")
 
 
 def _private(func):
@@ -691,8 +700,10 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     if k % 4:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -k % 4], pad_value=0.0))
     kb, nb = (k + 3) // 4, (n + L - 1) // L
-    mt, nt = _tiles(m, nb, _cores(st.spec), st.path)
-    func = dense_kernel(m, kb, nb, mt, nt, st.path, exact, epi, n)
+    static = isinstance(m, int)
+    mt, nt = _tiles(m if static else DYNAMIC_ROWS_HINT, nb, _cores(st.spec), st.path)
+    # dynamic rows: the kernel takes its own row count variable (bound from A's shape at each call)
+    func = dense_kernel(m if static else _tir_var("m"), kb, nb, mt, nt, st.path, exact, epi, n)
     gv = bb.add_func(_private(func), "graphopt_qdense")
     args = [x2, _const(pack_dense(wq, st.path))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
@@ -716,14 +727,13 @@ def _convert_qlinear(st: QuantLowering, sparse: bool = False):
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
         bias = st.bias(node, 3, wq.shape[0])
-        if st.path == "relax" or not _is_static(shape):
-            # dynamic rows: TVM's integer matmul (the hand-written kernels are built for a static row count)
+        if st.path == "relax" or not _is_static(shape[-1:]):
             st.count("qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             wt = _const(np.ascontiguousarray(wq.T))
             xi = bb.emit(relax.op.subtract(relax.op.astype(xq, "int32"), relax.const(zp, "int32")))
             acc = bb.emit(relax.op.matmul(xi, relax.op.astype(wt, "int32"), out_dtype="int32"))
             return _epilogue_relax(bb, acc, _const(out_scale), _const(bias), len(shape) - 1, len(shape))
-        exact = st.kernel("qlinear", wq)
+        exact = st.kernel("qlinear", wq, "" if _is_static(shape) else " (dynamic rows)")
         ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
         if ki is not None and ki.dtype == act_dtype_of(st.path) and ki.layout[0] in ("plain", "flat_nhwc"):
             xu8, zp8 = ki.var, ki.zp                    # codes stored by the fused producer
@@ -780,13 +790,13 @@ def _convert_dynamic_qlinear(st: QuantLowering):
         inv = bb.emit(R.divide(f32(1.0), scale))
         zp = bb.emit(R.clip(R.round(R.multiply(R.negative(lo), inv)), 0.0, 255.0))
         xq = bb.emit(R.clip(R.add(R.round(R.multiply(x, inv)), zp), 0.0, 255.0))
-        if st.path == "relax" or not _is_static(shape):
+        if st.path == "relax" or not _is_static(shape[-1:]):
             st.count("dynamic_qlinear:relax" + ("" if _is_static(shape) else " (dynamic)"))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), R.astype(zp, "int32")))
             acc = bb.emit(R.matmul(xi, R.astype(_const(np.ascontiguousarray(wq.T)), "int32"), out_dtype="int32"))
             y = bb.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, _const(w_scale))))
             return bb.emit(R.add(y, _const(bias)))
-        exact = st.kernel("dynamic_qlinear", wq)
+        exact = st.kernel("dynamic_qlinear", wq, "" if _is_static(shape) else " (dynamic rows)")
         xu8 = bb.emit(R.astype(xq, "uint8"))
         zpi = bb.emit(R.astype(zp, "int32"))
         if act_dtype_of(st.path) == "int8":                 # sdot: q - 128 with zero point zp - 128

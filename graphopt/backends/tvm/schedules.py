@@ -1012,7 +1012,48 @@ def legalize_passes(target) -> list:
 
     return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(), relax.transform.AttachAttrLayoutFreeBuffers()]
+            relax.transform.DeadCodeElimination(), attach_layout_free_buffers()]
+
+
+def attach_layout_free_buffers():
+    """relax.transform.AttachAttrLayoutFreeBuffers, except for hand-written kernels with symbolic shapes.
+
+    TVM 0.27's pass copies every called PrimFunc through tir::RenewDefs, which gives a buffer whose shape holds a
+    symbolic variable (the dynamic row count of quant_lower's int8 GEMM) a layout over a renamed variable that
+    nothing defines ("variables (m,) are used, but are not passed in as API arguments" at build). Those
+    kernels are already scheduled and read pre-packed weights, so they need the attribute only: the pass runs
+    as usual, then each of them is put back as written, with the attribute the pass computed for its call."""
+    import tvm
+    from tvm import relax, tirx
+
+    inner = relax.transform.AttachAttrLayoutFreeBuffers()
+
+    def symbolic_scheduled(func) -> bool:
+        return (isinstance(func, tirx.PrimFunc) and is_scheduled(func)
+                and any(not isinstance(d, tirx.IntImm) for b in func.params for d in (getattr(b, "shape", None) or ())))
+
+    def calls(func):
+        return [b.value for blk in func.body.blocks for b in blk.bindings
+                if isinstance(b.value, relax.Call) and b.value.op.name == "relax.call_tir"] \
+            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr) else []
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptAttachLayoutFreeBuffers")
+    def _pass(mod, _ctx):
+        out = inner(mod)
+        fixed = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or gv.name_hint not in [g.name_hint for g in out.get_global_vars()]:
+                continue
+            for old, new in zip(calls(func), calls(out[gv.name_hint])):
+                kernel = mod[old.args[0]]
+                if symbolic_scheduled(kernel):
+                    attrs = out[new.args[0]].attrs
+                    fixed[new.args[0]] = kernel.with_attr("layout_free_buffers", attrs["layout_free_buffers"])
+        for gv, func in fixed.items():
+            out[gv] = func
+        return out
+
+    return _pass
 
 
 def finalize_passes(target) -> list:
