@@ -1110,3 +1110,30 @@ def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():
     xs = te.placeholder((3, 8, 8), name="x")
     static = te.create_prim_func([xs, topi.nn.softmax(xs, axis=-1)])
     assert schedules.DynamicRows()._apply(static, target) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_concat_at_a_symbolic_offset_is_exact(dtype):
+    """A concat along a dynamic innermost axis whose second operand starts at a symbolic offset (here: x
+    [n, m, k] padded with zeros to a multiple of 4, as the dynamic int8 matmul once did) picks between its
+    operands by the index. With LoopPartition's hint on its vector loop, TVM 0.27 read the second operand
+    everywhere (garbage at every size but the upper bound); the rule leaves such kernels unpartitioned."""
+    from graphopt.backends.tvm.build import build_module
+
+    bb = relax.BlockBuilder()
+    n, m, k = (tirx.Var(v, "int64") for v in "nmk")
+    x = relax.Var("x", relax.TensorType([n, m, k], dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            pad = relax.op.zeros(relax.ShapeExpr([n, m, (k + 3) // 4 * 4 - k]), dtype)
+            out = bb.emit_output(bb.emit(relax.op.concat([x, pad], axis=2)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 4, "m": 64, "k": 64})
+    vm = relax.VirtualMachine(build_module(mod, resolve_target("x86")), tvm.cpu())
+    rng = np.random.default_rng(0)
+    for shape in ((1, 8, 8), (2, 16, 16), (3, 37, 37), (2, 5, 7), (4, 64, 64)):
+        a = rng.integers(1, 100, shape).astype(dtype)
+        ref = np.zeros(shape[:2] + ((shape[2] + 3) // 4 * 4,), dtype)
+        ref[:, :, :shape[2]] = a
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), ref)

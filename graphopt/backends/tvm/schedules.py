@@ -158,7 +158,7 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         return
     extents = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in extents):
-        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min)
+        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min, _selects(sch, block))
         return
     inner = loops[-1]
     outer = list(loops[:-1])
@@ -177,11 +177,19 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
     _parallel_outer(sch, outer, extents, parallel_min)
 
 
-def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int) -> None:
+def _selects(sch, block) -> bool:
+    """Whether the block's value chooses between operands (if_then_else / select: concat, pad, where)."""
+    text = str(sch.get(block).body)
+    return "if_then_else" in text or "Select(" in text
+
+
+def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int,
+                        selects: bool = False) -> None:
     """Injective block with a symbolic (dynamic) extent: a static innermost loop is vectorized as in
     _vectorize_inner; a symbolic one is split by `lanes` (the partial last vector guarded by a predicate) and
     vectorized. The outer loops are fused and run in parallel unless the static part alone is too small to
-    pay for it at the smallest size (each dynamic dim counts as 1)."""
+    pay for it at the smallest size (each dynamic dim counts as 1). `selects`: the block's value picks
+    between operands (see below)."""
     inner, outer = loops[-1], list(loops[:-1])
     e = extents[-1]
     if e is not None:
@@ -203,8 +211,12 @@ def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_mi
         # TIR's LoopPartition splits the vector loop into whole vectors and one guarded tail; unmarked, the
         # guard sits inside every vector and the vectorizer gives up (scalar code): small encoder at 8x128,
         # 1 thread, its dynamic transpose 4.8 -> 0.69 ms, its scaling multiply 2.4 -> 0.3 ms. The marked loop
-        # stays out of the fused parallel loop (a fused loop has no partition point).
-        sch.annotate(lo, "pragma_loop_partition_hint", 1)
+        # stays out of the fused parallel loop (a fused loop has no partition point). Not where the value picks
+        # between operands by the loop index (a concat along the dynamic axis: if_then_else(v >= k, B[v - k],
+        # A[v])): TVM 0.27's LoopPartition then gives wrong values (every element read from B, seen for
+        # float32 and uint8), so such a kernel keeps the guard inside each vector.
+        if not selects:
+            sch.annotate(lo, "pragma_loop_partition_hint", 1)
         if not outer:
             return
     if outer:
