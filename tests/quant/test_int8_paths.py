@@ -286,3 +286,37 @@ def test_dynamic_row_count_kernel_equals_the_static_one(target):
         ref = (a.astype(np.int64) @ w.T.astype(np.int64) - c[:N]).astype(np.float32) * s[:N] + b[:N]
         np.testing.assert_array_equal(out["dynamic"], out["static"])
         np.testing.assert_allclose(out["dynamic"], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["x86:haswell", "x86:skylake-avx512", "x86", "x86:nehalem"])
+def test_dynamic_batched_matmul_kernels_are_exact(target):
+    """The int8 attention matmul for sizes known only at run time: left operand padded to whole 4-byte groups
+    (pad_lhs_kernel), right one packed with its zero-point term (pack_rhs_kernel), then bmm_dynamic_kernel;
+    one build of each serves every size and equals the integer product exactly, ragged K and N included."""
+    import numpy as np
+
+    from graphopt.backends.tvm.quant_lower import (DYNAMIC_ROWS_HINT, _tiles, bmm_dynamic_kernel, lanes_of,
+                                                    pack_rhs_kernel, pad_lhs_kernel)
+
+    _skip_unless_runs_here(target)
+    path = int8_path(resolve_target(target))
+    L, tgt, T = lanes_of(path), resolve_target(target).tvm_target(), tvm.runtime.tensor
+    a_dtype = "int8" if path == "sdot" else "uint8"
+    mt = _tiles(DYNAMIC_ROWS_HINT, 1, 1, path)[0]
+    bmm, pack, pad = (tvm.compile(f.with_attr("global_symbol", "f"), target=tgt)
+                      for f in (bmm_dynamic_kernel(mt, path, 0.5), pack_rhs_kernel(path), pad_lhs_kernel(a_dtype)))
+    rng = np.random.default_rng(0)
+    zp = 7
+    for bt, m, k, n in ((3, 5, 7, 19), (2, 16, 64, 16), (1, 1, 3, 1), (4, mt + 1, 17, 2 * L + 1)):
+        a = rng.integers(0, 256, (bt, m, k)).astype(a_dtype)
+        b = rng.integers(-128, 128, (bt, k, n)).astype(np.int8)
+        kb, nb = (k + 3) // 4, (n + L - 1) // L
+        ap = T(np.zeros((bt, m, kb * 4), a_dtype))
+        pad["f"](T(a), T(np.array([zp], np.int32)), ap)
+        w = T(np.zeros((bt, nb, kb, L, 4) if path != "cpu" else (bt, nb, kb, 4, L), np.int8))
+        c = T(np.zeros((bt, n), np.int32))
+        pack["f"](T(b), T(np.array([zp], np.int32)), w, c)
+        y = T(np.zeros((bt, m, n), np.float32))
+        bmm["f"](ap, w, c, y)
+        acc = a.astype(np.int64) @ b.astype(np.int64) - zp * b.astype(np.int64).sum(1)[:, None, :]
+        np.testing.assert_array_equal(y.numpy(), acc.astype(np.float32) * np.float32(0.5))

@@ -75,8 +75,12 @@ def _act_bounds(node) -> tuple | None:
 
 
 def _shape_of(node) -> tuple | None:
+    """The node's static shape; None when unknown or symbolic (a dynamic dim). Never int() a torch SymInt:
+    that specializes it in the export's ShapeEnv, and the importer then builds a static model input."""
     val = node.meta.get("val") if hasattr(node, "meta") else None
-    return tuple(int(s) for s in val.shape) if val is not None and hasattr(val, "shape") else None
+    if val is None or not hasattr(val, "shape") or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape)
 
 
 @dataclass

@@ -503,6 +503,111 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
     return qbmm
 
 
+def bmm_dynamic_kernel(MT: int, path: str, scale: float):
+    """bmm_kernel for sizes known only at run time (a dynamic batch x heads, sequence): every extent is a TIR
+    variable bound from the buffers. A [BT, M, KB·4] (K zero-padded), W [BT, NB, KB, L, 4]
+    (cpu: [.., 4, L]) from pack_rhs_kernel, C int32 [BT, N]; Y [BT, M, N]: the last column block stores lane by
+    lane up to N, the last row tile clamps its loads and guards its stores. Register tile MT rows x one vector."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    fast = path != "cpu"
+    exact = path in PAIR_PATHS
+    a_dtype = act_dtype_of(path)
+    L = lanes_of(path)
+    BT, M, K4, N, NB, KB = (tirx.Var(n, "int64") for n in ("bt", "m", "k4", "n", "nb", "kb"))
+    w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
+    s = T.float32(scale)
+
+    @T.prim_func
+    def qbmm_dyn(A: T.Buffer((BT, M, K4), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
+                 Y: T.Buffer((BT, M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for p in T.parallel(BT * NB):
+            for mo in range((M + MT - 1) // MT):
+                acc = T.decl_buffer((MT * L,), "int32", scope="local")
+                for t in T.unroll(MT):
+                    acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
+                for kb in range(KB):
+                    for mi in T.unroll(MT):
+                        if fast:
+                            acc[T.ramp(mi * L, 1, L)] = _dot4(
+                                path, acc[T.ramp(mi * L, 1, L)],
+                                A.vload([p // NB, T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
+                                W.vload([p // NB, p % NB, kb, 0, 0], f"int8x{4 * L}"), exact)
+                        else:
+                            for k in T.unroll(4):
+                                for j in T.vectorized(L):
+                                    acc[mi * L + j] = acc[mi * L + j] + T.Cast(
+                                        "int32", A[p // NB, T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
+                                        "int32", W[p // NB, p % NB, kb, k, j])
+                for mi in T.unroll(MT):
+                    if mo * MT + mi < M:
+                        if (p % NB) * L + L <= N:
+                            for j in T.vectorized(L):
+                                Y[p // NB, mo * MT + mi, (p % NB) * L + j] = T.Cast(
+                                    "float32", acc[mi * L + j] - C[p // NB, (p % NB) * L + j]) * s
+                        else:
+                            for j in range(L):
+                                if (p % NB) * L + j < N:
+                                    Y[p // NB, mo * MT + mi, (p % NB) * L + j] = T.Cast(
+                                        "float32", acc[mi * L + j] - C[p // NB, (p % NB) * L + j]) * s
+    return qbmm_dyn
+
+
+def pack_rhs_kernel(path: str):
+    """Run-time packing of bmm_dynamic_kernel's right operand: int8 B [BT, K, N] -> W [BT, NB, KB, L, 4] (cpu:
+    [.., 4, L]) with NB·L >= N, KB·4 >= K, zero beyond K and N (so padded products add nothing), and its
+    zero-point term C[bt, n] = Z[0] · Σ_k B[bt, k, n] (Z: the left operand's zero point)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    fast = path != "cpu"
+    L = lanes_of(path)
+    BT, K, N, NB, KB = (tirx.Var(n, "int64") for n in ("bt", "k", "n", "nb", "kb"))
+    w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
+
+    @T.prim_func
+    def qpack_rhs(B: T.Buffer((BT, K, N), "int8"), Z: T.Buffer((1,), "int32"), W: T.Buffer(w_shape, "int8"),
+                  C: T.Buffer((BT, N), "int32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for p in T.parallel(BT):
+            for nb, kb in T.grid(NB, KB):
+                for j, q in T.grid(L, 4):
+                    if fast:
+                        W[p, nb, kb, j, q] = T.if_then_else(kb * 4 + q < K and nb * L + j < N,
+                                                            B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)],
+                                                            T.int8(0))
+                    else:
+                        W[p, nb, kb, q, j] = T.if_then_else(kb * 4 + q < K and nb * L + j < N,
+                                                            B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)],
+                                                            T.int8(0))
+            for j in range(N):
+                C[p, j] = 0
+            for q, j in T.grid(K, N):
+                C[p, j] = C[p, j] + T.Cast("int32", B[p, q, j])
+            for j in range(N):
+                C[p, j] = C[p, j] * Z[0]
+    return qpack_rhs
+
+
+def pad_lhs_kernel(dtype: str):
+    """bmm_dynamic_kernel's left operand: A [BT, M, K] -> [BT, M, K4] (K4: K rounded up to 4), filled beyond K
+    with Z[0] (the operand's zero point: any value is right there, the packed right operand is zero)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    BT, M, K, K4 = (tirx.Var(n, "int64") for n in ("bt", "m", "k", "k4"))
+
+    @T.prim_func
+    def qpad_lhs(A: T.Buffer((BT, M, K), dtype), Z: T.Buffer((1,), "int32"), Ap: T.Buffer((BT, M, K4), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for p in T.parallel(BT):
+            for i, k in T.grid(M, K4):
+                Ap[p, i, k] = T.if_then_else(k < K, A[p, i, T.min(k, K - 1)], T.Cast(dtype, Z[0]))
+    return qpad_lhs
+
+
 # ----------------------------------------------------------------------------------- weight packing
 def pack_dense(w: np.ndarray, path: str) -> np.ndarray:
     """int8 [N, K] -> [NB, KB, L, 4] (vnni, avx512bw, avx2) or [NB, KB, 4, 16] (cpu), L = lanes_of(path),
@@ -1002,6 +1107,40 @@ def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarr
     return _nchw_output(bb, y, c)
 
 
+def _dynamic_qmatmul(st: QuantLowering, bb, aq, bq, a_zp: int, out_scale: float):
+    """qmatmul of two activations whose sizes are known only at run time (attention with a dynamic batch and
+    sequence): zero-pad the left operand's K to whole 4-byte groups (when K may not be one), pack the right
+    one with its zero-point term (pack_rhs_kernel), then bmm_dynamic_kernel: the static kernel's integer
+    products. (Both preparing kernels take the zero point as a second input: TVM's RewriteDataflowReshape
+    inspects every one-input call_tir for a reshape pattern, which fails on a kernel without blocks.)"""
+    relax = _relax()
+    R = relax.op
+    sa, sb = _shape(aq), _shape(bq)
+    m, k, n = sa[-2], sa[-1], sb[-1]
+    batch = sa[:-2]
+    bt = _prod(batch) if batch else 1
+    L = lanes_of(st.path)
+    a_dtype = act_dtype_of(st.path)
+    st.count(f"qmatmul:{st.path} (dynamic)" + (" (exact pair split)" if st.path in PAIR_PATHS else ""))
+    au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype), a_dtype)
+    kb, nb = (k + 3) // 4, (n + L - 1) // L
+    a3 = bb.emit(R.reshape(au8, [bt, m, k]))
+    zp = _const(np.array([zp8], np.int32))
+    if not (isinstance(k, int) and k % 4 == 0):         # K to whole 4-byte groups (the packed B is zero there)
+        gv = bb.add_func(_private(pad_lhs_kernel(a_dtype)), "graphopt_qpad_lhs")
+        a3 = bb.emit(relax.call_tir(gv, [a3, zp], relax.TensorType([bt, m, kb * 4], a_dtype)))
+    b3 = bb.emit(R.reshape(bq, [bt, k, n]))
+    w_shape = [bt, nb, kb, L, 4] if st.path != "cpu" else [bt, nb, kb, 4, L]
+    gv = bb.add_func(_private(pack_rhs_kernel(st.path)), "graphopt_qpack_rhs")
+    packed = bb.emit(relax.call_tir(gv, [b3, zp],
+                                    [relax.TensorType(w_shape, "int8"), relax.TensorType([bt, n], "int32")]))
+    w, comp = bb.emit(relax.TupleGetItem(packed, 0)), bb.emit(relax.TupleGetItem(packed, 1))
+    mt = _tiles(DYNAMIC_ROWS_HINT, 1, 1, st.path)[0]
+    gv = bb.add_func(_private(bmm_dynamic_kernel(mt, st.path, out_scale)), "graphopt_qbmm")
+    y = bb.emit(relax.call_tir(gv, [a3, w, comp], relax.TensorType([bt, m, n], "float32")))
+    return bb.emit(R.reshape(y, [*batch, m, n]))
+
+
 def _convert_qmatmul(st: QuantLowering):
     def convert(node, importer):
         relax = _relax()
@@ -1012,9 +1151,9 @@ def _convert_qmatmul(st: QuantLowering):
         sa, sb = _shape(aq), _shape(bq)
         m, k, n = sa[-2], sa[-1], sb[-1]
         dynamic = not (_is_static(sa) and _is_static(sb))
-        if st.path == "relax" or dynamic or sa[:-2] != sb[:-2]:
-            # dynamic dims: the run-time packing of the right operand pads to whole vectors by a static
-            # amount, so a dynamic batch of matmuls takes TVM's integer matmul (scheduled by the defaults)
+        if st.path != "relax" and dynamic and sa[:-2] == sb[:-2]:
+            return _dynamic_qmatmul(st, bb, aq, bq, a_zp, out_scale)
+        if st.path == "relax" or sa[:-2] != sb[:-2]:
             st.count("qmatmul:relax" + (" (dynamic)" if dynamic else " (broadcast)" if sa[:-2] != sb[:-2] else ""))
             ai = bb.emit(R.subtract(R.astype(aq, "int32"), relax.const(a_zp, "int32")))
             acc = bb.emit(R.matmul(ai, R.astype(bq, "int32"), out_dtype="int32"))
