@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import graphopt
+from tests.backends.conftest import needs_aarch64_runtime, needs_cross
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.nm_kernels import (NM, detect_nm, nm_kernel, nm_plan, perm_path, reference_nm, to_nm)
@@ -244,3 +245,31 @@ def test_measure_nm_layer_runs():
 def test_nm_storage_type():
     s = to_nm(_nm_matrix(np.random.default_rng(1), 5, 16, 2, 4), 2, 4, 8)
     assert isinstance(s, NM) and s.shape == (5, 16) and s.stored_bytes == s.values.nbytes + s.indices.nbytes
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_nm_kernels_run_on_aarch64(aarch64_server):
+    """The portable N:M kernels cross-built for aarch64 (NEON, 4 float lanes) and run under qemu: the
+    vectorized-over-rows kernel (conv, M=32) and the gather kernel (Linear, M=2), 2:4 and 4:8."""
+    import gc
+
+    from graphopt.backends.tvm import rpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
+                          nn.Linear(20, 6)).eval()
+    x = torch.randn(2, 4, 4, 4)
+    for pattern in ("2:4", "4:8"):
+        opt = graphopt.optimize(model, target="arm:cortex-a72", example_inputs=(x,),
+                                pipeline=f"sparsify(pattern={pattern},kernel=sparse)")
+        rows = opt.report.backend["sparse_layers"]
+        want = 3 if pattern == "2:4" else 2                  # Linear(20, 6): 20 is not a multiple of 8
+        assert sum(r["kernel"] == "sparse" and r["block"] == pattern for r in rows) == want
+        assert all("vpermps" not in r.get("sparse_kernel", "") for r in rows)
+        try:
+            remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
+            torch.testing.assert_close(remote(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
+        finally:
+            remote = None
+            gc.collect()
