@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import LoweringError
-from .nm_kernels import NM, detect_nm, emit_nm, nm_plan, perm_path, to_nm
+from .nm_kernels import detect_nm, emit_nm, nm_plan, perm_path, to_nm
 from .sparse_kernels import BSR, bsr_kernel, kernel_kind, row_tile, to_bsr
 
 __all__ = ["custom_convert_map", "summary", "SparseLowering", "measure_layer", "measure_nm_layer", "OP_NAME"]
