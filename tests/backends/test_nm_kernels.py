@@ -257,9 +257,9 @@ def test_nm_kernels_run_on_aarch64(aarch64_server):
     from graphopt.backends.tvm import rpc
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
                           nn.Linear(20, 6)).eval()
-    x = torch.randn(2, 4, 4, 4)
+    x = torch.randn(2, 8, 4, 4)
     for pattern in ("2:4", "4:8"):
         opt = graphopt.optimize(model, target="arm:cortex-a72", example_inputs=(x,),
                                 pipeline=f"sparsify(pattern={pattern},kernel=sparse)")
