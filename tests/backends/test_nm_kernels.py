@@ -16,7 +16,7 @@ from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.nm_kernels import (NM, detect_nm, nm_kernel, nm_plan, perm_path, reference_nm, to_nm)
 
-PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 8)]
+PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 8), (8, 16)]
 
 
 def _nm_matrix(rng, n_out, k, n, m, extra_zeros: float = 0.0):
@@ -48,6 +48,18 @@ def _target_for(path: str):
        seed=st.integers(0, 2**16))
 def test_nm_kernel_matches_dense(mrows, n_out, groups, pat, path, lanes, seed):
     """Ragged: K = groups·m is rarely a multiple of the window, N_out rarely of the row tile, M of the x tile."""
+    _check_kernel(mrows, n_out, groups, pat, path, lanes, seed)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("mrows,pat", [(1, (2, 4)), (11, (4, 8)), (3, (8, 16))])
+def test_nm_kernel_every_path(path, mrows, pat):
+    """Each kernel path this host runs, at batch 1 / small M, 2:4, 4:8 and 8:16 (on AVX2 16 > the window of
+    8: the portable kernel), ragged N_out = 21 and 5 groups."""
+    _check_kernel(mrows, 21, 5, pat, path, 8, 7)
+
+
+def _check_kernel(mrows, n_out, groups, pat, path, lanes, seed):
     import tvm
 
     n, m = pat
@@ -88,7 +100,7 @@ def test_storage_round_trip_and_size(n_out, groups, pat, rows, seed):
     assert s.positions().max() < m
     kept = s.values.size
     assert s.values.nbytes == 4 * kept and s.indices.nbytes == kept * s.bits // 8
-    assert s.bits == (2 if m == 4 else 4)
+    assert s.bits == (2 if m == 4 else 4)   # m = 8, 16
 
 
 def test_detect_nm():
