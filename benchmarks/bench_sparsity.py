@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sparsity.py                          # speed: mlp, encoder; accuracy: digits cnn, mlp
     python benchmarks/bench_sparsity.py --parts speed --encoder base --target x86:haswell
+    python benchmarks/bench_sparsity.py --parts nm --target x86:haswell    # N:M vs BSR vs dense at 50%
 
 speed     each model built by graphopt dense float32 (pipeline "cleanup"), dense int8 ("cleanup,quantize") and at 90% block sparsity with
           16x1 and 1x16 blocks (sparsify, magnitude, one-shot: random weights, speed only; kernel=auto, so a
@@ -14,6 +15,11 @@ accuracy  digits CNN and a digits MLP (64-256-256-10) trained here on scikit-lea
           sparsify(sparsity=0.9, steps=..) - gradual pruning with the dense model as distillation teacher -
           and top-1 accuracy on the held-out quarter; artifacts (.gopt) of the dense and sparse builds
           (kernel=auto and kernel=sparse) compared in bytes, and their latencies interleaved.
+nm        the same 50% sparsity in three layouts - 2:4, 4:8 (N:M kernels) and 16x1 blocks (BSR kernel) - against
+          dense float32 (pipeline "cleanup"), on the MLP at batch 1 and 8 and the small encoder (its Linears),
+          one-shot magnitude masks on random weights (speed only), kernel=sparse by default (every sparsified
+          layer on its sparse kernel, so the layouts are compared kernel for kernel; --nm-kernel auto keeps
+          the measured per-layer choice), timed interleaved in one run; ratios dense / this.
 Results also go to benchmarks/results/sparsity_*.json.
 """
 from __future__ import annotations
@@ -104,6 +110,53 @@ def bench_speed(args) -> list[dict]:
             [r["variant"], f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['min_ms']:.3f}",
              f"{r['dense_over_this']:.2f}x", f"{r['dense_over_this_p10']:.2f}x", f"{r['dense_over_this_min']:.2f}x",
              r["info"]] for r in out if r["model"] == name], right={1, 2, 3, 4, 5, 6, 7}), flush=True)
+    return out
+
+
+def nm_models():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    yield "mlp 1024-4096-4096-1000 batch 1", mlp, (torch.randn(1, 1024),)
+    yield "mlp 1024-4096-4096-1000 batch 8", mlp, (torch.randn(8, 1024),)
+    enc = BertStyleEncoder(vocab=8000, hidden=256, layers=4, heads=4, ffn=1024).eval()
+    yield "encoder small (seq 64)", enc, (torch.randint(0, enc.tokens.num_embeddings, (1, 64)),)
+
+
+def bench_nm(args) -> list[dict]:
+    out = []
+    for name, model, x in nm_models():
+        print(f"{name}: building", flush=True)
+        builds, info = {"dense": graphopt.optimize(model, target=args.target, pipeline="cleanup",
+                                                   example_inputs=x)}, {}
+        for pattern in args.nm_patterns.split(","):
+            t = time.perf_counter()
+            opt = graphopt.optimize(model, target=args.target, example_inputs=x,
+                                    pipeline=f"cleanup,sparsify(sparsity=0.5,pattern={pattern},"
+                                             f"kernel={args.nm_kernel})")
+            builds[pattern] = opt
+            rows = opt.report.backend.get("sparse_layers", [])
+            kernels = sorted({r.get("sparse_kernel", "") for r in rows if r["kernel"] == "sparse"})
+            stored = sum(r["stored_bytes"] for r in rows) / 1e6
+            dense_b = sum(r["dense_bytes"] for r in rows) / 1e6
+            err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
+            info[pattern] = (f"{decisions(opt)} [{'; '.join(kernels)}], weights {stored:.1f} MB (dense {dense_b:.1f}), "
+                             f"build {time.perf_counter() - t:.0f} s, max|compiled - graph| {err:.1e}")
+        fns = {k: (lambda o=o: o(*x)) for k, o in builds.items()}
+        times = time_interleaved(fns, rounds=args.rounds)
+        d = times["dense"]
+        rows_out = []
+        for k, v in times.items():
+            rows_out.append({"model": name, "variant": k, "target": args.target, "median_ms": v["median_ms"],
+                             "p10_ms": v["p10_ms"], "min_ms": v["min_ms"],
+                             "dense_over_this": d["median_ms"] / v["median_ms"],
+                             "dense_over_this_p10": d["p10_ms"] / v["p10_ms"],
+                             "dense_over_this_min": d["min_ms"] / v["min_ms"], "info": info.get(k, "")})
+        out += rows_out
+        print(format_table([["variant", "median ms", "p10", "min", "dense/this (median)", "(p10)", "(min)", "notes"]]
+                           + [[r["variant"], f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['min_ms']:.3f}",
+                               f"{r['dense_over_this']:.2f}x", f"{r['dense_over_this_p10']:.2f}x",
+                               f"{r['dense_over_this_min']:.2f}x", r["info"]] for r in rows_out],
+                           right={1, 2, 3, 4, 5, 6}), flush=True)
     return out
 
 
@@ -207,6 +260,8 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--steps", type=int, default=1500, help="gradual pruning steps (accuracy part)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--nm-patterns", default="2:4,4:8,16x1", help="nm part: the 50%% sparse layouts")
+    ap.add_argument("--nm-kernel", default="sparse", choices=["sparse", "auto"], help="nm part: kernel= of sparsify")
     ap.add_argument("--no-int8", dest="int8", action="store_false",
                     help="speed: skip the int8 variants (dense int8: cleanup,quantize; sparse int8: "
                          "sparsify then quantize, static int8 calibrated on 4 random batches)")
@@ -216,8 +271,9 @@ def main(argv=None):
     print(json.dumps({"machine": machine_info(), "threads": threads, "target": args.target}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     for part in args.parts.split(","):
-        res = bench_speed(args) if part == "speed" else bench_accuracy(args)
-        with open(os.path.join(args.out, f"sparsity_{part}.json"), "w") as f:
+        res = {"speed": bench_speed, "nm": bench_nm}.get(part, bench_accuracy)(args)
+        suffix = f"_{args.target.replace(':', '_')}" if part == "nm" else ""
+        with open(os.path.join(args.out, f"sparsity_{part}{suffix}.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
 
 

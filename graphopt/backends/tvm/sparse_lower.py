@@ -2,9 +2,13 @@
 and SparseConv2d) to TVM.
 
 Per layer, one of two implementations, chosen by the layer's `kernel` argument:
-  sparse   the block-sparse kernel (sparse_kernels.py): weight stored as BSR values + uint16 block indices; a
-           conv (groups=1) runs as im2col in Relax ([N·OH·OW, C·KH·KW] patches; a 1x1 stride-1 conv is just
-           an NHWC view) followed by the kernel, then back to NCHW
+  sparse   the block-sparse kernel (sparse_kernels.py): weight stored as BSR values + uint16 block indices;
+           or, when the layer's mask is N:M (exactly n kept in every m consecutive inputs of every row,
+           the sparsify pass's pattern=2:4 / 4:8; found from the mask, m in 4, 8, 16), the N:M kernel
+           (nm_kernels.py): values [N, K·n/m] interleaved by output-row tiles + 2- or 4-bit in-group
+           positions, on x86 one vpermps per kept position. A conv (groups=1) runs as im2col in Relax
+           ([N·OH·OW, C·KH·KW] patches; a 1x1 stride-1 conv is just an NHWC view) followed by the kernel,
+           then back to NCHW
   dense    R.matmul / R.nn.conv2d with the masked weight as a dense constant (what nn.Linear / nn.Conv2d lower
            to; the build's default schedules apply). Grouped convs always run dense.
   auto     measured: both are built for this layer's exact shape (M rows, K, N, block, density) on the target
@@ -24,9 +28,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import LoweringError
+from .nm_kernels import detect_nm, emit_nm, nm_plan, perm_path, to_nm
 from .sparse_kernels import BSR, bsr_kernel, kernel_kind, row_tile, to_bsr
 
-__all__ = ["custom_convert_map", "summary", "SparseLowering", "measure_layer", "OP_NAME"]
+__all__ = ["custom_convert_map", "summary", "SparseLowering", "measure_layer", "measure_nm_layer", "OP_NAME"]
 
 OP_NAME = "sparse_linear.default"
 CONV_OP_NAME = "sparse_conv2d.default"
@@ -142,6 +147,25 @@ def measure_layer(m: int, w: np.ndarray, bias: np.ndarray, block: tuple[int, int
     return _time_pair(dense, sparse, [m, k], spec, rounds)
 
 
+def measure_nm_layer(m: int, w: np.ndarray, bias: np.ndarray, nm: tuple[int, int], spec,
+                     rounds: int = 5) -> tuple[float, float]:
+    """(dense seconds, N:M kernel seconds) per call of this layer on `spec` (the host), interleaved."""
+    n, k = w.shape
+    lanes, path = _lanes(spec), perm_path(spec)
+    dense = _tiny_module(m, k, lambda bb, x: emit_dense(bb, x, w, bias))
+    sparse = _tiny_module(m, k, lambda bb, x: emit_nm(bb, x, m, w, bias, nm, lanes, path=path)[0])
+    return _time_pair(dense, sparse, [m, k], spec, rounds)
+
+
+def _nm_of(st: SparseLowering, node, block, n_out: int) -> tuple[int, int] | None:
+    """(n, m) when the node's mask (its [N, K] GEMM view) is N:M (detect_nm); only for 1x1 "blocks" (the
+    sparsify pass gives N:M and unstructured layers block 1x1)."""
+    if tuple(block) != (1, 1):
+        return None
+    mask = st.constant(node.args[2])
+    return None if mask is None else detect_nm(mask.reshape(n_out, -1))
+
+
 def _time_pair(dense, sparse, xshape, spec, rounds: int, dtype: str = "float32") -> tuple[float, float]:
     """Build both modules and time one call of each: `rounds` rounds, each 10 single calls of one then the
     other; the fastest call of each. Single calls and the minimum, because on a shared machine other load
@@ -185,16 +209,28 @@ def _weights(st: SparseLowering, node, what: str, x) -> tuple[np.ndarray, np.nda
 
 
 def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias: np.ndarray, block,
-            measure: Callable, extra: dict) -> tuple[str, dict]:
-    """('sparse' | 'dense', report row) for one layer; w2 is the [N, K] GEMM view of its weight."""
+            measure: Callable, extra: dict, nm: tuple[int, int] | None = None) -> tuple[str, dict]:
+    """('sparse' | 'dense', report row) for one layer; w2 is the [N, K] GEMM view of its weight; `nm`: the
+    layer's N:M pattern (then its sparse kernel is the N:M one, row["sparse_kernel"] names it)."""
     from .lower import _module_path
 
     n, k = w2.shape
     layer = _module_path(node.meta.get("nn_module_stack")) or node.name
-    bsr = to_bsr(w2, block, kernel_kind(block, m, _lanes(st.spec)))
-    density = bsr.nnzb * block[0] * block[1] / max(1, n * k)
-    row = {"layer": layer, **extra, "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}",
-           "density": round(float((w2 != 0).mean()), 4), "dense_us": None, "sparse_us": None}
+    lanes = _lanes(st.spec)
+    if nm is not None:
+        path = perm_path(st.spec)
+        nm_kind_, rows, _ = nm_plan(m, nm[1], lanes, path)
+        packed = to_nm(w2, nm[0], nm[1], rows)
+        density, stored_sparse = nm[0] / nm[1], packed.stored_bytes
+        label = f"N:M {nm[0]}:{nm[1]} ({nm_kind_}" + (f", {path} vpermps" if nm_kind_ == "perm" else "") + ")"
+    else:
+        packed = to_bsr(w2, block, kernel_kind(block, m, lanes))
+        density, stored_sparse = packed.nnzb * block[0] * block[1] / max(1, n * k), packed.stored_bytes
+        label = f"BSR {block[0]}x{block[1]} ({packed.kind})"
+    row = {"layer": layer, **extra, "M": m, "K": k, "N": n,
+           "block": f"{nm[0]}:{nm[1]}" if nm is not None else f"{block[0]}x{block[1]}",
+           "density": round(float((w2 != 0).mean()), 4), "dense_us": None, "sparse_us": None,
+           "sparse_kernel": label}
     choice, why = "dense", ""
     if kernel == "sparse":
         choice, why = "sparse", "kernel=sparse"
@@ -203,7 +239,7 @@ def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias:
             why = "not measured (target is not this machine): dense"
         else:
             key = (st.spec.tvm if isinstance(st.spec.tvm, str) else repr(st.spec.tvm), extra.get("op"),
-                   repr(extra), m, k, n, block, round(density, 2))
+                   repr(extra), m, k, n, block, nm, round(density, 2))
             try:
                 if st.measure is not None:
                     times = st.measure(m, w2, bias, block, st.spec)
@@ -219,10 +255,12 @@ def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias:
                 why = f"measured: sparse/dense time {times[1] / max(times[0], 1e-12):.2f}"
     else:
         why = "kernel=dense"
-    stored = (bsr.stored_bytes if choice == "sparse" else w2.nbytes) + bias.nbytes
+    if choice == "sparse" and nm is not None:
+        why = f"{why}: {label}"
+    stored = (stored_sparse if choice == "sparse" else w2.nbytes) + bias.nbytes
     row.update(kernel=choice, why=why, stored_bytes=int(stored), dense_bytes=int(w2.nbytes + bias.nbytes))
     st.layers.append(row)
-    row["_bsr"] = bsr
+    row["_bsr"] = packed
     return choice, row
 
 
@@ -237,11 +275,15 @@ def _convert_linear(st: SparseLowering):
         shape = [int(s) for s in x.ty.shape]
         n, k = w.shape
         m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        nm = _nm_of(st, node, block, n)
         choice, row = _decide(st, node, kernel, m, w, bias, block,
-                              lambda: measure_layer(m, w, bias, block, st.spec), {"op": "linear"})
+                              (lambda: measure_nm_layer(m, w, bias, nm, st.spec)) if nm is not None else
+                              (lambda: measure_layer(m, w, bias, block, st.spec)), {"op": "linear"}, nm)
         bsr = row.pop("_bsr")
         x2 = bb.emit(relax.op.reshape(x, [m, k]))
-        if choice == "sparse":
+        if choice == "sparse" and nm is not None:
+            y, _ = emit_nm(bb, x2, m, w, bias, nm, _lanes(st.spec), bsr, perm_path(st.spec))
+        elif choice == "sparse":
             y, _ = emit_sparse(bb, x2, m, w, bias, block, _lanes(st.spec), bsr)
         else:
             y = emit_dense(bb, x2, w, bias)
@@ -290,27 +332,33 @@ def emit_im2col(bb, x, xshape, w, stride, padding, dilation):
     return bb.emit(R.reshape(cols, [n * oh * ow, c * kh * kw]))
 
 
-def emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, lanes, bsr=None):
+def emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, lanes, bsr=None, nm=None,
+                     path: str = "plain"):
+    """conv2d (groups=1) as im2col + the BSR kernel, or the N:M kernel when `nm` = (n, m) is given."""
     from tvm import relax
 
     n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)
     o = w.shape[0]
     m = n * oh * ow
     cols = emit_im2col(bb, x, xshape, w, stride, padding, dilation)
-    y, _ = emit_sparse(bb, cols, m, w.reshape(o, -1), bias, block, lanes, bsr)
+    if nm is not None:
+        y, _ = emit_nm(bb, cols, m, w.reshape(o, -1), bias, nm, lanes, bsr, path)
+    else:
+        y, _ = emit_sparse(bb, cols, m, w.reshape(o, -1), bias, block, lanes, bsr)
     y = bb.emit(relax.op.reshape(y, [n, oh, ow, o]))
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
 
 def measure_conv(xshape, w, bias, stride, padding, dilation, block, spec,
-                 rounds: int = 5) -> tuple[float, float]:
-    """(dense seconds, sparse seconds) of one conv layer on `spec` (the host), interleaved."""
+                 rounds: int = 5, nm: tuple[int, int] | None = None) -> tuple[float, float]:
+    """(dense seconds, sparse seconds) of one conv layer on `spec` (the host), interleaved; `nm`: time the
+    N:M kernel instead of the BSR one."""
     lanes = _lanes(spec)
     dense = _tiny_module(list(xshape), None,
                          lambda bb, x: emit_conv_dense(bb, x, w, bias, stride, padding, dilation, 1))
     sparse = _tiny_module(list(xshape), None,
                           lambda bb, x: emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation,
-                                                         block, lanes))
+                                                         block, lanes, nm=nm, path=perm_path(spec)))
     return _time_pair(dense, sparse, list(xshape), spec, rounds)
 
 
@@ -326,15 +374,18 @@ def _convert_conv(st: SparseLowering):
             kernel = "dense"
         n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)
         w2 = w.reshape(w.shape[0], -1)
+        nm = _nm_of(st, node, block, w.shape[0]) if groups == 1 else None
         choice, row = _decide(st, node, kernel, n * oh * ow, w2, bias, block,
-                              lambda: measure_conv(xshape, w, bias, stride, padding, dilation, block, st.spec),
+                              lambda: measure_conv(xshape, w, bias, stride, padding, dilation, block, st.spec,
+                                                   nm=nm),
                               {"op": f"conv{kh}x{kw}" + (f"/g{groups}" if groups != 1 else ""),
-                               "input": "x".join(map(str, xshape)), "stride": stride[0]})
+                               "input": "x".join(map(str, xshape)), "stride": stride[0]}, nm)
         bsr = row.pop("_bsr")
         if groups != 1:
             row["why"] = "grouped conv: dense"
         if choice == "sparse":
-            return emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, _lanes(st.spec), bsr)
+            return emit_conv_sparse(bb, x, xshape, w, bias, stride, padding, dilation, block, _lanes(st.spec), bsr,
+                                    nm, perm_path(st.spec))
         return emit_conv_dense(bb, x, w, bias, stride, padding, dilation, groups)
     return convert
 
@@ -357,10 +408,12 @@ def summary(st: SparseLowering | None, int8_rows: list[dict] | None = None) -> t
     n_sparse = sum(str(r["kernel"]).startswith("sparse") for r in rows)
     n_conv = sum(r.get("op", "linear") != "linear" for r in rows)
     n_int8 = sum(bool(r.get("int8")) for r in rows)
+    n_nm = sum(str(r["kernel"]).startswith("sparse") and ":" in str(r.get("block")) for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     line = (f"{len(rows)} sparse layers ({len(rows) - n_conv} Linear, {n_conv} conv"
-            + (f"; {n_int8} int8" if n_int8 else "") + f"): {n_sparse} on the block-sparse kernel, "
+            + (f"; {n_int8} int8" if n_int8 else "") + f"): {n_sparse} on the block-sparse kernel"
+            + (f" ({n_nm} N:M)" if n_nm else "") + ", "
             f"{len(rows) - n_sparse} dense; their weights stored {stored / 1e3:.1f} kB "
             f"(dense float32 {dense / 1e3:.1f} kB, {dense / max(stored, 1):.2f}x smaller)")
     return line, rows
