@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                     help="names from graphopt.testing.fuzz.PIPELINES, comma-separated")
     ap.add_argument("--target", default="x86")
     ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--dynamic", action="store_true",
+                    help="one build per model for batch 1-4 (and sequence length 2-2x), checked at 3 sizes")
     ap.add_argument("--json", default="", help="write every outcome to this file")
     ap.add_argument("--quiet", action="store_true", help="print only what is not matched, and the counts")
     ap.add_argument("--slow", type=float, default=30.0,
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown pipeline(s) {unknown}; known: {', '.join(PIPELINES)}")
     print(f"fuzz: models {args.seed}..{args.seed + args.count - 1}, pipelines {', '.join(pipelines)}, "
-          f"target {args.target}, {args.threads} threads", flush=True)
+          f"target {args.target}, {args.threads} threads" + (", dynamic shapes" if args.dynamic else ""), flush=True)
     start = time.perf_counter()
 
     def show(o):
@@ -64,12 +66,13 @@ def main(argv=None) -> int:
         print(f"  {o.seed:5d} {o.pipeline:9s} {o.status.upper():8s} {o.kind}: {o.message}", flush=True)
         print(f"        model: {o.describe}", flush=True)
 
-    results = run_fuzz(range(args.seed, args.seed + args.count), pipelines, args.target, on_outcome=show)
+    results = run_fuzz(range(args.seed, args.seed + args.count), pipelines, args.target, on_outcome=show,
+                       dynamic=args.dynamic)
     s = summarize(results)
     elapsed = time.perf_counter() - start
     rows = [["pipeline", "runs", "matched", "typed", "wrong", "crash", "max rel|Δ| matched"]]
     for p in pipelines + ["all"]:
-        rs = [o for o in results if p == "all" or o.pipeline == p]
+        rs = [o for o in results if p == "all" or o.pipeline.removesuffix("+dyn") == p]
         worst = max((o.max_rel for o in rs if o.status == "matched"), default=0.0)
         rows.append([p, str(len(rs))] + [str(sum(o.status == k for o in rs)) for k in
                                           ("matched", "typed", "wrong", "crash")] + [f"{worst:.1e}"])

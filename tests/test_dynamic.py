@@ -215,7 +215,9 @@ def test_fold_bn_prune_lowrank_with_dynamic_batch_compiled():
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(3, 3, 8, 8)
-    opt = graphopt.optimize(model, "x86", "fold_bn,cleanup,prune(ratio=0.25),lowrank(energy=0.99)",
+    # cleanup after the approximating passes too: an exact pass is checked at the other sizes against the graph
+    # before it (it was checked against the original model there, so any cleanup after prune "changed" them)
+    opt = graphopt.optimize(model, "x86", "fold_bn,cleanup,prune(ratio=0.25),lowrank(energy=0.99),cleanup",
                             example_inputs=(x,), dynamic={"batch": (1, 16)})
     assert "unscheduled" not in opt.report.backend["kernels"], opt.report.backend["kernels"]
     for b in (1, 5, 16):

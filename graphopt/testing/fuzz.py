@@ -13,6 +13,10 @@ Tolerances (max |Δ| relative to max |reference|): float pipelines 1e-3 against 
 rounding through deep random nets, different summation orders); quantize 2e-2, since a float32 rounding
 difference in an int8 epilogue can move a value across a rounding boundary, which the next layer sees as one
 quantization step; the exact default pipeline 1e-4 against the original model, as the pass manager demands.
+
+dynamic=True compiles ONE module for a range of sizes (`dynamic_dims`: batch 1-4, and for sequence models
+the sequence length from 2 to twice the example's) and checks it at sizes other than the example's (the
+pipeline is named e.g. "prune+dyn"); a model whose dims cannot be dynamic is a typed DynamicShapeError.
 """
 from __future__ import annotations
 
@@ -66,22 +70,39 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def check(rm: RandomModel, pipeline: str = "default", target: str = "x86") -> Outcome:
-    """Optimize `rm` with PIPELINES[pipeline] (or a pipeline text) for `target` and classify the result."""
+def dynamic_dims(rm: RandomModel) -> tuple[dict, list[tuple]]:
+    """(the `dynamic=` argument, the input shapes to check) for a random model: batch 1-4 on axis 0, and on a
+    sequence model ([batch, length, width]) the length from 2 to twice the example's on axis 1."""
+    shape = tuple(rm.inputs[0].shape)
+    if len(shape) == 3:
+        n = shape[1]
+        return ({"batch": (1, 4), "seq": (2, 2 * n)},
+                [(1, n + 3) + shape[2:], (3, max(2, n - 1)) + shape[2:], (4, 2 * n) + shape[2:]])
+    return {"batch": (1, 4)}, [(1,) + shape[1:], (3,) + shape[1:], (4,) + shape[1:]]
+
+
+def check(rm: RandomModel, pipeline: str = "default", target: str = "x86", dynamic: bool = False) -> Outcome:
+    """Optimize `rm` with PIPELINES[pipeline] (or a pipeline text) for `target` and classify the result
+    (`dynamic`: one build over a range of sizes, checked at several; see the module docstring)."""
     text = PIPELINES.get(pipeline, pipeline)
-    name = pipeline if pipeline in PIPELINES else text
+    name = (pipeline if pipeline in PIPELINES else text) + ("+dyn" if dynamic else "")
     tol = TOLERANCE.get(pipeline, 1e-3)
-    fresh = rm.fresh_inputs()
+    dims, shapes = dynamic_dims(rm) if dynamic else (None, [tuple(rm.inputs[0].shape)])
+    g = torch.Generator().manual_seed(rm.seed * 7919 + 1)
+    checks = [rm.fresh_inputs()] if not dynamic else [(torch.randn(s, generator=g),) for s in shapes]
     calib = [rm.fresh_inputs(seed=10 + i) for i in range(4)] if "quantize" in text else None
     start = time.perf_counter()
     out = Outcome(rm.seed, name, "matched", describe=rm.describe)
     try:
-        opt = graphopt_optimize(rm, text, target, calib)
+        opt = graphopt_optimize(rm, text, target, calib, dims)
         out.phases = _phases(opt)
-        got = opt(*fresh)
-        with torch.no_grad():
-            eager = opt.graph_module(*fresh)
-            original = rm.model(*fresh)
+        got, eager, original = [], [], []
+        for fresh in checks:
+            got.append(opt(*fresh))
+            with torch.no_grad():
+                eager.append(opt.graph_module(*fresh))
+                original.append(rm.model(*fresh))
+        got, eager, original = (tuple(v) if dynamic else v[0] for v in (got, eager, original))
     except GraphoptError as e:
         out.status, out.kind, out.message = "typed", _kind(e), _first_line(e)
         out.trace = traceback.format_exc()
@@ -96,7 +117,7 @@ def check(rm: RandomModel, pipeline: str = "default", target: str = "x86") -> Ou
         elif not diff.max_rel <= tol:                       # NaN counts as wrong
             out.status, out.kind = "wrong", "compiled vs eager graph"
             out.message = f"max|Δ| {diff.max_abs:.3g} = {diff.max_rel:.3g} of max|ref| (tolerance {tol:g})"
-        elif name == "default":
+        elif pipeline == "default":
             exact = compare_outputs(eager, original)
             if exact.structure_error or not exact.max_rel <= EXACT_TOLERANCE:
                 out.status, out.kind = "wrong", "exact pipeline vs original"
@@ -117,20 +138,21 @@ def _phases(opt) -> dict:
     return phases
 
 
-def graphopt_optimize(rm: RandomModel, pipeline: str, target: str, calibration):
+def graphopt_optimize(rm: RandomModel, pipeline: str, target: str, calibration, dynamic=None):
     from ..api import optimize
 
     return optimize(rm.model, target=target, pipeline=pipeline, example_inputs=rm.inputs,
-                    calibration=calibration)
+                    calibration=calibration, dynamic=dynamic)
 
 
-def run_fuzz(seeds, pipelines=tuple(PIPELINES), target: str = "x86", on_outcome=None) -> list[Outcome]:
+def run_fuzz(seeds, pipelines=tuple(PIPELINES), target: str = "x86", on_outcome=None,
+             dynamic: bool = False) -> list[Outcome]:
     """check() every seed's model with every pipeline; `on_outcome(outcome)` is called as each one ends."""
     results = []
     for seed in seeds:
         rm = random_model(seed)
         for p in pipelines:
-            o = check(rm, p, target)
+            o = check(rm, p, target, dynamic)
             results.append(o)
             if on_outcome is not None:
                 on_outcome(o)
