@@ -20,11 +20,23 @@ to the int32 accumulators in registers and stores the codes exactly as the next 
   next op a Linear              [M, N] codes
   anything else                 NHWC / [M, N] codes and a Relax view in the graph's layout for the other
                                 consumers (slice/permute; dead code, so removed, when nothing reads it)
+Residual blocks (conv producers with groups=1) extend the chain:
+    qconv2d -> add(·, residual) -> acts -> quantize          ResNet: add(conv2, identity) -> ReLU
+with the residual a float32 tensor computed earlier (the other operand; of two int8 convs, e.g. conv2 and a
+downsample, the later one absorbs the add). The kernel reads the residual NHWC (the raw output of an unfused
+int8 conv, or the float output of a previous fused residual kernel, as they are: no permute kernel; any other
+tensor is permuted by Relax) and adds it to the dequantized accumulator before the activations. When the
+float32 value before the quantize (the producer's output, or the sum after its activations) has other users
+(the next block's residual add; MobileNetV2's project conv read by the next expand conv and the next add),
+the kernel also stores it, float32 NHWC with whole-vector channels (FuseState.float_nhwc), and the graph
+sees an NCHW view of it (dead code when only int8 kernels read it).
+Depthwise convs (quant_lower's depthwise kernel) fuse acts -> quantize the same way (MobileNetV2's
+depthwise -> ReLU6 -> quantize -> project conv).
 The sdot path multiplies int8 activations: its kernels store codes shifted by -128 (Epilogue.shift), the x86
 kernels shift int8 codes by +128 the same way, so no conversion kernel runs between layers either.
 
 Contract: exact. Every stored code equals what the unfused kernels compute (same float32 operations in the
-same order: dequantize epilogue, each activation's max/min, round(x * float32(1/scale)) + zp, clamp; see
+same order: dequantize epilogue, the residual add, each activation's max/min, round(x * float32(1/scale)) + zp, clamp; see
 quant_epilogue); tests/quant/test_fused_epilogue.py compares fused and unfused builds bit for bit. A chain
 that does not have this shape (a tensor with several users, another op in between, a float consumer) is
 left to the unfused lowering, which stays correct.
@@ -94,6 +106,8 @@ class FusePlan:
     pool: dict | None = None        # kernel, stride, padding, dilation of a max-pool on the codes
     flatten: tuple | None = None    # (C, H, W) of an NCHW -> [N, C·H·W] flatten
     consumer: tuple | None = None   # ("conv", (ph, pw)) | ("linear",) | None
+    residual: Any = None            # the other operand of a residual add(producer, residual), a float32 node
+    float_out: Any = None           # the node (producer, add or last act) whose float32 value other ops read
 
 
 @dataclass
@@ -114,13 +128,27 @@ def plan_fusions(ep, path: str) -> dict:
     if path == "relax":
         return {}
     plans = {}
+    order = {node: i for i, node in enumerate(ep.graph.nodes)}
     for node in ep.graph.nodes:
         name = _op(node)
-        if name in LINEAR_OPS or (name == "qconv2d.default" and _conv_fusable(node)):
-            plan = _plan_chain(node, is_conv=name == "qconv2d.default")
+        if name == "qconv2d.default" and _depthwise(node):
+            plan = _plan_chain(node, is_conv=False)         # acts -> quantize into the depthwise kernel
+            if plan is not None:
+                plans[node] = plan
+        elif name in LINEAR_OPS or (name == "qconv2d.default" and _conv_fusable(node)):
+            plan = _plan_chain(node, is_conv=name == "qconv2d.default", order=order)
             if plan is not None:
                 plans[node] = plan
     return plans
+
+
+def _depthwise(node) -> bool:
+    """A qconv2d that quant_lower runs on its depthwise kernel: groups == in == out channels, one input channel
+    per filter, static shapes."""
+    groups = int(node.args[8])
+    x, w, y = _shape_of(node.args[0]), _shape_of(node.args[1]), _shape_of(node)
+    return (groups > 1 and x is not None and w is not None and y is not None and len(x) == 4 and len(w) == 4
+            and x[1] == groups == w[0] == y[1] and w[1] == 1)
 
 
 def _conv_fusable(node) -> bool:
@@ -128,17 +156,33 @@ def _conv_fusable(node) -> bool:
     return int(node.args[8]) == 1
 
 
-def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
+def _plan_chain(producer, is_conv: bool, order: dict | None = None) -> FusePlan | None:
     acts, absorbed = [], []
-    pool = flatten = None
+    pool = flatten = residual = None
     cur = producer
     while True:
         if len(cur.users) != 1:
-            return None
+            # the float32 value is read by other ops too (a residual add): a conv producer stores it as a second
+            # output when one of the users is the quantize that ends the chain
+            q = _float_out_quantize(cur) if is_conv and pool is None and flatten is None else None
+            if q is None:
+                return None
+            absorbed.append(q)
+            return FusePlan(producer, q, tuple(acts), absorbed, None, None, _consumer(q, None), residual, cur)
         user = next(iter(cur.users))
+        if _op(user) == "add.Tensor" and is_conv and residual is None and not acts and pool is None \
+                and flatten is None:
+            residual = _residual_operand(user, cur, producer, order or {})
+            if residual is None:
+                return None
+            absorbed.append(user)
+            cur = user
+            continue
         if not user.args or user.args[0] is not cur:
             return None
         name = _op(user)
+        if residual is not None and (name in _POOL_OPS or name in _FLATTEN_OPS):
+            return None
         if name in _ACT_OPS:
             bounds = _act_bounds(user)
             if bounds is None:
@@ -165,11 +209,48 @@ def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
             flatten = src[1:]
         elif name == "quantize.default":
             absorbed.append(user)
-            return FusePlan(producer, user, tuple(acts), absorbed, pool, flatten, _consumer(user, flatten))
+            return FusePlan(producer, user, tuple(acts), absorbed, pool, flatten, _consumer(user, flatten),
+                            residual)
         else:
             return None
         absorbed.append(user)
         cur = user
+
+
+def _float_out_quantize(node):
+    """The quantize among `node`'s users when its other users read the float32 value (every user takes it as
+    an argument; one quantize of it), else None."""
+    qs = [u for u in node.users if _op(u) == "quantize.default" and u.args and u.args[0] is node]
+    if len(qs) != 1 or _float32_shape(node) is None:
+        return None
+    return qs[0]
+
+
+def _float32_shape(node) -> tuple | None:
+    """The shape of a 4-d float32 node (from its export metadata), else None."""
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    if val is None or not hasattr(val, "dtype") or str(val.dtype) != "torch.float32":
+        return None
+    shape = _shape_of(node)
+    return shape if shape is not None and len(shape) == 4 else None
+
+
+def _residual_operand(add, cur, producer, order: dict):
+    """The other operand of add.Tensor(cur, other) (either order; alpha 1) when the producer's kernel can read
+    it as its residual input: a float32 tensor of the same 4-d shape, computed before the producer in graph
+    order (the lowering converts nodes in that order, so it exists when the fused kernel is emitted)."""
+    if len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args
+    other = b if a is cur else a if b is cur else None
+    if other is None or other is cur or not hasattr(other, "op"):
+        return None
+    shape = _float32_shape(cur)
+    if shape is None or _float32_shape(other) != shape or _float32_shape(add) != shape:
+        return None
+    if other not in order or producer not in order or order[other] >= order[producer]:
+        return None
+    return other
 
 
 def _pool_args(node) -> dict | None:
@@ -333,6 +414,8 @@ class FuseState:
     plans: dict = field(default_factory=dict)
     kernel_inputs: dict = field(default_factory=dict)       # quantize node -> KernelInput
     absorbed_values: dict = field(default_factory=dict)     # absorbed node -> its Relax value
+    float_nhwc: dict = field(default_factory=dict)          # node -> its float32 value as a kernel stored it:
+                                                            # NHWC [N, H, W, C'] (C' >= C, whole vectors)
 
 
 def round_up(v: int, m: int) -> int:
