@@ -311,9 +311,8 @@ def test_residual_block_fused_equals_unfused_bit_for_bit(residual_block):
             assert r.std() > 0
 
 
-def _quantize_kernels(mod, spec) -> int:
-    """Standalone elementwise quantize kernels (fused Relax kernels containing the quantize's round) that the
-    built module's main calls."""
+def _called_kernels(mod, spec) -> list[str]:
+    """Names of the kernels the scheduled (legalized, fused) module's main calls."""
     from tvm import relax
 
     from graphopt.backends.tvm.build import _schedule
@@ -325,15 +324,52 @@ def _quantize_kernels(mod, spec) -> int:
             called.append(e.args[0].name_hint)
 
     relax.analysis.post_order_visit(_schedule(mod, spec)["main"], visit)
-    return sum("round" in n for n in called)
+    return called
 
 
 def test_residual_block_has_no_standalone_quantize_kernel(residual_block):
-    """Fused: the only elementwise quantize left is the network input's (and, in the ResNet block, the mean's
-    before the Linear); unfused, one per quantized tensor."""
+    """Fused: the only elementwise quantize kernels left are the network input's and the one after the
+    mean (float ops), against one per quantized tensor unfused; the only pad kernel is the input's (the
+    downsampling block's 3x3 conv and 1x1 downsample read one copy of the codes, padded for the 3x3), and no
+    residual is permuted to NHWC by a kernel of its own."""
     name, target, opt, _, lowered = residual_block
     spec = resolve_target(target)
+    assert "residual permuted" not in opt.report.backend["int8"], opt.report.backend["int8"]
     fused_mod = lower_graph(opt.graph_module, (torch.randn(*RESIDUAL_CASES[name][1]),), spec).mod
-    fused, unfused = _quantize_kernels(fused_mod, spec), _quantize_kernels(lowered.mod, spec)
-    assert fused == 2, (fused, unfused)
-    assert unfused > fused + RESIDUAL_CASES[name][3]
+    fused, unfused = _called_kernels(fused_mod, spec), _called_kernels(lowered.mod, spec)
+    n_fused, n_unfused = (sum("round" in k for k in ks) for ks in (fused, unfused))
+    assert n_fused == 2, fused
+    assert n_unfused > n_fused + RESIDUAL_CASES[name][3], unfused
+    assert sum("pad" in k for k in fused if not k.startswith("graphopt_q")) == 1, fused
+
+
+@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
+def torchvision_int8(request):
+    """A statically quantized torchvision network (random init, 32x32 input; quantized for 'torch': the
+    lowering below is for x86, built no further than the scheduled IRModule)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, request.param)().eval()
+    x = torch.randn(1, 3, 32, 32)
+    opt = graphopt.optimize(model, "torch", "fold_bn,cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=[torch.randn(2, 3, 32, 32)], verify=False)
+    return request.param, opt.graph_module, x
+
+
+def test_torchvision_int8_has_no_standalone_requantize_between_layers(torchvision_int8):
+    """ResNet-18 / MobileNetV2 int8 on x86: the elementwise quantize kernels left in the scheduled module are
+    the input's and the one after the global average pool (ResNet-18: also the one after the stem's
+    max-pool, whose float output is the first block's identity), against one per quantized tensor unfused."""
+    name, gm, x = torchvision_int8
+    spec = resolve_target("x86")
+    saved = quant_lower.FUSE_EPILOGUES
+    try:
+        quant_lower.FUSE_EPILOGUES = False
+        unfused = _called_kernels(lower_graph(gm, (x,), spec).mod, spec)
+    finally:
+        quant_lower.FUSE_EPILOGUES = saved
+    fused = _called_kernels(lower_graph(gm, (x,), spec).mod, spec)
+    n_fused, n_unfused = (sum("round" in k for k in ks) for ks in (fused, unfused))
+    assert n_fused == {"resnet18": 3, "mobilenet_v2": 2}[name], [k for k in fused if "round" in k]
+    assert n_unfused >= {"resnet18": 18, "mobilenet_v2": 50}[name], n_unfused
+    assert len(fused) < len(unfused) - n_unfused + n_fused

@@ -274,7 +274,13 @@ def _pool_args(node) -> dict | None:
 
 
 def _consumer(q, flatten) -> tuple | None:
-    """How the quantize's single int8 consumer reads it, or None (several users, or a float op)."""
+    """How the quantize's int8 consumer reads it, or None (a float op, several users of different kinds).
+    Several int8 convs (groups=1; ResNet's downsampling block: its 3x3 conv and its 1x1 downsample) read
+    codes padded for the widest (each reads at its own offset)."""
+    if len(q.users) > 1 and flatten is None and all(
+            _op(u) == "qconv2d.default" and u.args and u.args[0] is q and int(u.args[8]) == 1 for u in q.users):
+        pads = [(int(u.args[6][0]), int(u.args[6][-1])) for u in q.users]
+        return ("conv", (max(p[0] for p in pads), max(p[1] for p in pads)))
     if len(q.users) != 1:
         return None
     user = next(iter(q.users))

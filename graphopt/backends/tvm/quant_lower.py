@@ -318,7 +318,8 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
 def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
                 stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, path: str,
                 exact: bool = False, epi: Epilogue = FLOAT, c_out: int | None = None,
-                out_pad: tuple[int, int] = (0, 0), res_c: int = 0, float_out: bool = False):
+                out_pad: tuple[int, int] = (0, 0), res_c: int = 0, float_out: bool = False,
+                in_off: tuple[int, int] = (0, 0)):
     """TIR: NHWC float32 Y[N, OH, OW, COB·L] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
     that is already padded (spatially with the zero point; channels up to a multiple of 4). Output channels
     are padded to whole L-lane blocks (L = lanes_of(path)) so every store is one vector; the caller slices
@@ -335,6 +336,8 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     (float32 NHWC, res_c >= COB·L) that the epilogue adds before the activations; `float_out` adds a second
     output Yf[N, OH, OW, COB·L], the float32 value before the quantize (the sum after the activations), for
     the ops that read it (the next residual add reads it as its R).
+    `in_off` = (oy, ox): X has a wider zero-point border than this conv's padding (codes stored for several
+    convs, padded for the widest): the kernel reads X from row oy, column ox.
     Runs in parallel only above PARALLEL_MIN_MACS.
     """
     from tvm.script import tirx as T
@@ -345,6 +348,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     Cp = CB * 4
     sh, sw = stride
     dh, dw = dilation
+    oy, ox = in_off
     OWO = (OW + MT - 1) // MT
     CBO = COB // NT
     w_shape = (COB, KH, KW, CB, L, 4) if fast else (COB, KH, KW, CB, 4, L)
@@ -384,17 +388,17 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                         if fast:
                                             acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
                                                 path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
-                                                X.vload([row // OH, (row % OH) * sh + kh * dh,
-                                                         T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
-                                                        f"{a_dtype}x4"),
+                                                X.vload([row // OH, (row % OH) * sh + kh * dh + oy,
+                                                         T.min(owo * MT + mi, OW - 1) * sw + kw * dw + ox,
+                                                         cb * 4], f"{a_dtype}x4"),
                                                 W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], f"int8x{4 * L}"), exact)
                                         else:
                                             for k in T.unroll(4):
                                                 for j in T.vectorized(L):
                                                     acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + \
-                                                        T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh,
+                                                        T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh + oy,
                                                                           T.min(owo * MT + mi, OW - 1) * sw
-                                                                          + kw * dw, cb * 4 + k]) * \
+                                                                          + kw * dw + ox, cb * 4 + k]) * \
                                                         T.Cast("int32", W[cbo * NT + nt, kh, kw, cb, k, j])
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
@@ -1051,8 +1055,9 @@ def _convert_qconv2d(st: QuantLowering):
         exact = st.kernel("qconv2d", wq)
         cpad = -c % 4
         ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
-        nhwc, zp8, _ = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, act_dtype_of(st.path))
-        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        nhwc, zp8, _ = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, act_dtype_of(st.path), wider=True)
+        hp, wp = _shape(nhwc)[1:3]                      # a fused producer may have padded for a wider conv
+        in_off = ((hp - h) // 2 - padding[0], (wp - w) // 2 - padding[1])
         L = lanes_of(st.path)
         cb, cob = (c + cpad) // 4, (co + L - 1) // L
         mt, nt = _conv_tiles(ow, cob, st.path)
@@ -1062,18 +1067,18 @@ def _convert_qconv2d(st: QuantLowering):
         plan = st.fuse.plans.get(node) if st.fuse else None
         if plan is None:
             func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt,
-                               st.path, exact)
+                               st.path, exact, in_off=in_off)
             gv = bb.add_func(_private(func), "graphopt_qconv2d")
             y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * L], "float32")))
             if st.fuse:
                 st.fuse.float_nhwc[node] = y            # a fused residual add reads it as it is
             return _nchw_output(bb, y, co)
         return _fused_conv(st, bb, plan, args, (n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride),
-                                                tuple(dilation), mt, nt), exact, importer.env)
+                                                tuple(dilation), mt, nt), exact, importer.env, in_off)
     return convert
 
 
-def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: dict):
+def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: dict, in_off=(0, 0)):
     """Emit a qconv2d whose epilogue requantizes for the next int8 layer (quant_fuse.py): the conv kernel
     stores the codes NHWC (padded for a conv consumer), then a max-pool on the codes if the chain has one."""
     relax = _relax()
@@ -1094,7 +1099,7 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: d
         args = [*args, res]
         st.count("fused residual add")
     func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact, epi,
-                       c_out, conv_pad, res_c, plan.float_out is not None)
+                       c_out, conv_pad, res_c, plan.float_out is not None, in_off)
     gv = bb.add_func(_private(func), "graphopt_qconv2d")
     shape = [n, oh + 2 * conv_pad[0], ow + 2 * conv_pad[1], c_out]
     yf = None
@@ -1142,12 +1147,14 @@ def _residual_nhwc(st: QuantLowering, bb, node, channels: int, env: dict):
     return y
 
 
-def _conv_input(bb, ki, xq, zp: int, dtype: str, padding, cpad: int, want: str):
+def _conv_input(bb, ki, xq, zp: int, dtype: str, padding, cpad: int, want: str, wider: bool = False):
     """(NHWC `want` codes padded spatially with the zero point and with `cpad` more channels, their zero point,
-    whether they are the codes a fused producer stored, `ki`) for an int8 conv kernel reading `xq`."""
+    whether they are the codes a fused producer stored, `ki`) for an int8 conv kernel reading `xq`.
+    `wider`: the kernel also reads codes padded more than `padding` (at an offset: conv_kernel's in_off)."""
     c = _shape(xq)[1]
-    if (ki is not None and ki.dtype == want and ki.layout == ("nhwc", tuple(padding))
-            and _shape(ki.var)[3] == c + cpad):
+    if (ki is not None and ki.dtype == want and ki.layout[0] == "nhwc" and _shape(ki.var)[3] == c + cpad
+            and (tuple(ki.layout[1]) == tuple(padding)
+                 or (wider and ki.layout[1][0] >= padding[0] and ki.layout[1][1] >= padding[1]))):
         return ki.var, ki.zp, True                      # already NHWC and padded by the fused producer
     xu8, zp8 = _to_uint8(bb, xq, zp, dtype, want)
     return _nhwc_input(bb, xu8, padding, cpad, zp8), zp8, False
