@@ -65,12 +65,16 @@ class Epilogue:
     def value(self, acc, c, s, b, r=None):
         """TIR: the stored value for int32 accumulator `acc`, per-channel C/S/B loads `c`, `s`, `b` and the
         residual load `r` (None: no residual add)."""
-        from tvm import tirx
-        from tvm.script import tirx as T
-
         y = self.float_value(acc, c, s, b, r)
         if not self.requantizes:
             return y
+        return self.codes(y)
+
+    def codes(self, y):
+        """TIR: the quantize of float32 value `y` (activations already applied), as stored."""
+        from tvm import tirx
+        from tvm.script import tirx as T
+
         f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
         q = T.round(y * f32(self.inv_scale)) + f32(self.zp)
         q = T.min(T.max(q, f32(self.qmin)), f32(self.qmax))

@@ -30,6 +30,10 @@ float32 value before the quantize (the producer's output, or the sum after its a
 (the next block's residual add; MobileNetV2's project conv read by the next expand conv and the next add),
 the kernel also stores it, float32 NHWC with whole-vector channels (FuseState.float_nhwc), and the graph
 sees an NCHW view of it (dead code when only int8 kernels read it).
+A max-pool whose float32 output other ops read too (ResNet's stem: conv -> ReLU -> max-pool, the pool output
+being the first block's identity and, quantized, its first conv's input): the conv stores float32 NHWC with
+the activations applied, the pool kernel (pool_kernel with `codes`) pools it and stores the pooled float32
+NHWC and its codes in the next conv's layout.
 Depthwise convs (quant_lower's depthwise kernel) fuse acts -> quantize the same way (MobileNetV2's
 depthwise -> ReLU6 -> quantize -> project conv).
 The sdot path multiplies int8 activations: its kernels store codes shifted by -128 (Epilogue.shift), the x86
@@ -164,11 +168,14 @@ def _plan_chain(producer, is_conv: bool, order: dict | None = None) -> FusePlan 
         if len(cur.users) != 1:
             # the float32 value is read by other ops too (a residual add): a conv producer stores it as a second
             # output when one of the users is the quantize that ends the chain
-            q = _float_out_quantize(cur) if is_conv and pool is None and flatten is None else None
+            # (after a max-pool: the pooled float32, e.g. ResNet's stem, whose pool output is also the first
+            # block's identity)
+            q = _float_out_quantize(cur) if is_conv and flatten is None and (pool is None or acts_at_pool == len(acts)) \
+                else None
             if q is None:
                 return None
             absorbed.append(q)
-            return FusePlan(producer, q, tuple(acts), absorbed, None, None, _consumer(q, None), residual, cur)
+            return FusePlan(producer, q, tuple(acts), absorbed, pool, None, _consumer(q, None), residual, cur)
         user = next(iter(cur.users))
         if _op(user) == "add.Tensor" and is_conv and residual is None and not acts and pool is None \
                 and flatten is None:
@@ -190,6 +197,7 @@ def _plan_chain(producer, is_conv: bool, order: dict | None = None) -> FusePlan 
             acts.append(bounds)
         elif name in _POOL_OPS and is_conv and pool is None and flatten is None:
             pool = _pool_args(user)
+            acts_at_pool = len(acts)                    # a float output after the pool: no act after it
             if pool is None:
                 return None
             if name == "max_pool2d_with_indices.default":     # the values (getitem 0) only, never the indices
@@ -339,10 +347,16 @@ def graph_view(bb, plan: FusePlan, ki: KernelInput, shape_nchw: tuple | None, le
 
 
 def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dtype: str,
-                out_pad: tuple[int, int], fill: int):
+                out_pad: tuple[int, int], fill: int, codes: Epilogue | None = None, c_codes: int = 0,
+                codes_pad: tuple[int, int] = (0, 0)):
     """TIR: max-pool of NHWC int8/uint8 codes X[N, H, W, C] into Y[N, OH + 2ph, OW + 2pw, C] (out_pad = the
     next conv's padding, its border = `fill`). Lo[0] (an input, a one-element tensor) is where each max
-    starts: the lowest code, so pool padding never wins over a real element, as PyTorch's -inf padding."""
+    starts: the lowest code, so pool padding never wins over a real element, as PyTorch's -inf padding.
+
+    Float pool with codes (`codes`, a quantize-only Epilogue; dtype float32, Lo = -inf): the pooled float32
+    values go to Y (read by other ops: ResNet's stem pool is the first block's identity) and their quantize to
+    a second output Q[N, OH + 2qh, OW + 2qw, c_codes] (codes_pad: the next conv's padding, border = its zero
+    point), as the next int8 conv reads it."""
     from tvm.script import tirx as T
 
     (kh, kw), (sh, sw) = pool["kernel"], pool["stride"]
@@ -351,20 +365,33 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
     OHs, OWs = OH + 2 * ph, OW + 2 * pw
     padded = bool(ph or pw)
     guarded = bool(pph or ppw)
+    with_codes = codes is not None
+    qh, qw = codes_pad
+    NQ = max(c_codes, 1)
+    QH, QW = OH + 2 * qh, OW + 2 * qw
+    q_padded = with_codes and bool(qh or qw)
+    q_dtype = codes.dtype if with_codes else "uint8"
+    q_fill = codes.zp + codes.shift if with_codes else 0
     V = 1
-    while V < 64 and C % (V * 2) == 0:
+    while V < 64 and C % (V * 2) == 0 and (not with_codes or c_codes % (V * 2) == 0):
         V *= 2
     CV = C // V
     par = T.parallel if N * OH * OW * C * kh * kw >= (1 << 18) else T.serial
 
     @T.prim_func
-    def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype)):
+    def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype),
+              Q: T.Buffer((N, QH, QW, NQ), q_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         if padded:
             for n, h, w in T.grid(N, OHs, OWs):
                 if h < ph or h >= OH + ph or w < pw or w >= OW + pw:
                     for c in range(C):
                         Y[n, h, w, c] = T.Cast(dtype, fill)
+        if q_padded:
+            for n, h, w in T.grid(N, QH, QW):
+                if h < qh or h >= OH + qh or w < qw or w >= OW + qw:
+                    for c in range(NQ):
+                        Q[n, h, w, c] = T.Cast(q_dtype, q_fill)
         for row in par(N * OH):
             for ow in range(OW):
                 for cv in range(CV):
@@ -384,7 +411,15 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
                                                              cv * V + c])
                     for c in T.vectorized(V):
                         Y[row // OH, row % OH + ph, ow + pw, cv * V + c] = acc[c]
-    return qpool
+                    if with_codes:
+                        if cv * V < NQ:
+                            for c in T.vectorized(V):
+                                Q[row // OH, row % OH + qh, ow + qw, cv * V + c] = codes.codes(acc[c])
+    if with_codes:
+        return qpool
+    from tvm import tirx
+
+    return tirx.PrimFunc(list(qpool.params)[:3], qpool.body, qpool.ret_type, qpool.attrs)
 
 
 # --------------------------------------------------------------------------------- absorbed nodes

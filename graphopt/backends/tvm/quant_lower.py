@@ -1092,6 +1092,8 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: d
     pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
     conv_pad = (0, 0) if plan.pool else pad_next
     cp = cob * lanes_of(st.path)
+    if plan.pool and plan.float_out is not None:
+        return _fused_conv_float_pool(st, bb, plan, args, geometry, exact, in_off, epi, want, zp_out, cp)
     res_c = 0
     if plan.residual is not None:                       # residual add in the epilogue: its NHWC float32 input
         res = _residual_nhwc(st, bb, plan.residual, cp, env)
@@ -1127,6 +1129,41 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: d
     out = quant_fuse.KernelInput(y, want, zp_out, layout)
     fview = _nchw_output(bb, yf, co) if yf is not None else None
     return _record_fused(st, bb, plan, out, (n, co, h, w), None, fview)
+
+
+def _fused_conv_float_pool(st: QuantLowering, bb, plan, args, geometry, exact: bool, in_off, epi, want: str,
+                           zp_out: int, cp: int):
+    """conv -> acts -> max-pool whose float32 output other ops read too (ResNet's stem: the pool output is
+    the first block's identity and, quantized, its first conv's input): the conv kernel applies the acts and
+    stores float32 NHWC, the pool kernel pools it (NHWC, vectorized over channels) and stores both the pooled
+    float32 (NHWC, read as it is by a fused residual add) and its quantize in the next conv's layout."""
+    import dataclasses
+
+    relax = _relax()
+    n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt = geometry
+    func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact,
+                       Epilogue("float32", epi.acts), None, (0, 0), 0, False, in_off)
+    gv = bb.add_func(_private(func), "graphopt_qconv2d")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cp], "float32")))
+    p = plan.pool
+    h = (oh + 2 * p["padding"][0] - p["dilation"][0] * (p["kernel"][0] - 1) - 1) // p["stride"][0] + 1
+    w = (ow + 2 * p["padding"][1] - p["dilation"][1] * (p["kernel"][1] - 1) - 1) // p["stride"][1] + 1
+    dw_next = bool(plan.consumer) and plan.consumer[0] == "dwconv" and want == "uint8" \
+        and quant_fuse.round_up(co, 16) <= cp
+    c_codes = quant_fuse.round_up(co, 16 if dw_next else 4)
+    pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
+    pool = quant_fuse.pool_kernel(n, oh, ow, cp, p, h, w, "float32", (0, 0), 0, dataclasses.replace(epi, acts=()),
+                                  c_codes, pad_next)
+    pv = bb.add_func(_private(pool), "graphopt_qmaxpool")
+    both = bb.emit(relax.call_tir(pv, [y, _const(np.array([-np.inf], np.float32))],
+                                  [relax.TensorType([n, h, w, cp], "float32"),
+                                   relax.TensorType([n, h + 2 * pad_next[0], w + 2 * pad_next[1], c_codes], want)]))
+    yf, q = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+    st.count("max-pool (float32 and int8 codes)")
+    st.count("fused float32 second output")
+    st.fuse.float_nhwc[plan.float_out] = yf
+    out = quant_fuse.KernelInput(q, want, zp_out, ("nhwc", pad_next))
+    return _record_fused(st, bb, plan, out, (n, co, h, w), None, _nchw_output(bb, yf, co))
 
 
 def _residual_nhwc(st: QuantLowering, bb, node, channels: int, env: dict):
