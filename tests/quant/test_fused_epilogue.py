@@ -106,7 +106,8 @@ def _kernel_outputs(lowered) -> list[str]:
         if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
             name = e.args[0].name_hint
             if name.startswith("graphopt_q"):
-                found.append((name, str(e.ty.dtype)))
+                fields = e.ty.fields if hasattr(e.ty, "fields") else [e.ty]     # codes + float32 sum
+                found.extend((name, str(f.dtype)) for f in fields)
 
     relax.analysis.post_order_visit(main, visit)
     return found
@@ -376,3 +377,18 @@ def test_torchvision_int8_has_no_standalone_requantize_between_layers(torchvisio
     assert n_fused == 2, [k for k in fused if "round" in k]
     assert n_unfused >= {"resnet18": 18, "mobilenet_v2": 50}[name], n_unfused
     assert len(fused) < len(unfused) - n_unfused + n_fused
+
+
+def test_sdot_residual_block_lowers_to_int8_codes(residual_block):
+    """ARM dot-product path (lowered only, no build): the residual blocks fuse there too, and every int8
+    kernel's codes are int8 (shifted by -128 for sdot) or the float32 sums the next adds read."""
+    name, target, opt, *_ = residual_block
+    if target != "x86":
+        pytest.skip("one lowering per model")
+    spec = resolve_target("arm:neoverse-n1")
+    lowered = lower_graph(opt.graph_module, (torch.randn(*RESIDUAL_CASES[name][1]),), spec)
+    assert lowered.quant.startswith("path=sdot:"), lowered.quant
+    assert f"fused residual add×{RESIDUAL_CASES[name][3]}" in lowered.quant, lowered.quant
+    outs = _kernel_outputs(lowered)
+    assert outs and all(dt in ("int8", "float32") for _, dt in outs), outs
+    assert not any(dt == "uint8" for _, dt in outs)
