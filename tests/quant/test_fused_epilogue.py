@@ -106,7 +106,8 @@ def _kernel_outputs(lowered) -> list[str]:
         if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
             name = e.args[0].name_hint
             if name.startswith("graphopt_q"):
-                found.append((name, str(e.ty.dtype)))
+                fields = e.ty.fields if hasattr(e.ty, "fields") else [e.ty]     # codes + float32 sum
+                found.extend((name, str(f.dtype)) for f in fields)
 
     relax.analysis.post_order_visit(main, visit)
     return found
@@ -223,3 +224,171 @@ def test_depthwise_conv_reads_the_codes_its_producer_stored(target):
             y, u, r = opt(xi), unfused(xi), opt.graph_module(xi)
             assert torch.equal(y, u), f"{target}: fused != unfused by {(y - u).abs().max().item()}"
             assert torch.allclose(y, r, rtol=0, atol=1e-4 * r.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------ residual blocks
+class ResNetStyle(nn.Module):
+    """ResNet basic blocks (torchvision's BasicBlock): a stem conv + ReLU + max-pool whose (float32) output is
+    both the first block's input and its identity; a block add(conv2, identity) -> ReLU read by the next conv and the next
+    block's add; a stride-2 block whose identity is a 1x1 downsample conv (add of two int8 convs); a last
+    block whose sum goes to a float op (mean: the unfused path). 24 and 40 channels: not whole vectors."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        down = nn.Sequential(nn.Conv2d(24, 40, 1, stride=2, bias=False), nn.BatchNorm2d(40))
+        self.blocks = nn.Sequential(BasicBlock(24, 24), BasicBlock(24, 40, 2, down), BasicBlock(40, 40))
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class MobileNetV2Style(nn.Module):
+    """MobileNetV2's inverted residuals (torchvision's InvertedResidual): a block without residual whose
+    project conv (no activation) is read by the next expand conv and the next block's add; blocks whose sum
+    add(identity, project) (no activation) is quantized for the next 1x1 conv and also the next residual."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(16, 24, 1, 2), InvertedResidual(24, 24, 1, 2),
+                                    InvertedResidual(24, 24, 1, 2))
+        self.head = nn.Sequential(nn.Conv2d(24, 32, 1), nn.ReLU6())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def _randomize_bn(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+RESIDUAL_CASES = {"resnet": (ResNetStyle, (1, 3, 22, 22), 7, 2), "mobilenetv2": (MobileNetV2Style, (1, 3, 14, 14), 6, 2)}
+
+
+@pytest.fixture(scope="module", params=[(m, t) for m in RESIDUAL_CASES for t in TARGETS], ids=lambda p: "-".join(p))
+def residual_block(request):
+    name, target = request.param
+    _skip_unless_runs_here(target)
+    cls, shape, batches, *_ = RESIDUAL_CASES[name]
+    torch.manual_seed(0)
+    model = _randomize_bn(cls(), 1).eval()
+    x = torch.randn(*shape)
+    opt = graphopt.optimize(model, target, "fold_bn,cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=[torch.randn(batches, *shape[1:])])
+    unfused, lowered = _build(opt.graph_module, (x,), resolve_target(target), False)
+    return name, target, opt, unfused, lowered
+
+
+def test_residual_block_fused_equals_unfused_bit_for_bit(residual_block):
+    """The residual add, its activation and the quantize run in the producing conv's epilogue (the sum also
+    stored as float32 NHWC where the next block's add reads it): the logits equal the unfused lowering (conv
+    writes float32, elementwise add/act/quantize kernel) bit for bit, and the QDQ graph to float rounding."""
+    name, target, opt, unfused, _ = residual_block
+    n_add = RESIDUAL_CASES[name][3]
+    assert f"fused residual add×{n_add}" in opt.report.backend["int8"], opt.report.backend["int8"]
+    assert "fused float32 second output" in opt.report.backend["int8"]
+    if name == "resnet":
+        assert "max-pool (float32 and int8 codes)×1" in opt.report.backend["int8"], opt.report.backend["int8"]
+    shape = RESIDUAL_CASES[name][1]
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for i in range(4):
+            xi = torch.randn(*shape, generator=g)
+            y, u, r = opt(xi), unfused(xi), opt.graph_module(xi)
+            assert torch.equal(y, u), f"{name} {target}: sample {i}: fused != unfused by {(y - u).abs().max()}"
+            assert torch.allclose(y, r, rtol=0, atol=1e-4 * r.abs().max().item())
+            assert r.std() > 0
+
+
+def _called_kernels(mod, spec) -> list[str]:
+    """Names of the kernels the scheduled (legalized, fused) module's main calls."""
+    from tvm import relax
+
+    from graphopt.backends.tvm.build import _schedule
+
+    called = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            called.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(_schedule(mod, spec)["main"], visit)
+    return called
+
+
+def test_residual_block_has_no_standalone_quantize_kernel(residual_block):
+    """Fused: the only elementwise quantize kernels left are the network input's and the one after the
+    mean (float ops), against one per quantized tensor unfused; the only pad kernel is the input's (the
+    downsampling block's 3x3 conv and 1x1 downsample read one copy of the codes, padded for the 3x3), and no
+    residual is permuted to NHWC by a kernel of its own."""
+    name, target, opt, _, lowered = residual_block
+    spec = resolve_target(target)
+    assert "residual permuted" not in opt.report.backend["int8"], opt.report.backend["int8"]
+    fused_mod = lower_graph(opt.graph_module, (torch.randn(*RESIDUAL_CASES[name][1]),), spec).mod
+    fused, unfused = _called_kernels(fused_mod, spec), _called_kernels(lowered.mod, spec)
+    n_fused, n_unfused = (sum("round" in k for k in ks) for ks in (fused, unfused))
+    assert n_fused == 2, fused
+    assert n_unfused > n_fused + RESIDUAL_CASES[name][3], unfused
+    assert sum("pad" in k for k in fused if not k.startswith("graphopt_q")) == 1, fused
+
+
+@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
+def torchvision_int8(request):
+    """A statically quantized torchvision network (random init, 32x32 input; quantized for 'torch': the
+    lowering below is for x86, built no further than the scheduled IRModule)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, request.param)().eval()
+    x = torch.randn(1, 3, 32, 32)
+    opt = graphopt.optimize(model, "torch", "fold_bn,cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=[torch.randn(2, 3, 32, 32)], verify=False)
+    return request.param, opt.graph_module, x
+
+
+def test_torchvision_int8_has_no_standalone_requantize_between_layers(torchvision_int8):
+    """ResNet-18 / MobileNetV2 int8 on x86: the elementwise quantize kernels left in the scheduled module are
+    the input's and the one after the global average pool, against one per quantized tensor unfused
+    (ResNet-18's stem max-pool, whose float output is also the first block's identity, stores its codes)."""
+    name, gm, x = torchvision_int8
+    spec = resolve_target("x86")
+    saved = quant_lower.FUSE_EPILOGUES
+    try:
+        quant_lower.FUSE_EPILOGUES = False
+        unfused = _called_kernels(lower_graph(gm, (x,), spec).mod, spec)
+    finally:
+        quant_lower.FUSE_EPILOGUES = saved
+    fused = _called_kernels(lower_graph(gm, (x,), spec).mod, spec)
+    n_fused, n_unfused = (sum("round" in k for k in ks) for ks in (fused, unfused))
+    assert n_fused == 2, [k for k in fused if "round" in k]
+    assert n_unfused >= {"resnet18": 18, "mobilenet_v2": 50}[name], n_unfused
+    assert len(fused) < len(unfused) - n_unfused + n_fused
+
+
+def test_sdot_residual_block_lowers_to_int8_codes(residual_block):
+    """ARM dot-product path (lowered only, no build): the residual blocks fuse there too, and every int8
+    kernel's codes are int8 (shifted by -128 for sdot) or the float32 sums the next adds read."""
+    name, target, opt, *_ = residual_block
+    if target != "x86":
+        pytest.skip("one lowering per model")
+    spec = resolve_target("arm:neoverse-n1")
+    lowered = lower_graph(opt.graph_module, (torch.randn(*RESIDUAL_CASES[name][1]),), spec)
+    assert lowered.quant.startswith("path=sdot:"), lowered.quant
+    assert f"fused residual add×{RESIDUAL_CASES[name][3]}" in lowered.quant, lowered.quant
+    outs = _kernel_outputs(lowered)
+    assert outs and all(dt in ("int8", "float32") for _, dt in outs), outs
+    assert not any(dt == "uint8" for _, dt in outs)

@@ -14,6 +14,11 @@ An Epilogue says what happens next, in the same kernel, before anything is writt
                   (`shift` added: +128 turns int8 codes into the uint8 ones of the x86 kernels, -128 uint8
                   codes into the int8 ones of sdot).
 
+A residual block adds a float32 tensor first (quant_fuse: ResNet's add(conv, identity), MobileNetV2's
+inverted-residual sum): `r`, read by the kernel from the NHWC residual buffer, is added to y before the
+activations, y = (y + r), as the graph's add evaluates it; float_value is that y after the activations
+(stored as float32 too where other ops read the sum).
+
 The expression is exactly the one the unfused graph evaluates (graphopt.quant.ops: relu / clamp, then
 quantize's round(x * float32(1/scale)) + zero_point and clamp) in float32, op by op in the same order, so a
 fused kernel's codes equal the unfused kernel-then-elementwise pair's bit for bit; only the round trip of
@@ -40,20 +45,37 @@ class Epilogue:
     def requantizes(self) -> bool:
         return self.dtype != "float32"
 
-    def value(self, acc, c, s, b):
-        """TIR: the stored value for int32 accumulator `acc` and per-channel C/S/B loads `c`, `s`, `b`."""
+    def float_value(self, acc, c, s, b, r=None):
+        """TIR: the float32 value before the quantize: dequantized accumulator, + residual `r` (a float32 load,
+        or None), then the activations."""
         from tvm import tirx
         from tvm.script import tirx as T
 
         y = T.Cast("float32", acc - c) * s + b
-        if not self.requantizes:
-            return y
+        if r is not None:
+            y = y + r
         f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
         for lo, hi in self.acts:
             if lo is not None:
                 y = T.max(y, f32(lo))
             if hi is not None:
                 y = T.min(y, f32(hi))
+        return y
+
+    def value(self, acc, c, s, b, r=None):
+        """TIR: the stored value for int32 accumulator `acc`, per-channel C/S/B loads `c`, `s`, `b` and the
+        residual load `r` (None: no residual add)."""
+        y = self.float_value(acc, c, s, b, r)
+        if not self.requantizes:
+            return y
+        return self.codes(y)
+
+    def codes(self, y):
+        """TIR: the quantize of float32 value `y` (activations already applied), as stored."""
+        from tvm import tirx
+        from tvm.script import tirx as T
+
+        f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
         q = T.round(y * f32(self.inv_scale)) + f32(self.zp)
         q = T.min(T.max(q, f32(self.qmin)), f32(self.qmax))
         q = T.Cast("int32", q)

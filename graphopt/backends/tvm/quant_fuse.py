@@ -20,11 +20,27 @@ to the int32 accumulators in registers and stores the codes exactly as the next 
   next op a Linear              [M, N] codes
   anything else                 NHWC / [M, N] codes and a Relax view in the graph's layout for the other
                                 consumers (slice/permute; dead code, so removed, when nothing reads it)
+Residual blocks (conv producers with groups=1) extend the chain:
+    qconv2d -> add(·, residual) -> acts -> quantize          ResNet: add(conv2, identity) -> ReLU
+with the residual a float32 tensor computed earlier (the other operand; of two int8 convs, e.g. conv2 and a
+downsample, the later one absorbs the add). The kernel reads the residual NHWC (the raw output of an unfused
+int8 conv, or the float output of a previous fused residual kernel, as they are: no permute kernel; any other
+tensor is permuted by Relax) and adds it to the dequantized accumulator before the activations. When the
+float32 value before the quantize (the producer's output, or the sum after its activations) has other users
+(the next block's residual add; MobileNetV2's project conv read by the next expand conv and the next add),
+the kernel also stores it, float32 NHWC with whole-vector channels (FuseState.float_nhwc), and the graph
+sees an NCHW view of it (dead code when only int8 kernels read it).
+A max-pool whose float32 output other ops read too (ResNet's stem: conv -> ReLU -> max-pool, the pool output
+being the first block's identity and, quantized, its first conv's input): the conv stores float32 NHWC with
+the activations applied, the pool kernel (pool_kernel with `codes`) pools it and stores the pooled float32
+NHWC and its codes in the next conv's layout.
+Depthwise convs (quant_lower's depthwise kernel) fuse acts -> quantize the same way (MobileNetV2's
+depthwise -> ReLU6 -> quantize -> project conv).
 The sdot path multiplies int8 activations: its kernels store codes shifted by -128 (Epilogue.shift), the x86
 kernels shift int8 codes by +128 the same way, so no conversion kernel runs between layers either.
 
 Contract: exact. Every stored code equals what the unfused kernels compute (same float32 operations in the
-same order: dequantize epilogue, each activation's max/min, round(x * float32(1/scale)) + zp, clamp; see
+same order: dequantize epilogue, the residual add, each activation's max/min, round(x * float32(1/scale)) + zp, clamp; see
 quant_epilogue); tests/quant/test_fused_epilogue.py compares fused and unfused builds bit for bit. A chain
 that does not have this shape (a tensor with several users, another op in between, a float consumer) is
 left to the unfused lowering, which stays correct.
@@ -94,6 +110,8 @@ class FusePlan:
     pool: dict | None = None        # kernel, stride, padding, dilation of a max-pool on the codes
     flatten: tuple | None = None    # (C, H, W) of an NCHW -> [N, C·H·W] flatten
     consumer: tuple | None = None   # ("conv", (ph, pw)) | ("linear",) | None
+    residual: Any = None            # the other operand of a residual add(producer, residual), a float32 node
+    float_out: Any = None           # the node (producer, add or last act) whose float32 value other ops read
 
 
 @dataclass
@@ -114,13 +132,27 @@ def plan_fusions(ep, path: str) -> dict:
     if path == "relax":
         return {}
     plans = {}
+    order = {node: i for i, node in enumerate(ep.graph.nodes)}
     for node in ep.graph.nodes:
         name = _op(node)
-        if name in LINEAR_OPS or (name == "qconv2d.default" and _conv_fusable(node)):
-            plan = _plan_chain(node, is_conv=name == "qconv2d.default")
+        if name == "qconv2d.default" and _depthwise(node):
+            plan = _plan_chain(node, is_conv=False)         # acts -> quantize into the depthwise kernel
+            if plan is not None:
+                plans[node] = plan
+        elif name in LINEAR_OPS or (name == "qconv2d.default" and _conv_fusable(node)):
+            plan = _plan_chain(node, is_conv=name == "qconv2d.default", order=order)
             if plan is not None:
                 plans[node] = plan
     return plans
+
+
+def _depthwise(node) -> bool:
+    """A qconv2d that quant_lower runs on its depthwise kernel: groups == in == out channels, one input channel
+    per filter, static shapes."""
+    groups = int(node.args[8])
+    x, w, y = _shape_of(node.args[0]), _shape_of(node.args[1]), _shape_of(node)
+    return (groups > 1 and x is not None and w is not None and y is not None and len(x) == 4 and len(w) == 4
+            and x[1] == groups == w[0] == y[1] and w[1] == 1)
 
 
 def _conv_fusable(node) -> bool:
@@ -128,17 +160,36 @@ def _conv_fusable(node) -> bool:
     return int(node.args[8]) == 1
 
 
-def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
+def _plan_chain(producer, is_conv: bool, order: dict | None = None) -> FusePlan | None:
     acts, absorbed = [], []
-    pool = flatten = None
+    pool = flatten = residual = None
     cur = producer
     while True:
         if len(cur.users) != 1:
-            return None
+            # the float32 value is read by other ops too (a residual add): a conv producer stores it as a second
+            # output when one of the users is the quantize that ends the chain
+            # (after a max-pool: the pooled float32, e.g. ResNet's stem, whose pool output is also the first
+            # block's identity)
+            q = _float_out_quantize(cur) if is_conv and flatten is None and (pool is None or acts_at_pool == len(acts)) \
+                else None
+            if q is None:
+                return None
+            absorbed.append(q)
+            return FusePlan(producer, q, tuple(acts), absorbed, pool, None, _consumer(q, None), residual, cur)
         user = next(iter(cur.users))
+        if _op(user) == "add.Tensor" and is_conv and residual is None and not acts and pool is None \
+                and flatten is None:
+            residual = _residual_operand(user, cur, producer, order or {})
+            if residual is None:
+                return None
+            absorbed.append(user)
+            cur = user
+            continue
         if not user.args or user.args[0] is not cur:
             return None
         name = _op(user)
+        if residual is not None and (name in _POOL_OPS or name in _FLATTEN_OPS):
+            return None
         if name in _ACT_OPS:
             bounds = _act_bounds(user)
             if bounds is None:
@@ -146,6 +197,7 @@ def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
             acts.append(bounds)
         elif name in _POOL_OPS and is_conv and pool is None and flatten is None:
             pool = _pool_args(user)
+            acts_at_pool = len(acts)                    # a float output after the pool: no act after it
             if pool is None:
                 return None
             if name == "max_pool2d_with_indices.default":     # the values (getitem 0) only, never the indices
@@ -165,11 +217,48 @@ def _plan_chain(producer, is_conv: bool) -> FusePlan | None:
             flatten = src[1:]
         elif name == "quantize.default":
             absorbed.append(user)
-            return FusePlan(producer, user, tuple(acts), absorbed, pool, flatten, _consumer(user, flatten))
+            return FusePlan(producer, user, tuple(acts), absorbed, pool, flatten, _consumer(user, flatten),
+                            residual)
         else:
             return None
         absorbed.append(user)
         cur = user
+
+
+def _float_out_quantize(node):
+    """The quantize among `node`'s users when its other users read the float32 value (every user takes it as
+    an argument; one quantize of it), else None."""
+    qs = [u for u in node.users if _op(u) == "quantize.default" and u.args and u.args[0] is node]
+    if len(qs) != 1 or _float32_shape(node) is None:
+        return None
+    return qs[0]
+
+
+def _float32_shape(node) -> tuple | None:
+    """The shape of a 4-d float32 node (from its export metadata), else None."""
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    if val is None or not hasattr(val, "dtype") or str(val.dtype) != "torch.float32":
+        return None
+    shape = _shape_of(node)
+    return shape if shape is not None and len(shape) == 4 else None
+
+
+def _residual_operand(add, cur, producer, order: dict):
+    """The other operand of add.Tensor(cur, other) (either order; alpha 1) when the producer's kernel can read
+    it as its residual input: a float32 tensor of the same 4-d shape, computed before the producer in graph
+    order (the lowering converts nodes in that order, so it exists when the fused kernel is emitted)."""
+    if len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args
+    other = b if a is cur else a if b is cur else None
+    if other is None or other is cur or not hasattr(other, "op"):
+        return None
+    shape = _float32_shape(cur)
+    if shape is None or _float32_shape(other) != shape or _float32_shape(add) != shape:
+        return None
+    if other not in order or producer not in order or order[other] >= order[producer]:
+        return None
+    return other
 
 
 def _pool_args(node) -> dict | None:
@@ -193,7 +282,13 @@ def _pool_args(node) -> dict | None:
 
 
 def _consumer(q, flatten) -> tuple | None:
-    """How the quantize's single int8 consumer reads it, or None (several users, or a float op)."""
+    """How the quantize's int8 consumer reads it, or None (a float op, several users of different kinds).
+    Several int8 convs (groups=1; ResNet's downsampling block: its 3x3 conv and its 1x1 downsample) read
+    codes padded for the widest (each reads at its own offset)."""
+    if len(q.users) > 1 and flatten is None and all(
+            _op(u) == "qconv2d.default" and u.args and u.args[0] is q and int(u.args[8]) == 1 for u in q.users):
+        pads = [(int(u.args[6][0]), int(u.args[6][-1])) for u in q.users]
+        return ("conv", (max(p[0] for p in pads), max(p[1] for p in pads)))
     if len(q.users) != 1:
         return None
     user = next(iter(q.users))
@@ -252,10 +347,16 @@ def graph_view(bb, plan: FusePlan, ki: KernelInput, shape_nchw: tuple | None, le
 
 
 def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dtype: str,
-                out_pad: tuple[int, int], fill: int):
+                out_pad: tuple[int, int], fill: int, codes: Epilogue | None = None, c_codes: int = 0,
+                codes_pad: tuple[int, int] = (0, 0)):
     """TIR: max-pool of NHWC int8/uint8 codes X[N, H, W, C] into Y[N, OH + 2ph, OW + 2pw, C] (out_pad = the
     next conv's padding, its border = `fill`). Lo[0] (an input, a one-element tensor) is where each max
-    starts: the lowest code, so pool padding never wins over a real element, as PyTorch's -inf padding."""
+    starts: the lowest code, so pool padding never wins over a real element, as PyTorch's -inf padding.
+
+    Float pool with codes (`codes`, a quantize-only Epilogue; dtype float32, Lo = -inf): the pooled float32
+    values go to Y (read by other ops: ResNet's stem pool is the first block's identity) and their quantize to
+    a second output Q[N, OH + 2qh, OW + 2qw, c_codes] (codes_pad: the next conv's padding, border = its zero
+    point), as the next int8 conv reads it."""
     from tvm.script import tirx as T
 
     (kh, kw), (sh, sw) = pool["kernel"], pool["stride"]
@@ -264,20 +365,33 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
     OHs, OWs = OH + 2 * ph, OW + 2 * pw
     padded = bool(ph or pw)
     guarded = bool(pph or ppw)
+    with_codes = codes is not None
+    qh, qw = codes_pad
+    NQ = max(c_codes, 1)
+    QH, QW = OH + 2 * qh, OW + 2 * qw
+    q_padded = with_codes and bool(qh or qw)
+    q_dtype = codes.dtype if with_codes else "uint8"
+    q_fill = codes.zp + codes.shift if with_codes else 0
     V = 1
-    while V < 64 and C % (V * 2) == 0:
+    while V < 64 and C % (V * 2) == 0 and (not with_codes or c_codes % (V * 2) == 0):
         V *= 2
     CV = C // V
     par = T.parallel if N * OH * OW * C * kh * kw >= (1 << 18) else T.serial
 
     @T.prim_func
-    def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype)):
+    def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype),
+              Q: T.Buffer((N, QH, QW, NQ), q_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         if padded:
             for n, h, w in T.grid(N, OHs, OWs):
                 if h < ph or h >= OH + ph or w < pw or w >= OW + pw:
                     for c in range(C):
                         Y[n, h, w, c] = T.Cast(dtype, fill)
+        if q_padded:
+            for n, h, w in T.grid(N, QH, QW):
+                if h < qh or h >= OH + qh or w < qw or w >= OW + qw:
+                    for c in range(NQ):
+                        Q[n, h, w, c] = T.Cast(q_dtype, q_fill)
         for row in par(N * OH):
             for ow in range(OW):
                 for cv in range(CV):
@@ -297,7 +411,15 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
                                                              cv * V + c])
                     for c in T.vectorized(V):
                         Y[row // OH, row % OH + ph, ow + pw, cv * V + c] = acc[c]
-    return qpool
+                    if with_codes:
+                        if cv * V < NQ:
+                            for c in T.vectorized(V):
+                                Q[row // OH, row % OH + qh, ow + qw, cv * V + c] = codes.codes(acc[c])
+    if with_codes:
+        return qpool
+    from tvm import tirx
+
+    return tirx.PrimFunc(list(qpool.params)[:3], qpool.body, qpool.ret_type, qpool.attrs)
 
 
 # --------------------------------------------------------------------------------- absorbed nodes
@@ -333,6 +455,8 @@ class FuseState:
     plans: dict = field(default_factory=dict)
     kernel_inputs: dict = field(default_factory=dict)       # quantize node -> KernelInput
     absorbed_values: dict = field(default_factory=dict)     # absorbed node -> its Relax value
+    float_nhwc: dict = field(default_factory=dict)          # node -> its float32 value as a kernel stored it:
+                                                            # NHWC [N, H, W, C'] (C' >= C, whole vectors)
 
 
 def round_up(v: int, m: int) -> int:

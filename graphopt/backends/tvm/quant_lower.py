@@ -318,7 +318,8 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
 def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, COB: int, KH: int, KW: int,
                 stride: tuple[int, int], dilation: tuple[int, int], MT: int, NT: int, path: str,
                 exact: bool = False, epi: Epilogue = FLOAT, c_out: int | None = None,
-                out_pad: tuple[int, int] = (0, 0)):
+                out_pad: tuple[int, int] = (0, 0), res_c: int = 0, float_out: bool = False,
+                in_off: tuple[int, int] = (0, 0)):
     """TIR: NHWC float32 Y[N, OH, OW, COB·L] of an integer conv over an NHWC uint8 input X[N, Hp, Wp, CB·4]
     that is already padded (spatially with the zero point; channels up to a multiple of 4). Output channels
     are padded to whole L-lane blocks (L = lanes_of(path)) so every store is one vector; the caller slices
@@ -331,6 +332,12 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     Fused output (quant_fuse.py): `epi` stores the next layer's int8 codes instead of float32; `c_out`
     channels are stored (default COB·L); `out_pad` = (ph, pw) makes Y the next conv's input as its kernel
     reads it, [N, OH + 2ph, OW + 2pw, c_out] with the border filled with the zero point (epi.zp + epi.shift).
+    Residual block (quant_fuse: add -> acts -> quantize): `res_c` > 0 adds an input R[N, OH, OW, res_c]
+    (float32 NHWC, res_c >= COB·L) that the epilogue adds before the activations; `float_out` adds a second
+    output Yf[N, OH, OW, COB·L], the float32 value before the quantize (the sum after the activations), for
+    the ops that read it (the next residual add reads it as its R).
+    `in_off` = (oy, ox): X has a wider zero-point border than this conv's padding (codes stored for several
+    convs, padded for the widest): the kernel reads X from row oy, column ox.
     Runs in parallel only above PARALLEL_MIN_MACS.
     """
     from tvm.script import tirx as T
@@ -341,6 +348,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     Cp = CB * 4
     sh, sw = stride
     dh, dw = dilation
+    oy, ox = in_off
     OWO = (OW + MT - 1) // MT
     CBO = COB // NT
     w_shape = (COB, KH, KW, CB, L, 4) if fast else (COB, KH, KW, CB, 4, L)
@@ -351,11 +359,15 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     OHs, OWs = OH + 2 * ph, OW + 2 * pw
     fill = epi.zp + epi.shift if epi.requantizes else 0
     par = T.parallel if N * OH * OW * CO * KH * KW * Cp >= PARALLEL_MIN_MACS else T.serial
+    RC = max(res_c, 1)
+    if res_c and res_c < COB * L:
+        raise ValueError(f"conv_kernel: residual has {res_c} channels, the kernel computes {COB * L}")
 
     @T.prim_func
     def qconv(X: T.Buffer((N, Hp, Wp, Cp), a_dtype), W: T.Buffer(w_shape, "int8"),
               C: T.Buffer((COB * L,), "int32"), S: T.Buffer((COB * L,), "float32"),
-              Bi: T.Buffer((COB * L,), "float32"), Y: T.Buffer((N, OHs, OWs, NS), epi.dtype)):
+              Bi: T.Buffer((COB * L,), "float32"), R: T.Buffer((N, OH, OW, RC), "float32"),
+              Y: T.Buffer((N, OHs, OWs, NS), epi.dtype), Yf: T.Buffer((N, OH, OW, COB * L), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         if padded:                                      # the border of the next conv's input: zero point
             for n, h, w in T.grid(N, OHs, OWs):
@@ -376,61 +388,107 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                         if fast:
                                             acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
                                                 path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
-                                                X.vload([row // OH, (row % OH) * sh + kh * dh,
-                                                         T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 4],
-                                                        f"{a_dtype}x4"),
+                                                X.vload([row // OH, (row % OH) * sh + kh * dh + oy,
+                                                         T.min(owo * MT + mi, OW - 1) * sw + kw * dw + ox,
+                                                         cb * 4], f"{a_dtype}x4"),
                                                 W.vload([cbo * NT + nt, kh, kw, cb, 0, 0], f"int8x{4 * L}"), exact)
                                         else:
                                             for k in T.unroll(4):
                                                 for j in T.vectorized(L):
                                                     acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + \
-                                                        T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh,
+                                                        T.Cast("int32", X[row // OH, (row % OH) * sh + kh * dh + oy,
                                                                           T.min(owo * MT + mi, OW - 1) * sw
-                                                                          + kw * dw, cb * 4 + k]) * \
+                                                                          + kw * dw + ox, cb * 4 + k]) * \
                                                         T.Cast("int32", W[cbo * NT + nt, kh, kw, cb, k, j])
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
                             for nt in T.unroll(NT):
+                                if float_out:
+                                    for j in T.vectorized(L):
+                                        Yf[row // OH, row % OH, owo * MT + mi, (cbo * NT + nt) * L + j] = \
+                                            epi.float_value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
+                                                            S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j],
+                                                            _residual(R, res_c, row // OH, row % OH, owo * MT + mi,
+                                                                      (cbo * NT + nt) * L + j))
                                 if full:
                                     for j in T.vectorized(L):
                                         Y[row // OH, row % OH + ph, owo * MT + mi + pw, (cbo * NT + nt) * L + j] = \
                                             epi.value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
-                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
+                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j],
+                                                      _residual(R, res_c, row // OH, row % OH, owo * MT + mi,
+                                                                (cbo * NT + nt) * L + j))
                                 elif (cbo * NT + nt) * L + L <= NS:
                                     for j in T.vectorized(L):
                                         Y[row // OH, row % OH + ph, owo * MT + mi + pw, (cbo * NT + nt) * L + j] = \
                                             epi.value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
-                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
+                                                      S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j],
+                                                      _residual(R, res_c, row // OH, row % OH, owo * MT + mi,
+                                                                (cbo * NT + nt) * L + j))
                                 elif (cbo * NT + nt) * L < NS:
                                     for j in range(L):
                                         if (cbo * NT + nt) * L + j < NS:
                                             Y[row // OH, row % OH + ph, owo * MT + mi + pw,
                                               (cbo * NT + nt) * L + j] = epi.value(
                                                 acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
-                                                S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
-    return qconv
+                                                S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j],
+                                                _residual(R, res_c, row // OH, row % OH, owo * MT + mi,
+                                                          (cbo * NT + nt) * L + j))
+    return _drop_params(qconv, ([] if res_c else [5]) + ([] if float_out else [7]))     # R, Yf
+
+
+def _residual(R, res_c: int, n, h, w, c):
+    """TIR: the residual element R[n, h, w, c] of a fused residual epilogue, None without one (res_c == 0)."""
+    from tvm import tirx
+
+    return tirx.BufferLoad(R, [n, h, w, c]) if res_c else None
+
+
+def _drop_params(func, drop: list[int]):
+    """`func` without its (unreferenced) buffer parameters at positions `drop`: one TVMScript body serves the
+    kernel variants with and without the residual input / float output."""
+    if not drop:
+        return func
+    from tvm import tirx
+
+    keep = [p for i, p in enumerate(func.params) if i not in drop]
+    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
 def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: int, KW: int,
-                     stride: tuple[int, int], dilation: tuple[int, int], MT: int):
+                     stride: tuple[int, int], dilation: tuple[int, int], MT: int, epi: Epilogue = FLOAT,
+                     c_out: int | None = None, out_pad: tuple[int, int] = (0, 0)):
     """TIR: NHWC float32 Y[N, OH, OW, CB·16] of an integer depthwise conv (one filter per channel) over an
     NHWC uint8 input X[N, Hp, Wp, CB·16] already padded (spatially with the zero point, channels to whole
     16-lane blocks). W int8 [KH, KW, CB·16]; C/S/B of length CB·16 as in conv_kernel. Each tap widens 16
     uint8 inputs and 16 int8 weights to int32 and multiply-adds them (a depthwise conv reads every input a
     handful of times: memory-bound, no dot-product instruction applies); MT output columns x 16 channels
-    of accumulators per tile."""
+    of accumulators per tile.
+
+    Fused output (quant_fuse.py), as conv_kernel's: `epi` stores the next layer's codes, `c_out` channels
+    (default CB·16), `out_pad` the next conv's zero-point border."""
     from tvm.script import tirx as T
 
     Cp = CB * 16
     sh, sw = stride
     dh, dw = dilation
     OWO = (OW + MT - 1) // MT
+    NS = Cp if c_out is None else c_out
+    full = NS == Cp
+    ph, pw = out_pad
+    padded = bool(ph or pw)
+    OHs, OWs = OH + 2 * ph, OW + 2 * pw
+    fill = epi.zp + epi.shift if epi.requantizes else 0
 
     @T.prim_func
     def qdwconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer((KH, KW, Cp), "int8"),
                 C: T.Buffer((Cp,), "int32"), S: T.Buffer((Cp,), "float32"), Bi: T.Buffer((Cp,), "float32"),
-                Y: T.Buffer((N, OH, OW, Cp), "float32")):
+                Y: T.Buffer((N, OHs, OWs, NS), epi.dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        if padded:                                      # the border of the next conv's input: zero point
+            for n, h, w in T.grid(N, OHs, OWs):
+                if h < ph or h >= OH + ph or w < pw or w >= OW + pw:
+                    for c in T.vectorized(NS):
+                        Y[n, h, w, c] = T.Cast(epi.dtype, fill)
         for row in T.parallel(N * OH):
             for cb in range(CB):
                 for owo in range(OWO):
@@ -447,9 +505,15 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
                                         T.Cast("int32", W[kh, kw, cb * 16 + j])
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
-                            for j in T.vectorized(16):
-                                Y[row // OH, row % OH, owo * MT + mi, cb * 16 + j] = T.Cast(
-                                    "float32", acc[mi * 16 + j] - C[cb * 16 + j]) * S[cb * 16 + j] + Bi[cb * 16 + j]
+                            if full or cb * 16 + 16 <= NS:
+                                for j in T.vectorized(16):
+                                    Y[row // OH, row % OH + ph, owo * MT + mi + pw, cb * 16 + j] = epi.value(
+                                        acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j])
+                            elif cb * 16 < NS:
+                                for j in range(16):
+                                    if cb * 16 + j < NS:
+                                        Y[row // OH, row % OH + ph, owo * MT + mi + pw, cb * 16 + j] = epi.value(
+                                            acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j])
     return qdwconv
 
 
@@ -864,14 +928,17 @@ def _convert_qlinear(st: QuantLowering, sparse: bool = False):
     return convert
 
 
-def _record_fused(st: QuantLowering, bb, plan, out, shape_nchw, lead):
+def _record_fused(st: QuantLowering, bb, plan, out, shape_nchw, lead, fview=None):
     """Book-keeping of a fused producer: its codes for the consumer kernel, and the graph-layout view that
-    the quantize node (and the absorbed nodes before it) stand for."""
+    the quantize node (and the absorbed nodes before it) stand for; with a float32 second output (`fview`,
+    graph layout), the nodes up to plan.float_out stand for that instead. Returns the producer's value."""
     st.fuse.kernel_inputs[plan.quantize] = out
     view = quant_fuse.graph_view(bb, plan, out, shape_nchw, lead)
-    for n in plan.absorbed:
-        st.fuse.absorbed_values[n] = view
-    return view
+    last_float = plan.absorbed.index(plan.float_out) if fview is not None and plan.float_out in plan.absorbed \
+        else -1                                         # -1: only the producer's own value is the float one
+    for i, n in enumerate(plan.absorbed):
+        st.fuse.absorbed_values[n] = fview if i <= last_float else view
+    return fview if fview is not None else view
 
 
 def _convert_dynamic_qlinear(st: QuantLowering):
@@ -978,7 +1045,7 @@ def _convert_qconv2d(st: QuantLowering):
         if not dynamic and st.path != "relax" and groups == c == co and ci == 1:
             ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
             return _depthwise_call(st, bb, xq, zp, dtype, wq, out_scale, bias, stride, padding, dilation, oh, ow,
-                                   ki)
+                                   ki, node)
         if st.path == "relax" or groups != 1 or dynamic:     # dynamic batch/size: TVM's integer conv
             st.count("qconv2d:relax" + (" (grouped)" if groups != 1 else " (dynamic)" if dynamic else ""))
             xi = bb.emit(R.subtract(R.astype(xq, "int32"), relax.const(zp, "int32")))
@@ -988,8 +1055,9 @@ def _convert_qconv2d(st: QuantLowering):
         exact = st.kernel("qconv2d", wq)
         cpad = -c % 4
         ki = st.fuse.kernel_inputs.get(node.args[0]) if st.fuse else None
-        nhwc, zp8, _ = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, act_dtype_of(st.path))
-        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        nhwc, zp8, _ = _conv_input(bb, ki, xq, zp, dtype, padding, cpad, act_dtype_of(st.path), wider=True)
+        hp, wp = _shape(nhwc)[1:3]                      # a fused producer may have padded for a wider conv
+        in_off = ((hp - h) // 2 - padding[0], (wp - w) // 2 - padding[1])
         L = lanes_of(st.path)
         cb, cob = (c + cpad) // 4, (co + L - 1) // L
         mt, nt = _conv_tiles(ow, cob, st.path)
@@ -999,16 +1067,18 @@ def _convert_qconv2d(st: QuantLowering):
         plan = st.fuse.plans.get(node) if st.fuse else None
         if plan is None:
             func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride), tuple(dilation), mt, nt,
-                               st.path, exact)
+                               st.path, exact, in_off=in_off)
             gv = bb.add_func(_private(func), "graphopt_qconv2d")
             y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cob * L], "float32")))
+            if st.fuse:
+                st.fuse.float_nhwc[node] = y            # a fused residual add reads it as it is
             return _nchw_output(bb, y, co)
         return _fused_conv(st, bb, plan, args, (n, hp, wp, cb, oh, ow, co, cob, kh, kw, tuple(stride),
-                                                tuple(dilation), mt, nt), exact)
+                                                tuple(dilation), mt, nt), exact, importer.env, in_off)
     return convert
 
 
-def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
+def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool, env: dict, in_off=(0, 0)):
     """Emit a qconv2d whose epilogue requantizes for the next int8 layer (quant_fuse.py): the conv kernel
     stores the codes NHWC (padded for a conv consumer), then a max-pool on the codes if the chain has one."""
     relax = _relax()
@@ -1021,11 +1091,28 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
     c_out = co if plan.flatten is not None else quant_fuse.round_up(co, 16 if dw_next else 4)
     pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
     conv_pad = (0, 0) if plan.pool else pad_next
+    cp = cob * lanes_of(st.path)
+    if plan.pool and plan.float_out is not None:
+        return _fused_conv_float_pool(st, bb, plan, args, geometry, exact, in_off, epi, want, zp_out, cp)
+    res_c = 0
+    if plan.residual is not None:                       # residual add in the epilogue: its NHWC float32 input
+        res = _residual_nhwc(st, bb, plan.residual, cp, env)
+        res_c = _shape(res)[3]
+        args = [*args, res]
+        st.count("fused residual add")
     func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact, epi,
-                       c_out, conv_pad)
+                       c_out, conv_pad, res_c, plan.float_out is not None, in_off)
     gv = bb.add_func(_private(func), "graphopt_qconv2d")
     shape = [n, oh + 2 * conv_pad[0], ow + 2 * conv_pad[1], c_out]
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, want)))
+    yf = None
+    if plan.float_out is not None:                      # the float32 sum too, for the other ops reading it
+        both = bb.emit(relax.call_tir(gv, args, [relax.TensorType(shape, want),
+                                                 relax.TensorType([n, oh, ow, cp], "float32")]))
+        y, yf = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+        st.fuse.float_nhwc[plan.float_out] = yf
+        st.count("fused float32 second output")
+    else:
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, want)))
     h, w = oh, ow
     if plan.pool:
         p = plan.pool
@@ -1040,15 +1127,71 @@ def _fused_conv(st: QuantLowering, bb, plan, args, geometry, exact: bool):
         st.count("qmaxpool (on int8 codes)")
     layout = ("flat_nhwc", (co, h, w)) if plan.flatten is not None else ("nhwc", pad_next)
     out = quant_fuse.KernelInput(y, want, zp_out, layout)
-    return _record_fused(st, bb, plan, out, (n, co, h, w), None)
+    fview = _nchw_output(bb, yf, co) if yf is not None else None
+    return _record_fused(st, bb, plan, out, (n, co, h, w), None, fview)
 
 
-def _conv_input(bb, ki, xq, zp: int, dtype: str, padding, cpad: int, want: str):
+def _fused_conv_float_pool(st: QuantLowering, bb, plan, args, geometry, exact: bool, in_off, epi, want: str,
+                           zp_out: int, cp: int):
+    """conv -> acts -> max-pool whose float32 output other ops read too (ResNet's stem: the pool output is
+    the first block's identity and, quantized, its first conv's input): the conv kernel applies the acts and
+    stores float32 NHWC, the pool kernel pools it (NHWC, vectorized over channels) and stores both the pooled
+    float32 (NHWC, read as it is by a fused residual add) and its quantize in the next conv's layout."""
+    import dataclasses
+
+    relax = _relax()
+    n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt = geometry
+    func = conv_kernel(n, hp, wp, cb, oh, ow, co, cob, kh, kw, stride, dilation, mt, nt, st.path, exact,
+                       Epilogue("float32", epi.acts), None, (0, 0), 0, False, in_off)
+    gv = bb.add_func(_private(func), "graphopt_qconv2d")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cp], "float32")))
+    p = plan.pool
+    h = (oh + 2 * p["padding"][0] - p["dilation"][0] * (p["kernel"][0] - 1) - 1) // p["stride"][0] + 1
+    w = (ow + 2 * p["padding"][1] - p["dilation"][1] * (p["kernel"][1] - 1) - 1) // p["stride"][1] + 1
+    dw_next = bool(plan.consumer) and plan.consumer[0] == "dwconv" and want == "uint8" \
+        and quant_fuse.round_up(co, 16) <= cp
+    c_codes = quant_fuse.round_up(co, 16 if dw_next else 4)
+    pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
+    pool = quant_fuse.pool_kernel(n, oh, ow, cp, p, h, w, "float32", (0, 0), 0, dataclasses.replace(epi, acts=()),
+                                  c_codes, pad_next)
+    pv = bb.add_func(_private(pool), "graphopt_qmaxpool")
+    both = bb.emit(relax.call_tir(pv, [y, _const(np.array([-np.inf], np.float32))],
+                                  [relax.TensorType([n, h, w, cp], "float32"),
+                                   relax.TensorType([n, h + 2 * pad_next[0], w + 2 * pad_next[1], c_codes], want)]))
+    yf, q = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+    st.count("max-pool (float32 and int8 codes)")
+    st.count("fused float32 second output")
+    st.fuse.float_nhwc[plan.float_out] = yf
+    out = quant_fuse.KernelInput(q, want, zp_out, ("nhwc", pad_next))
+    return _record_fused(st, bb, plan, out, (n, co, h, w), None, _nchw_output(bb, yf, co))
+
+
+def _residual_nhwc(st: QuantLowering, bb, node, channels: int, env: dict):
+    """The residual operand `node` of a fused residual add as the conv kernel reads it: float32 NHWC with at
+    least `channels` channels. The NHWC tensor an int8 kernel stored for it when there is one (an unfused
+    int8 conv's raw output, a fused residual kernel's float output: no copy), else the graph-layout value
+    permuted (and channel-padded) by Relax ops."""
+    R = _relax().op
+    stored = st.fuse.float_nhwc.get(node)
+    if stored is not None and _shape(stored)[3] >= channels:
+        return stored
+    x = env[node]
+    c = _shape(x)[1]
+    st.count("residual permuted to NHWC")
+    y = bb.emit(R.permute_dims(x, [0, 2, 3, 1]))
+    if c < channels:
+        y = bb.emit(R.nn.pad(y, [0, 0, 0, 0, 0, 0, 0, channels - c], pad_value=0.0))
+    return y
+
+
+def _conv_input(bb, ki, xq, zp: int, dtype: str, padding, cpad: int, want: str, wider: bool = False):
     """(NHWC `want` codes padded spatially with the zero point and with `cpad` more channels, their zero point,
-    whether they are the codes a fused producer stored, `ki`) for an int8 conv kernel reading `xq`."""
+    whether they are the codes a fused producer stored, `ki`) for an int8 conv kernel reading `xq`.
+    `wider`: the kernel also reads codes padded more than `padding` (at an offset: conv_kernel's in_off)."""
     c = _shape(xq)[1]
-    if (ki is not None and ki.dtype == want and ki.layout == ("nhwc", tuple(padding))
-            and _shape(ki.var)[3] == c + cpad):
+    if (ki is not None and ki.dtype == want and ki.layout[0] == "nhwc" and _shape(ki.var)[3] == c + cpad
+            and (tuple(ki.layout[1]) == tuple(padding)
+                 or (wider and ki.layout[1][0] >= padding[0] and ki.layout[1][1] >= padding[1]))):
         return ki.var, ki.zp, True                      # already NHWC and padded by the fused producer
     xu8, zp8 = _to_uint8(bb, xq, zp, dtype, want)
     return _nhwc_input(bb, xu8, padding, cpad, zp8), zp8, False
@@ -1081,11 +1224,12 @@ def _zero_point_term(zp8: int, wq: np.ndarray) -> np.ndarray:
 
 
 def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarray, out_scale: np.ndarray,
-                    bias: np.ndarray, stride, padding, dilation, oh: int, ow: int, ki=None):
+                    bias: np.ndarray, stride, padding, dilation, oh: int, ow: int, ki=None, node=None):
     """Emit depthwise_kernel for a quantized depthwise conv (groups == channels, one filter each); returns
     float32 NCHW like the other converters (slice and permute fuse into the consumer). `ki`: the codes a fused
     producer stored for it (quant_fuse: NHWC uint8, padded spatially and to 16-channel blocks), read as they
-    are instead of permuting and padding the graph-layout tensor again."""
+    are instead of permuting and padding the graph-layout tensor again. `node`: the qconv2d node, whose fusion
+    plan (activations -> quantize) makes the kernel store the next layer's codes instead of float32."""
     relax = _relax()
     n, c, h, w = _shape(xq)
     kh, kw = wq.shape[2:]
@@ -1094,6 +1238,7 @@ def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarr
     if fused:
         st.count("qconv2d:depthwise reads fused codes")
     cp = c + cpad
+    plan = st.fuse.plans.get(node) if st.fuse and node is not None else None
     mt = next((m for m in (8, 7, 6, 4) if ow % m == 0), min(8, ow))
     func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw, tuple(stride),
                             tuple(dilation), mt)
@@ -1103,7 +1248,22 @@ def _depthwise_call(st: QuantLowering, bb, xq, zp: int, dtype: str, wq: np.ndarr
     args = [nhwc, _const(np.pad(taps, ((0, 0), (0, 0), (0, cpad)))), _const(_pad_vec(comp, cp, np.int32)),
             _const(_pad_vec(out_scale, cp, np.float32)), _const(_pad_vec(bias, cp, np.float32))]
     st.count("qconv2d:depthwise")
+    if plan is not None:                                # requantize epilogue: codes for the next int8 kernel
+        epi, want, zp_out = quant_fuse.requant_epilogue(plan, act_dtype_of(st.path))
+        st.count("fused requantize epilogue")
+        dw_next = bool(plan.consumer) and plan.consumer[0] == "dwconv" and want == "uint8"
+        c_out = quant_fuse.round_up(c, 16 if dw_next else 4)
+        pad_next = plan.consumer[1] if plan.consumer and (plan.consumer[0] == "conv" or dw_next) else (0, 0)
+        func = depthwise_kernel(n, h + 2 * padding[0], w + 2 * padding[1], cp // 16, oh, ow, kh, kw,
+                                tuple(stride), tuple(dilation), mt, epi, c_out, pad_next)
+        gv = bb.add_func(_private(func), "graphopt_qdwconv2d")
+        shape = [n, oh + 2 * pad_next[0], ow + 2 * pad_next[1], c_out]
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, want)))
+        out = quant_fuse.KernelInput(y, want, zp_out, ("nhwc", pad_next))
+        return _record_fused(st, bb, plan, out, (n, c, oh, ow), None)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, oh, ow, cp], "float32")))
+    if st.fuse:
+        st.fuse.float_nhwc[node] = y
     return _nchw_output(bb, y, c)
 
 
