@@ -17,6 +17,8 @@ model (builds dominate the run time).
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,14 +286,21 @@ RESIDUAL_CASES = {"resnet": (ResNetStyle, (1, 3, 22, 22), 7, 2), "mobilenetv2": 
 def residual_block(request):
     name, target = request.param
     _skip_unless_runs_here(target)
+    opt, x = _residual_opt(name, target)
+    unfused, lowered = _build(opt.graph_module, (x,), resolve_target(target), False)
+    return name, target, opt, unfused, lowered
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_opt(name: str, target: str):
+    """The quantized residual block of RESIDUAL_CASES[name] built for `target`, and its example input."""
     cls, shape, batches, *_ = RESIDUAL_CASES[name]
     torch.manual_seed(0)
     model = _randomize_bn(cls(), 1).eval()
     x = torch.randn(*shape)
     opt = graphopt.optimize(model, target, "fold_bn,cleanup,quantize(progress=false)", example_inputs=(x,),
                             calibration=[torch.randn(batches, *shape[1:])])
-    unfused, lowered = _build(opt.graph_module, (x,), resolve_target(target), False)
-    return name, target, opt, unfused, lowered
+    return opt, x
 
 
 def test_residual_block_fused_equals_unfused_bit_for_bit(residual_block):
@@ -379,12 +388,11 @@ def test_torchvision_int8_has_no_standalone_requantize_between_layers(torchvisio
     assert len(fused) < len(unfused) - n_unfused + n_fused
 
 
-def test_sdot_residual_block_lowers_to_int8_codes(residual_block):
+@pytest.mark.parametrize("name", RESIDUAL_CASES)
+def test_sdot_residual_block_lowers_to_int8_codes(name):
     """ARM dot-product path (lowered only, no build): the residual blocks fuse there too, and every int8
     kernel's codes are int8 (shifted by -128 for sdot) or the float32 sums the next adds read."""
-    name, target, opt, *_ = residual_block
-    if target != "x86":
-        pytest.skip("one lowering per model")
+    opt, _ = _residual_opt(name, "x86")
     spec = resolve_target("arm:neoverse-n1")
     lowered = lower_graph(opt.graph_module, (torch.randn(*RESIDUAL_CASES[name][1]),), spec)
     assert lowered.quant.startswith("path=sdot:"), lowered.quant
