@@ -178,9 +178,17 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
 
 
 def _selects(sch, block) -> bool:
-    """Whether the block's value chooses between operands (if_then_else / select: concat, pad, where)."""
-    text = str(sch.get(block).body)
-    return "if_then_else" in text or "Select(" in text
+    """Whether the block picks between operands by index AND reads one at a symbolic offset of its index:
+    if_then_else(v >= k, B[v - k], A[v]), a concat along a dynamic axis. (Padding copies, if_then_else(v < n,
+    A[v], 0), and value selects such as where(mask, x, y) do not: LoopPartition splits those right.)"""
+    import re
+
+    blk = sch.get(block)
+    text = str(blk.body)
+    if "if_then_else" not in text and "Select(" not in text:
+        return False
+    # an iteration variable minus a name (a symbolic size), not minus a literal
+    return any(re.search(rf"\b{re.escape(iv.var.name)} - (?!T\.int64\()[A-Za-z_]", text) for iv in blk.iter_vars)
 
 
 def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int,
@@ -189,7 +197,7 @@ def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_mi
     _vectorize_inner; a symbolic one is split by `lanes` (the partial last vector guarded by a predicate) and
     vectorized. The outer loops are fused and run in parallel unless the static part alone is too small to
     pay for it at the smallest size (each dynamic dim counts as 1). `selects`: the block's value picks
-    between operands (see below)."""
+    between operands by index (see below)."""
     inner, outer = loops[-1], list(loops[:-1])
     e = extents[-1]
     if e is not None:
