@@ -158,7 +158,7 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
         return
     extents = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in extents):
-        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min, _selects(sch, block))
+        _vectorize_symbolic(sch, loops, extents, lanes, parallel_min, _picks_at_symbolic_offset(sch, block))
         return
     inner = loops[-1]
     outer = list(loops[:-1])
@@ -177,7 +177,7 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> Non
     _parallel_outer(sch, outer, extents, parallel_min)
 
 
-def _selects(sch, block) -> bool:
+def _picks_at_symbolic_offset(sch, block) -> bool:
     """Whether the block picks between operands by index AND reads one at a symbolic offset of its index:
     if_then_else(v >= k, B[v - k], A[v]), a concat along a dynamic axis. (Padding copies, if_then_else(v < n,
     A[v], 0), and value selects such as where(mask, x, y) do not: LoopPartition splits those right.)"""
@@ -192,12 +192,12 @@ def _selects(sch, block) -> bool:
 
 
 def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int,
-                        selects: bool = False) -> None:
+                        picks: bool = False) -> None:
     """Injective block with a symbolic (dynamic) extent: a static innermost loop is vectorized as in
     _vectorize_inner; a symbolic one is split by `lanes` (the partial last vector guarded by a predicate) and
     vectorized. The outer loops are fused and run in parallel unless the static part alone is too small to
-    pay for it at the smallest size (each dynamic dim counts as 1). `selects`: the block's value picks
-    between operands by index (see below)."""
+    pay for it at the smallest size (each dynamic dim counts as 1). `picks`: the block picks between operands
+    by index, one read at a symbolic offset (_picks_at_symbolic_offset; see below)."""
     inner, outer = loops[-1], list(loops[:-1])
     e = extents[-1]
     if e is not None:
@@ -223,7 +223,7 @@ def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_mi
         # between operands by the loop index (a concat along the dynamic axis: if_then_else(v >= k, B[v - k],
         # A[v])): TVM 0.27's LoopPartition then gives wrong values (every element read from B, seen for
         # float32 and uint8), so such a kernel keeps the guard inside each vector.
-        if not selects:
+        if not picks:
             sch.annotate(lo, "pragma_loop_partition_hint", 1)
         if not outer:
             return
@@ -1066,7 +1066,8 @@ def attach_layout_free_buffers():
                 continue
             for old, new in zip(calls(func), calls(out[gv.name_hint])):
                 kernel = mod[old.args[0]]
-                if symbolic_scheduled(kernel):
+                if symbolic_scheduled(kernel) and new.args[0].name_hint.startswith(old.args[0].name_hint) \
+                        and len(out[new.args[0]].params) == len(kernel.params):     # the same call, renamed
                     attrs = out[new.args[0]].attrs
                     fixed[new.args[0]] = kernel.with_attr("layout_free_buffers", attrs["layout_free_buffers"])
         for gv, func in fixed.items():
