@@ -50,3 +50,21 @@ def specials(shape, seed: int = 0) -> torch.Tensor:
     for i, v in enumerate((float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, 3e38, -3e38)):
         flat[i * 7 % flat.numel()::37] = v
     return x
+
+
+def sparse_and_dense_libraries(pipeline: str, tmp_path, n: int = 512) -> dict:
+    """A seeded n x n Linear through `pipeline` (its text has `{kernel}`) with kernel=sparse and kernel=dense,
+    each saved: {kernel: (optimized module, input, bytes of its compiled library in the artifact)}. The
+    library's size is read before the zip's deflate, which would shrink a dense build's zeros too."""
+    import zipfile
+
+    import graphopt
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(n, n)).eval(), torch.randn(1, n)
+    out = {}
+    for kernel in ("sparse", "dense"):
+        opt = graphopt.optimize(model, target="x86", example_inputs=(x,), pipeline=pipeline.format(kernel=kernel))
+        with zipfile.ZipFile(opt.save(tmp_path / f"{kernel}.gopt")) as zf:
+            out[kernel] = (opt, x, zf.getinfo("model.so").file_size)
+    return out

@@ -2,7 +2,6 @@
 decision in sparse_lower, end-to-end sparsify(pattern=N:M) builds for x86 and x86:haswell, artifacts."""
 from __future__ import annotations
 
-import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from torch import nn
 
 import graphopt
 from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+from tests.helpers import sparse_and_dense_libraries
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.nm_kernels import (NM, detect_nm, nm_kernel, nm_plan, perm_path, reference_nm, to_nm)
@@ -181,14 +181,9 @@ def test_artifact_round_trip(nm_build, tmp_path):
 
 def test_artifact_stores_compressed_weights(tmp_path):
     """A 2:4 512x512 Linear: the library holds values + packed positions (~0.53 of the dense weight)."""
-    torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Linear(512, 512)).eval(), torch.randn(1, 512)
-    sizes = {}
-    for kernel in ("sparse", "dense"):
-        opt = graphopt.optimize(model, target="x86", example_inputs=(x,),
-                                pipeline=f"sparsify(pattern=2:4,kernel={kernel})")
-        with zipfile.ZipFile(opt.save(tmp_path / f"{kernel}.gopt")) as zf:
-            sizes[kernel] = zf.getinfo("model.so").file_size
+    builds = sparse_and_dense_libraries("sparsify(pattern=2:4,kernel={kernel})", tmp_path)
+    sizes = {kernel: size for kernel, (_, _, size) in builds.items()}
+    for opt, x, _ in builds.values():
         torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
     assert sizes["dense"] - sizes["sparse"] > 0.4 * 512 * 512 * 4
 

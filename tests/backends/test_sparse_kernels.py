@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from torch import nn
 
 import graphopt
 from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+from tests.helpers import sparse_and_dense_libraries
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.sparse_kernels import bsr_kernel, kernel_kind, reference_bsr_dense, row_tile, to_bsr
 
@@ -105,15 +105,9 @@ def test_artifact_round_trip(sparse_build, tmp_path):
 
 def test_artifact_stores_values_and_indices(tmp_path):
     """A 90% block-sparse 512x512 Linear: the artifact holds BSR values + indices, not the dense weight."""
-    torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Linear(512, 512)).eval(), torch.randn(1, 512)
-    sizes = {}
-    for kernel in ("sparse", "dense"):
-        opt = graphopt.optimize(model, target="x86", example_inputs=(x,),
-                                pipeline=f"sparsify(sparsity=0.9,pattern=16x1,kernel={kernel})")
-        with zipfile.ZipFile(opt.save(tmp_path / f"{kernel}.gopt")) as zf:
-            sizes[kernel] = zf.getinfo("model.so").file_size      # the library before the zip's deflate
-            # (deflate shrinks the dense build's 90% zeros too, so compare what the library itself holds)
+    builds = sparse_and_dense_libraries("sparsify(sparsity=0.9,pattern=16x1,kernel={kernel})", tmp_path)
+    sizes = {kernel: size for kernel, (_, _, size) in builds.items()}
+    for kernel, (opt, _, _) in builds.items():
         row = opt.report.backend["sparse_layers"][0]
         dense_bytes = 512 * 512 * 4 + 512 * 4
         assert row["dense_bytes"] == dense_bytes
