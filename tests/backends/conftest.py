@@ -82,6 +82,21 @@ def aarch64_session(aarch64_server):
     return rpc.connect(aarch64_server.device, timeout=60)
 
 
+def run_on_aarch64(opt, server, *args):
+    """`opt` (an OptimizedModel built for an aarch64 target) run on the session's aarch64 RPC server; returns
+    its outputs. The RPC session is released before returning (the tracker's device serves one at a time)."""
+    import gc
+
+    from graphopt.backends.tvm import rpc
+
+    remote = rpc.load_remote(opt, rpc.connect(server.device, timeout=120))
+    try:
+        return remote(*args)
+    finally:
+        remote = None
+        gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _release_remote_sessions(request):
     """The session tracker's aarch64 device serves one RPC session at a time, and a session ends only when its

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import graphopt
-from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+from tests.backends.conftest import needs_aarch64_runtime, needs_cross, run_on_aarch64
 from tests.helpers import sparse_and_dense_libraries
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import sparse_lower
@@ -259,10 +259,6 @@ def test_nm_storage_type():
 def test_nm_kernels_run_on_aarch64(aarch64_server):
     """The portable N:M kernels cross-built for aarch64 (NEON, 4 float lanes) and run under qemu: the
     vectorized-over-rows kernel (conv, M=32) and the gather kernel (Linear, M=2), 2:4 and 4:8."""
-    import gc
-
-    from graphopt.backends.tvm import rpc
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
                           nn.Linear(20, 6)).eval()
@@ -274,9 +270,4 @@ def test_nm_kernels_run_on_aarch64(aarch64_server):
         want = 3 if pattern == "2:4" else 2                  # Linear(20, 6): 20 is not a multiple of 8
         assert sum(r["kernel"] == "sparse" and r["block"] == pattern for r in rows) == want
         assert all("vpermps" not in r.get("sparse_kernel", "") for r in rows)
-        try:
-            remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
-            torch.testing.assert_close(remote(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
-        finally:
-            remote = None
-            gc.collect()
+        torch.testing.assert_close(run_on_aarch64(opt, aarch64_server, x), opt.graph_module(x), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import graphopt
-from tests.backends.conftest import needs_aarch64_runtime, needs_cross
+from tests.backends.conftest import needs_aarch64_runtime, needs_cross, run_on_aarch64
 from tests.helpers import sparse_and_dense_libraries
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.sparse_kernels import bsr_kernel, kernel_kind, reference_bsr_dense, row_tile, to_bsr
@@ -191,10 +191,6 @@ def test_report_prints_decision_per_layer(sparse_build):
 def test_sparse_kernels_run_on_aarch64(aarch64_server):
     """Sparse kernels cross-built for aarch64 (NEON, 4 float lanes) and run under qemu: the row-vectorized
     layout (conv, M=32) and the per-row one (Linear, M=2)."""
-    import gc
-
-    from graphopt.backends.tvm import rpc
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 20), nn.ReLU(),
                           nn.Linear(20, 6)).eval()
@@ -202,12 +198,7 @@ def test_sparse_kernels_run_on_aarch64(aarch64_server):
     opt = graphopt.optimize(model, target="arm:cortex-a72", example_inputs=(x,),
                             pipeline="sparsify(sparsity=0.5,pattern=1x4,kernel=sparse)")
     assert [r["kernel"] for r in opt.report.backend["sparse_layers"]] == ["sparse"] * 3
-    try:
-        remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
-        torch.testing.assert_close(remote(x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
-    finally:
-        remote = None
-        gc.collect()
+    torch.testing.assert_close(run_on_aarch64(opt, aarch64_server, x), opt.graph_module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_wide_matrix_uses_int32_block_columns():

@@ -1061,8 +1061,9 @@ def attach_layout_free_buffers():
     def _pass(mod, _ctx):
         out = inner(mod)
         fixed = {}
+        kept = {g.name_hint for g in out.get_global_vars()}
         for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or gv.name_hint not in [g.name_hint for g in out.get_global_vars()]:
+            if not isinstance(func, relax.Function) or gv.name_hint not in kept:
                 continue
             for old, new in zip(calls(func), calls(out[gv.name_hint])):
                 kernel = mod[old.args[0]]
