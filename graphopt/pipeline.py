@@ -51,7 +51,6 @@ class Context:
     # with dynamic dims: the example inputs at other sizes inside the bounds, and the original's outputs there
     variant_inputs: list = field(default_factory=list)
     variant_outputs: list = field(default_factory=list)
-    variant_previous: list = field(default_factory=list)   # the last pass's graph's outputs there
 
     def __post_init__(self):
         if not isinstance(self.example_inputs, tuple):
@@ -488,6 +487,8 @@ class PassManager:
         report.add(PassRecord.measure("(original)", gm, compare_outputs(outputs, ctx.reference_outputs),
                                       seconds=0.0, exact=True))
         previous = outputs      # an exact pass is checked against the graph it was given
+        with torch.no_grad():   # ... at the other dynamic sizes too
+            variant_previous = [gm(*v) for v in ctx.variant_inputs]
         for p in self.pipeline:
             start = time.perf_counter()
             try:
@@ -520,21 +521,20 @@ class PassManager:
             previous = outputs
             notes = list(result.notes)
             if ctx.variant_inputs:
-                notes += self._check_variants(p, new_gm, ctx, diff)
+                notes += self._check_variants(p, new_gm, ctx, diff, variant_previous)
             report.add(PassRecord.measure(str(p), new_gm, diff, seconds=seconds, exact=p.is_exact(),
                                           notes=notes, details=result.details))
             gm = new_gm
         return gm, report
 
-    def _check_variants(self, p: Pass, gm: fx.GraphModule, ctx: Context, diff) -> list[str]:
+    def _check_variants(self, p: Pass, gm: fx.GraphModule, ctx: Context, diff, previous: list) -> list[str]:
         """Dynamic dims: run the pass's graph at the other sizes too (ctx.variant_inputs). It must run; an
-        exact pass must stay exact there; an approximating one must not drift far beyond what it showed on the
-        example inputs (4x its relative error there, plus exact_rtol). Returns a note with the errors seen."""
+        exact pass must stay exact there against `previous` (the graph before it, at each size; updated here);
+        an approximating one must not drift from the original far beyond what it showed on the example inputs
+        (4x its relative error there, plus exact_rtol). Returns a note with the errors seen."""
         from .analysis.compare import compare_outputs
 
         seen = []
-        if len(ctx.variant_previous) != len(ctx.variant_outputs):
-            ctx.variant_previous = list(ctx.variant_outputs)
         for i, (inputs, reference) in enumerate(zip(ctx.variant_inputs, ctx.variant_outputs)):
             shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
             try:
@@ -550,8 +550,8 @@ class PassManager:
             allowed = ctx.exact_rtol if p.is_exact() else 4 * diff.max_rel + ctx.exact_rtol
             # an exact pass against the graph before it (as at the example shape): after an approximating pass
             # the original's outputs are no reference for exactness
-            step = compare_outputs(out, ctx.variant_previous[i])
-            ctx.variant_previous[i] = out
+            step = compare_outputs(out, previous[i])
+            previous[i] = out
             if self.verify and p.is_exact() and step.max_rel > allowed:
                 raise PassError(p.name, f"is declared exact but changed the outputs at input shape(s) {shapes}: "
                                         f"{step.max_rel:.3g} of max |reference| (allowed {allowed:g})")

@@ -87,9 +87,8 @@ def check(rm: RandomModel, pipeline: str = "default", target: str = "x86", dynam
     text = PIPELINES.get(pipeline, pipeline)
     name = (pipeline if pipeline in PIPELINES else text) + ("+dyn" if dynamic else "")
     tol = TOLERANCE.get(pipeline, 1e-3)
-    dims, shapes = dynamic_dims(rm) if dynamic else (None, [tuple(rm.inputs[0].shape)])
-    g = torch.Generator().manual_seed(rm.seed * 7919 + 1)
-    checks = [rm.fresh_inputs()] if not dynamic else [(torch.randn(s, generator=g),) for s in shapes]
+    dims, shapes = dynamic_dims(rm) if dynamic else (None, [None])
+    checks = [rm.fresh_inputs(shape=s) for s in shapes]
     calib = [rm.fresh_inputs(seed=10 + i) for i in range(4)] if "quantize" in text else None
     start = time.perf_counter()
     out = Outcome(rm.seed, name, "matched", describe=rm.describe)

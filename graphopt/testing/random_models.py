@@ -35,10 +35,11 @@ class RandomModel:
     inputs: tuple
     describe: str
 
-    def fresh_inputs(self, seed: int = 1) -> tuple:
-        """Inputs of the same shapes as `inputs`, drawn anew (to check on data the compiler never saw)."""
+    def fresh_inputs(self, seed: int = 1, shape: tuple | None = None) -> tuple:
+        """Inputs of the same shapes as `inputs` (or the one input at `shape`), drawn anew (to check on data the
+        compiler never saw)."""
         g = torch.Generator().manual_seed(self.seed * 7919 + seed)
-        return tuple(torch.randn(x.shape, generator=g) for x in self.inputs)
+        return tuple(torch.randn(shape or x.shape, generator=g) for x in self.inputs)
 
 
 # ------------------------------------------------------------------------------------------------- blocks
