@@ -1134,6 +1134,64 @@ def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():
     assert schedules.DynamicRows()._apply(static, target) is None
 
 
+def _run_rows(lib, x, shape):
+    out = tvm.runtime.tensor(np.zeros(shape, "float32"))
+    lib["main"](tvm.runtime.tensor(x), out)
+    return out.numpy()
+
+
+def test_row_groups_take_a_dynamic_row_count_with_a_guarded_last_group():
+    """RowGroups on a layer norm over a dynamic row count (a dynamic sequence) and a static row length: groups
+    of 8 rows, the last one guarded; each row's sums in the reference order, so the result equals the
+    unscheduled kernel's bit for bit at row counts that do and do not fill whole groups (inf and NaN too)."""
+    from tvm import topi
+
+    def build(n, te):
+        x = te.placeholder((2, n, 40), name="x")
+        g, b = te.placeholder((40,), name="g"), te.placeholder((40,), name="b")
+        return x, g, b, topi.nn.layer_norm(x, g, b, axis=[-1], epsilon=1e-5)
+
+    _, func = _dynamic_func(build)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    sch = schedules.RowGroups()._apply(func, target)
+    assert sch is not None and "T.unroll(T.int64(8))" in sch.mod.script()
+    fast = tvm.compile(sch.mod, target=target)
+    plain = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    rng = np.random.default_rng(0)
+    g, b = (rng.standard_normal(40).astype("float32") for _ in range(2))
+    for n in (1, 8, 13, 27):
+        x = rng.standard_normal((2, n, 40)).astype("float32") * 4
+        x[1, n - 1, 3] = np.inf
+        x[0, n // 2, 0] = np.nan
+        outs = []
+        for lib in (fast, plain):
+            out = tvm.runtime.tensor(np.zeros((2, n, 40), "float32"))
+            lib["main"](*(tvm.runtime.tensor(a) for a in (x, g, b)), out)
+            outs.append(out.numpy())
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_dynamic_rows_group_the_rows_of_a_static_length_reduction():
+    """DynamicRows, for a softmax over a dynamic row count and a static row length that RowGroups declines
+    (its last row axis, 3, divides by neither 8, 4 nor 2): the reductions take the fused rows in groups of 8
+    (interleaved chains) with the tail split off, and stay bit for bit at every row count."""
+    from tvm import topi
+
+    def build(n, te):
+        x = te.placeholder((n, 3, 24), name="x")
+        return x, topi.nn.softmax(x, axis=-1)
+
+    _, func = _dynamic_func(build)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    sch = schedules.DynamicRows()._apply(func, target)
+    assert sch is not None and "T.unroll(T.int64(8))" in sch.mod.script()
+    fast = tvm.compile(sch.mod, target=target)
+    plain = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    for n in (1, 5, 16, 21):
+        x = np.random.default_rng(n).standard_normal((n, 3, 24)).astype("float32") * 4
+        np.testing.assert_array_equal(_run_rows(fast, x, x.shape), _run_rows(plain, x, x.shape))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_concat_at_a_symbolic_offset_is_exact(dtype):
     """A concat along a dynamic innermost axis whose second operand starts at a symbolic offset (here: x

@@ -832,8 +832,9 @@ class RowGroups(_CpuRule):
     independent accumulation chains, each in the reference order (bit for bit), so the adder's latency is
     hidden instead of one row's chain waiting on it (dlight's Reduction rule: one row at a time, a chain of
     dependent scalar adds). Elementwise blocks are vectorized along the row. Only for kernels whose every
-    reduction runs over the innermost iteration axis and whose last row axis divides by 8, 4 or 2; anything
-    else goes to dlight's rule. Small encoder (64 x 256), AVX2 code, 1 thread: layer norm 38 -> 6 us, attention softmax
+    reduction runs over the innermost iteration axis, of a static length, and whose last row axis divides by
+    8, 4 or 2 or is dynamic (groups of 8, the last one guarded); anything else goes to DynamicRows (a dynamic
+    row length) or dlight's rule. Small encoder (64 x 256), AVX2 code, 1 thread: layer norm 38 -> 6 us, attention softmax
     (with its quantize) 30 -> 12.5 us."""
 
     ROWS = (8, 4, 2)
@@ -849,8 +850,9 @@ class RowGroups(_CpuRule):
         outputs = sch.get_output_blocks(sch.get_sblock("root"))
         if not reductions or len(outputs) != 1:
             return None
-        if any(_extent(sch, lp) is None for b in blocks for lp in sch.get_loops(b)):
-            return None                                   # dynamic: DynamicRows
+        for b in reductions:
+            if _extent(sch, sch.get_loops(b)[-1]) is None:
+                return None                               # a dynamic row length: DynamicRows
         for b in reductions:
             ivs = list(sch.get(b).iter_vars)
             if (not _loops_are_iters(sch, b) or int(ivs[-1].iter_type) != tirx.IterVar.CommReduce
@@ -866,13 +868,18 @@ class RowGroups(_CpuRule):
                     pass
         loops = sch.get_loops(out)
         extents = [_extent(sch, lp) for lp in loops]
-        if len(loops) < 2:
+        if len(loops) < 2 or extents[-1] is None:
             return None
-        n_rows = math.prod(extents[:-1])
-        group = next((r for r in self.ROWS if extents[-2] % r == 0 and n_rows >= 2 * r
-                      and (r == 2 or r * extents[-1] <= self.GROUP_ELEMENTS)), None)
-        if group is None:
-            return None                                   # one row (or an odd count): dlight's rule
+        if extents[-2] is None:
+            # a dynamic row count: groups of ROWS[0], the last one guarded (its missing rows skipped)
+            group = next(r for r in self.ROWS if r == 2 or r * extents[-1] <= self.GROUP_ELEMENTS)
+            n_rows = None
+        else:
+            n_rows = math.prod(e if e is not None else 1 << 10 for e in extents[:-1])
+            group = next((r for r in self.ROWS if extents[-2] % r == 0 and n_rows >= 2 * r
+                          and (r == 2 or r * extents[-1] <= self.GROUP_ELEMENTS)), None)
+            if group is None:
+                return None                               # one row (or an odd count): dlight's rule
         outer, in_group = sch.split(loops[-2], [None, group])   # a group: rows of one slice (a box)
         outer = sch.fuse(*loops[:-2], outer) if len(loops) > 2 else outer
         inner = sch.get_loops(out)[-1]
@@ -882,7 +889,7 @@ class RowGroups(_CpuRule):
             sch.unroll(in_group)
         else:
             self._vectorize_row(sch, inner, extents[-1], lanes)
-        if n_rows // group > 1:
+        if n_rows is None or n_rows // group > 1:
             sch.parallel(outer)
         for b in reversed(_root_blocks(sch)[:-1]):
             sch.compute_at(b, outer, preserve_unit_loops=False)
@@ -962,7 +969,7 @@ def default_rules() -> list:
     """The CPU rules, in the order they are tried."""
     from tvm.s_tir.dlight import cpu as dlight_cpu
 
-    return [PackedGemm(), DynamicRows(), RowGroups(), dlight_cpu.Reduction(), ScalarMinMax(), Injective()]
+    return [PackedGemm(), RowGroups(), DynamicRows(), dlight_cpu.Reduction(), ScalarMinMax(), Injective()]
 
 
 # ------------------------------------------------------------------------------------------ module level
