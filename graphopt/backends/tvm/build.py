@@ -132,18 +132,24 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
 
 
 # ------------------------------------------------------------------------------------------ libraries
+STRIP_DEBUG = ("-Wl,--strip-debug",)
+
+
 def _export_options(spec: TargetSpec) -> dict:
     """Keyword arguments for Executable.export_library on this machine for `spec` (e.g. fcompile).
 
-    Hook for cross compilation: code for a CPU architecture other than this machine's needs a cross
-    compiler (`tvm.contrib.cc.cross_compiler(...)` as fcompile); none is configured yet.
+    CPU libraries are linked without the DWARF debug sections TVM's LLVM codegen emits (`--strip-debug`: no
+    effect on the code; a 90%-sparse int8 digits MLP's artifact 57.6 -> 45.3 kB, its dense float32 one
+    326.5 -> 322.4 kB). Code for another CPU architecture is cross-linked (cross.py).
     """
     import platform
 
     if spec.kind == "llvm" and spec.arch and spec.arch != platform.machine():
         from .cross import export_options          # aarch64: cross-link (BuildError if no cross compiler)
 
-        return export_options(spec)
+        return {**export_options(spec), "options": list(STRIP_DEBUG)}
+    if spec.kind == "llvm":
+        return {"options": list(STRIP_DEBUG)}
     if spec.kind == "cuda":
         from .cuda import export_options as cuda_export_options    # embeds nvcc's device code
 
