@@ -1142,8 +1142,9 @@ def _run_rows(lib, x, shape):
 
 def test_row_groups_take_a_dynamic_row_count_with_a_guarded_last_group():
     """RowGroups on a layer norm over a dynamic row count (a dynamic sequence) and a static row length: groups
-    of 8 rows, the last one guarded; each row's sums in the reference order, so the result equals the
-    unscheduled kernel's bit for bit at row counts that do and do not fill whole groups (inf and NaN too)."""
+    of 8 rows, the last one guarded and split off by LoopPartition; each row's sums in the reference order, so
+    the result equals the unscheduled kernel's bit for bit at row counts that do and do not fill whole groups
+    (inf and NaN too)."""
     from tvm import topi
 
     def build(n, te):
@@ -1155,6 +1156,7 @@ def test_row_groups_take_a_dynamic_row_count_with_a_guarded_last_group():
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     sch = schedules.RowGroups()._apply(func, target)
     assert sch is not None and "T.unroll(T.int64(8))" in sch.mod.script()
+    assert "pragma_loop_partition_hint" in sch.mod.script()      # whole groups compile without the guard
     fast = tvm.compile(sch.mod, target=target)
     plain = tvm.compile(tvm.IRModule({"main": func}), target=target)
     rng = np.random.default_rng(0)
