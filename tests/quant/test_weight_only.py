@@ -111,9 +111,13 @@ from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of
 
 # (rows M, in K, out N, bits, group): ragged groups (K % group != 0), odd K, odd N, per-channel, one GEMV
 # (direct kernel: int4 groups of 8k inputs take the word kernel, others the pair kernel) and one GEMM
-# (panel kernel, M > DIRECT_MAX_ROWS) of each kind
+# (panel kernel, M > DIRECT_MAX_ROWS) of each kind. Panel row tiles (8 rows AVX-512, 6 AVX2 and NEON, a first
+# tile of 5 on AVX2 when grouped): M below one tile, one tile plus a tail, whole tiles plus a tail; the last two
+# have K past one 64 KiB panel chunk on every target (partial sums through the output, a ragged last chunk,
+# odd K in the last chunk)
 SHAPES = [(1, 37, 21, 4, 8), (3, 70, 17, 4, None), (2, 45, 13, 4, 10), (1, 64, 33, 8, 16), (1, 53, 19, 8, None),
-          (7, 37, 21, 4, 8), (9, 129, 40, 4, 32), (6, 300, 35, 8, None), (5, 75, 9, 8, 10)]
+          (7, 37, 21, 4, 8), (9, 129, 40, 4, 32), (6, 300, 35, 8, None), (5, 75, 9, 8, 10),
+          (20, 1101, 40, 4, 64), (13, 1031, 24, 8, None)]
 
 
 class Layers(nn.Module):
@@ -129,8 +133,8 @@ class Layers(nn.Module):
                         else PackedWeightOnlyLinear(w, b, bits, group))
         self.layers = nn.ModuleList(mods)
 
-    def forward(self, x0, x1, x2, x3, x4, x5, x6, x7, x8):
-        xs = (x0, x1, x2, x3, x4, x5, x6, x7, x8)
+    def forward(self, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10):
+        xs = (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10)
         return tuple(self.layers[i](xs[i]) for i in range(len(SHAPES)))
 
 

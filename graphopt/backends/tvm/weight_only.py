@@ -19,12 +19,17 @@ Kernels, picked by the number of rows M (tokens × batch) at compile time:
       cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
       register for 4-bit indices on AVX-512; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
   panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
-      dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2), then an MT x NT·L register-tiled
+      dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2) and an MT x NT·L register-tiled
       float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
-      Dequantization is paid once per weight, not once per row.
+      Dequantization is paid once per weight, not once per row, and overlaps with FMAs: the first row tile
+      converts each weight vector in registers, feeds it to its own FMAs and stores it to the panel; the
+      other row tiles (whole MT tiles, then one tail tile of M mod MT rows: no rows computed twice) read the
+      panel. Tiles: 6 x 2·8 on AVX2 (the float32 GEMM's, schedules.PackedGemm; a first tile of 5 rows where
+      scale / zero-point vectors take registers), 8 x 2·16 on AVX-512, 6 x 4·4 on NEON.
 Both are parallel over column blocks. Results equal x @ dequantized(W).T + bias up to float32 rounding
 (summation order, FMA contraction, the zero-point term subtracted once per group).
-Input tails: an odd K reads its last pair's missing input at index K-1 against weight q = z (zero); a last
+Input tails: an odd K: the direct kernel reads its last pair's missing input at index K-1 against weight
+q = z (zero), the panel kernel loops over the K inputs that exist; a last
 group shorter than group_size loops over what exists (the word kernel pads x with zeros instead); N is padded
 to whole NT·L blocks and sliced off.
 """
@@ -61,12 +66,12 @@ def tiles(m: int, nb: int, lanes: int, registers: int, cores: int) -> tuple[str,
         while nt > 1 and math.ceil(nb / nt) < 2 * cores:        # keep every core busy on small layers
             nt //= 2
         return "direct", m, nt
+    # (rows need not divide M: the panel kernel ends with a tail tile)
     if registers >= 32:
-        nt = 4 if lanes == 4 else 2                            # NEON: 6 x 4·4, AVX-512: 6 x 2·16 (+panel loads)
-        mt = next((r for r in (6, 8, 7, 5, 4) if m % r == 0), 6)
+        nt = 4 if lanes == 4 else 2                            # NEON: 6 x 4·4, AVX-512: 8 x 2·16
+        mt = 6 if lanes == 4 else 8
     else:
-        nt = 2
-        mt = next((r for r in (6, 4, 5) if m % r == 0), 6)   # AVX2: 6 x 2·8 = 12 accumulators of 16
+        nt, mt = 2, 6                                          # AVX2: 6 x 2·8 = 12 accumulators of 16
     while nt > 1 and math.ceil(nb / nt) < cores:
         nt //= 2
     return "panel", mt, nt
@@ -92,15 +97,17 @@ def _group_table(v: np.ndarray, lanes: int, nbp: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(v.reshape(nbp, lanes, ng).transpose(0, 2, 1))
 
 
-def _dequant(T, W, S, Z, bits, sym, scaled, nb, g, kp, j, high: bool, CB=None, C: int = 1):
-    """float32 value of one weight (vectorized over lane j by the caller's loop); a codebook entry when C > 1."""
+def _dequant_k(T, W, S, Z, bits, sym, scaled, nb, g, k, j, CB=None, C: int = 1):
+    """float32 value of the weight of input k (an expression; the high nibble of byte k // 2 when k is odd for
+    4-bit), vectorized over lane j by the caller's loop: (q - z)·s, or a codebook entry when C > 1."""
     if C > 1:
-        return _raw(T, W, bits, nb, kp, j, high, CB, C)
+        if bits == 8:
+            return CB[T.bitwise_and(T.Cast("int32", W[nb, k, j]), 255)]
+        return CB[T.bitwise_and(T.shift_right(T.Cast("int32", W[nb, k // 2, j]), (k % 2) * 4), 15)]
     if bits == 8:
-        q = T.Cast("int32", W[nb, kp * 2 + (1 if high else 0), j])
+        q = T.Cast("int32", W[nb, k, j])
     else:
-        byte = T.Cast("int32", W[nb, kp, j])
-        q = T.shift_right(byte, 4) if high else T.bitwise_and(byte, 15)
+        q = T.bitwise_and(T.shift_right(T.Cast("int32", W[nb, k // 2, j]), (k % 2) * 4), 15)
     if not sym:
         q = q - Z[nb, g, j]
     w = T.Cast("float32", q)
@@ -311,9 +318,14 @@ def _group_term(T, sum_xq, sum_x, s, o, sym: bool):
     return sum_xq * s if sym else sum_xq * s + sum_x * o
 
 
-def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool, C: int = 1):
-    """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), dequantize into a
-    float32 panel, then an MT x NT·L register-tiled float32 GEMM over all rows. G, C as in direct_kernel."""
+def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool, C: int = 1,
+                 first_rows: Optional[int] = None):
+    """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), an MT x NT·L
+    register-tiled float32 GEMM over all rows on a float32 panel of the chunk's dequantized weights.
+    The first row tile dequantizes the panel as it goes (each weight vector is converted in registers, used
+    by that tile's FMAs and stored to the panel), the other tiles read the panel: the conversions overlap
+    with FMAs instead of running as a separate pass. Row tiles: the first min(MT, M) rows, then whole MT
+    tiles, then one tail tile of M mod MT rows (no redundant rows). G, C as in direct_kernel."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -328,12 +340,45 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
         KCP = GP * max(1, min(cap // GP, (KP + GP - 1) // GP))
     NC = (KP + KCP - 1) // KCP
     ragged = KP % KCP != 0
+    odd = K % 2 == 1
     NBO = NB // NT
     N = NB * L
-    MO = (M + MT - 1) // MT
     W_ = NT * L
+    MT0 = min(first_rows or MT, MT, M)  # the first tile (dequantizes)
+    NF = (M - MT0) // MT                # then NF whole tiles
+    MTT = (M - MT0) % MT                # and a tail tile
     w_shape = (NB, 2 * KP, L) if bits == 8 else (NB, KP, L)
     w_dtype = "int8" if bits == 8 else "uint8"
+
+    @T.macro(hygienic=False)
+    def load_acc(r0, rows):
+        for mi in T.unroll(rows):
+            for nt in T.unroll(NT):
+                for j in T.vectorized(L):
+                    acc[(mi * NT + nt) * L + j] = T.if_then_else(
+                        c == 0, T.float32(0), Y[r0 + mi, (nbo * NT + nt) * L + j])
+
+    @T.macro(hygienic=False)
+    def store_acc(r0, rows):
+        for mi in T.unroll(rows):
+            for nt in T.unroll(NT):
+                for j in T.vectorized(L):
+                    Y[r0 + mi, (nbo * NT + nt) * L + j] = T.if_then_else(
+                        c == NC - 1,
+                        acc[(mi * NT + nt) * L + j] * _channel_scale(T, S, nbo * NT + nt, j, per_channel)
+                        + Bi[(nbo * NT + nt) * L + j],
+                        acc[(mi * NT + nt) * L + j])
+
+    @T.macro(hygienic=False)
+    def panel_tile(r0, rows):
+        load_acc(r0, rows)
+        for k in range(T.min(2 * KCP, K - c * 2 * KCP)):
+            for mi in T.unroll(rows):
+                for nt in T.unroll(NT):
+                    for j in T.vectorized(L):
+                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + X[
+                            r0 + mi, c * 2 * KCP + k] * P[k * W_ + nt * L + j]
+        store_acc(r0, rows)
 
     @T.prim_func
     def woq_panel(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
@@ -344,39 +389,28 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
             P = T.decl_buffer((2 * KCP * W_,), "float32", scope="global")
             acc = T.decl_buffer((MT * NT * L,), "float32", scope="local")
             for c in range(NC):
+                # first tile: dequantize each weight vector, store it to the panel, use it (the two inputs of
+                # a pair in turn: only NT weight vectors live next to the MT x NT accumulators)
+                load_acc(0, MT0)
                 for kp in range(_extent(T, KCP, KP - c * KCP, ragged)):
-                    for nt in T.unroll(NT):
-                        for j in T.vectorized(L):
-                            P[(2 * kp) * W_ + nt * L + j] = _dequant(
-                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
-                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, False, CB, C)
-                        for j in T.vectorized(L):
-                            P[(2 * kp + 1) * W_ + nt * L + j] = _dequant(
-                                T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
-                                _group_of(c * KCP + kp, GP, per_channel), c * KCP + kp, j, True, CB, C)
-                for mo in range(MO):
-                    for mi in T.unroll(MT):
-                        for nt in T.unroll(NT):
-                            for j in T.vectorized(L):
-                                acc[(mi * NT + nt) * L + j] = T.if_then_else(
-                                    c == 0, T.float32(0),
-                                    Y[T.min(mo * MT + mi, M - 1), (nbo * NT + nt) * L + j])
-                    for k in range(T.min(2 * KCP, K - c * 2 * KCP)):
-                        for mi in T.unroll(MT):
+                    for h in T.unroll(2):
+                        if not odd or c * 2 * KCP + 2 * kp + h < K:
                             for nt in T.unroll(NT):
                                 for j in T.vectorized(L):
-                                    acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + X[
-                                        T.min(mo * MT + mi, M - 1), c * 2 * KCP + k] * P[k * W_ + nt * L + j]
-                    for mi in T.unroll(MT):
-                        if mo * MT + mi < M:
-                            for nt in T.unroll(NT):
-                                for j in T.vectorized(L):
-                                    Y[mo * MT + mi, (nbo * NT + nt) * L + j] = T.if_then_else(
-                                        c == NC - 1,
-                                        acc[(mi * NT + nt) * L + j]
-                                        * _channel_scale(T, S, nbo * NT + nt, j, per_channel)
-                                        + Bi[(nbo * NT + nt) * L + j],
-                                        acc[(mi * NT + nt) * L + j])
+                                    P[(2 * kp + h) * W_ + nt * L + j] = _dequant_k(
+                                        T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                        _group_of(c * KCP + kp, GP, per_channel), c * 2 * KCP + 2 * kp + h, j,
+                                        CB, C)
+                            for mi in T.unroll(MT0):
+                                for nt in T.unroll(NT):
+                                    for j in T.vectorized(L):
+                                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + X[
+                                            mi, c * 2 * KCP + 2 * kp + h] * P[(2 * kp + h) * W_ + nt * L + j]
+                store_acc(0, MT0)
+                for mo in range(NF):
+                    panel_tile(MT0 + mo * MT, MT)
+                if MTT > 0:
+                    panel_tile(MT0 + NF * MT, MTT)
     return woq_panel
 
 
@@ -439,7 +473,10 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
                    and spec.arch == "x86_64")
         func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute)
     else:
-        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size)
+        # 16 registers: a scaled (group-wise) or zero-pointed dequantization keeps scale / zero-point vectors
+        # live in the first tile, so it takes one row less (6 rows spill two accumulators)
+        first = mt - 1 if regs < 32 and (not sym or not per_channel) else mt
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size, first)
     name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
     gv = bb.add_func(func.without_attr("global_symbol"), name)
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
