@@ -48,6 +48,37 @@ def _leaves_no_global_state():
                     pytrace=False)
 
 
+# ------------------------------------------------------------------- which files share one xdist worker
+# With `-n`, pytest-xdist's loadfile mode gives each worker whole files, and a session fixture is made once per
+# worker that uses it. The files below share an expensive session fixture (an aarch64 RPC server under qemu:
+# ~12 s of CPU to start; the x86 builds of ResNet-18, bert_tiny and nn.TransformerEncoder: ~13 s), so each
+# group goes to one worker as one unit and the fixture is made once per run. tests/test_suite.py checks that
+# every file using one of these session fixtures is in the fixture's group.
+WORKER_GROUPS = {
+    "aarch64-server": ("tests/backends/test_arm.py", "tests/backends/test_arm_fp16.py",
+                       "tests/backends/test_nm_kernels.py", "tests/backends/test_rpc.py",
+                       "tests/backends/test_sparse_kernels.py", "tests/backends/test_weight_only_arm.py"),
+    "x86-session-builds": ("tests/backends/test_schedules.py", "tests/backends/test_tvm_backend.py",
+                           "tests/test_end_to_end.py"),
+}
+_GROUP_OF = {path: group for group, paths in WORKER_GROUPS.items() for path in paths}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """loadfile scheduling with the files of each WORKER_GROUPS entry as one work unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return _GROUP_OF.get(path, path)
+
+    return GroupedFileScheduling(config, log)
+
+
 # ------------------------------------------------------------------------- builds shared across test files
 # The same build checked for different things in different files (end to end: eager match, report, save/load;
 # test_schedules: every kernel scheduled). Built once per session: a ResNet-18 or bert_tiny build for x86 is
