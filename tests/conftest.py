@@ -10,7 +10,7 @@ import torch
 # CPU -> 9 s). TVM_NUM_THREADS is read when TVM's pool starts (setdefault: an exported value wins; graphopt's own
 # default, the physical core count, is tested in a subprocess without it).
 torch.set_num_threads(1)
-os.environ.setdefault("TVM_NUM_THREADS", "1")
+TVM_NUM_THREADS = os.environ.setdefault("TVM_NUM_THREADS", "1")      # before any test module imports graphopt
 
 # Global state a test could leave behind for the next one (the suite runs in random order: pytest-randomly).
 # MetaSchedule reads the handlers of its logger when a search starts; graphopt and the tests read these
