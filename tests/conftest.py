@@ -10,7 +10,7 @@ import torch
 # CPU -> 9 s). TVM_NUM_THREADS is read when TVM's pool starts (setdefault: an exported value wins; graphopt's own
 # default, the physical core count, is tested in a subprocess without it).
 torch.set_num_threads(1)
-os.environ.setdefault("TVM_NUM_THREADS", "1")
+TVM_NUM_THREADS = os.environ.setdefault("TVM_NUM_THREADS", "1")      # before any test module imports graphopt
 
 # Global state a test could leave behind for the next one (the suite runs in random order: pytest-randomly).
 # MetaSchedule reads the handlers of its logger when a search starts; graphopt and the tests read these
@@ -46,6 +46,37 @@ def _leaves_no_global_state():
     if changed:
         pytest.fail("this test left global state changed (use monkeypatch, or restore it): " + "; ".join(changed),
                     pytrace=False)
+
+
+# ------------------------------------------------------------------- which files share one xdist worker
+# With `-n`, pytest-xdist's loadfile mode gives each worker whole files, and a session fixture is made once per
+# worker that uses it. The files below share an expensive session fixture (an aarch64 RPC server under qemu:
+# ~12 s of CPU to start; the x86 builds of ResNet-18, bert_tiny and nn.TransformerEncoder: ~13 s), so each
+# group goes to one worker as one unit and the fixture is made once per run. tests/test_suite.py checks that
+# every file using one of these session fixtures is in the fixture's group.
+WORKER_GROUPS = {
+    "aarch64-server": ("tests/backends/test_arm.py", "tests/backends/test_arm_fp16.py",
+                       "tests/backends/test_nm_kernels.py", "tests/backends/test_rpc.py",
+                       "tests/backends/test_sparse_kernels.py", "tests/backends/test_weight_only_arm.py"),
+    "x86-session-builds": ("tests/backends/test_schedules.py", "tests/backends/test_tvm_backend.py",
+                           "tests/test_end_to_end.py"),
+}
+_GROUP_OF = {path: group for group, paths in WORKER_GROUPS.items() for path in paths}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """loadfile scheduling with the files of each WORKER_GROUPS entry as one work unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return _GROUP_OF.get(path, path)
+
+    return GroupedFileScheduling(config, log)
 
 
 # ------------------------------------------------------------------------- builds shared across test files

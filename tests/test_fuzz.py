@@ -92,7 +92,10 @@ def test_check_classifies_outcomes(monkeypatch, behaviour, status, kind):
     assert fuzz.summarize([o])[status] == 1
 
 
-@pytest.mark.parametrize("seed,pipeline", [(5, "prune"), pytest.param(4, "quantize", marks=pytest.mark.slow)])
+# Seed 8 (linear layers and an attention block, ~3 s here) in the default run; seed 5 (five attention and linear
+# blocks, ~13 s), where the bug below was found, and seed 4 under -m slow. Both 5 and 8 fail on that bug.
+@pytest.mark.parametrize("seed,pipeline", [(8, "prune"), pytest.param(5, "prune", marks=pytest.mark.slow),
+                                           pytest.param(4, "quantize", marks=pytest.mark.slow)])
 def test_random_model_with_dynamic_shapes_compiles_and_matches_at_other_sizes(seed, pipeline):
     """One build over batch 1-4 (and the sequence length), checked at three other sizes. Seed 5 (attention
     blocks, prune then cleanup) once failed the pass manager's own check: cleanup, an exact pass, was compared at

@@ -60,8 +60,9 @@ def _no_user_cache(tmp_path, monkeypatch):
 
 # Each tuning run starts one build/measure worker process per core (tuning/workers.py), and each worker imports
 # TVM: ~4 s of CPU per worker, most of these tests' time. They check record, resume and check mechanics, which
-# do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count (a
-# process group of several workers that must ignore SIGINT): in its subprocess and in the resumed run here.
+# do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count in its
+# subprocess (a process group of several workers that must ignore SIGINT); its resumed run here, which checks
+# the record and trial accounting, has one worker like the others.
 KEEPS_WORKERS = ("test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials",)
 
 
@@ -369,7 +370,9 @@ def test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials
 
     capfd.readouterr()
     model, x = tiny_model()
-    opt = graphopt.optimize(model, target="x86", example_inputs=x, tune={**options, "progress": False})
+    with pytest.MonkeyPatch.context() as mp:
+        _one_worker(mp)
+        opt = graphopt.optimize(model, target="x86", example_inputs=x, tune={**options, "progress": False})
     tuning = opt.report.backend["tuning"]
     assert tuning["reused_records"] == len(records)
     assert 0 < tuning["new_trials"] <= missing, (tuning, searched)

@@ -461,10 +461,14 @@ def test_tvm_runtime_uses_the_physical_cores_unless_the_user_says_otherwise():
 
     from graphopt.backends.targets import physical_cores
 
+    import tvm
+
     code = ("import graphopt, tvm; print(tvm.get_global_func('runtime.NumThreads')())")
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == str(physical_cores()), out.stderr[-1000:]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "1", out.stderr[-1000:]
+    # the user's setting wins: this process imported graphopt with TVM_NUM_THREADS already set (by
+    # tests/conftest.py, or exported by whoever runs the tests)
+    from tests.conftest import TVM_NUM_THREADS
+
+    assert tvm.get_global_func("runtime.NumThreads")() == int(TVM_NUM_THREADS)
