@@ -414,3 +414,45 @@ def test_sdot_residual_block_lowers_to_int8_codes(name):
     outs = _kernel_outputs(lowered)
     assert outs and all(dt in ("int8", "float32") for _, dt in outs), outs
     assert not any(dt == "uint8" for _, dt in outs)
+
+
+class _GeluFFN(nn.Module):
+    """A transformer block's feed-forward half: Linear -> GELU -> Linear, odd widths (not whole vectors)."""
+
+    def __init__(self, approximate: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down, self.act = nn.Linear(40, 72), nn.Linear(72, 24), nn.GELU(approximate)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_quantize_is_one_kernel_equal_to_the_unfused_pair(target, approximate):
+    """Linear -> GELU -> quantize -> Linear: the first int8 GEMM applies the GELU (the same fast_erf / fast_tanh
+    polynomial as the unfused elementwise kernel) and the quantize in its epilogue and stores uint8 codes, so
+    no float32 tensor and no standalone quantize kernel sit between the two GEMMs; the result equals the
+    unfused lowering bit for bit, special values (inf, NaN, huge) included."""
+    _skip_unless_runs_here(target)
+    model = _GeluFFN(approximate).eval()
+    g = torch.Generator().manual_seed(2)
+    calib = [torch.randn(3, 5, 40, generator=g) * 2 for _ in range(4)]
+    opt = graphopt.optimize(model, target, "quantize(progress=false)", example_inputs=(calib[0],),
+                            calibration=calib)
+    assert "fused requantize epilogue" in opt.report.backend["int8"]
+    unfused, _ = _build(opt.graph_module, (calib[0],), resolve_target(target), False)
+    _, lowered = _build(opt.graph_module, (calib[0],), resolve_target(target), True)
+    outs = dict(_kernel_outputs(lowered))
+    assert len(outs) == 2 and sorted(outs.values()) == ["float32", "uint8"], outs
+    odd = torch.randn(3, 5, 40, generator=g) * 30
+    odd[0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    with torch.no_grad():
+        for x in (*calib[:2], odd):
+            y, u = opt(x), unfused(x)
+            assert torch.equal(y.isnan(), u.isnan()) and torch.equal(y[~y.isnan()], u[~u.isnan()]), \
+                f"{target} {approximate}: fused != unfused by {(y - u).abs().nan_to_num().max().item()}"
+            ref = opt.graph_module(x)
+            ok = ~ref.isnan()
+            assert (y[ok] - ref[ok]).abs().max().item() < 1e-3 * max(1.0, ref[ok].abs().max().item())

@@ -9,7 +9,8 @@ An Epilogue says what happens next, in the same kernel, before anything is writt
   dtype float32   y is stored (the last layer, or a layer whose consumer is a float op)
   dtype uint8/int8
                   the float ops the graph applies between this layer and the next quantize (ReLU, ReLU6,
-                  clamp: `acts`, each max(y, lo) and/or min(y, hi)), then that quantize,
+                  clamp: `acts`, each max(y, lo) and/or min(y, hi); GELU, exact or tanh: `gelu` below, the
+                  fast_erf / fast_tanh polynomial the unfused kernel runs), then that quantize,
                   q = clamp(round(y * inv_scale) + zp, qmin, qmax), stored as the next int8 kernel reads it
                   (`shift` added: +128 turns int8 codes into the uint8 ones of the x86 kernels, -128 uint8
                   codes into the int8 ones of sdot).
@@ -28,13 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Epilogue", "FLOAT"]
+__all__ = ["Epilogue", "FLOAT", "gelu"]
 
 
 @dataclass(frozen=True)
 class Epilogue:
     dtype: str = "float32"                                  # float32 | uint8 | int8
-    acts: tuple = ()                                        # ((lo | None, hi | None), ...) applied in order
+    acts: tuple = ()                                        # ((lo | None, hi | None) | ("gelu", approximate), ...)
     inv_scale: float = 1.0                                  # float32(1 / scale) of the quantize
     zp: int = 0
     qmin: int = 0
@@ -55,7 +56,11 @@ class Epilogue:
         if r is not None:
             y = y + r
         f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
-        for lo, hi in self.acts:
+        for act in self.acts:
+            if act[0] == "gelu":
+                y = gelu(y, act[1])
+                continue
+            lo, hi = act
             if lo is not None:
                 y = T.max(y, f32(lo))
             if hi is not None:
@@ -85,3 +90,43 @@ class Epilogue:
 
 
 FLOAT = Epilogue()
+
+
+def _fast_math(name: str, x):
+    """TIR: TVM's fast_erf / fast_tanh polynomial (topi, what FastMathTransform puts in the unfused kernel) of the
+    float32 expression `x`, bound once."""
+    import tvm_ffi
+    from tvm import te, tirx, topi
+    from tvm.ir.expr import TensorLoad
+
+    from tvm import s_tir
+
+    p = te.placeholder((1,), "float32", name="x")
+    sch = s_tir.Schedule(te.create_prim_func([p, getattr(topi, name)(p)]))
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    for b in blocks[:-1]:                           # fast_tanh is two stages (clamp, polynomial): one expression
+        sch.compute_inline(b)
+    stores = []
+    tvm_ffi.structural_map(sch.mod["main"].body, [(tirx.BufferStore, lambda n: (stores.append(n), n)[1])])
+    assert len(stores) == 1, f"{name}: {len(stores)} stores after inlining"
+    v = tirx.Var(name + "_in", "float32")
+    load = type(tirx.BufferLoad(tirx.decl_buffer((1,), "float32"), [0]))
+    return tirx.Let(v, x, tvm_ffi.structural_map(stores[0].value, [(TensorLoad, lambda n: v), (load, lambda n: v)]))
+
+
+def gelu(y, approximate: str = "none"):
+    """TIR: GELU of float32 `y` as the unfused graph computes it (schedules.rewrite_elementwise's spelling,
+    then FastMathTransform's polynomial): y * (0.5 + 0.5 * fast_erf(y * float32(1/sqrt(2)))), or with
+    approximate="tanh" y * (0.5 + 0.5 * fast_tanh(sqrt(2/pi) * (y + 0.044715 * y*y*y))), op by op in float32."""
+    import math
+
+    from tvm import tirx
+
+    f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
+    x = tirx.Var("gelu_in", "float32")
+    if approximate == "tanh":
+        cube = x * x * x
+        t = _fast_math("fast_tanh", f32(math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * cube))
+    else:
+        t = _fast_math("fast_erf", x * f32(1.0 / math.sqrt(2.0)))
+    return tirx.Let(x, y, x * (f32(0.5) + f32(0.5) * t))

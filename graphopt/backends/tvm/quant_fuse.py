@@ -1,7 +1,7 @@
 """Fused requantize epilogues: int8 layer -> int8 layer with no float32 tensor in memory between them.
 
 A statically quantized graph reaches the lowering as
-    qconv2d / qlinear (int32 -> float32) -> [ReLU | ReLU6 | clamp]* -> [max-pool] -> [flatten] -> quantize
+    qconv2d / qlinear (int32 -> float32) -> [ReLU | ReLU6 | clamp | GELU]* -> [max-pool] -> [flatten] -> quantize
     -> the next qconv2d / qlinear.
 Unfused, that is an int8 kernel writing float32, an elementwise kernel (activation, quantize, then the next
 conv's NHWC permute and zero-point padding), and a float pooling kernel: three launches and two tensors
@@ -15,6 +15,7 @@ to the int32 accumulators in registers and stores the codes exactly as the next 
   max-pool in between           the pool runs on the uint8/int8 codes (pool_kernel: NHWC, 1-byte reads,
                                 writing the next conv's padded input); exact, because quantize and the
                                 activations are monotone non-decreasing: quantize(max(x)) = max(quantize(x))
+                                (not after a GELU, which is not: such a chain is not fused)
   flatten then a Linear         NHWC codes; the Linear's weight columns are permuted to (h, w, c) order at
                                 build time, so the flatten is free
   next op a Linear              [M, N] codes
@@ -195,7 +196,13 @@ def _plan_chain(producer, is_conv: bool, order: dict | None = None) -> FusePlan 
             if bounds is None:
                 return None
             acts.append(bounds)
-        elif name in _POOL_OPS and is_conv and pool is None and flatten is None:
+        elif name == "gelu.default" and pool is None and flatten is None:
+            approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+            if approximate not in ("none", "tanh"):
+                return None
+            acts.append(("gelu", approximate))      # a transformer's FFN: Linear -> GELU -> quantize
+        elif name in _POOL_OPS and is_conv and pool is None and flatten is None \
+                and not any(a[0] == "gelu" for a in acts):     # pooling codes needs monotone acts
             pool = _pool_args(user)
             acts_at_pool = len(acts)                    # a float output after the pool: no act after it
             if pool is None:
