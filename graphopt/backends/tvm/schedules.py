@@ -768,6 +768,37 @@ class Injective(_CpuRule):
         return sch
 
 
+def _row_reduction_kernel(func):
+    """(schedule, blocks, reductions, output block) of a row-wise kernel: one output, at least one reduction,
+    every reduction over its innermost iteration axis only (softmax, layer norm, row means); else None."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    blocks = _root_blocks(sch)
+    reductions = [b for b in blocks if _is_reduction_block(sch, b)]
+    outputs = sch.get_output_blocks(sch.get_sblock("root"))
+    if not reductions or len(outputs) != 1:
+        return None
+    for b in reductions:
+        ivs = list(sch.get(b).iter_vars)
+        if not ivs or int(ivs[-1].iter_type) != tirx.IterVar.CommReduce or sum(
+                int(iv.iter_type) == tirx.IterVar.CommReduce for iv in ivs) != 1:
+            return None
+    return sch, blocks, reductions, outputs[0]
+
+
+def _inline_single_use_elementwise(sch, blocks, out) -> None:
+    """Inline the elementwise blocks read by one consumer (not the output); one that cannot be inlined keeps
+    its own pass."""
+    for b in blocks:
+        if not _is_reduction_block(sch, b) and not _same(sch.get(b), sch.get(out)) \
+                and len(sch.get_consumers(b)) == 1:
+            try:
+                sch.compute_inline(b)
+            except Exception:                             # noqa: BLE001
+                pass
+
+
 class DynamicRows(_CpuRule):
     """Row-wise kernels over a dynamic (symbolic) extent: softmax, layer norm, means over the last axis of a
     dynamic sequence. dlight's Reduction rule computes every block per row: with a dynamic row length each
@@ -784,30 +815,14 @@ class DynamicRows(_CpuRule):
     group = 8
 
     def _apply(self, func, target):
-        from tvm import s_tir, tirx
-
-        vec = cpu_vector(target)
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        reductions = [b for b in blocks if _is_reduction_block(sch, b)]
-        outputs = sch.get_output_blocks(sch.get_sblock("root"))
-        if not reductions or len(outputs) != 1:
+        found = _row_reduction_kernel(func)
+        if found is None:
             return None
+        sch, blocks, _, out = found
+        vec = cpu_vector(target)
         if all(_extent(sch, lp) is not None for b in blocks for lp in sch.get_loops(b)):
-            return None                                   # static: dlight's rule does well
-        for b in reductions:
-            ivs = list(sch.get(b).iter_vars)
-            if not ivs or int(ivs[-1].iter_type) != tirx.IterVar.CommReduce or sum(
-                    int(iv.iter_type) == tirx.IterVar.CommReduce for iv in ivs) != 1:
-                return None                               # only a reduction over the innermost axis
-        out = outputs[0]
-        for b in blocks:
-            if not _is_reduction_block(sch, b) and not _same(sch.get(b), sch.get(out)) \
-                    and len(sch.get_consumers(b)) == 1:
-                try:
-                    sch.compute_inline(b)
-                except Exception:                         # noqa: BLE001 - not inlinable: keeps its pass
-                    pass
+            return None                                   # static: RowGroups / dlight's rule
+        _inline_single_use_elementwise(sch, blocks, out)
         for b in _root_blocks(sch):
             loops = sch.get_loops(b)
             if _is_reduction_block(sch, b):
@@ -842,31 +857,14 @@ class RowGroups(_CpuRule):
     GROUP_ELEMENTS = 1 << 16        # a group's rows (and their temporaries) stay in L2
 
     def _apply(self, func, target):
-        from tvm import s_tir, tirx
-
-        vec = cpu_vector(target)
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        reductions = [b for b in blocks if _is_reduction_block(sch, b)]
-        outputs = sch.get_output_blocks(sch.get_sblock("root"))
-        if not reductions or len(outputs) != 1:
+        found = _row_reduction_kernel(func)
+        if found is None:
             return None
-        for b in reductions:
-            if _extent(sch, sch.get_loops(b)[-1]) is None:
-                return None                               # a dynamic row length: DynamicRows
-        for b in reductions:
-            ivs = list(sch.get(b).iter_vars)
-            if (not _loops_are_iters(sch, b) or int(ivs[-1].iter_type) != tirx.IterVar.CommReduce
-                    or sum(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in ivs) != 1):
-                return None
-        out = outputs[0]
-        for b in blocks:
-            if not _is_reduction_block(sch, b) and not _same(sch.get(b), sch.get(out)) \
-                    and len(sch.get_consumers(b)) == 1:
-                try:
-                    sch.compute_inline(b)
-                except Exception:                         # noqa: BLE001 - not inlinable: keeps its block
-                    pass
+        sch, blocks, reductions, out = found
+        vec = cpu_vector(target)
+        if any(not _loops_are_iters(sch, b) or _extent(sch, sch.get_loops(b)[-1]) is None for b in reductions):
+            return None                                   # a dynamic row length: DynamicRows
+        _inline_single_use_elementwise(sch, blocks, out)
         loops = sch.get_loops(out)
         extents = [_extent(sch, lp) for lp in loops]
         if len(loops) < 2 or extents[-1] is None:
