@@ -96,10 +96,8 @@ def _fast_math(name: str, x):
     """TIR: TVM's fast_erf / fast_tanh polynomial (topi, what FastMathTransform puts in the unfused kernel) of the
     float32 expression `x`, bound once."""
     import tvm_ffi
-    from tvm import te, tirx, topi
+    from tvm import s_tir, te, tirx, topi
     from tvm.ir.expr import TensorLoad
-
-    from tvm import s_tir
 
     p = te.placeholder((1,), "float32", name="x")
     sch = s_tir.Schedule(te.create_prim_func([p, getattr(topi, name)(p)]))
@@ -108,7 +106,8 @@ def _fast_math(name: str, x):
         sch.compute_inline(b)
     stores = []
     tvm_ffi.structural_map(sch.mod["main"].body, [(tirx.BufferStore, lambda n: (stores.append(n), n)[1])])
-    assert len(stores) == 1, f"{name}: {len(stores)} stores after inlining"
+    if len(stores) != 1:                            # a TVM whose topi.<name> this reading does not fit
+        raise RuntimeError(f"topi.{name}: {len(stores)} stores after inlining, expected one expression")
     v = tirx.Var(name + "_in", "float32")
     load = type(tirx.BufferLoad(tirx.decl_buffer((1,), "float32"), [0]))
     return tirx.Let(v, x, tvm_ffi.structural_map(stores[0].value, [(TensorLoad, lambda n: v), (load, lambda n: v)]))
