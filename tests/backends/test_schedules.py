@@ -1157,6 +1157,9 @@ def test_row_groups_take_a_dynamic_row_count_with_a_guarded_last_group():
     sch = schedules.RowGroups()._apply(func, target)
     assert sch is not None and "T.unroll(T.int64(8))" in sch.mod.script()
     assert "pragma_loop_partition_hint" in sch.mod.script()      # whole groups compile without the guard
+    # the groups run in parallel (the batch loop would leave a core idle at batch 1)
+    parallel = [line for line in sch.mod.script().splitlines() if "T.parallel(" in line]
+    assert len(parallel) == 1 and "// T.int64(8)" in parallel[0], parallel
     fast = tvm.compile(sch.mod, target=target)
     plain = tvm.compile(tvm.IRModule({"main": func}), target=target)
     rng = np.random.default_rng(0)
