@@ -13,6 +13,9 @@ Variants, all built and measured in this process:
   graphopt        graphopt.optimize(model, target="x86", pipeline=P, example_inputs=x)  (default schedules)
   graphopt-tuned  the same with tune={"trials": N, "database": D}  (--tune N; 0 skips it). Records are kept in
                   D and reused: a second run tunes nothing new; we report its tuning seconds and new trials.
+  graphopt-winograd  the untuned build with precision="winograd" (x86: 3x3 stride-1 convolutions as Winograd
+                  F(4x4, 3x3) / F(2x2, 3x3); approximate, ~1e-5 relative per convolution; not in the default
+                  variants: ask for it with --variants)
   eager           PyTorch eager, eval(), torch.no_grad()
   torch.compile   torch.compile(model) (default mode); compile time = its first call
   ort             ONNX Runtime fp32: torch.onnx.export to a temp file, CPU execution provider,
@@ -57,6 +60,7 @@ from _common import (first_line, format_table, gemm_peak_gflops, machine_info, p
                      set_threads, time_interleaved)
 
 ALL_VARIANTS = ["graphopt", "graphopt-tuned", "eager", "torch.compile", "ort"]
+OPTIONAL_VARIANTS = ["graphopt-winograd"]
 PEERS = ["eager", "torch.compile", "ort"]
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.json")
 BUILTIN = {"models": "resnet18,mobilenet_v2,bert_base,mlp", "batches": "1,8", "pipeline": "fold_bn,cleanup",
@@ -103,9 +107,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
     opts["models"] = _csv(opts["models"])
     opts["batches"] = [int(b) for b in _csv(opts["batches"])]
     opts["variants"] = _csv(opts["variants"])
-    bad = [v for v in opts["variants"] if v not in ALL_VARIANTS]
+    bad = [v for v in opts["variants"] if v not in ALL_VARIANTS + OPTIONAL_VARIANTS]
     if bad:
-        sys.exit(f"run.py: unknown variant(s) {bad}; known: {ALL_VARIANTS}")
+        sys.exit(f"run.py: unknown variant(s) {bad}; known: {ALL_VARIANTS + OPTIONAL_VARIANTS}")
     opts["tune"] = int(opts["tune"])
     opts["pipelines"] = {} if args.pipeline is not None else dict(cfg.get("pipelines", {}))
     opts["config"] = args.config
@@ -175,15 +179,16 @@ def compare(out, ref) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ variants
-def build_graphopt(model, inputs, pipeline: str, target: str, tune) -> tuple:
+def build_graphopt(model, inputs, pipeline: str, target: str, tune, precision: str = "float32") -> tuple:
     import graphopt
 
     t = time.perf_counter()
-    opt = graphopt.optimize(model, target=target, pipeline=pipeline, example_inputs=inputs, tune=tune)
+    opt = graphopt.optimize(model, target=target, pipeline=pipeline, example_inputs=inputs, tune=tune,
+                            precision=precision)
     info = {"compile_s": time.perf_counter() - t, "pipeline": pipeline}
     be = opt.report.backend
-    info["backend"] = {k: be[k] for k in ("schedule", "capture", "lower_s", "schedule_s", "build_s", "vm_init_s")
-                       if k in be}
+    info["backend"] = {k: be[k] for k in ("schedule", "capture", "lower_s", "schedule_s", "build_s", "vm_init_s",
+                                          "precision") if k in be}
     tuning = be.get("tuning")
     if tuning:
         info.update({"tuning_s": float(tuning.get("seconds", 0.0)), "new_trials": tuning.get("new_trials", 0),
@@ -254,6 +259,9 @@ def run_case(name: str, batch: int, opts: dict, threads: int, measure_peak) -> d
         try:
             if v == "graphopt":
                 fn, info = build_graphopt(model, inputs, pipeline, opts["target"], None)
+            elif v == "graphopt-winograd":
+                fn, info = build_graphopt(model, inputs, pipeline, opts["target"], None, precision="winograd")
+                print(f"  {v}: {info['backend'].get('precision', '')}", flush=True)
             elif v == "graphopt-tuned":
                 tune = {"trials": opts["tune"], "progress": sys.stderr.isatty()}
                 if opts["database"]:
@@ -394,7 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", type=int, help="MetaSchedule trials for graphopt-tuned; 0 skips it (default: the "
                                                  "config's, 64 in configs/default.json)")
     ap.add_argument("--database", help="tuning record directory (default: graphopt's per-target cache dir)")
-    ap.add_argument("--variants", help=f"comma list among {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--variants", help=f"comma list among {','.join(ALL_VARIANTS + OPTIONAL_VARIANTS)}")
     ap.add_argument("--target", help="graphopt target (default x86)")
     ap.add_argument("--rounds", type=int, help="timed round-robin rounds (default 10)")
     ap.add_argument("--slice", type=float, help="seconds per variant per round (default 0.25)")

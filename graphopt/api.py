@@ -33,8 +33,10 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     train_data:     iterable of inputs or (inputs, labels) batches for passes that train (distill)
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
-    precision:      compute precision of a TVM target: "float32", or "float16" (float16 operands, float32
-                    accumulation and signature; pays on CUDA tensor cores; see backends/tvm/precision.py)
+    precision:      compute precision of a TVM target: "float32", "float16" (float16 operands, float32
+                    accumulation and signature; pays on CUDA tensor cores) or "winograd" (x86: float32 with
+                    3x3 convolutions as Winograd F(4x4, 3x3) / F(2x2, 3x3), ~1e-5 relative; see
+                    backends/tvm/precision.py)
     dynamic:        dims that may vary at run time, with bounds, e.g. {"batch": (1, 64), "seq": (8, 512)} or
                     {"input_ids": {0: Dim("batch", max=64)}} (see graphopt/dynamic.py); one compiled module then
                     serves every size inside the bounds, and each pass is also checked at other sizes
@@ -52,6 +54,8 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
         precision = check_precision(precision)
         if spec.kind == "torch":
             raise GraphoptError(f"precision={precision!r} applies to compiled (TVM) targets, not 'torch'")
+        if precision == "winograd" and not (spec.kind == "llvm" and spec.arch == "x86_64"):
+            raise GraphoptError(f"precision='winograd' applies to x86 targets (AVX2 / AVX-512), not '{spec.alias}'")
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
     from .dynamic import parse_dynamic

@@ -43,7 +43,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             tune["database"] = args.database
     start = time.perf_counter()
     opt = graphopt.optimize(model, target=args.target, pipeline=args.pipeline, example_inputs=inputs,
-                            tune=tune)
+                            tune=tune, precision=args.precision)
     total = time.perf_counter() - start
     print()
     print(opt.report)
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="MetaSchedule trials (0: no tuning)")
     p.add_argument("--database", default=None, help="tuning record database directory")
+    p.add_argument("--precision", default="float32",
+                   help="float32 (default), float16, or winograd (x86: 3x3 convolutions as Winograd, ~1e-5 relative)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (0: skip timing)")
     p.add_argument("--output", default=None, help="save the artifact here (.gopt)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
