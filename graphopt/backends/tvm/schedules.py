@@ -446,6 +446,7 @@ class PackedGemm(_CpuRule):
                 ivs = list(blk.iter_vars)
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
+        panels_inner = self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype)
         loops = sch.get_loops(main)
         if (self.pack_weights and E is not None and E > tile and func.attrs is not None
                 and "layout_free_buffers" in func.attrs):
@@ -460,8 +461,17 @@ class PackedGemm(_CpuRule):
                         u is None and _int(e) is None for u, e in zip(users, idx)):
                     continue
                 cached = sch.cache_read(main, r_index, "global")
-                sch.transform_layout(main, ("read", r_index),
-                                     lambda *a: (a[-1] // tile, *a[:-1], a[-1] % tile))
+                lead = len(users) - 2
+                if lead > 0 and panels_inner and all(u is not None and u in spatial for u in users[:lead]):
+                    # a batched weight (Winograd's transformed planes [36, C, K]) whose column blocks run
+                    # innermost: batch axes first, so the panels of consecutive (batch, column block)
+                    # iterations lie back to back in memory (one stream for the prefetcher, not a jump of
+                    # the whole batch between panels; ResNet-18's Winograd GEMMs, whole model, 1 thread)
+                    sch.transform_layout(main, ("read", r_index),
+                                         lambda *a: (*a[:-2], a[-1] // tile, a[-2], a[-1] % tile))
+                else:
+                    sch.transform_layout(main, ("read", r_index),
+                                         lambda *a: (a[-1] // tile, *a[:-1], a[-1] % tile))
                 sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", 1)
                 break
             loops = sch.get_loops(main)
@@ -477,7 +487,7 @@ class PackedGemm(_CpuRule):
         serial = []
         if tail is not None:
             serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
-        if self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype):
+        if panels_inner:
             outer.append(v_o)
         else:
             outer.insert(0, v_o)
