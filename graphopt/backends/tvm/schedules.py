@@ -462,7 +462,8 @@ class PackedGemm(_CpuRule):
                     continue
                 cached = sch.cache_read(main, r_index, "global")
                 lead = len(users) - 2
-                if lead > 0 and panels_inner and all(u is not None and u in spatial for u in users[:lead]):
+                if self.batch_first_panels and lead > 0 and panels_inner and all(
+                        u is not None and u in spatial for u in users[:lead]):
                     # a batched weight (Winograd's transformed planes [36, C, K]) whose column blocks run
                     # innermost: batch axes first, so the panels of consecutive (batch, column block)
                     # iterations lie back to back in memory (one stream for the prefetcher, not a jump of
@@ -686,6 +687,7 @@ class PackedGemm(_CpuRule):
     min_parallel = 8
     flatten_pixels = True
     weighted_pad = "separate"      # padding of weighted convs under pad="auto"
+    batch_first_panels = True      # batched constant weights packed [batch, column block, K, lanes]
 
     def _small_weights(self, ext: list, reduce_: list, E: int | None, dtype: str) -> bool:
         """Whether every channel block's weights together (reduction size x output channels) stay in the

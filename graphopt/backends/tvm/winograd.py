@@ -20,10 +20,11 @@ tile whose window holds a non-finite value, or values large enough that the tran
 computes those tiles directly. Weights must be finite (a convolution with an inf weight stays direct).
 
 Where: x86 (AVX2, AVX-512) targets, convolutions NHWC/HWIO with constant weights, 3x3, stride 1, dilation 1,
-groups 1, padding 1, static shapes, channels a multiple of the SIMD width, and outputs tiling exactly (m = 4
-where height and width divide by 4, else m = 2 where they are even; a 7x7 output keeps the direct kernel);
-only when the tile count is large enough for the GEMM to be compute-bound (MIN_TILES). U takes (m+2)^2/9 the
-original weight's bytes (4x for m = 4), and the original weight is kept for the fallback tiles.
+groups 1, padding 1, static shapes, channels a multiple of the SIMD width; m = 4 or 2 by tile_size (the fewer
+multiplications per output, counting the outputs a partial last tile wastes when m does not divide the size),
+only with at least MIN_TILES tiles (below that the GEMM has too few rows to pay for reading the transformed
+weights: ResNet's 7x7 maps stay direct at batch 1 and take F(2x2) from batch 2, F(4x4) from batch 8). U takes
+(m+2)^2/9 the original weight's bytes (4x for m = 4), and the original weight is kept for the fallback tiles.
 """
 from __future__ import annotations
 
@@ -50,11 +51,18 @@ MIN_TILES = 32          # below this the GEMM's rows are too few to hide the tra
 
 
 def tile_size(oh: int, ow: int, batch: int = 1) -> int | None:
-    """m for an oh x ow output (4 or 2), or None when it does not tile exactly or has too few tiles."""
+    """m for an oh x ow output (4 or 2), or None: among the tile sizes giving at least MIN_TILES tiles, the one
+    with the fewest multiplications per output, counting the partial last tiles' wasted outputs ((m+2)^2 / m^2
+    times the padded area over the real one); None when that is not clearly below the direct 9."""
+    best = None
     for m in (4, 2):
-        if oh % m == 0 and ow % m == 0 and batch * (oh // m) * (ow // m) >= MIN_TILES:
-            return m
-    return None
+        th, tw = -(-oh // m), -(-ow // m)
+        if batch * th * tw < MIN_TILES:
+            continue
+        cost = (m + 2) ** 2 / m ** 2 * (th * tw * m * m) / (oh * ow)
+        if cost < 6 and (best is None or cost < best[0]):
+            best = (cost, m)
+    return None if best is None else best[1]
 
 
 def weight_transform(w_hwio: np.ndarray, m: int) -> np.ndarray:
@@ -117,28 +125,29 @@ def input_transform_kernel(n: int, h: int, w: int, c: int, m: int, lanes: int):
     T.meta_var, substituted where used; TIR's common-subexpression pass and LLVM share the repeated parts."""
     a = m + 2
     bt = MATRICES[m][0]
-    th, tw = h // m, w // m
+    th, tw = -(-h // m), -(-w // m)
     p_total = n * th * tw
     vt = f"float32x{lanes}"
     ind = " " * 12
     lines = []
     nn, ty, tx = f"(p // {th * tw})", f"(p // {tw} % {th})", f"(p % {tw})"
     # d[i][j]: the input at row ty·m - 1 + i, column tx·m - 1 + j (zero outside the image): a select of a
-    # load at a clamped, in-bounds position
+    # load at a clamped, in-bounds position. Only the first tile reaches above / left of the image, and only
+    # the last one below / right of it (past the padding row where the size does not divide by m).
     for i in range(a):
         for j in range(a):
             conds = []
             if i == 0:
                 conds.append(f"{ty} > 0")
-            if i == a - 1:
+            if (th - 1) * m + i - 1 >= h:
                 conds.append(f"{ty} < {th - 1}")
             if j == 0:
                 conds.append(f"{tx} > 0")
-            if j == a - 1:
+            if (tw - 1) * m + j - 1 >= w:
                 conds.append(f"{tx} < {tw - 1}")
             row, col = f"{ty} * {m} + {i - 1}", f"{tx} * {m} + {j - 1}"
-            row = f"T.max({row}, 0)" if i == 0 else f"T.min({row}, {h - 1})" if i == a - 1 else row
-            col = f"T.max({col}, 0)" if j == 0 else f"T.min({col}, {w - 1})" if j == a - 1 else col
+            row = f"T.max({row}, 0)" if i == 0 else f"T.min({row}, {h - 1})" if (th - 1) * m + i - 1 >= h else row
+            col = f"T.max({col}, 0)" if j == 0 else f"T.min({col}, {w - 1})" if (tw - 1) * m + j - 1 >= w else col
             load = f"X.vload([{nn}, {row}, {col}, cv * {lanes}], \"{vt}\")"
             if conds:
                 load = (f"T.Select(T.broadcast({' and '.join(conds)}, {lanes}), {load}, "
@@ -182,7 +191,7 @@ def output_transform_kernel(n: int, h: int, w: int, c: int, k: int, m: int, lane
     a tile whose flag F[p] is not 0 is computed directly from X[N, H, W, C] and the HWIO weight Wt."""
     a = m + 2
     at = MATRICES[m][2]
-    th, tw = h // m, w // m
+    th, tw = -(-h // m), -(-w // m)
     p_total = n * th * tw
     vt = f"float32x{lanes}"
     ind = " " * 16
@@ -211,8 +220,15 @@ def output_transform_kernel(n: int, h: int, w: int, c: int, k: int, m: int, lane
             lines.append(f"{ind}o_{i}_{j} = T.meta_var({_lin([(at[j][q], f's_{i}_{q}') for q in range(a)], lanes)}"
                          f" + B.vload([kv * {lanes}], \"{vt}\")"
                          + (f" + R.vload([{nn}, {y}, {x}, kv * {lanes}], \"{vt}\")" if residual else "") + ")")
-            lines.append(f"{ind}Y[{nn}, {y}, {x}, {vec}] = " + (f"T.Select({zero} > o_{i}_{j}, {zero}, o_{i}_{j})"
-                                                               if relu else f"o_{i}_{j}"))
+            store = f"Y[{nn}, {y}, {x}, {vec}] = " + (f"T.Select({zero} > o_{i}_{j}, {zero}, o_{i}_{j})"
+                                                      if relu else f"o_{i}_{j}")
+            guards = ([f"{ty} < {th - 1}"] if (th - 1) * m + i >= h else []) + \
+                     ([f"{tx} < {tw - 1}"] if (tw - 1) * m + j >= w else [])
+            if guards:                       # an output past the image in the partial last tile: not stored
+                lines.append(f"{ind}if {' and '.join(guards)}:")
+                lines.append(f"{ind}    {store}")
+            else:
+                lines.append(f"{ind}{store}")
     body = "\n".join(lines)
     res_param = f"R: T.Buffer(({n}, {h}, {w}, {k}), \"float32\"), " if residual else ""
     direct = epilogue(f"acc[T.ramp(0, 1, {lanes})]", "y", "x", "nn")
@@ -232,14 +248,15 @@ def winograd_output(M: T.Buffer(({a * a}, {p_total}, {k}), "float32"), F: T.Buff
                 nn = {nn}
                 y = {ty} * {m} + i
                 x = {tx} * {m} + j
-                for kv in range({k // lanes}):
-                    acc = T.decl_buffer(({lanes},), "float32")
-                    acc[T.ramp(0, 1, {lanes})] = T.broadcast(T.float32(0.0), {lanes})
-                    for ky, kx, ci in T.grid(3, 3, {c}):
-                        if 0 <= y + ky - 1 and y + ky - 1 < {h} and 0 <= x + kx - 1 and x + kx - 1 < {w}:
-                            acc[T.ramp(0, 1, {lanes})] = acc[T.ramp(0, 1, {lanes})] + T.broadcast(
-                                X[nn, y + ky - 1, x + kx - 1, ci], {lanes}) * Wt.vload([ky, kx, ci, kv * {lanes}], "{vt}")
-                    Y[nn, y, x, {vec}] = {direct}
+                if y < {h} and x < {w}:
+                    for kv in range({k // lanes}):
+                        acc = T.decl_buffer(({lanes},), "float32")
+                        acc[T.ramp(0, 1, {lanes})] = T.broadcast(T.float32(0.0), {lanes})
+                        for ky, kx, ci in T.grid(3, 3, {c}):
+                            if 0 <= y + ky - 1 and y + ky - 1 < {h} and 0 <= x + kx - 1 and x + kx - 1 < {w}:
+                                acc[T.ramp(0, 1, {lanes})] = acc[T.ramp(0, 1, {lanes})] + T.broadcast(
+                                    X[nn, y + ky - 1, x + kx - 1, ci], {lanes}) * Wt.vload([ky, kx, ci, kv * {lanes}], "{vt}")
+                        Y[nn, y, x, {vec}] = {direct}
 """
     return _parse(text)
 
@@ -392,7 +409,7 @@ def winograd_convolutions(enabled=None):
                 return super().visit_var_binding_(binding)
             n, h, w, c = plan["shape"]
             k, m, lanes = plan["k"], plan["m"], self.lanes
-            a2, p = (m + 2) ** 2, n * (h // m) * (w // m)
+            a2, p = (m + 2) ** 2, n * (-(-h // m)) * (-(-w // m))
             bb = self.builder_
             x = self.visit_expr(plan["data"])
             gin = bb.add_func(input_transform_kernel(n, h, w, c, m, lanes), "winograd_input")
