@@ -34,7 +34,7 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
     precision:      compute precision of a TVM target: "float32", "float16" (float16 operands, float32
-                    accumulation and signature; pays on CUDA tensor cores) or "winograd" (x86: float32 with
+                    accumulation and signature; pays on CUDA tensor cores) or "winograd" (CPU: float32 with
                     3x3 convolutions as Winograd F(4x4, 3x3) / F(2x2, 3x3), ~1e-5 relative; see
                     backends/tvm/precision.py)
     dynamic:        dims that may vary at run time, with bounds, e.g. {"batch": (1, 64), "seq": (8, 512)} or
@@ -54,8 +54,8 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
         precision = check_precision(precision)
         if spec.kind == "torch":
             raise GraphoptError(f"precision={precision!r} applies to compiled (TVM) targets, not 'torch'")
-        if precision == "winograd" and not (spec.kind == "llvm" and spec.arch == "x86_64"):
-            raise GraphoptError(f"precision='winograd' applies to x86 targets (AVX2 / AVX-512), not '{spec.alias}'")
+        if precision == "winograd" and not (spec.kind == "llvm" and spec.arch in ("x86_64", "aarch64")):
+            raise GraphoptError(f"precision='winograd' applies to CPU targets (x86, arm), not '{spec.alias}'")
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
     from .dynamic import parse_dynamic

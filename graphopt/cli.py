@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="MetaSchedule trials (0: no tuning)")
     p.add_argument("--database", default=None, help="tuning record database directory")
     p.add_argument("--precision", default="float32",
-                   help="float32 (default), float16, or winograd (x86: 3x3 convolutions as Winograd, ~1e-5 relative)")
+                   help="float32 (default), float16, or winograd (CPU: 3x3 convolutions as Winograd, ~1e-5 relative)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (0: skip timing)")
     p.add_argument("--output", default=None, help="save the artifact here (.gopt)")
     p.add_argument("--json", default=None, help="write the report as JSON here")

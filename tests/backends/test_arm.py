@@ -215,3 +215,26 @@ def test_opinfo_samples_with_nan_and_inf_match_pytorch_on_aarch64(aarch64_sessio
                                execute=opinfo.remote_executor(aarch64_session))
     assert len(results) == len(cases) >= 4
     assert all(r.kind == "match" for r in results), opinfo.summarize(results)
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_winograd_convolutions_run_on_aarch64(aarch64_server):
+    """precision="winograd" with NEON's 4 lanes: the same kernels as on x86, run on the aarch64 device; finite
+    outputs within the contract, inf/NaN inputs exactly as PyTorch."""
+    from tests.backends.test_winograd import _Block
+
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.randn(2, 3, 16, 16)
+    opt = graphopt.optimize(model, target="arm", pipeline="fold_bn,cleanup", example_inputs=(x,),
+                            precision="winograd")
+    assert "3 3x3 convolution(s)" in opt.report.backend["precision"]
+    remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
+    with torch.no_grad():
+        ref = model(x)
+        assert (remote(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        bad = x.clone()
+        bad[0, 1, 4, 4], bad[1, 0, 9, 3] = float("nan"), float("inf")
+        out, ref = remote(bad), model(bad)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())

@@ -12,7 +12,7 @@ leave float16's range (a random-init network whose activations shrink below 6e-8
 Integer and int8 (quantized) tensors are untouched. It pays where the hardware has fast float16 (CUDA
 tensor cores; ARMv8.2 FP16); on x86 CPUs without AVX-512 FP16 it is correct but not faster.
 
-precision="winograd" (x86 targets) keeps float32 everywhere and computes 3x3 stride-1 convolutions with
+precision="winograd" (x86 and aarch64 targets) keeps float32 everywhere and computes 3x3 stride-1 convolutions with
 Winograd's F(4x4, 3x3) / F(2x2, 3x3) algorithm (winograd.py: 2.25-4x fewer multiplications). Contract:
 approximate, outputs within ~1e-5 of the largest output magnitude per convolution (the direct kernel:
 ~3e-7); inf and NaN inputs give exactly PyTorch's non-finite outputs. The report lists the convolutions taken.
@@ -35,7 +35,7 @@ def check_precision(precision: str) -> str:
     if name not in PRECISIONS:
         raise GraphoptError(f"precision={precision!r} is not supported: use one of {', '.join(PRECISIONS)} "
                             f"(float16 computes with float32 accumulation; winograd: float32 with Winograd 3x3 "
-                            f"convolutions on x86; int8 is the quantize pass)")
+                            f"convolutions on CPUs; int8 is the quantize pass)")
     return name
 
 
@@ -98,9 +98,9 @@ def _winograd(mod, spec, report):
     from .schedules import relax_layout_passes
     from .winograd import winograd_convolutions
 
-    if spec is None or spec.kind != "llvm" or spec.arch != "x86_64":
+    if spec is None or spec.kind != "llvm" or spec.arch not in ("x86_64", "aarch64"):
         where = "no target" if spec is None else f"target '{spec.alias}'"
-        raise GraphoptError(f"precision='winograd' applies to x86 targets (AVX2 / AVX-512), not {where}")
+        raise GraphoptError(f"precision='winograd' applies to CPU targets (x86, arm), not {where}")
     target = spec.tvm_target()
     with target:
         # the layout passes first (winograd takes NHWC convolutions); they run again, as no-ops, at scheduling

@@ -1,4 +1,4 @@
-"""Winograd convolutions on CPU targets: 3x3 stride-1 convolutions as F(m x m, 3 x 3) (Lavin & Gray, 2016).
+"""Winograd convolutions on CPU targets (x86, aarch64): 3x3 stride-1 convolutions as F(m x m, 3 x 3) (Lavin & Gray, 2016).
 
 A 3x3 convolution computes each m x m tile of outputs from an (m+2) x (m+2) tile of inputs with (m+2)^2
 multiplications per input/output channel pair instead of 9 m^2: 2.25x fewer for m = 2, 4x fewer for m = 4.
@@ -19,7 +19,7 @@ tile whose window holds a non-finite value, or values large enough that the tran
 (overflow_limit, from the transformed weights: ~1e31 for ResNet-sized layers), and the output transform
 computes those tiles directly. Weights must be finite (a convolution with an inf weight stays direct).
 
-Where: x86 (AVX2, AVX-512) targets, convolutions NHWC/HWIO with constant weights, 3x3, stride 1, dilation 1,
+Where: x86 (AVX2, AVX-512) and aarch64 (NEON) targets, convolutions NHWC/HWIO with constant weights, 3x3, stride 1, dilation 1,
 groups 1, padding 1, static shapes, channels a multiple of the SIMD width; m = 4 or 2 by tile_size (the fewer
 multiplications per output, counting the outputs a partial last tile wastes when m does not divide the size),
 only with at least MIN_TILES tiles (below that the GEMM has too few rows to pay for reading the transformed
@@ -437,8 +437,8 @@ def winograd_convolutions(enabled=None):
         if target is None or target.kind.name != "llvm" or (enabled is not None and not enabled(mod)):
             return mod
         lanes = cpu_vector(target).lanes("float32")
-        if lanes < 8:
-            return mod                      # x86 AVX2 / AVX-512 only
+        if lanes < 4:
+            return mod                      # SIMD targets: x86 AVX2 / AVX-512, aarch64 NEON
         plans = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
