@@ -893,19 +893,22 @@ class RowGroups(_CpuRule):
                 return None                               # one row (or an odd count): dlight's rule
         outer, in_group = sch.split(loops[-2], [None, group])   # a group: rows of one slice (a box)
         above = 0                                         # loops above a group's own ones, besides `outer`
+        at = None                                         # the loop the other blocks are computed at (`outer`)
         if n_rows is None:
             # the last group of a dynamic row count is guarded (rows past the end skipped); TIR's LoopPartition
             # splits the group loop into whole groups (no guard: the rows' chains and the vector loops compile
             # as in the static case) and that one. (Guards in every group left the kernel scalar: 8 x n x 256
             # layer norm, AVX2, 1 thread, n=128: 351 us, partitioned 101 us, the static build 97 us.) A
-            # partitioned loop cannot be fused, so one of the two runs in parallel: the groups, not the leading
-            # (batch) axes, which leave one core idle at batch 1 (one dynamic layer norm 1 x 128 x 256 in a
-            # model, 2 threads: 59.9 -> 43.8 us, static 39.8; 8 x 128: 289 -> 246 us, static 246).
+            # partitioned loop cannot be fused with the leading (batch) axes, so the group loop goes outermost
+            # and runs in parallel, the batch axes inside it: one parallel loop at every batch size (the batch
+            # loop in parallel left a core idle at batch 1; groups in parallel under a serial batch loop paid
+            # one thread-pool launch per batch row).
             sch.annotate(outer, "pragma_loop_partition_hint", 1)
             sch.parallel(outer)
             if len(loops) > 2:
-                if len(loops) > 3:
-                    sch.fuse(*loops[:-2])
+                lead = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
+                sch.reorder(outer, lead)
+                at = lead
                 above = 1
         else:
             outer = sch.fuse(*loops[:-2], outer) if len(loops) > 2 else outer
@@ -919,7 +922,7 @@ class RowGroups(_CpuRule):
         if n_rows is not None and n_rows // group > 1:
             sch.parallel(outer)
         for b in reversed(_root_blocks(sch)[:-1]):
-            sch.compute_at(b, outer, preserve_unit_loops=False)
+            sch.compute_at(b, at if at is not None else outer, preserve_unit_loops=False)
         for b in _root_blocks(sch)[:-1]:
             own = sch.get_loops(b)[above + 1:]
             if any(_extent(sch, lp) is None for lp in own):
