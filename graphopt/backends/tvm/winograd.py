@@ -101,6 +101,13 @@ def _lin(terms: list[tuple[object, str]], lanes: int) -> str:
     return out or f"T.broadcast(T.float32(0.0), {lanes})"
 
 
+def _tiles(n: int, h: int, w: int, m: int):
+    """(tile rows, tile columns, tiles P, TVMScript of tile p's image / tile row / tile column): P = N·th·tw
+    tiles of m x m outputs, row-major, the last row and column partial where m does not divide h / w."""
+    th, tw = -(-h // m), -(-w // m)
+    return th, tw, n * th * tw, (f"(p // {th * tw})", f"(p // {tw} % {th})", f"(p % {tw})")
+
+
 def _parse(text: str):
     from tvm.script import tirx as T
     from tvm.script.parser import parse
@@ -125,12 +132,10 @@ def input_transform_kernel(n: int, h: int, w: int, c: int, m: int, lanes: int):
     T.meta_var, substituted where used; TIR's common-subexpression pass and LLVM share the repeated parts."""
     a = m + 2
     bt = MATRICES[m][0]
-    th, tw = -(-h // m), -(-w // m)
-    p_total = n * th * tw
+    th, tw, p_total, (nn, ty, tx) = _tiles(n, h, w, m)
     vt = f"float32x{lanes}"
     ind = " " * 12
     lines = []
-    nn, ty, tx = f"(p // {th * tw})", f"(p // {tw} % {th})", f"(p % {tw})"
     # d[i][j]: the input at row ty·m - 1 + i, column tx·m - 1 + j (zero outside the image): a select of a
     # load at a clamped, in-bounds position. Only the first tile reaches above / left of the image, and only
     # the last one below / right of it (past the padding row where the size does not divide by m).
@@ -191,14 +196,11 @@ def output_transform_kernel(n: int, h: int, w: int, c: int, k: int, m: int, lane
     a tile whose flag F[p] is not 0 is computed directly from X[N, H, W, C] and the HWIO weight Wt."""
     a = m + 2
     at = MATRICES[m][2]
-    th, tw = -(-h // m), -(-w // m)
-    p_total = n * th * tw
+    th, tw, p_total, (nn, ty, tx) = _tiles(n, h, w, m)
     vt = f"float32x{lanes}"
     ind = " " * 16
     vec = f"T.ramp(kv * {lanes}, 1, {lanes})"
-
     zero = f"T.broadcast(T.float32(0.0), {lanes})"
-    nn, ty, tx = f"(p // {th * tw})", f"(p // {tw} % {th})", f"(p % {tw})"
 
     def epilogue(value: str, y: str, x: str, n_index: str) -> str:
         v = f"{value} + B.vload([kv * {lanes}], \"{vt}\")"
@@ -409,7 +411,7 @@ def winograd_convolutions(enabled=None):
                 return super().visit_var_binding_(binding)
             n, h, w, c = plan["shape"]
             k, m, lanes = plan["k"], plan["m"], self.lanes
-            a2, p = (m + 2) ** 2, n * (-(-h // m)) * (-(-w // m))
+            a2, p = (m + 2) ** 2, _tiles(n, h, w, m)[2]
             bb = self.builder_
             x = self.visit_expr(plan["data"])
             gin = bb.add_func(input_transform_kernel(n, h, w, c, m, lanes), "winograd_input")
