@@ -232,7 +232,11 @@ def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_mi
             return
     if outer:
         static = math.prod(x for x in extents if x is not None)
-        if static * 64 >= parallel_min:     # any dynamic dim of a few dozen makes it large enough
+        # each dynamic dim counts as a few dozen: any one makes a block of 256+ static elements large enough,
+        # two (batch x sequence: the padded operand copies of a dynamic attention matmul, 4 x 64 static)
+        # make even a small static part large enough (those copies ran serial: the 1 x 128 attention matmul
+        # of the small encoder took 2x its static build's time at 2 threads)
+        if static * 64 ** sum(x is None for x in extents) >= parallel_min:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
