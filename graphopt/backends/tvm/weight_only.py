@@ -155,10 +155,10 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                    CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
-            acc = T.decl_buffer((A,), "float32", scope="local")          # [row, nt, lane]
-            accg = T.decl_buffer((2 * A,), "float32", scope="local")     # [parity, row, nt, lane] of a group
-            xs = T.decl_buffer((2 * M,), "float32", scope="local")       # Σx of a group [parity, row]
-            wf = T.decl_buffer((2 * NT * L,), "float32", scope="local")
+            acc = T.decl_buffer((A,), "float32")          # [row, nt, lane]
+            accg = T.decl_buffer((2 * A,), "float32")     # [parity, row, nt, lane] of a group
+            xs = T.decl_buffer((2 * M,), "float32")       # Σx of a group [parity, row]
+            wf = T.decl_buffer((2 * NT * L,), "float32")
             for t in T.unroll(M * NT):
                 for j in T.vectorized(L):
                     acc[t * L + j] = T.float32(0)
@@ -228,9 +228,9 @@ def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
                    Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
-            acc = T.decl_buffer((A,), "float32", scope="local")
-            accg = T.decl_buffer((P * A,), "float32", scope="local")      # [set, row, nt, lane]
-            wf = T.decl_buffer((NT * L,), "float32", scope="local")
+            acc = T.decl_buffer((A,), "float32")
+            accg = T.decl_buffer((P * A,), "float32")      # [set, row, nt, lane]
+            wf = T.decl_buffer((NT * L,), "float32")
             for t in T.unroll(M * NT):
                 for j in T.vectorized(L):
                     acc[t * L + j] = T.float32(0)
