@@ -276,7 +276,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in par(NBO):
             for mo in range(MO):
-                acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
+                acc = T.decl_buffer((MT * NT * L,), "int32")
                 for t in T.unroll(MT * NT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
@@ -377,7 +377,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
         for row in par(N * OH):
             for cbo in range(CBO):
                 for owo in range(OWO):
-                    acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
+                    acc = T.decl_buffer((MT * NT * L,), "int32")
                     for t in T.unroll(MT * NT):
                         acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                     for kh in range(KH):
@@ -492,7 +492,7 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
         for row in T.parallel(N * OH):
             for cb in range(CB):
                 for owo in range(OWO):
-                    acc = T.decl_buffer((MT * 16,), "int32", scope="local")
+                    acc = T.decl_buffer((MT * 16,), "int32")
                     for t in T.unroll(MT):
                         acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
                     for kh in range(KH):
@@ -540,7 +540,7 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT * NBO):
             for mo in range(MO):
-                acc = T.decl_buffer((MT * NT * L,), "int32", scope="local")
+                acc = T.decl_buffer((MT * NT * L,), "int32")
                 for t in T.unroll(MT * NT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
@@ -589,7 +589,7 @@ def bmm_dynamic_kernel(MT: int, path: str, scale: float):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT * NB):
             for mo in range((M + MT - 1) // MT):
-                acc = T.decl_buffer((MT * L,), "int32", scope="local")
+                acc = T.decl_buffer((MT * L,), "int32")
                 for t in T.unroll(MT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
