@@ -225,7 +225,7 @@ def nm_kernel(mrows: int, w: NM, mt: int, kind: str, gather: str = "plain"):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for t in T.parallel(nt):
                 for mo in range(mo_n):
-                    acc = T.decl_buffer((r_ * mt,), "float32", scope="local")
+                    acc = T.decl_buffer((r_ * mt,), "float32")
                     for rr in T.unroll(r_):
                         for mi in T.vectorized(mt):
                             acc[rr * mt + mi] = T.float32(0)
@@ -252,7 +252,7 @@ def nm_kernel(mrows: int, w: NM, mt: int, kind: str, gather: str = "plain"):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for t in T.parallel(nt):
             for mo in range(mo_n):
-                acc = T.decl_buffer((mt * r_,), "float32", scope="local")
+                acc = T.decl_buffer((mt * r_,), "float32")
                 for mi in T.unroll(mt):
                     for rr in T.vectorized(r_):
                         acc[mi * r_ + rr] = T.float32(0)
@@ -354,8 +354,8 @@ def _perm_kernel(mrows: int, w: NM, mt: int, path: str):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for t in T.parallel(nt):
             for mo in range(mo_n):
-                acc = T.decl_buffer((mt * A * L,), "float32", scope="local")
-                iv = T.decl_buffer((L,), "int32", scope="local")
+                acc = T.decl_buffer((mt * A * L,), "float32")
+                iv = T.decl_buffer((L,), "int32")
                 for u in T.unroll(mt * A):
                     acc[T.ramp(u * L, 1, L)] = T.broadcast(T.float32(0), L)
                 for s in range(steps):

@@ -402,7 +402,7 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
         for row in par(N * OH):
             for ow in range(OW):
                 for cv in range(CV):
-                    acc = T.decl_buffer((V,), dtype, scope="local")
+                    acc = T.decl_buffer((V,), dtype)
                     for c in T.vectorized(V):
                         acc[c] = Lo[0]
                     for i in T.unroll(kh):

@@ -267,7 +267,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                      Y: T.Buffer((M, NS), odt)):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for io in par(NO):
-                acc = T.decl_buffer((U * mt * r_,), "int32", scope="local")
+                acc = T.decl_buffer((U * mt * r_,), "int32")
                 for ii in range(CH):
                   i = io * CH + ii
                   for mo in range(MO):
@@ -314,8 +314,8 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                      Y: T.Buffer((M, NS), odt)):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for io in par(NO):
-                acc = T.decl_buffer((U * mt * r_ * V,), "int32", scope="local")
-                tot = T.decl_buffer((1,), "int32", scope="local")
+                acc = T.decl_buffer((U * mt * r_ * V,), "int32")
+                tot = T.decl_buffer((1,), "int32")
                 for ii in range(CH):
                   i = io * CH + ii
                   for mo in range(MO):
@@ -388,8 +388,8 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                   YT: T.Buffer((NS, M), odt)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for io in par(NO):
-            acc = T.decl_buffer((RT * mt,), "int32", scope="local")
-            xv = T.decl_buffer((4 * V,), "uint8", scope="local")
+            acc = T.decl_buffer((RT * mt,), "int32")
+            xv = T.decl_buffer((4 * V,), "uint8")
             for ii in range(CH):
               i = io * CH + ii
               for ro in range(RO):

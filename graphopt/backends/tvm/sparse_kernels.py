@@ -141,7 +141,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for i in T.parallel(nb):
                 for mo in range(mo_n):
-                    acc = T.decl_buffer((r_ * mt,), "float32", scope="local")
+                    acc = T.decl_buffer((r_ * mt,), "float32")
                     for rr in T.unroll(r_):
                         for mi in T.vectorized(mt):
                             acc[rr * mt + mi] = T.float32(0)
@@ -164,7 +164,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             for i in T.parallel(nb):
                 for mo in range(mo_n):
-                    acc = T.decl_buffer((mt * r_,), "float32", scope="local")
+                    acc = T.decl_buffer((mt * r_,), "float32")
                     for t in T.unroll(mt):
                         for rr in T.vectorized(r_):
                             acc[t * r_ + rr] = T.float32(0)
@@ -187,7 +187,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for i in T.parallel(nb):
             for mo in range(mo_n):
-                acc = T.decl_buffer((mt * r_ * c_,), "float32", scope="local")
+                acc = T.decl_buffer((mt * r_ * c_,), "float32")
                 for t in T.unroll(mt * r_):
                     for cc in T.vectorized(c_):
                         acc[t * c_ + cc] = T.float32(0)

@@ -387,7 +387,7 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in T.parallel(NBO):
             P = T.decl_buffer((2 * KCP * W_,), "float32", scope="global")
-            acc = T.decl_buffer((MT * NT * L,), "float32", scope="local")
+            acc = T.decl_buffer((MT * NT * L,), "float32")
             for c in range(NC):
                 # first tile: dequantize each weight vector, store it to the panel, use it (the two inputs of
                 # a pair in turn: only NT weight vectors live next to the MT x NT accumulators)
