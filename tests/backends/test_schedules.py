@@ -1099,6 +1099,38 @@ def test_dynamic_transpose_is_vectorized_with_a_partitioned_tail(heads, width):
         np.testing.assert_array_equal(out.numpy(), a.transpose(1, 2, 0))
 
 
+def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
+    """PackedGemm on an attention-score matmul over a dynamic batch x heads and a dynamic sequence
+    (q [b, n, 64] @ kᵀ [b, 64, n]): the operands' padded copies run in parallel (two dynamic dims make even a
+    64-element static part large enough), the write-back's dynamic column loop is marked for LoopPartition
+    (whole vectors without a per-lane guard), and the result equals numpy's at lengths that fill whole tiles
+    and not."""
+    import tvm
+    from tvm import te
+
+    b, n = tirx.Var("b", "int64"), tirx.Var("n", "int64")
+    d = tirx.IntImm("int64", 64)
+    q = te.placeholder((b, n, d), name="q")
+    k = te.placeholder((b, d, n), name="k")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), d), name="r")
+    s = te.compute((b, n, n), lambda h, i, j: te.sum(q[h, i, r] * k[h, r, j], axis=r), name="s")
+    func = te.create_prim_func([q, k, s])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    assert sch is not None
+    text = sch.mod.script()
+    assert text.count("T.parallel(") == 3, text          # both padded copies and the GEMM
+    assert text.count("pragma_loop_partition_hint") >= 2  # the column copy's tail and the write-back's
+    lib = tvm.compile(sch.mod, target=target)
+    for bs, length in ((4, 1), (4, 7), (1, 32), (3, 45)):
+        rng = np.random.default_rng(length)
+        qa = rng.standard_normal((bs, length, 64)).astype("float32")
+        ka = rng.standard_normal((bs, 64, length)).astype("float32")
+        out = tvm.runtime.tensor(np.zeros((bs, length, length), "float32"))
+        lib["main"](tvm.runtime.tensor(qa), tvm.runtime.tensor(ka), out)
+        np.testing.assert_allclose(out.numpy(), qa @ ka, rtol=1e-5, atol=1e-5)
+
+
 def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():
     """DynamicRows takes a softmax over a dynamic row length (the attention scores of a dynamic sequence):
     reductions parallel over rows and sequential along them (the reference order), elementwise passes
