@@ -16,15 +16,17 @@ direct float32 convolution: ~3e-7); tests/backends/test_winograd.py holds each k
 Non-finite inputs keep PyTorch's semantics exactly: the transforms would spread an inf or NaN over a whole tile
 (inf - inf = NaN where the direct sum is inf, or a finite value next to it), so the input transform marks every
 tile whose window holds a non-finite value, or values large enough that the transforms could overflow
-(overflow_limit, from the transformed weights: ~1e31 for ResNet-sized layers), and the output transform
-computes those tiles directly. Weights must be finite (a convolution with an inf weight stays direct).
+(overflow_limit, from the transformed weights: 8e31-2e32 for random-init ResNet-18 layers with m = 4, 1e35
+with m = 2), and the output transform computes those tiles directly. Weights must be finite (a convolution
+with an inf weight stays direct).
 
-Where: x86 (AVX2, AVX-512) and aarch64 (NEON) targets, convolutions NHWC/HWIO with constant weights, 3x3, stride 1, dilation 1,
-groups 1, padding 1, static shapes, channels a multiple of the SIMD width; m = 4 or 2 by tile_size (the fewer
-multiplications per output, counting the outputs a partial last tile wastes when m does not divide the size),
-only with at least MIN_TILES tiles (below that the GEMM has too few rows to pay for reading the transformed
-weights: ResNet's 7x7 maps stay direct at batch 1 and take F(2x2) from batch 2, F(4x4) from batch 8). U takes
-(m+2)^2/9 the original weight's bytes (4x for m = 4), and the original weight is kept for the fallback tiles.
+Where: x86 (AVX2, AVX-512) and aarch64 (NEON) targets, convolutions NHWC/HWIO with constant weights, 3x3,
+stride 1, dilation 1, groups 1, padding 1, static shapes, channels a multiple of the SIMD width; m = 4 or 2
+by tile_size (the fewer multiplications per output, counting the outputs a partial last tile wastes when m
+does not divide the size), only with at least MIN_TILES tiles (below that the GEMM has too few rows to pay
+for reading the transformed weights: ResNet's 7x7 maps stay direct at batch 1 and take F(2x2) from batch 2,
+F(4x4) from batch 8). U takes (m+2)^2/9 the original weight's bytes (4x for m = 4), and the original weight
+is kept for the fallback tiles.
 """
 from __future__ import annotations
 
