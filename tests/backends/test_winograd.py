@@ -109,7 +109,7 @@ def test_non_finite_inputs_propagate_exactly_as_in_pytorch(mcpu, lanes, m):
         assert np.abs(y[fin] - ref[fin]).max() <= 1e-4 * np.abs(ref[fin]).max()
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)     # ~0.8 s per example (two kernel builds); fixed shapes above
 @given(h=st.integers(1, 13), wd=st.integers(1, 13), cb=st.integers(1, 3), kb=st.integers(1, 3),
        m=st.sampled_from([2, 4]), relu=st.booleans(), residual=st.booleans(), seed=st.integers(0, 99))
 def test_random_shapes(h, wd, cb, kb, m, relu, residual, seed):
