@@ -130,12 +130,12 @@ def test_weight_transform_is_g_w_gt():
 
 
 def test_tile_size_choice():
+    assert W.MIN_TILES == 16
     assert W.tile_size(56, 56) == 4 and W.tile_size(28, 28) == 4
-    assert W.tile_size(14, 14) == 2                   # 4x4 tiles: only 16, too few for the GEMM to pay
-    assert W.tile_size(14, 14, batch=2) == 4          # 32 tiles; the padded 16x16 still costs less than 2x2's
-    assert W.tile_size(7, 7) is None and W.tile_size(8, 8) is None
-    assert W.tile_size(7, 7, batch=2) == 2 and W.tile_size(7, 7, batch=8) == 4
-    assert W.tile_size(8, 8, batch=8) == 4
+    assert W.tile_size(14, 14) == 4                   # 16 tiles; the padded 16x16 still costs less than 2x2's
+    assert W.tile_size(7, 7) == 2                     # 4x4 tiles: only 4, too few for the GEMM to pay
+    assert W.tile_size(7, 7, batch=4) == 4 and W.tile_size(8, 8, batch=4) == 4
+    assert W.tile_size(6, 6) is None and W.tile_size(8, 8) == 2
     assert W.tile_size(1, 1, batch=64) is None        # 15 of 16 outputs padding: dearer than direct
 
 
