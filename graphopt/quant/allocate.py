@@ -203,10 +203,12 @@ def allocate(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str
 
 def brute_force(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str, float],
                 objective: str) -> tuple[float, list[int]] | None:
-    """(best objective, allocation) by enumerating every allocation (small cases only: the test oracle)."""
+    """(best objective, allocation) by enumerating every allocation (small cases only: the test oracle). Feasible
+    means what allocate() accepts (`_feasible`: a budget met up to 1e-9 relative, the float rounding of sums;
+    a strict comparison disagreed with allocate() on a budget of 3.9999999999999996 against a cost of 4.0)."""
     best = None
     for pick in itertools.product(*[range(len(layer)) for layer in costs]):
-        if not all(_total(costs, pick, k) <= lim for k, lim in limits.items()):
+        if not _feasible(costs, pick, limits):
             continue
         val = _total(costs, pick, objective)
         if best is None or val < best[0]:
