@@ -49,13 +49,12 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     example_inputs = tuple(example_inputs)
     spec = resolve_target(target)
     if precision not in ("float32", "fp32"):
-        from .backends.tvm.precision import check_precision
+        from .backends.tvm.precision import check_precision, check_target
 
         precision = check_precision(precision)
         if spec.kind == "torch":
             raise GraphoptError(f"precision={precision!r} applies to compiled (TVM) targets, not 'torch'")
-        if precision == "winograd" and not (spec.kind == "llvm" and spec.arch in ("x86_64", "aarch64")):
-            raise GraphoptError(f"precision='winograd' applies to CPU targets (x86, arm), not '{spec.alias}'")
+        check_target(precision, spec)
     pipe = Pipeline.coerce(DEFAULT_PIPELINE if pipeline is None else pipeline)
 
     from .dynamic import parse_dynamic

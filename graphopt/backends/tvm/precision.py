@@ -23,7 +23,7 @@ from collections import Counter
 
 from ...errors import GraphoptError
 
-__all__ = ["PRECISIONS", "check_precision", "apply_precision"]
+__all__ = ["PRECISIONS", "check_precision", "check_target", "apply_precision"]
 
 PRECISIONS = ("float32", "float16", "winograd")
 
@@ -91,20 +91,25 @@ def _scalar(bound):
     return value if isinstance(value, (int, float)) else None
 
 
+def check_target(precision: str, spec) -> None:
+    """GraphoptError unless `precision` applies to `spec` (a TargetSpec, or None): "winograd" needs a CPU target."""
+    if precision == "winograd" and (spec is None or spec.kind != "llvm" or spec.arch not in ("x86_64", "aarch64")):
+        where = "no target" if spec is None else f"'{spec.alias}'"
+        raise GraphoptError(f"precision='winograd' applies to CPU targets (x86, arm), not {where}")
+
+
 def _winograd(mod, spec, report):
     """The module with its eligible 3x3 convolutions in Winograd form (winograd.py), in NHWC layout."""
     import tvm
 
-    from .schedules import relax_layout_passes
+    from .schedules import nhwc_layout_passes
     from .winograd import winograd_convolutions
 
-    if spec is None or spec.kind != "llvm" or spec.arch not in ("x86_64", "aarch64"):
-        where = "no target" if spec is None else f"target '{spec.alias}'"
-        raise GraphoptError(f"precision='winograd' applies to CPU targets (x86, arm), not {where}")
+    check_target("winograd", spec)
     target = spec.tvm_target()
     with target:
         # the layout passes first (winograd takes NHWC convolutions); they run again, as no-ops, at scheduling
-        mod = tvm.transform.Sequential(relax_layout_passes(target)[:3] + [winograd_convolutions()])(mod)
+        mod = tvm.transform.Sequential(nhwc_layout_passes() + [winograd_convolutions()])(mod)
     taken = str(mod.attrs["graphopt.winograd"]) if mod.attrs and "graphopt.winograd" in mod.attrs else ""
     if report is not None:
         counts = Counter(taken.split(", ")) if taken else {}

@@ -44,7 +44,7 @@ from .inline_budget import BUDGET, expanded_size, plan_inlining
 
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "RowGroups", "ScalarMinMax", "Injective",
            "default_rules", "relax_layout_passes",
-           "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
+           "nhwc_layout_passes", "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
 
 
 # ----------------------------------------------------------------------------------------- target facts
@@ -1126,8 +1126,13 @@ def relax_layout_passes(target) -> list:
 
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
-    return [rewrite_elementwise(), nonnegative_squeeze_axes(), convert_conv_layout(), relax.transform.FastMathTransform(),
-            reshape_views()]
+    return nhwc_layout_passes() + [relax.transform.FastMathTransform(), reshape_views()]
+
+
+def nhwc_layout_passes() -> list:
+    """The part of relax_layout_passes that puts convolutions in NHWC/HWIO (with the spellings ConvertLayout
+    needs first); precision="winograd" runs it before its rewrite, which takes NHWC convolutions."""
+    return [rewrite_elementwise(), nonnegative_squeeze_axes(), convert_conv_layout()]
 
 
 def _calls_op(mod, name: str) -> bool:

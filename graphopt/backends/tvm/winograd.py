@@ -318,6 +318,14 @@ def _const_value(expr, values: dict) -> np.ndarray | None:
     return None
 
 
+def _added_to(binding, var):
+    """The other operand when `binding` is `var + other` (either order), else None."""
+    if binding is None or _op_name(binding.value) != "relax.add":
+        return None
+    a0, a1 = binding.value.args
+    return a1 if a0.same_as(var) else a0
+
+
 def _plan(func, lanes: int) -> dict:
     """{final var of a chain: plan} for every convolution of `func` that Winograd takes, with the epilogue it
     absorbs: conv -> [+ constant bias] -> [+ residual] -> [ReLU], each intermediate used once."""
@@ -362,18 +370,16 @@ def _plan(func, lanes: int) -> dict:
             return user[v] if uses.get(v, 0) == 1 and v not in outputs and v in user else None
 
         nxt = next_user(cur)
-        if nxt is not None and _op_name(nxt.value) == "relax.add":
-            a0, a1 = nxt.value.args
-            other = a1 if a0.same_as(cur) else a0
+        other = _added_to(nxt, cur)
+        if other is not None:
             bval = _const_value(other, values)
             if bval is not None and bval.size == k and _static_shape(nxt.var) == _static_shape(cur):
                 bias = bval.reshape(k).astype(np.float32)
                 cur = nxt.var
                 chain.append(cur)
                 nxt = next_user(cur)
-        if nxt is not None and _op_name(nxt.value) == "relax.add":
-            a0, a1 = nxt.value.args
-            other = a1 if a0.same_as(cur) else a0
+                other = _added_to(nxt, cur)
+        if other is not None:
             if _const_value(other, values) is None and _static_shape(other) == _static_shape(cur) \
                     and _static_shape(nxt.var) == _static_shape(cur):
                 residual = other
@@ -389,11 +395,11 @@ def _plan(func, lanes: int) -> dict:
     return plans
 
 
-def winograd_convolutions(enabled=None):
+def winograd_convolutions():
     """Relax module pass (after the NHWC layout conversion, before legalization): every convolution the
     module docstring lists, with its epilogue, becomes the input transform, a batched matmul against the
-    transformed weight, and the output transform with the epilogue. `enabled(mod) -> bool` decides per module
-    (default: always). The report of the rewrite is kept in the module attribute "graphopt.winograd"."""
+    transformed weight, and the output transform with the epilogue. The report of the rewrite is kept in the
+    module attribute "graphopt.winograd"."""
     import tvm
     from tvm import relax
     from tvm.relax import PyExprMutator, expr_functor
@@ -441,7 +447,7 @@ def winograd_convolutions(enabled=None):
     @tvm.transform.module_pass(opt_level=0, name="GraphoptWinograd")
     def _pass(mod, ctx):
         target = tvm.target.Target.current(allow_none=True)
-        if target is None or target.kind.name != "llvm" or (enabled is not None and not enabled(mod)):
+        if target is None or target.kind.name != "llvm":
             return mod
         lanes = cpu_vector(target).lanes("float32")
         if lanes < 4:
