@@ -14,12 +14,16 @@ speed     each model built by graphopt dense float32 (pipeline "cleanup"), dense
 accuracy  digits CNN and a digits MLP (64-256-256-10) trained here on scikit-learn's digits, then
           sparsify(sparsity=0.9, steps=..) - gradual pruning with the dense model as distillation teacher -
           and top-1 accuracy on the held-out quarter; artifacts (.gopt) of the dense and sparse builds
-          (kernel=auto and kernel=sparse) compared in bytes, and their latencies interleaved.
+          (kernel=auto and kernel=sparse) compared in bytes, and their latencies interleaved; and each build's
+          model file (graphopt.compressed: graph + weights, zstd, no compiled code; compiled again when loaded)
+          in bytes against the dense float32 one, with the accuracy of the file loaded back.
 nm        the same 50% sparsity in three layouts - 2:4, 4:8 (N:M kernels) and 16x1 blocks (BSR kernel) - against
           dense float32 (pipeline "cleanup"), on the MLP at batch 1 and 8 and the small encoder (its Linears),
           one-shot magnitude masks on random weights (speed only), kernel=sparse by default (every sparsified
           layer on its sparse kernel, so the layouts are compared kernel for kernel; --nm-kernel auto keeps
-          the measured per-layer choice), timed interleaved in one run; ratios dense / this.
+          the measured per-layer choice), timed interleaved in one run; ratios dense / this. --nm-int8 adds
+          dense int8 and each layout followed by quantize (2:4 / 4:8 on the N:M int8 kernel, 16x1 on the
+          block-sparse int8 one).
 Results also go to benchmarks/results/sparsity_*.json.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt import compressed  # noqa: E402
 from graphopt.datasets import DigitsCNN, accuracy, batches, digits, train_classifier  # noqa: E402
 from graphopt.models import MLP, BertStyleEncoder  # noqa: E402
 
@@ -128,14 +133,24 @@ def bench_nm(args) -> list[dict]:
         print(f"{name}: building", flush=True)
         builds, info = {"dense": graphopt.optimize(model, target=args.target, pipeline="cleanup",
                                                    example_inputs=x)}, {}
-        for pattern in args.nm_patterns.split(","):
+        variants = [(p, "") for p in args.nm_patterns.split(",")]
+        if args.nm_int8:
+            # static int8 after the same masks: N:M layers on the N:M int8 kernel, 16x1 on the block-sparse one
+            calib = calibration(x)
+            builds["dense int8"] = graphopt.optimize(model, target=args.target, example_inputs=x, calibration=calib,
+                                                     pipeline="cleanup,quantize(progress=false)")
+            variants += [(p, ",quantize(progress=false)") for p in args.nm_patterns.split(",")]
+        for pattern, tail in variants:
             t = time.perf_counter()
             opt = graphopt.optimize(model, target=args.target, example_inputs=x,
+                                    calibration=calibration(x) if tail else None,
                                     pipeline=f"cleanup,sparsify(sparsity=0.5,pattern={pattern},"
-                                             f"kernel={args.nm_kernel})")
+                                             f"kernel={args.nm_kernel}){tail}")
+            pattern = pattern + (" int8" if tail else "")
             builds[pattern] = opt
             rows = opt.report.backend.get("sparse_layers", [])
-            kernels = sorted({r.get("sparse_kernel", "") for r in rows if r["kernel"] == "sparse"})
+            kernels = sorted({r.get("sparse_kernel", "") for r in rows if r["kernel"] == "sparse"}
+                             | {r["kernel"] for r in rows if str(r["kernel"]).startswith("sparse int8")})
             stored = sum(r["stored_bytes"] for r in rows) / 1e6
             dense_b = sum(r["dense_bytes"] for r in rows) / 1e6
             err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
@@ -208,6 +223,16 @@ def bench_accuracy(args) -> list[dict]:
                                                                     pipeline="quantize(progress=false)")
         sizes = {k: os.path.getsize(b.save(os.path.join(tmp, f"{name.replace(' ', '_')}_{k.replace(' ', '_').replace('=', '-')}.gopt")))
                  for k, b in builds.items()}
+        # the model file (graphopt.compressed: the optimized graph and its weights, zstd; compiled again when
+        # loaded): what a size comparison in Deep Compression's sense measures, without the compiled code
+        files, file_accs = {}, {}
+        for k, b_ in builds.items():
+            fpath = os.path.join(tmp, f"{name.replace(' ', '_')}_{k.replace(' ', '_').replace('=', '-')}.goptz")
+            files[k] = os.path.getsize(compressed.save(b_, fpath))
+            with torch.no_grad():
+                gm_back = compressed.load(fpath)
+                file_accs[k] = sum((gm_back(xte[i:i + 1]).argmax(-1) == yte[i]).item()
+                                   for i in range(len(xte))) / len(xte) * 100
         accs = {}
         with torch.no_grad():
             for k, b in builds.items():
@@ -219,18 +244,23 @@ def bench_accuracy(args) -> list[dict]:
             out.append({"model": name, "variant": k, "accuracy": accs[k], "artifact_bytes": sizes[k],
                         "library_bytes": libs[k], "weights_stored": _weights_line(builds[k]),
                         "dense_artifact_over_this": sizes["dense"] / sizes[k], "median_ms": times[k]["median_ms"],
+                        "file_bytes": files[k], "file_accuracy": file_accs[k],
+                        "dense_file_over_this": files["dense"] / files[k],
+                        "dense_artifact_over_file": sizes["dense"] / files[k],
                         "dense_over_this": times["dense"]["median_ms"] / times[k]["median_ms"],
                         "report_sparse": builds[k].report.backend.get("sparse", "")})
         print(f"{name}: dense accuracy (eager) {dense_acc:.2f}%, after {pipe} {sparse_acc:.2f}% "
               f"(delta {sparse_acc - dense_acc:+.2f} pt; {train_s:.0f} s)")
         print(opt.report.records[-1].notes[0])
         print(format_table([["build", "accuracy %", "artifact kB", "dense / this (size)", "library kB (undeflated)",
-                             "median ms", "dense / this (time)"]]
+                             "median ms", "dense / this (time)", "model file kB", "dense file / this",
+                             "file accuracy %"]]
                            + [[r["variant"], f"{r['accuracy']:.2f}", f"{r['artifact_bytes'] / 1e3:.1f}",
                                f"{r['dense_artifact_over_this']:.2f}x", f"{r['library_bytes'] / 1e3:.1f}",
-                               f"{r['median_ms']:.4f}", f"{r['dense_over_this']:.2f}x"]
+                               f"{r['median_ms']:.4f}", f"{r['dense_over_this']:.2f}x", f"{r['file_bytes'] / 1e3:.1f}",
+                               f"{r['dense_file_over_this']:.2f}x", f"{r['file_accuracy']:.2f}"]
                               for r in out if r["model"] == name],
-                           right={1, 2, 3, 4, 5, 6}))
+                           right={1, 2, 3, 4, 5, 6, 7, 8, 9}))
         for r in out:
             if r["model"] == name and r["report_sparse"]:
                 print(f"  [{r['variant']}] {r['report_sparse']}")
@@ -262,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--nm-patterns", default="2:4,4:8,16x1", help="nm part: the 50%% sparse layouts")
     ap.add_argument("--nm-kernel", default="sparse", choices=["sparse", "auto"], help="nm part: kernel= of sparsify")
+    ap.add_argument("--nm-int8", action="store_true",
+                    help="nm part: also dense int8 and each pattern followed by quantize (N:M int8 kernel)")
     ap.add_argument("--no-int8", dest="int8", action="store_false",
                     help="speed: skip the int8 variants (dense int8: cleanup,quantize; sparse int8: "
                          "sparsify then quantize, static int8 calibrated on 4 random batches)")

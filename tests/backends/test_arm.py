@@ -238,3 +238,30 @@ def test_winograd_convolutions_run_on_aarch64(aarch64_server):
         bad[0, 1, 4, 4], bad[1, 0, 9, 3] = float("nan"), float("inf")
         out, ref = remote(bad), model(bad)
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_sparse_int8_kernels_run_on_aarch64_and_equal_dense_int8(aarch64_server):
+    """sparsify, then quantize, on sdot (cortex-a76): the N:M int8 kernel (tbl + sdot) at 2:4, the block-sparse
+    qrow (16x1, one row) and qmvec (unstructured, 20 rows: lanes over rows) kernels, each equal to the dense int8
+    build bit for bit on the aarch64 device."""
+    from tests.backends.conftest import run_on_aarch64
+    from tests.backends.test_sparse_int8 import _MLP, _NMMLP
+
+    for model, pattern, shape, kind in [(_NMMLP, "2:4", (1, 72), "qnm 2:4"), (_MLP, "16x1", (1, 70), "qrow"),
+                                        (_MLP, "unstructured", (20, 70), "qmvec")]:
+        sparsity = 0.5 if ":" in pattern else 0.6
+        outs = {}
+        for kernel in ("sparse", "dense"):
+            torch.manual_seed(0)
+            x = torch.randn(*shape)
+            calib = [(torch.randn(*shape),) for _ in range(3)]
+            opt = graphopt.optimize(model().eval(), target="arm:cortex-a76", example_inputs=(x,), calibration=calib,
+                                    pipeline=f"sparsify(sparsity={sparsity},pattern={pattern},kernel={kernel}),"
+                                             "quantize(progress=false)")
+            want = f"sparse int8 {kind}" if kernel == "sparse" else "dense int8"
+            assert opt.report.backend["sparse_layers"][0]["kernel"] == want
+            outs[kernel] = run_on_aarch64(opt, aarch64_server, x)
+        assert torch.equal(outs["sparse"], outs["dense"]), pattern
+        torch.testing.assert_close(outs["sparse"], opt.graph_module(x), rtol=1e-4, atol=1e-4)

@@ -206,7 +206,8 @@ def test_paths_without_sparse_int8_kernel_stay_dense():
     from graphopt.backends.tvm.lower import lower_graph
     from graphopt.capture import capture
 
-    assert int8_kind((16, 1), 1, "sdot") is None and int8_kind((16, 1), 1, "cpu") is None
+    assert int8_kind((16, 1), 1, "sdot") == "qrow"                     # ARM +dotprod has them
+    assert int8_kind((16, 1), 1, "cpu") is None and int8_kind((16, 1), 1, "relax") is None
     torch.manual_seed(0)
     x = torch.randn(1, 70)
     opt = graphopt.optimize(_MLP().eval(), target="torch", example_inputs=(x,), calibration=[(x,)],
@@ -260,3 +261,108 @@ def test_sparse_int8_1x1_convs_equal_dense_int8_bit_for_bit(target, path):
         assert rows["b"]["kernel"].startswith(want) and rows["c"]["kernel"].startswith(want)
     assert torch.equal(outs["sparse"], outs["dense"])
     torch.testing.assert_close(outs["sparse"], opt.graph_module(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ N:M int8 (qnm)
+def _nm_int8(rng, n, k, nm, qmax=64, fill=1.0):
+    """int8 [N, K] with at most n non-zeros in every m inputs (K padded to m inside), `fill` of them kept."""
+    nn_, m = nm
+    kk = -(-k // m) * m
+    g = rng.integers(-qmax, qmax + 1, (n, kk // m, m))
+    keep = np.argsort(rng.random(g.shape), -1)[..., :nn_]
+    mask = np.zeros(g.shape, bool)
+    np.put_along_axis(mask, keep, True, -1)
+    mask &= rng.random(g.shape) < fill
+    return (g * mask).reshape(n, kk)[:, :k].astype(np.int8)
+
+
+def _run_qnm(x: np.ndarray, wq: np.ndarray, target: str, path: str, exact: bool) -> np.ndarray:
+    from graphopt.backends.tvm.nm_int8 import qnm_kernel, qnm_lanes, qnm_row_tile, to_qnm
+
+    m, k = x.shape
+    n = wq.shape[0]
+    q = to_qnm(wq, qnm_lanes(path))
+    np.testing.assert_array_equal(q.to_dense(), wq)
+    lib = tvm.compile(tvm.IRModule({"main": qnm_kernel(q, m, qnm_row_tile(m, path), path, exact, FLOAT, n)}),
+                      target=resolve_target(target).tvm_target())
+    xp = np.zeros((m, q.k_pad), np.uint8)
+    xp[:, :k] = x
+    vecs = (np.zeros(q.n_pad, np.int32), np.ones(q.n_pad, np.float32), np.zeros(q.n_pad, np.float32))
+    y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (xp, q.data, q.shuf, *vecs)], y)
+    return y.numpy()
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 50), k=st.integers(1, 70), nm=st.sampled_from([(2, 4), (4, 8)]),
+       fill=st.floats(0.0, 1.0), tp=st.sampled_from(TARGETS), seed=st.integers(0, 2**16))
+def test_nm_int8_kernel_sums_exactly(m, n, k, nm, fill, tp, seed):
+    """The N:M int8 kernel (byte shuffle + dot product) on ragged M/N/K, any fill of the kept slots: the int32
+    sums equal numpy's."""
+    target, path = tp
+    rng = np.random.default_rng(seed)
+    wq = _nm_int8(rng, n, k, nm, fill=fill)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    got = _run_qnm(x, wq, target, path, exact=False)
+    np.testing.assert_array_equal(got.astype(np.int64), x.astype(np.int64) @ wq.astype(np.int64).T)
+
+
+def test_nm_int8_pairs_saturate_on_avx2_and_the_exact_split_fixes_it():
+    rng = np.random.default_rng(2)
+    wq = _nm_int8(rng, 16, 64, (2, 4))
+    wq[wq != 0] = 127                                 # 255·127·2 > 32,767: an int16 pair sum saturates
+    x = np.full((1, 64), 255, np.uint8)
+    want = x.astype(np.int64) @ wq.astype(np.int64).T
+    np.testing.assert_array_equal(_run_qnm(x, wq, "x86:haswell", "avx2", exact=True), want)
+    assert not np.array_equal(_run_qnm(x, wq, "x86:haswell", "avx2", exact=False), want)
+
+
+def test_nm_int8_detection_and_storage():
+    from graphopt.backends.tvm.nm_int8 import detect_nm_int8, to_qnm
+
+    rng = np.random.default_rng(0)
+    assert detect_nm_int8(_nm_int8(rng, 32, 64, (2, 4))) == (2, 4)
+    assert detect_nm_int8(_nm_int8(rng, 32, 64, (4, 8))) == (4, 8)
+    # kept weights that quantize to 0 (a tenth here) still make a 2:4 layer
+    assert detect_nm_int8(_nm_int8(rng, 32, 64, (2, 4), fill=0.9)) == (2, 4)
+    assert detect_nm_int8(_sparse_int8(rng, 32, 64, (1, 1), 0.5, 64)) is None      # unstructured 50%
+    assert detect_nm_int8(_nm_int8(rng, 32, 64, (2, 4), fill=0.3)) is None          # far sparser: block kernels
+    assert detect_nm_int8(_nm_int8(rng, 32, 66, (2, 4))) is None                     # K not whole groups
+    q = to_qnm(_nm_int8(rng, 37, 64, (2, 4)), 16)
+    assert q.data.shape == q.shuf.shape == (3, 8, 16, 4) and q.stored_bytes == 2 * 3 * 16 * 32
+    with pytest.raises(ValueError, match="more than 4 non-zeros"):
+        to_qnm(np.ones((4, 16), np.int8), 8)
+
+
+class _NMMLP(nn.Module):
+    """Widths that are whole groups of 8 (N:M needs K % m == 0), ragged in N."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(72, 96), nn.Linear(96, 44), nn.Linear(44, 10)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _build_nm(target, pattern, kernel, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    calib = [(torch.randn(*shape),) for _ in range(3)]
+    return graphopt.optimize(_NMMLP().eval(), target=target, example_inputs=(x,), calibration=calib,
+                             pipeline=f"sparsify(sparsity=0.5,pattern={pattern},kernel={kernel}),"
+                                      f"quantize(progress=false)"), x
+
+
+@pytest.mark.parametrize("target,path,pattern,shape", [
+    pytest.param(t, p, pat, shape, id=f"{pat}-{'x'.join(map(str, shape))}-{t}")
+    for t, p in TARGETS for pat, shape in [("2:4", (1, 72)), ("4:8", (3, 7, 72))]])
+def test_nm_int8_layers_equal_dense_int8_bit_for_bit(target, path, pattern, shape):
+    sparse, x = _build_nm(target, pattern, "sparse", shape)
+    dense, _ = _build_nm(target, pattern, "dense", shape)
+    rows = sparse.report.backend["sparse_layers"]
+    # the last Linear (K = 44) is not whole groups of 8: the pass leaves it dense (N:M needs K % m == 0)
+    assert [r["kernel"] for r in rows[:2]] == [f"sparse int8 qnm {pattern}"] * 2
+    assert all(r["block"] == pattern and r["stored_bytes"] < r["K"] * r["N"] * 1.2 for r in rows[:2])
+    assert torch.equal(sparse(x), dense(x))
+    torch.testing.assert_close(sparse(x), sparse.graph_module(x), rtol=1e-4, atol=1e-4)

@@ -9,11 +9,12 @@ epilogue is the same TIR expression as the dense kernel's, so a sparse int8 laye
 int8 layer's bit for bit.
 
 Instructions (path from quant_lower.int8_path): 'vnni' vpdpbusd (4 u8·s8 products into an int32 lane);
+'sdot' (aarch64 +dotprod) NEON sdot (4 s8·s8 products: the int8 activations of that path, 4 lanes);
 'avx512bw' / 'avx2' vpmaddubsw (u8·s8 pairs -> saturating int16) + vpmaddwd by ones (-> int32), exact for
 |w| <= 64 (the quantize pass's reduce_range weights on those paths); larger weights switch the layer to the
 exact split of the activations (a = 128·hi + lo), as the dense kernels do. Vectors of V int32 lanes: 4, 8
-or 16 (128/256/512-bit; 16 needs AVX-512). Other paths (ARM, no AVX2) have no sparse int8 kernel: those
-layers stay on the dense int8 kernel (noted).
+or 16 (128/256/512-bit; 16 needs AVX-512; NEON: 4). Other paths (no AVX2, ARM without the dot-product
+extension) have no sparse int8 kernel: those layers stay on the dense int8 kernel (noted).
 
 A "quad" is 4 weights of one output row that one 4-byte dot product consumes. Three kernels:
   * qrow  (R % 4 == 0, e.g. 16x1, 4x4, 8x1): lanes over the R output rows of a block row; a quad is 4
@@ -38,15 +39,16 @@ import numpy as np
 
 __all__ = ["QBSR", "SUPPORTED_PATHS", "int8_kind", "to_qbsr", "qbsr_kernel", "vector_lanes", "reference"]
 
-SUPPORTED_PATHS = ("vnni", "avx512bw", "avx2")
+SUPPORTED_PATHS = ("vnni", "avx512bw", "avx2", "sdot")
 _VNNI = {4: "llvm.x86.avx512.vpdpbusd.128", 8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}
 _UBSW = {4: "llvm.x86.ssse3.pmadd.ub.sw.128", 8: "llvm.x86.avx2.pmadd.ub.sw", 16: "llvm.x86.avx512.pmaddubs.w.512"}
+_SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 _WD = {4: "llvm.x86.sse2.pmadd.wd", 8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 
 
 def vector_lanes(path: str) -> int:
-    """Widest int32 vector of the path: 8 lanes (AVX2), 16 (AVX-512)."""
-    return 8 if path == "avx2" else 16
+    """Widest int32 vector of the path: 4 lanes (NEON), 8 (AVX2), 16 (AVX-512)."""
+    return {"avx2": 8, "sdot": 4}.get(path, 16)
 
 
 def int8_kind(block: tuple[int, int], m: int, path: str) -> str | None:
@@ -180,6 +182,9 @@ def _dp(path: str, V: int, acc, u8, s8, exact: bool):
 
     b = 4 * V
     s8v = s8                                                       # callers pass int8x(4V)
+    if path == "sdot":                                             # activations are int8 codes here
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SDOT), acc, T.reinterpret(u8, dtype="int8x16"),
+                                       s8v, dtype="int32x4")
     if path == "vnni":
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_VNNI[V]), acc,
                                        T.reinterpret(u8, dtype=f"int8x{b}"), s8v, dtype=f"int32x{V}")
@@ -219,13 +224,19 @@ def row_tile(kind: str, block: tuple[int, int], m: int, path: str) -> int:
     return max(1, min(m, budget // r, 8))
 
 
-def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out: int):
+def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out: int, act_dtype: str = "uint8"):
     """TIR PrimFunc for `m` at `rows` rows of x (qmvec: a multiple of mt). Arguments:
         qrow:  X [rows, Kp] uint8, data, indices, indptr, C, S, B [Np], Y [rows, n_out]
         qcol:  X [rows, Kp] uint8, ...                                   Y [rows, n_out]
         qmvec: packed XQ [Kp/4, rows, 4] / gathered XT [Kp, rows] uint8, ...   YT [n_out, rows]
-    Kp = K padded to whole blocks (and to 4), Np = N padded to whole blocks; C = zp·Σw, S, B per channel."""
+    Kp = K padded to whole blocks (and to 4), Np = N padded to whole blocks; C = zp·Σw, S, B per channel.
+    X is int8 on the sdot path (`act_dtype`); the kernels move its bytes as uint8."""
     from tvm.script import tirx as T
+
+    adt = act_dtype
+
+    def u8(v, lanes: int):
+        return v if adt == "uint8" else T.reinterpret(v, dtype="uint8" if lanes == 1 else f"uint8x{lanes}")
 
     r_, c_ = m.block
     n, k = m.shape
@@ -237,7 +248,11 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
     M = rows
     MO = -(-M // mt)
     NS = n_out
-    par = T.parallel
+    from .quant_lower import PARALLEL_MIN_MACS
+
+    # one thread below PARALLEL_MIN_MACS stored weights x rows, as the dense int8 kernels: waking the thread
+    # pool costs more than such a layer takes on one core
+    par = T.parallel if m.data.size * M >= PARALLEL_MIN_MACS else T.serial
     # block rows per parallel iteration: a kernel's local buffers are allocated once per parallel iteration
     # (a call into the runtime's workspace allocator, ~0.1 us), so thousands of tiny iterations (a 4096-row
     # Linear with 1x16 blocks) would spend more time allocating than computing
@@ -254,14 +269,15 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
 
         def gather(X, I, q, row):
             if m.packed:
-                return X.vload([row, T.Cast("int32", I[q]) * 4], "uint8x4")
-            v = T.Cast("int32", X[row, T.Cast("int32", I[q, 0])])
+                return u8(X.vload([row, T.Cast("int32", I[q]) * 4], f"{adt}x4"), 4)
+            v = T.Cast("int32", u8(X[row, T.Cast("int32", I[q, 0])], 1))
             for t in range(1, 4):
-                v = T.bitwise_or(v, T.shift_left(T.Cast("int32", X[row, T.Cast("int32", I[q, t])]), T.int32(8 * t)))
+                v = T.bitwise_or(v, T.shift_left(T.Cast("int32", u8(X[row, T.Cast("int32", I[q, t])], 1)),
+                                                 T.int32(8 * t)))
             return T.reinterpret(v, dtype="uint8x4")
 
         @T.prim_func
-        def qbsr_row(X: T.Buffer((M, kp), "uint8"), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
+        def qbsr_row(X: T.Buffer((M, kp), adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                      P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                      Y: T.Buffer((M, NS), odt)):
@@ -269,7 +285,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
             for io in par(NO):
                 acc = T.decl_buffer((U * mt * r_,), "int32")
                 for ii in range(CH):
-                  i = io * CH + ii
+                  i = T.meta_var(io * CH + ii)
                   for mo in range(MO):
                     for t in T.unroll(U * mt * G):
                         acc[T.ramp(t * V, 1, V)] = T.broadcast(T.int32(0), V)
@@ -308,7 +324,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
         U = _unroll(mt * r_, path)
 
         @T.prim_func
-        def qbsr_col(X: T.Buffer((M, kp), "uint8"), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
+        def qbsr_col(X: T.Buffer((M, kp), adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                      P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                      Y: T.Buffer((M, NS), odt)):
@@ -317,7 +333,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                 acc = T.decl_buffer((U * mt * r_ * V,), "int32")
                 tot = T.decl_buffer((1,), "int32")
                 for ii in range(CH):
-                  i = io * CH + ii
+                  i = T.meta_var(io * CH + ii)
                   for mo in range(MO):
                     for t in T.unroll(U * mt * r_):
                         acc[T.ramp(t * V, 1, V)] = T.broadcast(T.int32(0), V)
@@ -327,8 +343,8 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                                 for mi in T.unroll(mt):
                                     acc[T.ramp(((u * mt + mi) * r_ + rr) * V, 1, V)] = _dp(
                                         path, V, acc[T.ramp(((u * mt + mi) * r_ + rr) * V, 1, V)],
-                                        X.vload([T.min(mo * mt + mi, M - 1),
-                                                 T.Cast("int32", I[P[i] + jo * U + u]) * c_], f"uint8x{c_}"),
+                                        u8(X.vload([T.min(mo * mt + mi, M - 1),
+                                                    T.Cast("int32", I[P[i] + jo * U + u]) * c_], f"{adt}x{c_}"), c_),
                                         D.vload([P[i] + jo * U + u, rr, 0], f"int8x{c_}"), exact)
                     for u in T.unroll(1, U):
                         for t in T.unroll(mt * r_):
@@ -338,8 +354,8 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                             for mi in T.unroll(mt):
                                 acc[T.ramp((mi * r_ + rr) * V, 1, V)] = _dp(
                                     path, V, acc[T.ramp((mi * r_ + rr) * V, 1, V)],
-                                    X.vload([T.min(mo * mt + mi, M - 1), T.Cast("int32", I[j]) * c_],
-                                            f"uint8x{c_}"),
+                                    u8(X.vload([T.min(mo * mt + mi, M - 1), T.Cast("int32", I[j]) * c_],
+                                               f"{adt}x{c_}"), c_),
                                     D.vload([j, rr, 0], f"int8x{c_}"), exact)
                     for mi in T.unroll(mt):
                         if mo * mt + mi < M:
@@ -366,11 +382,11 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
 
     def xvec(X, I, j, qq, m0):
         if m.packed:
-            return X.vload([T.Cast("int32", I[j]) * QN + qq, m0, 0], f"uint8x{4 * V}")
-        v = T.Cast(f"int32x{V}", X.vload([T.Cast("int32", I[j, 0]), m0], f"uint8x{V}"))
+            return u8(X.vload([T.Cast("int32", I[j]) * QN + qq, m0, 0], f"{adt}x{4 * V}"), 4 * V)
+        v = T.Cast(f"int32x{V}", u8(X.vload([T.Cast("int32", I[j, 0]), m0], f"{adt}x{V}"), V))
         for t in range(1, 4):
-            v = T.bitwise_or(v, T.shift_left(T.Cast(f"int32x{V}", X.vload([T.Cast("int32", I[j, t]), m0],
-                                                                        f"uint8x{V}")),
+            v = T.bitwise_or(v, T.shift_left(T.Cast(f"int32x{V}", u8(X.vload([T.Cast("int32", I[j, t]), m0],
+                                                                           f"{adt}x{V}"), V)),
                                              T.broadcast(T.int32(8 * t), V)))
         return T.reinterpret(v, dtype=f"uint8x{4 * V}")
 
@@ -382,7 +398,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
         return T.reinterpret(T.broadcast(T.reinterpret(w4, dtype="int32"), V), dtype=f"int8x{4 * V}")
 
     @T.prim_func
-    def qbsr_mvec(X: T.Buffer(xshape, "uint8"), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
+    def qbsr_mvec(X: T.Buffer(xshape, adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                   P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                   S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
                   YT: T.Buffer((NS, M), odt)):
@@ -391,7 +407,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
             acc = T.decl_buffer((RT * mt,), "int32")
             xv = T.decl_buffer((4 * V,), "uint8")
             for ii in range(CH):
-              i = io * CH + ii
+              i = T.meta_var(io * CH + ii)
               for ro in range(RO):
                 for mo in range(MO):
                     for t in T.unroll(RT * MV):

@@ -179,6 +179,7 @@ def _time_pair(dense, sparse, xshape, spec, rounds: int, dtype: str = "float32")
     dev = tvm.cpu(0)
     rng = np.random.default_rng(0)
     x = tvm.runtime.tensor(rng.integers(0, 256, xshape).astype(np.uint8) if dtype == "uint8"
+                           else rng.integers(-128, 128, xshape).astype(np.int8) if dtype == "int8"
                            else rng.standard_normal(xshape).astype(np.float32))
     timers = []
     for mod in (dense, sparse):

@@ -3,11 +3,13 @@
 quant_lower's qlinear converter handles the op (activation codes, zero-point term, fused requantize epilogue)
 and asks `layer_call` for the kernel: the block-sparse int8 kernel (sparse_int8.py) or the dense int8 kernel
 (quant_lower._dense_call), chosen like the float32 sparse layers (sparse_lower.py):
-  sparse   always the sparse int8 kernel where the int8 path has one (vnni, avx512bw, avx2)
+  sparse   always the sparse int8 kernel where the int8 path has one (vnni, avx512bw, avx2, sdot)
   dense    the dense int8 kernel
   auto     both built for the layer's exact shape (M, K, N, block, int8 values) on the target and timed
            interleaved on this machine; sparse only when faster. Cross targets are not measured: dense.
-Paths without a sparse int8 kernel (ARM sdot, the generic 'cpu' path) run dense int8, noted. Both kernels
+A layer whose int8 weight is N:M with n/m = 1/2 (2:4, 4:8: sparsify's N:M patterns; nm_int8.detect_nm_int8)
+gets the N:M int8 kernel (nm_int8.py) as its sparse kernel instead, on the vnni, avx512bw, avx2 and sdot (ARM)
+paths. Paths without a sparse int8 kernel (the generic 'cpu' path) run dense int8, noted. All kernels
 compute the exact int32 sum and the same epilogue, so the choice never changes a result bit.
 
 Each layer's decision goes to the report with the float32 sparse layers (report.backend["sparse_layers"],
@@ -19,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from .nm_int8 import NM_PATHS, QNM, detect_nm_int8, qnm_kernel, qnm_lanes, qnm_row_tile, to_qnm
 from .quant_epilogue import FLOAT
 from .sparse_int8 import QBSR, int8_kind, qbsr_kernel, row_tile, to_qbsr, vector_lanes
 
@@ -41,6 +44,8 @@ def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: l
     (float32, or the requantized codes of `epi`; flat=True: [M, N])."""
     from tvm import relax
 
+    if isinstance(q, QNM):
+        return emit_qnm(st, bb, xu8, wq, comp, out_scale, bias, lead, exact, epi, flat, q)
     R = relax.op
     n, k = wq.shape
     m = int(np.prod(lead)) if lead else 1
@@ -65,7 +70,7 @@ def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: l
             x2 = bb.emit(R.permute_dims(R.reshape(x2, [rows, kp // 4, 4]), [1, 0, 2]))
         else:
             x2 = bb.emit(R.permute_dims(x2, [1, 0]))
-    func = qbsr_kernel(q, rows, mt, st.path, exact, epi, n)
+    func = qbsr_kernel(q, rows, mt, st.path, exact, epi, n, str(xu8.ty.dtype))
     gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qbsr_{r}x{c}_{kind}")
 
     def vec(v, dt):
@@ -88,11 +93,44 @@ def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: l
     return bb.emit(R.reshape(y, [*lead, n]))
 
 
-def _module(m: int, k: int, body):
+def emit_qnm(st, bb, x, wq: np.ndarray, comp, out_scale, bias, lead: list, exact: bool = False, epi=FLOAT,
+             flat: bool = False, q: QNM | None = None):
+    """emit_sparse_int8's contract on the N:M int8 kernel (x: uint8, int8 on sdot)."""
+    from tvm import relax
+
+    R = relax.op
+    n, k = wq.shape
+    m = int(np.prod(lead)) if lead else 1
+    if q is None:
+        q = to_qnm(wq, qnm_lanes(st.path))
+    x2 = x
+    if [int(s) for s in x.ty.shape] != [m, k]:
+        x2 = bb.emit(R.reshape(x2, [m, k]))
+    if q.k_pad != k:
+        x2 = bb.emit(R.nn.pad(x2, [0, 0, 0, q.k_pad - k], pad_value=0.0))
+    func = qnm_kernel(q, m, qnm_row_tile(m, st.path), st.path, exact, epi, n, str(x.ty.dtype))
+    gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qnm_{q.nm[0]}x{q.nm[1]}")
+
+    def vec(v, dt):
+        if isinstance(v, np.ndarray):
+            out = np.zeros(q.n_pad, dt)
+            out[:v.shape[0]] = v.astype(dt)[:q.n_pad]
+            return _const(out)
+        return v
+
+    args = [x2, _const(q.data), _const(q.shuf), vec(comp, np.int32), vec(out_scale, np.float32),
+            vec(bias, np.float32)]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], epi.dtype)))
+    if flat or [*lead, n] == [m, n]:
+        return y
+    return bb.emit(R.reshape(y, [*lead, n]))
+
+
+def _module(m: int, k: int, body, dtype: str = "uint8"):
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([m, k], "uint8"))
+    x = relax.Var("x", relax.TensorType([m, k], dtype))
     with bb.function("main", [x]):
         with bb.dataflow():
             out = bb.emit_output(body(bb, x))
@@ -101,9 +139,10 @@ def _module(m: int, k: int, body):
 
 
 def measure_int8_layer(m: int, wq: np.ndarray, block, spec, path: str, exact: bool = False,
-                       rounds: int = 5) -> tuple[float, float]:
-    """(dense int8 seconds, sparse int8 seconds) of one layer at M rows on `spec` (the host), interleaved."""
-    from .quant_lower import QuantLowering, _dense_call, _zero_point_term
+                       rounds: int = 5, nm: bool = False) -> tuple[float, float]:
+    """(dense int8 seconds, sparse int8 seconds) of one layer at M rows on `spec` (the host), interleaved;
+    nm=True times the N:M int8 kernel as the sparse one."""
+    from .quant_lower import QuantLowering, _dense_call, _zero_point_term, act_dtype_of
     from .sparse_lower import _time_pair
 
     n, k = wq.shape
@@ -111,10 +150,14 @@ def measure_int8_layer(m: int, wq: np.ndarray, block, spec, path: str, exact: bo
     comp = _zero_point_term(3, wq)
     scale = np.full(n, 1e-3, np.float32)
     bias = np.zeros(n, np.float32)
-    dense = _module(m, k, lambda bb, x: _dense_call(st, bb, x, wq, comp, scale, bias, [m], exact))
-    sparse = _module(m, k, lambda bb, x: emit_sparse_int8(st, bb, x, wq, comp, scale, bias, [m], exact,
-                                                          block=block))
-    return _time_pair(dense, sparse, [m, k], spec, rounds, dtype="uint8")
+    dt = act_dtype_of(path)
+    dense = _module(m, k, lambda bb, x: _dense_call(st, bb, x, wq, comp, scale, bias, [m], exact), dt)
+    if nm:
+        sparse = _module(m, k, lambda bb, x: emit_qnm(st, bb, x, wq, comp, scale, bias, [m], exact), dt)
+    else:
+        sparse = _module(m, k, lambda bb, x: emit_sparse_int8(st, bb, x, wq, comp, scale, bias, [m], exact,
+                                                              block=block), dt)
+    return _time_pair(dense, sparse, [m, k], spec, rounds, dtype=dt)
 
 
 def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray, lead: list, block, kernel: str,
@@ -127,13 +170,14 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
     block = tuple(int(b) for b in block)
     n, k = wq.shape
     m = int(np.prod(lead)) if lead else 1
-    kind = int8_kind(block, m, st.path)
+    nm = detect_nm_int8(wq) if block == (1, 1) and st.path in NM_PATHS else None
+    kind = "qnm" if nm else int8_kind(block, m, st.path)
     exact = _needs_exact(st.path, wq)
-    q = to_qbsr(wq, block, kind) if kind else None
+    q = to_qnm(wq, qnm_lanes(st.path)) if nm else to_qbsr(wq, block, kind) if kind else None
     row = {"layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": "linear", **(extra or {}),
            "int8": True,
-           "M": m, "K": k, "N": n, "block": f"{block[0]}x{block[1]}", "density": round(float((wq != 0).mean()), 4),
-           "dense_us": None, "sparse_us": None}
+           "M": m, "K": k, "N": n, "block": f"{nm[0]}:{nm[1]}" if nm else f"{block[0]}x{block[1]}",
+           "density": round(float((wq != 0).mean()), 4), "dense_us": None, "sparse_us": None}
     choice, why = "dense", ""
     if kind is None:
         why = f"no sparse int8 kernel on the {st.path} path: dense int8"
@@ -147,13 +191,13 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
         spec = st.spec
         # as for float32 (sparse_lower): layers of one shape, block and density (to 1%) share a measurement
         key = (spec.tvm if isinstance(spec.tvm, str) else repr(spec.tvm), st.path, m, k, n, block, exact,
-               round(float((wq != 0).mean()), 2))
+               round(float((wq != 0).mean()), 2), nm)
         try:
             if MEASURE is not None:
                 times = MEASURE(m, wq, block, spec, st.path)
             else:
                 if key not in _CACHE:
-                    _CACHE[key] = measure_int8_layer(m, wq, block, spec, st.path, exact)
+                    _CACHE[key] = measure_int8_layer(m, wq, block, spec, st.path, exact, nm=bool(nm))
                 times = _CACHE[key]
         except Exception as e:                 # never fail a build over a measurement: stay dense
             why = f"measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): dense int8"
@@ -162,7 +206,8 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
             choice = "sparse" if times[1] < times[0] else "dense"
             why = f"measured: sparse/dense int8 time {times[1] / max(times[0], 1e-12):.2f}"
     stored = (q.stored_bytes if choice == "sparse" else wq.nbytes) + bias.astype(np.float32).nbytes
-    row.update(kernel=f"sparse int8 {kind}" if choice == "sparse" else "dense int8", why=why,
+    label = f"qnm {nm[0]}:{nm[1]}" if nm else kind
+    row.update(kernel=f"sparse int8 {label}" if choice == "sparse" else "dense int8", why=why,
                stored_bytes=int(stored), dense_bytes=int(wq.size * 4 + bias.size * 4))
     if not hasattr(st, "sparse_rows"):
         st.sparse_rows = []
@@ -179,7 +224,7 @@ def convert_sparse_qconv2d(st):
     """Converter of graphopt.sparse_qconv2d: a 1x1, stride-1, unpadded conv (groups=1) on a static shape runs as
     an NHWC [N·H·W, C] x [O, C] GEMM on the sparse int8 kernel when chosen (layer_call); every other conv, and
     one that stays dense, is quant_lower's dense int8 conv (the op's first nine arguments are qconv2d's)."""
-    from .quant_lower import _convert_qconv2d, _is_static, _shape, _to_uint8, _zero_point_term
+    from .quant_lower import _convert_qconv2d, _is_static, _shape, _to_uint8, _zero_point_term, act_dtype_of
 
     dense_conv = _convert_qconv2d(st)
 
@@ -217,7 +262,7 @@ def convert_sparse_qconv2d(st):
         if call.__name__ == "_dense_call":
             return dense_conv(node, importer)
         exact = st.kernel("qconv2d", wq)
-        xu8, zp8 = _to_uint8(bb, xq, zp, str(xq.ty.dtype), "uint8")
+        xu8, zp8 = _to_uint8(bb, xq, zp, str(xq.ty.dtype), act_dtype_of(st.path))
         x2 = bb.emit(R.reshape(R.permute_dims(xu8, [0, 2, 3, 1]), [n * h * w, c]))
         y = call(st, bb, x2, w2, _zero_point_term(zp8, w2), out_scale, bias, [n * h * w], exact)
         return bb.emit(R.permute_dims(R.reshape(y, [n, h, w, co]), [0, 3, 1, 2]))
