@@ -3,6 +3,7 @@
     python benchmarks/bench_sparsity.py                          # speed: mlp, encoder; accuracy: digits cnn, mlp
     python benchmarks/bench_sparsity.py --parts speed --encoder base --target x86:haswell
     python benchmarks/bench_sparsity.py --parts nm --target x86:haswell    # N:M vs BSR vs dense at 50%
+    python benchmarks/bench_sparsity.py --parts convs                      # ResNet-18 / MobileNetV2 1x1 convs
 
 speed     each model built by graphopt dense float32 (pipeline "cleanup"), dense int8 ("cleanup,quantize") and at 90% block sparsity with
           16x1 and 1x16 blocks (sparsify, magnitude, one-shot: random weights, speed only; kernel=auto, so a
@@ -24,6 +25,10 @@ nm        the same 50% sparsity in three layouts - 2:4, 4:8 (N:M kernels) and 16
           the measured per-layer choice), timed interleaved in one run; ratios dense / this. --nm-int8 adds
           dense int8 and each layout followed by quantize (2:4 / 4:8 on the N:M int8 kernel, 16x1 on the
           block-sparse int8 one).
+convs     ResNet-18 and MobileNetV2 (torchvision, random init, batch 1): every 1x1 convolution (groups=1) at
+          80% 16x1 block sparsity (--conv-sparsity, --conv-block; one-shot magnitude; 3x3, depthwise and Linear
+          layers left dense), kernel=auto and kernel=sparse, float32 and int8 (then quantize; ratios against
+          dense int8), timed interleaved; ratios dense / this.
 Results also go to benchmarks/results/sparsity_*.json.
 """
 from __future__ import annotations
@@ -175,6 +180,62 @@ def bench_nm(args) -> list[dict]:
     return out
 
 
+def conv_models():
+    import torchvision
+
+    for arch in ("resnet18", "mobilenet_v2"):
+        torch.manual_seed(0)
+        yield arch, torchvision.models.get_model(arch, weights=None).eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def pointwise_only(model) -> list[str]:
+    """Module paths of every Conv2d that is not a 1x1, groups=1 convolution (sparsify's exclude list)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            and (tuple(m.kernel_size) != (1, 1) or m.groups != 1)]
+
+
+def bench_convs(args) -> list[dict]:
+    """ResNet-18 / MobileNetV2 (random init, batch 1, 224x224): every 1x1 convolution at `--conv-sparsity`
+    block sparsity (one-shot magnitude, `--conv-block`), float32 and int8, against the dense builds."""
+    out = []
+    for name, model, x in conv_models():
+        print(f"{name}: building", flush=True)
+        sp = {"name": "sparsify", "sparsity": args.conv_sparsity, "pattern": args.conv_block, "layers": "conv",
+              "exclude": pointwise_only(model)}
+        calib = calibration(x, 2)
+        q = [{"name": "quantize", "progress": False}]
+        variants = {"dense": ["fold_bn", "cleanup"], "sparse": ["fold_bn", "cleanup", sp],
+                    "sparse kernel=sparse": ["fold_bn", "cleanup", {**sp, "kernel": "sparse"}]}
+        if args.int8:
+            variants.update({"dense int8": ["fold_bn", "cleanup"] + q, "sparse int8": ["fold_bn", "cleanup", sp] + q})
+        builds, info = {}, {}
+        for k, pipe in variants.items():
+            t = time.perf_counter()
+            opt = graphopt.optimize(model, target=args.target, example_inputs=x, pipeline=pipe,
+                                    calibration=calib if "int8" in k else None)
+            builds[k] = opt
+            err = (opt(*x) - opt.graph_module(*x)).abs().max().item()
+            rows = opt.report.backend.get("sparse_layers", [])
+            info[k] = (f"{decisions(opt)}, " if rows else "") + f"build {time.perf_counter() - t:.0f} s, " \
+                      f"max|compiled - graph| {err:.1e}"
+        times = time_interleaved({k: (lambda o=o: o(*x)) for k, o in builds.items()}, rounds=args.rounds)
+        rows_out = []
+        for k, v in times.items():
+            ref = times["dense int8" if "int8" in k else "dense"]
+            rows_out.append({"model": name, "variant": k, "target": args.target, "median_ms": v["median_ms"],
+                             "p10_ms": v["p10_ms"], "min_ms": v["min_ms"],
+                             "dense_over_this": ref["median_ms"] / v["median_ms"],
+                             "dense_over_this_p10": ref["p10_ms"] / v["p10_ms"], "info": info[k],
+                             "layers": builds[k].report.backend.get("sparse_layers")})
+        out += rows_out
+        print(format_table([["variant", "median ms", "p10", "min", "dense/this (median; int8: dense int8)", "(p10)",
+                             "notes"]]
+                           + [[r["variant"], f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}", f"{r['min_ms']:.2f}",
+                               f"{r['dense_over_this']:.2f}x", f"{r['dense_over_this_p10']:.2f}x", r["info"]]
+                              for r in rows_out], right={1, 2, 3, 4, 5}), flush=True)
+    return out
+
+
 def digits_models():
     (xtr, ytr), (xte, yte) = digits()
     torch.manual_seed(0)
@@ -292,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--nm-patterns", default="2:4,4:8,16x1", help="nm part: the 50%% sparse layouts")
     ap.add_argument("--nm-kernel", default="sparse", choices=["sparse", "auto"], help="nm part: kernel= of sparsify")
+    ap.add_argument("--conv-sparsity", type=float, default=0.8, help="convs part: block sparsity of the 1x1 convs")
+    ap.add_argument("--conv-block", default="16x1", help="convs part: the block of the 1x1 convs")
     ap.add_argument("--nm-int8", action="store_true",
                     help="nm part: also dense int8 and each pattern followed by quantize (N:M int8 kernel)")
     ap.add_argument("--no-int8", dest="int8", action="store_false",
@@ -303,8 +366,8 @@ def main(argv=None):
     print(json.dumps({"machine": machine_info(), "threads": threads, "target": args.target}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     for part in args.parts.split(","):
-        res = {"speed": bench_speed, "nm": bench_nm}.get(part, bench_accuracy)(args)
-        suffix = f"_{args.target.replace(':', '_')}" if part == "nm" else ""
+        res = {"speed": bench_speed, "nm": bench_nm, "convs": bench_convs}.get(part, bench_accuracy)(args)
+        suffix = f"_{args.target.replace(':', '_')}" if part in ("nm", "convs") else ""
         with open(os.path.join(args.out, f"sparsity_{part}{suffix}.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
 

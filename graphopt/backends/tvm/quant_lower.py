@@ -1380,6 +1380,11 @@ def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowerin
     if unknown:
         raise LoweringError(f"no TVM lowering for graphopt op(s) {', '.join(sorted(unknown))}")
     st = QuantLowering(ep, spec, int8_path(spec))
+    if "sparse_qconv2d.default" in present:
+        from .sparse_qlower import decide_sparse_convs
+
+        decide_sparse_convs(st, ep)                          # the ones that run dense become qconv2d nodes
+        present = _graphopt_ops(ep)
     st.notes.append(describe_path(st.path, getattr(spec, "alias", "?"), getattr(spec, "arch", "")))
     st.fuse = quant_fuse.FuseState(quant_fuse.plan_fusions(ep, st.path) if FUSE_EPILOGUES else {})
     converters = quant_fuse.absorbed_converters(st.fuse, ep)

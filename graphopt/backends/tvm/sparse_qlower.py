@@ -23,9 +23,10 @@ import numpy as np
 
 from .nm_int8 import NM_PATHS, QNM, detect_nm_int8, qnm_kernel, qnm_lanes, qnm_row_tile, to_qnm
 from .quant_epilogue import FLOAT
-from .sparse_int8 import QBSR, int8_kind, qbsr_kernel, row_tile, to_qbsr, vector_lanes
+from .sparse_int8 import QBSR, int8_kind, qbsr_kernel, row_tile, to_qbsr
 
-__all__ = ["layer_call", "emit_sparse_int8", "measure_int8_layer", "clear_cache"]
+__all__ = ["layer_call", "emit_sparse_int8", "emit_qnm", "measure_int8_layer", "decide_sparse_convs",
+           "convert_sparse_qconv2d", "clear_cache"]
 
 _CACHE: dict[tuple, tuple[float, float]] = {}
 MEASURE: Callable | None = None     # tests: (m, wq, block, spec, path) -> (dense_s, sparse_s)
@@ -220,47 +221,76 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
     return call
 
 
-def convert_sparse_qconv2d(st):
-    """Converter of graphopt.sparse_qconv2d: a 1x1, stride-1, unpadded conv (groups=1) on a static shape runs as
-    an NHWC [N·H·W, C] x [O, C] GEMM on the sparse int8 kernel when chosen (layer_call); every other conv, and
-    one that stays dense, is quant_lower's dense int8 conv (the op's first nine arguments are qconv2d's)."""
-    from .quant_lower import _convert_qconv2d, _is_static, _shape, _to_uint8, _zero_point_term, act_dtype_of
+def _conv_call(st, node):
+    """The sparse kernel emitter for a sparse_qconv2d node, or None when it runs on the dense int8 conv: only a
+    1x1, stride-1, unpadded conv (groups=1) on a static shape can run as an NHWC [N·H·W, C] x [O, C] GEMM on a
+    sparse int8 kernel, and then only when chosen (layer_call). Appends the layer's report row."""
+    from .lower import _module_path
 
-    dense_conv = _convert_qconv2d(st)
+    stride, padding, groups = list(node.args[5]), list(node.args[6]), int(node.args[8])
+    block, kernel = (int(node.args[9]), int(node.args[10])), str(node.args[11])
+    wq = st.need(node, 1, "the int8 weight").astype(np.int8)
+    val = node.args[0].meta.get("val") if hasattr(node.args[0], "meta") else None
+    shape = [d if isinstance(d, int) else None for d in val.shape] if val is not None else [None] * 4
+    co, ci, kh, kw = wq.shape
+    if not ((kh, kw) == (1, 1) and stride == [1, 1] and padding == [0, 0] and groups == 1
+            and None not in shape and st.path != "relax"):
+        if not hasattr(st, "sparse_rows"):
+            st.sparse_rows = []
+        st.sparse_rows.append({
+            "layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": f"conv{kh}x{kw}",
+            "int8": True, "M": None, "K": ci * kh * kw, "N": co, "block": f"{block[0]}x{block[1]}",
+            "density": round(float((wq != 0).mean()), 4), "dense_us": None, "sparse_us": None,
+            "kernel": "dense int8", "why": "sparse int8 convs: 1x1, stride 1, unpadded, groups=1, static shape",
+            "stored_bytes": int(wq.size + co * 4), "dense_bytes": int(wq.size * 4 + co * 4)})
+        return None
+    n, c, h, w = shape
+    call = layer_call(st, node, wq.reshape(co, ci), st.need(node, 2, "out_scale").astype(np.float32),
+                      st.bias(node, 3, co), [n * h * w], block, kernel,
+                      {"op": "conv1x1", "input": "x".join(map(str, shape))})
+    return None if call.__name__ == "_dense_call" else call
+
+
+def decide_sparse_convs(st, ep) -> None:
+    """Before the import: decide every sparse_qconv2d once (report row, measurement) and turn the ones that run
+    on the dense int8 kernel into plain qconv2d nodes (the op's first nine arguments are qconv2d's), so that
+    quant_fuse plans their fused requantize epilogues and NHWC layouts like any dense int8 conv's (as
+    sparse_qconv2d nodes they were lowered unfused: a pruned MobileNetV2 whose 1x1 convs all stayed dense ran
+    ~13% slower than the same model quantized unpruned). The emitters of the ones that stay sparse are kept in
+    st.sparse_conv_calls. `ep` is the exported program of this lowering (rewritten in place)."""
+    import torch
+
+    st.sparse_conv_calls = {}
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__name__", "") != "sparse_qconv2d.default":
+            continue
+        call = _conv_call(st, node)
+        if call is None:
+            node.target = torch.ops.graphopt.qconv2d.default
+            node.args = tuple(node.args[:9])
+        else:
+            st.sparse_conv_calls[node] = call
+
+
+def convert_sparse_qconv2d(st):
+    """Converter of the sparse_qconv2d nodes decide_sparse_convs left sparse: NHWC [N·H·W, C] GEMM on the sparse
+    int8 kernel (the others were made qconv2d nodes)."""
+    from .quant_lower import _shape, _to_uint8, _zero_point_term, act_dtype_of
 
     def convert(node, importer):
         from tvm import relax
 
         R = relax.op
         bb = importer.block_builder
+        call = st.sparse_conv_calls[node]
         xq = importer.env[node.args[0]]
         zp = int(node.args[4])
-        stride, padding, groups = list(node.args[5]), list(node.args[6]), int(node.args[8])
-        block, kernel = (int(node.args[9]), int(node.args[10])), str(node.args[11])
         wq = st.need(node, 1, "the int8 weight").astype(np.int8)
-        shape = _shape(xq)
-        co, ci, kh, kw = wq.shape
-        if not ((kh, kw) == (1, 1) and stride == [1, 1] and padding == [0, 0] and groups == 1
-                and _is_static(shape) and st.path != "relax"):
-            from .lower import _module_path
-
-            if not hasattr(st, "sparse_rows"):
-                st.sparse_rows = []
-            st.sparse_rows.append({
-                "layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": f"conv{kh}x{kw}",
-                "int8": True, "M": None, "K": ci * kh * kw, "N": co, "block": f"{block[0]}x{block[1]}",
-                "density": round(float((wq != 0).mean()), 4), "dense_us": None, "sparse_us": None,
-                "kernel": "dense int8", "why": "sparse int8 convs: 1x1, stride 1, unpadded, groups=1, static shape",
-                "stored_bytes": int(wq.size + co * 4), "dense_bytes": int(wq.size * 4 + co * 4)})
-            return dense_conv(node, importer)
         out_scale = st.need(node, 2, "out_scale").astype(np.float32)
+        co, ci = wq.shape[:2]
         bias = st.bias(node, 3, co)
-        n, c, h, w = shape
+        n, c, h, w = _shape(xq)
         w2 = wq.reshape(co, ci)
-        call = layer_call(st, node, w2, out_scale, bias, [n * h * w], block, kernel,
-                          {"op": "conv1x1", "input": "x".join(map(str, shape))})
-        if call.__name__ == "_dense_call":
-            return dense_conv(node, importer)
         exact = st.kernel("qconv2d", wq)
         xu8, zp8 = _to_uint8(bb, xq, zp, str(xq.ty.dtype), act_dtype_of(st.path))
         x2 = bb.emit(R.reshape(R.permute_dims(xu8, [0, 2, 3, 1]), [n * h * w, c]))
