@@ -327,6 +327,7 @@ def test_nm_int8_detection_and_storage():
     assert detect_nm_int8(_nm_int8(rng, 32, 64, (2, 4), fill=0.9)) == (2, 4)
     assert detect_nm_int8(_sparse_int8(rng, 32, 64, (1, 1), 0.5, 64)) is None      # unstructured 50%
     assert detect_nm_int8(_nm_int8(rng, 32, 64, (2, 4), fill=0.3)) is None          # far sparser: block kernels
+    assert detect_nm_int8(_nm_int8(rng, 32, 64, (8, 16))) is None       # 8:16 may put 5 in a window of 8
     assert detect_nm_int8(_nm_int8(rng, 32, 66, (2, 4))) is None                     # K not whole groups
     q = to_qnm(_nm_int8(rng, 37, 64, (2, 4)), 16)
     assert q.data.shape == q.shuf.shape == (3, 8, 16, 4) and q.stored_bytes == 2 * 3 * 16 * 32

@@ -49,14 +49,15 @@ def qnm_lanes(path: str) -> int:
 
 def detect_nm_int8(wq: np.ndarray, min_fill: float = 0.75) -> tuple[int, int] | None:
     """(n, m) with n/m = 1/2 when every group of m consecutive inputs of every row of the int8 [N, K] `wq` has
-    at most n non-zeros, for the smallest m in (4, 8, 16) that fits, and the weight is N:M-shaped: at least
+    at most n non-zeros, for the smaller m in (4, 8) that fits (8:16 does not bound a window of 8 inputs, the
+    kernel's, to 4; where it does, the weight is 4:8), and the weight is N:M-shaped: at least
     `min_fill` of the n·groups kept slots non-zero (a sparser weight is better served by the block-sparse
     kernels; the kept weights that round to 0 in quantization stay well below a quarter). None otherwise."""
     nz = np.asarray(wq) != 0
     if nz.ndim != 2 or nz.size == 0:
         return None
     rows, k = nz.shape
-    for m in (4, 8, 16):
+    for m in (4, 8):
         if k % m:
             continue
         n = m // 2
