@@ -269,6 +269,10 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     NS = N if n_out is None else n_out
     full = NS == N
     par = T.parallel if not isinstance(M, int) or M * K * N >= PARALLEL_MIN_MACS else T.serial
+    # a GELU epilogue (two polynomials and a division per vector) runs as a loop over the register tile:
+    # unrolled MT x NT times it took LLVM seconds to compile (2 s for one 40 -> 72 Linear on AVX-512); the
+    # accumulators are copied out first so that they stay in registers through the K loop
+    epi_loop = T.serial if any(a[0] == "gelu" for a in epi.acts) else T.unroll
 
     @T.prim_func
     def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
@@ -277,6 +281,8 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
         for nbo in par(NBO):
             for mo in range(MO):
                 acc = T.decl_buffer((MT * NT * L,), "int32")
+                tail = T.decl_buffer((L,), epi.dtype)
+                accs = T.decl_buffer((MT * NT * L,), "int32")
                 for t in T.unroll(MT * NT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
@@ -293,25 +299,31 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
                                         acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.Cast(
                                             "int32", A[T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
                                             "int32", W[nbo * NT + nt, kb, k, j])
-                for mi in T.unroll(MT):
+                for t in T.unroll(MT * NT):
+                    accs[T.ramp(t * L, 1, L)] = acc[T.ramp(t * L, 1, L)]
+                for mi in epi_loop(MT):
                     if mo * MT + mi < M:
-                        for nt in T.unroll(NT):
+                        for nt in epi_loop(NT):
                             if full:
                                 for j in T.vectorized(L):
                                     Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
-                                        acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                        accs[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
                                         S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
                             elif (nbo * NT + nt) * L + L <= NS:
                                 for j in T.vectorized(L):
                                     Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
-                                        acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                        accs[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
                                         S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
                             elif (nbo * NT + nt) * L < NS:
+                                # the last, partial vector: the epilogue once as a vector (C/S/B are padded to
+                                # N), then its valid lanes stored one by one. A scalar epilogue per lane made LLVM
+                                # unroll MT x L copies of it (a GELU epilogue: seconds of compile time)
+                                for j in T.vectorized(L):
+                                    tail[j] = epi.value(accs[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
+                                                        S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
                                 for j in range(L):
                                     if (nbo * NT + nt) * L + j < NS:
-                                        Y[mo * MT + mi, (nbo * NT + nt) * L + j] = epi.value(
-                                            acc[(mi * NT + nt) * L + j], C[(nbo * NT + nt) * L + j],
-                                            S[(nbo * NT + nt) * L + j], Bi[(nbo * NT + nt) * L + j])
+                                        Y[mo * MT + mi, (nbo * NT + nt) * L + j] = tail[j]
     return qdense
 
 
@@ -378,6 +390,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
             for cbo in range(CBO):
                 for owo in range(OWO):
                     acc = T.decl_buffer((MT * NT * L,), "int32")
+                    tail = T.decl_buffer((L,), epi.dtype)
                     for t in T.unroll(MT * NT):
                         acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                     for kh in range(KH):
@@ -424,7 +437,16 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
                                                       S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j],
                                                       _residual(R, res_c, row // OH, row % OH, owo * MT + mi,
                                                                 (cbo * NT + nt) * L + j))
-                                elif (cbo * NT + nt) * L < NS:
+                                elif (cbo * NT + nt) * L < NS and res_c == 0:
+                                    # as in dense_kernel: the partial vector's epilogue once, as a vector
+                                    for j in T.vectorized(L):
+                                        tail[j] = epi.value(acc[(mi * NT + nt) * L + j], C[(cbo * NT + nt) * L + j],
+                                                            S[(cbo * NT + nt) * L + j], Bi[(cbo * NT + nt) * L + j])
+                                    for j in range(L):
+                                        if (cbo * NT + nt) * L + j < NS:
+                                            Y[row // OH, row % OH + ph, owo * MT + mi + pw,
+                                              (cbo * NT + nt) * L + j] = tail[j]
+                                elif (cbo * NT + nt) * L < NS:             # a residual has only NS channels
                                     for j in range(L):
                                         if (cbo * NT + nt) * L + j < NS:
                                             Y[row // OH, row % OH + ph, owo * MT + mi + pw,
