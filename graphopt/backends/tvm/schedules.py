@@ -1177,11 +1177,14 @@ def convert_conv_layout():
 
 
 def legalize_passes(target) -> list:
-    """Legalize, fold the constant (weight) arithmetic, fuse, and mark the constant buffers of each kernel
-    (`layout_free_buffers`: what may be repacked at build time)."""
+    """Legalize, fold the constant (weight) arithmetic (its kernels compiled together: fold_constants.py),
+    fuse, and mark the constant buffers of each kernel (`layout_free_buffers`: what may be repacked at build
+    time)."""
     from tvm import relax
 
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    from .fold_constants import fold_constant_calls
+
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), fold_constant_calls(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(), attach_layout_free_buffers()]
 
@@ -1231,10 +1234,14 @@ def attach_layout_free_buffers():
 
 def finalize_passes(target) -> list:
     """After scheduling: move the weight-repacking blocks out of the kernels into their own functions,
-    evaluate them on the constants at build time, drop what is left unused."""
+    evaluate them on the constants at build time (all in one compiled module: fold_constants.py), drop what is
+    left unused."""
     from tvm import relax
 
-    return [split_layout_rewrite_preproc(), relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+    from .fold_constants import fold_constant_calls
+
+    return [split_layout_rewrite_preproc(), fold_constant_calls(), relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination()]
 
 
 def split_layout_rewrite_preproc():
