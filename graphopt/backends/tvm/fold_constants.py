@@ -3,7 +3,7 @@
 After scheduling, every layout-rewritten weight is a `call_tir(repack, [constant])` that Relax's FoldConstant
 evaluates at build time. FoldConstant compiles each such kernel as a module of its own: 82 LLVM modules for
 ResNet-18, about a quarter of its build. `fold_constant_calls` compiles all of them in one module (for the
-host, as FoldConstant does), runs each on its constants and puts the results in place of the calls, repeating
+host, as FoldConstant does; unoptimized, since each runs once), runs each on its constants and puts the results in place of the calls, repeating
 while a folded result (a variable now bound to a constant) makes another call's inputs all constant. What it leaves (calls with several outputs or
 symbolic arguments) FoldConstant still folds. The results are those of the same kernels on the same inputs.
 """
@@ -93,13 +93,16 @@ def _fold_once(mod):
             name = f"graphopt_fold_{len(names)}"
             names[gv.name_hint] = name
             funcs[name] = mod[gv].with_attr("global_symbol", name)
-    lib = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target("llvm"))
+    # LLVM without optimization: these kernels run once, on the weights (layout transforms, elementwise
+    # arithmetic; memory-bound), and compile 8x faster (ResNet-18: 0.43 -> 0.05 s; the run stays 0.05 s)
+    lib = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "llvm", "opt-level": 0})).jit()
+    fns = {name: lib.get_function(name) for name in funcs}
     dev = tvm.cpu(0)
     results = {}
     for call in calls:
         out = _out_type(call)
         y = tvm.runtime.empty(_static_shape(out), out.dtype, dev)
-        lib[names[call.args[0].name_hint]](*[_constant(a, bound).value for a in call.args[1].fields], y)
+        fns[names[call.args[0].name_hint]](*[_constant(a, bound).value for a in call.args[1].fields], y)
         results[call] = relax.const(y)
 
     @relax.expr_functor.mutator
