@@ -19,6 +19,8 @@ The GraphModule passed in is not modified (node metadata used for provenance is 
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +129,22 @@ def _first_line(text: str, limit: int = 400) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ export
+@contextlib.contextmanager
+def _no_stack_traces():
+    """While exporting / decomposing the optimized graph: no Python stack trace recorded on each ATen node
+    (torch.fx.config.do_not_emit_stack_traces). The lowering reads node names and module paths, never those
+    traces, and symbolizing them was ~0.2 s of a ResNet-18 build (6,700 source lines read). The dynamic-shape
+    export keeps them: its errors may quote the user's line."""
+    import torch.fx.config as fx_config
+
+    old = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = old
+
+
 def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None) -> torch.export.ExportedProgram:
     """torch.export the GraphModule and decompose it to core ATen (what the TVM importer consumes).
 
@@ -160,10 +178,12 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic: Any = None)
                     raise LoweringError("the optimized graph cannot keep its dynamic dims: " + explain_export_failure(
                         gm, examples, shapes, e, dynamic, "optimized graph")) from e
             else:
-                ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+                with _no_stack_traces():
+                    ep = torch.export.export(gm, tuple(example_inputs), strict=False)
             from .aten_semantics import run_decompositions
 
-            return run_decompositions(ep)          # torch's table, the margin losses as ATen computes them
+            with _no_stack_traces():
+                return run_decompositions(ep)      # torch's table, the margin losses as ATen computes them
     except LoweringError:
         raise
     except Exception as e:
