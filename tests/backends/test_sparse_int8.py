@@ -113,22 +113,28 @@ def test_quads_round_trip():
 
 
 class _MLP(nn.Module):
-    """Ragged widths (K % 4 != 0, N not a whole vector), ReLUs between (fused requantize epilogues)."""
+    """Ragged widths (default: K % 4 != 0, N not a whole vector), ReLUs between (fused requantize epilogues)."""
 
-    def __init__(self):
+    def __init__(self, widths=(70, 93, 45, 10)):
         super().__init__()
-        self.a, self.b, self.c = nn.Linear(70, 93), nn.Linear(93, 45), nn.Linear(45, 10)
+        w = widths
+        self.a, self.b, self.c = nn.Linear(w[0], w[1]), nn.Linear(w[1], w[2]), nn.Linear(w[2], w[3])
 
     def forward(self, x):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def _build(target, pattern, kernel, shape, tmp=None):
+def _NMMLP():
+    """Widths that are whole groups of 8 where N:M needs it (K % m == 0), ragged in N; the last K is 44."""
+    return _MLP((72, 96, 44, 10))
+
+
+def _build(target, pattern, kernel, shape, model=_MLP, sparsity=0.8):
     torch.manual_seed(0)
     x = torch.randn(*shape)
     calib = [(torch.randn(*shape),) for _ in range(3)]
-    return graphopt.optimize(_MLP().eval(), target=target, example_inputs=(x,), calibration=calib,
-                             pipeline=f"sparsify(sparsity=0.8,pattern={pattern},kernel={kernel}),"
+    return graphopt.optimize(model().eval(), target=target, example_inputs=(x,), calibration=calib,
+                             pipeline=f"sparsify(sparsity={sparsity},pattern={pattern},kernel={kernel}),"
                                       f"quantize(progress=false)"), x
 
 
@@ -335,32 +341,12 @@ def test_nm_int8_detection_and_storage():
         to_qnm(np.ones((4, 16), np.int8), 8)
 
 
-class _NMMLP(nn.Module):
-    """Widths that are whole groups of 8 (N:M needs K % m == 0), ragged in N."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(72, 96), nn.Linear(96, 44), nn.Linear(44, 10)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-
-
-def _build_nm(target, pattern, kernel, shape):
-    torch.manual_seed(0)
-    x = torch.randn(*shape)
-    calib = [(torch.randn(*shape),) for _ in range(3)]
-    return graphopt.optimize(_NMMLP().eval(), target=target, example_inputs=(x,), calibration=calib,
-                             pipeline=f"sparsify(sparsity=0.5,pattern={pattern},kernel={kernel}),"
-                                      f"quantize(progress=false)"), x
-
-
 @pytest.mark.parametrize("target,path,pattern,shape", [
     pytest.param(t, p, pat, shape, id=f"{pat}-{'x'.join(map(str, shape))}-{t}")
     for t, p in TARGETS for pat, shape in [("2:4", (1, 72)), ("4:8", (3, 7, 72))]])
 def test_nm_int8_layers_equal_dense_int8_bit_for_bit(target, path, pattern, shape):
-    sparse, x = _build_nm(target, pattern, "sparse", shape)
-    dense, _ = _build_nm(target, pattern, "dense", shape)
+    sparse, x = _build(target, pattern, "sparse", shape, _NMMLP, 0.5)
+    dense, _ = _build(target, pattern, "dense", shape, _NMMLP, 0.5)
     rows = sparse.report.backend["sparse_layers"]
     # the last Linear (K = 44) is not whole groups of 8: the pass leaves it dense (N:M needs K % m == 0)
     assert [r["kernel"] for r in rows[:2]] == [f"sparse int8 qnm {pattern}"] * 2
