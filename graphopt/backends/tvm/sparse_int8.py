@@ -233,6 +233,8 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
     X is int8 on the sdot path (`act_dtype`); the kernels move its bytes as uint8."""
     from tvm.script import tirx as T
 
+    from .quant_lower import PARALLEL_MIN_MACS
+
     adt = act_dtype
 
     def u8(v, lanes: int):
@@ -248,14 +250,12 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
     M = rows
     MO = -(-M // mt)
     NS = n_out
-    from .quant_lower import PARALLEL_MIN_MACS
-
     # one thread below PARALLEL_MIN_MACS stored weights x rows, as the dense int8 kernels: waking the thread
     # pool costs more than such a layer takes on one core
     par = T.parallel if m.data.size * M >= PARALLEL_MIN_MACS else T.serial
-    # block rows per parallel iteration: a kernel's local buffers are allocated once per parallel iteration
-    # (a call into the runtime's workspace allocator, ~0.1 us), so thousands of tiny iterations (a 4096-row
-    # Linear with 1x16 blocks) would spend more time allocating than computing
+    # block rows per parallel iteration: thousands of tiny iterations (a 4096-row Linear with 1x16 blocks)
+    # would spend more time in the parallel loop's bookkeeping than computing (their accumulators are stack
+    # buffers, and the block-row index a meta_var: a TIR let would be a heap workspace per iteration)
     CH = max(d for d in range(1, max(1, nb // 64) + 1) if nb % d == 0)
     NO = nb // CH
     ishape = m.indices.shape
