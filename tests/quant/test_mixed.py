@@ -47,6 +47,15 @@ def problems(draw):
 # a budget one rounding below the only cheap-enough choice's cost: the oracle and allocate() agree it is met
 @example(problem=([[{"size": 1.0, "error": 0.0, "latency": 4.0}, {"size": 2.0, "error": 0.0, "latency": 1.0}]],
                   {"size": 1.0, "latency": 3.9999999999999996}, "error"))
+# budgets a few ulps below a reachable total (found by hypothesis): met, as the oracle says, in allocate()'s
+# infeasibility check (1), its solver's slack (2: optimal, 3: feasible at all) alike
+@example(problem=([[{"size": 1.0, "error": 0.0, "latency": 1.0}, {"size": 1.0, "error": 0.0, "latency": 2.0}]],
+                  {"size": 1.0, "latency": 0.9999999999967333}, "error"))
+@example(problem=([[{"size": 1.0, "error": 0.0, "latency": 1.0}, {"size": 1.0, "error": 1.0, "latency": 0.5}]],
+                  {"size": 1.0, "error": 0.9999999999967333}, "latency"))
+@example(problem=([[{"size": 1.0, "error": 0.0, "latency": 1.0}],
+                   [{"size": 1.0, "error": 0.0, "latency": 1.5}, {"size": 1.0, "error": 0.0, "latency": 1.0}]],
+                  {"size": 2.0, "latency": 1.9999999999983666}, "error"))
 def test_allocation_respects_budgets_and_equals_brute_force(problem):
     costs, limits, objective = problem
     best = brute_force(costs, limits, objective)
