@@ -353,3 +353,25 @@ def test_nm_int8_layers_equal_dense_int8_bit_for_bit(target, path, pattern, shap
     assert all(r["block"] == pattern and r["stored_bytes"] < r["K"] * r["N"] * 1.2 for r in rows[:2])
     assert torch.equal(sparse(x), dense(x))
     torch.testing.assert_close(sparse(x), sparse.graph_module(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern,model,sparsity,int8", [("16x1", _MLP, 0.8, True), ("2:4", _NMMLP, 0.5, True),
+                                                        ("16x1", _MLP, 0.8, False)])
+def test_sparse_layers_with_dynamic_rows_run_dense_and_match(pattern, model, sparsity, int8):
+    """A dynamic batch (graphopt.dynamic): the sparse kernels are built for a static row count, so each sparse
+    layer lowers to the dense (int8) kernel with dynamic rows, says so in the report, and matches its graph at
+    every size (this was a LoweringError: int() of the symbolic row count)."""
+    torch.manual_seed(0)
+    k = 72 if model is _NMMLP else 70
+    x = torch.randn(2, k)
+    opt = graphopt.optimize(model().eval(), target="x86:haswell", example_inputs=(x,),
+                            calibration=[(torch.randn(2, k),)] if int8 else None, dynamic={"x": {0: ("batch", 1, 16)}},
+                            pipeline=f"sparsify(sparsity={sparsity},pattern={pattern},kernel=sparse)"
+                                     + (",quantize(progress=false)" if int8 else ""))
+    rows = opt.report.backend["sparse_layers"]
+    assert rows and all(r["M"] == "dynamic" and "dynamic rows" in r["why"] and r["kernel"].startswith("dense")
+                        for r in rows)
+    with torch.no_grad():
+        for b in (1, 5, 16):
+            xb = torch.randn(b, k)
+            torch.testing.assert_close(opt(xb), opt.graph_module(xb), rtol=1e-4, atol=1e-4)

@@ -265,6 +265,26 @@ def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias:
     return choice, row
 
 
+def _static_dims(x) -> list[int] | None:
+    """The tensor's shape as ints, or None when a dim is symbolic (graphopt.dynamic)."""
+    try:
+        return [int(d) for d in x.ty.shape]
+    except TypeError:
+        return None
+
+
+def _dynamic_row(st: SparseLowering, node, w2: np.ndarray, bias: np.ndarray, extra: dict) -> None:
+    """The report row of a sparse layer lowered dense because its row count is only known at run time."""
+    from .lower import _module_path
+
+    n, k = w2.shape
+    st.layers.append({"layer": _module_path(node.meta.get("nn_module_stack")) or node.name, **extra, "M": "dynamic",
+                      "K": k, "N": n, "block": "-", "density": round(float((w2 != 0).mean()), 4),
+                      "dense_us": None, "sparse_us": None, "sparse_kernel": "-", "kernel": "dense",
+                      "why": "dynamic rows: the sparse kernels are built for a static row count: dense",
+                      "stored_bytes": int(w2.nbytes + bias.nbytes), "dense_bytes": int(w2.nbytes + bias.nbytes)})
+
+
 def _convert_linear(st: SparseLowering):
     def convert(node, importer):
         from tvm import relax
@@ -273,8 +293,11 @@ def _convert_linear(st: SparseLowering):
         x = importer.env[node.args[0]]
         w, bias = _weights(st, node, "sparse_linear", x)
         block, kernel = (int(node.args[4]), int(node.args[5])), str(node.args[6])
-        shape = [int(s) for s in x.ty.shape]
+        shape = _static_dims(x)
         n, k = w.shape
+        if shape is None:                                # dynamic rows: the sparse kernels are built per row count
+            _dynamic_row(st, node, w, bias, {"op": "linear"})
+            return emit_dense(bb, x, w, bias)
         m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nm = _nm_of(st, node, block, n)
         choice, row = _decide(st, node, kernel, m, w, bias, block,
@@ -370,7 +393,10 @@ def _convert_conv(st: SparseLowering):
         w, bias = _weights(st, node, "sparse_conv2d", x)
         stride, padding, dilation = (list(map(int, node.args[i])) for i in (4, 5, 6))
         groups, block, kernel = int(node.args[7]), (int(node.args[8]), int(node.args[9])), str(node.args[10])
-        xshape = [int(s) for s in x.ty.shape]
+        xshape = _static_dims(x)
+        if xshape is None:
+            _dynamic_row(st, node, w.reshape(w.shape[0], -1), bias, {"op": f"conv{w.shape[2]}x{w.shape[3]}"})
+            return emit_conv_dense(bb, x, w, bias, stride, padding, dilation, groups)
         if groups != 1:
             kernel = "dense"
         n, c, kh, kw, oh, ow = _conv_geometry(xshape, w, stride, padding, dilation)

@@ -170,9 +170,10 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
 
     block = tuple(int(b) for b in block)
     n, k = wq.shape
-    m = int(np.prod(lead)) if lead else 1
+    static = all(isinstance(d, (int, np.integer)) for d in lead)
+    m = int(np.prod(lead)) if lead and static else 1
     nm = detect_nm_int8(wq) if block == (1, 1) and st.path in NM_PATHS else None
-    kind = "qnm" if nm else int8_kind(block, m, st.path)
+    kind = ("qnm" if nm else int8_kind(block, m, st.path)) if static else None
     exact = _needs_exact(st.path, wq)
     q = to_qnm(wq, qnm_lanes(st.path)) if nm else to_qbsr(wq, block, kind) if kind else None
     row = {"layer": _module_path(node.meta.get("nn_module_stack")) or node.name, "op": "linear", **(extra or {}),
@@ -180,7 +181,10 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
            "M": m, "K": k, "N": n, "block": f"{nm[0]}:{nm[1]}" if nm else f"{block[0]}x{block[1]}",
            "density": round(float((wq != 0).mean()), 4), "dense_us": None, "sparse_us": None}
     choice, why = "dense", ""
-    if kind is None:
+    if not static:
+        row["M"] = "dynamic"
+        why = "dynamic rows: the sparse int8 kernels are built for a static row count: dense int8"
+    elif kind is None:
         why = f"no sparse int8 kernel on the {st.path} path: dense int8"
     elif kernel == "sparse":
         choice, why = "sparse", "kernel=sparse"
