@@ -112,7 +112,8 @@ def _fold_once(mod):
                 return results[call]
             return super().visit_call_(call)
 
-    out_mod = mod
+    # a new module (the pass's input stays as it was: IRModule item assignment changes a module in place)
+    out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             out_mod[gv] = _Replace(out_mod).visit_expr(func)
