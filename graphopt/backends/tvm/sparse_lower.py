@@ -267,10 +267,10 @@ def _decide(st: SparseLowering, node, kernel: str, m: int, w2: np.ndarray, bias:
 
 def _static_dims(x) -> list[int] | None:
     """The tensor's shape as ints, or None when a dim is symbolic (graphopt.dynamic)."""
-    try:
-        return [int(d) for d in x.ty.shape]
-    except TypeError:
-        return None
+    from .quant_lower import _is_static, _shape
+
+    shape = _shape(x)
+    return shape if _is_static(shape) else None
 
 
 def _dynamic_row(st: SparseLowering, node, w2: np.ndarray, bias: np.ndarray, extra: dict) -> None:

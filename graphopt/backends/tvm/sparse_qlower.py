@@ -39,6 +39,16 @@ def _const(arr):
     return relax.const(tvm.runtime.tensor(np.ascontiguousarray(arr)))
 
 
+def _vec(v, length: int, dtype):
+    """A per-channel vector as the kernels read it: a numpy one zero-padded to the padded channel count, as a
+    constant; a Relax expression as it is."""
+    if isinstance(v, np.ndarray):
+        from .quant_lower import _pad_vec
+
+        return _const(_pad_vec(v, length, dtype))
+    return v
+
+
 def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list, exact: bool = False,
                      epi=FLOAT, flat: bool = False, q: QBSR | None = None, block=(1, 1)):
     """quant_lower._dense_call's contract on the block-sparse int8 kernel: uint8 x [..., K] -> [..., N]
@@ -74,15 +84,8 @@ def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: l
     func = qbsr_kernel(q, rows, mt, st.path, exact, epi, n, str(xu8.ty.dtype))
     gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qbsr_{r}x{c}_{kind}")
 
-    def vec(v, dt):
-        if isinstance(v, np.ndarray):
-            out = np.zeros(nb * r, dt)
-            out[:v.shape[0]] = v.astype(dt)[:nb * r]
-            return _const(out)
-        return v
-
-    args = [x2, _const(q.data), _const(q.indices), _const(q.indptr), vec(comp, np.int32), vec(out_scale, np.float32),
-            vec(bias, np.float32)]
+    args = [x2, _const(q.data), _const(q.indices), _const(q.indptr), _vec(comp, nb * r, np.int32),
+            _vec(out_scale, nb * r, np.float32), _vec(bias, nb * r, np.float32)]
     out_shape = [n, rows] if kind == "qmvec" else [m, n]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, epi.dtype)))
     if kind == "qmvec":
@@ -112,15 +115,8 @@ def emit_qnm(st, bb, x, wq: np.ndarray, comp, out_scale, bias, lead: list, exact
     func = qnm_kernel(q, m, qnm_row_tile(m, st.path), st.path, exact, epi, n, str(x.ty.dtype))
     gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qnm_{q.nm[0]}x{q.nm[1]}")
 
-    def vec(v, dt):
-        if isinstance(v, np.ndarray):
-            out = np.zeros(q.n_pad, dt)
-            out[:v.shape[0]] = v.astype(dt)[:q.n_pad]
-            return _const(out)
-        return v
-
-    args = [x2, _const(q.data), _const(q.shuf), vec(comp, np.int32), vec(out_scale, np.float32),
-            vec(bias, np.float32)]
+    args = [x2, _const(q.data), _const(q.shuf), _vec(comp, q.n_pad, np.int32), _vec(out_scale, q.n_pad, np.float32),
+            _vec(bias, q.n_pad, np.float32)]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], epi.dtype)))
     if flat or [*lead, n] == [m, n]:
         return y
@@ -166,11 +162,11 @@ def layer_call(st, node, wq: np.ndarray, out_scale: np.ndarray, bias: np.ndarray
     """The kernel emitter (quant_lower._dense_call's signature) for this sparse_qlinear node (or a 1x1 conv's
     [N·H·W, C] GEMM), after deciding sparse or dense; the decision goes to st.sparse_rows."""
     from .lower import _module_path
-    from .quant_lower import _dense_call, _needs_exact
+    from .quant_lower import _dense_call, _is_static, _needs_exact
 
     block = tuple(int(b) for b in block)
     n, k = wq.shape
-    static = all(isinstance(d, (int, np.integer)) for d in lead)
+    static = _is_static(lead)
     m = int(np.prod(lead)) if lead and static else 1
     nm = detect_nm_int8(wq) if block == (1, 1) and st.path in NM_PATHS else None
     kind = ("qnm" if nm else int8_kind(block, m, st.path)) if static else None
