@@ -56,6 +56,7 @@ class CompiledModule:
         self._main = None
         # per input (torch dtype, shape) for the per-call check's fast path (a mismatch takes the full check)
         self._fast = [(s.torch_dtype, tuple(s.shape)) if s.index_bound is None else None for s in self.inputs]
+        self._single = self._tree.is_leaf() and not self.const_outputs     # the model returns one tensor
         if spec.is_host:
             self._ensure_vm()          # fail now, not at the first call, if the code cannot be loaded
 
@@ -117,8 +118,8 @@ class CompiledModule:
         if len(args) != len(self._fast) or self.spec.kind != "llvm":
             return False
         for x, fast in zip(args, self._fast):
-            if fast is None or not isinstance(x, torch.Tensor) or x.dtype is not fast[0] or x.shape != fast[1] \
-                    or x.device.type != "cpu":
+            if fast is None or not isinstance(x, torch.Tensor) or x.dtype is not fast[0] or not x.is_cpu \
+                    or x.shape != fast[1]:
                 return False
         return True
 
@@ -126,7 +127,8 @@ class CompiledModule:
     def _to_tvm(x: torch.Tensor):
         import tvm
 
-        x = x.detach()
+        if x.requires_grad:
+            x = x.detach()
         if x.numel() == 0:            # torch gives empty tensors strides TVM calls non-compact ((5, 0): (1, 1))
             strides = [1] * x.dim()
             for i in range(x.dim() - 2, -1, -1):
@@ -148,7 +150,9 @@ class CompiledModule:
         if not self._matches(args):
             self.check_inputs(args)     # raises InputError naming what does not match
         result = main(*[self._to_tvm(x) for x in args])
-        flat = [result] if _is_tvm_tensor(result) else list(result)
+        flat = [result] if isinstance(result, _tvm_tensor_type()) else _items(result, len(self.outputs))
+        if self._single and self.spec.kind != "cuda":
+            return torch.utils.dlpack.from_dlpack(flat[0].__dlpack__())
         if self.spec.kind == "cuda":
             leaves = [torch.from_dlpack(t) for t in flat]
         else:                           # CPU: from the capsule (2-3 us less per output than the protocol)
@@ -188,7 +192,31 @@ def _check_index_range(i: int, x: torch.Tensor, s: TensorSpec) -> None:
                          f"{s.index_of} ({s.index_bound} rows: valid indices are 0..{s.index_bound - 1})")
 
 
-def _is_tvm_tensor(x: Any) -> bool:
-    import tvm
+_TENSOR_TYPE = None
+_GET_ITEM = None
 
-    return isinstance(x, tvm.runtime.Tensor)
+
+def _tvm_tensor_type() -> type:
+    global _TENSOR_TYPE
+    if _TENSOR_TYPE is None:
+        import tvm
+
+        _TENSOR_TYPE = tvm.runtime.Tensor
+    return _TENSOR_TYPE
+
+
+def _items(result: Any, count: int) -> list:
+    """The `count` tensors of the VM's output tuple. Python iteration over a TVM FFI Array asks its size and
+    bounds-checks every index through a generator (~4 us for one output, a fifth of a small model's call);
+    the compiled signature already says how many there are."""
+    global _GET_ITEM
+    if _GET_ITEM is None:
+        try:
+            from tvm_ffi.container import _ffi_api
+
+            _GET_ITEM = _ffi_api.ArrayGetItem
+        except (ImportError, AttributeError):     # another tvm_ffi: its public iteration
+            _GET_ITEM = False
+    if not _GET_ITEM:
+        return list(result)
+    return [_GET_ITEM(result, i) for i in range(count)]
