@@ -409,6 +409,40 @@ def check_bit_for_bit(conv_spec, mlp_spec):
     check_scheduled_equals_unscheduled(mlp, torch.randn(*lead, sizes[0]))
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 64, 3), nn.MaxPool2d(3, 2, 1)), (1, 3, 17, 17)),    # ResNet's stem pool
+    (lambda: nn.Sequential(nn.Conv2d(3, 80, 1), nn.MaxPool2d(2, 2)), (1, 3, 9, 9)),          # 80 channels: groups
+    (lambda: nn.Sequential(nn.Conv2d(3, 144, 1), nn.MaxPool2d(3, 2, ceil_mode=True)), (2, 3, 10, 10)),
+], ids=["3x3_s2_pad1_64ch", "2x2_80ch", "3x3_ceil_144ch_batch2"])
+@pytest.mark.parametrize("target", ["x86", "x86:haswell"])
+def test_window_max_takes_channels_last_max_pools_bit_for_bit(make, shape, target):
+    """WindowMax (pool_schedule.py) takes a max pool whose channels are innermost (NHWC after a conv), on the
+    AVX2 and the host's vector width; its outputs equal the unscheduled kernel's bit for bit, with +-inf
+    and NaN in the pooled tensor, and PyTorch's."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(*shape)
+    opt = graphopt.optimize(model, target, example_inputs=(x,))
+    assert kernel_counts(opt.report.backend["kernels"]).get("WindowMax") == 1, opt.report.backend["kernels"]
+    odd = x.clone()
+    odd.view(-1)[::5] = float("inf")
+    odd.view(-1)[1::7] = float("-inf")
+    odd.view(-1)[3] = float("nan")
+    with torch.no_grad():
+        assert_close(opt(x), model(x), "max pool")
+        ref, got = model(odd), opt(odd)
+    assert torch.equal(ref.isnan(), got.isnan()) and torch.equal(ref[~ref.isnan()], got[~got.isnan()])
+    if target == "x86":
+        check_scheduled_equals_unscheduled(model, x, odd)
+
+
+def test_window_max_leaves_channels_first_pools_to_packed_gemm():
+    """A max pool over NCHW (no conv before it: the layout stays) reduces along the innermost axis; WindowMax
+    does not take it."""
+    opt = x86(nn.MaxPool2d(3, 2, 1).eval(), torch.randn(1, 64, 11, 11))
+    counts = kernel_counts(opt.report.backend["kernels"])
+    assert "WindowMax" not in counts and counts.get(PG) == 1, counts
+
+
 @pytest.mark.parametrize("model, shape", [
     (nn.LayerNorm(96), (1, 64, 96)),                                    # groups of 8 rows
     (nn.Sequential(nn.LayerNorm(33), nn.Softmax(-1)), (3, 4, 33)),      # 12 rows: groups of 4; two kernels

@@ -16,6 +16,7 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
                                 constants, `layout_free_buffers`) are repacked into contiguous panels
                                 [N/tile, ..., tile] (a layout-rewrite block that `finalize_passes` splits out
                                 of the kernel and FoldConstant evaluates at build time: no run-time cost).
+  WindowMax (pool_schedule.py)  max pooling, channels last: one output pixel's channels per register tile.
   DynamicRows                   row reductions (softmax, layer norm) over a dynamic extent: one pass per block
                                 over the whole tensor, vector tails partitioned off.
   RowGroups                     row reductions over a static row length (layer norm, softmax, means), static
@@ -1008,7 +1009,10 @@ def default_rules() -> list:
     """The CPU rules, in the order they are tried."""
     from tvm.s_tir.dlight import cpu as dlight_cpu
 
-    return [PackedGemm(), RowGroups(), DynamicRows(), dlight_cpu.Reduction(), ScalarMinMax(), Injective()]
+    from .pool_schedule import WindowMax
+
+    return [WindowMax(), PackedGemm(), RowGroups(), DynamicRows(), dlight_cpu.Reduction(), ScalarMinMax(),
+            Injective()]
 
 
 # ------------------------------------------------------------------------------------------ module level
