@@ -435,6 +435,24 @@ def test_window_max_takes_channels_last_max_pools_bit_for_bit(make, shape, targe
         check_scheduled_equals_unscheduled(model, x, odd)
 
 
+@pytest.mark.parametrize("make, copied", [
+    (lambda: nn.Conv2d(96, 64, 1), False),                  # 1x1: the input is read in place
+    (lambda: nn.Conv2d(96, 64, 1, 2), False),               # strided 1x1: a copy read 4x what the conv reads
+    (lambda: nn.Conv2d(96, 64, 3, padding=1), True),        # padded: one parallel padded copy
+], ids=["1x1", "1x1_stride2", "3x3_pad1"])
+def test_weighted_convs_copy_their_input_only_to_pad_it(make, copied):
+    """PackedGemm makes one padded copy of a weighted conv's input; a conv without padding (TOPI's pad block
+    is then a plain copy) reads its input in place. Bit for bit the unscheduled kernel either way."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(1, 96, 14, 14)
+    mod, _ = lowered(model, x)
+    scheduled, _ = schedules.apply_default_schedules(legalized(mod), HOST.tvm_target())
+    convs = [f for name, f in prim_funcs(scheduled).items() if "conv" in name]
+    assert len(convs) == 1
+    assert ('T.sblock("pad_temp")' in convs[0].script()) == copied
+    check_scheduled_equals_unscheduled(model, x)
+
+
 def test_window_max_leaves_channels_first_pools_to_packed_gemm():
     """A max pool over NCHW (no conv before it: the layout stays) reduces along the innermost axis; WindowMax
     does not take it."""

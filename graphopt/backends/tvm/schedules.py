@@ -537,6 +537,11 @@ class PackedGemm(_CpuRule):
                 # per-tile copies ("at") on every ResNet-18 conv (1 thread, x86:haswell: 3x3 512-ch at 7x7
                 # 69 -> 87 GF/s, 64-ch at 56x56 87 -> 95; whole model 22.6 -> 20.3 ms, 2 threads, A/B)
                 mode = self.weighted_pad if self._has_weight(blk, func) and reduce_size >= 64 else "inline"
+                if "if_then_else" not in str(sch.get(pad).body):
+                    # no padding at all (a 1x1 or unpadded conv: TOPI's pad block is then a plain copy): the
+                    # input is read in place. The copy cost 3-25% of such a conv (1x1, stride 1 and 2, ResNet-18
+                    # and MobileNetV2 shapes, x86 and x86:haswell, kernel_profile, one run each)
+                    mode = "inline"
             if mode == "inline":
                 sch.compute_inline(pad)
                 continue
