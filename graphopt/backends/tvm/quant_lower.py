@@ -76,10 +76,12 @@ PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu", "relax")
 PAIR_PATHS = ("avx512bw", "avx2")          # the paths whose int16 pair sums can saturate
 PAIR_WEIGHT_QMAX = REDUCED_WEIGHT_QMAX      # |w| <= 64: 2·255·64 = 32,640 <= 32,767, pairs never saturate
 # int8 GEMM/conv kernels with fewer multiply-adds than this run on one thread: waking the thread pool costs
-# microseconds (far more on a loaded machine, where a worker may wait for a core), more than such a layer
-# takes on one core (~4M MACs: 20-40 us). Digits CNN's 1.2M-MAC conv on a loaded 2-core Zen 4: 11.2 us in
-# parallel, 7.3 us on one thread.
-PARALLEL_MIN_MACS = 1 << 22
+# microseconds (far more on a loaded machine, where a worker may wait for a core), more than a small layer
+# takes on one core. On a quiet 2-core Zen 4 (interleaved, 9 rounds, medians), the digits CNN (1.2M and 0.6M
+# MAC convs) with 4M / 1M / 512K / 256K / 64K: x86:haswell 28.3 / 23.4 / 21.8 / 21.9 / 22.8 us, x86 (VNNI)
+# 17.8 / 16.5 / 16.2 / 16.1 / 17.1 us; the small encoder and MobileNetV2 unchanged (within 1%). On a loaded
+# machine (load 13-20) the 1.2M-MAC conv took 11.2 us in parallel, 7.3 us on one thread: 4M was chosen there.
+PARALLEL_MIN_MACS = 1 << 19
 # register tile of a GEMM whose row count is only known at run time (a dynamic batch x sequence): chosen as
 # for a many-row GEMM, the last row tile clamps its loads and guards its stores
 DYNAMIC_ROWS_HINT = 64
