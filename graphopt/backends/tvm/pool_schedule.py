@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from .schedules import _CpuRule, _is_pad_block, _is_reduction_block, _loops_are_iters, _root_blocks, cpu_vector
+from .schedules import _CpuRule, _is_pad_block, _loops_are_iters, _one_reduction_block, cpu_vector
 
 __all__ = ["WindowMax"]
 
@@ -32,11 +32,10 @@ class WindowMax(_CpuRule):
         from tvm import s_tir, tirx
 
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        mains = [b for b in blocks if _is_reduction_block(sch, b)]
-        if len(mains) != 1:
+        found = _one_reduction_block(sch)
+        if found is None:
             return None
-        main = mains[0]
+        blocks, main = found
         others = [b for b in blocks if not sch.get(b).same_as(sch.get(main))]
         if any(not _is_pad_block(sch, b) for b in others):
             return None                     # an epilogue or another producer: PackedGemm's case

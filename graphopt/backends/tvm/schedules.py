@@ -109,6 +109,13 @@ def _is_reduction_block(sch, block) -> bool:
     return any(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
+def _one_reduction_block(sch):
+    """(root blocks, the only reduction block among them), or None when there is not exactly one."""
+    blocks = _root_blocks(sch)
+    mains = [b for b in blocks if _is_reduction_block(sch, b)]
+    return (blocks, mains[0]) if len(mains) == 1 else None
+
+
 def _int(x) -> int | None:
     try:
         return int(x)
@@ -358,11 +365,10 @@ class PackedGemm(_CpuRule):
 
         vec = cpu_vector(target)
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        mains = [b for b in blocks if _is_reduction_block(sch, b)]
-        if len(mains) != 1:
+        found = _one_reduction_block(sch)
+        if found is None:
             return None
-        main = mains[0]
+        blocks, main = found
         if not _loops_are_iters(sch, main):
             return None
         outputs = sch.get_output_blocks(sch.get_sblock("root"))
