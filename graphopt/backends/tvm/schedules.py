@@ -8,9 +8,10 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
                                 follows the layout (ConvertLayout propagates it), transposes stay at the edges.
   PackedGemm                    every kernel with one reduction block whose output's innermost axis is a
                                 spatial axis: conv2d (incl. 1x1, strided, grouped/depthwise), dense/matmul,
-                                batch matmul, pooling, spatial means. Register-tiled micro-kernel: a tile of
-                                `rows` output rows x `nvec` SIMD vectors of accumulators kept in registers
-                                (a < 1 KiB stack buffer, unrolled), the reduction loops around it, the fused
+                                batch matmul, pooling (channels-last max pooling: WindowMax first), spatial
+                                means. Register-tiled micro-kernel: a tile of `rows` output rows x `nvec`
+                                SIMD vectors of accumulators kept in registers (a < 1 KiB stack buffer,
+                                unrolled), the reduction loops around it, the fused
                                 elementwise epilogue (bias, residual add, ReLU, ...) applied when a tile is
                                 written back, parallel over the outer tiles. Constant weights (relax
                                 constants, `layout_free_buffers`) are repacked into contiguous panels
