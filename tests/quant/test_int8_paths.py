@@ -271,15 +271,15 @@ def test_dynamic_row_count_kernel_equals_the_static_one(target):
     mt, nt = _tiles(DYNAMIC_ROWS_HINT, nb, 1, path)
     dyn = tvm.compile(dense_kernel(tirx.Var("m", "int64"), kb, nb, mt, nt, path, n_out=N)
                       .with_attr("global_symbol", "f"), target=tgt)
-    args = [pack_dense(w, path), c, s, b]
     for m in (1, mt, mt + 1, 3 * mt - 1):
         a = rng.integers(0, 256 if path != "sdot" else 128, (m, K)).astype(np.uint8)
         out = {}
-        for name, lib in (("dynamic", dyn), ("static", None)):
+        for name, lib, knt in (("dynamic", dyn, nt), ("static", None, None)):
             if lib is None:
-                smt, snt = _tiles(m, nb, 1, path)
-                lib = tvm.compile(dense_kernel(m, kb, nb, smt, snt, path, n_out=N).with_attr("global_symbol", "f"),
+                smt, knt = _tiles(m, nb, 1, path)
+                lib = tvm.compile(dense_kernel(m, kb, nb, smt, knt, path, n_out=N).with_attr("global_symbol", "f"),
                                   target=tgt)
+            args = [pack_dense(w, path, knt), c, s, b]     # the weights as that kernel's tile reads them
             y = tvm.runtime.tensor(np.zeros((m, N), np.float32))
             lib["f"](tvm.runtime.tensor(a), *[tvm.runtime.tensor(v) for v in args], y)
             out[name] = y.numpy()
