@@ -118,6 +118,11 @@ def parse_budgets(spec) -> list[Budget]:
 _RTOL = 1e-9
 
 
+def _allowed(limit: float) -> float:
+    """The most a budget `limit` accepts: the limit plus _RTOL of it."""
+    return limit + _RTOL * abs(limit)
+
+
 def _solve(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str, float], objective: str,
            cap: tuple[str, float] | None = None, shrink: float = 0.0) -> list[int] | None:
     """One milp solve; None when infeasible. `shrink` tightens every budget's slack by that fraction."""
@@ -142,8 +147,7 @@ def _solve(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str, 
                                for s, layer in zip(sizes, costs)])
         extra = row(kind) - mins
         # the budget as _feasible reads it (met up to _RTOL relative: the float rounding of sums)
-        allowed = limit + _RTOL * abs(limit)
-        slack = (allowed - float(sum(min(float(ch.get(kind, 0.0)) for ch in layer) for layer in costs))) * (1 - shrink)
+        slack = (_allowed(limit) - float(sum(min(float(ch.get(kind, 0.0)) for ch in layer) for layer in costs))) * (1 - shrink)
         if slack < 0:
             return None
         eps = 1e-12 * abs(limit)                   # float rounding of the sums
@@ -171,9 +175,8 @@ def _total(costs, pick, kind: str) -> float:
     return float(sum(costs[i][j].get(kind, 0.0) for i, j in enumerate(pick)))
 
 
-def _feasible(costs, pick, limits, rtol: float | None = None) -> bool:
-    rtol = _RTOL if rtol is None else rtol
-    return all(_total(costs, pick, k) <= lim + rtol * abs(lim) for k, lim in limits.items())
+def _feasible(costs, pick, limits) -> bool:
+    return all(_total(costs, pick, k) <= _allowed(lim) for k, lim in limits.items())
 
 
 def allocate(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str, float], objective: str,
@@ -191,7 +194,7 @@ def allocate(costs: Sequence[Sequence[Mapping[str, float]]], limits: Mapping[str
             raise ValueError(f"layer {names[i] if i < len(names) else i} has no choice")
     for kind, limit in limits.items():
         least = sum(min(float(ch.get(kind, 0.0)) for ch in layer) for layer in costs)
-        if least > limit + _RTOL * abs(limit):
+        if least > _allowed(limit):
             raise BudgetError(f"budget {kind} <= {limit:.6g} cannot be met: the least {kind} any allocation of the "
                               f"{len(costs)} layer(s) reaches is {least:.6g}")
     pick = _solve(costs, limits, objective)
