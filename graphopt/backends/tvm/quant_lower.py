@@ -745,6 +745,12 @@ def _pad_vec(v: np.ndarray, n: int, dtype) -> np.ndarray:
     return np.pad(v.astype(dtype), (0, n - v.shape[0]))
 
 
+def _channel_vec(v, n: int, dtype):
+    """A per-channel kernel argument: a numpy vector zero-padded to `n` as a constant; a Relax expression as it
+    is (computed at run time)."""
+    return _const(_pad_vec(v, n, dtype)) if isinstance(v, np.ndarray) else v
+
+
 # ------------------------------------------------------------------------------------- converters
 @dataclass
 class QuantLowering:
@@ -916,7 +922,7 @@ def _dense_call(st: QuantLowering, bb, xu8, wq: np.ndarray, comp, out_scale, bia
     gv = bb.add_func(_private(func), "graphopt_qdense")
     args = [x2, _const(pack_dense(wq, st.path, nt))]
     for v, dt in ((comp, np.int32), (out_scale, np.float32), (bias, np.float32)):
-        args.append(_const(_pad_vec(v, nb * L, dt)) if isinstance(v, np.ndarray) else v)
+        args.append(_channel_vec(v, nb * L, dt))
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], epi.dtype)))
     if flat or [*lead, n] == [m, n]:
         return y

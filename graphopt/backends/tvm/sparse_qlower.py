@@ -39,21 +39,13 @@ def _const(arr):
     return relax.const(tvm.runtime.tensor(np.ascontiguousarray(arr)))
 
 
-def _vec(v, length: int, dtype):
-    """A per-channel vector as the kernels read it: a numpy one zero-padded to the padded channel count, as a
-    constant; a Relax expression as it is."""
-    if isinstance(v, np.ndarray):
-        from .quant_lower import _pad_vec
-
-        return _const(_pad_vec(v, length, dtype))
-    return v
-
-
 def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: list, exact: bool = False,
                      epi=FLOAT, flat: bool = False, q: QBSR | None = None, block=(1, 1)):
     """quant_lower._dense_call's contract on the block-sparse int8 kernel: uint8 x [..., K] -> [..., N]
     (float32, or the requantized codes of `epi`; flat=True: [M, N])."""
     from tvm import relax
+
+    from .quant_lower import _channel_vec
 
     if isinstance(q, QNM):
         return emit_qnm(st, bb, xu8, wq, comp, out_scale, bias, lead, exact, epi, flat, q)
@@ -84,8 +76,8 @@ def emit_sparse_int8(st, bb, xu8, wq: np.ndarray, comp, out_scale, bias, lead: l
     func = qbsr_kernel(q, rows, mt, st.path, exact, epi, n, str(xu8.ty.dtype))
     gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qbsr_{r}x{c}_{kind}")
 
-    args = [x2, _const(q.data), _const(q.indices), _const(q.indptr), _vec(comp, nb * r, np.int32),
-            _vec(out_scale, nb * r, np.float32), _vec(bias, nb * r, np.float32)]
+    args = [x2, _const(q.data), _const(q.indices), _const(q.indptr), _channel_vec(comp, nb * r, np.int32),
+            _channel_vec(out_scale, nb * r, np.float32), _channel_vec(bias, nb * r, np.float32)]
     out_shape = [n, rows] if kind == "qmvec" else [m, n]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, epi.dtype)))
     if kind == "qmvec":
@@ -102,6 +94,8 @@ def emit_qnm(st, bb, x, wq: np.ndarray, comp, out_scale, bias, lead: list, exact
     """emit_sparse_int8's contract on the N:M int8 kernel (x: uint8, int8 on sdot)."""
     from tvm import relax
 
+    from .quant_lower import _channel_vec
+
     R = relax.op
     n, k = wq.shape
     m = int(np.prod(lead)) if lead else 1
@@ -115,8 +109,8 @@ def emit_qnm(st, bb, x, wq: np.ndarray, comp, out_scale, bias, lead: list, exact
     func = qnm_kernel(q, m, qnm_row_tile(m, st.path), st.path, exact, epi, n, str(x.ty.dtype))
     gv = bb.add_func(func.without_attr("global_symbol"), f"graphopt_qnm_{q.nm[0]}x{q.nm[1]}")
 
-    args = [x2, _const(q.data), _const(q.shuf), _vec(comp, q.n_pad, np.int32), _vec(out_scale, q.n_pad, np.float32),
-            _vec(bias, q.n_pad, np.float32)]
+    args = [x2, _const(q.data), _const(q.shuf), _channel_vec(comp, q.n_pad, np.int32),
+            _channel_vec(out_scale, q.n_pad, np.float32), _channel_vec(bias, q.n_pad, np.float32)]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], epi.dtype)))
     if flat or [*lead, n] == [m, n]:
         return y
