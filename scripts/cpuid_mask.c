@@ -38,6 +38,7 @@
 static struct sigaction app_action;   /* the SIGSEGV action the program asked for (default: SIG_DFL) */
 static int active;                    /* CPUID faulting is on and our handler installed */
 static int log_leaves;
+static int host_is_intel;            /* read once, before faulting is on */
 static int (*real_sigaction)(int, const struct sigaction *, struct sigaction *);
 
 static long set_cpuid(int enabled) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, enabled); }
@@ -104,9 +105,8 @@ static void on_segv(int sig, siginfo_t *info, void *ctx) {
         uint32_t leaf = (uint32_t)r[REG_RAX], sub = (uint32_t)r[REG_RCX], a, b, c, d;
         set_cpuid(1);
         __cpuid_count(leaf, sub, a, b, c, d);
-        int intel = vendor_is_intel();
         set_cpuid(0);
-        mask(leaf, sub, &a, &b, &c, &d, intel);
+        mask(leaf, sub, &a, &b, &c, &d, host_is_intel);
         r[REG_RAX] = a;               /* CPUID zero-extends into the 64-bit registers */
         r[REG_RBX] = b;
         r[REG_RCX] = c;
@@ -138,6 +138,7 @@ sighandler_t signal(int sig, sighandler_t handler) {
 __attribute__((constructor)) static void cpuid_mask_init(void) {
     real_sigaction = dlsym(RTLD_NEXT, "sigaction");
     log_leaves = getenv("GRAPHOPT_CPUID_MASK_LOG") != NULL;
+    host_is_intel = vendor_is_intel();
     struct sigaction ours;
     memset(&ours, 0, sizeof ours);
     ours.sa_sigaction = on_segv;
