@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .tir_script import prim_func
+
 __all__ = ["QNM", "NM_PATHS", "WINDOW", "detect_nm_int8", "to_qnm", "qnm_kernel", "qnm_lanes", "qnm_row_tile",
            "reference_qnm"]
 
@@ -177,7 +179,7 @@ def qnm_kernel(q: QNM, m: int, mt: int, path: str, exact: bool, epi, n_out: int,
             return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SDOT), acc, a, w, dtype="int32x4")
         return _dp(path, V, acc, T.reinterpret(a, dtype=f"uint8x{B4}"), w, exact)
 
-    @T.prim_func
+    @prim_func
     def qnm(X: T.Buffer((M, kp), act_dtype), D: T.Buffer(dshape, "int8"), S: T.Buffer(dshape, "uint8"),
             C: T.Buffer((n_pad,), "int32"), SC: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
             Y: T.Buffer((M, NS), odt)):

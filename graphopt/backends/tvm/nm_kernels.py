@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from .tir_script import prim_func
 
 __all__ = ["NM", "to_nm", "detect_nm", "nm_kernel", "nm_kind", "nm_plan", "nm_row_tile", "nm_m_tile", "perm_path",
            "emit_nm", "reference_nm"]
@@ -218,7 +219,7 @@ def nm_kernel(mrows: int, w: NM, mt: int, kind: str, gather: str = "plain"):
         if mrows % mt:
             raise ValueError(f"nm mvec kernel: rows={mrows} must be a multiple of the tile {mt}")
 
-        @T.prim_func
+        @prim_func
         def nm_mvec(XT: T.Buffer((k_pad, mrows), "float32"), V: T.Buffer((nt, p, r_), "float32"),
                     IDX: T.Buffer((nt, q, r_), "uint8"), B: T.Buffer((n_pad,), "float32"),
                     YT: T.Buffer((n_pad, mrows), "float32")):
@@ -245,7 +246,7 @@ def nm_kernel(mrows: int, w: NM, mt: int, kind: str, gather: str = "plain"):
     if kind == "perm":
         return _perm_kernel(mrows, w, mt, gather)
 
-    @T.prim_func
+    @prim_func
     def nm_gather(X: T.Buffer((mrows, k_pad), "float32"), V: T.Buffer((nt, p, r_), "float32"),
                   IDX: T.Buffer((nt, q, r_), "uint8"), B: T.Buffer((n_pad,), "float32"),
                   Y: T.Buffer((mrows, n_pad), "float32")):
@@ -347,7 +348,7 @@ def _perm_kernel(mrows: int, w: NM, mt: int, path: str):
 
     A = max(1, min(4 // mt, S))               # independent accumulators per row of x (hide FMA latency)
 
-    @T.prim_func
+    @prim_func
     def nm_perm(X: T.Buffer((mrows, k_pad), "float32"), V: T.Buffer((nt, p, r_), "float32"),
                 IDX: T.Buffer((nt, q, r_), "uint8"), B: T.Buffer((n_pad,), "float32"),
                 Y: T.Buffer((mrows, n_pad), "float32")):

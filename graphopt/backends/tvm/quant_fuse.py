@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from .quant_epilogue import Epilogue
+from .tir_script import prim_func
 
 __all__ = ["FusePlan", "KernelInput", "plan_fusions", "absorbed_converters", "pool_kernel"]
 
@@ -385,7 +386,7 @@ def pool_kernel(N: int, H: int, W: int, C: int, pool: dict, OH: int, OW: int, dt
     CV = C // V
     par = T.parallel if N * OH * OW * C * kh * kw >= (1 << 18) else T.serial
 
-    @T.prim_func
+    @prim_func
     def qpool(X: T.Buffer((N, H, W, C), dtype), Lo: T.Buffer((1,), dtype), Y: T.Buffer((N, OHs, OWs, C), dtype),
               Q: T.Buffer((N, QH, QW, NQ), q_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})

@@ -52,6 +52,7 @@ from ...errors import LoweringError
 from ...quant.qparams import REDUCED_WEIGHT_QMAX
 from . import quant_fuse
 from .quant_epilogue import FLOAT, Epilogue
+from .tir_script import prim_func
 
 __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "describe_path", "PATHS",
            "PAIR_PATHS", "PAIR_WEIGHT_QMAX", "dense_kernel", "conv_kernel", "depthwise_kernel",
@@ -279,7 +280,7 @@ def dense_kernel(M: int, KB: int, NB: int, MT: int, NT: int, path: str, exact: b
     # accumulators are copied out first so that they stay in registers through the K loop
     epi_loop = T.serial if any(a[0] == "gelu" for a in epi.acts) else T.unroll
 
-    @T.prim_func
+    @prim_func
     def qdense(A: T.Buffer((M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((N,), "int32"),
                S: T.Buffer((N,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, NS), epi.dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
@@ -381,7 +382,7 @@ def conv_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, CO: int, CO
     if res_c and res_c < COB * L:
         raise ValueError(f"conv_kernel: residual has {res_c} channels, the kernel computes {COB * L}")
 
-    @T.prim_func
+    @prim_func
     def qconv(X: T.Buffer((N, Hp, Wp, Cp), a_dtype), W: T.Buffer(w_shape, "int8"),
               C: T.Buffer((COB * L,), "int32"), S: T.Buffer((COB * L,), "float32"),
               Bi: T.Buffer((COB * L,), "float32"), R: T.Buffer((N, OH, OW, RC), "float32"),
@@ -507,7 +508,7 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
     OHs, OWs = OH + 2 * ph, OW + 2 * pw
     fill = epi.zp + epi.shift if epi.requantizes else 0
 
-    @T.prim_func
+    @prim_func
     def qdwconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer((KH, KW, Cp), "int8"),
                 C: T.Buffer((Cp,), "int32"), S: T.Buffer((Cp,), "float32"), Bi: T.Buffer((Cp,), "float32"),
                 Y: T.Buffer((N, OHs, OWs, NS), epi.dtype)):
@@ -562,7 +563,7 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
     w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
     s = T.float32(scale)
 
-    @T.prim_func
+    @prim_func
     def qbmm(A: T.Buffer((BT, M, K), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
              Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
@@ -611,7 +612,7 @@ def bmm_dynamic_kernel(MT: int, path: str, scale: float):
     w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
     s = T.float32(scale)
 
-    @T.prim_func
+    @prim_func
     def qbmm_dyn(A: T.Buffer((BT, M, K4), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
                  Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
@@ -659,7 +660,7 @@ def pack_rhs_kernel(path: str):
     BT, K, N, NB, KB = (tirx.Var(n, "int64") for n in ("bt", "k", "n", "nb", "kb"))
     w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
 
-    @T.prim_func
+    @prim_func
     def qpack_rhs(B: T.Buffer((BT, K, N), "int8"), Z: T.Buffer((1,), "int32"), W: T.Buffer(w_shape, "int8"),
                   C: T.Buffer((BT, N), "int32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
@@ -691,7 +692,7 @@ def pad_lhs_kernel(dtype: str):
 
     BT, M, K, K4 = (tirx.Var(n, "int64") for n in ("bt", "m", "k", "k4"))
 
-    @T.prim_func
+    @prim_func
     def qpad_lhs(A: T.Buffer((BT, M, K), dtype), Z: T.Buffer((1,), "int32"), Ap: T.Buffer((BT, M, K4), dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT):

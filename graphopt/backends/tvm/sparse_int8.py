@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from .tir_script import prim_func
 
 __all__ = ["QBSR", "SUPPORTED_PATHS", "int8_kind", "to_qbsr", "qbsr_kernel", "vector_lanes", "reference"]
 
@@ -276,7 +277,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
                                                  T.int32(8 * t)))
             return T.reinterpret(v, dtype="uint8x4")
 
-        @T.prim_func
+        @prim_func
         def qbsr_row(X: T.Buffer((M, kp), adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                      P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
@@ -323,7 +324,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
         V = c_ // 4
         U = _unroll(mt * r_, path)
 
-        @T.prim_func
+        @prim_func
         def qbsr_col(X: T.Buffer((M, kp), adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                      P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                      S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),
@@ -397,7 +398,7 @@ def qbsr_kernel(m: QBSR, rows: int, mt: int, path: str, exact: bool, epi, n_out:
             w4 = D.vload([j, rr, 0], "int8x4")
         return T.reinterpret(T.broadcast(T.reinterpret(w4, dtype="int32"), V), dtype=f"int8x{4 * V}")
 
-    @T.prim_func
+    @prim_func
     def qbsr_mvec(X: T.Buffer(xshape, adt), D: T.Buffer(dshape, "int8"), I: T.Buffer(ishape, idt),
                   P: T.Buffer((nb + 1,), "int32"), C: T.Buffer((n_pad,), "int32"),
                   S: T.Buffer((n_pad,), "float32"), B: T.Buffer((n_pad,), "float32"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from .tir_script import prim_func
 
 __all__ = ["BSR", "to_bsr", "bsr_kernel", "kernel_kind", "row_tile", "reference_bsr_dense"]
 
@@ -134,7 +135,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
         if m % mt:
             raise ValueError(f"bsr mvec kernel: m={m} must be a multiple of the tile {mt}")
 
-        @T.prim_func
+        @prim_func
         def bsr_mvec(XT: T.Buffer((k_pad, m), "float32"), D: T.Buffer((nnzb, r_, c_), "float32"),
                      IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                      B: T.Buffer((n_pad,), "float32"), YT: T.Buffer((n_pad, m), "float32")):
@@ -157,7 +158,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
         return bsr_mvec
 
     if kind == "rowvec":
-        @T.prim_func
+        @prim_func
         def bsr_rowvec(XT: T.Buffer((k_pad, m), "float32"), D: T.Buffer((nnzb, c_, r_), "float32"),
                        IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                        B: T.Buffer((n_pad,), "float32"), Y: T.Buffer((m, n_pad), "float32")):
@@ -180,7 +181,7 @@ def bsr_kernel(m: int, n_pad: int, k_pad: int, nnzb: int, block: tuple[int, int]
                                 Y[mo * mt + mi, i * r_ + rr] = acc[mi * r_ + rr] + B[i * r_ + rr]
         return bsr_rowvec
 
-    @T.prim_func
+    @prim_func
     def bsr_colvec(X: T.Buffer((m, k_pad), "float32"), D: T.Buffer((nnzb, r_, c_), "float32"),
                    IDX: T.Buffer((nnzb,), idx_dtype), PTR: T.Buffer((nb + 1,), "int32"),
                    B: T.Buffer((n_pad,), "float32"), Y: T.Buffer((m, n_pad), "float32")):

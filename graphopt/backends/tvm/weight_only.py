@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import LoweringError
+from .tir_script import prim_func
 
 __all__ = ["lanes_for", "pack_weights", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
            "DIRECT_MAX_ROWS"]
@@ -149,7 +150,7 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
     w_dtype = "int8" if bits == 8 else "uint8"
     A = M * NT * L
 
-    @T.prim_func
+    @prim_func
     def woq_direct(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
                    S: T.Buffer((NB, NG, L), "float32"), O: T.Buffer((NB, NG, L), "float32"),
                    CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
@@ -220,7 +221,7 @@ def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
     N = NB * L
     A = M * NT * L
 
-    @T.prim_func
+    @prim_func
     def woq4_words(XP: T.Buffer((M, KW * 8), "float32"), XS: T.Buffer((M, NG), "float32"),
                    XS7: T.Buffer((M, NG), "float32"),
                    W: T.Buffer((NB, KW, L), "int32"), S: T.Buffer((NB, NG, L), "float32"),
@@ -380,7 +381,7 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
                             r0 + mi, c * 2 * KCP + k] * P[k * W_ + nt * L + j]
         store_acc(r0, rows)
 
-    @T.prim_func
+    @prim_func
     def woq_panel(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
                   S: T.Buffer((NB, NG, L), "float32"), Z: T.Buffer((NB, NG, L), "int32"),
                   CB: T.Buffer((C,), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
