@@ -274,3 +274,18 @@ def test_cached_composite_op_list_decomposes_like_torch_and_is_restored():
     aten_semantics.run_decompositions(ep)
     assert aten_semantics._CIA_OPS["key"] != key
     assert torch.ops.graphopt_test_cia.twice.default in aten_semantics._CIA_OPS["ops"]
+    assert torch.ops.graphopt_test_cia.twice.default in aten_semantics._TABLE["table"]    # the table as well
+
+
+def test_cached_decomposition_table_is_torchs_and_a_fresh_copy_each_time():
+    """The materialized decomposition table is built once per set of registered operators and decompositions
+    (~20 ms of every build otherwise): it has torch's entries, and a caller's edits do not reach the next call."""
+    from graphopt.backends.tvm import aten_semantics
+
+    fresh = aten_semantics.decompositions().materialize()
+    table = aten_semantics._materialized_decompositions()
+    assert set(table) == set(fresh)
+    op = torch.ops.aten.multi_margin_loss.default
+    assert table[op] is fresh[op] is aten_semantics._multi_margin_loss
+    del table[op]
+    assert op in aten_semantics._materialized_decompositions()
