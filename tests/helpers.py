@@ -7,6 +7,21 @@ from torch import nn
 from graphopt.pipeline import Pass, PassResult, register_pass
 
 
+def is_avx512_target(name: str) -> bool:
+    """Whether graphopt's target `name` (e.g. "x86", "x86:haswell") compiles AVX-512 code (16 float lanes)."""
+    from graphopt.backends.targets import resolve_target
+    from graphopt.backends.tvm.schedules import cpu_vector
+
+    spec = resolve_target(name)
+    return spec.arch == "x86_64" and cpu_vector(spec.tvm_target()).lanes("float32") == 16
+
+
+# The x86 targets whose code differs on this host: the host's own ("x86") and, where that is an AVX-512 target,
+# the AVX2 code path ("x86:haswell"). On an AVX2 host both names compile the same paths (8 float lanes, the
+# vpmaddubsw int8 path), so a test parametrized over both would run the same code twice.
+X86_TARGETS = ["x86", "x86:haswell"] if is_avx512_target("x86") else ["x86"]
+
+
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (a fresh BN is identity)."""
     g = torch.Generator().manual_seed(1)

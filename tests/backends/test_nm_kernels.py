@@ -11,7 +11,7 @@ from torch import nn
 
 import graphopt
 from tests.backends.conftest import needs_aarch64_runtime, needs_cross, run_on_aarch64
-from tests.helpers import sparse_and_dense_libraries
+from tests.helpers import X86_TARGETS, sparse_and_dense_libraries
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import sparse_lower
 from graphopt.backends.tvm.nm_kernels import (NM, detect_nm, nm_kernel, nm_plan, perm_path, reference_nm, to_nm)
@@ -137,7 +137,7 @@ class _Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(y.flatten(1))))
 
 
-@pytest.fixture(scope="module", params=["x86", "x86:haswell"])
+@pytest.fixture(scope="module", params=X86_TARGETS)
 def nm_build(request):
     torch.manual_seed(0)
     model, x = _Net().eval(), torch.randn(2, 8, 5, 6)

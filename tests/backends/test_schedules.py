@@ -29,7 +29,7 @@ from torch import nn
 import graphopt
 from graphopt.analysis.compare import flatten_outputs
 from graphopt.backends.targets import resolve_target
-from tests.helpers import randomize_bn
+from tests.helpers import X86_TARGETS, randomize_bn
 
 tvm = pytest.importorskip("tvm")
 
@@ -414,7 +414,7 @@ def check_bit_for_bit(conv_spec, mlp_spec):
     (lambda: nn.Sequential(nn.Conv2d(3, 80, 1), nn.MaxPool2d(2, 2)), (1, 3, 9, 9)),          # 80 channels: groups
     (lambda: nn.Sequential(nn.Conv2d(3, 144, 1), nn.MaxPool2d(3, 2, ceil_mode=True)), (2, 3, 10, 10)),
 ], ids=["3x3_s2_pad1_64ch", "2x2_80ch", "3x3_ceil_144ch_batch2"])
-@pytest.mark.parametrize("target", ["x86", "x86:haswell"])
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_window_max_takes_channels_last_max_pools_bit_for_bit(make, shape, target):
     """WindowMax (pool_schedule.py) takes a max pool whose channels are innermost (NHWC after a conv), on the
     AVX2 and the host's vector width; its outputs equal the unscheduled kernel's bit for bit, with +-inf

@@ -107,6 +107,7 @@ tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
 from graphopt.backends.tvm.weight_only import DIRECT_MAX_ROWS  # noqa: E402
+from tests.helpers import X86_TARGETS, is_avx512_target  # noqa: E402
 from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of  # noqa: E402
 
 # (rows M, in K, out N, bits, group): ragged groups (K % group != 0), odd K, odd N, per-channel, one GEMV
@@ -150,7 +151,7 @@ def _tolerance(layer, x):
     return (x.abs() @ w.abs().t() + layer.bias.abs()) * 8 * torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(scope="module", params=["x86", "x86:haswell"])
+@pytest.fixture(scope="module", params=X86_TARGETS)
 def built(request):
     _skip_unless_runs_here(request.param)
     module, args = Layers().eval(), _inputs()
@@ -180,7 +181,7 @@ def test_kernels_dequantize_in_registers_with_the_targets_vectors(built):
     target, _, _, _, exe, _ = built
     asm = asm_of(exe)
     assert "vcvtdq2ps" in asm and "vfmadd" in asm
-    if target == "x86:haswell":
+    if not is_avx512_target(target):
         assert "zmm" not in asm                     # AVX2 code: 256-bit vectors only
 
 
