@@ -27,6 +27,7 @@ def test_run_py_rejects_unknown_variant():
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
 
 
+@pytest.mark.slow        # suite time (issue 16): torch.compile's compile and four peers' timing rounds (~14 s); the failing-variant test below runs run.py by default
 def test_run_py_measures_mlp_against_every_peer(tmp_path):
     variants = ["graphopt", "eager", "torch.compile", "ort"]    # all but graphopt-tuned (--tune 0)
     out = subprocess.run(RUN + ["--variants", ",".join(variants), "--out", str(tmp_path)], env=ENV, capture_output=True,

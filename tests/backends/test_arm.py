@@ -240,6 +240,7 @@ def test_winograd_convolutions_run_on_aarch64(aarch64_server):
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
 
 
+@pytest.mark.slow        # suite time (issue 16): four sparse builds under qemu (~7 s); the N:M int8 kernels run there by default (test_nm_kernels.py)
 @needs_cross
 @needs_aarch64_runtime
 def test_sparse_int8_kernels_run_on_aarch64_and_equal_dense_int8(aarch64_server):

@@ -303,6 +303,7 @@ def test_gpu_tuning_cost_model_falls_back_to_random_without_xgboost(monkeypatch)
     assert cuda._gpu_cost_model() == "random"
 
 
+@pytest.mark.slow        # suite time (issue 16): a MetaSchedule build worker and nvcc (~7 s)
 def test_gpu_tuning_builder_builds_and_exports_a_candidate():
     """MetaSchedule's LocalBuilder runs cuda._gpu_build in a worker and exports what it returns. With
     tvm.compile's Executable that was a bare Function and every candidate failed ('no attribute
@@ -325,6 +326,7 @@ def test_gpu_tuning_builder_builds_and_exports_a_candidate():
     assert result.artifact_path and result.artifact_path.endswith(".tar")
 
 
+@pytest.mark.slow        # suite time (issue 16): CUDA tuning bookkeeping (~4 s); the CPU's is in test_tune.py
 def test_gpu_recompile_from_kept_records_runs_no_new_trials(monkeypatch, tmp_path):
     """A second tuned build with the same database and trial count measures nothing new (the records and
     graphopt_cuda_progress.json say the trials were run); only the missing trials are run when more are asked.

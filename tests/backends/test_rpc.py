@@ -100,6 +100,7 @@ def test_artifact_of_the_torch_backend_has_nothing_to_run_remotely(tmp_path, loo
 
 
 # ------------------------------------------------------------------------------------------- tracker
+@pytest.mark.slow        # suite time (issue 16): two RPC servers under one tracker (~11 s); loopback and the aarch64 device stay in the default run
 def test_tracker_shares_its_devices_and_bounds_waits(host_pair, host_model):
     model, x, _, path = host_model
     assert rpc.wait_for_devices(host_pair, 2, timeout=60) == 2
@@ -132,6 +133,7 @@ def test_tuning_target_takes_the_device_core_count():
         rpc.tuning_target(spec, 0)
 
 
+@pytest.mark.slow        # suite time (issue 16): the two-server tracker again; the RPC runner is measured on the aarch64 device by default
 def test_ms_rpc_runner_measures_on_every_tracker_device(host_pair):
     """MetaSchedule's RPCRunner, as graphopt configures it, measures candidates on the tracker's devices
     (two at once: max_workers follows the registered device count)."""

@@ -490,6 +490,7 @@ def test_coerce_tune_accepts():
 
 
 # ------------------------------------------------------------------------------------------------ 6. CLI
+@pytest.mark.slow        # suite time (issue 16): a second tuning run through the CLI (~9 s); the CLI's error exit stays in the default run
 def test_cli_tune_prints_a_summary_and_keeps_records(tmp_path, monkeypatch, capfd):
     """`graphopt tune` (graphopt.cli.main, the console script's entry point; run in this process: a
     subprocess would pay the torch/TVM imports again)."""
