@@ -472,3 +472,32 @@ def test_tvm_runtime_uses_the_physical_cores_unless_the_user_says_otherwise():
     from tests.conftest import TVM_NUM_THREADS
 
     assert tvm.get_global_func("runtime.NumThreads")() == int(TVM_NUM_THREADS)
+
+
+def _kernel_ir(opt) -> str:
+    return "".join(m.inspect_source("ll") for m in opt.compiled.executable.mod.imports if m.kind == "llvm")
+
+
+def test_cpu_kernels_are_compiled_without_argument_checks_and_the_vm_still_checks_its_inputs(monkeypatch):
+    """The module's VM is the only caller of its kernels, so TVM's per-kernel argument checks (most of their
+    LLVM IR and compile time) are left out; GRAPHOPT_KERNEL_ASSERTS=1 keeps them. The VM's own check of the
+    inputs stays, below graphopt's InputError."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 8)
+    fast = graphopt.optimize(model, "x86", example_inputs=(x,))
+    monkeypatch.setenv("GRAPHOPT_KERNEL_ASSERTS", "1")
+    checked = graphopt.optimize(model, "x86", example_inputs=(x,))
+    monkeypatch.delenv("GRAPHOPT_KERNEL_ASSERTS")
+    assert "Mismatched type on argument" in _kernel_ir(checked)
+    assert "Mismatched type on argument" not in _kernel_ir(fast)
+    assert len(_kernel_ir(fast)) * 2 < len(_kernel_ir(checked))
+    with torch.no_grad():
+        assert torch.equal(fast(x), checked(x))
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="expected shape"):
+        fast(torch.randn(3, 8))
+    fast.compiled._ensure_vm()
+    with pytest.raises(Exception, match="input_shape"):          # the VM's entry check, below InputError
+        fast.compiled._main(tvm.runtime.tensor(np.zeros((3, 8), "float32")))
