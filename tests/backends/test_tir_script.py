@@ -2,6 +2,7 @@
 without inspect.stack()."""
 from __future__ import annotations     # string annotations: the case that needs the enclosing frames
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -55,3 +56,26 @@ def test_graphopt_kernels_parse_without_inspect_stack(monkeypatch):
     assert isinstance(func, tvm.tirx.PrimFunc)
     with pytest.raises(AssertionError, match="inspect.stack"):     # the check above would have seen it
         _scale_kernel(2, 4, 1.0, "float32", False)
+
+
+def test_kernels_with_macros_parse_without_outer_frame_reads(monkeypatch):
+    """The weight-only panel kernel uses T.macro; its macros find the parser without inspect.getouterframes, and
+    TVMScript's own lookup is back in place afterwards."""
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    from graphopt.backends.tvm import weight_only
+
+    from graphopt.backends.tvm import tir_script
+
+    original = ScriptMacro._find_parser_def
+    with pytest.MonkeyPatch.context() as mp:          # TVMScript's own lookup
+        mp.setattr(tir_script, "_macros_find_their_parser_by_frames", contextlib.nullcontext)
+        built = weight_only.panel_kernel(8, 64, 2, 4, 1, 8, bits=4, G=32, sym=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect.getouterframes() called")
+
+    monkeypatch.setattr(inspect, "getouterframes", refuse)
+    again = weight_only.panel_kernel(8, 64, 2, 4, 1, 8, bits=4, G=32, sym=False)
+    tvm.ir.assert_structural_equal(built, again)
+    assert ScriptMacro._find_parser_def is original

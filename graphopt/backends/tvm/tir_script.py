@@ -12,9 +12,14 @@ resolution) and hands that resolution the enclosing frames themselves (`sys._get
 reads of them (`frame.f_code.co_name`, `frame.f_locals`). The one thing `T.prim_func` does with the source
 lines is notice a function defined in a class body under `@I.ir_module`, which generated kernels never are.
 The result is the PrimFunc `T.prim_func` gives (tests/backends/test_tir_script.py).
+
+Macros (`@T.macro`, used by the weight-only kernels) have the same cost at every use: TVMScript finds the
+running parser with `inspect.getouterframes`, which also reads a source line per frame. While graphopt parses,
+that lookup walks the frames' globals directly (the same search, in the same order).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable
 
@@ -39,6 +44,29 @@ def _outer_frames() -> list[_Frame]:
     return frames
 
 
+@contextlib.contextmanager
+def _macros_find_their_parser_by_frames():
+    """ScriptMacro._find_parser_def without inspect.getouterframes (restored afterwards)."""
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    original = ScriptMacro._find_parser_def
+
+    def find_parser_def(self):
+        frame = sys._getframe()
+        while frame is not None:
+            parser = frame.f_globals.get(ScriptMacro.parser_object_name)
+            if parser is not None:
+                return parser
+            frame = frame.f_back
+        raise RuntimeError(f"{ScriptMacro.parser_object_name} not available")
+
+    ScriptMacro._find_parser_def = find_parser_def
+    try:
+        yield
+    finally:
+        ScriptMacro._find_parser_def = original
+
+
 def prim_func(func: Callable):
     """Parse `func` (a TVMScript function) into a tvm.tirx.PrimFunc, as `@T.prim_func` does."""
     from tvm.script.parser._core import parse, utils
@@ -47,7 +75,8 @@ def prim_func(func: Callable):
     extra_vars = utils.inspect_function_capture(func)
     utils.resolve_closure_vars(func, extra_vars, outer)
     del outer                        # no frame references kept
-    parsed = parse(func, extra_vars, check_well_formed=True)
+    with _macros_find_their_parser_by_frames():
+        parsed = parse(func, extra_vars, check_well_formed=True)
     setattr(parsed, "__name__", func.__name__)
     return parsed
 
