@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from .tir_script import prim_func
 
 __all__ = ["NM", "to_nm", "detect_nm", "nm_kernel", "nm_kind", "nm_plan", "nm_row_tile", "nm_m_tile", "perm_path",

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from .tir_script import prim_func
 
 __all__ = ["QBSR", "SUPPORTED_PATHS", "int8_kind", "to_qbsr", "qbsr_kernel", "vector_lanes", "reference"]

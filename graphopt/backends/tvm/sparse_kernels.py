@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from .tir_script import prim_func
 
 __all__ = ["BSR", "to_bsr", "bsr_kernel", "kernel_kind", "row_tile", "reference_bsr_dense"]
