@@ -758,13 +758,14 @@ def _registry_key() -> tuple:
             tuple(len(t) for t in torch._decomp.global_decomposition_table.values()))
 
 
-def _materialized_decompositions() -> dict:
-    """decompositions() as a plain dict (a copy: the caller edits it), built once per _registry_key.
+def _materialized_decompositions(key: tuple | None = None) -> dict:
+    """decompositions() as a plain dict (a copy: the caller edits it), built once per _registry_key (`key`, when
+    the caller has it already).
 
     Building it lists every CompositeImplicitAutograd op of every operator namespace (torch 2.14: ~20 ms
     after the first time, 65 ms the first), which every build paid; the table only changes when operators or
     decompositions are registered."""
-    key = _registry_key()
+    key = _registry_key() if key is None else key
     if _TABLE.get("key") != key:
         table = decompositions()
         _TABLE.update(key=key, table=dict(table.materialize() if hasattr(table, "materialize") else table))
@@ -783,7 +784,7 @@ def _ops_in(ep) -> set:
 
 
 @contextlib.contextmanager
-def _cia_ops_of(ep, table: dict):
+def _cia_ops_of(ep, table: dict, n_ops: int):
     """While torch decomposes `ep`: its list of CompositeImplicitAutograd (CIA) ops is only the ones `ep` calls,
     and `table` (materialized, edited in place) keeps CIA entries only for those.
 
@@ -794,10 +795,8 @@ def _cia_ops_of(ep, table: dict):
     another op's decomposition) the dispatcher runs its CompositeImplicitAutograd kernel, which is what the
     table's entry for it does (default_decompositions maps every CIA op to that decomposition). Same graphs
     as torch's own call (tests/backends/test_aten_semantics.py). The full list is computed once per set of
-    registered operators (keyed by their count). Torch versions without these private functions decompose as
+    registered operators (keyed by their count, `n_ops`: _registry_key()[0]). Torch versions without these private functions decompose as
     before (the whole table)."""
-    import torch
-
     try:
         import torch._export.utils as export_utils
         import torch.export.decomp_utils as decomp_utils
@@ -811,9 +810,8 @@ def _cia_ops_of(ep, table: dict):
         yield
         return
     original = getattr(export_utils, name)
-    key = len(torch._C._dispatch_get_all_op_names())
-    if _CIA_OPS.get("key") != key:
-        _CIA_OPS.update(key=key, ops=frozenset(original()))
+    if _CIA_OPS.get("key") != n_ops:
+        _CIA_OPS.update(key=n_ops, ops=frozenset(original()))
     every = _CIA_OPS["ops"]
     present = _ops_in(ep) & every
     for op in [op for op in table if op in every and op not in present]:
@@ -840,9 +838,10 @@ def run_decompositions(ep):
     if old is not None:
         kernels[DispatchKey.Autograd] = _multi_margin_loss
         op._dispatch_cache.clear()
-    table = _materialized_decompositions()
+    key = _registry_key()                 # listing the registered operators: ~3 ms, once per build
+    table = _materialized_decompositions(key)
     try:
-        with _cia_ops_of(ep, table):
+        with _cia_ops_of(ep, table, key[0]):
             return ep.run_decompositions(table)
     finally:
         if old is not None:
