@@ -10,14 +10,14 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.backends.tvm import winograd as W
 from graphopt.backends.targets import resolve_target
-from graphopt.backends.tvm.schedules import cpu_vector
 from graphopt.errors import GraphoptError
+from tests.helpers import is_avx512_target
 
 tvm = pytest.importorskip("tvm")
 
 # every x86 path this machine runs: AVX2 code everywhere, the host's own where it has AVX-512 (16 lanes)
 _HOST = resolve_target("x86")
-_HOST_AVX512 = _HOST.arch == "x86_64" and cpu_vector(_HOST.tvm_target()).lanes("float32") == 16
+_HOST_AVX512 = is_avx512_target("x86")
 PATHS = [("haswell", 8)] + ([(_HOST.tvm["mcpu"], 16)] if _HOST_AVX512 else [])
 TARGETS = ["x86:haswell"] + (["x86"] if _HOST_AVX512 else [])
 
