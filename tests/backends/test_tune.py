@@ -59,8 +59,8 @@ def _no_user_cache(tmp_path, monkeypatch):
 
 
 # Each tuning run starts one build/measure worker process per core (tuning/workers.py), and each worker imports
-# TVM: ~4 s of CPU per worker, most of these tests' time. They check record, resume and check mechanics, which
-# do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count in its
+# TVM: ~1.5 s of CPU per worker (3.8 s before the workers left PyTorch out). These tests check record, resume
+# and check mechanics, which do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count in its
 # subprocess (a process group of several workers that must ignore SIGINT); its resumed run here, which checks
 # the record and trial accounting, has one worker like the others.
 KEEPS_WORKERS = ("test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials",)
@@ -280,6 +280,30 @@ def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tuned):
     assert "Logging directory" in tuned["handler_output"]
     assert list((tuned["db"] / "logs").glob("*task_scheduler*.log"))
     _assert_matches(tuned["opt"], tuned["model"], tuned["x"])
+
+
+def test_tuning_workers_run_tvm_without_importing_pytorch():
+    """The build/measure workers start without PyTorch (tvm_ffi imports it when it can: 2.3 s of each worker's
+    start), run TVM, and ignore SIGINT."""
+    import tvm
+
+    from graphopt.backends.tvm.tuning import workers
+
+    def worker_state():          # a nested function: pickled by value, so the worker does not import this module
+        import signal as _signal
+        import sys as _sys
+
+        import tvm
+
+        return (_sys.modules.get("torch", "absent"), _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN,
+                tvm.__version__)
+
+    pool = workers._torch_free_pool(1, 60)
+    try:
+        torch_module, ignores_sigint, version = pool.submit(worker_state).result()
+    finally:
+        pool.shutdown()
+    assert torch_module is None and ignores_sigint and version == tvm.__version__
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse

@@ -1,8 +1,8 @@
 """Worker pools: MetaSchedule's builder and runner, in worker processes that live across rounds.
 
-The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import), ignore SIGINT (a terminal's
-Ctrl-C reaches the tuning process, which stops at a safe point), and the runner measures in the same
-processes, one candidate at a time.
+The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import, no PyTorch), ignore SIGINT
+(a terminal's Ctrl-C reaches the tuning process, which stops at a safe point), and the runner measures in the
+same processes, one candidate at a time.
 """
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from .options import TuneOptions
 
 __all__ = ["import_target_intrinsics", "builder_runner", "run_secs", "worker_count", "close_workers"]
+
+# The worker's entry point: TVM's popen worker with `import torch` made to fail. tvm_ffi imports PyTorch when it
+# can (for DLPack conversions the workers never make): 2.3 of the 3.8 s a worker took to start here, for every
+# worker of every tuning run. The workers build and measure TVM kernels only.
+WORKER_MAIN = ("import runpy, sys; sys.modules['torch'] = None; "
+               "runpy.run_module('tvm.exec.popen_worker', run_name='__main__')")
 
 
 def import_target_intrinsics(target) -> None:
@@ -66,14 +72,52 @@ def _make_worker_initializer():
     return graphopt_worker_init
 
 
+def _torch_free_pool(max_workers: int, timeout_sec: float):
+    """TVM's PopenPoolExecutor whose worker processes start with WORKER_MAIN (on Windows: TVM's own start)."""
+    import os
+    import subprocess
+    import threading
+
+    from tvm.support.popen_pool import PopenPoolExecutor, PopenWorker
+
+    class TorchFreeWorker(PopenWorker):
+        def _start(self):
+            if self._proc is not None or sys.platform == "win32":
+                return super()._start()
+            main_read, worker_write = os.pipe()
+            worker_read, main_write = os.pipe()
+            cmd = [sys.executable, "-c", WORKER_MAIN, str(worker_read), str(worker_write)]
+            self._proc = subprocess.Popen(cmd, pass_fds=(worker_read, worker_write), stdout=self._stdout,
+                                          stderr=self._stderr)
+            os.close(worker_read)
+            os.close(worker_write)
+            self._reader = os.fdopen(main_read, "rb")
+            self._writer = os.fdopen(main_write, "wb")
+            return None
+
+    class TorchFreePool(PopenPoolExecutor):
+        def _worker_run(self, fn, args, kwargs):
+            with self._lock:
+                tid = threading.get_ident()
+                if tid not in self._worker_map:
+                    self._worker_map[tid] = TorchFreeWorker(self._initializer, self._initargs,
+                                                            self._maximum_process_uses, self._stdout,
+                                                            self._stderr)
+                proc = self._worker_map[tid]
+            proc.send(fn, args, kwargs, self._timeout)
+            return proc.recv()
+
+    return TorchFreePool(max_workers=max_workers, timeout=timeout_sec, initializer=_make_worker_initializer())
+
+
 def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
     """A MetaSchedule builder whose worker processes live across build rounds (recycled every
     `recycle_after` rounds). MetaSchedule's LocalBuilder starts fresh workers for every round, and each one
-    pays the TVM import again (~5-10 s here) before building anything."""
+    pays the TVM import again (~1.5 s of CPU without PyTorch, 3.8 s with it) before building anything."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import local_builder
-    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+    from tvm.support.popen_pool import StatusKind
 
     f_build = _make_f_build()
 
@@ -87,8 +131,7 @@ def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 1
         def _get_pool(self):
             if self._pool is None or self._rounds >= recycle_after:
                 self.close()
-                self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
-                                               initializer=_make_worker_initializer())
+                self._pool = _torch_free_pool(max_workers, timeout_sec)
                 self._rounds = 0
             self._rounds += 1
             return self._pool
@@ -136,7 +179,7 @@ def _pooled_runner(builder, timeout_sec: float, evaluator_config):
     """A MetaSchedule runner that measures in the builder's worker processes, one candidate at a time.
 
     MetaSchedule builds a whole round, then measures it, so no build runs during a measurement. LocalRunner
-    would start one more worker process (another TVM import, ~4 s of CPU here) for the same job."""
+    would start one more worker process (another TVM import, ~1.5 s of CPU) for the same job."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import local_runner
