@@ -59,7 +59,7 @@ def _no_user_cache(tmp_path, monkeypatch):
 
 
 # Each tuning run starts one build/measure worker process per core (tuning/workers.py), and each worker imports
-# TVM: ~1.5 s of CPU per worker (3.8 s before the workers left PyTorch out). These tests check record, resume
+# TVM: ~1 s of CPU per worker (3.8 s before the workers left PyTorch and ml_dtypes out). These tests check record, resume
 # and check mechanics, which do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count in its
 # subprocess (a process group of several workers that must ignore SIGINT); its resumed run here, which checks
 # the record and trial accounting, has one worker like the others.
@@ -282,9 +282,9 @@ def test_tuning_works_with_an_unnamed_handler_on_the_metaschedule_logger(tuned):
     _assert_matches(tuned["opt"], tuned["model"], tuned["x"])
 
 
-def test_tuning_workers_run_tvm_without_importing_pytorch():
-    """The build/measure workers start without PyTorch (tvm_ffi imports it when it can: 2.3 s of each worker's
-    start), run TVM, and ignore SIGINT."""
+def test_tuning_workers_run_tvm_without_importing_pytorch_or_ml_dtypes():
+    """The build/measure workers start without PyTorch and ml_dtypes (tvm_ffi imports them when it can: 2.9 s
+    of each worker's start), run TVM, and ignore SIGINT."""
     import tvm
 
     from graphopt.backends.tvm.tuning import workers
@@ -295,15 +295,15 @@ def test_tuning_workers_run_tvm_without_importing_pytorch():
 
         import tvm
 
-        return (_sys.modules.get("torch", "absent"), _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN,
-                tvm.__version__)
+        return ({m: _sys.modules.get(m, "absent") for m in ("torch", "ml_dtypes")},
+                _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN, tvm.__version__)
 
     pool = workers._torch_free_pool(1, 60)
     try:
-        torch_module, ignores_sigint, version = pool.submit(worker_state).result()
+        skipped, ignores_sigint, version = pool.submit(worker_state).result()
     finally:
         pool.shutdown()
-    assert torch_module is None and ignores_sigint and version == tvm.__version__
+    assert skipped == {"torch": None, "ml_dtypes": None} and ignores_sigint and version == tvm.__version__
 
 
 # -------------------------------------------------------------------------------------------- 2. reuse

@@ -265,7 +265,7 @@ class DeviceServer:
     """graphopt's rpc_device_server.py run by an aarch64 runtime (a subprocess: under qemu, or native on ARM).
 
     runtime: a cross.AArch64Runtime (default: cross.find_aarch64_runtime(); RemoteError naming what is
-    missing if there is none). Start-up under qemu takes ~5-30 s (TVM's import, emulated); `start_timeout`
+    missing if there is none). Start-up under qemu takes ~3-30 s (TVM's import, emulated); `start_timeout`
     bounds it. With `tracker` the server registers there under `key`.
     """
 

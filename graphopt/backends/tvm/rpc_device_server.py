@@ -7,11 +7,22 @@ session), but starts the listener in this process instead of a TVM PopenWorker c
 TVM once, not twice: under qemu-user that halves the start-up time. A runtime-only TVM (TVM_USE_RUNTIME_LIB=1,
 as the qemu runtime of scripts/setup_cross.sh) does not load libtvm_runtime_extra, which holds the random fill
 MetaSchedule's RPC runner calls; this script loads it. It prints one line
-`graphopt-rpc-server listening on HOST:PORT` (flushed) once the socket is bound, then serves until killed.
+`graphopt-rpc-server listening on HOST:PORT` (flushed) once the socket is bound, then serves until killed. It
+starts without ml_dtypes and PyTorch, which TVM imports when it can and a server never uses.
 Where TVM's internals differ from 0.27's, it falls back to tvm.exec.rpc_server.
 """
 import argparse
 import sys
+
+# Imported by tvm_ffi / TVM when present, never used by a server: ml_dtypes (numpy's bfloat16/float8 types, for
+# Python-side array conversions: 4.5 of the 8 s TVM's import takes under qemu) and PyTorch (DLPack conversions).
+SKIPPED_IMPORTS = ("ml_dtypes", "torch")
+
+
+def _skip_optional_imports() -> None:
+    """Make `import ml_dtypes` / `import torch` fail (TVM and tvm_ffi go on without them)."""
+    for name in SKIPPED_IMPORTS:
+        sys.modules.setdefault(name, None)
 
 
 def _load_runtime_extra() -> None:
@@ -69,4 +80,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _skip_optional_imports()
     sys.exit(main())

@@ -1,6 +1,6 @@
 """Worker pools: MetaSchedule's builder and runner, in worker processes that live across rounds.
 
-The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import, no PyTorch), ignore SIGINT
+The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import, no PyTorch or ml_dtypes), ignore SIGINT
 (a terminal's Ctrl-C reaches the tuning process, which stops at a safe point), and the runner measures in the
 same processes, one candidate at a time.
 """
@@ -14,10 +14,11 @@ if TYPE_CHECKING:
 
 __all__ = ["import_target_intrinsics", "builder_runner", "run_secs", "worker_count", "close_workers"]
 
-# The worker's entry point: TVM's popen worker with `import torch` made to fail. tvm_ffi imports PyTorch when it
-# can (for DLPack conversions the workers never make): 2.3 of the 3.8 s a worker took to start here, for every
-# worker of every tuning run. The workers build and measure TVM kernels only.
-WORKER_MAIN = ("import runpy, sys; sys.modules['torch'] = None; "
+# The worker's entry point: TVM's popen worker with `import torch` and `import ml_dtypes` made to fail. tvm_ffi
+# imports both when it can, for DLPack and numpy bfloat16/float8 conversions the workers never make (they build
+# and measure TVM kernels only): 2.9 of the 3.8 s a worker took to start here (PyTorch 2.3 s, ml_dtypes 0.6 s),
+# for every worker of every tuning run.
+WORKER_MAIN = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['ml_dtypes'] = None; "
                "runpy.run_module('tvm.exec.popen_worker', run_name='__main__')")
 
 
@@ -113,7 +114,7 @@ def _torch_free_pool(max_workers: int, timeout_sec: float):
 def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
     """A MetaSchedule builder whose worker processes live across build rounds (recycled every
     `recycle_after` rounds). MetaSchedule's LocalBuilder starts fresh workers for every round, and each one
-    pays the TVM import again (~1.5 s of CPU without PyTorch, 3.8 s with it) before building anything."""
+    pays the TVM import again (~1 s of CPU without PyTorch and ml_dtypes, 3.8 s with them) before building anything."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import local_builder
@@ -179,7 +180,7 @@ def _pooled_runner(builder, timeout_sec: float, evaluator_config):
     """A MetaSchedule runner that measures in the builder's worker processes, one candidate at a time.
 
     MetaSchedule builds a whole round, then measures it, so no build runs during a measurement. LocalRunner
-    would start one more worker process (another TVM import, ~1.5 s of CPU) for the same job."""
+    would start one more worker process (another TVM import, ~1 s of CPU) for the same job."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import local_runner
