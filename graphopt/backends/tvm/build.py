@@ -48,10 +48,10 @@ def _target(spec: TargetSpec):
 def _schedule(mod, spec: TargetSpec, tune: Any = None, report=None):
     """Legalize, fold, fuse and schedule the TIR kernels of `mod` for `spec`; returns the scheduled module.
 
-    Default (tune=None): TVM's own passes for the target — library dispatch, LegalizeOps,
-    AnnotateTIROpPattern, FoldConstant (folds the bound weights' arithmetic), FuseOps, FuseTIR and, on CUDA,
-    dlight's default GPU schedules. CPU kernels stay unscheduled (correct but slow; see TVM-NOTES.md).
-    Tuning (MetaSchedule) and fast default schedules are issue #3's, to be wired in here.
+    CPU (LLVM): graphopt's default schedules, and MetaSchedule's records when `tune` asks for them
+    (tuning/schedule.py). CUDA: dlight's default GPU schedules, MetaSchedule on a GPU when asked (cuda.py).
+    Any other TVM target: TVM's own library dispatch and legalization, kernels unscheduled; tuning there is a
+    TuningError.
     """
     if spec.kind == "llvm":      # CPU: graphopt's default schedules, MetaSchedule when asked (tuning/)
         from .tuning import schedule_cpu
