@@ -220,47 +220,6 @@ def _reach(host: str, port: int, key: str, tracker: tuple[str, int] | None) -> R
     return RPCDevice(host, port, key)
 
 
-class LocalServer:
-    """A TVM RPC server on this machine (tvm.rpc.Server), e.g. for loopback tests or an x86 device.
-
-    With `tracker` (an RPCDevice of a tracker, or (host, port)) it registers there under `key`.
-    Use as a context manager, or call .terminate().
-    """
-
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *, key: str = "",
-                 tracker: RPCDevice | tuple[str, int] | None = None, silent: bool = True):
-        from tvm import rpc
-
-        tracker_addr = _address(tracker)
-        port = port or free_port(host)
-        self.server = rpc.Server(host, port=port, port_end=port + 50, key=key, tracker_addr=tracker_addr,
-                                 silent=silent)
-        self.host, self.port, self.key, self.tracker = host, self.server.port, key, tracker_addr
-        if tracker_addr is not None:
-            try:
-                _wait_registered(tracker_addr, key, self.port, 60.0)
-            except BaseException:
-                self.terminate()
-                raise
-
-    @property
-    def device(self) -> RPCDevice:
-        """How to reach this server: through its tracker when it registered with one (it then accepts only
-        sessions the tracker hands out), else directly."""
-        return _reach(self.host, self.port, self.key, self.tracker)
-
-    def terminate(self) -> None:
-        if self.server is not None:
-            self.server.terminate()
-            self.server = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.terminate()
-
-
 class DeviceServer:
     """graphopt's rpc_device_server.py run by an aarch64 runtime (a subprocess: under qemu, or native on ARM).
 
@@ -269,8 +228,11 @@ class DeviceServer:
     bounds it. With `tracker` the server registers there under `key`.
     """
 
+    _WHAT = "the aarch64 RPC server"
+
     def __init__(self, runtime=None, host: str = "127.0.0.1", port: int | None = None, *, key: str = "",
-                 tracker: RPCDevice | tuple[str, int] | None = None, start_timeout: float = 180.0):
+                 tracker: RPCDevice | tuple[str, int] | None = None, start_timeout: float = 180.0,
+                 silent: bool = True):
         from . import cross
 
         if runtime is None:
@@ -280,7 +242,8 @@ class DeviceServer:
                                   + "; ".join(cross.missing_for_qemu()) + f" ({cross.SETUP_HINT})")
         self.runtime = runtime
         port = port or free_port(host)
-        args = [DEVICE_SERVER_SCRIPT, "--host", host, "--port", str(port), "--port-end", str(port + 50), "--silent"]
+        args = [DEVICE_SERVER_SCRIPT, "--host", host, "--port", str(port), "--port-end", str(port + 50)]
+        args += ["--silent"] if silent else []
         self.tracker = _address(tracker)
         if self.tracker is not None:
             args += ["--tracker", f"{self.tracker[0]}:{self.tracker[1]}", "--key", key]
@@ -296,12 +259,12 @@ class DeviceServer:
             self.port = ready.get(timeout=start_timeout)
         except queue.Empty:
             self.terminate()
-            raise RemoteError(f"the aarch64 RPC server ({runtime.python}) did not start within {start_timeout:g} s; "
+            raise RemoteError(f"{self._WHAT} ({runtime.python}) did not start within {start_timeout:g} s; "
                               f"output: {' | '.join(self._lines[-5:]) or '(none)'}") from None
         if self.port is None:
             code = self.proc.poll()
             self.terminate()
-            raise RemoteError(f"the aarch64 RPC server ({runtime.python}) exited (code {code}) before listening: "
+            raise RemoteError(f"{self._WHAT} ({runtime.python}) exited (code {code}) before listening: "
                               f"{' | '.join(self._lines[-8:]) or '(no output)'}")
         if self.tracker is not None:
             try:
@@ -350,6 +313,39 @@ class DeviceServer:
 
     def __exit__(self, *exc):
         self.terminate()
+
+
+@dataclass
+class _ThisPython:
+    """This machine's Python (the interpreter running graphopt), as a DeviceServer runtime."""
+
+    python: str
+
+    def command(self, *args: str) -> list[str]:
+        return [self.python, *args]
+
+    def environ(self) -> dict:
+        return dict(os.environ)
+
+
+class LocalServer(DeviceServer):
+    """A TVM RPC server on this machine, e.g. for loopback tests or an x86 device: rpc_device_server.py run by
+    this Python in a subprocess (its own process group; terminate() stops it and its sessions' processes).
+
+    It imports TVM only: it listens after ~1 s here, where tvm.rpc.Server's worker process, which imports TVM
+    with PyTorch and ml_dtypes, took ~4 s. With `tracker` (an RPCDevice of a tracker, or (host, port)) it
+    registers there under `key`. Use as a context manager, or call .terminate().
+    """
+
+    _WHAT = "this machine's RPC server"
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *, key: str = "",
+                 tracker: RPCDevice | tuple[str, int] | None = None, silent: bool = True,
+                 start_timeout: float = 120.0):
+        import sys
+
+        super().__init__(_ThisPython(sys.executable), host, port, key=key, tracker=tracker,
+                         start_timeout=start_timeout, silent=silent)
 
 
 # ------------------------------------------------------------------------------------- remote modules
