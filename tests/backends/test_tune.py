@@ -59,10 +59,10 @@ def _no_user_cache(tmp_path, monkeypatch):
 
 
 # Each tuning run starts one build/measure worker process per core (tuning/workers.py), and each worker imports
-# TVM: ~1 s of CPU per worker (3.8 s before the workers left PyTorch and ml_dtypes out). These tests check record, resume
-# and check mechanics, which do not depend on the worker count, so they run with one worker. The Ctrl-C test keeps the real count in its
-# subprocess (a process group of several workers that must ignore SIGINT); its resumed run here, which checks
-# the record and trial accounting, has one worker like the others.
+# TVM: ~1 s of CPU per worker (3.8 s before the workers left PyTorch and ml_dtypes out). These tests check
+# record, resume and check mechanics, which do not depend on the worker count, so they run with one worker. The
+# Ctrl-C test keeps the real count in its subprocess (a process group of several workers that must ignore
+# SIGINT); its resumed run here, which checks the record and trial accounting, has one worker like the others.
 KEEPS_WORKERS = ("test_ctrl_c_keeps_every_record_and_the_next_run_does_only_the_missing_trials",)
 
 

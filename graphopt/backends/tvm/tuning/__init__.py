@@ -56,9 +56,9 @@ KeyboardInterrupt; a second one stops at once. Either way every record already a
 MetaSchedule's stock builder imports tvm.s_tir.tensor_intrin in every build worker (~80 s; CUDA intrinsics
 alone ~55 s), so every build hits the default 30 s timeout. The builder here is a function that only lowers
 and compiles; the tuning process itself imports only the target's intrinsics (x86 or ARM). The runner
-measures in the builder's worker processes (one TVM import less), the workers start without PyTorch and ml_dtypes
-(which tvm_ffi imports when it can: 2.9 of a worker's 3.8 s start), and the XGBoost cost model is not trained
-before it has the 100 measurements it needs to predict anything (MetaSchedule trains it every round anyway,
+measures in the builder's worker processes (one TVM import less), the workers start without PyTorch and
+ml_dtypes (which tvm_ffi imports when it can: 2.9 of a worker's 3.8 s start), and the XGBoost cost model is not
+trained before it has the 100 measurements it needs to predict anything (MetaSchedule trains it every round anyway,
 several seconds each). Measured on the 2-core test machine: a tiny 2-kernel MLP, 8 trials, ~10 s of tuning at
 load ~1.7 and ~24 s at load ~4 (~24-34 s at load ~1.5-2.9 before those two changes); compiling it again from
 the records ~1.2 s.

@@ -1,8 +1,8 @@
 """Worker pools: MetaSchedule's builder and runner, in worker processes that live across rounds.
 
-The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import, no PyTorch or ml_dtypes), ignore SIGINT
-(a terminal's Ctrl-C reaches the tuning process, which stops at a safe point), and the runner measures in the
-same processes, one candidate at a time.
+The builder's workers only lower and compile (no tvm.s_tir.tensor_intrin import, no PyTorch or ml_dtypes),
+ignore SIGINT (a terminal's Ctrl-C reaches the tuning process, which stops at a safe point), and the runner
+measures in the same processes, one candidate at a time.
 """
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ def _torch_free_pool(max_workers: int, timeout_sec: float):
 def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
     """A MetaSchedule builder whose worker processes live across build rounds (recycled every
     `recycle_after` rounds). MetaSchedule's LocalBuilder starts fresh workers for every round, and each one
-    pays the TVM import again (~1 s of CPU without PyTorch and ml_dtypes, 3.8 s with them) before building anything."""
+    pays the TVM import again (~1 s of CPU without PyTorch and ml_dtypes, 3.8 s with them) before building
+    anything."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import local_builder
