@@ -73,15 +73,37 @@ def loopback_server():
         yield server
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the server's /proc/PID/maps (Linux)")
+def _mapped(pid: int) -> set:
+    """The files process `pid` mapped (its shared libraries among them)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+        return {line.split()[-1] for line in f if "/" in line}
+
+
+READS_PROC_MAPS = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps (Linux)")
+
+
+@READS_PROC_MAPS
 def test_local_server_is_a_process_of_its_own_that_loads_tvm_without_torch(loopback_server):
     """LocalServer runs rpc_device_server.py with this Python: a process of its own that maps TVM's runtime and
     neither PyTorch nor ml_dtypes (tvm.rpc.Server's worker imported both: ~4 s to start instead of ~1 s)."""
     assert loopback_server.proc.pid != os.getpid() and loopback_server.proc.poll() is None
-    with open(f"/proc/{loopback_server.proc.pid}/maps", encoding="utf-8") as f:
-        mapped = {line.split()[-1] for line in f if "/" in line}
+    mapped = _mapped(loopback_server.proc.pid)
     assert any("libtvm" in path for path in mapped), sorted(mapped)
     assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
+
+
+@READS_PROC_MAPS
+def test_tracker_process_loads_tvm_without_torch():
+    """start_tracker's process (a TVM PopenWorker started without PyTorch and ml_dtypes) serves the tracker."""
+    tracker = rpc.start_tracker("127.0.0.1")
+    try:
+        mapped = _mapped(tracker.proc._proc.pid)
+        summary = rpc._tracker_summary(rpc.RPCDevice("127.0.0.1", tracker.port, tracker=True), 10.0)
+    finally:
+        tracker.terminate()
+    assert any("libtvm" in path for path in mapped), sorted(mapped)
+    assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
+    assert summary.get("server_info") == []
 
 
 def test_loopback_server_runs_an_artifact(host_model, loopback_server):

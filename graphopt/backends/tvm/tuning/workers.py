@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .options import TuneOptions
 
-__all__ = ["import_target_intrinsics", "builder_runner", "run_secs", "worker_count", "close_workers"]
+__all__ = ["import_target_intrinsics", "builder_runner", "run_secs", "worker_count", "close_workers",
+           "torch_free_worker"]
 
 # The worker's entry point: TVM's popen worker with `import torch` and `import ml_dtypes` made to fail. tvm_ffi
 # imports both when it can, for DLPack and numpy bfloat16/float8 conversions the workers never make (they build
@@ -73,8 +74,14 @@ def _make_worker_initializer():
     return graphopt_worker_init
 
 
-def _torch_free_pool(max_workers: int, timeout_sec: float):
-    """TVM's PopenPoolExecutor whose worker processes start with WORKER_MAIN (on Windows: TVM's own start)."""
+_CLASSES: dict = {}
+
+
+def _torch_free_classes():
+    """(TorchFreeWorker, TorchFreePool): TVM's PopenWorker and PopenPoolExecutor whose worker processes start
+    with WORKER_MAIN (on Windows: TVM's own start). Made once (they subclass TVM's, imported on first use)."""
+    if _CLASSES:
+        return _CLASSES["worker"], _CLASSES["pool"]
     import os
     import subprocess
     import threading
@@ -108,7 +115,19 @@ def _torch_free_pool(max_workers: int, timeout_sec: float):
             proc.send(fn, args, kwargs, self._timeout)
             return proc.recv()
 
-    return TorchFreePool(max_workers=max_workers, timeout=timeout_sec, initializer=_make_worker_initializer())
+    _CLASSES.update(worker=TorchFreeWorker, pool=TorchFreePool)
+    return TorchFreeWorker, TorchFreePool
+
+
+def torch_free_worker():
+    """One TVM PopenWorker process that imports TVM without PyTorch and ml_dtypes (e.g. for an RPC tracker)."""
+    return _torch_free_classes()[0]()
+
+
+def _torch_free_pool(max_workers: int, timeout_sec: float):
+    """The tuning workers: a TVM PopenPoolExecutor of torch-free workers that ignore SIGINT."""
+    return _torch_free_classes()[1](max_workers=max_workers, timeout=timeout_sec,
+                                    initializer=_make_worker_initializer())
 
 
 def _pooled_builder(max_workers: int, timeout_sec: float, recycle_after: int = 16):
