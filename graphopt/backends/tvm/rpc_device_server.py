@@ -14,7 +14,8 @@ Where TVM's internals differ from 0.27's, it falls back to tvm.exec.rpc_server.
 import argparse
 import sys
 
-# Imported by tvm_ffi / TVM when present, never used by a server: ml_dtypes (numpy's bfloat16/float8 types, for
+# Imported by tvm_ffi / TVM when present, never used by a server (nor by graphopt's tuning workers, which skip
+# them too: tuning/workers.py): ml_dtypes (numpy's bfloat16/float8 types, for
 # Python-side array conversions: 4.5 of the 8 s TVM's import takes under qemu) and PyTorch (DLPack conversions).
 SKIPPED_IMPORTS = ("ml_dtypes", "torch")
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from ..rpc_device_server import SKIPPED_IMPORTS
+
 if TYPE_CHECKING:
     from .options import TuneOptions
 
 __all__ = ["import_target_intrinsics", "builder_runner", "run_secs", "worker_count", "close_workers",
            "torch_free_worker"]
 
-# The worker's entry point: TVM's popen worker with `import torch` and `import ml_dtypes` made to fail. tvm_ffi
-# imports both when it can, for DLPack and numpy bfloat16/float8 conversions the workers never make (they build
-# and measure TVM kernels only): 2.9 of the 3.8 s a worker took to start here (PyTorch 2.3 s, ml_dtypes 0.6 s),
-# for every worker of every tuning run.
-WORKER_MAIN = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['ml_dtypes'] = None; "
-               "runpy.run_module('tvm.exec.popen_worker', run_name='__main__')")
+# The worker's entry point: TVM's popen worker with the imports the RPC device server skips (PyTorch, ml_dtypes)
+# made to fail. tvm_ffi imports both when it can, for DLPack and numpy bfloat16/float8 conversions the workers
+# never make (they build and measure TVM kernels only): 2.9 of the 3.8 s a worker took to start here (PyTorch
+# 2.3 s, ml_dtypes 0.6 s), for every worker of every tuning run.
+WORKER_MAIN = ("import runpy, sys; " + "".join(f"sys.modules[{name!r}] = None; " for name in SKIPPED_IMPORTS)
+               + "runpy.run_module('tvm.exec.popen_worker', run_name='__main__')")
 
 
 def import_target_intrinsics(target) -> None:
