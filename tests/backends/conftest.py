@@ -4,6 +4,7 @@ Skips name what is missing; nothing here passes silently without the hardware or
 """
 import contextlib
 import logging
+import os
 import platform
 
 import pytest
@@ -49,6 +50,16 @@ def metaschedule_logger_kept():
 
 needs_cross = pytest.mark.skipif(cross_skip_reason() is not None, reason=cross_skip_reason() or "")
 needs_aarch64_runtime = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
+reads_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps (Linux)")
+
+
+def assert_maps_tvm_without_torch(pid: int, tvm_library: str) -> None:
+    """Process `pid` mapped `tvm_library` (e.g. "libtvm_runtime") and nothing of ml_dtypes or PyTorch: graphopt's
+    servers and workers start TVM without them (rpc_device_server.SKIPPED_IMPORTS)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+        mapped = {line.split()[-1] for line in f if "/" in line}
+    assert any(tvm_library in path for path in mapped), sorted(mapped)
+    assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
 
 
 @pytest.fixture(scope="session")

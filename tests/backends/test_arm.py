@@ -21,7 +21,8 @@ from graphopt.artifact import read_metadata
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import cross, rpc
 from graphopt.errors import ArtifactError, GraphoptError, InputError, RemoteError
-from tests.backends.conftest import ON_AARCH64, needs_aarch64_runtime, needs_cross
+from tests.backends.conftest import (ON_AARCH64, assert_maps_tvm_without_torch, needs_aarch64_runtime, needs_cross,
+                                     reads_proc_maps)
 from tests.helpers import randomize_bn
 
 
@@ -129,14 +130,11 @@ def test_missing_cross_compiler_is_named(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------- running on aarch64
 @needs_aarch64_runtime
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the server's /proc/PID/maps (Linux)")
+@reads_proc_maps
 def test_device_server_loads_tvm_without_ml_dtypes_or_torch(aarch64_server):
     """rpc_device_server.py makes TVM's optional `import ml_dtypes` / `import torch` fail: 4.5 of the 8 s TVM's
     import took under qemu. The shared objects the server process mapped say what it loaded."""
-    with open(f"/proc/{aarch64_server.proc.pid}/maps", encoding="utf-8") as f:
-        mapped = {line.split()[-1] for line in f if "/" in line}
-    assert any("libtvm_runtime" in path for path in mapped), sorted(mapped)
-    assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
+    assert_maps_tvm_without_torch(aarch64_server.proc.pid, "libtvm_runtime")
 
 
 @needs_cross

@@ -18,7 +18,8 @@ import graphopt
 from graphopt.backends.targets import resolve_target
 from graphopt.backends.tvm import cross, rpc
 from graphopt.errors import ArtifactError, GraphoptError, RemoteError
-from tests.backends.conftest import metaschedule_logger_kept, needs_aarch64_runtime, needs_cross
+from tests.backends.conftest import (assert_maps_tvm_without_torch, metaschedule_logger_kept,
+                                     needs_aarch64_runtime, needs_cross, reads_proc_maps)
 
 HOST_ALIAS = "x86" if platform.machine() in ("x86_64", "AMD64") else "arm:native"
 
@@ -73,36 +74,23 @@ def loopback_server():
         yield server
 
 
-def _mapped(pid: int) -> set:
-    """The files process `pid` mapped (its shared libraries among them)."""
-    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
-        return {line.split()[-1] for line in f if "/" in line}
-
-
-READS_PROC_MAPS = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps (Linux)")
-
-
-@READS_PROC_MAPS
+@reads_proc_maps
 def test_local_server_is_a_process_of_its_own_that_loads_tvm_without_torch(loopback_server):
     """LocalServer runs rpc_device_server.py with this Python: a process of its own that maps TVM's runtime and
     neither PyTorch nor ml_dtypes (tvm.rpc.Server's worker imported both: ~4 s to start instead of ~1 s)."""
     assert loopback_server.proc.pid != os.getpid() and loopback_server.proc.poll() is None
-    mapped = _mapped(loopback_server.proc.pid)
-    assert any("libtvm" in path for path in mapped), sorted(mapped)
-    assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
+    assert_maps_tvm_without_torch(loopback_server.proc.pid, "libtvm")
 
 
-@READS_PROC_MAPS
+@reads_proc_maps
 def test_tracker_process_loads_tvm_without_torch():
     """start_tracker's process (a TVM PopenWorker started without PyTorch and ml_dtypes) serves the tracker."""
     tracker = rpc.start_tracker("127.0.0.1")
     try:
-        mapped = _mapped(tracker.proc._proc.pid)
+        assert_maps_tvm_without_torch(tracker.proc._proc.pid, "libtvm")
         summary = rpc._tracker_summary(rpc.RPCDevice("127.0.0.1", tracker.port, tracker=True), 10.0)
     finally:
         tracker.terminate()
-    assert any("libtvm" in path for path in mapped), sorted(mapped)
-    assert not [path for path in mapped if "ml_dtypes" in path or "libtorch" in path]
     assert summary.get("server_info") == []
 
 
