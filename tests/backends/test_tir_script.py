@@ -79,3 +79,106 @@ def test_kernels_with_macros_parse_without_outer_frame_reads(monkeypatch):
     again = weight_only.panel_kernel(8, 64, 2, 4, 1, 8, bits=4, G=32, sym=False)
     tvm.ir.assert_structural_equal(built, again)
     assert ScriptMacro._find_parser_def is original
+
+
+def _fill_kernel(n: int, value, ours: bool = True):
+    """A kernel whose body reads a closure value of any type: what the kernel cache keys on."""
+    if ours:
+        @prim_func
+        def fill(B: T.Buffer((n,), "float32")):
+            for i in range(n):
+                B[i] = T.float32(value)
+        return fill
+
+    @T.prim_func
+    def fill(B: T.Buffer((n,), "float32")):
+        for i in range(n):
+            B[i] = T.float32(value)
+    return fill
+
+
+def _run_fill(func, n):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    out = tvm.runtime.tensor(np.full(n, 7.0, dtype="float32"))
+    lib["main"](out)
+    return out.numpy()
+
+
+def test_a_repeated_kernel_is_the_same_function_with_variables_of_its_own():
+    first, again = _fill_kernel(6, 2.5), _fill_kernel(6, 2.5)
+    tvm.ir.assert_structural_equal(first, _fill_kernel(6, 2.5, ours=False))
+    tvm.ir.assert_structural_equal(first, again)
+    assert again.__name__ == "fill"
+    # two functions of one module never share a variable (TIR's well-formedness rule)
+    mod = tvm.IRModule({"a": first.with_attr("global_symbol", "a"), "b": again.with_attr("global_symbol", "b")})
+    assert tvm.s_tir.analysis.verify_well_formed(mod, assert_mode=False)
+    assert first.params[0] is not again.params[0]
+    np.testing.assert_array_equal(_run_fill(again, 6), np.full(6, 2.5, dtype="float32"))
+
+
+@pytest.mark.parametrize("a, b", [(0.0, -0.0), (1, True), (1, 1.0), (float("nan"), float("inf")), ((1, 2), [1, 2]),
+                                  (np.float32(0.5), np.float64(0.5)),
+                                  (tvm.tirx.FloatImm("float32", 0.5), tvm.tirx.FloatImm("float16", 0.5)),
+                                  (tvm.tirx.IntImm("int32", 2), tvm.tirx.IntImm("int64", 2))])
+def test_values_that_compare_equal_but_parse_differently_are_separate_kernels(a, b):
+    from graphopt.backends.tvm import tir_script
+
+    assert tir_script._value_key(a) != tir_script._value_key(b)
+    if isinstance(a, (bool, int, float)):
+        for v in (a, b):     # and what each builds is its own value
+            got = _run_fill(_fill_kernel(3, v), 3)
+            np.testing.assert_array_equal(got, np.full(3, np.float32(v), dtype="float32"))
+
+
+def test_kernels_over_a_tir_variable_are_keyed_by_that_variable_and_run_at_any_size():
+    from graphopt.backends.tvm import tir_script
+
+    n1, n2 = tvm.tirx.Var("n", "int32"), tvm.tirx.Var("n", "int32")
+    assert tir_script._value_key(n1) != tir_script._value_key(n2)
+    f1, f1_again = _fill_kernel(n1, 1.0), _fill_kernel(n1, 1.0)
+    tvm.ir.assert_structural_equal(f1, f1_again)
+    for f in (f1, f1_again):
+        for size in (3, 5):
+            np.testing.assert_array_equal(_run_fill(f, size), np.ones(size, dtype="float32"))
+
+
+def test_values_without_an_exact_key_are_parsed_every_time(monkeypatch):
+    from tvm.script.parser.core import entry
+
+    calls = []
+    real_parser = entry.Parser
+    monkeypatch.setattr(entry, "Parser", lambda *a, **k: calls.append(1) or real_parser(*a, **k))
+    table = {"v": 3.0}                   # a dict could change between two requests
+    first = _fill_kernel_reading(table)
+    table["v"] = 4.0
+    second = _fill_kernel_reading(table)
+    np.testing.assert_array_equal(_run_fill(first, 2), np.full(2, 3.0, dtype="float32"))
+    np.testing.assert_array_equal(_run_fill(second, 2), np.full(2, 4.0, dtype="float32"))
+    assert len(calls) == 2
+
+
+def _fill_kernel_reading(table: dict):
+    @prim_func
+    def fill(B: T.Buffer((2,), "float32")):
+        for i in range(2):
+            B[i] = T.float32(table["v"])
+    return fill
+
+
+def test_each_kernel_definition_is_read_into_a_syntax_tree_once(monkeypatch):
+    from tvm.script.parser.core import doc
+
+    reads = []
+    real = doc.parse
+    monkeypatch.setattr(doc, "parse", lambda *a, **k: reads.append(1) or real(*a, **k))
+
+    def kernel(k):
+        @prim_func
+        def scale(A: T.Buffer((4,), "float32")):
+            for i in range(4):
+                A[i] = A[i] * T.float32(k)
+        return scale
+
+    for k in (1.5, 2.5, 3.5):
+        kernel(k)
+    assert len(reads) == 1

@@ -16,12 +16,31 @@ The result is the PrimFunc `T.prim_func` gives (tests/backends/test_tir_script.p
 Macros (`@T.macro`, used by the weight-only kernels) have the same cost at every use: TVMScript finds the
 running parser with `inspect.getouterframes`, which also reads a source line per frame. While graphopt parses,
 that lookup walks the frames' globals directly (the same search, in the same order).
+
+Parsing is most of what a generated kernel costs to build (~50 ms each; 184 kernels, 9.4 of the 27 s of four
+int8 builds of ResNet-18 and MobileNetV2), and TVMScript turns the same source into its syntax tree at every
+parse, twice (once to parse, once for the error report of the well-formedness check). So:
+- each kernel definition's source and syntax tree are read once per process (`_Definition`); TVM's parser only
+  reads the tree (the two places that write to it, a slice's missing step and an assignment target's context,
+  write what they would write every time);
+- a kernel is parsed once per process for the same definition and the same values of every name its source
+  reads (`_kernel_key`), and later requests get a copy with fresh variables (`s_tir.renew_defs`), so no two
+  functions of a module share a variable (kernels that renew_defs does not copy exactly, symbolic shapes, are
+  parsed every time). Values that cannot be compared exactly (anything but numbers,
+  strings, tuples, frozen dataclasses, enums, functions, modules, TIR variables and immediates) are parsed
+  every time.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
+import enum
+import struct
 import sys
-from typing import Callable
+import types
+from collections import OrderedDict
+from typing import Any, Callable
 
 __all__ = ["prim_func"]
 
@@ -67,16 +86,114 @@ def _macros_find_their_parser_by_frames():
         ScriptMacro._find_parser_def = original
 
 
+class _Definition:
+    """A kernel definition's TVMScript Source with its syntax tree read once, and the names its source reads."""
+
+    def __init__(self, func: Callable):
+        from tvm.script.parser.core import doc
+        from tvm.script.parser.core.diagnostics import Source
+
+        self.source = Source(func)
+        tree = doc.parse(self.source.source)
+        self.source.as_ast = lambda: tree
+        self.names = tuple(sorted({n.id for n in ast.walk(ast.parse(self.source.source)) if isinstance(n, ast.Name)}))
+
+
+_DEFINITIONS: dict[types.CodeType, _Definition] = {}
+_KERNELS: OrderedDict = OrderedDict()       # _kernel_key -> PrimFunc, least recently used first
+KERNEL_CACHE_SIZE = 512
+
+
+def _definition(func: Callable) -> _Definition:
+    found = _DEFINITIONS.get(func.__code__)
+    if found is None:
+        found = _DEFINITIONS[func.__code__] = _Definition(func)
+    return found
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _value_key(value: Any, depth: int = 0):
+    """A hashable key equal for two values exactly when they parse the same (see the module docstring)."""
+    if depth > 8:
+        raise _Unkeyable
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
+        return kind, value
+    if kind is float:
+        return kind, struct.pack("<d", value)          # -0.0 and 0.0, NaN payloads: told apart
+    if kind in (tuple, list):
+        return (kind,) + tuple(_value_key(v, depth + 1) for v in value)
+    if isinstance(value, enum.Enum) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType,
+                                                          types.ModuleType, type)):
+        return "id", id(value), value               # the value itself keeps its id from being reused
+    if dataclasses.is_dataclass(value) and value.__dataclass_params__.frozen:
+        return (kind,) + tuple(_value_key(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
+    if hasattr(value, "dtype") and kind.__module__.startswith("numpy") and getattr(value, "ndim", None) == 0:
+        return kind, str(value.dtype), value.tobytes()
+    from tvm import tirx
+
+    if kind in (tirx.IntImm, tirx.FloatImm):
+        return kind, str(value.ty), _value_key(value.value, depth + 1)
+    if kind is tirx.Var:
+        return "id", id(value), value
+    raise _Unkeyable
+
+
+def _kernel_key(func: Callable, names: tuple, extra_vars: dict):
+    """(code, every name the source reads with its value), or None when a value cannot be keyed."""
+    try:
+        return (func.__code__,) + tuple((n, _value_key(extra_vars[n])) for n in names if n in extra_vars)
+    except _Unkeyable:
+        return None
+
+
+def _renews_exactly(func) -> bool:
+    """Whether s_tir.renew_defs copies `func` faithfully: TVM 0.27's misses the variables of a buffer's
+    layout (a symbolic shape), so such kernels are not kept."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    return tvm_ffi.structural_equal(s_tir.renew_defs(func), func)
+
+
+@contextlib.contextmanager
+def _parser_reads_definitions_once():
+    """TVMScript's parse() takes each function's Source from `_definition` (restored afterwards)."""
+    from tvm.script.parser.core import entry
+
+    original = entry.Source
+    entry.Source = lambda program: _definition(program).source if isinstance(program, types.FunctionType) \
+        else original(program)
+    try:
+        yield
+    finally:
+        entry.Source = original
+
+
 def prim_func(func: Callable):
     """Parse `func` (a TVMScript function) into a tvm.tirx.PrimFunc, as `@T.prim_func` does."""
+    from tvm import s_tir
     from tvm.script.parser._core import parse, utils
 
     outer = _outer_frames()          # [prim_func, the function that defines `func`, ...], as T.prim_func has
     extra_vars = utils.inspect_function_capture(func)
     utils.resolve_closure_vars(func, extra_vars, outer)
     del outer                        # no frame references kept
-    with _macros_find_their_parser_by_frames():
-        parsed = parse(func, extra_vars, check_well_formed=True)
+    definition = _definition(func)
+    key = _kernel_key(func, definition.names, extra_vars)
+    if key is not None and key in _KERNELS:
+        _KERNELS.move_to_end(key)
+        parsed = s_tir.renew_defs(_KERNELS[key])
+    else:
+        with _macros_find_their_parser_by_frames(), _parser_reads_definitions_once():
+            parsed = parse(func, extra_vars, check_well_formed=True)
+        if key is not None and _renews_exactly(parsed):
+            _KERNELS[key] = parsed
+            if len(_KERNELS) > KERNEL_CACHE_SIZE:
+                _KERNELS.popitem(last=False)
     setattr(parsed, "__name__", func.__name__)
     return parsed
 
