@@ -8,10 +8,11 @@ tests/quant/test_fused_epilogue.py + test_schedules.py: 27.5 of 57 s in `prim_fu
 kernel per layer shape (quant_lower, weight_only, sparse / N:M kernels, winograd), so every int8 build paid it.
 
 This decorator parses the same way (TVM's own `parse`, closure and global capture, the same PEP 563
-resolution) and hands that resolution the enclosing frames themselves (`sys._getframe`), which is all it
-reads of them (`frame.f_code.co_name`, `frame.f_locals`). The one thing `T.prim_func` does with the source
-lines is notice a function defined in a class body under `@I.ir_module`, which generated kernels never are.
-The result is the PrimFunc `T.prim_func` gives (tests/backends/test_tir_script.py).
+resolution: an annotation's name not captured is read from the nearest enclosing function's frame, found by
+walking `sys._getframe()` outwards, which is all that resolution reads of the stack). The one thing
+`T.prim_func` does with the source lines is notice a function defined in a class body under `@I.ir_module`,
+which generated kernels never are. The result is the PrimFunc `T.prim_func` gives
+(tests/backends/test_tir_script.py).
 
 Macros (`@T.macro`, used by the weight-only kernels) have the same cost at every use: TVMScript finds the
 running parser with `inspect.getouterframes`, which also reads a source line per frame. While graphopt parses,
@@ -20,15 +21,15 @@ that lookup walks the frames' globals directly (the same search, in the same ord
 Parsing is most of what a generated kernel costs to build (~50 ms each; 184 kernels, 9.4 of the 27 s of four
 int8 builds of ResNet-18 and MobileNetV2), and TVMScript turns the same source into its syntax tree at every
 parse, twice (once to parse, once for the error report of the well-formedness check). So:
-- each kernel definition's source and syntax tree are read once per process (`_Definition`); TVM's parser only
+- each kernel definition's source, syntax tree and annotation names are read once per process (`_Definition`;
+  TVMScript's PEP 563 resolution read and parsed the source again at every kernel); TVM's parser only
   reads the tree (the two places that write to it, a slice's missing step and an assignment target's context,
   write what they would write every time);
 - a kernel is parsed once per process for the same definition and the same values of every name its source
   reads (`_kernel_key`), and later requests get a copy with fresh variables (`s_tir.renew_defs`), so no two
   functions of a module share a variable (kernels that renew_defs does not copy exactly, symbolic shapes, are
-  parsed every time). Values that cannot be compared exactly (anything but numbers,
-  strings, tuples, frozen dataclasses, enums, functions, modules, TIR variables and immediates) are parsed
-  every time.
+  parsed every time). Values that cannot be compared exactly (anything but numbers, strings, tuples, frozen
+  dataclasses, enums, functions, modules, TIR variables and immediates) are parsed every time.
 """
 from __future__ import annotations
 
@@ -43,24 +44,6 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 __all__ = ["prim_func"]
-
-
-class _Frame:
-    """The part of inspect.FrameInfo that TVMScript's closure resolution reads."""
-
-    __slots__ = ("frame",)
-
-    def __init__(self, frame):
-        self.frame = frame
-
-
-def _outer_frames() -> list[_Frame]:
-    """[this function's caller (prim_func), its caller, ...]: inspect.stack()'s frames, read from nothing."""
-    frames, frame = [], sys._getframe(1)
-    while frame is not None:
-        frames.append(_Frame(frame))
-        frame = frame.f_back
-    return frames
 
 
 @contextlib.contextmanager
@@ -93,10 +76,29 @@ class _Definition:
         from tvm.script.parser.core import doc
         from tvm.script.parser.core.diagnostics import Source
 
+        from tvm.script.parser._core import utils
+
         self.source = Source(func)
         tree = doc.parse(self.source.source)
         self.source.as_ast = lambda: tree
         self.names = tuple(sorted({n.id for n in ast.walk(ast.parse(self.source.source)) if isinstance(n, ast.Name)}))
+        # PEP 563 (string annotations): the names only annotations read, looked up in the enclosing frames
+        self.annotation_names = sorted(utils._collect_annotation_names(func)) \
+            if utils._has_string_annotations(func) else []
+        self.enclosing = utils._get_enclosing_scope_names(func.__qualname__)
+
+    def resolve_annotation_names(self, extra_vars: dict, frame) -> None:
+        """utils.resolve_closure_vars with this definition's names: each annotation name not captured, from
+        the nearest frame (from `frame` outwards) of an enclosing function that has it."""
+        for name in self.annotation_names:
+            if name in extra_vars:
+                continue
+            f = frame
+            while f is not None:
+                if f.f_code.co_name in self.enclosing and name in f.f_locals:
+                    extra_vars[name] = f.f_locals[name]
+                    break
+                f = f.f_back
 
 
 _DEFINITIONS: dict[types.CodeType, _Definition] = {}
@@ -178,11 +180,9 @@ def prim_func(func: Callable):
     from tvm import s_tir
     from tvm.script.parser._core import parse, utils
 
-    outer = _outer_frames()          # [prim_func, the function that defines `func`, ...], as T.prim_func has
-    extra_vars = utils.inspect_function_capture(func)
-    utils.resolve_closure_vars(func, extra_vars, outer)
-    del outer                        # no frame references kept
     definition = _definition(func)
+    extra_vars = utils.inspect_function_capture(func)
+    definition.resolve_annotation_names(extra_vars, sys._getframe(1))     # from the caller outwards
     key = _kernel_key(func, definition.names, extra_vars)
     if key is not None and key in _KERNELS:
         _KERNELS.move_to_end(key)
