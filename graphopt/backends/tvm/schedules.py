@@ -68,8 +68,20 @@ def _dtype_bits(dtype: Any) -> int:
     return int(digits) if digits else 32
 
 
+_CPU_VECTORS: dict[str, CpuVector] = {}
+
+
 def cpu_vector(target) -> CpuVector:
-    """SIMD width and register count of `target` (a tvm.target.Target of kind llvm)."""
+    """SIMD width and register count of `target` (a tvm.target.Target of kind llvm); asked for every kernel,
+    so kept per target (LLVM's feature query takes ~0.2 ms)."""
+    key = str(target)
+    found = _CPU_VECTORS.get(key)
+    if found is None:
+        found = _CPU_VECTORS[key] = _cpu_vector(target)
+    return found
+
+
+def _cpu_vector(target) -> CpuVector:
     from tvm.target import codegen
 
     def has(feature: str) -> bool:
