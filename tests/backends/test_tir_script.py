@@ -172,6 +172,9 @@ def test_each_kernel_definition_is_read_into_a_syntax_tree_once(monkeypatch):
 
     from tvm.script.parser._core import utils
 
+    from graphopt.backends.tvm import tir_script
+
+    monkeypatch.setattr(tir_script, "_DEFINITIONS", {})        # as in a fresh process, whatever ran before
     reads, annotation_reads = [], []
     real, real_names = doc.parse, utils._collect_annotation_names
     monkeypatch.setattr(doc, "parse", lambda *a, **k: reads.append(1) or real(*a, **k))
