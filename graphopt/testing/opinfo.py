@@ -168,7 +168,10 @@ def _close_samples(samples) -> None:
     import gc
     import inspect
 
-    child = getattr(samples, "child_iter", samples)
+    if inspect.isgenerator(samples):            # a plain generator (no tracking wrapper)
+        samples.close()
+        return
+    child = getattr(samples, "child_iter", None)     # TrackedInputIter: enumerate(generator)
     for inner in gc.get_referents(child) if child is not None else ():
         if inspect.isgenerator(inner):
             inner.close()
