@@ -32,7 +32,7 @@ from ...errors import BuildError
 from ..targets import ARM_TRIPLE, TargetSpec
 
 __all__ = ["find_cross_cxx", "cross_fcompile", "export_options", "ms_export_aarch64", "elf_machine",
-           "AArch64Runtime", "find_aarch64_runtime", "find_qemu", "runtime_root", "missing_for_qemu",
+           "PythonRuntime", "find_aarch64_runtime", "find_qemu", "runtime_root", "missing_for_qemu",
            "SETUP_HINT"]
 
 SETUP_HINT = "run scripts/setup_cross.sh (apt: g++-aarch64-linux-gnu qemu-user-static, plus an aarch64 TVM runtime)"
@@ -135,11 +135,12 @@ def find_qemu() -> str | None:
 
 
 @dataclass(frozen=True)
-class AArch64Runtime:
-    """A Python interpreter that runs aarch64 code with TVM's runtime importable.
+class PythonRuntime:
+    """A Python interpreter with TVM's runtime importable: an aarch64 one (find_aarch64_runtime), or this
+    machine's own (rpc.LocalServer).
 
     python:   the command that starts it (the qemu wrapper of scripts/setup_cross.sh, or the host python)
-    emulated: True under qemu-user (slow: ~5-15x), False on a real aarch64 machine
+    emulated: True under qemu-user (slow: ~5-15x), False when it runs natively
     env:      extra environment for it
     """
 
@@ -178,15 +179,15 @@ def missing_for_qemu() -> list[str]:
     return missing
 
 
-def find_aarch64_runtime() -> AArch64Runtime | None:
+def find_aarch64_runtime() -> PythonRuntime | None:
     """The aarch64 Python with TVM's runtime on this machine, or None (see missing_for_qemu() for why)."""
     if _is_aarch64_host():
         import sys
 
-        return None if missing_for_qemu() else AArch64Runtime(sys.executable, emulated=False)
+        return None if missing_for_qemu() else PythonRuntime(sys.executable, emulated=False)
     if missing_for_qemu():
         return None
     env = {}
     if os.environ.get("GRAPHOPT_QEMU_AARCH64"):
         env["GRAPHOPT_QEMU_AARCH64"] = find_qemu() or ""
-    return AArch64Runtime(str(runtime_root() / "bin" / "python3"), emulated=True, env=env)
+    return PythonRuntime(str(runtime_root() / "bin" / "python3"), emulated=True, env=env)

@@ -237,9 +237,10 @@ def _reach(host: str, port: int, key: str, tracker: tuple[str, int] | None) -> R
 
 
 class DeviceServer:
-    """graphopt's rpc_device_server.py run by an aarch64 runtime (a subprocess: under qemu, or native on ARM).
+    """graphopt's rpc_device_server.py run in a subprocess by a cross.PythonRuntime: an aarch64 one (under qemu,
+    or native on ARM) here, this machine's Python in LocalServer.
 
-    runtime: a cross.AArch64Runtime (default: cross.find_aarch64_runtime(); RemoteError naming what is
+    runtime: a cross.PythonRuntime (default: cross.find_aarch64_runtime(); RemoteError naming what is
     missing if there is none). Start-up under qemu takes ~3-30 s (TVM's import, emulated); `start_timeout`
     bounds it. With `tracker` the server registers there under `key`.
     """
@@ -331,19 +332,6 @@ class DeviceServer:
         self.terminate()
 
 
-@dataclass
-class _ThisPython:
-    """This machine's Python (the interpreter running graphopt), as a DeviceServer runtime."""
-
-    python: str
-
-    def command(self, *args: str) -> list[str]:
-        return [self.python, *args]
-
-    def environ(self) -> dict:
-        return dict(os.environ)
-
-
 class LocalServer(DeviceServer):
     """A TVM RPC server on this machine, e.g. for loopback tests or an x86 device: rpc_device_server.py run by
     this Python in a subprocess (its own process group; terminate() stops it and its sessions' processes).
@@ -360,7 +348,9 @@ class LocalServer(DeviceServer):
                  start_timeout: float = 120.0):
         import sys
 
-        super().__init__(_ThisPython(sys.executable), host, port, key=key, tracker=tracker,
+        from .cross import PythonRuntime
+
+        super().__init__(PythonRuntime(sys.executable, emulated=False), host, port, key=key, tracker=tracker,
                          start_timeout=start_timeout, silent=silent)
 
 
