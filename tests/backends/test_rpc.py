@@ -1,8 +1,8 @@
 """TVM RPC on loopback: remote runs, a tracker sharing devices, MetaSchedule's RPC runner and builder.
 
-x86 servers (rpc.LocalServer: rpc_device_server.py run by this Python) test the RPC machinery quickly; the aarch64 server under qemu
-(conftest.aarch64_server; skipped with the missing piece named when scripts/setup_cross.sh has not run) tests
-the cross path. Every wait is bounded by a timeout.
+x86 servers (rpc.LocalServer: rpc_device_server.py run by this Python) test the RPC machinery quickly; the
+aarch64 server under qemu (conftest.aarch64_server; skipped with the missing piece named when
+scripts/setup_cross.sh has not run) tests the cross path. Every wait is bounded by a timeout.
 """
 import os
 import platform
