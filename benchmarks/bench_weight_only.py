@@ -13,6 +13,9 @@ between runs, while the 10th percentile of single calls with --threads 1 stays w
   fp32        graphopt `cleanup` compiled for the target (our own float32 build)
   woq8        + quantize(mode=weight_only)                     int8, per output channel
   woq4-g<G>   + quantize(mode=weight_only,bits=4,group_size=G) int4, groups of G inputs (one per --group)
+  w4a8-g<G>   + quantize(mode=dynamic,bits=4,group_size=G)     the same int4 weights, activations int8 per
+              call (per row and group): integer dot products (graphopt.quant.w4a8)
+  dyn8        + quantize(mode=dynamic)                         int8 weights and per-call uint8 activations
   cluster16   + cluster(k=16) (with --cluster): weight sharing, 4-bit indices into a per-layer codebook of
               16 float32 values; its compressed model file (graphopt.compressed, zstd-coded indices) is
               written and its size printed next to the float32 weights' bytes
@@ -22,7 +25,7 @@ Models:
            M = 64 rows; base: BERT-base shape, seq 128), fed hashed real sentences
 Printed per model: ms, speed vs fp32 and vs woq8, cosine with the float32 model's outputs (eager, over the
 evaluation inputs), and the size of the compiled weights; then the ratios the issue asks for
-(int4 / int8-weight-only speed, int4 / fp32 speed). Writes <out>/weight_only_<model>_<target>.json.
+(int4 / int8-weight-only speed, int4 / fp32 speed; the same for W4A8, and W4A8 / dyn8). Writes <out>/weight_only_<model>_<target>.json.
 """
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ def bench(name: str, args) -> dict:
     builds = {"fp32": "cleanup", "woq8": "cleanup,quantize(mode=weight_only)"}
     for g in args.group:
         builds[f"woq4-g{g}"] = f"cleanup,quantize(mode=weight_only,bits=4,group_size={g})"
+    builds["dyn8"] = "cleanup,quantize(mode=dynamic)"
+    for g in args.group:
+        builds[f"w4a8-g{g}"] = f"cleanup,quantize(mode=dynamic,bits=4,group_size={g})"
     if args.cluster:
         builds["cluster16"] = "cleanup,cluster(k=16)"
     fns, info = {"eager": model}, {}
@@ -119,6 +125,10 @@ def print_result(res: dict) -> None:
         if k.startswith("woq4"):
             print(f"  {k}: int4 / int8-weight-only speed {r['vs_woq8']}x (goal >= 1.5), int4 / fp32 speed "
                   f"{r['vs_fp32']}x (goal >= 2), cosine vs float32 {r['cosine']}")
+        if k.startswith("w4a8"):
+            print(f"  {k}: W4A8 / int8-weight-only speed {r['vs_woq8']}x (goal >= 1.5), W4A8 / fp32 speed "
+                  f"{r['vs_fp32']}x (goal >= 2), W4A8 / dyn8 speed {round(rows['dyn8']['ms'] / r['ms'], 2)}x, "
+                  f"cosine vs float32 {r['cosine']}")
     print(f"  woq8: int8-weight-only / fp32 speed {rows['woq8']['vs_fp32']}x (goal >= 1.0)")
     if "cluster16" in rows:
         r = rows["cluster16"]

@@ -81,6 +81,13 @@ class Quantize(Pass):
                    `ops` picks the kinds (linear, conv2d, matmul). Observers: minmax, moving_average,
                    percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
+                   bits=4 (W4A8): the weights of weight_only bits=4 (asymmetric int4, groups of `group_size`,
+                   default 128, -1: per channel; group sizes a multiple of 8) with activations quantized per
+                   call to symmetric int8 per row and per group of the same inputs; each group's dot product
+                   runs on integer instructions (graphopt.quant.w4a8, graphopt.backends.tvm.w4a8), for CPUs
+                   where weight-only int4's float multiply-adds, not memory, bound the speed. Approximates the
+                   weights as weight_only bits=4 does and each activation to half a step of its group's
+                   amax/127 (the details give w_err; the pass's measured output error covers both).
       weight_only  Linear only: int8 or int4 weights, float32 activations and compute. No data.
                    bits=8 (default): symmetric int8, per output channel, or per group of `group_size`
                    inputs; bits=4: two weights per byte, asymmetric per group (scale + integer zero point,
@@ -174,16 +181,20 @@ class Quantize(Pass):
             raise ValueError(f"budget / choices need bits=mixed, got bits={self.bits!r}")
         if self.bits not in (8, 4):
             raise ValueError(f"bits={self.bits}: choose 8, 4 with mode=weight_only, or mixed")
-        if self.bits == 4 and self.mode != "weight_only":
-            raise ValueError(f"bits=4 needs mode=weight_only (int4 weights, float activations), got mode={self.mode}")
+        if self.bits == 4 and self.mode == "static":
+            raise ValueError("bits=4 needs mode=weight_only (int4 weights, float activations) or mode=dynamic "
+                             "(int4 weights, int8 activations per call), got mode=static")
         if self.group_size is not None:
-            if self.mode != "weight_only":
-                raise ValueError(f"group_size={self.group_size} needs mode=weight_only (static and dynamic "
-                                 f"int8 weights are per output channel)")
+            if self.mode != "weight_only" and not (self.mode == "dynamic" and self.bits == 4):
+                raise ValueError(f"group_size={self.group_size} needs mode=weight_only or mode=dynamic with bits=4 "
+                                 f"(static and dynamic int8 weights are per output channel)")
             if self.group_size != -1:
                 from ..quant.weight_only import check_options
 
                 check_options(self.bits, self.group_size)
+                if self.mode == "dynamic" and self.group_size % 8:
+                    raise ValueError(f"group_size={self.group_size}: W4A8 (mode=dynamic, bits=4) groups must be a "
+                                     f"multiple of 8")
         bad = [o for o in self.ops if o not in ("linear", "conv2d", "matmul")]
         if bad:
             raise ValueError(f"ops {bad} not supported: choose from linear, conv2d, matmul")
@@ -254,7 +265,15 @@ class Quantize(Pass):
         make = None
         group = self._group()
         w_err: dict[int, float] = {}
-        if self.mode == "weight_only":
+        if self.mode == "dynamic" and self.bits == 4:
+            from ..quant.w4a8 import W4A8Linear
+
+            def make(lin):
+                mod = W4A8Linear(lin.weight, lin.bias, group)
+                w = lin.weight.detach().double()
+                w_err[id(mod)] = float((mod.dequantized_weight().double() - w).norm() / w.norm().clamp_min(1e-300))
+                return mod
+        elif self.mode == "weight_only":
             from ..quant.weight_only import PackedWeightOnlyLinear
 
             def make(lin):
@@ -269,15 +288,17 @@ class Quantize(Pass):
                 return mod
         new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make)
         self._survey_notes(survey, notes)
+        per_call = "int8 per call, per row and group" if self.bits == 4 else "uint8 per call"
         details = [{"layer": s.path, "kind": s.kind, "mode": self.mode,
-                    "input": "uint8 per call" if self.mode == "dynamic" else "float32"} for s in survey.sites]
-        if self.mode == "weight_only":
+                    "input": per_call if self.mode == "dynamic" else "float32"} for s in survey.sites]
+        if self.mode == "weight_only" or (self.mode == "dynamic" and self.bits == 4):
             for row in details:
                 mod = new.get_submodule(row["layer"])
                 row.update(bits=self.bits, group=getattr(mod, "group_size", None) or "channel",
                            w_err=w_err.get(id(mod), float("nan")))
-            notes.append(f"weight-only int{self.bits}, "
-                         f"{'per output channel' if group is None else f'groups of {group} inputs'}")
+            what = "W4A8: int4 weights, int8 activations per call" if self.mode == "dynamic" else \
+                f"weight-only int{self.bits}"
+            notes.append(f"{what}, {'per output channel' if group is None else f'groups of {group} inputs'}")
         if self.tolerance is not None:
             notes.append("tolerance is only applied in static mode")
         return PassResult(new, changed=bool(survey.sites), notes=notes, details=details)

@@ -10,8 +10,8 @@ The integer semantics are defined in graphopt.quant.qparams and graphopt.quant.o
 (graphopt.passes.quantize) runs these steps inside graphopt.optimize().
 """
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
-from . import cluster, sparse, weight_only  # noqa: F401  (register torch.ops.graphopt.woq_linear_packed, clustered_linear,
-#                                            sparse_qlinear)
+from . import cluster, sparse, w4a8, weight_only  # noqa: F401  (register torch.ops.graphopt.woq_linear_packed,
+#                                                  clustered_linear, sparse_qlinear, w4a8_linear)
 from .graph import Converter, calibrate, convert, find_sites, prepare, prepare_qat, swap_linear
 from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, QATConv2d, QATLinear, QuantConv2d,
                       QuantLinear, QuantMatmul, WeightOnlyLinear)

@@ -16,6 +16,7 @@ TVM's torch frontends have no converters for quantize/dequantize; this module su
                   reshape/transpose) and its zero-point term ΣB computed in Relax; batched int8 kernel
   woq_linear      weight-only int8 / int4 (woq_linear_packed): graphopt.backends.tvm.weight_only's kernels
                   (dequantized in the GEMM loop; float32 accumulate)
+  w4a8_linear     int4 weights x int8 activations quantized per call: graphopt.backends.tvm.w4a8's kernels
 
 Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules and tuners leave them alone):
   * x86, path from the target's LLVM features (int8_path): 'vnni' (AVX512-VNNI ``vpdpbusd``, uint8 x int8
@@ -59,7 +60,7 @@ __all__ = ["custom_convert_map", "has_vnni", "int8_path", "weight_qmax_for", "de
            "OP_NAMES"]
 
 OP_NAMES = ("quantize.default", "qlinear.default", "sparse_qlinear.default", "sparse_qconv2d.default", "qconv2d.default", "qmatmul.default", "dynamic_qlinear.default",
-            "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default")
+            "woq_linear.default", "woq_linear_packed.default", "clustered_linear.default", "w4a8_linear.default")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -763,6 +764,7 @@ class QuantLowering:
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     fuse: Any = None                # quant_fuse.FuseState: fused requantize chains of this program
+    w4a8_rows: list = field(default_factory=list)  # (input, group, quantized rows) shared by W4A8 Linears
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -1067,6 +1069,15 @@ def _convert_clustered_linear(st: QuantLowering):
         from .weight_only import convert_clustered
 
         return convert_clustered(st, node, importer)
+    return convert
+
+
+def _convert_w4a8_linear(st: QuantLowering):
+    """int4 weights x int8 activations quantized per call (graphopt.quant.w4a8): integer dot products."""
+    def convert(node, importer):
+        from .w4a8 import convert_w4a8
+
+        return convert_w4a8(st, node, importer)
     return convert
 
 
@@ -1402,6 +1413,7 @@ _CONVERTERS: dict[str, Callable[[QuantLowering], Callable]] = {
     "woq_linear.default": _convert_woq_linear,
     "woq_linear_packed.default": _convert_woq_linear_packed,
     "clustered_linear.default": _convert_clustered_linear,
+    "w4a8_linear.default": _convert_w4a8_linear,
 }
 
 
