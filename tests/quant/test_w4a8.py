@@ -230,3 +230,22 @@ def test_portable_relax_lowering_and_artifact_round_trip(tmp_path):
     again = graphopt.load(opt.save(str(tmp_path / "w4a8.gopt")))
     x1 = torch.randn(1, 70)
     assert torch.equal(again(x1), opt(x1))
+
+
+@pytest.mark.parametrize("target", [*X86_TARGETS, "x86:skylake-avx512"])
+def test_worst_case_products_do_not_saturate(target):
+    """Every nibble 15 (all-positive weights: zero point 0) against activations of ±127 everywhere: the
+    largest int16 sums the pair paths form (4 x 2·15·127 = 15,240 per lane) are exact."""
+    _skip_unless_runs_here(target)
+    layer = W4A8Linear(torch.ones(24, 256), torch.zeros(24), 128)
+    assert int(unpack_int4(layer.weight_q, 256).min()) == 15 and not layer.zeros.any()
+    x = torch.ones(3, 256)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    compiled, _, _ = _compile(nn.Sequential(layer).eval(), (x,), resolve_target(target))
+    got = compiled(x)
+    with torch.no_grad():
+        ref = layer(x)
+    assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any()
+    want = torch.tensor([256.0, -256.0, 0.0]).unsqueeze(1).expand(3, 24)
+    assert torch.allclose(got, want, rtol=0, atol=1e-3)
