@@ -57,11 +57,12 @@ def test_w4a8_kernels_run_on_aarch64_with_sdot_and_match_the_reference(aarch64_s
 
     module, args = Layers().eval(), _inputs()
     opt = graphopt.optimize(module, target="arm:cortex-a76", pipeline=[], example_inputs=args)
-    assert f"w4a8_linear:sdot×{len(SHAPES)}" in opt.report.backend["int8"]
+    assert f"w4a8_linear:sdot×{len(SHAPES) + 1}" in opt.report.backend["int8"]      # + the worst-case layer
     assert "sdot\tv" in asm_of(opt.compiled.executable)
     with torch.no_grad():
         refs = module(*args)
     remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))
-    for shape, layer, x, got, ref in zip(SHAPES, module.layers, args, remote(*args), refs):
+    for shape, layer, x, got, ref in zip([*SHAPES, "worst"], [*module.layers, module.worst], args, remote(*args),
+                                         refs):
         assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any(), \
             f"{shape}: {(got - ref).abs().max():.3g}"

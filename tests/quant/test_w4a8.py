@@ -114,16 +114,18 @@ SHAPES = [(1, 37, 21, 8), (3, 70, 17, None), (2, 96, 13, 32), (7, 300, 35, 64), 
 
 
 class Layers(nn.Module):
-    """One W4A8 Linear per SHAPES entry, each fed its own input."""
+    """One W4A8 Linear per SHAPES entry, each fed its own input, and the worst case for int16 sums: every
+    nibble 15 (all-positive weights: zero point 0) against activations of ±127 (`worst`, fed x8)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList(W4A8Linear(torch.randn(n, k), torch.randn(n), g) for _, k, n, g in SHAPES)
+        self.worst = W4A8Linear(torch.ones(24, 256), torch.zeros(24), 128)
 
-    def forward(self, x0, x1, x2, x3, x4, x5, x6, x7):
+    def forward(self, x0, x1, x2, x3, x4, x5, x6, x7, x8):
         xs = (x0, x1, x2, x3, x4, x5, x6, x7)
-        return tuple(self.layers[i](xs[i]) for i in range(len(SHAPES)))
+        return tuple(self.layers[i](xs[i]) for i in range(len(SHAPES))) + (self.worst(x8),)
 
 
 def _inputs():
@@ -132,7 +134,10 @@ def _inputs():
     xs[3][2] = 0.0                                              # an all-zero row: every group's scale is 0
     xs[5][4, ::3] = 1e4                                         # large values: activations saturate at ±127
     xs[5][5, ::2] = -1e4
-    return tuple(xs)
+    worst = torch.ones(3, 256)
+    worst[1] = -1.0
+    worst[2, ::2] = -1.0
+    return (*xs, worst)
 
 
 def _tolerance(layer: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -232,18 +237,13 @@ def test_portable_relax_lowering_and_artifact_round_trip(tmp_path):
     assert torch.equal(again(x1), opt(x1))
 
 
-@pytest.mark.parametrize("target", [*X86_TARGETS, "x86:skylake-avx512"])
-def test_worst_case_products_do_not_saturate(target):
-    """Every nibble 15 (all-positive weights: zero point 0) against activations of ±127 everywhere: the
-    largest int16 sums the pair paths form (4 x 2·15·127 = 15,240 per lane) are exact."""
-    _skip_unless_runs_here(target)
-    layer = W4A8Linear(torch.ones(24, 256), torch.zeros(24), 128)
+def test_worst_case_products_do_not_saturate(built):
+    """Every nibble 15 against activations of ±127 everywhere: the largest int16 sums the pair paths form
+    (4 x 2·15·127 = 15,240 per lane) are exact."""
+    _, module, args, compiled, _, _ = built
+    layer, x = module.worst, args[-1]
     assert int(unpack_int4(layer.weight_q, 256).min()) == 15 and not layer.zeros.any()
-    x = torch.ones(3, 256)
-    x[1] = -1.0
-    x[2, ::2] = -1.0
-    compiled, _, _ = _compile(nn.Sequential(layer).eval(), (x,), resolve_target(target))
-    got = compiled(x)
+    got = compiled(*args)[-1]
     with torch.no_grad():
         ref = layer(x)
     assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any()
