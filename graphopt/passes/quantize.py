@@ -81,14 +81,17 @@ class Quantize(Pass):
                    `ops` picks the kinds (linear, conv2d, matmul). Observers: minmax, moving_average,
                    percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
-                   bits=4 (W4A8): the weights of weight_only bits=4 (asymmetric int4, groups of `group_size`,
+                   bits=4 (W4A8; Linear and pointwise Conv2d): the weights of weight_only bits=4 (asymmetric
+                   int4, groups of `group_size`,
                    default 128, -1: per channel; group sizes a multiple of 8) with activations quantized per
                    call to symmetric int8 per row and per group of the same inputs; each group's dot product
                    runs on integer instructions (graphopt.quant.w4a8, graphopt.backends.tvm.w4a8), for CPUs
                    where weight-only int4's float multiply-adds, not memory, bound the speed. Approximates the
                    weights as weight_only bits=4 does and each activation to half a step of its group's
                    amax/127 (the details give w_err; the pass's measured output error covers both).
-      weight_only  Linear only: int8 or int4 weights, float32 activations and compute. No data.
+      weight_only  Linear and pointwise Conv2d (1x1, groups 1, unpadded: run as a Linear over channels,
+                   quant.modules.PointwiseConvAsLinear; other convs stay float32): int8 or int4 weights,
+                   float32 activations and compute. No data.
                    bits=8 (default): symmetric int8, per output channel, or per group of `group_size`
                    inputs; bits=4: two weights per byte, asymmetric per group (scale + integer zero point,
                    zero exact), group_size default 128 (-1: per output channel). On LLVM CPU targets the
@@ -286,7 +289,9 @@ class Quantize(Pass):
                 w = lin.weight.detach().double()
                 w_err[id(mod)] = float((deq.double() - w).norm() / w.norm().clamp_min(1e-300))
                 return mod
-        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make)
+        pointwise = self.mode == "weight_only" or self.bits == 4     # int4 / weight-only: 1x1 convs too
+        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make,
+                                         pointwise_convs=pointwise)
         self._survey_notes(survey, notes)
         per_call = "int8 per call, per row and group" if self.bits == 4 else "uint8 per call"
         details = [{"layer": s.path, "kind": s.kind, "mode": self.mode,
@@ -294,6 +299,7 @@ class Quantize(Pass):
         if self.mode == "weight_only" or (self.mode == "dynamic" and self.bits == 4):
             for row in details:
                 mod = new.get_submodule(row["layer"])
+                mod = getattr(mod, "linear", mod)                # a pointwise conv's Linear-like module
                 row.update(bits=self.bits, group=getattr(mod, "group_size", None) or "channel",
                            w_err=w_err.get(id(mod), float("nan")))
             what = "W4A8: int4 weights, int8 activations per call" if self.mode == "dynamic" else \

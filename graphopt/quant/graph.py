@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
-from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, QATConv2d, QATLinear, QuantConv2d,
-                      QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding)
+from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, PointwiseConvAsLinear, QATConv2d, QATLinear,
+                      QuantConv2d, QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding, is_pointwise_conv,
+                      linear_of_pointwise)
 from .observers import Observer, make_observer
 from .qparams import WEIGHT_QMAX
 
@@ -526,25 +527,32 @@ def prepare_qat(gm: fx.GraphModule, *, dtype: str = "uint8", kinds=("linear", "c
 
 
 def swap_linear(gm: fx.GraphModule, mode: str, *, skip: Sequence[str] = (),
-                weight_qmax: int = WEIGHT_QMAX, make=None) -> tuple[fx.GraphModule, Survey]:
+                weight_qmax: int = WEIGHT_QMAX, make=None,
+                pointwise_convs: bool = False) -> tuple[fx.GraphModule, Survey]:
     """A new GraphModule with every Linear replaced by DynamicQuantLinear ("dynamic", weights in
     [-weight_qmax, weight_qmax]) or WeightOnlyLinear ("weight_only", [-127, 127]: float32 compute), or by
-    `make(linear)` when given (e.g. graphopt.quant.weight_only.PackedWeightOnlyLinear);
-    Conv2d and everything else stays float. `gm` is not changed."""
+    `make(linear)` when given (e.g. graphopt.quant.weight_only.PackedWeightOnlyLinear). With
+    `pointwise_convs`, 1x1 Conv2d layers (groups 1, no padding) get the same module over channels
+    (PointwiseConvAsLinear); other convs and everything else stay float. `gm` is not changed."""
     cls = {"dynamic": DynamicQuantLinear, "weight_only": WeightOnlyLinear}[mode]
     graph, _ = _copy_graph(gm)
     work = _new_module(gm, graph)
     modularize(work)
     survey = find_sites(work, kinds=("linear", "conv2d"), skip=skip)
     _unshare(work, survey.sites)
+    swapped = []
     for site in survey.sites:
-        if site.kind != "linear":
-            survey.skipped.append((site.path, f"conv2d has no {mode} mode (use static)"))
-            continue
         mod = work.get_submodule(site.path)
+        if site.kind != "linear" and not (pointwise_convs and is_pointwise_conv(mod)):
+            what = "pointwise (1x1, groups 1, unpadded) convs only; " if pointwise_convs else ""
+            survey.skipped.append((site.path, f"conv2d has no {mode} mode ({what}use static)"))
+            continue
+        lin = mod if site.kind == "linear" else linear_of_pointwise(mod)
         extra = {"weight_qmax": weight_qmax} if mode == "dynamic" else {}
-        _set_module(work, site.path, make(mod) if make is not None else cls(mod.weight, mod.bias, **extra))
-    survey.sites = [s for s in survey.sites if s.kind == "linear"]
+        new = make(lin) if make is not None else cls(lin.weight, lin.bias, **extra)
+        _set_module(work, site.path, new if site.kind == "linear" else PointwiseConvAsLinear(new, mod.stride))
+        swapped.append(site)
+    survey.sites = swapped
     work.recompile()
     return work, survey
 

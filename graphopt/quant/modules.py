@@ -26,7 +26,8 @@ from .observers import MovingAverageObserver, Observer
 from .qparams import WEIGHT_QMAX, QParams, f32, quantize_weight, weight_qparams
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantMatmul", "FloatMatmul", "DynamicQuantLinear", "WeightOnlyLinear", "FakeQuantize",
-           "QATLinear", "QATConv2d", "QUANT_MODULES", "conv_padding"]
+           "QATLinear", "QATConv2d", "QUANT_MODULES", "conv_padding", "is_pointwise_conv", "linear_of_pointwise",
+           "PointwiseConvAsLinear"]
 
 
 def _out_numel(node) -> int:
@@ -214,6 +215,46 @@ class WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=float32"
+
+
+def is_pointwise_conv(conv: nn.Module) -> bool:
+    """Whether `conv` is a 1x1 Conv2d with groups 1 and no padding: a Linear over channels at every pixel."""
+    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
+            and conv_padding(conv) == (0, 0))
+
+
+def linear_of_pointwise(conv: nn.Conv2d) -> nn.Linear:
+    """The nn.Linear (out_channels x in_channels) that a pointwise conv applies at each pixel."""
+    lin = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.detach()[:, :, 0, 0])
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
+
+
+class PointwiseConvAsLinear(nn.Module):
+    """A 1x1 Conv2d (groups 1, no padding; is_pointwise_conv) run through a Linear-like module over channels:
+    x [N, C, H, W] (subsampled by the stride) -> [N, H', W', C] -> `linear` -> [N, H', W', O] -> [N, O, H', W'].
+    The same products and sums as the conv: `linear`'s own quantization is the only approximation."""
+
+    def __init__(self, linear: nn.Module, stride):
+        super().__init__()
+        self.linear = linear
+        self.stride = tuple(int(s) for s in stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def flops(self, node) -> int:
+        return 2 * _out_numel(node) * self.linear.in_features
+
+    def dequantized_weight(self) -> torch.Tensor:
+        from .mixed import dequantized_weight
+
+        return dequantized_weight(self.linear)
 
 
 # ------------------------------------------------------------------------------------------------ QAT

@@ -216,3 +216,61 @@ def test_portable_relax_lowering_without_an_llvm_cpu_target():
                               lowered.out_spec, lowered.const_outputs)
     with torch.no_grad():
         assert torch.allclose(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+class PointwiseNet(nn.Module):
+    """1x1 convs (one strided, one without bias) around a 3x3 conv and a depthwise one, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw1 = nn.Conv2d(8, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw2 = nn.Conv2d(32, 24, 1, stride=2, bias=False)
+        self.c3 = nn.Conv2d(24, 24, 3, padding=1)
+        self.pw3 = nn.Conv2d(24, 40, 1)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.dw(torch.relu(self.pw1(x))))
+        x = self.pw3(torch.relu(self.c3(self.pw2(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("pipeline, inner", [
+    ("quantize(mode=weight_only,bits=4,group_size=8)", PackedWeightOnlyLinear),
+    ("quantize(mode=weight_only)", WeightOnlyLinear),
+    ("quantize(mode=dynamic,bits=4,group_size=8)", None)])
+def test_pointwise_convs_take_the_linear_kernels_and_other_convs_stay_float(pipeline, inner):
+    from graphopt.quant.modules import PointwiseConvAsLinear
+    from graphopt.quant.w4a8 import W4A8Linear
+
+    inner = inner or W4A8Linear
+    torch.manual_seed(0)
+    model = PointwiseNet().eval()
+    x = torch.randn(2, 8, 10, 10)
+    opt = graphopt.optimize(model, "x86", pipeline, example_inputs=(x,))
+    gm = opt.graph_module
+    pw = [m for m in gm.modules() if isinstance(m, PointwiseConvAsLinear)]
+    assert len(pw) == 3 and all(type(m.linear) is inner for m in pw)
+    assert sum(isinstance(m, nn.Conv2d) for m in gm.modules()) == 2          # the 3x3 and the depthwise conv
+    rec = opt.report.records[-1]
+    assert sum("conv2d has no" in n for n in rec.notes) == 2
+    assert {d["layer"] for d in rec.details} == {"pw1", "pw2", "pw3", "fc"}
+    with torch.no_grad():
+        ref, graph = model(x), gm(x)
+    assert torch.nn.functional.cosine_similarity(graph.flatten(), ref.flatten(), dim=0) > 0.99
+    assert torch.allclose(opt(x), graph, rtol=1e-4, atol=1e-4)           # the kernels = the quantized graph
+    import re
+
+    counts = re.findall(r"×(\d+)", opt.report.backend["int8"].split(";")[0])
+    assert sum(int(c) for c in counts) == 4 and "relax" not in opt.report.backend["int8"]  # 3 pointwise + fc
+
+
+def test_a_pointwise_conv_as_linear_is_the_conv_exactly():
+    from graphopt.quant.modules import PointwiseConvAsLinear, linear_of_pointwise
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 1, stride=(2, 3))
+    x = torch.randn(2, 6, 9, 10)
+    with torch.no_grad():
+        assert torch.allclose(PointwiseConvAsLinear(linear_of_pointwise(conv), conv.stride)(x), conv(x), atol=1e-6)
