@@ -23,6 +23,8 @@ Models:
   mlp      graphopt.models "mlp" (1024-4096-4096-1000, batch 1: M = 1, memory-bound GEMV)
   encoder  bench_quantize's BERT-style encoder (small: 4 layers, hidden 256, seq 64 -> every Linear has
            M = 64 rows; base: BERT-base shape, seq 128), fed hashed real sentences
+  <other>  a CNN of graphopt.models (e.g. mobilenet_v2, resnet50), `fold_bn,cleanup` first: weight-only and
+           W4A8 take its pointwise (1x1) convs (pointwise_convs=true) and its classifier; dyn8 the classifier
 Printed per model: ms, speed vs fp32 and vs woq8, cosine with the float32 model's outputs (eager, over the
 evaluation inputs), and the size of the compiled weights; then the ratios the issue asks for
 (int4 / int8-weight-only speed, int4 / fp32 speed; the same for W4A8, and W4A8 / dyn8). Writes <out>/weight_only_<model>_<target>.json.
@@ -65,16 +67,30 @@ def per_sample(fn, xs: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(xs[i:i + 1]) for i in range(len(xs))])
 
 
+def model_zoo(name: str):
+    from bench_quantize import model_zoo as zoo
+
+    spec = zoo(name)
+    return spec["model"], spec["example"], spec["eval_x"]
+
+
 def bench(name: str, args) -> dict:
-    model, example, eval_x = model_mlp() if name == "mlp" else model_encoder(args.encoder)
-    builds = {"fp32": "cleanup", "woq8": "cleanup,quantize(mode=weight_only)"}
+    base, pw = "cleanup", ""
+    if name == "mlp":
+        model, example, eval_x = model_mlp()
+    elif name == "encoder":
+        model, example, eval_x = model_encoder(args.encoder)
+    else:                                   # a CNN of graphopt.models: its pointwise convs and classifier
+        model, example, eval_x = model_zoo(name)
+        base, pw = "fold_bn,cleanup", ",pointwise_convs=true"
+    builds = {"fp32": base, "woq8": f"{base},quantize(mode=weight_only{pw})"}
     for g in args.group:
-        builds[f"woq4-g{g}"] = f"cleanup,quantize(mode=weight_only,bits=4,group_size={g})"
-    builds["dyn8"] = "cleanup,quantize(mode=dynamic)"
+        builds[f"woq4-g{g}"] = f"{base},quantize(mode=weight_only,bits=4,group_size={g}{pw})"
+    builds["dyn8"] = f"{base},quantize(mode=dynamic)"
     for g in args.group:
-        builds[f"w4a8-g{g}"] = f"cleanup,quantize(mode=dynamic,bits=4,group_size={g})"
+        builds[f"w4a8-g{g}"] = f"{base},quantize(mode=dynamic,bits=4,group_size={g}{pw})"
     if args.cluster:
-        builds["cluster16"] = "cleanup,cluster(k=16)"
+        builds["cluster16"] = f"{base},cluster(k=16)"
     fns, info = {"eager": model}, {}
     for key, pipe in builds.items():
         t = time.perf_counter()

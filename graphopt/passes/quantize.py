@@ -81,17 +81,21 @@ class Quantize(Pass):
                    `ops` picks the kinds (linear, conv2d, matmul). Observers: minmax, moving_average,
                    percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
-                   bits=4 (W4A8; Linear and pointwise Conv2d): the weights of weight_only bits=4 (asymmetric
-                   int4, groups of `group_size`,
+                   bits=4 (W4A8; Linear, and pointwise Conv2d with pointwise_convs=true): the weights of
+                   weight_only bits=4 (asymmetric int4, groups of `group_size`,
                    default 128, -1: per channel; group sizes a multiple of 8) with activations quantized per
                    call to symmetric int8 per row and per group of the same inputs; each group's dot product
                    runs on integer instructions (graphopt.quant.w4a8, graphopt.backends.tvm.w4a8), for CPUs
                    where weight-only int4's float multiply-adds, not memory, bound the speed. Approximates the
                    weights as weight_only bits=4 does and each activation to half a step of its group's
                    amax/127 (the details give w_err; the pass's measured output error covers both).
-      weight_only  Linear and pointwise Conv2d (1x1, groups 1, unpadded: run as a Linear over channels,
-                   quant.modules.PointwiseConvAsLinear; other convs stay float32): int8 or int4 weights,
-                   float32 activations and compute. No data.
+      weight_only  Linear (and with pointwise_convs=true the 1x1 Conv2d with groups 1 and no padding, run
+                   as a Linear over channels: quant.modules.PointwiseConvAsLinear; other convs stay float32):
+                   int8 or int4 weights, float32 activations and compute. No data. pointwise_convs is off by
+                   default: it makes a CNN's weights 4-6x smaller but, measured, mostly slower than its float32
+                   convs (MobileNetV2 224x224, benchmarks/bench_weight_only.py, two runs per x86 path: 0.55-1.05x
+                   float32 over weight-only int8 / int4 and W4A8), since those GEMMs are built for Linears'
+                   shapes, not a conv's many pixels x few channels.
                    bits=8 (default): symmetric int8, per output channel, or per group of `group_size`
                    inputs; bits=4: two weights per byte, asymmetric per group (scale + integer zero point,
                    zero exact), group_size default 128 (-1: per output channel). On LLVM CPU targets the
@@ -175,6 +179,7 @@ class Quantize(Pass):
     hutchinson_samples: int = 8
     choices: list[str] = field(default_factory=list)
     se_blocks: Literal["float", "int8"] = "float"
+    pointwise_convs: bool = False
 
     def __post_init__(self):
         if self.bits == "mixed":
@@ -207,6 +212,9 @@ class Quantize(Pass):
             raise ValueError("calib_batches and eval_batches must be >= 1")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.pointwise_convs and not (self.mode == "weight_only" or self.bits == 4):
+            raise ValueError("pointwise_convs=true needs mode=weight_only or mode=dynamic with bits=4 (static mode "
+                             "quantizes every conv already; dynamic int8 covers Linears only)")
         if self.se_blocks not in ("float", "int8"):
             raise ValueError(f"se_blocks={self.se_blocks!r}: choose 'float' (keep squeeze-and-excitation layers "
                              f"float32) or 'int8'")
@@ -289,7 +297,7 @@ class Quantize(Pass):
                 w = lin.weight.detach().double()
                 w_err[id(mod)] = float((deq.double() - w).norm() / w.norm().clamp_min(1e-300))
                 return mod
-        pointwise = self.mode == "weight_only" or self.bits == 4     # int4 / weight-only: 1x1 convs too
+        pointwise = self.pointwise_convs and (self.mode == "weight_only" or self.bits == 4)
         new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make,
                                          pointwise_convs=pointwise)
         self._survey_notes(survey, notes)

@@ -237,9 +237,9 @@ class PointwiseNet(nn.Module):
 
 
 @pytest.mark.parametrize("pipeline, inner", [
-    ("quantize(mode=weight_only,bits=4,group_size=8)", PackedWeightOnlyLinear),
-    ("quantize(mode=weight_only)", WeightOnlyLinear),
-    ("quantize(mode=dynamic,bits=4,group_size=8)", None)])
+    ("quantize(mode=weight_only,bits=4,group_size=8,pointwise_convs=true)", PackedWeightOnlyLinear),
+    ("quantize(mode=weight_only,pointwise_convs=true)", WeightOnlyLinear),
+    ("quantize(mode=dynamic,bits=4,group_size=8,pointwise_convs=true)", None)])
 def test_pointwise_convs_take_the_linear_kernels_and_other_convs_stay_float(pipeline, inner):
     from graphopt.quant.modules import PointwiseConvAsLinear
     from graphopt.quant.w4a8 import W4A8Linear
@@ -264,6 +264,16 @@ def test_pointwise_convs_take_the_linear_kernels_and_other_convs_stay_float(pipe
 
     counts = re.findall(r"×(\d+)", opt.report.backend["int8"].split(";")[0])
     assert sum(int(c) for c in counts) == 4 and "relax" not in opt.report.backend["int8"]  # 3 pointwise + fc
+
+
+def test_pointwise_convs_stay_float_unless_asked_and_the_option_is_checked():
+    torch.manual_seed(0)
+    model, x = PointwiseNet().eval(), torch.randn(1, 8, 10, 10)
+    opt = graphopt.optimize(model, "torch", "quantize(mode=weight_only,bits=4)", example_inputs=(x,))
+    assert sum(isinstance(m, nn.Conv2d) for m in opt.graph_module.modules()) == 5
+    assert {d["layer"] for d in opt.report.records[-1].details} == {"fc"}
+    with pytest.raises(PipelineError, match="pointwise_convs"):
+        graphopt.optimize(model, "torch", "quantize(mode=dynamic,pointwise_convs=true)", example_inputs=(x,))
 
 
 def test_a_pointwise_conv_as_linear_is_the_conv_exactly():
