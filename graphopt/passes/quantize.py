@@ -104,7 +104,8 @@ class Quantize(Pass):
                    grid: |error| <= scale/2 (255 levels int8, 16 levels int4); the details list each layer's
                    weight rel. L2 error (w_err).
       bits=mixed   mixed precision (graphopt/passes/_mixed.py): each layer gets one of float32, int8 static,
-                   int8 dynamic, int8 weight-only, int4 weight-only, and float16 on aarch64 CPUs with FP16
+                   int8 dynamic, int8 weight-only, int4 weight-only, int4 W4A8 (int4_dynamic: group sizes a
+                   multiple of 8), and float16 on aarch64 CPUs with FP16
                    arithmetic (graphopt.quant.half; never x86) (those the target has kernels for:
                    graphopt.quant.mixed.supported_choices; `choices` narrows them; Conv2d and matmul: float32 or
                    static), chosen exactly by an integer program (scipy.optimize.milp) under `budget`:

@@ -8,12 +8,15 @@ Choices (CHOICES), and what each stores and runs:
   int8_weight_only  WeightOnlyLinear: int8 per-channel weights, float32 input and compute    1 B / weight
   int4_weight_only  PackedWeightOnlyLinear: int4 weights (two per byte), group-wise scale + zero point, float32
                     input and compute                                                       1/2 B / weight
+  int4_dynamic      W4A8Linear (graphopt.quant.w4a8): int4_weight_only's weights, input quantized per call to
+                    int8 per row and group, integer dot products                            1/2 B / weight
+                    (offered when group_size is a multiple of 8, or per channel)
   float16           HalfLinear (graphopt.quant.half): float16 weights, input and arithmetic  2 B / weight
                     (Linear, only on targets with fast float16 arithmetic: aarch64 CPUs with FP16)
 (plus each choice's scales, zero points and bias, counted in its bytes).
 
 What a target can run (supported_choices): Conv2d and activation x activation matmuls have float32 and
-int8_static kernels. Linear has all five on LLVM CPU targets (x86, arm: the weight-only kernels of
+int8_static kernels. Linear has all six on LLVM CPU targets (x86, arm: the weight-only kernels of
 graphopt.backends.tvm.weight_only dequantize inside the GEMM loop) and on "torch" (the reference); on CUDA the
 weight-only Linear is lowered by plain TVM ops that rebuild a float32 weight (no packed kernel: neither smaller
 in memory nor faster), so it is not offered there.
@@ -36,13 +39,15 @@ from .modules import (DynamicQuantLinear, FloatMatmul, QuantConv2d, QuantLinear,
 
 __all__ = ["CHOICES", "ALL_CHOICES", "FLOAT16", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
 
-CHOICES = ("float32", "int8_static", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+CHOICES = ("float32", "int8_static", "int8_dynamic", "int8_weight_only", "int4_weight_only", "int4_dynamic")
 FLOAT16 = "float16"                    # offered only where the target has fast float16 (supported_choices)
 ALL_CHOICES = CHOICES + (FLOAT16,)
 SHORT = {"float32": "fp32", "int8_static": "int8-static", "int8_dynamic": "int8-dyn",
-         "int8_weight_only": "int8-woq", "int4_weight_only": "int4-woq", "float16": "fp16"}
+         "int8_weight_only": "int8-woq", "int4_weight_only": "int4-woq", "int4_dynamic": "int4-dyn",
+         "float16": "fp16"}
 _ALIASES = {**{v: k for k, v in SHORT.items()}, "static": "int8_static", "dynamic": "int8_dynamic",
             "weight_only": "int8_weight_only", "woq8": "int8_weight_only", "woq4": "int4_weight_only",
+            "w4a8": "int4_dynamic",
             "fp32": "float32", "float": "float32", "half": "float16"}
 
 
@@ -111,12 +116,21 @@ class MixedBuilder:
             kind = ("linear" if isinstance(mod, nn.Linear) else "conv2d" if isinstance(mod, nn.Conv2d)
                     else "matmul" if isinstance(mod, FloatMatmul) else type(mod).__name__)
             self.kinds[path] = kind
-            self.choices[path] = [c for c in supported_choices(target, kind) if c in allowed or c == "float32"]
+            self.choices[path] = [c for c in supported_choices(target, kind) if (c in allowed or c == "float32")
+                                  and (c != "int4_dynamic" or self._w4a8_fits(mod))]
         self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
 
     # ------------------------------------------------------------------------------------------ modules
+    def _w4a8_fits(self, mod: nn.Module) -> bool:
+        """Whether W4A8 takes this Linear at the builder's group size (graphopt.quant.w4a8.W4A8Linear's limits)."""
+        from .w4a8 import MAX_GROUP
+
+        g = self.group_size
+        per_channel = g is None or g >= mod.in_features
+        return mod.in_features <= MAX_GROUP if per_channel else (g % 8 == 0 and g <= MAX_GROUP)
+
     def input_qparams(self, path: str) -> list:
         """The calibrated qparams of layer `path`'s inputs (one per argument)."""
         return [self.conv.qparams(str(a.target)) for a in self._nodes[path].args]
@@ -139,6 +153,10 @@ class MixedBuilder:
             from .weight_only import PackedWeightOnlyLinear
 
             mod = PackedWeightOnlyLinear(float_mod.weight, float_mod.bias, 4, self.group_size)
+        elif choice == "int4_dynamic":
+            from .w4a8 import W4A8Linear
+
+            mod = W4A8Linear(float_mod.weight, float_mod.bias, self.group_size)
         elif choice == "float16":
             from .half import HalfLinear
 
@@ -169,7 +187,7 @@ class MixedBuilder:
         gm = self.conv.build([p for p, c in assignment.items() if c == "int8_static"])
         swapped = False
         for path, choice in assignment.items():
-            if choice in ("int8_dynamic", "int8_weight_only", "int4_weight_only", "float16"):
+            if choice in ("int8_dynamic", "int8_weight_only", "int4_weight_only", "int4_dynamic", "float16"):
                 qgraph._set_module(gm, path, self.module(path, choice))
                 swapped = True
         if swapped:
@@ -191,6 +209,14 @@ class MixedBuilder:
             scale, inv, zp = dynamic_act_qparams(x)
             q = torch.clamp(torch.round(x * inv) + zp, 0.0, 255.0)
             return (q - zp) * scale
+        if choice == "int4_dynamic":
+            from .w4a8 import group_of, quantize_rows
+
+            k = x.shape[-1]
+            g = group_of(self.group_size or 0, k)
+            a, s_a = quantize_rows(x.reshape(-1, k), g)
+            xa = (a.float() * s_a.unsqueeze(2)).reshape(a.shape[0], -1)[:, :k]
+            return xa.reshape(x.shape)
         if choice == "float16":
             return x.to(torch.float16).float()
         return None

@@ -117,12 +117,12 @@ def test_choices_per_target():
 
 # ------------------------------------------------------------------------------------------ mixed graphs
 class Net(nn.Module):
-    """A conv, five Linear layers and an activation x activation matmul: room for every choice."""
+    """A conv, six Linear layers and an activation x activation matmul: room for every choice."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.ModuleList([nn.Linear(64, 64) for _ in range(4)] + [nn.Linear(64, 10)])
+        self.fc = nn.ModuleList([nn.Linear(64, 64) for _ in range(5)] + [nn.Linear(64, 10)])
 
     def forward(self, x):
         h = torch.relu(self.conv(x)).flatten(2)          # [B, 8, 64]
@@ -153,7 +153,7 @@ def builder(net):
 
 
 def _every_choice(builder) -> dict[str, str]:
-    """An assignment using every choice at least once (the Linear layers take the five in turn)."""
+    """An assignment using every choice at least once (the Linear layers take the six in turn)."""
     out, i = {}, 0
     for path in builder.layers:
         ch = builder.choices[path]
@@ -237,7 +237,7 @@ def test_pass_meets_an_error_budget_and_is_smaller(net, sensitivity):
     assert err <= budget
     assert opt.report.final.size_bytes < 0.5 * opt.report.records[0].size_bytes
     rows = opt.report.records[-1].details
-    assert {r["layer"] for r in rows} == {"conv", "fc.0", "fc.1", "fc.2", "fc.3", "fc.4", "matmul0"}
+    assert {r["layer"] for r in rows} == {"conv", "fc.0", "fc.1", "fc.2", "fc.3", "fc.4", "fc.5", "matmul0"}
     assert all(r["why"] and r["choice"] for r in rows)
     assert any("conv (conv2d):" in n for n in opt.report.records[-1].notes)
 
