@@ -88,6 +88,20 @@ def test_dynamic_mode_int8_runs_its_gemm_on_the_dynamic_row_count(encoder):
             torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)
 
 
+def test_w4a8_runs_its_kernels_on_the_dynamic_row_count(encoder):
+    """quantize(mode=dynamic,bits=4) (int4 weights, int8 activations per call) in a dynamic-shape build: the
+    activation quantizer and the W4A8 GEMM take a run-time row count and match the quantized graph everywhere."""
+    from graphopt.backends.tvm.quant_lower import int8_path
+
+    opt = graphopt.optimize(encoder, "x86", "cleanup,quantize(mode=dynamic,bits=4,group_size=16)",
+                            example_inputs=(_ids(2, 16),), dynamic=DIMS)
+    assert f"w4a8_linear:{int8_path(resolve_target('x86'))} (dynamic rows)" in opt.report.backend["int8"]
+    for b, s in SHAPES:
+        x = _ids(b, s, seed=5)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)
+
+
 def test_signature_names_dims_and_kernels_are_scheduled(fp32):
     spec = fp32.compiled.inputs[0]
     assert spec.shape == ("batch", "seq") and spec.name == "input_ids"

@@ -23,15 +23,16 @@ hand-written TIR kernels:
          the low and the high nibbles, so two dot-product chains run at once); parallel over column tiles.
 The integer sums are exact and z·Σa is an exact integer in float32 (groups <= 8,192), so the result differs from
 the reference only in the float32 rounding of the group products and their sum (LLVM may contract into FMA).
-Other targets ('cpu', 'relax', and dynamic row counts) take the same arithmetic in Relax integer ops.
+A row count known only at run time (dynamic batch / sequence, graphopt.dynamic) is a variable of both kernels.
+Other targets ('cpu', 'relax') take the same arithmetic in Relax integer ops.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ...errors import LoweringError
-from .quant_lower import (_PAIR_INTRINSICS, PARALLEL_MIN_MACS, SDOT, VPDPBUSD, _const, _cores, _is_static, _shape,
-                          lanes_of)
+from .quant_lower import (_PAIR_INTRINSICS, DYNAMIC_ROWS_HINT, PARALLEL_MIN_MACS, SDOT, VPDPBUSD, _const, _cores,
+                          _is_static, _prod, _shape, _tir_var, lanes_of)
 from .tir_script import prim_func
 
 __all__ = ["KERNEL_PATHS", "pack_w4", "w4a8_tiles", "qrows_kernel", "w4a8_kernel", "convert_w4a8"]
@@ -75,7 +76,9 @@ def qrows_kernel(M: int, KP: int, G: int):
 
     V = 16 if G % 16 == 0 else 8
     NG, C = KP // G, G // V
-    par = T.parallel if M > 1 and M * KP >= 1 << 17 else T.serial     # measured: 64 x 1024 faster serial
+    dynamic = not isinstance(M, int)
+    # measured: 64 x 1024 faster serial; a run-time row count: parallel over rows
+    par = T.parallel if dynamic or (M > 1 and M * KP >= 1 << 17) else T.serial
 
     @prim_func
     def qrows(X: T.Buffer((M, KP), "float32"), Q: T.Buffer((1,), "float32"), A: T.Buffer((M, KP), "int8"),
@@ -173,13 +176,13 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
     L = lanes_of(path)
     N, NG, KB = NB * L, KP // G, KP // 8
     GB = G // 8
-    NBO, MO = NB // NT, -(-M // MT)
+    NBO, MO = NB // NT, (M + MT - 1) // MT
     T_ = MT * NT * L
     pair = path in _PAIR_INTRINSICS
     KS = 2 if pair and GB % 2 == 0 else 1      # packed byte vectors summed in int16 per vpmaddwd (_pair_sum)
     if pair:
         U = 1
-    par = T.parallel if M * KP * N >= PARALLEL_MIN_MACS else T.serial
+    par = T.parallel if not isinstance(M, int) or M * KP * N >= PARALLEL_MIN_MACS else T.serial
 
     @prim_func
     def w4a8(A: T.Buffer((M, KP), "int8"), SA: T.Buffer((M, NG), "float32"), AS: T.Buffer((M, NG), "float32"),
@@ -295,15 +298,19 @@ def convert_w4a8(st, node, importer):
     ng = scales.shape[1]
     if ng != -(-k // g):
         raise LoweringError(f"w4a8_linear (node '{node.name}'): {ng} scale groups for {k} inputs in groups of {g}")
-    if st.path not in KERNEL_PATHS or not _is_static(shape):
-        st.count("w4a8_linear:relax" + ("" if _is_static(shape) else " (dynamic)"))
+    static = _is_static(shape)
+    if st.path not in KERNEL_PATHS:
+        st.count("w4a8_linear:relax" + ("" if static else " (dynamic)"))
         return _relax_w4a8(bb, x, u, scales, zeros, bias, g, k)
     R = relax.op
-    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    m = _prod(shape[:-1]) if len(shape) > 1 else 1
     L = lanes_of(st.path)
     kp = ng * g
     nb = -(-n // L)
-    mt, nt, nsets = w4a8_tiles(st.path, m, nb, _cores(st.spec))
+    # dynamic rows (batch x sequence known at run time): tiles as for a many-row GEMM, and the kernels take
+    # their own row count variable, bound from their input's shape at each call
+    mt, nt, nsets = w4a8_tiles(st.path, m if static else DYNAMIC_ROWS_HINT, nb, _cores(st.spec))
+    mk = m if static else _tir_var("m")
     nbp = -(-nb // nt) * nt
     # one activation quantization per input and group size (Q, K and V projections read the same x)
     qa = next((q for v, gg, q in st.w4a8_rows if gg == g and v.same_as(x)), None)
@@ -311,13 +318,13 @@ def convert_w4a8(st, node, importer):
         x2 = bb.emit(R.reshape(x, [m, k]))
         if kp != k:
             x2 = bb.emit(R.nn.pad(x2, [0, 0, 0, kp - k], pad_value=0.0))
-        qv = bb.add_func(qrows_kernel(m, kp, g).without_attr("global_symbol"), "graphopt_w4a8_qrows")
+        qv = bb.add_func(qrows_kernel(mk, kp, g).without_attr("global_symbol"), "graphopt_w4a8_qrows")
         qa = bb.emit(relax.call_tir(
             qv, [x2, _const(np.array([127.0], np.float32))],
             [relax.TensorType([m, kp], "int8"), relax.TensorType([m, ng], "float32"),
              relax.TensorType([m, ng], "float32")]))
         st.w4a8_rows.append((x, g, qa))
-    gv = bb.add_func(w4a8_kernel(m, kp, g, nbp, mt, nt, nsets, st.path).without_attr("global_symbol"),
+    gv = bb.add_func(w4a8_kernel(mk, kp, g, nbp, mt, nt, nsets, st.path).without_attr("global_symbol"),
                      "graphopt_w4a8")
     args = [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
     args += [_const(pack_w4(u, L, nt, kp)), _const(_group_table(scales, L, nbp)),
@@ -326,5 +333,5 @@ def convert_w4a8(st, node, importer):
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nbp * L], "float32")))
     if nbp * L != n:
         y = bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    st.count(f"w4a8_linear:{st.path}")
+    st.count(f"w4a8_linear:{st.path}" + ("" if static else " (dynamic rows)"))
     return bb.emit(R.reshape(y, [*shape[:-1], n]))
