@@ -3,6 +3,7 @@
     python benchmarks/bench_dynamic.py                                   # small encoder, batch 1/8/32 x seq 16/128/512
     python benchmarks/bench_dynamic.py --encoder base --batches 1,8 --seqs 16,128
     python benchmarks/bench_dynamic.py --int8 --ort                      # + int8 builds and ONNX Runtime peers
+    python benchmarks/bench_dynamic.py --int8 --quantize mode=dynamic,bits=4   # the int8 columns run W4A8
 
 A BERT-style encoder (graphopt.models.BertStyleEncoder, random weights; "small": 4 layers, hidden 256; "base":
 BERT-base's shape) is compiled ONCE with dynamic={"batch": (1, max batch), "seq": (8, max seq)}. At every grid
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--int8", action="store_true", help="also int8 builds (and ORT int8 with --ort)")
     ap.add_argument("--ort", action="store_true", help="ONNX Runtime peers with dynamic axes")
+    ap.add_argument("--quantize", default="progress=false",
+                    help="options of the int8 builds' quantize pass, e.g. 'mode=dynamic,bits=4' (W4A8)")
     ap.add_argument("--no-static", action="store_true", help="skip the per-shape static builds")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slice", type=float, default=0.3, help="seconds per variant per round")
@@ -136,7 +139,9 @@ def main(argv=None) -> int:
         print(f"  built {key}: {build_s[key]} s  kernels: {opt.report.backend.get('kernels', '')}", flush=True)
         return opt
 
-    fp32, int8 = "cleanup", "cleanup,quantize(progress=false)"
+    fp32, int8 = "cleanup", f"cleanup,quantize({args.quantize})"
+    if args.int8:
+        print(f"int8 columns: {int8}", flush=True)
     builds["dyn"] = build("dyn", fp32, example, dims)
     if args.int8:
         builds["dyn-int8"] = build("dyn-int8", int8, example, dims)
