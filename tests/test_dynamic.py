@@ -74,28 +74,17 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
     assert cos > 0.98, cos
 
 
-def test_dynamic_mode_int8_runs_its_gemm_on_the_dynamic_row_count(encoder):
-    """quantize(mode=dynamic) (activations quantized per call from their min/max) in a dynamic-shape build: the
-    Linears take the path's int8 GEMM with a run-time row count and match the quantized graph everywhere."""
+@pytest.mark.parametrize("options, op", [("mode=dynamic,progress=false", "dynamic_qlinear"),
+                                         ("mode=dynamic,bits=4,group_size=16", "w4a8_linear")])
+def test_dynamic_mode_runs_its_kernels_on_the_dynamic_row_count(encoder, options, op):
+    """quantize(mode=dynamic) (activations quantized per call from their min/max) and its W4A8 form (bits=4: int4
+    weights, int8 activations per row and group) in a dynamic-shape build: the Linears take the path's kernels
+    with a run-time row count and match the quantized graph everywhere."""
     from graphopt.backends.tvm.quant_lower import int8_path
 
-    opt = graphopt.optimize(encoder, "x86", "cleanup,quantize(mode=dynamic,progress=false)",
-                            example_inputs=(_ids(2, 16),), dynamic=DIMS)
-    assert f"dynamic_qlinear:{int8_path(resolve_target('x86'))} (dynamic rows)" in opt.report.backend["int8"]
-    for b, s in SHAPES:
-        x = _ids(b, s, seed=5)
-        with torch.no_grad():
-            torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)
-
-
-def test_w4a8_runs_its_kernels_on_the_dynamic_row_count(encoder):
-    """quantize(mode=dynamic,bits=4) (int4 weights, int8 activations per call) in a dynamic-shape build: the
-    activation quantizer and the W4A8 GEMM take a run-time row count and match the quantized graph everywhere."""
-    from graphopt.backends.tvm.quant_lower import int8_path
-
-    opt = graphopt.optimize(encoder, "x86", "cleanup,quantize(mode=dynamic,bits=4,group_size=16)",
-                            example_inputs=(_ids(2, 16),), dynamic=DIMS)
-    assert f"w4a8_linear:{int8_path(resolve_target('x86'))} (dynamic rows)" in opt.report.backend["int8"]
+    opt = graphopt.optimize(encoder, "x86", f"cleanup,quantize({options})", example_inputs=(_ids(2, 16),),
+                            dynamic=DIMS)
+    assert f"{op}:{int8_path(resolve_target('x86'))} (dynamic rows)" in opt.report.backend["int8"]
     for b, s in SHAPES:
         x = _ids(b, s, seed=5)
         with torch.no_grad():

@@ -94,6 +94,14 @@ def _compile(module, args, spec):
                           lowered.const_outputs), exe, lowered
 
 
+def built_layers(target: str, module, args):
+    """(target, module, args, compiled, executable, lowered) of `module` built for `target` (skipped where this
+    CPU cannot run that target's code): the module-scoped `built` fixtures of the kernel test files."""
+    _skip_unless_runs_here(target)
+    compiled, exe, lowered = _compile(module, args, resolve_target(target))
+    return target, module, args, compiled, exe, lowered
+
+
 def asm_of(exe) -> str:
     """The assembly of every LLVM module in a built executable."""
     out, stack = [], [exe.mod]

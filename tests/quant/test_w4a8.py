@@ -12,6 +12,7 @@ import graphopt
 from graphopt.errors import PipelineError
 from graphopt.quant.w4a8 import W4A8Linear, group_of, quantize_rows
 from graphopt.quant.weight_only import PackedWeightOnlyLinear, unpack_int4
+from tests.quant.test_weight_only import MLP
 
 
 def _by_formula(layer: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -66,15 +67,6 @@ def test_w4a8_keeps_weight_only_int4_weights():
     assert torch.equal(unpack_int4(w4a8.weight_q, 50), unpack_int4(woq4.weight_q, 50))
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(70, 48), nn.Linear(48, 48), nn.Linear(48, 10)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-
-
 def test_pass_swaps_linears_for_w4a8_and_reports_them():
     torch.manual_seed(0)
     model = MLP().eval()
@@ -105,7 +97,7 @@ tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
 from tests.helpers import X86_TARGETS, is_avx512_target  # noqa: E402
-from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of  # noqa: E402
+from tests.quant.test_int8_paths import asm_of, built_layers  # noqa: E402
 
 # (rows M, in K, out N, group): one row (GEMV tile, two accumulator sets), a few rows, rows past one register
 # tile with a tail; ragged last groups (K % group), odd K and N, per channel (None), a group past 1,024 inputs
@@ -151,10 +143,7 @@ def _tolerance(layer: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=[*X86_TARGETS, "x86:skylake-avx512"])     # + AVX-512BW without VNNI
 def built(request):
-    _skip_unless_runs_here(request.param)
-    module, args = Layers().eval(), _inputs()
-    compiled, exe, lowered = _compile(module, args, resolve_target(request.param))
-    return request.param, module, args, compiled, exe, lowered
+    return built_layers(request.param, Layers().eval(), _inputs())
 
 
 def test_kernels_match_the_reference(built):

@@ -108,7 +108,7 @@ tvm = pytest.importorskip("tvm")
 from graphopt.backends.targets import resolve_target  # noqa: E402
 from graphopt.backends.tvm.weight_only import DIRECT_MAX_ROWS  # noqa: E402
 from tests.helpers import X86_TARGETS, is_avx512_target  # noqa: E402
-from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of  # noqa: E402
+from tests.quant.test_int8_paths import asm_of, built_layers  # noqa: E402
 
 # (rows M, in K, out N, bits, group): ragged groups (K % group != 0), odd K, odd N, per-channel, one GEMV
 # (direct kernel: int4 groups of 8k inputs take the word kernel, others the pair kernel) and one GEMM
@@ -153,10 +153,7 @@ def _tolerance(layer, x):
 
 @pytest.fixture(scope="module", params=X86_TARGETS)
 def built(request):
-    _skip_unless_runs_here(request.param)
-    module, args = Layers().eval(), _inputs()
-    compiled, exe, lowered = _compile(module, args, resolve_target(request.param))
-    return request.param, module, args, compiled, exe, lowered
+    return built_layers(request.param, Layers().eval(), _inputs())
 
 
 def test_kernels_match_the_dequantized_reference(built):
