@@ -12,15 +12,17 @@ hand-written TIR kernels:
          signed one, so the AVX2 / AVX-512BW pair instruction cannot saturate (2·15·127 = 3,810 < 32,767) and no
          operand needs a shift:
            vnni      vpdpbusd (4 u8·s8 products into each int32 lane, 512-bit)
-           avx512bw  vpmaddubsw (2·15·127 = 3,810 at most per int16 lane) on 2 or 4 weight vectors, summed in
-                     int16 (4 x 3,810 < 32,767), then one vpmaddwd by ones into int32 (512-bit); avx2: the same
-                     on 256-bit vectors (one widening per 4 products: 10-20% faster than one each, one thread)
+           avx512bw  vpmaddubsw (2·15·127 = 3,810 at most per int16 lane) on the 2 or 4 weight vectors of 1 or 2
+                     packed loads, summed in int16 (4 x 3,810 < 32,767), then one vpmaddwd by ones into int32
+                     (512-bit); avx2: the same on 256-bit vectors (one widening per 4 products: 10-20% faster
+                     than one per product on one thread; 8 per widening was slower)
            sdot      NEON sdot (s8·s8; the nibbles are 0..15 either way)
          Weights: [NB/NT, KP/8, NT, L, 4] bytes, byte (kb, t, j, r) = u[n, 8kb + r] | u[n, 8kb + 4 + r] << 4 for
          column n = (nb·NT + t)·L + j: one vector load gives two weight vectors (and, shift + and); K past
          in_features and N past out_features are zero nibbles. Per group the int32 sums are converted once and
-         added into float32 accumulators; register tile MT rows x NT·L columns (M = 1: two accumulator sets,
-         the low and the high nibbles, so two dot-product chains run at once); parallel over column tiles.
+         added into float32 accumulators; register tile MT rows x NT·L columns (M = 1 on vnni / sdot: two
+         accumulator sets, the low and the high nibbles, so two dot-product chains run at once; the pair paths
+         already join them in int16); parallel over column tiles.
 The integer sums are exact and z·Σa is an exact integer in float32 (groups <= 8,192), so the result differs from
 the reference only in the float32 rounding of the group products and their sum (LLVM may contract into FMA).
 A row count known only at run time (dynamic batch / sequence, graphopt.dynamic) is a variable of both kernels.
