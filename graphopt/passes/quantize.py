@@ -189,7 +189,7 @@ class Quantize(Pass):
         if self.budget or self.choices:
             raise ValueError(f"budget / choices need bits=mixed, got bits={self.bits!r}")
         if self.bits not in (8, 4):
-            raise ValueError(f"bits={self.bits}: choose 8, 4 with mode=weight_only, or mixed")
+            raise ValueError(f"bits={self.bits}: choose 8, 4 (mode=weight_only or mode=dynamic), or mixed")
         if self.bits == 4 and self.mode == "static":
             raise ValueError("bits=4 needs mode=weight_only (int4 weights, float activations) or mode=dynamic "
                              "(int4 weights, int8 activations per call), got mode=static")
