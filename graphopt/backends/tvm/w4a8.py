@@ -303,6 +303,11 @@ def convert_w4a8(st, node, importer):
     static = _is_static(shape)
     if st.path not in KERNEL_PATHS:
         st.count("w4a8_linear:relax" + ("" if static else " (dynamic)"))
+        note = (f"W4A8 has no integer kernel for this target (int8 path {st.path}: no AVX2 / ARM dot product): its "
+                f"Linears run as Relax integer ops on unpacked weights; weight-only int4 "
+                f"(quantize(mode=weight_only,bits=4)) reads 8x fewer weight bytes here")
+        if note not in st.notes:
+            st.notes.append(note)
         return _relax_w4a8(bb, x, u, scales, zeros, bias, g, k)
     R = relax.op
     m = _prod(shape[:-1]) if len(shape) > 1 else 1
