@@ -49,16 +49,19 @@ def test_weight_only_kernels_run_on_aarch64_and_match_the_reference(arm_build, a
 
 @needs_cross
 @needs_aarch64_runtime
-def test_w4a8_kernels_run_on_aarch64_with_sdot_and_match_the_reference(aarch64_server):
-    """W4A8 (int4 weights x int8 activations) on cortex-a76 (+dotprod): the sdot kernel under qemu against the
-    reference op (tests/quant/test_w4a8.py's shapes and tolerance: the integer sums are exact)."""
+@pytest.mark.parametrize("target, path, instruction", [("arm:cortex-a76", "sdot", "sdot\tv"),
+                                                       ("arm:cortex-a72", "cpu", "mla\tv")])
+def test_w4a8_kernels_run_on_aarch64_and_match_the_reference(aarch64_server, target, path, instruction):
+    """W4A8 (int4 weights x int8 activations) under qemu against the reference op (tests/quant/test_w4a8.py's
+    shapes and tolerance: the integer sums are exact): sdot on cortex-a76 (+dotprod), the widening NEON
+    multiply-adds on cortex-a72 (no dot product)."""
     from tests.quant.test_int8_paths import asm_of
     from tests.quant.test_w4a8 import SHAPES, Layers, _inputs, _tolerance
 
     module, args = Layers().eval(), _inputs()
-    opt = graphopt.optimize(module, target="arm:cortex-a76", pipeline=[], example_inputs=args)
-    assert f"w4a8_linear:sdot×{len(SHAPES) + 1}" in opt.report.backend["int8"]      # + the worst-case layer
-    assert "sdot\tv" in asm_of(opt.compiled.executable)
+    opt = graphopt.optimize(module, target=target, pipeline=[], example_inputs=args)
+    assert f"w4a8_linear:{path}×{len(SHAPES) + 1}" in opt.report.backend["int8"]      # + the worst-case layer
+    assert instruction in asm_of(opt.compiled.executable)
     with torch.no_grad():
         refs = module(*args)
     remote = rpc.load_remote(opt, rpc.connect(aarch64_server.device, timeout=120))

@@ -96,6 +96,7 @@ def test_bad_w4a8_options_are_typed_errors(pipeline, match):
 tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
+from graphopt.backends.tvm.quant_lower import int8_path  # noqa: E402
 from tests.helpers import X86_TARGETS, is_avx512_target  # noqa: E402
 from tests.quant.test_int8_paths import asm_of, built_layers  # noqa: E402
 
@@ -141,14 +142,15 @@ def _tolerance(layer: W4A8Linear, x: torch.Tensor) -> torch.Tensor:
     return (xa @ layer.dequantized_weight().double().abs().t() + layer.bias.double().abs()) * 8 * 2 ** -23
 
 
-@pytest.fixture(scope="module", params=[*X86_TARGETS, "x86:skylake-avx512"])     # + AVX-512BW without VNNI
+# + AVX-512BW without VNNI, and SSE4 only (x86:nehalem: the generic widening kernel, the path of ARM without +dotprod)
+@pytest.fixture(scope="module", params=[*X86_TARGETS, "x86:skylake-avx512", "x86:nehalem"])
 def built(request):
     return built_layers(request.param, Layers().eval(), _inputs())
 
 
 def test_kernels_match_the_reference(built):
     target, module, args, compiled, _, lowered = built
-    assert f"w4a8_linear:{'vnni' if 'vnni' in lowered.quant else 'avx'}" in lowered.quant
+    assert f"w4a8_linear:{int8_path(resolve_target(target))}×" in lowered.quant
     with torch.no_grad():
         refs = module(*args)
     for shape, layer, x, got, ref in zip(SHAPES, module.layers, args, compiled(*args), refs):
@@ -160,8 +162,11 @@ def test_kernels_match_the_reference(built):
 def test_kernels_use_the_paths_integer_dot_products(built):
     target, _, _, _, exe, lowered = built
     asm = asm_of(exe)
-    if "vnni" in lowered.quant:
+    path = int8_path(resolve_target(target))
+    if path == "vnni":
         assert "vpdpbusd" in asm
+    elif path == "cpu":
+        assert "pmaddwd" in asm and "pmaddubsw" not in asm and "vpdpbusd" not in asm and "ymm" not in asm
     else:
         assert "vpmaddubsw" in asm and "vpmaddwd" in asm
     if not is_avx512_target(target):

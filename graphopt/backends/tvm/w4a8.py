@@ -17,6 +17,8 @@ hand-written TIR kernels:
                      (512-bit); avx2: the same on 256-bit vectors (one widening per 4 products: 10-20% faster
                      than one per product on one thread; 8 per widening was slower)
            sdot      NEON sdot (s8·s8; the nibbles are 0..15 either way)
+           cpu       no int8 dot product (x86 without AVX2, ARM without +dotprod): widening int32 multiply-adds
+                     over 16 lanes that LLVM vectorizes (pmaddwd on SSE4, smull/smlal-style on NEON)
          Weights: [NB/NT, KP/8, NT, L, 4] bytes, byte (kb, t, j, r) = u[n, 8kb + r] | u[n, 8kb + 4 + r] << 4 for
          column n = (nb·NT + t)·L + j: one vector load gives two weight vectors (and, shift + and); K past
          in_features and N past out_features are zero nibbles. Per group the int32 sums are converted once and
@@ -26,7 +28,7 @@ hand-written TIR kernels:
 The integer sums are exact and z·Σa is an exact integer in float32 (groups <= 8,192), so the result differs from
 the reference only in the float32 rounding of the group products and their sum (LLVM may contract into FMA).
 A row count known only at run time (dynamic batch / sequence, graphopt.dynamic) is a variable of both kernels.
-Other targets ('cpu', 'relax') take the same arithmetic in Relax integer ops.
+Targets that are not LLVM CPUs ('relax': CUDA) take the same arithmetic in Relax integer ops.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from .tir_script import prim_func
 
 __all__ = ["KERNEL_PATHS", "pack_w4", "w4a8_tiles", "qrows_kernel", "w4a8_kernel", "convert_w4a8"]
 
-KERNEL_PATHS = ("vnni", "avx512bw", "avx2", "sdot")
+KERNEL_PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu")
 
 
 def pack_w4(u: np.ndarray, lanes: int, nt: int, kp: int) -> np.ndarray:
@@ -56,7 +58,9 @@ def pack_w4(u: np.ndarray, lanes: int, nt: int, kp: int) -> np.ndarray:
 
 def w4a8_tiles(path: str, m: int, nb: int, cores: int) -> tuple[int, int, int]:
     """(MT rows, NT column blocks, U accumulator sets) for M rows and nb column blocks of L lanes."""
-    if m == 1:
+    if path == "cpu":               # widening multiply-adds on 16 int32 lanes (4 NEON / SSE registers each)
+        mt, nt, u = min(m, 2), 1, 1
+    elif m == 1:
         mt, nt, u = 1, 4, 2
     elif path == "avx2":            # 16 ymm: 8 accumulators + 2 x NT nibble vectors + broadcast + ones + mask
         mt, nt, u = min(m, 4), 2, 1
@@ -181,8 +185,9 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
     NBO, MO = NB // NT, (M + MT - 1) // MT
     T_ = MT * NT * L
     pair = path in _PAIR_INTRINSICS
+    generic = path == "cpu"                    # no int8 dot product: widening int32 multiply-adds LLVM vectorizes
     KS = 2 if pair and GB % 2 == 0 else 1      # packed byte vectors summed in int16 per vpmaddwd (_pair_sum)
-    if pair:
+    if pair or generic:
         U = 1
     par = T.parallel if not isinstance(M, int) or M * KP * N >= PARALLEL_MIN_MACS else T.serial
 
@@ -207,6 +212,15 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
                                     acc[T.ramp((mi * NT + nt) * L, 1, L)] = acc[T.ramp((mi * NT + nt) * L, 1, L)] + \
                                         _pair_sum(path, W, A, nbo, g * (GB // KS) + kb, nt,
                                                   T.min(mo * MT + mi, M - 1), KS)
+                                elif generic:
+                                    for r in T.unroll(4):
+                                        for j in T.vectorized(L):
+                                            acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.bitwise_and(
+                                                T.Cast("int32", W[nbo, g * GB + kb, nt, j, r]), 15) * T.Cast(
+                                                "int32", A[T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + r]) + \
+                                                T.bitwise_and(T.shift_right(T.Cast("int32", W[nbo, g * GB + kb, nt, j, r]),
+                                                                            4), 15) * T.Cast(
+                                                "int32", A[T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + 4 + r])
                                 else:
                                     acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot(
                                         path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
@@ -303,8 +317,8 @@ def convert_w4a8(st, node, importer):
     static = _is_static(shape)
     if st.path not in KERNEL_PATHS:
         st.count("w4a8_linear:relax" + ("" if static else " (dynamic)"))
-        note = (f"W4A8 has no integer kernel for this target (int8 path {st.path}: no AVX2 / ARM dot product): its "
-                f"Linears run as Relax integer ops on unpacked weights; weight-only int4 "
+        note = (f"W4A8 has no integer kernel for this target (int8 path {st.path}: not an LLVM CPU): its Linears "
+                f"run as Relax integer ops on unpacked weights; weight-only int4 "
                 f"(quantize(mode=weight_only,bits=4)) reads 8x fewer weight bytes here")
         if note not in st.notes:
             st.notes.append(note)
