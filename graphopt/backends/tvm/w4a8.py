@@ -19,7 +19,7 @@ hand-written TIR kernels:
            sdot      NEON sdot (s8·s8; the nibbles are 0..15 either way)
            cpu       no int8 dot product (x86 without AVX2, ARM without +dotprod): widening int32 multiply-adds
                      over 16 lanes that LLVM vectorizes (pmaddwd on SSE4, smull/smlal-style on NEON)
-         Weights: [NB/NT, KP/8, NT, L, 4] bytes, byte (kb, t, j, r) = u[n, 8kb + r] | u[n, 8kb + 4 + r] << 4 for
+         Weights: [NB/NT, KP/8, NT, L, 4] bytes ('cpu': [..., 4, L]), byte (kb, t, j, r) = u[n, 8kb + r] | u[n, 8kb + 4 + r] << 4 for
          column n = (nb·NT + t)·L + j: one vector load gives two weight vectors (and, shift + and); K past
          in_features and N past out_features are zero nibbles. Per group the int32 sums are converted once and
          added into float32 accumulators; register tile MT rows x NT·L columns (M = 1 on vnni / sdot: two
@@ -44,16 +44,18 @@ __all__ = ["KERNEL_PATHS", "pack_w4", "w4a8_tiles", "qrows_kernel", "w4a8_kernel
 KERNEL_PATHS = ("vnni", "avx512bw", "avx2", "sdot", "cpu")
 
 
-def pack_w4(u: np.ndarray, lanes: int, nt: int, kp: int) -> np.ndarray:
-    """Nibbles u [N, K] (0..15) in the kernel's layout [NBP/NT, KP/8, NT, L, 4] (int8 storage), N padded to a
-    multiple of NT·L and K to kp (a multiple of 8) with zeros."""
+def pack_w4(u: np.ndarray, lanes: int, nt: int, kp: int, generic: bool = False) -> np.ndarray:
+    """Nibbles u [N, K] (0..15) in the kernel's layout [NBP/NT, KP/8, NT, L, 4] (int8 storage; generic: [..., 4, L],
+    the 4 inputs outer so that a lane vector is one contiguous load), N padded to a multiple of NT·L and K to kp
+    (a multiple of 8) with zeros."""
     n, k = u.shape
     nbp = -(-n // (lanes * nt)) * nt
     v = np.zeros((nbp * lanes, kp), np.uint8)
     v[:n, :k] = u
     blocks = v.reshape(nbp // nt, nt, lanes, kp // 8, 2, 4)              # [NBO, NT, L, KB, lo|hi, 4]
     packed = blocks[:, :, :, :, 0, :] | (blocks[:, :, :, :, 1, :] << 4)  # [NBO, NT, L, KB, 4]
-    return np.ascontiguousarray(packed.transpose(0, 3, 1, 2, 4)).view(np.int8)
+    return np.ascontiguousarray(packed.transpose(0, 3, 1, 4, 2) if generic
+                                else packed.transpose(0, 3, 1, 2, 4)).view(np.int8)
 
 
 def w4a8_tiles(path: str, m: int, nb: int, cores: int) -> tuple[int, int, int]:
@@ -189,11 +191,12 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
     KS = 2 if pair and GB % 2 == 0 else 1      # packed byte vectors summed in int16 per vpmaddwd (_pair_sum)
     if pair or generic:
         U = 1
+    w_shape = (NBO, KB, NT, 4, L) if generic else (NBO, KB, NT, L, 4)
     par = T.parallel if not isinstance(M, int) or M * KP * N >= PARALLEL_MIN_MACS else T.serial
 
     @prim_func
     def w4a8(A: T.Buffer((M, KP), "int8"), SA: T.Buffer((M, NG), "float32"), AS: T.Buffer((M, NG), "float32"),
-             W: T.Buffer((NBO, KB, NT, L, 4), "int8"), SW: T.Buffer((NB, NG, L), "float32"),
+             W: T.Buffer(w_shape, "int8"), SW: T.Buffer((NB, NG, L), "float32"),
              ZF: T.Buffer((NB, NG, L), "float32"), Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nbo in par(NBO):
@@ -216,9 +219,9 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
                                     for r in T.unroll(4):
                                         for j in T.vectorized(L):
                                             acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.bitwise_and(
-                                                T.Cast("int32", W[nbo, g * GB + kb, nt, j, r]), 15) * T.Cast(
+                                                T.Cast("int32", W[nbo, g * GB + kb, nt, r, j]), 15) * T.Cast(
                                                 "int32", A[T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + r]) + \
-                                                T.bitwise_and(T.shift_right(T.Cast("int32", W[nbo, g * GB + kb, nt, j, r]),
+                                                T.bitwise_and(T.shift_right(T.Cast("int32", W[nbo, g * GB + kb, nt, r, j]),
                                                                             4), 15) * T.Cast(
                                                 "int32", A[T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + 4 + r])
                                 else:
@@ -348,7 +351,7 @@ def convert_w4a8(st, node, importer):
     gv = bb.add_func(w4a8_kernel(mk, kp, g, nbp, mt, nt, nsets, st.path).without_attr("global_symbol"),
                      "graphopt_w4a8")
     args = [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
-    args += [_const(pack_w4(u, L, nt, kp)), _const(_group_table(scales, L, nbp)),
+    args += [_const(pack_w4(u, L, nt, kp, st.path == "cpu")), _const(_group_table(scales, L, nbp)),
              _const(_group_table(zeros.astype(np.float32), L, nbp)),
              _const(np.pad(bias, (0, nbp * L - n)))]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nbp * L], "float32")))
