@@ -87,7 +87,7 @@ def default_space(*, distill: bool = False, quantize: bool = True, sparsity: boo
                   clusters: bool = True) -> list[str]:
     """A grid over the registered compression passes; passes that are not registered are left out.
 
-    Without distill: 16 candidates (the baseline "fold_bn,cleanup" first, every other one starts with it):
+    Without distill: 17 candidates (the baseline "fold_bn,cleanup" first, every other one starts with it):
       prune(ratio=0.25|0.5)                         structured channels: fewer FLOPs, faster on dense kernels
       lowrank(energy=0.9|0.95), prune+lowrank       factorised Linear/conv
       sparsify(sparsity=0.5)                        unstructured, the level one-shot magnitude pruning keeps
@@ -99,6 +99,8 @@ def default_space(*, distill: bool = False, quantize: bool = True, sparsity: boo
       sparsify(sparsity=0.5),cluster(k=16)          Deep Compression's prune -> share
       quantize                                      int8 static (needs calibration)
       quantize(mode=weight_only,bits=4)             int4 weights, float activations (no data)
+      quantize(mode=dynamic,bits=4)                 the same int4 weights, int8 activations per call (W4A8:
+                                                    integer dot products; no data)
       quantize(bits=mixed,budget=error:0.02)        per-layer precision, the smallest model within 2% output
                                                     error (needs calibration)
       prune(ratio=0.25|0.5),quantize                channel pruning then int8 (speed)
@@ -106,7 +108,7 @@ def default_space(*, distill: bool = False, quantize: bool = True, sparsity: boo
     Two levels where the accuracy/speed trade-off is steep (prune, lowrank), one level per pattern for
     sparsity, one k (16: 4-bit indices, what the kernels read like int4) and the combinations that compose;
     everything else is left to an explicit `space`. With distill: a "...,distill(epochs=2)" twin of each
-    prune / lowrank / sparsify candidate that is not quantized (7 more: 23). Clustered candidates get no
+    prune / lowrank / sparsify candidate that is not quantized (7 more: 24). Clustered candidates get no
     twin (their centroids are fine-tuned by the cluster pass itself when train_data is given).
     """
     from .pipeline import available_passes
@@ -128,7 +130,8 @@ def default_space(*, distill: bool = False, quantize: bool = True, sparsity: boo
         options += ["cluster(k=16)"] + ([f"{unstructured},cluster(k=16)"] if sparse else [])
     structured = [o for o in options if o.startswith("prune(") and "lowrank" not in o]
     if quantize and "quantize" in have:
-        options += ["quantize", "quantize(mode=weight_only,bits=4)", "quantize(bits=mixed,budget=error:0.02)"]
+        options += ["quantize", "quantize(mode=weight_only,bits=4)", "quantize(mode=dynamic,bits=4)",
+                    "quantize(bits=mixed,budget=error:0.02)"]
         options += [f"{o},quantize" for o in structured] + ([f"{unstructured},quantize"] if sparse else [])
     space = [base] + [f"{base},{o}" for o in options]
     if distill and "distill" in have:

@@ -94,14 +94,15 @@ def test_default_space_has_sparsity_bits_and_clusters():
 
     space = default_space()
     with_kd = default_space(distill=True)
-    assert space[0] == "fold_bn,cleanup" and len(space) == len(set(space)) == 16
-    assert len(with_kd) == 23 and with_kd[:16] == space
+    assert space[0] == "fold_bn,cleanup" and len(space) == len(set(space)) == 17
+    assert len(with_kd) == 24 and with_kd[:17] == space
     body = [s.removeprefix("fold_bn,cleanup,") for s in space[1:]]
     for want in ("sparsify(sparsity=0.5)", "sparsify(sparsity=0.8,pattern=16x1)", "cluster(k=16)",
-                 "quantize(mode=weight_only,bits=4)", "quantize(bits=mixed,budget=error:0.02)",
+                 "quantize(mode=weight_only,bits=4)", "quantize(mode=dynamic,bits=4)",
+                 "quantize(bits=mixed,budget=error:0.02)",
                  "sparsify(sparsity=0.5),cluster(k=16)", "sparsify(sparsity=0.5),quantize", "prune(ratio=0.5),quantize"):
         assert want in body, want
-    assert not any("cluster" in s or "quantize" in s for s in with_kd[16:])
+    assert not any("cluster" in s or "quantize" in s for s in with_kd[17:])
     for s in with_kd:
         Pipeline.parse(s)                                # every candidate names registered passes and options
     assert not any("sparsify" in s or "cluster" in s for s in default_space(sparsity=False, clusters=False))
