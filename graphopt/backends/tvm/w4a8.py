@@ -64,12 +64,14 @@ def w4a8_tiles(path: str, m: int, nb: int, cores: int) -> tuple[int, int, int]:
         mt, nt, u = min(m, 2), 1, 1
     elif m == 1:
         mt, nt, u = 1, 4, 2
-    elif path == "avx2":            # 16 ymm: 8 accumulators + 2 x NT nibble vectors + broadcast + ones + mask
-        mt, nt, u = min(m, 4), 2, 1
     elif path == "sdot":            # 32 q registers of 4 lanes
         mt, nt, u = min(m, 4), 4, 1
-    else:                           # 32 zmm: 12 int32 + 12 float32 accumulators (8 rows spill: measured slower)
-        mt, nt, u = min(m, 6), 2, 1
+    else:
+        # one column block, up to 8 rows: with two blocks LLVM keeps every row's activation broadcasts live
+        # across both and spills on AVX2 (16 ymm). One thread, min of 25 runs, 8 x 1 against 4 x 2 (AVX2),
+        # 6 x 2 (AVX-512): AVX2 136 vs 160 us (64x256x1024), 2424 vs 2860 us (128x768x3072); AVX-512BW 2035 vs
+        # 2241 us; VNNI 1412 vs 1479 us (128x768x3072)
+        mt, nt, u = min(m, 8), 1, 1
     while nt > 1 and -(-nb // nt) < 2 * cores:          # every core gets column tiles
         nt //= 2
     return mt, nt, u
