@@ -87,8 +87,10 @@ def qrows_kernel(M: int, KP: int, G: int):
     V = 16 if G % 16 == 0 else 8
     NG, C = KP // G, G // V
     dynamic = not isinstance(M, int)
-    # measured: 64 x 1024 faster serial; a run-time row count: parallel over rows
-    par = T.parallel if dynamic or (M > 1 and M * KP >= 1 << 17) else T.serial
+    # parallel over rows from 8K inputs: alone a 64 x 1024 quantizer is faster serial (15 vs 18 us), but in a
+    # model its input was just written by a parallel kernel, half of it in the other core's cache: serial
+    # quantizers took 3x their one-thread time there (kernel profile, small encoder, AVX2, 2 threads)
+    par = T.parallel if dynamic or (M > 1 and M * KP >= 1 << 13) else T.serial
 
     @prim_func
     def qrows(X: T.Buffer((M, KP), "float32"), Q: T.Buffer((1,), "float32"), A: T.Buffer((M, KP), "int8"),
