@@ -94,7 +94,7 @@ class Quantize(Pass):
                    int8 or int4 weights, float32 activations and compute. No data. pointwise_convs is off by
                    default: it makes a CNN's weights 4-6x smaller but, measured, mostly slower than its float32
                    convs (MobileNetV2 224x224, benchmarks/bench_weight_only.py, x86 paths: weight-only int8 / int4
-                   0.64-0.95x float32; W4A8 1.02x in the latest runs, 0.55-1.05x in earlier ones), since those
+                   0.61-0.95x float32; W4A8 1.02x in the latest runs, 0.55-1.05x in earlier ones), since those
                    GEMMs are built for Linears' shapes, not a conv's many pixels x few channels.
                    bits=8 (default): symmetric int8, per output channel, or per group of `group_size`
                    inputs; bits=4: two weights per byte, asymmetric per group (scale + integer zero point,
