@@ -273,39 +273,42 @@ class Quantize(Pass):
             return None
         return 128 if self.group_size is None and self.bits == 4 else self.group_size
 
-    def _swap(self, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) -> PassResult:
-        make = None
-        group = self._group()
-        w_err: dict[int, float] = {}
+    def _layer_factory(self, group: Optional[int]):
+        """linear -> its weight-only or W4A8 module, or None for dynamic int8 (swap_linear's own module)."""
         if self.mode == "dynamic" and self.bits == 4:
             from ..quant.w4a8 import W4A8Linear
 
-            def make(lin):
-                mod = W4A8Linear(lin.weight, lin.bias, group)
-                w = lin.weight.detach().double()
-                w_err[id(mod)] = float((mod.dequantized_weight().double() - w).norm() / w.norm().clamp_min(1e-300))
-                return mod
-        elif self.mode == "weight_only":
+            return lambda lin: W4A8Linear(lin.weight, lin.bias, group)
+        if self.mode != "weight_only":
+            return None
+        if self.bits == 4 or group is not None:
             from ..quant.weight_only import PackedWeightOnlyLinear
 
-            def make(lin):
-                if self.bits == 4 or group is not None:
-                    mod = PackedWeightOnlyLinear(lin.weight, lin.bias, self.bits, group)
-                    deq = mod.dequantized_weight()
-                else:
-                    mod = WeightOnlyLinear(lin.weight, lin.bias)
-                    deq = mod.weight_q.float() * mod.w_scale.reshape(-1, 1)
-                w = lin.weight.detach().double()
-                w_err[id(mod)] = float((deq.double() - w).norm() / w.norm().clamp_min(1e-300))
-                return mod
-        pointwise = self.pointwise_convs and (self.mode == "weight_only" or self.bits == 4)
-        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax, make=make,
-                                         pointwise_convs=pointwise)
+            return lambda lin: PackedWeightOnlyLinear(lin.weight, lin.bias, self.bits, group)
+        return lambda lin: WeightOnlyLinear(lin.weight, lin.bias)
+
+    def _swap(self, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) -> PassResult:
+        from ..quant.mixed import dequantized_weight
+
+        group = self._group()
+        build = self._layer_factory(group)
+        w_err: dict[int, float] = {}
+
+        def make(lin):
+            mod = build(lin)
+            w = lin.weight.detach().double()
+            deq = dequantized_weight(mod).double()
+            w_err[id(mod)] = float((deq - w).norm() / w.norm().clamp_min(1e-300))
+            return mod
+
+        new, survey = qgraph.swap_linear(gm, self.mode, skip=self.skip, weight_qmax=qmax,
+                                         make=make if build is not None else None,
+                                         pointwise_convs=self.pointwise_convs)
         self._survey_notes(survey, notes)
         per_call = "int8 per call, per row and group" if self.bits == 4 else "uint8 per call"
         details = [{"layer": s.path, "kind": s.kind, "mode": self.mode,
                     "input": per_call if self.mode == "dynamic" else "float32"} for s in survey.sites]
-        if self.mode == "weight_only" or (self.mode == "dynamic" and self.bits == 4):
+        if build is not None:
             for row in details:
                 mod = new.get_submodule(row["layer"])
                 mod = getattr(mod, "linear", mod)                # a pointwise conv's Linear-like module

@@ -94,6 +94,7 @@ class MixedBuilder:
                  observer: str = "minmax", percentile: float = 99.99, kinds=("linear", "conv2d", "matmul"),
                  skip: Sequence[str] = (), weight_qmax: int = 127, group_size: Optional[int] = 128,
                  allowed: Sequence[str] = ALL_CHOICES, progress: bool = False):
+        from .w4a8 import group_problem
         from .weight_only import check_options
 
         if group_size is not None:
@@ -117,20 +118,12 @@ class MixedBuilder:
                     else "matmul" if isinstance(mod, FloatMatmul) else type(mod).__name__)
             self.kinds[path] = kind
             self.choices[path] = [c for c in supported_choices(target, kind) if (c in allowed or c == "float32")
-                                  and (c != "int4_dynamic" or self._w4a8_fits(mod))]
+                                  and (c != "int4_dynamic" or not group_problem(group_size, mod.in_features))]
         self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
 
     # ------------------------------------------------------------------------------------------ modules
-    def _w4a8_fits(self, mod: nn.Module) -> bool:
-        """Whether W4A8 takes this Linear at the builder's group size (graphopt.quant.w4a8.W4A8Linear's limits)."""
-        from .w4a8 import MAX_GROUP
-
-        g = self.group_size
-        per_channel = g is None or g >= mod.in_features
-        return mod.in_features <= MAX_GROUP if per_channel else (g % 8 == 0 and g <= MAX_GROUP)
-
     def input_qparams(self, path: str) -> list:
         """The calibrated qparams of layer `path`'s inputs (one per argument)."""
         return [self.conv.qparams(str(a.target)) for a in self._nodes[path].args]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .weight_only import PackedWeightOnlyLinear, unpack_int4
 
-__all__ = ["W4A8Linear", "w4a8_linear", "quantize_rows", "group_of", "MAX_GROUP"]
+__all__ = ["W4A8Linear", "w4a8_linear", "quantize_rows", "group_of", "group_problem", "MAX_GROUP"]
 
 MAX_GROUP = 8192                 # |isum| < 2^24: float32(isum) exact
 ACT_QMAX = 127
@@ -43,6 +43,18 @@ def group_of(group_size: int, in_features: int) -> int:
     if not group_size or group_size >= in_features:
         return (in_features + 7) // 8 * 8
     return int(group_size)
+
+
+def group_problem(group_size: Optional[int], in_features: int) -> Optional[str]:
+    """Why W4A8 cannot take a Linear of `in_features` inputs at `group_size` (None: it can)."""
+    if group_size is None or group_size >= in_features:
+        if in_features > MAX_GROUP:
+            return (f"in_features={in_features}: one W4A8 group per channel holds at most {MAX_GROUP} inputs; "
+                    f"give group_size")
+        return None
+    if group_size % 8 or group_size > MAX_GROUP:
+        return f"group_size={group_size}: W4A8 groups must be a multiple of 8, at most {MAX_GROUP}"
+    return None
 
 
 def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +100,9 @@ class W4A8Linear(PackedWeightOnlyLinear):
     quantized per call, per row and group (graphopt.quant.w4a8); integer dot products, float32 output."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: Optional[int] = 128):
-        k = weight.shape[1]
-        if group_size is not None and group_size < k and (group_size % 8 or group_size > MAX_GROUP):
-            raise ValueError(f"group_size={group_size}: W4A8 groups must be a multiple of 8, at most {MAX_GROUP}")
-        if (group_size is None or group_size >= k) and k > MAX_GROUP:
-            raise ValueError(f"in_features={k}: one W4A8 group per channel holds at most {MAX_GROUP} inputs; "
-                             f"give group_size")
+        problem = group_problem(group_size, weight.shape[1])
+        if problem:
+            raise ValueError(problem)
         super().__init__(weight, bias, bits=4, group_size=group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,15 @@ def _cores(spec) -> int:
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
+def broadcast4(x4, lanes: int):
+    """TIR: 4 bytes (one int8x4 / uint8x4 load) repeated in every int32 lane of an int8 vector of lanes·4 bytes:
+    the activation operand of the dot-product instructions."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.broadcast(T.reinterpret(x4, dtype="int32"), lanes), dtype=f"int8x{4 * lanes}")
+
+
+def _dot4(path: str, acc, a_u8x4, w, exact: bool = False, unsigned_weights: bool = False):
     """TIR: acc + Σ_k a[k]·w[j, k] over the 4 bytes k, for every lane j of an int32 accumulator vector.
 
     `a_u8x4` is 4 uint8 activations (int8 on sdot; broadcast to every lane), `w` the lanes·4 int8 weights of
@@ -181,24 +189,27 @@ def _dot4(path: str, acc, a_u8x4, w, exact: bool = False):
     exact only while |w| <= 64. exact=True
     splits the activations a = 128·hi + lo (lo <= 127, hi <= 1) so both pair sums stay in int16 for any
     int8 w (|127·128·2| < 32,768) and adds lo·w + 128·(hi·w): exact, twice the instructions.
+    unsigned_weights: `w` is the unsigned operand (bytes 0..255, e.g. int4 nibbles) and the activations the
+    signed one (int8), the other way round from the int8 kernels.
     """
     from tvm.script import tirx as T
 
     L = lanes_of(path)
     a32 = T.reinterpret(a_u8x4, dtype="int32")
 
-    def bcast(v):
-        return T.reinterpret(T.broadcast(v, L), dtype=f"int8x{4 * L}")
+    def operands(a):
+        """The two multiplicands in the instruction's order: the unsigned one first."""
+        return (w, broadcast4(a, L)) if unsigned_weights else (broadcast4(a, L), w)
 
     if path == "vnni":
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, bcast(a32), w,
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, *operands(a32),
                                        dtype=f"int32x{L}")
     if path == "sdot":
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(SDOT), acc, bcast(a32), w, dtype=f"int32x{L}")
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(SDOT), acc, *operands(a32), dtype=f"int32x{L}")
     ubsw, wd = _PAIR_INTRINSICS[path]
 
     def madd(a, mult: int):
-        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), bcast(a), w, dtype=f"int16x{2 * L}")
+        pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), *operands(a), dtype=f"int16x{2 * L}")
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(wd), pairs, T.broadcast(T.int16(mult), 2 * L),
                                        dtype=f"int32x{L}")
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import LoweringError
-from .quant_lower import (_PAIR_INTRINSICS, DYNAMIC_ROWS_HINT, PARALLEL_MIN_MACS, SDOT, VPDPBUSD, _const, _cores,
-                          _is_static, _prod, _shape, _tir_var, lanes_of)
+from .quant_lower import (_PAIR_INTRINSICS, DYNAMIC_ROWS_HINT, PARALLEL_MIN_MACS, _const, _cores, _dot4, _is_static,
+                          _prod, _shape, _tir_var, broadcast4, lanes_of)
 from .tir_script import prim_func
+from .weight_only import _group_table, unpack_nibbles
 
 __all__ = ["KERNEL_PATHS", "pack_w4", "w4a8_tiles", "qrows_kernel", "w4a8_kernel", "convert_w4a8"]
 
@@ -132,22 +133,6 @@ def qrows_kernel(M: int, KP: int, G: int):
     return qrows
 
 
-def _dot(path: str, acc, w, act4):
-    """acc + Σ_r w[j, r]·a[r] per int32 lane j: unsigned weight bytes (0..15) times 4 int8 activations."""
-    from tvm.script import tirx as T
-
-    L = lanes_of(path)
-    a = T.reinterpret(T.broadcast(T.reinterpret(act4, dtype="int32"), L), dtype=f"int8x{4 * L}")
-    if path == "vnni":
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, w, a, dtype=f"int32x{L}")
-    if path == "sdot":
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(SDOT), acc, w, a, dtype=f"int32x{L}")
-    ubsw, wd = _PAIR_INTRINSICS[path]
-    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), w, a, dtype=f"int16x{2 * L}")
-    return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(wd), pairs, T.broadcast(T.int16(1), 2 * L),
-                                         dtype=f"int32x{L}")
-
-
 def _pair_sum(path: str, W, A, nbo, kb, nt, row, KS: int):
     """Pair paths: Σ over KS packed byte vectors (2·KS weight vectors) of vpmaddubsw(nibbles, activations),
     summed in int16 (each is at most 2·15·127 = 3,810 per lane, 4 of them 15,240 < 32,767), then one vpmaddwd
@@ -160,8 +145,7 @@ def _pair_sum(path: str, W, A, nbo, kb, nt, row, KS: int):
     for s in range(KS):
         wv = W.vload([nbo, kb * KS + s, nt, 0, 0], f"int8x{4 * L}")
         for high in (False, True):
-            act = A.vload([row, (kb * KS + s) * 8 + 4 * high], "int8x4")
-            a = T.reinterpret(T.broadcast(T.reinterpret(act, dtype="int32"), L), dtype=f"int8x{4 * L}")
+            a = broadcast4(A.vload([row, (kb * KS + s) * 8 + 4 * high], "int8x4"), L)
             p = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), _nibbles(path, wv, high), a,
                                         dtype=f"int16x{2 * L}")
             total = p if total is None else total + p
@@ -229,14 +213,16 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
                                                                             4), 15) * T.Cast(
                                                 "int32", A[T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + 4 + r])
                                 else:
-                                    acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot(
+                                    acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
                                         path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
+                                        A.vload([T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8], "int8x4"),
                                         _nibbles(path, W.vload([nbo, g * GB + kb, nt, 0, 0], f"int8x{4 * L}"), False),
-                                        A.vload([T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8], "int8x4"))
-                                    acc[T.ramp(((U - 1) * MT * NT + mi * NT + nt) * L, 1, L)] = _dot(
+                                        unsigned_weights=True)
+                                    acc[T.ramp(((U - 1) * MT * NT + mi * NT + nt) * L, 1, L)] = _dot4(
                                         path, acc[T.ramp(((U - 1) * MT * NT + mi * NT + nt) * L, 1, L)],
+                                        A.vload([T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + 4], "int8x4"),
                                         _nibbles(path, W.vload([nbo, g * GB + kb, nt, 0, 0], f"int8x{4 * L}"), True),
-                                        A.vload([T.min(mo * MT + mi, M - 1), (g * GB + kb) * 8 + 4], "int8x4"))
+                                        unsigned_weights=True)
                     for mi in T.unroll(MT):
                         for nt in T.unroll(NT):
                             for j in T.vectorized(L):
@@ -254,14 +240,6 @@ def w4a8_kernel(M: int, KP: int, G: int, NB: int, MT: int, NT: int, U: int, path
     return w4a8
 
 
-def _group_table(v: np.ndarray, lanes: int, nbp: int) -> np.ndarray:
-    """[N, NG] -> float32 [NBP, NG, L] (padded columns 0)."""
-    n, ng = v.shape
-    t = np.zeros((nbp * lanes, ng), np.float32)
-    t[:n] = v
-    return np.ascontiguousarray(t.reshape(nbp, lanes, ng).transpose(0, 2, 1))
-
-
 def _relax_w4a8(bb, x, u, scales, zeros, bias, g: int, k: int):
     """The reference arithmetic in Relax ops (any target, dynamic rows): per-group int32 matmuls."""
     from tvm import relax
@@ -271,9 +249,7 @@ def _relax_w4a8(bb, x, u, scales, zeros, bias, g: int, k: int):
     ng = scales.shape[1]
     kp = ng * g
     shape = _shape(x)
-    rows = 1
-    for d in shape[:-1]:
-        rows = rows * d
+    rows = _prod(shape[:-1])
     f32 = lambda v: relax.const(v, "float32")                 # noqa: E731
     x2 = bb.emit(R.reshape(x, [rows, k]))
     if kp != k:
@@ -312,7 +288,7 @@ def convert_w4a8(st, node, importer):
     zeros = st.need(node, 3, "zero points").astype(np.int32)
     n = wq.shape[0]
     bias = st.bias(node, 4, n)
-    u = np.stack([wq & 15, wq >> 4], axis=2).reshape(n, -1)[:, :k]
+    u = unpack_nibbles(wq, k)
     shape = _shape(x)
     if u.shape[1] != k or shape[-1] != k:
         raise LoweringError(f"w4a8_linear (node '{node.name}'): input has {shape[-1]} features, the weight "
@@ -331,7 +307,7 @@ def convert_w4a8(st, node, importer):
             st.notes.append(note)
         return _relax_w4a8(bb, x, u, scales, zeros, bias, g, k)
     R = relax.op
-    m = _prod(shape[:-1]) if len(shape) > 1 else 1
+    m = _prod(shape[:-1])
     L = lanes_of(st.path)
     kp = ng * g
     nb = -(-n // L)
@@ -355,8 +331,8 @@ def convert_w4a8(st, node, importer):
     gv = bb.add_func(w4a8_kernel(mk, kp, g, nbp, mt, nt, nsets, st.path).without_attr("global_symbol"),
                      "graphopt_w4a8")
     args = [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
-    args += [_const(pack_w4(u, L, nt, kp, st.path == "cpu")), _const(_group_table(scales, L, nbp)),
-             _const(_group_table(zeros.astype(np.float32), L, nbp)),
+    args += [_const(pack_w4(u, L, nt, kp, st.path == "cpu")), _const(_group_table(scales, L, nbp, np.float32)),
+             _const(_group_table(zeros, L, nbp, np.float32)),
              _const(np.pad(bias, (0, nbp * L - n)))]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, nbp * L], "float32")))
     if nbp * L != n:

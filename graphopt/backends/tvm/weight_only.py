@@ -43,7 +43,7 @@ import numpy as np
 from ...errors import LoweringError
 from .tir_script import prim_func
 
-__all__ = ["lanes_for", "pack_weights", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
+__all__ = ["lanes_for", "pack_weights", "unpack_nibbles", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
            "DIRECT_MAX_ROWS"]
 
 DIRECT_MAX_ROWS = 4
@@ -89,6 +89,12 @@ def pack_weights(q: np.ndarray, bits: int, lanes: int, nbp: int) -> np.ndarray:
         return np.ascontiguousarray(blocks.astype(np.int8))
     lo, hi = blocks[:, 0::2, :], blocks[:, 1::2, :]
     return np.ascontiguousarray((lo | (hi << 4)).astype(np.uint8))
+
+
+def unpack_nibbles(packed: np.ndarray, k: int) -> np.ndarray:
+    """uint8 [N, k] of two-per-byte values (graphopt.quant.weight_only.pack_int4's layout: low nibble first)."""
+    u = packed.astype(np.uint8)
+    return np.stack([u & 15, u >> 4], axis=2).reshape(u.shape[0], -1)[:, :k]
 
 
 def _group_table(v: np.ndarray, lanes: int, nbp: int, dtype) -> np.ndarray:
@@ -506,8 +512,7 @@ def convert_packed(st, node, importer):
     n = wq.shape[0]
     bias = st.bias(node, 4, n)
     if bits == 4:
-        u = wq.astype(np.uint8)
-        q = np.stack([u & 15, u >> 4], axis=2).reshape(n, -1)[:, :k].astype(np.int16)
+        q = unpack_nibbles(wq, k).astype(np.int16)
     else:
         q = wq.astype(np.int16)
     if q.shape[1] != k:
@@ -566,7 +571,7 @@ def convert_clustered(st, node, importer):
     codebook = st.need(node, 2, "the codebook").astype(np.float32)
     n = idx.shape[0]
     bias = st.bias(node, 3, n)
-    q = (np.stack([idx & 15, idx >> 4], axis=2).reshape(n, -1)[:, :k] if bits == 4 else idx).astype(np.int16)
+    q = (unpack_nibbles(idx, k) if bits == 4 else idx).astype(np.int16)
     if st.path == "relax":
         st.count(f"clustered_linear:{bits}-bit:relax")
         w = np.ascontiguousarray(codebook[q].T)
