@@ -1153,10 +1153,11 @@ def test_dynamic_transpose_is_vectorized_with_a_partitioned_tail(heads, width):
 
 def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     """PackedGemm on an attention-score matmul over a dynamic batch x heads and a dynamic sequence
-    (q [b, n, 64] @ kᵀ [b, 64, n]): the operands' padded copies run in parallel (two dynamic dims make even a
-    64-element static part large enough), the write-back's dynamic column loop is marked for LoopPartition
-    (whole vectors without a per-lane guard), and the result equals numpy's at lengths that fill whole tiles
-    and not."""
+    (q [b, n, 64] @ kᵀ [b, 64, n]): q's padded rows are read in place, clamped to the last real row (no copy:
+    `_clamp_pad_block`); kᵀ's padded columns (its innermost axis, where a clamp would make the vector loads
+    gathers) stay a padded copy that runs in parallel (two dynamic dims make even a 64-element static part
+    large enough); the write-back's dynamic column loop is marked for LoopPartition (whole vectors without a
+    per-lane guard), and the result equals numpy's at lengths that fill whole tiles and not."""
     import tvm
     from tvm import te
 
@@ -1171,7 +1172,8 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     sch = schedules.PackedGemm()._apply(func, target)
     assert sch is not None
     text = sch.mod.script()
-    assert text.count("T.parallel(") == 3, text          # both padded copies and the GEMM
+    assert text.count("T.parallel(") == 2, text          # kᵀ's padded copy and the GEMM
+    assert "q_pad" not in text and "k_pad" in text and "T.min(" in text, text
     assert text.count("pragma_loop_partition_hint") >= 2  # the column copy's tail and the write-back's
     lib = tvm.compile(sch.mod, target=target)
     for bs, length in ((4, 1), (4, 7), (1, 32), (3, 45)):
@@ -1181,6 +1183,42 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
         out = tvm.runtime.tensor(np.zeros((bs, length, length), "float32"))
         lib["main"](tvm.runtime.tensor(qa), tvm.runtime.tensor(ka), out)
         np.testing.assert_allclose(out.numpy(), qa @ ka, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
+def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
+    """A Linear over a dynamic row count (x [n, 96] @ w [96, 80] + bias, w constant-shaped): the register tile
+    pads the rows to whole tiles, the padded rows read the last real row (clamped, no padded copy of x) and
+    are never written back, so every row count, whole tiles or not, equals numpy; one parallel loop."""
+    import tvm
+    from tvm import te
+
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, 96), name="x")
+    w = te.placeholder((96, 80), name="w")
+    bias = te.placeholder((80,), name="bias")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 96)), name="r")
+    mm = te.compute((n, 80), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    out = te.compute((n, 80), lambda i, j: mm[i, j] + bias[j], name="out")
+    func = te.create_prim_func([x, w, bias, out])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    assert sch is not None
+    text = sch.mod.script()
+    assert "x_pad" not in text and "T.min(" in text and text.count("T.parallel(") == 1, text
+    from tests.helpers import is_avx512_target
+
+    if mcpu != "haswell" and not is_avx512_target("x86"):
+        return                          # AVX-512 code on an AVX2 host: the schedule's text is checked above
+    lib = tvm.compile(sch.mod, target=target)
+    for rows in (1, 2, 3, 5, 7, 8, 13):
+        rng = np.random.default_rng(rows)
+        xa = rng.standard_normal((rows, 96)).astype("float32")
+        wa = rng.standard_normal((96, 80)).astype("float32")
+        ba = rng.standard_normal(80).astype("float32")
+        o = tvm.runtime.tensor(np.full((rows, 80), np.nan, "float32"))
+        lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), tvm.runtime.tensor(ba), o)
+        np.testing.assert_allclose(o.numpy(), xa @ wa + ba, rtol=1e-5, atol=1e-4)
 
 
 def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():

@@ -333,6 +333,50 @@ def _is_pad_block(sch, block) -> bool:
     return name.startswith("pad") or name.endswith("pad") or "pad_temp" in name
 
 
+def _clamp_pad_block(sch, block) -> bool:
+    """Rewrite a padding block of pad_einsum, `P[i..] = if_then_else(i < n and .., A[i..], 0)`, into a clamped
+    copy `P[i..] = A[min(i, n - 1)..]`; True when rewritten. For padding along the OUTPUT's spatial axes only
+    (a GEMM's dynamic rows or columns): the padded rows / columns of the result are computed from repeated
+    real data instead of zeros and never written back (the copy out is guarded), so values are unchanged,
+    while the clamped copy inlines into the micro-kernel as a plain load: no padded copy of the operand
+    (a dynamic-row 1024 x 1024 x 256 GEMM copied 4 MB per call) and no guard in the inner loop."""
+    from tvm import ir, s_tir, tirx
+
+    blk = sch.get(block)
+    store = blk.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, ir.Call):
+        return False
+    call = store.value
+    if getattr(call.op, "name", "") not in ("prim.if_then_else", "tirx.if_then_else") or len(call.args) != 3:
+        return False
+    cond, load = call.args[0], call.args[1]
+    if not isinstance(load, ir.expr.TensorLoad):         # what tirx.BufferLoad builds in TVM 0.27
+        return False
+    terms, stack = [], [cond]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, tirx.And):
+            stack += [c.a, c.b]
+        elif isinstance(c, tirx.LT) and isinstance(c.a, tirx.Var):
+            terms.append(c)
+        else:
+            return False
+    idx = list(load.indices)
+    iters = {iv.var for iv in blk.iter_vars}
+    for t in terms:
+        hits = [d for d, e in enumerate(idx) if isinstance(e, tirx.Var) and e.same_as(t.a)]
+        if len(hits) != 1 or t.a not in iters or hits[0] == len(idx) - 1:
+            return False            # (a clamped innermost index would turn the vector loads into gathers)
+        idx[hits[0]] = tirx.Min(t.a, t.b - 1)
+    new_load = tirx.BufferLoad(load.source, idx)
+    reads = [tirx.BufferRegion(load.source, [ir.Range.from_min_extent(e, 1) for e in idx])]
+    new_blk = s_tir.SBlock(blk.iter_vars, reads, blk.writes, blk.name_hint,
+                           tirx.BufferStore(store.buffer, new_load, store.indices), blk.init,
+                           blk.alloc_buffers, blk.match_buffers, blk.annotations)
+    sch.state.replace(sch.get_sref(block), new_blk, {blk: new_blk})
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ rules
 class _CpuRule:
     """dlight's ScheduleRule protocol for graphopt's CPU rules: `apply(func, target, tunable)` returns the
@@ -706,6 +750,14 @@ class PackedGemm(_CpuRule):
         except Exception:                       # noqa: BLE001 - not an einsum: keep the guarded tail
             return None
         new_pads = [b for b in sch.get_producers(main) if sch.get(b).name_hint not in producers_before]
+        if self.clamp_dynamic:
+            kept = []
+            for b in new_pads:
+                if _clamp_pad_block(sch, b):
+                    sch.compute_inline(b)
+                else:
+                    kept.append(b)
+            new_pads = kept
         consumers = sch.get_consumers(main)
         return new_pads, consumers[0]
 
@@ -719,6 +771,7 @@ class PackedGemm(_CpuRule):
     acc_scope = "global"
     tile_bytes = 1023
     pad_dynamic = True          # dynamic rows / columns padded to whole tiles (_pad_dynamic)
+    clamp_dynamic = True        # ... and their operands read clamped in place, not copied (_clamp_pad_block)
     small_weight_bytes = 256 << 10
     row_tails_default = True
     min_parallel = 8
