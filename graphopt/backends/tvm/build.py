@@ -91,7 +91,13 @@ def _finalize(mod, spec: TargetSpec):
 
     target = _target(spec)
     backend = relax_backend(target)
-    passes = tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+    first = []
+    if spec.kind == "llvm":             # dynamic dims: kernels read views' sources in place (view_args.py)
+        from .view_args import fold_view_args
+
+        first = [fold_view_args()]
+    passes = tvm.transform.Sequential(first + backend.dataflow_lower_passes(target)
+                                      + backend.finalize_passes(target))
     if spec.kind != "llvm" or os.environ.get("GRAPHOPT_KERNEL_ASSERTS", "") not in ("", "0"):
         return relax.build(mod, target, relax_pipeline=passes)
     with _pass_config({"tirx.disable_assert": True}):
