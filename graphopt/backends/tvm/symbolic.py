@@ -199,12 +199,19 @@ def reshape_views():
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptDynamicReshapeViews")
     def _pass(mod, ctx):
-        mutator = _Views(mod)
-        changed = False
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and func.attrs is not None and "tir_var_upper_bound" in func.attrs:
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-                changed = True
-        return mutator.builder_.get() if changed else mod
+        return mutate_dynamic_functions(mod, _Views(mod)) or mod
 
     return _pass
+
+
+def mutate_dynamic_functions(mod, mutator):
+    """The module with `mutator` (a relax PyExprMutator over `mod`) applied to every Relax function with
+    dynamic dims (a `tir_var_upper_bound` attribute); None when there is none."""
+    from tvm import relax
+
+    changed = False
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function) and func.attrs is not None and "tir_var_upper_bound" in func.attrs:
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+            changed = True
+    return mutator.builder_.get() if changed else None

@@ -258,14 +258,9 @@ def fold_view_args():
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptFoldViewArgs")
     def _pass(mod, ctx):
-        mutator = _Fold(mod)
-        changed = False
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and func.attrs is not None and "tir_var_upper_bound" in func.attrs:
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-                changed = True
-        if not changed:
-            return mod
-        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+        from .symbolic import mutate_dynamic_functions
+
+        folded = mutate_dynamic_functions(mod, _Fold(mod))
+        return mod if folded is None else relax.transform.DeadCodeElimination()(folded)
 
     return _pass
