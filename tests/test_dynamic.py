@@ -4,6 +4,8 @@ Compiled fixtures are module-scoped and tiny (one-layer encoder, hidden 32) to k
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,9 @@ from torch import nn
 import graphopt
 from graphopt.backends.targets import resolve_target
 from graphopt.dynamic import DynamicSpec, parse_dynamic
-from graphopt.errors import DynamicShapeError, InputError
+from graphopt.errors import DynamicShapeError, InputError, PassError
 from graphopt.models import BertStyleEncoder
+from graphopt.pipeline import Pass, PassResult, register_pass
 
 VOCAB, MAX_SEQ, MAX_BATCH = 300, 48, 6
 DIMS = {"batch": (1, MAX_BATCH), "seq": (4, MAX_SEQ)}
@@ -290,3 +293,68 @@ def test_int8_attention_with_a_quantized_input_stays_dynamic_and_exact():
         x = torch.randn(b, s, 16)
         with torch.no_grad():
             torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the pass manager's check at other sizes
+@register_pass("test_output_offset")
+@dataclass
+class _OutputOffset(Pass):
+    """Test-only approximation: adds `delta` to the Linear's bias (the same absolute error at every size)."""
+
+    delta: float = 1e-3
+    exact = False
+
+    def run(self, gm, ctx):
+        for m in gm.modules():
+            if isinstance(m, nn.Linear):
+                m.bias = nn.Parameter(m.bias.detach() + self.delta)
+        return PassResult(gm)
+
+
+@register_pass("test_wrong_at_other_sizes")
+@dataclass
+class _WrongAtOtherSizes(Pass):
+    """Test-only bug: the graph is exact at batch 4 (the example's) and off by (batch - 4) elsewhere."""
+
+    exact = False
+
+    def run(self, gm, ctx):
+        class Broken(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x) + (x.shape[0] - 4)
+
+        return PassResult(torch.fx.symbolic_trace(Broken(gm)))
+
+
+class _Shrinks(nn.Module):
+    """Outputs whose magnitude falls with the batch size (1 / batch^3), bias zero."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.lin.bias.zero_()
+
+    def forward(self, x):
+        return self.lin(x / x.shape[0] ** 3)
+
+
+def test_variant_check_takes_errors_relative_to_the_larger_output_scale():
+    """An approximation with the same absolute error at every size passes the check at other dynamic sizes even
+    where a size's outputs are 5x smaller than the example's (its error relative to its own outputs is then 5x
+    the example's: the old criterion rejected it); a graph that is right only at the example's size is still a
+    PassError naming the size."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    model = _Shrinks().eval()
+    scale = float(model(x).abs().max())
+    opt = graphopt.optimize(model, "torch", f"test_output_offset(delta={0.02 * scale})", example_inputs=(x,),
+                            dynamic={"batch": (1, 8)})
+    notes = [n for r in opt.report.records for n in r.notes if n.startswith("checked at other dynamic sizes")]
+    assert notes and "(7, 8)" in notes[0], notes        # batch 7: outputs (4/7)^3 of the example's
+    with pytest.raises(PassError, match=r"test_wrong_at_other_sizes.*input shape\(s\) \(1, 8\)"):
+        graphopt.optimize(model, "torch", "test_wrong_at_other_sizes", example_inputs=(x,), dynamic={"batch": (1, 8)})

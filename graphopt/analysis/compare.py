@@ -16,6 +16,11 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
+def max_magnitude(out: Any) -> float:
+    """max |x| over every element of every tensor of an output (0.0 for none)."""
+    return max((t.detach().double().abs().max().item() for t in flatten_outputs(out) if t.numel()), default=0.0)
+
+
 @dataclass
 class Diff:
     max_abs: float = 0.0
