@@ -6,7 +6,9 @@ pass of a 4-layer encoder, as many as its kernels, and most of what a dynamic bu
 small shapes. A view only renames the dims of contiguous bytes, so a kernel can take the view's source
 instead: its parameter becomes a buffer of the source's shape and the kernel's body reads the old buffer as a
 TIR view of it (`DeclBuffer` over the same data, the kernel's own code unchanged). A dim variable that only
-the old buffer defined becomes a scalar argument of the call. Chains of views are followed to their source.
+the old buffer defined becomes a scalar argument of the call, or, where the Relax side has no variable for it
+(a hand-written kernel's own `bt` for `batch * heads`), is bound to the view's dim in the kernel's variables.
+Chains of views are followed to their source.
 
 Contract: values unchanged (the same bytes are read through the same indices); kernels whose rewrite cannot be
 proven well-formed, views with a dtype or byte offset, and views feeding anything but a `call_tir` are left
@@ -134,18 +136,32 @@ class _KernelRewrite:
                 defined.add(p)
         defined.update(v for v, _ in self.extra)
         tir_to_relax = {t: r for r, t in self.relax_to_tir.items()}
+        binds = []
         for i in replacements:
-            for dim in params[i].ty.shape:
+            old_shape = list(params[i].ty.shape)
+            view_shape = _tensor_shape(self.call_args[i])
+            for d, dim in enumerate(old_shape):
                 for v in _vars_of(dim):
                     if v in defined:
                         continue
-                    if v not in tir_to_relax:
+                    if v in tir_to_relax:
+                        self.extra.append((v, tir_to_relax[v]))
+                        defined.add(v)
+                        continue
+                    # a dim of its own that only the old buffer defined (a hand-written kernel's `bt` for the
+                    # view's `batch * heads`): bound to the view's dim, written in the kernel's variables
+                    if not dim.same_as(v) or view_shape is None or len(view_shape) != len(old_shape):
                         return None
-                    self.extra.append((v, tir_to_relax[v]))
+                    value = _subst(view_shape[d], self.relax_to_tir)
+                    if value is None or any(u not in defined for u in _vars_of(value)):
+                        return None
+                    if isinstance(value, int) or str(value.ty.dtype) != str(v.ty.dtype):
+                        value = tirx.Cast(v.ty.dtype, value)
+                    binds.append(tirx.Bind(v, value))
                     defined.add(v)
         n_in = len(self.call_args)
         new_params = new_params[:n_in] + [v for v, _ in self.extra] + new_params[n_in:]
-        body = _with_decls(self.func.body, decls)
+        body = _with_decls(self.func.body, binds + decls)
         func = tirx.PrimFunc(new_params, body, self.func.ret_type, self.func.attrs)
         try:
             if not _well_formed(func):
