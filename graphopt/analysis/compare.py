@@ -16,16 +16,12 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
-def max_magnitude(out: Any) -> float:
-    """max |x| over every element of every tensor of an output (0.0 for none)."""
-    return max((t.detach().double().abs().max().item() for t in flatten_outputs(out) if t.numel()), default=0.0)
-
-
 @dataclass
 class Diff:
     max_abs: float = 0.0
     max_rel: float = 0.0               # max |Δ| / max |reference| over all outputs
     structure_error: str = ""          # non-empty when counts/shapes differ
+    max_ref: float = 0.0               # max |reference| over all outputs
 
     def __str__(self) -> str:
         return self.structure_error or f"max|Δ|={self.max_abs:.3g} (rel {self.max_rel:.3g})"
@@ -45,4 +41,4 @@ def compare_outputs(got: Any, reference: Any) -> Diff:
         xf, yf = x.detach().double(), y.detach().double()
         max_abs = max(max_abs, (xf - yf).abs().max().item())
         max_ref = max(max_ref, yf.abs().max().item())
-    return Diff(max_abs, max_abs / max(max_ref, 1e-12))
+    return Diff(max_abs, max_abs / max(max_ref, 1e-12), max_ref=max_ref)
