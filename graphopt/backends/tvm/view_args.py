@@ -225,7 +225,7 @@ def fold_view_args():
     class _Fold(PyExprMutator):
         def __init__(self, mod):
             super().__init__(mod)
-            self.mod_ = mod
+            self.kernels = {gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
             self.views: dict = {}       # view var -> its root source expression
             self.nulls: set = set()
 
@@ -248,8 +248,8 @@ def fold_view_args():
             gv, args = call.args[0], call.args[1]
             if len(call.args) != 2 or not isinstance(args, relax.Tuple):
                 return call
-            func = self.mod_[gv] if gv in self.mod_.get_global_vars() else None
-            if func is None or not isinstance(func, tvm.tirx.PrimFunc):
+            func = self.kernels.get(gv)
+            if func is None:
                 return call
             fields = list(args.fields)
             repl = {}
