@@ -347,7 +347,7 @@ def _clamp_pad_block(sch, block) -> bool:
     if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, ir.Call):
         return False
     call = store.value
-    if getattr(call.op, "name", "") not in ("prim.if_then_else", "tirx.if_then_else") or len(call.args) != 3:
+    if getattr(call.op, "name", "") != "prim.if_then_else" or len(call.args) != 3:
         return False
     cond, load = call.args[0], call.args[1]
     if not isinstance(load, ir.expr.TensorLoad):         # what tirx.BufferLoad builds in TVM 0.27
