@@ -359,10 +359,70 @@ def test_variant_check_takes_errors_relative_to_the_larger_output_scale():
     PassError naming the size."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     model = _Shrinks().eval()
-    scale = float(model(x).abs().max())
+    scale = float(model(x).detach().abs().max())
     opt = graphopt.optimize(model, "torch", f"test_output_offset(delta={0.02 * scale})", example_inputs=(x,),
                             dynamic={"batch": (1, 8)})
     notes = [n for r in opt.report.records for n in r.notes if n.startswith("checked at other dynamic sizes")]
     assert notes and "(7, 8)" in notes[0], notes        # batch 7: outputs (4/7)^3 of the example's
     with pytest.raises(PassError, match=r"test_wrong_at_other_sizes.*input shape\(s\) \(1, 8\)"):
         graphopt.optimize(model, "torch", "test_wrong_at_other_sizes", example_inputs=(x,), dynamic={"batch": (1, 8)})
+
+
+@register_pass("test_feature_leak")
+@dataclass
+class _FeatureLeak(Pass):
+    """Test-only approximation whose error depends on the data, not the size: adds `delta` times the mean over
+    the sequence of each input's first feature."""
+
+    delta: float = 1e-3
+    exact = False
+
+    def run(self, gm, ctx):
+        delta = self.delta
+
+        class Leaky(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x) + delta * x[:, :, 0].mean(1, keepdim=True)
+
+        return PassResult(torch.fx.symbolic_trace(Leaky(gm)))
+
+
+class _Pooled(nn.Module):
+    """A Linear over every token, mean-pooled over the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).mean(1)
+
+
+def test_variant_check_measures_an_approximation_on_the_calibration_data_too():
+    """The example may be a lucky input for an approximation (here its error cancels over the example's 16
+    tokens, not over the first 8, which the check at seq 8 runs): with calibration data, whose error at the
+    example's sizes shows what the pass really costs, the same graph passes; without, it is a PassError; and
+    a graph wrong only at other sizes stays a PassError with calibration data (resized to the example's
+    sizes, it is exact there)."""
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    x[:, :, 0] = torch.tensor([1.0] * 8 + [-1.0] * 8)          # the leak cancels over 16 tokens, not over 8
+    model = _Pooled().eval()
+    delta = 0.3 * float(model(x).detach().abs().max())
+    calib = [torch.randn(2, s, 8, generator=torch.Generator().manual_seed(s)) for s in (8, 12, 32)]
+    for c in calib:
+        c[:, :, 0] = 1.0                                         # the leak's full size: delta
+    dynamic = {"x": {1: "seq"}, "seq": (8, 32)}
+    with pytest.raises(PassError, match=r"test_feature_leak.*not at input shape\(s\) \(2, 8, 8\)"):
+        graphopt.optimize(model, "torch", f"test_feature_leak(delta={delta})", example_inputs=(x,), dynamic=dynamic)
+    opt = graphopt.optimize(model, "torch", f"test_feature_leak(delta={delta})", example_inputs=(x,),
+                            dynamic=dynamic, calibration=calib)
+    notes = [n for r in opt.report.records for n in r.notes if n.startswith("checked at other dynamic sizes")]
+    assert notes and "(2, 8, 8)" in notes[0], notes
+    with pytest.raises(PassError, match=r"test_wrong_at_other_sizes.*not at input shape\(s\) \(1, 16, 8\)"):
+        graphopt.optimize(model, "torch", "test_wrong_at_other_sizes", example_inputs=(x.repeat(2, 1, 1),),
+                          dynamic={"x": {0: "batch"}, "batch": (1, 8)}, calibration=[c[:1] for c in calib])
