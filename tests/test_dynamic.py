@@ -77,6 +77,23 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
     assert cos > 0.98, cos
 
 
+
+@pytest.mark.parametrize("pipeline", ["cleanup", "cleanup,quantize(progress=false)"])
+def test_avx2_build_matches_at_every_shape(encoder, pipeline):
+    """The AVX2 code path (x86:haswell, built on any x86 host): its row-wise kernels of a dynamic length
+    (the attention softmax, RowGroups there) and the int8 kernels match the fx graph at every shape."""
+    calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9), (1, 33))]
+    opt = graphopt.optimize(encoder, "x86:haswell", pipeline, example_inputs=(_ids(2, 16),), dynamic=DIMS,
+                            calibration=calib if "quantize" in pipeline else None)
+    kernels = opt.report.backend["kernels"]
+    assert "2 RowGroups" in kernels and "DynamicRows" not in kernels, kernels   # layer norm and softmax
+    for b, s in SHAPES + [(2, 9)]:
+        x = _ids(b, s, seed=4)
+        with torch.no_grad():
+            ref = opt.graph_module(x)
+        torch.testing.assert_close(opt(x), ref, rtol=1e-3 if "quantize" in pipeline else 1e-4,
+                                   atol=1e-3 if "quantize" in pipeline else 1e-5)
+
 @pytest.mark.parametrize("options, op", [("mode=dynamic,progress=false", "dynamic_qlinear"),
                                          ("mode=dynamic,bits=4,group_size=16", "w4a8_linear")])
 def test_dynamic_mode_runs_its_kernels_on_the_dynamic_row_count(encoder, options, op):
