@@ -80,8 +80,8 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
 
 @pytest.mark.parametrize("pipeline", ["cleanup", "cleanup,quantize(progress=false)"])
 def test_avx2_build_matches_at_every_shape(encoder, pipeline):
-    """The AVX2 code path (x86:haswell, built on any x86 host): its row-wise kernels of a dynamic length
-    (the attention softmax, RowGroups there) and the int8 kernels match the fx graph at every shape."""
+    """The AVX2 code path (x86:haswell, built on any x86 host): its row-wise kernels (the attention softmax
+    over a dynamic length too: RowGroups) and the int8 kernels match the fx graph at every shape."""
     calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9), (1, 33))]
     opt = graphopt.optimize(encoder, "x86:haswell", pipeline, example_inputs=(_ids(2, 16),), dynamic=DIMS,
                             calibration=calib if "quantize" in pipeline else None)

@@ -18,7 +18,7 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
                                 [N/tile, ..., tile] (a layout-rewrite block that `finalize_passes` splits out
                                 of the kernel and FoldConstant evaluates at build time: no run-time cost).
   WindowMax (pool_schedule.py)  max pooling, channels last: one output pixel's channels per register tile.
-  DynamicRows                   row reductions (softmax, layer norm) over a dynamic extent: one pass per block
+  DynamicRows                   row reductions over a dynamic extent RowGroups declines: one pass per block
                                 over the whole tensor, vector tails partitioned off.
   RowGroups                     row reductions over a static row length (layer norm, softmax, means), static
                                 or dynamic row count: groups of rows at a time, one accumulation chain per row
@@ -950,22 +950,25 @@ class RowGroups(_CpuRule):
     independent accumulation chains, each in the reference order (bit for bit), so the adder's latency is
     hidden instead of one row's chain waiting on it (dlight's Reduction rule: one row at a time, a chain of
     dependent scalar adds). Elementwise blocks are vectorized along the row. Only for kernels whose every
-    reduction runs over the innermost iteration axis, of a static length, and whose last row axis divides by
-    8, 4 or 2 or is dynamic (groups of 8, the last one guarded); anything else goes to DynamicRows (a dynamic
-    row length) or dlight's rule. Small encoder (64 x 256), AVX2 code, 1 thread: layer norm 34 -> 6 us,
+    reduction runs over the innermost iteration axis and whose last row axis divides by 8, 4 or 2 or is
+    dynamic (groups of 8, the last one guarded); anything else goes to DynamicRows (a dynamic row length the
+    group cannot take, e.g. a concat along it) or dlight's rule. Small encoder (64 x 256), AVX2 code, 1 thread: layer norm 34 -> 6 us,
     attention softmax (with its quantize) 30 -> 13.5 us.
 
-    A dynamic row length too (`dynamic_length`; by default where a vector holds at most 8 floats: AVX2, SSE,
-    NEON): the attention softmax of a dynamic sequence, whose rows are as long as the sequence. The group's
-    temporaries are then (rows x length) and the row's vectors are split off from its guarded tail (TIR's
-    LoopPartition); DynamicRows' whole-tensor passes go through memory once per block instead. Small encoder,
-    dynamic build, x86:haswell on a Zen 4, 2 threads, the softmax kernels of one forward pass: 3.06 -> 2.33 ms
-    at 1 x 512, 1.36 -> 1.20 ms at 8 x 128. With 16-float vectors (AVX-512) DynamicRows stayed faster at
-    large sizes (32 x 128: 1.3 against 2.2 ms for a standalone (b, 4, n, n) softmax), so it keeps those."""
+    A dynamic row length too: the attention softmax of a dynamic sequence, whose rows are as long as the
+    sequence. The group's temporaries are then (rows x length) and the row's vectors are split off from its
+    guarded tail (TIR's LoopPartition); DynamicRows' whole-tensor passes went through memory once per block.
+    Small encoder, dynamic build (batch 1-32 x seq 8-512) on a Zen 4, 2 threads, the softmax kernels of one
+    forward pass (kernel_profile): x86:haswell 3.06 -> 2.33 ms at 1 x 512, 1.36 -> 1.20 ms at 8 x 128; host
+    (AVX-512) 3.06 -> 1.99 ms at 1 x 512 (the static build's 2.0), 31.2 -> 21.3 at 8 x 512, 6.57 -> 5.56 at
+    32 x 128, 1.61 -> 1.14 at 8 x 128, 0.025 -> 0.016 at 1 x 16. (A bare TE softmax, without the NaN-
+    propagating max of the real kernels, had suggested the opposite at 32 x 128 with 16-float vectors.)
+    `dynamic_length = False` leaves such kernels to DynamicRows.
+    """
 
     ROWS = (8, 4, 2)
     GROUP_ELEMENTS = 1 << 16        # a group's rows (and their temporaries) stay in L2
-    dynamic_length = None           # rows of a dynamic length too; None: where vectors hold at most 8 floats
+    dynamic_length = True           # rows of a dynamic length too
 
     def _apply(self, func, target):
         found = _row_reduction_kernel(func)
@@ -973,10 +976,10 @@ class RowGroups(_CpuRule):
             return None
         sch, blocks, reductions, out = found
         vec = cpu_vector(target)
-        dynamic_length = self.dynamic_length if self.dynamic_length is not None else vec.lanes("float32") <= 8
+        dynamic_length = self.dynamic_length
         if any(not _loops_are_iters(sch, b) or (_extent(sch, sch.get_loops(b)[-1]) is None
                                                  and not dynamic_length) for b in reductions):
-            return None                                   # a dynamic row length: DynamicRows
+            return None                                   # DynamicRows
         _inline_single_use_elementwise(sch, blocks, out)
         loops = sch.get_loops(out)
         extents = [_extent(sch, lp) for lp in loops]
