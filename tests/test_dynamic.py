@@ -145,6 +145,30 @@ def test_kernels_read_reshaped_tensors_in_place(encoder, build, request):
             torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)
 
 
+
+def test_each_run_time_shape_is_built_once(encoder, fp32, monkeypatch):
+    """shape_cse.dedupe_shape_calls: the VM builds each distinct run-time shape (and symbolic scalar) once per
+    call, not once per tensor / kernel argument; outputs are bit for bit those of a build without the pass."""
+    import tvm
+
+    from graphopt.backends.tvm import shape_cse
+    from graphopt.backends.tvm.kernel_profile import profile_kernels
+
+    monkeypatch.setattr(shape_cse, "dedupe_shape_calls",
+                        lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="Identity"))
+    plain = graphopt.optimize(encoder, "x86", "cleanup", example_inputs=(_ids(2, 16),), dynamic=DIMS)
+    x = _ids(3, 11, seed=6)
+
+    def calls(opt):
+        return {r["name"]: r["calls"] for r in profile_kernels(opt, x, repeat=1) if r["name"].startswith("vm.")}
+
+    before, after = calls(plain), calls(fp32)
+    for name in ("vm.builtin.make_shape", "vm.builtin.make_prim_value"):
+        assert after.get(name, 0) <= 0.6 * before[name], (name, before, after)     # one layer: 32 -> 17 shapes
+    assert after.get("vm.builtin.copy", 0) == before.get("vm.builtin.copy", 0)     # no aliases left to copy
+    assert after["vm.builtin.alloc_tensor"] == before["vm.builtin.alloc_tensor"]
+    assert torch.equal(fp32(x), plain(x))
+
 def test_calls_outside_bounds_are_input_errors(fp32):
     with pytest.raises(InputError, match=r"input 0 \('input_ids'\) dim 1 \('seq'\) is 49, outside its bounds 4\.\.48"):
         fp32(_ids(2, MAX_SEQ + 1))

@@ -96,8 +96,14 @@ def _finalize(mod, spec: TargetSpec):
         from .view_args import fold_view_args
 
         first = [fold_view_args()]
-    passes = tvm.transform.Sequential(first + backend.dataflow_lower_passes(target)
-                                      + backend.finalize_passes(target))
+    finalize = list(backend.finalize_passes(target))
+    if spec.kind == "llvm":             # dynamic dims: each run-time shape built once (shape_cse.py)
+        from .shape_cse import dedupe_shape_calls
+
+        at = next((i + 1 for i, p in enumerate(finalize) if p.info.name == "VMShapeLower"), None)
+        if at is not None:
+            finalize.insert(at, dedupe_shape_calls())
+    passes = tvm.transform.Sequential(first + backend.dataflow_lower_passes(target) + finalize)
     if spec.kind != "llvm" or os.environ.get("GRAPHOPT_KERNEL_ASSERTS", "") not in ("", "0"):
         return relax.build(mod, target, relax_pipeline=passes)
     with _pass_config({"tirx.disable_assert": True}):
