@@ -1151,6 +1151,32 @@ def test_dynamic_transpose_is_vectorized_with_a_partitioned_tail(heads, width):
         np.testing.assert_array_equal(out.numpy(), a.transpose(1, 2, 0))
 
 
+
+def test_dynamic_transpose_keeps_each_rows_vectors_serial_in_the_parallel_loop():
+    """Injective on the attention heads' transpose of a dynamic sequence ([n, h, 64] -> [h, n, 64]): the parallel
+    loop runs over whole 64-float rows and each row's vectors are a serial loop inside it (fused into the
+    parallel loop, every vector paid for the fused index's divisions by the symbolic extent); the compiled
+    kernel equals numpy at every size."""
+    import tvm
+
+    def build(n, te):
+        a = te.placeholder((n, 4, 64), name="a")
+        return a, te.compute((4, n, 64), lambda h, i, d: a[i, h, d], name="t")
+
+    _, func = _dynamic_func(build)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    sch = schedules.Injective()._apply(func, target)
+    assert sch is not None
+    lines = [ln.strip() for ln in sch.mod.script().splitlines() if ln.strip().startswith("for ")]
+    assert len(lines) == 3 and "T.parallel(" in lines[0] and "8" not in lines[0], lines
+    assert "range(8)" in lines[1] and "T.vectorized(8)" in lines[2], lines
+    lib = tvm.compile(sch.mod, target=target)
+    for n in (1, 5, 37):
+        a = np.random.default_rng(n).standard_normal((n, 4, 64)).astype("float32")
+        out = tvm.runtime.tensor(np.zeros((4, n, 64), "float32"))
+        lib["main"](tvm.runtime.tensor(a), out)
+        np.testing.assert_array_equal(out.numpy(), a.transpose(1, 0, 2))
+
 def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     """PackedGemm on an attention-score matmul over a dynamic batch x heads and a dynamic sequence
     (q [b, n, 64] @ kᵀ [b, 64, n]): q's padded rows are read in place, clamped to the last real row (no copy:
