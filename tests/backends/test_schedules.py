@@ -1177,6 +1177,33 @@ def test_dynamic_transpose_keeps_each_rows_vectors_serial_in_the_parallel_loop()
         lib["main"](tvm.runtime.tensor(a), out)
         np.testing.assert_array_equal(out.numpy(), a.transpose(1, 0, 2))
 
+
+def test_dynamic_row_mean_reads_its_padded_rows_in_place():
+    """PackedGemm on a row mean over a dynamic row count ([n, 256] -> [n, 1], the layer norm guard of a dynamic
+    sequence): the rows are padded to whole tiles and the padded ones read the last real row in place (no copy,
+    no guard in the reduction loop: only the write-back is guarded); the kernel equals the unscheduled one bit
+    for bit at row counts that do and do not fill a tile, inf and NaN included."""
+    import tvm
+    from tvm import topi
+
+    def build(n, te):
+        x = te.placeholder((n, 256), name="x")
+        return x, topi.divide(topi.sum(x, axis=1, keepdims=True), 256.0)
+
+    _, func = _dynamic_func(build)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    sch = schedules.PackedGemm()._apply(func, target)
+    assert sch is not None
+    text = sch.mod.script()
+    assert "T.min(" in text and text.count("T.where(") == 1, text
+    fast = tvm.compile(sch.mod, target=target)
+    plain = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    for n in (1, 5, 8, 13):
+        x = np.random.default_rng(n).standard_normal((n, 256)).astype("float32") * 4
+        x[n - 1, 3] = np.inf
+        x[0, 7] = np.nan if n > 1 else x[0, 7]
+        np.testing.assert_array_equal(_run_rows(fast, x, (n, 1)), _run_rows(plain, x, (n, 1)))
+
 def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     """PackedGemm on an attention-score matmul over a dynamic batch x heads and a dynamic sequence
     (q [b, n, 64] @ kᵀ [b, 64, n]): q's padded rows are read in place, clamped to the last real row (no copy:
