@@ -1260,9 +1260,11 @@ def relax_layout_passes(target) -> list:
     (numerics.nan_propagating_minmax), so fast_erf(NaN) and fast_tanh(NaN) are NaN as in PyTorch."""
     from tvm import relax
 
+    from .batch_matmul_views import collapse_batched_matmul_views   # 4-D matmuls fuse their epilogues
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
-    return nhwc_layout_passes() + [relax.transform.FastMathTransform(), reshape_views()]
+    return [collapse_batched_matmul_views()] + nhwc_layout_passes() + [relax.transform.FastMathTransform(),
+                                                                      reshape_views()]
 
 
 def nhwc_layout_passes() -> list:
