@@ -651,7 +651,8 @@ def test_relax_layout_passes_use_the_fast_math_functions():
     ops = set(relax_ops(rewritten))
     assert not ops & {"relax.exp", "relax.erf", "relax.tanh", "relax.nn.softmax", "relax.nn.gelu"}, ops
     names = " ".join(prim_funcs(rewritten))
-    assert all(f in names for f in ("fast_erf", "fast_tanh", "fast_softmax")), names
+    # the last-axis softmax: graphopt's kernel (softmax_lower.py: fast_exp's polynomial, a plain row max)
+    assert all(f in names.split() for f in ("fast_erf", "fast_tanh", "softmax")), names
 
 
 # -------------------------------------------------------------------------------------- fast-math bounds

@@ -1261,10 +1261,11 @@ def relax_layout_passes(target) -> list:
     from tvm import relax
 
     from .batch_matmul_views import collapse_batched_matmul_views   # 4-D matmuls fuse their epilogues
+    from .softmax_lower import graphopt_softmax         # float32 softmax: graphopt's cheaper kernel
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
-    return [collapse_batched_matmul_views()] + nhwc_layout_passes() + [relax.transform.FastMathTransform(),
-                                                                      reshape_views()]
+    return [collapse_batched_matmul_views()] + nhwc_layout_passes() + [
+        graphopt_softmax(), relax.transform.FastMathTransform(), reshape_views()]
 
 
 def nhwc_layout_passes() -> list:

@@ -1,0 +1,64 @@
+"""softmax_lower.graphopt_softmax: float32 softmax over the last axis as graphopt's own kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+
+
+def _special_rows(shape, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 8
+    rows = x.view(-1, shape[-1])
+    rows[0, 3] = float("nan")                 # a NaN: the whole row NaN
+    rows[1, 0] = float("inf")                 # +inf: the whole row NaN (inf - inf)
+    rows[2, :] = float("-inf")                # a fully masked row: NaN, as PyTorch
+    rows[3, 5] = float("-inf")                # one masked entry: 0 there
+    rows[4, :] = 0.0                          # uniform
+    rows[5, 1] = 1e30                         # one huge logit: one-hot
+    return x
+
+
+@pytest.mark.parametrize("target", ["x86", "x86:haswell"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 37), (4, 16, 64), (6, 1)])
+def test_softmax_matches_torch_with_special_values(target, shape):
+    model = nn.Softmax(-1).eval()
+    x = _special_rows(shape) if shape[-1] > 5 else torch.randn(*shape)
+    opt = graphopt.optimize(model, target, "cleanup", example_inputs=(x,))
+    got, ref = opt(x), model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-7, equal_nan=True)
+
+
+def test_softmax_with_a_dynamic_sequence_matches_torch():
+    model = nn.Softmax(-1).eval()
+    x = _special_rows((2, 4, 24, 24))
+    opt = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,),
+                            dynamic={"input": {2: "n", 3: "m"}, "n": (6, 40), "m": (6, 40)})
+    for n, m in ((24, 24), (6, 7), (33, 40)):
+        y = _special_rows((2, 4, n, m), seed=n)
+        torch.testing.assert_close(opt(y), model(y), rtol=2e-5, atol=1e-7, equal_nan=True)
+
+
+def test_the_pass_takes_last_axis_float32_softmax_only():
+    """The last-axis float32 softmax becomes a call of graphopt's kernel (its row max a plain maxnum, not the
+    NaN-propagating maximum every other float max gets); a softmax over another axis keeps TOPI's."""
+    from graphopt.backends.targets import resolve_target
+    from graphopt.backends.tvm.lower import lower_graph
+    from graphopt.backends.tvm.softmax_lower import graphopt_softmax
+    from graphopt.capture import capture
+
+    class Two(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, -1) + torch.softmax(x, 1)
+
+    x = torch.randn(2, 5, 7)
+    mod = lower_graph(capture(Two(), (x,)).gm, (x,), resolve_target("x86")).mod
+    after = graphopt_softmax()(mod)
+    text = after["main"].script()
+    assert text.count("R.nn.softmax(") == 1 and "axis=1" in text.split("R.nn.softmax(")[1].split("\n")[0], text
+    kernels = [f.script() for gv, f in after.functions_items() if gv.name_hint.startswith("softmax")]
+    assert len(kernels) == 1 and "llvm.maxnum" in kernels[0]
+    opt = graphopt.optimize(Two().eval(), "x86", "cleanup", example_inputs=(x,))
+    torch.testing.assert_close(opt(x), Two()(x), rtol=2e-5, atol=1e-7)
