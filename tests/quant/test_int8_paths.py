@@ -321,6 +321,8 @@ def test_dynamic_batched_matmul_kernels_are_exact(target):
         kb, nb = (k + 3) // 4, (n + L - 1) // L
         ap = T(np.zeros((bt, m, kb * 4), a_dtype))
         pad["f"](T(a), T(np.array([zp], np.int32)), ap)
+        np.testing.assert_array_equal(ap.numpy()[..., :k], a)                    # the row copied as is
+        assert (ap.numpy()[..., k:] == np.array(zp).astype(a_dtype)).all()       # the group's rest: zp
         w = T(np.zeros((bt, nb, kb, L, 4) if path != "cpu" else (bt, nb, kb, 4, L), np.int8))
         c = T(np.zeros((bt, n), np.int32))
         pack["f"](T(b), T(np.array([zp], np.int32)), w, c)

@@ -704,12 +704,17 @@ def pad_lhs_kernel(dtype: str):
 
     BT, M, K, K4 = (tirx.Var(n, "int64") for n in ("bt", "m", "k", "k4"))
 
+    # each row: a plain copy of its K values (LLVM vectorizes it), then the K4 - K (< 4) fill values. (One
+    # guarded loop over K4 ran scalar: 1.8 ms per forward pass of the small encoder's attention at 1 x 512.)
     @prim_func
     def qpad_lhs(A: T.Buffer((BT, M, K), dtype), Z: T.Buffer((1,), "int32"), Ap: T.Buffer((BT, M, K4), dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT):
-            for i, k in T.grid(M, K4):
-                Ap[p, i, k] = T.if_then_else(k < K, A[p, i, T.min(k, K - 1)], T.Cast(dtype, Z[0]))
+            for i in range(M):
+                for k in range(K):
+                    Ap[p, i, k] = A[p, i, k]
+                for t in range(K4 - K):
+                    Ap[p, i, K + t] = T.Cast(dtype, Z[0])
     return qpad_lhs
 
 
