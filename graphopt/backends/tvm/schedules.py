@@ -5,7 +5,9 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
 
   relax_layout_passes(target)   before legalization: conv2d in NHWC activations / HWIO weights (channels
                                 innermost, so the output-channel axis is contiguous and vectorizes); pooling
-                                follows the layout (ConvertLayout propagates it), transposes stay at the edges.
+                                follows the layout (ConvertLayout propagates it), transposes stay at the edges;
+                                4-D batched matmuls kept 4-D (batch_matmul_views.py); the float32 last-axis
+                                softmax as graphopt's kernel (softmax_lower.py).
   PackedGemm                    every kernel with one reduction block whose output's innermost axis is a
                                 spatial axis: conv2d (incl. 1x1, strided, grouped/depthwise), dense/matmul,
                                 batch matmul, pooling (channels-last max pooling: WindowMax first), spatial
@@ -20,8 +22,8 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
   WindowMax (pool_schedule.py)  max pooling, channels last: one output pixel's channels per register tile.
   DynamicRows                   row reductions over a dynamic extent RowGroups declines: one pass per block
                                 over the whole tensor, vector tails partitioned off.
-  RowGroups                     row reductions over a static row length (layer norm, softmax, means), static
-                                or dynamic row count: groups of rows at a time, one accumulation chain per row
+  RowGroups                     row reductions (layer norm, softmax, means) over a static or dynamic row
+                                length and row count: groups of rows at a time, one accumulation chain per row
                                 interleaved (latency hidden, order kept).
   dlight.cpu.Reduction          the row reductions RowGroups leaves (one row, odd counts): TVM's rule.
   ScalarMinMax                  whole-tensor max / min to one value: SIMD running extrema (rfactor), exact.
