@@ -33,7 +33,7 @@ from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, PointwiseCo
                       QuantConv2d, QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding, is_pointwise_conv,
                       linear_of_pointwise)
 from .observers import Observer, make_observer
-from .qparams import WEIGHT_QMAX
+from .qparams import WEIGHT_QMAX, f32
 
 __all__ = ["Site", "find_sites", "prepare", "calibrate", "Converter", "prepare_qat", "convert",
            "swap_linear", "UNSUPPORTED_LAYERS"]
@@ -498,11 +498,48 @@ class Converter:
                     u.replace_input_with(node, q)
             graph.erase_node(node)
             del table[str(node.target)]
+        _fold_output_scalars(graph, table)
         gm = fx.GraphModule(table, graph, self.prepared.__class__.__name__)
         _set_training(gm, self.prepared.training)
         gm.graph.lint()
         gm.recompile()
         return gm
+
+
+def _fold_output_scalars(graph: fx.Graph, table: dict) -> int:
+    """A quantized matmul whose only reader multiplies (or divides) it by a Python number, as attention scales
+    its scores by 1 / sqrt(head_dim), takes that number into its output scale: `acc * (s * c)` in place of
+    `(acc * s) * c`, one rounding instead of two, exactly the same values when c is a power of two (1/8 for
+    64-wide heads). The compiled kernels apply the output scale in their epilogue, so the scaling costs no pass
+    over the (batch, heads, n, n) scores (with dynamic dims it was a kernel of its own: 0.4 of 9.7 ms per
+    forward pass of the small encoder at 1 x 512). Returns the number folded."""
+    folded = 0
+    for node in list(graph.nodes):
+        mod = table.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, QuantMatmul) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_function" or user.kwargs or len(user.args) != 2:
+            continue
+        a, b = user.args
+        if user.target in (operator.mul, torch.mul) and a is node and isinstance(b, (int, float)):
+            c = float(b)
+        elif user.target in (operator.mul, torch.mul) and b is node and isinstance(a, (int, float)):
+            c = float(a)
+        elif user.target in (operator.truediv, torch.div) and a is node and isinstance(b, (int, float)) and b != 0:
+            c = 1.0 / float(b)
+        else:
+            continue
+        scale = f32(mod.out_scale * c)
+        if not (scale == scale and abs(scale) not in (0.0, float("inf"))):
+            continue
+        new = copy.copy(mod)
+        new.out_scale = scale
+        table[str(node.target)] = new
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        folded += 1
+    return folded
 
 
 def convert(prepared: fx.GraphModule, layers: Iterable[str] | None = None) -> fx.GraphModule:
