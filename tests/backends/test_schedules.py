@@ -1205,6 +1205,30 @@ def test_dynamic_row_mean_reads_its_padded_rows_in_place():
         x[0, 7] = np.nan if n > 1 else x[0, 7]
         np.testing.assert_array_equal(_run_rows(fast, x, (n, 1)), _run_rows(plain, x, (n, 1)))
 
+
+def test_dynamic_long_rows_keep_runs_of_vectors_in_the_parallel_loop():
+    """A dynamic batch of long rows ([n, 4096] + 1, an MLP activation at batch 1): runs of 16 vectors stay serial,
+    the runs join the parallel loop (a batch-1 row still splits across cores); values exact at every size."""
+    import tvm
+
+    def build(n, te):
+        a = te.placeholder((n, 4096), name="a")
+        return a, te.compute((n, 4096), lambda i, j: a[i, j] + 1.0, name="t")
+
+    _, func = _dynamic_func(build)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    sch = schedules.Injective()._apply(func, target)
+    assert sch is not None
+    lines = [ln.strip() for ln in sch.mod.script().splitlines() if ln.strip().startswith("for ")]
+    assert len(lines) == 3 and "T.parallel(" in lines[0] and "32" in lines[0], lines      # n x 32 runs
+    assert "range(16)" in lines[1] and "T.vectorized(8)" in lines[2], lines
+    lib = tvm.compile(sch.mod, target=target)
+    for n in (1, 3):
+        a = np.random.default_rng(n).standard_normal((n, 4096)).astype("float32")
+        out = tvm.runtime.tensor(np.zeros((n, 4096), "float32"))
+        lib["main"](tvm.runtime.tensor(a), out)
+        np.testing.assert_array_equal(out.numpy(), a + np.float32(1.0))
+
 def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     """PackedGemm on an attention-score matmul over a dynamic batch x heads and a dynamic sequence
     (q [b, n, 64] @ kᵀ [b, 64, n]): q's padded rows are read in place, clamped to the last real row (no copy:

@@ -222,6 +222,17 @@ def _picks_at_symbolic_offset(sch, block) -> bool:
 # its (b, s, 4, 64) -> (b, 4, s, 64) transposes 131 -> 42 us per pass at 1 x 128 and 867 -> 207 us at 8 x 128
 # (x86:haswell), 2289 -> 1033 us at 32 x 128 (host AVX-512); whole pass 5.57 -> 5.40 ms, 38.5 -> 37.5 ms.
 SERIAL_ROWS = True
+ROW_RUN = 16
+
+
+def _serial_runs(sch, loop, n: int) -> list:
+    """The part of a row's vector loop (`n` vectors) that joins the parallel loop: none for a row of up to
+    ROW_RUN vectors (it stays serial), else the outer loop of runs of the largest divisor of n <= ROW_RUN."""
+    if n <= ROW_RUN:
+        return []
+    run = max(d for d in range(1, ROW_RUN + 1) if n % d == 0)
+    runs, _ = sch.split(loop, [None, run])
+    return [runs]
 
 
 def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_min: int,
@@ -235,21 +246,20 @@ def _vectorize_symbolic(sch, loops: list, extents: list, lanes: int, parallel_mi
     e = extents[-1]
     serial_rows = SERIAL_ROWS and any(x is None for x in extents[:-1])
     if e is not None:
-        # the row's vectors stay a serial loop inside the parallel one: fused into it, each vector paid for
-        # the index arithmetic of the fused loop, divisions by the symbolic extents (a dynamic transpose's 64-
-        # float rows: 8 vectors, 8 runtime divisions where one does)
+        # the row's vectors stay a serial loop inside the parallel one, in runs of up to ROW_RUN vectors:
+        # fused into it, each vector paid for the index arithmetic of the fused loop, divisions by the symbolic
+        # extents (a dynamic transpose's 64-float rows: 8 vectors, 8 runtime divisions where one does); a
+        # longer row keeps its runs in the parallel loop (a batch-1 row of 4096 floats still splits)
         if e % lanes == 0 and e > lanes:
             lo, li = sch.split(inner, [None, lanes])
             sch.vectorize(li)
-            if not serial_rows:
-                outer.append(lo)
+            outer += _serial_runs(sch, lo, e // lanes) if serial_rows else [lo]
         elif 1 < e <= lanes:
             sch.vectorize(inner)
         elif (t := _pow2_divisor(e, lanes)) >= 4:
             lo, li = sch.split(inner, [None, t])
             sch.vectorize(li)
-            if not serial_rows:
-                outer.append(lo)
+            outer += _serial_runs(sch, lo, e // t) if serial_rows else [lo]
         else:
             outer.append(inner)
     else:
