@@ -215,10 +215,11 @@ def test_int8_kernels_run_on_aarch64_and_equal_the_qdq_graph(aarch64_server):
 def test_opinfo_samples_with_nan_and_inf_match_pytorch_on_aarch64(aarch64_session):
     """The OpInfo differential harness (graphopt.testing.opinfo) on the ARM build: NaN/Inf samples of the
     ops whose NaN semantics the backend rewrites (relu, clamp, maximum, amax) give PyTorch's answers there
-    too (AArch64 FMAX/FMIN from llvm.maximum/minimum). The full sweep: benchmarks/opinfo_sweep.py --target arm."""
+    too (AArch64 FMAX/FMIN from llvm.maximum/minimum), and graphopt's softmax kernel (its row max a maxnum,
+    FMAXNM there). The full sweep: benchmarks/opinfo_sweep.py --target arm."""
     from graphopt.testing import opinfo
 
-    cases = opinfo.make_cases(["nn.functional.relu", "clamp", "maximum", "amax"], samples=1,
+    cases = opinfo.make_cases(["nn.functional.relu", "clamp", "maximum", "amax", "softmax"], samples=1,
                               variants=["nonfinite"])
     results = opinfo.run_cases(cases, target="arm:cortex-a72", batch=len(cases),
                                execute=opinfo.remote_executor(aarch64_session))
