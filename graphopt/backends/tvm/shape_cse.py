@@ -6,8 +6,8 @@ With dynamic dims, every tensor the memory plan places gets its shape from `vm.b
 build made 95 shapes per forward pass (17 distinct) and 59 scalars (2 distinct). Each such call reads only
 slots of the shape heap that are written once, where their dim is defined (match_shape at entry, the shape
 function after it), and before any call that reads them; so a later call with the same arguments returns
-the same value. This pass binds each later one to the first one's variable (an alias: no instruction in the
-VM's code).
+the same value. This pass drops each later one and points its uses at the first one's variable (binding it
+as an alias of that variable instead would cost a `vm.builtin.copy` per alias).
 
 Contract: values unchanged; only calls to those two builtins, with the same shape heap and the same constant
 arguments, in the function body's top-level bindings (straight-line code: the first call dominates the
