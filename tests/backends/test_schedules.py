@@ -1299,6 +1299,57 @@ def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
         np.testing.assert_allclose(o.numpy(), xa @ wa + ba, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("mcpu, tiles", [("haswell", ("6 x 2", "4 x 2")), ("skylake-avx512", ("3 x 4", "4 x 2"))])
+def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles, monkeypatch):
+    """A Linear with a constant weight over a dynamic row count: the register tile for many rows (AVX2 6 x 2
+    vectors, AVX-512 3 x 4) would compute 18 rows for 16, so the kernel also holds a 4 x 2 tile that runs for
+    up to 16 rows (`n <= 16` at run time); the weight is packed once, into panels both tiles read. Every row
+    count equals the kernel without the second tile bit for bit (each output sums its products in the same
+    order whichever tile computes it) and numpy."""
+    import tvm
+    from tvm import te
+
+    n, c = tirx.Var("n", "int64"), tirx.IntImm("int64", 256)     # int64 shapes, as Relax's
+    x = te.placeholder((n, c), name="x")
+    w = te.placeholder((c, c), name="w")
+    bias = te.placeholder((c,), name="bias")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), c), name="r")
+    mm = te.compute((n, c), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    out = te.compute((n, c), lambda i, j: mm[i, j] + bias[j], name="out")
+    func = te.create_prim_func([x, w, bias, out]).with_attr("layout_free_buffers", [1])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    monkeypatch.setattr(schedules.PackedGemm, "small_rows", 0)
+    one = schedules.PackedGemm()._apply(func, target)
+    assert sch is not None and one is not None
+    text, one_text = sch.mod.script(), one.mod.script()
+    assert "if n <= T.int64(16):" in text and text.count("T.parallel(") == 2, text
+    assert text.count("meta_schedule.layout_rewrite_preproc") == 1, text      # one packed copy of w
+    large, small = (tuple(int(v) for v in t.split(" x ")) for t in tiles)
+    lanes = 8 if mcpu == "haswell" else 16
+    for (rows, nvec), kernel in ((large, text), (small, text), (large, one_text)):
+        assert f"T.unroll(T.int64({rows})):" in kernel and f"T.unroll(T.int64({nvec})):" in kernel
+    assert f"w_global = T.sblock_alloc_buffer((T.int64({256 // (small[1] * lanes)})," in text, text
+    assert "if n" not in one_text
+    from tests.helpers import is_avx512_target
+
+    if mcpu != "haswell" and not is_avx512_target("x86"):
+        return                          # AVX-512 code on an AVX2 host: the schedule's text is checked above
+    libs = [tvm.compile(s.mod, target=target) for s in (sch, one)]
+    for rows in (0, 1, 5, 8, 15, 16, 17, 18, 40):
+        rng = np.random.default_rng(rows)
+        xa = rng.standard_normal((rows, 256)).astype("float32")
+        wa = rng.standard_normal((256, 256)).astype("float32")
+        ba = rng.standard_normal(256).astype("float32")
+        outs = []
+        for lib in libs:
+            o = tvm.runtime.tensor(np.full((rows, 256), np.nan, "float32"))
+            lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), tvm.runtime.tensor(ba), o)
+            outs.append(o.numpy())
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_allclose(outs[0], xa @ wa + ba, rtol=1e-5, atol=1e-4)
+
+
 def test_dynamic_softmax_rows_are_scheduled_per_row_and_bit_exact():
     """DynamicRows takes a softmax over a dynamic row length (the attention scores of a dynamic sequence):
     reductions parallel over rows and sequential along them (the reference order), elementwise passes

@@ -443,6 +443,36 @@ class PackedGemm(_CpuRule):
         self.row_tails = self.row_tails_default if row_tails is None else row_tails
 
     def _apply(self, func, target):
+        from tvm import s_tir
+
+        plan = {}
+        sch = self._schedule(func, target, plan)
+        if sch is None or "rows" not in plan or not self.small_rows:
+            return sch
+        # Dynamic rows padded to whole register tiles: the tile best for many rows can waste much of a small
+        # row count (AVX-512's 3 x 4 vectors computes 18 rows for 16, AVX2's 6 x 2 12 for 8), which the static
+        # build for that size does not. A second tile for up to small_rows rows runs in the same kernel
+        # (_dispatch_on_rows). Both read one packed copy of the weights, in panels as wide as the small
+        # tile (the large one reads two at a time): panels of the large tile's width, read by a narrower tile,
+        # made the small one no faster inside the encoder (each of its tiles streamed half of every line).
+        rows, nvec = plan["tile"]
+        vec = cpu_vector(target)
+        small = self._choose_tile(nvec, self.small_rows, vec)
+        if small is None or self.small_rows % rows == 0 or small[0] == rows:
+            return sch
+        width = plan["panel"] * small[1] // nvec
+        large = sch if width == plan["panel"] else self._schedule(func, target, {}, panel=width)
+        small_sch = self._schedule(func, target, {}, force_tile=small, panel=width)
+        if small_sch is None or large is None:
+            return sch
+        merged = _dispatch_on_rows(large.mod["main"], small_sch.mod["main"], plan["rows"] <= self.small_rows)
+        return sch if merged is None else s_tir.Schedule(merged)
+
+    def _schedule(self, func, target, plan: dict, force_tile=None, panel=None):
+        """The schedule of `func` (None: not taken). `plan` receives, for a kernel whose dynamic rows are
+        padded to whole register tiles and whose weight is packed into column panels: "rows" (the row count,
+        a PrimExpr), "tile" (rows, vectors) and "panel" (the panels' width). `force_tile` overrides the
+        register tile, `panel` the width of the weight panels (a divisor or multiple of the tile's)."""
         from tvm import s_tir, tirx
 
         vec = cpu_vector(target)
@@ -513,6 +543,8 @@ class PackedGemm(_CpuRule):
                                        row_choices=range(1, 9) if self.pad_dynamic else (1, 2, 4, 8))
         if tile_shape is None:
             return None
+        if force_tile is not None:
+            tile_shape = force_tile
         rows, nvec = tile_shape
         tail, flat = self._plan_rows(sch, main, func, n_vectors, vec, tile_shape, ext, spatial, vi, ri, bool(pads))
         if flat is not None:
@@ -536,6 +568,7 @@ class PackedGemm(_CpuRule):
         # sits in its reduction loop: a row mean over a dynamic sequence ran at half the static build's speed)
         if self.pad_dynamic and ((ri is not None and ext[ri] is None) or E is None) and (
                 self._has_weight(blk, func) or self._pads_in_place(sch, main, ivs, ext, vi, ri, rows, tile)):
+            row_count = ivs[ri].dom.extent if ri is not None else None
             padded_tile = self._pad_dynamic(sch, main, ivs, ext, vi, ri, rows, tile)
             if padded_tile is not None:
                 blk = sch.get(main)
@@ -544,7 +577,9 @@ class PackedGemm(_CpuRule):
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
         panels_inner = self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype)
         loops = sch.get_loops(main)
-        if (self.pack_weights and E is not None and E > tile and func.attrs is not None
+        panel = panel or tile
+        packed = False
+        if (self.pack_weights and E is not None and E > panel and func.attrs is not None
                 and "layout_free_buffers" in func.attrs):
             params = list(func.params)
             free = [params[int(i)] for i in func.attrs["layout_free_buffers"]]
@@ -565,13 +600,17 @@ class PackedGemm(_CpuRule):
                     # iterations lie back to back in memory (one stream for the prefetcher, not a jump of
                     # the whole batch between panels; ResNet-18's Winograd GEMMs, whole model, 1 thread)
                     sch.transform_layout(main, ("read", r_index),
-                                         lambda *a: (*a[:-2], a[-1] // tile, a[-2], a[-1] % tile))
+                                         lambda *a: (*a[:-2], a[-1] // panel, a[-2], a[-1] % panel))
                 else:
                     sch.transform_layout(main, ("read", r_index),
-                                         lambda *a: (a[-1] // tile, *a[:-1], a[-1] % tile))
+                                         lambda *a: (a[-1] // panel, *a[:-1], a[-1] % panel))
                 sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", 1)
+                packed = True
                 break
             loops = sch.get_loops(main)
+        if (packed and padded_tile is not None and ri is not None and ext[ri] is None and E is not None
+                and tail is None and flat is None):
+            plan.update(rows=row_count, tile=(rows, nvec), panel=panel)
 
         # ---- tiling
         v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])      # a dynamic axis: guarded tail
@@ -817,6 +856,7 @@ class PackedGemm(_CpuRule):
     flatten_pixels = True
     weighted_pad = "separate"      # padding of weighted convs under pad="auto"
     batch_first_panels = True      # batched constant weights packed [batch, column block, K, lanes]
+    small_rows = 16                # dynamic rows: a second register tile for up to this many rows (0: none)
 
     def _small_weights(self, ext: list, reduce_: list, E: int | None, dtype: str) -> bool:
         """Whether every channel block's weights together (reduction size x output channels) stay in the
@@ -1424,21 +1464,7 @@ def split_layout_rewrite_preproc():
 def _has_layout_rewrite_preproc(func) -> bool:
     """Whether a PrimFunc holds a block marked meta_schedule.layout_rewrite_preproc (a weight repack that
     SplitLayoutRewritePreproc moves into its own function)."""
-    from tvm import s_tir
-
-    stack = [func.body]
-    while stack:                   # the statement tree: SeqStmt.seq, For/Let/Attr/SBlock.body, SBlockRealize.block
-        node = stack.pop()
-        if node is None:
-            continue
-        if isinstance(node, s_tir.SBlock) and "meta_schedule.layout_rewrite_preproc" in node.annotations:
-            return True
-        stack.extend(getattr(node, "seq", None) or ())
-        for attr in ("body", "block", "then_case", "else_case", "init"):
-            child = getattr(node, attr, None)
-            if child is not None and not isinstance(child, (int, float, str)):
-                stack.append(child)
-    return False
+    return bool(_preproc_blocks(func.body))
 
 
 @dataclass
@@ -1516,3 +1542,88 @@ def apply_default_schedules(mod, target, rules: list | None = None):
     for gv, func in updates.items():
         mod[gv] = func
     return mod, ScheduleStats(by_rule, unscheduled)
+
+
+def _dispatch_on_rows(large, small, cond):
+    """One kernel from two schedules of the same PrimFunc: `small` where `cond` holds at run time, `large`
+    otherwise. Both pack their weights into the same panels; the merged kernel packs them once (the blocks
+    of `large` marked meta_schedule.layout_rewrite_preproc, split out and folded at build time as before) and
+    `small` reads `large`'s packed buffers. None where the two do not pack the same buffers alike."""
+    import tvm_ffi
+    from tvm import ir, s_tir, tirx
+
+    small = s_tir.renew_defs(small)         # its own loop / block variables: none defined twice
+    vmap = {}
+    for a, b in zip(small.params, large.params):
+        vmap[a] = b
+        for ea, eb in zip(getattr(a, "shape", None) or (), getattr(b, "shape", None) or ()):
+            if isinstance(ea, tirx.Var):
+                vmap[ea] = eb
+    small = small.with_body(tvm_ffi.structural_map(small.body, [(tirx.Var, lambda v: vmap.get(v, v))]))
+    root_l, root_s = _root_block(large), _root_block(small)
+    pre_l, rest_l = _split_preproc(root_l)
+    pre_s, rest_s = _split_preproc(root_s)
+    packed_l, packed_s = _packed_buffers(pre_l), _packed_buffers(pre_s)
+    if not packed_l or set(packed_l) != set(packed_s):
+        return None
+    bmap = {}
+    for src, buf in packed_s.items():
+        other = packed_l[src]
+        if buf.dtype != other.dtype or not tvm_ffi.structural_equal(list(buf.shape), list(other.shape)):
+            return None
+        bmap[buf] = other
+
+    def load(n):
+        return tirx.BufferLoad(bmap[n.source], n.indices) if n.source in bmap else n
+
+    def region(n):
+        return tirx.BufferRegion(bmap[n.source], n.region) if n.source in bmap else n
+
+    rest_s = tvm_ffi.structural_map(rest_s, [(ir.expr.TensorLoad, load), (ir.expr.TensorRegion, region)])
+    body = tirx.SeqStmt([*pre_l, tirx.IfThenElse(cond, rest_s, rest_l)])
+    allocs = list(root_l.alloc_buffers) + [b for b in root_s.alloc_buffers if b not in bmap]
+    block = s_tir.SBlock(root_l.iter_vars, root_l.reads, root_l.writes, root_l.name_hint, body, root_l.init,
+                         allocs, root_l.match_buffers, root_l.annotations)
+    return large.with_body(s_tir.SBlockRealize([], True, block))
+
+
+def _root_block(func):
+    """The root SBlock of a scheduled PrimFunc."""
+    body = func.body
+    if not hasattr(body, "block") and hasattr(body, "seq") and len(body.seq) == 1:
+        body = body.seq[0]
+    return body.block
+
+
+def _split_preproc(root):
+    """(statements of `root` that hold weight-repacking blocks, one statement of the rest)."""
+    from tvm import tirx
+
+    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
+    pre = [st for st in stmts if _preproc_blocks(st)]
+    rest = [st for st in stmts if not _preproc_blocks(st)]
+    return pre, rest[0] if len(rest) == 1 else tirx.SeqStmt(rest)
+
+
+def _packed_buffers(stmts) -> dict:
+    """{weight parameter: its packed copy} of the weight-repacking blocks in `stmts`."""
+    return {b.reads[0].source: b.writes[0].source for st in stmts for b in _preproc_blocks(st)}
+
+
+def _preproc_blocks(stmt) -> list:
+    """The blocks under `stmt` marked meta_schedule.layout_rewrite_preproc."""
+    from tvm import s_tir
+
+    found, stack = [], [stmt]
+    while stack:                   # the statement tree: SeqStmt.seq, For/Let/Attr/SBlock.body, SBlockRealize.block
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, s_tir.SBlock) and "meta_schedule.layout_rewrite_preproc" in node.annotations:
+            found.append(node)
+        stack.extend(getattr(node, "seq", None) or ())
+        for attr in ("body", "block", "then_case", "else_case", "init"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    return found
