@@ -443,7 +443,8 @@ class PackedGemm(_CpuRule):
         self.row_tails = self.row_tails_default if row_tails is None else row_tails
 
     def _apply(self, func, target):
-        from tvm import s_tir
+        import tvm_ffi
+        from tvm import s_tir, tirx
 
         plan = {}
         sch = self._schedule(func, target, plan)
@@ -452,26 +453,33 @@ class PackedGemm(_CpuRule):
         # Dynamic rows padded to whole register tiles: the tile best for many rows can waste much of a small
         # row count (AVX-512's 3 x 4 vectors computes 18 rows for 16, AVX2's 6 x 2 12 for 8), which the static
         # build for that size does not. A second tile for up to small_rows rows runs in the same kernel
-        # (_dispatch_on_rows). Both read one packed copy of the weights, in panels as wide as the small
+        # (branch_kernels). Both read one packed copy of the weights, in panels as wide as the small
         # tile (the large one reads two at a time): panels of the large tile's width, read by a narrower tile,
         # made the small one no faster inside the encoder (each of its tiles streamed half of every line).
+        # Dynamic columns too (attention scores, sequence x sequence): the small tile is one vector wide and
+        # runs where both counts are small (the large 7 x 2 tile computed 14 x 32 scores for 8 x 8).
         rows, nvec = plan["tile"]
+        columns = plan["columns"]
         vec = cpu_vector(target)
-        small = self._choose_tile(nvec, self.small_rows, vec)
-        if small is None or self.small_rows % rows == 0 or small[0] == rows:
+        small = self._choose_tile(1 if columns is not None else nvec, self.small_rows, vec)
+        if small is None or small == (rows, nvec) or (columns is None and self.small_rows % rows == 0):
             return sch
-        width = plan["panel"] * small[1] // nvec
+        width = None if plan["panel"] is None else plan["panel"] * small[1] // nvec
         large = sch if width == plan["panel"] else self._schedule(func, target, {}, panel=width)
         small_sch = self._schedule(func, target, {}, force_tile=small, panel=width)
         if small_sch is None or large is None:
             return sch
-        merged = _dispatch_on_rows(large.mod["main"], small_sch.mod["main"], plan["rows"] <= self.small_rows)
+        cond = plan["rows"] <= self.small_rows
+        if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
+            cond = tirx.And(cond, columns <= self.small_rows)
+        merged = branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
         return sch if merged is None else s_tir.Schedule(merged)
 
     def _schedule(self, func, target, plan: dict, force_tile=None, panel=None):
         """The schedule of `func` (None: not taken). `plan` receives, for a kernel whose dynamic rows are
-        padded to whole register tiles and whose weight is packed into column panels: "rows" (the row count,
-        a PrimExpr), "tile" (rows, vectors) and "panel" (the panels' width). `force_tile` overrides the
+        padded to whole register tiles: "rows" (the row count, a PrimExpr), "columns" (the column count where
+        dynamic too, else None), "tile" (rows, vectors) and "panel" (the width of the packed weight's panels,
+        None where no weight is packed). `force_tile` overrides the
         register tile, `panel` the width of the weight panels (a divisor or multiple of the tile's)."""
         from tvm import s_tir, tirx
 
@@ -569,6 +577,7 @@ class PackedGemm(_CpuRule):
         if self.pad_dynamic and ((ri is not None and ext[ri] is None) or E is None) and (
                 self._has_weight(blk, func) or self._pads_in_place(sch, main, ivs, ext, vi, ri, rows, tile)):
             row_count = ivs[ri].dom.extent if ri is not None else None
+            column_count = ivs[vi].dom.extent
             padded_tile = self._pad_dynamic(sch, main, ivs, ext, vi, ri, rows, tile)
             if padded_tile is not None:
                 blk = sch.get(main)
@@ -608,9 +617,9 @@ class PackedGemm(_CpuRule):
                 packed = True
                 break
             loops = sch.get_loops(main)
-        if (packed and padded_tile is not None and ri is not None and ext[ri] is None and E is not None
-                and tail is None and flat is None):
-            plan.update(rows=row_count, tile=(rows, nvec), panel=panel)
+        if padded_tile is not None and ri is not None and ext[ri] is None and tail is None and flat is None:
+            plan.update(rows=row_count, columns=column_count if E is None else None, tile=(rows, nvec),
+                        panel=panel if packed else None)
 
         # ---- tiling
         v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])      # a dynamic axis: guarded tail
@@ -1424,15 +1433,18 @@ def attach_layout_free_buffers():
 
 
 def finalize_passes(target) -> list:
-    """After scheduling: move the weight-repacking blocks out of the kernels into their own functions,
-    evaluate them on the constants at build time (all in one compiled module: fold_constants.py), drop what is
+    """After scheduling: move the weight-repacking blocks out of the kernels into their own functions, give
+    dynamic kernels a serial copy for small calls (serial_small.py), evaluate the repacking on the constants at
+    build time (all in one compiled module: fold_constants.py), drop what is
     left unused."""
     from tvm import relax
 
     from .fold_constants import fold_constant_calls
 
-    return [split_layout_rewrite_preproc(), fold_constant_calls(), relax.transform.FoldConstant(),
-            relax.transform.DeadCodeElimination()]
+    from .serial_small import serial_when_small
+
+    return [split_layout_rewrite_preproc(), serial_when_small(), fold_constant_calls(),
+            relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
 
 
 def split_layout_rewrite_preproc():
@@ -1544,11 +1556,11 @@ def apply_default_schedules(mod, target, rules: list | None = None):
     return mod, ScheduleStats(by_rule, unscheduled)
 
 
-def _dispatch_on_rows(large, small, cond):
+def branch_kernels(large, small, cond):
     """One kernel from two schedules of the same PrimFunc: `small` where `cond` holds at run time, `large`
-    otherwise. Both pack their weights into the same panels; the merged kernel packs them once (the blocks
-    of `large` marked meta_schedule.layout_rewrite_preproc, split out and folded at build time as before) and
-    `small` reads `large`'s packed buffers. None where the two do not pack the same buffers alike."""
+    otherwise. Where they pack weights (blocks marked meta_schedule.layout_rewrite_preproc, split out and
+    folded at build time), both must pack the same ones into the same panels: the merged kernel packs them
+    once and `small` reads `large`'s packed buffers; None where they do not."""
     import tvm_ffi
     from tvm import ir, s_tir, tirx
 
@@ -1561,10 +1573,14 @@ def _dispatch_on_rows(large, small, cond):
                 vmap[ea] = eb
     small = small.with_body(tvm_ffi.structural_map(small.body, [(tirx.Var, lambda v: vmap.get(v, v))]))
     root_l, root_s = _root_block(large), _root_block(small)
+    if root_l is None or root_s is None:        # plain loops (hand-written kernels): no buffers to share
+        if root_l is not None or root_s is not None:
+            return None
+        return large.with_body(tirx.IfThenElse(cond, small.body, large.body))
     pre_l, rest_l = _split_preproc(root_l)
     pre_s, rest_s = _split_preproc(root_s)
     packed_l, packed_s = _packed_buffers(pre_l), _packed_buffers(pre_s)
-    if not packed_l or set(packed_l) != set(packed_s):
+    if set(packed_l) != set(packed_s):
         return None
     bmap = {}
     for src, buf in packed_s.items():
@@ -1580,7 +1596,8 @@ def _dispatch_on_rows(large, small, cond):
         return tirx.BufferRegion(bmap[n.source], n.region) if n.source in bmap else n
 
     rest_s = tvm_ffi.structural_map(rest_s, [(ir.expr.TensorLoad, load), (ir.expr.TensorRegion, region)])
-    body = tirx.SeqStmt([*pre_l, tirx.IfThenElse(cond, rest_s, rest_l)])
+    branch = tirx.IfThenElse(cond, rest_s, rest_l)
+    body = tirx.SeqStmt([*pre_l, branch]) if pre_l else branch
     allocs = list(root_l.alloc_buffers) + [b for b in root_s.alloc_buffers if b not in bmap]
     block = s_tir.SBlock(root_l.iter_vars, root_l.reads, root_l.writes, root_l.name_hint, body, root_l.init,
                          allocs, root_l.match_buffers, root_l.annotations)
@@ -1588,11 +1605,11 @@ def _dispatch_on_rows(large, small, cond):
 
 
 def _root_block(func):
-    """The root SBlock of a scheduled PrimFunc."""
+    """The root SBlock of a scheduled PrimFunc (None: a body of plain loops)."""
     body = func.body
     if not hasattr(body, "block") and hasattr(body, "seq") and len(body.seq) == 1:
         body = body.seq[0]
-    return body.block
+    return getattr(body, "block", None)
 
 
 def _split_preproc(root):
