@@ -81,3 +81,31 @@ def test_dynamic_model_is_bit_identical_with_and_without_serial_copies(monkeypat
         assert torch.equal(out, without(x)), rows
         with torch.no_grad():
             torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hand_written_plain_loop_kernels_get_the_copy_when_dynamic_only():
+    """quant_lower's int8 batched matmul (plain loops, no root block): the static kernel's count is a constant
+    once simplified (casts of its sizes) and is left alone; the dynamic one gets the serial copy, and equals
+    the kernel without it exactly at a size under the threshold and one over it."""
+    from graphopt.backends.tvm.quant_lower import bmm_dynamic_kernel, bmm_kernel
+
+    assert serial_small.with_serial_branch(bmm_kernel(2, 16, 4, 2, 4, 2, "avx2", 0.5)) is None
+    plain = bmm_dynamic_kernel(4, "avx2", 0.5, 2)
+    func = serial_small.with_serial_branch(plain)
+    assert func is not None and func.script().count("T.parallel(") == 1
+    target = tvm.target.Target(TARGET)
+    libs = [tvm.compile(f.with_attr("global_symbol", "f"), target=target) for f in (plain, func)]
+    rng = np.random.default_rng(0)
+    for bt, m, kb, nb in ((1, 3, 2, 2), (8, 64, 16, 8)):           # 6 row x 1 column tiles; 8 x 16 x 4
+        a = rng.integers(0, 256, (bt, m, kb * 4)).astype("uint8")
+        w = rng.integers(-128, 128, (bt, nb, kb, 8, 4)).astype("int8")
+        c = rng.integers(-1000, 1000, (bt, nb * 8)).astype("int32")
+        outs = []
+        for lib in libs:
+            y = tvm.runtime.tensor(np.zeros((bt, m, nb * 8), "float32"))
+            lib["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(c), y)
+            outs.append(y.numpy())
+        np.testing.assert_array_equal(outs[0], outs[1])
+        ref = np.einsum("bmkq,bnkjq->bmnj", a.reshape(bt, m, kb, 4).astype(np.int64),
+                        w.astype(np.int64)).reshape(bt, m, nb * 8) - c[:, None, :]
+        np.testing.assert_array_equal(outs[0], ref.astype(np.float32) * np.float32(0.5))

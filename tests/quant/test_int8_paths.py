@@ -7,6 +7,8 @@ difference would be integer arithmetic (e.g. a saturated vpmaddubsw pair sum).
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -299,8 +301,9 @@ def test_dynamic_row_count_kernel_equals_the_static_one(target):
 @pytest.mark.parametrize("target", ["x86:haswell", "x86:skylake-avx512", "x86", "x86:nehalem"])
 def test_dynamic_batched_matmul_kernels_are_exact(target):
     """The int8 attention matmul for sizes known only at run time: left operand padded to whole 4-byte groups
-    (pad_lhs_kernel), right one packed with its zero-point term (pack_rhs_kernel), then bmm_dynamic_kernel;
-    one build of each serves every size and equals the integer product exactly, ragged K and N included."""
+    (pad_lhs_kernel), right one packed with its zero-point term (pack_rhs_kernel), then bmm_dynamic_kernel
+    with one and two column blocks per register tile (the packed columns padded to whole tiles); one build of
+    each serves every size and equals the integer product exactly, ragged K and N included."""
     import numpy as np
 
     from graphopt.backends.tvm.quant_lower import (DYNAMIC_ROWS_HINT, _tiles, bmm_dynamic_kernel, lanes_of,
@@ -311,14 +314,16 @@ def test_dynamic_batched_matmul_kernels_are_exact(target):
     L, tgt, T = lanes_of(path), resolve_target(target).tvm_target(), tvm.runtime.tensor
     a_dtype = "int8" if path == "sdot" else "uint8"
     mt = _tiles(DYNAMIC_ROWS_HINT, 1, 1, path)[0]
-    bmm, pack, pad = (tvm.compile(f.with_attr("global_symbol", "f"), target=tgt)
-                      for f in (bmm_dynamic_kernel(mt, path, 0.5), pack_rhs_kernel(path), pad_lhs_kernel(a_dtype)))
+    pack, pad = (tvm.compile(f.with_attr("global_symbol", "f"), target=tgt)
+                 for f in (pack_rhs_kernel(path), pad_lhs_kernel(a_dtype)))
     rng = np.random.default_rng(0)
     zp = 7
-    for bt, m, k, n in ((3, 5, 7, 19), (2, 16, 64, 16), (1, 1, 3, 1), (4, mt + 1, 17, 2 * L + 1)):
+    for (bt, m, k, n), nt in itertools.product(((3, 5, 7, 19), (2, 16, 64, 16), (1, 1, 3, 1),
+                                                 (4, mt + 1, 17, 2 * L + 1), (2, 3, 8, 3 * L)), (1, 2)):
+        bmm = tvm.compile(bmm_dynamic_kernel(mt, path, 0.5, nt).with_attr("global_symbol", "f"), target=tgt)
         a = rng.integers(0, 256, (bt, m, k)).astype(a_dtype)
         b = rng.integers(-128, 128, (bt, k, n)).astype(np.int8)
-        kb, nb = (k + 3) // 4, (n + L - 1) // L
+        kb, nb = (k + 3) // 4, (n + L * nt - 1) // (L * nt) * nt       # whole register tiles of columns
         ap = T(np.zeros((bt, m, kb * 4), a_dtype))
         pad["f"](T(a), T(np.array([zp], np.int32)), ap)
         np.testing.assert_array_equal(ap.numpy()[..., :k], a)                    # the row copied as is

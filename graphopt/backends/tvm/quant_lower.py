@@ -608,11 +608,13 @@ def bmm_kernel(BT: int, M: int, KB: int, NB: int, MT: int, NT: int, path: str, s
     return qbmm
 
 
-def bmm_dynamic_kernel(MT: int, path: str, scale: float):
+def bmm_dynamic_kernel(MT: int, path: str, scale: float, NT: int = 1):
     """bmm_kernel for sizes known only at run time (a dynamic batch x heads, sequence): every extent is a TIR
     variable bound from the buffers. A [BT, M, KB·4] (K zero-padded), W [BT, NB, KB, L, 4]
-    (cpu: [.., 4, L]) from pack_rhs_kernel, C int32 [BT, N]; Y [BT, M, N]: the last column block stores lane by
-    lane up to N, the last row tile clamps its loads and guards its stores. Register tile MT rows x one vector."""
+    (cpu: [.., 4, L]) from pack_rhs_kernel with NB a multiple of NT, C int32 [BT, N]; Y [BT, M, N]: a column
+    block past N is skipped, the last one stores lane by lane up to N, the last row tile clamps its loads and
+    guards its stores. Register tile MT rows x NT vectors (one vector: every broadcast of A fed one
+    multiply-add, and the AVX2 attention matmuls ran 1.3x their static kernels' time)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -620,7 +622,7 @@ def bmm_dynamic_kernel(MT: int, path: str, scale: float):
     exact = path in PAIR_PATHS
     a_dtype = act_dtype_of(path)
     L = lanes_of(path)
-    BT, M, K4, N, NB, KB = (tirx.Var(n, "int64") for n in ("bt", "m", "k4", "n", "nb", "kb"))
+    BT, M, K4, N, NB, KB = (tirx.Var(v, "int64") for v in ("bt", "m", "k4", "n", "nb", "kb"))
     w_shape = (BT, NB, KB, L, 4) if fast else (BT, NB, KB, 4, L)
     s = T.float32(scale)
 
@@ -628,35 +630,40 @@ def bmm_dynamic_kernel(MT: int, path: str, scale: float):
     def qbmm_dyn(A: T.Buffer((BT, M, K4), a_dtype), W: T.Buffer(w_shape, "int8"), C: T.Buffer((BT, N), "int32"),
                  Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        for p in T.parallel(BT * NB):
+        for p in T.parallel(BT * (NB // NT)):
             for mo in range((M + MT - 1) // MT):
-                acc = T.decl_buffer((MT * L,), "int32")
-                for t in T.unroll(MT):
+                acc = T.decl_buffer((MT * NT * L,), "int32")
+                for t in T.unroll(MT * NT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
-                    for mi in T.unroll(MT):
-                        if fast:
-                            acc[T.ramp(mi * L, 1, L)] = _dot4(
-                                path, acc[T.ramp(mi * L, 1, L)],
-                                A.vload([p // NB, T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
-                                W.vload([p // NB, p % NB, kb, 0, 0], f"int8x{4 * L}"), exact)
-                        else:
-                            for k in T.unroll(4):
-                                for j in T.vectorized(L):
-                                    acc[mi * L + j] = acc[mi * L + j] + T.Cast(
-                                        "int32", A[p // NB, T.min(mo * MT + mi, M - 1), kb * 4 + k]) * T.Cast(
-                                        "int32", W[p // NB, p % NB, kb, k, j])
+                    for nt in T.unroll(NT):
+                        for mi in T.unroll(MT):
+                            if fast:
+                                acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
+                                    path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
+                                    A.vload([p // (NB // NT), T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
+                                    W.vload([p // (NB // NT), p % (NB // NT) * NT + nt, kb, 0, 0], f"int8x{4 * L}"),
+                                    exact)
+                            else:
+                                for k in T.unroll(4):
+                                    for j in T.vectorized(L):
+                                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.Cast(
+                                            "int32", A[p // (NB // NT), T.min(mo * MT + mi, M - 1), kb * 4 + k]
+                                        ) * T.Cast("int32", W[p // (NB // NT), p % (NB // NT) * NT + nt, kb, k, j])
                 for mi in T.unroll(MT):
                     if mo * MT + mi < M:
-                        if (p % NB) * L + L <= N:
-                            for j in T.vectorized(L):
-                                Y[p // NB, mo * MT + mi, (p % NB) * L + j] = T.Cast(
-                                    "float32", acc[mi * L + j] - C[p // NB, (p % NB) * L + j]) * s
-                        else:
-                            for j in range(L):
-                                if (p % NB) * L + j < N:
-                                    Y[p // NB, mo * MT + mi, (p % NB) * L + j] = T.Cast(
-                                        "float32", acc[mi * L + j] - C[p // NB, (p % NB) * L + j]) * s
+                        for nt in T.unroll(NT):
+                            if (p % (NB // NT) * NT + nt) * L + L <= N:
+                                for j in T.vectorized(L):
+                                    Y[p // (NB // NT), mo * MT + mi, (p % (NB // NT) * NT + nt) * L + j] = T.Cast(
+                                        "float32", acc[(mi * NT + nt) * L + j]
+                                        - C[p // (NB // NT), (p % (NB // NT) * NT + nt) * L + j]) * s
+                            else:
+                                for j in range(L):
+                                    if (p % (NB // NT) * NT + nt) * L + j < N:
+                                        Y[p // (NB // NT), mo * MT + mi, (p % (NB // NT) * NT + nt) * L + j] = \
+                                            T.Cast("float32", acc[(mi * NT + nt) * L + j]
+                                                   - C[p // (NB // NT), (p % (NB // NT) * NT + nt) * L + j]) * s
     return qbmm_dyn
 
 
@@ -1357,7 +1364,12 @@ def _dynamic_qmatmul(st: QuantLowering, bb, aq, bq, a_zp: int, out_scale: float)
     a_dtype = act_dtype_of(st.path)
     st.count(f"qmatmul:{st.path} (dynamic)" + (" (exact pair split)" if st.path in PAIR_PATHS else ""))
     au8, zp8 = _to_uint8(bb, aq, a_zp, str(aq.ty.dtype), a_dtype)
-    kb, nb = (k + 3) // 4, (n + L - 1) // L
+    # register tile: MT rows as for a many-row GEMM; two column blocks where that leaves under 8 accumulators
+    # (AVX2's 4 rows: its attention matmuls at 1.3x their static kernels' time with one; AVX-512 VNNI's 8 x 2
+    # measured 2-4% slower than 8 x 1 in the small encoder)
+    mt = _tiles(DYNAMIC_ROWS_HINT, 1, 1, st.path)[0]
+    nt = 2 if mt < 8 else 1
+    kb, nb = (k + 3) // 4, (n + L * nt - 1) // (L * nt) * nt         # column blocks: whole register tiles
     a3 = bb.emit(R.reshape(au8, [bt, m, k]))
     zp = _const(np.array([zp8], np.int32))
     if not (isinstance(k, int) and k % 4 == 0):         # K to whole 4-byte groups (the packed B is zero there)
@@ -1369,8 +1381,7 @@ def _dynamic_qmatmul(st: QuantLowering, bb, aq, bq, a_zp: int, out_scale: float)
     packed = bb.emit(relax.call_tir(gv, [b3, zp],
                                     [relax.TensorType(w_shape, "int8"), relax.TensorType([bt, n], "int32")]))
     w, comp = bb.emit(relax.TupleGetItem(packed, 0)), bb.emit(relax.TupleGetItem(packed, 1))
-    mt = _tiles(DYNAMIC_ROWS_HINT, 1, 1, st.path)[0]
-    gv = bb.add_func(_private(bmm_dynamic_kernel(mt, st.path, out_scale)), "graphopt_qbmm")
+    gv = bb.add_func(_private(bmm_dynamic_kernel(mt, st.path, out_scale, nt)), "graphopt_qbmm")
     y = bb.emit(relax.call_tir(gv, [a3, w, comp], relax.TensorType([bt, m, n], "float32")))
     return bb.emit(R.reshape(y, [*batch, m, n]))
 

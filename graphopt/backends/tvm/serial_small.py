@@ -53,9 +53,14 @@ def with_serial_branch(func, threshold: int | None = None):
 
     from .schedules import branch_kernels
 
+    import tvm
+
     threshold = PARALLEL_MIN if threshold is None else threshold
     work = _parallel_work(func.body) if threshold > 0 else None
-    if work is None or isinstance(work, tirx.IntImm):
+    if work is None:
+        return None
+    work = tvm.sym.analyzer.Analyzer().simplify(work)
+    if isinstance(work, tirx.IntImm):
         return None
     if _free_vars(work, func):            # an inner extent that depends on an outer loop: not counted here
         return None
