@@ -453,7 +453,7 @@ class PackedGemm(_CpuRule):
         # Dynamic rows padded to whole register tiles: the tile best for many rows can waste much of a small
         # row count (AVX-512's 3 x 4 vectors computes 18 rows for 16, AVX2's 6 x 2 12 for 8), which the static
         # build for that size does not. A second tile for up to small_rows rows runs in the same kernel
-        # (branch_kernels). Both read one packed copy of the weights, in panels as wide as the small
+        # (_branch_kernels). Both read one packed copy of the weights, in panels as wide as the small
         # tile (the large one reads two at a time): panels of the large tile's width, read by a narrower tile,
         # made the small one no faster inside the encoder (each of its tiles streamed half of every line).
         # Dynamic columns too (attention scores, sequence x sequence): the small tile is one vector wide and
@@ -472,7 +472,7 @@ class PackedGemm(_CpuRule):
         cond = plan["rows"] <= self.small_rows
         if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
             cond = tirx.And(cond, columns <= self.small_rows)
-        merged = branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
+        merged = _branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
         return sch if merged is None else s_tir.Schedule(merged)
 
     def _schedule(self, func, target, plan: dict, force_tile=None, panel=None):
@@ -1433,18 +1433,15 @@ def attach_layout_free_buffers():
 
 
 def finalize_passes(target) -> list:
-    """After scheduling: move the weight-repacking blocks out of the kernels into their own functions, give
-    dynamic kernels a serial copy for small calls (serial_small.py), evaluate the repacking on the constants at
-    build time (all in one compiled module: fold_constants.py), drop what is
+    """After scheduling: move the weight-repacking blocks out of the kernels into their own functions,
+    evaluate them on the constants at build time (all in one compiled module: fold_constants.py), drop what is
     left unused."""
     from tvm import relax
 
     from .fold_constants import fold_constant_calls
 
-    from .serial_small import serial_when_small
-
-    return [split_layout_rewrite_preproc(), serial_when_small(), fold_constant_calls(),
-            relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+    return [split_layout_rewrite_preproc(), fold_constant_calls(), relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination()]
 
 
 def split_layout_rewrite_preproc():
@@ -1556,7 +1553,7 @@ def apply_default_schedules(mod, target, rules: list | None = None):
     return mod, ScheduleStats(by_rule, unscheduled)
 
 
-def branch_kernels(large, small, cond):
+def _branch_kernels(large, small, cond):
     """One kernel from two schedules of the same PrimFunc: `small` where `cond` holds at run time, `large`
     otherwise. Where they pack weights (blocks marked meta_schedule.layout_rewrite_preproc, split out and
     folded at build time), both must pack the same ones into the same panels: the merged kernel packs them
@@ -1573,10 +1570,6 @@ def branch_kernels(large, small, cond):
                 vmap[ea] = eb
     small = small.with_body(tvm_ffi.structural_map(small.body, [(tirx.Var, lambda v: vmap.get(v, v))]))
     root_l, root_s = _root_block(large), _root_block(small)
-    if root_l is None or root_s is None:        # plain loops (hand-written kernels): no buffers to share
-        if root_l is not None or root_s is not None:
-            return None
-        return large.with_body(tirx.IfThenElse(cond, small.body, large.body))
     pre_l, rest_l = _split_preproc(root_l)
     pre_s, rest_s = _split_preproc(root_s)
     packed_l, packed_s = _packed_buffers(pre_l), _packed_buffers(pre_s)
@@ -1605,11 +1598,11 @@ def branch_kernels(large, small, cond):
 
 
 def _root_block(func):
-    """The root SBlock of a scheduled PrimFunc (None: a body of plain loops)."""
+    """The root SBlock of a scheduled PrimFunc."""
     body = func.body
     if not hasattr(body, "block") and hasattr(body, "seq") and len(body.seq) == 1:
         body = body.seq[0]
-    return getattr(body, "block", None)
+    return body.block
 
 
 def _split_preproc(root):
