@@ -479,8 +479,8 @@ class PackedGemm(_CpuRule):
         """The schedule of `func` (None: not taken). `plan` receives, for a kernel whose dynamic rows are
         padded to whole register tiles: "rows" (the row count, a PrimExpr), "columns" (the column count where
         dynamic too, else None), "tile" (rows, vectors) and "panel" (the width of the packed weight's panels,
-        None where no weight is packed). `force_tile` overrides the
-        register tile, `panel` the width of the weight panels (a divisor or multiple of the tile's)."""
+        None where no weight is packed). `force_tile` overrides the register tile, `panel` the width of the
+        weight panels (a divisor or multiple of the tile's)."""
         from tvm import s_tir, tirx
 
         vec = cpu_vector(target)
