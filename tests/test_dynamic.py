@@ -345,6 +345,21 @@ def test_int8_attention_with_a_quantized_input_stays_dynamic_and_exact():
 
 
 # ------------------------------------------------------------------ the pass manager's check at other sizes
+class _Adds(nn.Module):
+    """`inner(x) + term(x)`: the test passes' changed graphs."""
+
+    def __init__(self, inner, term):
+        super().__init__()
+        self.inner, self.term = inner, term
+
+    def forward(self, x):
+        return self.inner(x) + self.term(x)
+
+
+def _adding(gm, term) -> PassResult:
+    return PassResult(torch.fx.symbolic_trace(_Adds(gm, term)))
+
+
 @register_pass("test_output_offset")
 @dataclass
 class _OutputOffset(Pass):
@@ -368,15 +383,7 @@ class _WrongAtOtherSizes(Pass):
     exact = False
 
     def run(self, gm, ctx):
-        class Broken(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                return self.inner(x) + (x.shape[0] - 4)
-
-        return PassResult(torch.fx.symbolic_trace(Broken(gm)))
+        return _adding(gm, lambda x: x.shape[0] - 4)
 
 
 class _Shrinks(nn.Module):
@@ -420,16 +427,7 @@ class _FeatureLeak(Pass):
 
     def run(self, gm, ctx):
         delta = self.delta
-
-        class Leaky(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                return self.inner(x) + delta * x[:, :, 0].mean(1, keepdim=True)
-
-        return PassResult(torch.fx.symbolic_trace(Leaky(gm)))
+        return _adding(gm, lambda x: delta * x[:, :, 0].mean(1, keepdim=True))
 
 
 class _Pooled(nn.Module):
