@@ -1609,9 +1609,9 @@ def _split_preproc(root):
     """(statements of `root` that hold weight-repacking blocks, one statement of the rest)."""
     from tvm import tirx
 
-    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
-    pre = [st for st in stmts if _preproc_blocks(st)]
-    rest = [st for st in stmts if not _preproc_blocks(st)]
+    pre, rest = [], []
+    for st in list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]:
+        (pre if _preproc_blocks(st) else rest).append(st)
     return pre, rest[0] if len(rest) == 1 else tirx.SeqStmt(rest)
 
 
