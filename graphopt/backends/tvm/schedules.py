@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .inline_budget import BUDGET, expanded_size, plan_inlining
+from .unchecked_schedule import schedule as unchecked_schedule
 
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "RowGroups", "ScalarMinMax", "Injective",
            "default_rules", "relax_layout_passes",
@@ -444,7 +445,7 @@ class PackedGemm(_CpuRule):
 
     def _apply(self, func, target):
         import tvm_ffi
-        from tvm import s_tir, tirx
+        from tvm import tirx
 
         plan = {}
         sch = self._schedule(func, target, plan)
@@ -473,7 +474,7 @@ class PackedGemm(_CpuRule):
         if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
             cond = tirx.And(cond, columns <= self.small_rows)
         merged = _branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
-        return sch if merged is None else s_tir.Schedule(merged)
+        return sch if merged is None else unchecked_schedule(merged)
 
     def _schedule(self, func, target, plan: dict, force_tile=None, panel=None):
         """The schedule of `func` (None: not taken). `plan` receives, for a kernel whose dynamic rows are
@@ -481,10 +482,10 @@ class PackedGemm(_CpuRule):
         dynamic too, else None), "tile" (rows, vectors) and "panel" (the width of the packed weight's panels,
         None where no weight is packed). `force_tile` overrides the register tile, `panel` the width of the
         weight panels (a divisor or multiple of the tile's)."""
-        from tvm import s_tir, tirx
+        from tvm import tirx
 
         vec = cpu_vector(target)
-        sch = s_tir.Schedule(func)
+        sch = unchecked_schedule(func)
         found = _one_reduction_block(sch)
         if found is None:
             return None
@@ -937,10 +938,9 @@ class Injective(_CpuRule):
     transposes are tiled so both sides stay in cache (`_tile_transpose`)."""
 
     def _apply(self, func, target):
-        from tvm import s_tir
 
         vec = cpu_vector(target)
-        sch = s_tir.Schedule(func)
+        sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
         if not blocks or any(_is_reduction_block(sch, b) for b in blocks):
             return None
@@ -961,9 +961,9 @@ class Injective(_CpuRule):
 def _row_reduction_kernel(func):
     """(schedule, blocks, reductions, output block) of a row-wise kernel: one output, at least one reduction,
     every reduction over its innermost iteration axis only (softmax, layer norm, row means); else None."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
-    sch = s_tir.Schedule(func)
+    sch = unchecked_schedule(func)
     blocks = _root_blocks(sch)
     reductions = [b for b in blocks if _is_reduction_block(sch, b)]
     outputs = sch.get_output_blocks(sch.get_sblock("root"))
@@ -1161,9 +1161,9 @@ class ScalarMinMax(_CpuRule):
     Without this rule such a kernel stayed an unvectorized loop (16K floats: ~20 µs on one core)."""
 
     def _apply(self, func, target):
-        from tvm import s_tir, tirx
+        from tvm import tirx
 
-        sch = s_tir.Schedule(func)
+        sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
         reductions = [b for b in blocks if _is_reduction_block(sch, b)]
         if len(reductions) != 1 or not _same(sch.get(blocks[-1]), sch.get(reductions[0])):
@@ -1498,10 +1498,9 @@ def is_scheduled(func) -> bool:
 
 def _inlining_oversized(func) -> bool:
     """Whether inlining every non-output block of `func` grows an expression past inline_budget.BUDGET."""
-    from tvm import s_tir
 
     try:
-        sch = s_tir.Schedule(func)
+        sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
         outputs = sch.get_output_blocks(sch.get_sblock("root"))
         inner = [b for b in blocks if not any(_same(sch.get(b), sch.get(o)) for o in outputs)]
