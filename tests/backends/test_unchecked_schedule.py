@@ -34,8 +34,8 @@ def test_wrong_argument_types_still_raise_type_errors_from_the_ffi():
 
 
 def test_default_schedules_are_the_same_with_and_without_the_check(monkeypatch):
-    """graphopt's default rules over a small net's kernels (conv, pool, linear, layer norm, softmax) give structurally equal
-    scheduled modules whichever class they schedule with."""
+    """graphopt's default rules over a small net's kernels (conv, pool, linear, layer norm, softmax) give
+    structurally equal scheduled modules whichever class they schedule with."""
     import graphopt
     from graphopt.backends.targets import resolve_target
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
