@@ -169,6 +169,28 @@ def test_each_run_time_shape_is_built_once(encoder, fp32, monkeypatch):
     assert after["vm.builtin.alloc_tensor"] == before["vm.builtin.alloc_tensor"]
     assert torch.equal(fp32(x), plain(x))
 
+def test_collapsed_attention_matmuls_equal_the_uncollapsed_ones_bit_for_bit(encoder, fp32, monkeypatch):
+    """batch_matmul_views.collapse_batched_matmul_views keeps every output element's products and their order:
+    the compiled encoder (this file's dynamic build, and a static one) is bit for bit the one built without
+    it, and matches eager PyTorch."""
+    import tvm
+
+    from graphopt.backends.tvm import batch_matmul_views
+
+    ids = _ids(2, 16)
+    static = graphopt.optimize(encoder, "x86", "cleanup", example_inputs=(ids,))
+    monkeypatch.setattr(batch_matmul_views, "collapse_batched_matmul_views",
+                        lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="Identity"))
+    without = {d: graphopt.optimize(encoder, "x86", "cleanup", example_inputs=(ids,), dynamic=DIMS if d else None)
+               for d in (False, True)}
+    for built, plain, inputs in ((static, without[False], [ids]), (fp32, without[True], [ids, _ids(3, 21, seed=4)])):
+        for x in inputs:
+            with torch.no_grad():
+                ref = encoder(x)
+            assert torch.equal(built(x), plain(x))
+            torch.testing.assert_close(built(x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_calls_outside_bounds_are_input_errors(fp32):
     with pytest.raises(InputError, match=r"input 0 \('input_ids'\) dim 1 \('seq'\) is 49, outside its bounds 4\.\.48"):
         fp32(_ids(2, MAX_SEQ + 1))

@@ -7,8 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import graphopt
-from graphopt.models import BertStyleEncoder
 
 
 class _Scores(nn.Module):
@@ -45,26 +43,4 @@ def test_the_bmm_views_collapse_into_one_4d_matmul(dynamic):
     assert after.count("R.reshape(") == 0 and "R.broadcast_to(" not in after, after   # views and expands gone
 
 
-def test_an_encoder_with_the_pass_equals_one_without_bit_for_bit(monkeypatch):
-    """The rewrite keeps every output element's products and their order: the compiled encoder (dynamic and
-    static builds) is bit for bit the one built without it, and matches eager PyTorch."""
-    import tvm
-
-    from graphopt.backends.tvm import batch_matmul_views
-
-    torch.manual_seed(0)
-    enc = BertStyleEncoder(vocab=300, hidden=32, layers=1, heads=2, ffn=64, max_len=48).eval()
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    dims = {"batch": (1, 4), "seq": (4, 48)}
-    with_pass = {d: graphopt.optimize(enc, "x86", "cleanup", example_inputs=(ids,), dynamic=dims if d else None)
-                 for d in (False, True)}
-    monkeypatch.setattr(batch_matmul_views, "collapse_batched_matmul_views",
-                        lambda: tvm.transform.module_pass(lambda m, c: m, opt_level=0, name="Identity"))
-    without = {d: graphopt.optimize(enc, "x86", "cleanup", example_inputs=(ids,), dynamic=dims if d else None)
-               for d in (False, True)}
-    for d in (False, True):
-        for x in ([ids] + ([torch.randint(0, 300, (3, 21))] if d else [])):
-            with torch.no_grad():
-                ref = enc(x)
-            assert torch.equal(with_pass[d](x), without[d](x))
-            torch.testing.assert_close(with_pass[d](x), ref, rtol=1e-4, atol=1e-5)
+# The compiled encoder with and without the pass, bit for bit: tests/test_dynamic.py (reuses its dynamic build).
