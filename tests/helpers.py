@@ -22,6 +22,20 @@ def is_avx512_target(name: str) -> bool:
 X86_TARGETS = ["x86", "x86:haswell"] if is_avx512_target("x86") else ["x86"]
 
 
+def same_paths_as_host(name: str) -> bool:
+    """Whether graphopt's target `name` compiles the same code paths here as the host's own target "x86": the
+    same SIMD width and register count (what every schedule's tiles follow) and the same int8 path. True for
+    "x86:haswell" on an AVX2 host (x86 is then e.g. znver1): a test parametrized over both names, or one that
+    checks the AVX2 path next to the host's own builds, runs that code once there."""
+    from graphopt.backends.targets import resolve_target
+    from graphopt.backends.tvm.quant_lower import int8_path
+    from graphopt.backends.tvm.schedules import cpu_vector
+
+    host, spec = resolve_target("x86"), resolve_target(name)
+    return (spec.arch == host.arch == "x86_64" and int8_path(spec) == int8_path(host)
+            and cpu_vector(spec.tvm_target()) == cpu_vector(host.tvm_target()))
+
+
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (a fresh BN is identity)."""
     g = torch.Generator().manual_seed(1)

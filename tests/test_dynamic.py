@@ -79,12 +79,18 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
 
 
 @pytest.mark.parametrize("pipeline", ["cleanup", "cleanup,quantize(progress=false)"])
-def test_avx2_build_matches_at_every_shape(encoder, pipeline):
+def test_avx2_build_matches_at_every_shape(encoder, pipeline, request):
     """The AVX2 code path (x86:haswell, built on any x86 host): its row-wise kernels (the attention softmax
-    over a dynamic length too: RowGroups) and the int8 kernels match the fx graph at every shape."""
+    over a dynamic length too: RowGroups) and the int8 kernels match the fx graph at every shape. On an AVX2
+    host this file's own builds (fp32, int8: same pipelines, example and calibration) are that path."""
+    from tests.helpers import same_paths_as_host
+
     calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9), (1, 33))]
-    opt = graphopt.optimize(encoder, "x86:haswell", pipeline, example_inputs=(_ids(2, 16),), dynamic=DIMS,
-                            calibration=calib if "quantize" in pipeline else None)
+    if same_paths_as_host("x86:haswell"):
+        opt = request.getfixturevalue("int8" if "quantize" in pipeline else "fp32")
+    else:
+        opt = graphopt.optimize(encoder, "x86:haswell", pipeline, example_inputs=(_ids(2, 16),), dynamic=DIMS,
+                                calibration=calib if "quantize" in pipeline else None)
     kernels = opt.report.backend["kernels"]
     assert "2 RowGroups" in kernels and "DynamicRows" not in kernels, kernels   # layer norm and softmax
     for b, s in SHAPES + [(2, 9)]:
