@@ -1503,3 +1503,34 @@ def test_concat_at_a_symbolic_offset_is_exact(dtype):
         ref = np.zeros(shape[:2] + ((shape[2] + 3) // 4 * 4,), dtype)
         ref[:, :, :shape[2]] = a
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(a)).numpy(), ref)
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_boolean_producers_of_a_reduction_are_inlined(target):
+    """`(x == -inf).logical_not().any(-1)` (the row check of PyTorch's safe softmax, in every decomposed
+    nn.MultiheadAttention): PackedGemm takes the max-reduction and inlines the comparison chain into it, so no
+    kernel keeps a boolean buffer (left as loops of their own, LLVM spent seconds on their <N x i1> vectors on
+    AVX2). Outputs equal PyTorch's, rows of -inf included."""
+    class RowHasFinite(nn.Module):
+        def forward(self, x):
+            return (x == float("-inf")).logical_not().any(-1, keepdim=True)
+
+    x = torch.randn(1, 8, 7, 7)
+    x[0, 3, 2] = float("-inf")                      # a whole row of -inf
+    x[0, 5, 4, :3] = float("-inf")
+    captured = {}
+    original = schedules.apply_default_schedules
+
+    def keep(mod, tgt, rules=None):
+        out = original(mod, tgt, rules)
+        captured["mod"] = out[0]
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schedules, "apply_default_schedules", keep)
+        opt = graphopt.optimize(RowHasFinite().eval(), target=target, pipeline="", example_inputs=(x,))
+    assert "PackedGemm" in opt.report.backend["kernels"], opt.report.backend["kernels"]
+    for name, func in prim_funcs(captured["mod"]).items():
+        text = func.script()
+        assert not [line for line in text.splitlines() if "alloc_buffer" in line and '"bool")' in line], text
+    assert torch.equal(opt(x), RowHasFinite()(x))
