@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 
-
 class _Scores(nn.Module):
     """q @ kᵀ / sqrt(d) on (batch, heads, seq, d) tensors, then a softmax: what torch.export turns into
     expand + view + bmm + view."""

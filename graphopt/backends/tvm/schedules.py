@@ -961,7 +961,6 @@ class Injective(_CpuRule):
     transposes are tiled so both sides stay in cache (`_tile_transpose`)."""
 
     def _apply(self, func, target):
-
         vec = cpu_vector(target)
         sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
@@ -1521,7 +1520,6 @@ def is_scheduled(func) -> bool:
 
 def _inlining_oversized(func) -> bool:
     """Whether inlining every non-output block of `func` grows an expression past inline_budget.BUDGET."""
-
     try:
         sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
