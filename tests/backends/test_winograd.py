@@ -120,6 +120,22 @@ def test_random_shapes(h, wd, cb, kb, m, relu, residual, seed):
     assert np.abs(y - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1e-6)
 
 
+@pytest.mark.parametrize("m", [4, 2])
+@pytest.mark.parametrize("mcpu,lanes", [("haswell", 8), ("skylake-avx512", 16)])
+def test_transform_rows_are_stack_buffers_not_heap_workspaces(mcpu, lanes, m):
+    """The window, Bᵀ d and Aᵀ M rows the transforms keep (each under 1 KiB at 16 lanes) reach LLVM as
+    allocas, not TVMBackendAllocWorkspace calls (a heap allocation per tile); built only, on both widths.
+    The only workspaces are the output transform's direct fallback's three scalar indices (4 bytes each)."""
+    import re
+
+    for func, scalars in ((W.input_transform_kernel(1, 9, 7, 2 * lanes, m, lanes), 0),
+                          (W.output_transform_kernel(1, 9, 7, 2 * lanes, lanes, m, lanes, True, True), 3)):
+        src = _build(func, mcpu).mod.inspect_source("ll")
+        sizes = re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace.*\n.*\(i32 1, i32 %dev_id, i64 (\d+)", src)
+        assert sorted(sizes) == ["4"] * scalars, (mcpu, m, sizes)
+        assert "= alloca" in src
+
+
 def test_weight_transform_is_g_w_gt():
     """U = G w Gᵀ per (c, k): F(2x2, 3x3) on a 1x3 filter gives (g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2) per row."""
     w = np.zeros((3, 3, 1, 1), np.float32)
