@@ -124,15 +124,15 @@ def test_random_shapes(h, wd, cb, kb, m, relu, residual, seed):
 @pytest.mark.parametrize("mcpu,lanes", [("haswell", 8), ("skylake-avx512", 16)])
 def test_transform_rows_are_stack_buffers_not_heap_workspaces(mcpu, lanes, m):
     """The window, Bᵀ d and Aᵀ M rows the transforms keep (each under 1 KiB at 16 lanes) reach LLVM as
-    allocas, not TVMBackendAllocWorkspace calls (a heap allocation per tile); built only, on both widths.
-    The only workspaces are the output transform's direct fallback's three scalar indices (4 bytes each)."""
+    allocas, not TVMBackendAllocWorkspace calls (a heap allocation per tile); nor do the direct fallback's
+    tile indices (let-bound, each was a 4-byte workspace allocated and freed for every tile); built only, on
+    both widths."""
     import re
 
-    for func, scalars in ((W.input_transform_kernel(1, 9, 7, 2 * lanes, m, lanes), 0),
-                          (W.output_transform_kernel(1, 9, 7, 2 * lanes, lanes, m, lanes, True, True), 3)):
+    for func in (W.input_transform_kernel(1, 9, 7, 2 * lanes, m, lanes),
+                 W.output_transform_kernel(1, 9, 7, 2 * lanes, lanes, m, lanes, True, True)):
         src = _build(func, mcpu).mod.inspect_source("ll")
-        sizes = re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace.*\n.*\(i32 1, i32 %dev_id, i64 (\d+)", src)
-        assert sorted(sizes) == ["4"] * scalars, (mcpu, m, sizes)
+        assert not re.findall(r"@__TVMBackendAllocWorkspace", src), (mcpu, m)
         assert "= alloca" in src
 
 

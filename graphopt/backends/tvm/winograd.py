@@ -263,9 +263,9 @@ def winograd_output(M: T.Buffer(({a * a}, {p_total}, {k}), "float32"), F: T.Buff
         else:
             # a window with inf or NaN: the tile directly, as the convolution's own sum would propagate them
             for i, j in T.grid({m}, {m}):
-                nn = {nn}
-                y = {ty} * {m} + i
-                x = {tx} * {m} + j
+                nn = T.meta_var({nn})
+                y = T.meta_var({ty} * {m} + i)
+                x = T.meta_var({tx} * {m} + j)
                 if y < {h} and x < {w}:
                     for kv in range({k // lanes}):
                         acc = T.decl_buffer(({lanes},), "float32")
