@@ -175,6 +175,7 @@ def test_each_run_time_shape_is_built_once(encoder, fp32, monkeypatch):
     assert after["vm.builtin.alloc_tensor"] == before["vm.builtin.alloc_tensor"]
     assert torch.equal(fp32(x), plain(x))
 
+
 def test_collapsed_attention_matmuls_equal_the_uncollapsed_ones_bit_for_bit(encoder, fp32, monkeypatch):
     """batch_matmul_views.collapse_batched_matmul_views keeps every output element's products and their order:
     the compiled encoder (this file's dynamic build, and a static one) is bit for bit the one built without

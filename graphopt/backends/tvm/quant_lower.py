@@ -631,39 +631,40 @@ def bmm_dynamic_kernel(MT: int, path: str, scale: float, NT: int = 1):
                  Y: T.Buffer((BT, M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT * (NB // NT)):
+            b = T.meta_var(p // (NB // NT))                     # the batch x head this task computes
             for mo in range((M + MT - 1) // MT):
                 acc = T.decl_buffer((MT * NT * L,), "int32")
                 for t in T.unroll(MT * NT):
                     acc[T.ramp(t * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kb in range(KB):
                     for nt in T.unroll(NT):
+                        col = T.meta_var(p % (NB // NT) * NT + nt)     # the column block
                         for mi in T.unroll(MT):
+                            tile = T.meta_var((mi * NT + nt) * L)      # its accumulators in acc
+                            row = T.meta_var(T.min(mo * MT + mi, M - 1))
                             if fast:
-                                acc[T.ramp((mi * NT + nt) * L, 1, L)] = _dot4(
-                                    path, acc[T.ramp((mi * NT + nt) * L, 1, L)],
-                                    A.vload([p // (NB // NT), T.min(mo * MT + mi, M - 1), kb * 4], f"{a_dtype}x4"),
-                                    W.vload([p // (NB // NT), p % (NB // NT) * NT + nt, kb, 0, 0], f"int8x{4 * L}"),
-                                    exact)
+                                acc[T.ramp(tile, 1, L)] = _dot4(
+                                    path, acc[T.ramp(tile, 1, L)], A.vload([b, row, kb * 4], f"{a_dtype}x4"),
+                                    W.vload([b, col, kb, 0, 0], f"int8x{4 * L}"), exact)
                             else:
                                 for k in T.unroll(4):
                                     for j in T.vectorized(L):
-                                        acc[(mi * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + T.Cast(
-                                            "int32", A[p // (NB // NT), T.min(mo * MT + mi, M - 1), kb * 4 + k]
-                                        ) * T.Cast("int32", W[p // (NB // NT), p % (NB // NT) * NT + nt, kb, k, j])
+                                        acc[tile + j] = acc[tile + j] + T.Cast("int32", A[b, row, kb * 4 + k]) * \
+                                            T.Cast("int32", W[b, col, kb, k, j])
                 for mi in T.unroll(MT):
                     if mo * MT + mi < M:
                         for nt in T.unroll(NT):
-                            if (p % (NB // NT) * NT + nt) * L + L <= N:
+                            col = T.meta_var(p % (NB // NT) * NT + nt)
+                            tile = T.meta_var((mi * NT + nt) * L)
+                            if col * L + L <= N:
                                 for j in T.vectorized(L):
-                                    Y[p // (NB // NT), mo * MT + mi, (p % (NB // NT) * NT + nt) * L + j] = T.Cast(
-                                        "float32", acc[(mi * NT + nt) * L + j]
-                                        - C[p // (NB // NT), (p % (NB // NT) * NT + nt) * L + j]) * s
+                                    Y[b, mo * MT + mi, col * L + j] = T.Cast(
+                                        "float32", acc[tile + j] - C[b, col * L + j]) * s
                             else:
                                 for j in range(L):
-                                    if (p % (NB // NT) * NT + nt) * L + j < N:
-                                        Y[p // (NB // NT), mo * MT + mi, (p % (NB // NT) * NT + nt) * L + j] = \
-                                            T.Cast("float32", acc[(mi * NT + nt) * L + j]
-                                                   - C[p // (NB // NT), (p % (NB // NT) * NT + nt) * L + j]) * s
+                                    if col * L + j < N:
+                                        Y[b, mo * MT + mi, col * L + j] = T.Cast(
+                                            "float32", acc[tile + j] - C[b, col * L + j]) * s
     return qbmm_dyn
 
 
