@@ -236,23 +236,6 @@ def _metadata(zf: zipfile.ZipFile, path: str) -> dict:
     return meta
 
 
-# ISA extensions whose absence makes generated code fault (SIGILL); LLVM's tuning flags are not listed.
-_ISA_PREFIXES = ("avx", "fma", "f16c", "sse", "ssse", "amx", "bmi", "popcnt", "lzcnt", "movbe", "vpclmulqdq",
-                 "gfni", "vaes", "neon", "sve", "dotprod", "i8mm", "bf16", "fullfp16", "fp16fml")
-_ISA_EXACT = {"egpr", "ndd", "ccmp", "nf", "zu", "cf", "ppx", "push2pop2"}     # x86 APX (extra registers)
-_NOT_EMITTED = {"sse4a"}       # AMD-only; LLVM does not emit it for numeric code
-
-
-def _cpu_features(tvm_dict: dict) -> set[str] | None:
-    try:
-        import tvm
-        from tvm.target import codegen
-
-        return set(codegen.llvm_get_cpu_features(tvm.target.Target(tvm_dict)))
-    except Exception:
-        return None
-
-
 def _check_runnable(spec, path: str) -> None:
     """Refuse a target whose code cannot run here: other arch, missing CPU features, CUDA without a GPU
     (or with a GPU older than the code's architecture)."""
@@ -266,23 +249,13 @@ def _check_runnable(spec, path: str) -> None:
     cpu_dict = spec.tvm.get("host") if spec.kind == "cuda" else spec.tvm
     if not isinstance(cpu_dict, dict) or cpu_dict.get("kind") != "llvm":
         return
-    mcpu = cpu_dict.get("mcpu")
-    from .backends.targets import host_cpu
+    from .backends.targets import host_cpu, missing_instructions
 
-    here = host_cpu()
-    if not mcpu or mcpu in ("generic", here):
-        return
-    host_dict = {k: v for k, v in cpu_dict.items() if k not in ("mattr",)}
-    host_dict["mcpu"] = here
-    need, have = _cpu_features(cpu_dict), _cpu_features(host_dict)
-    if need is None or have is None:
-        return
-    missing = sorted(f for f in need - have
-                     if (f.startswith(_ISA_PREFIXES) or f in _ISA_EXACT) and f not in _NOT_EMITTED)
+    missing = missing_instructions(cpu_dict)
     if missing:
-        raise ArtifactError(f"artifact {path} was compiled for CPU '{mcpu}', which has instructions this "
-                            f"'{here}' CPU lacks ({', '.join(missing)}): it cannot run here; re-create it "
-                            f"with target='x86'")
+        raise ArtifactError(f"artifact {path} was compiled for CPU '{cpu_dict.get('mcpu')}', which has "
+                            f"instructions this '{host_cpu()}' CPU lacks ({', '.join(missing)}): it cannot run "
+                            f"here; re-create it with target='x86'")
 
 
 def load(path: str):

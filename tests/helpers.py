@@ -16,6 +16,26 @@ def is_avx512_target(name: str) -> bool:
     return spec.arch == "x86_64" and cpu_vector(spec.tvm_target()).lanes("float32") == 16
 
 
+def runs_here(target) -> bool:
+    """Whether this machine can run code built for `target`: a graphopt target name ("x86:skylake-avx512"), an
+    LLVM x86 CPU name ("skylake-avx512") or a TVM target dict. False when the code may use instructions this
+    CPU lacks (AVX-512 code on an AVX2 CPU dies of SIGILL and takes the test process with it), or when it is
+    another architecture's code."""
+    from graphopt.backends.targets import X86_TRIPLE, missing_instructions, resolve_target
+
+    if isinstance(target, str) and ":" not in target and target not in ("x86", "cpu", "host", "arm", "cuda"):
+        target = {"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": target}
+    if isinstance(target, str):
+        spec = resolve_target(target)
+        if not spec.is_host:
+            return False
+        target = spec.tvm
+    target = dict(target.export()) if hasattr(target, "export") else dict(target)
+    if target.get("kind") != "llvm":
+        return False
+    return missing_instructions(target) == []
+
+
 def same_paths_as_host(name: str) -> bool:
     """Whether graphopt's target `name` compiles the same code paths here as the host's own target "x86": the
     same SIMD width and register count (what every schedule's tiles follow) and the same int8 path. True for

@@ -299,3 +299,22 @@ def test_save_refuses_a_foreign_target_without_cross_compiler(tmp_path, monkeypa
     with pytest.raises(ArtifactError, match="no cross compiler"):
         opt.save(path)
     assert not os.path.exists(path) and os.listdir(tmp_path) == []
+
+
+def test_missing_instructions_names_the_instruction_sets_not_the_tuning_flags(monkeypatch):
+    """What refuses an artifact (and what the tests check before running code built for a fixed CPU): the
+    instruction sets the code's CPU has and this one lacks; LLVM's tuning flags (e.g. 'fast-gather') are not
+    instructions. Decided against a stand-in host CPU, so the answer does not depend on this machine."""
+    import graphopt.backends.targets as targets
+    from tests.helpers import runs_here
+
+    monkeypatch.setattr(targets, "host_cpu", lambda: "haswell")
+    missing = targets.missing_instructions({"kind": "llvm", "mtriple": targets.X86_TRIPLE, "mcpu": "skylake-avx512"})
+    assert {"avx512f", "avx512bw", "avx512vl"} <= set(missing)
+    assert all(f.startswith(("avx", "sse", "fma", "bmi", "f16c", "popcnt", "lzcnt", "movbe")) for f in missing)
+    assert "fast-gather" not in missing
+    for older in ("haswell", "x86-64", "nehalem"):
+        assert targets.missing_instructions({"kind": "llvm", "mtriple": targets.X86_TRIPLE, "mcpu": older}) == []
+    assert not runs_here("x86:skylake-avx512") and not runs_here("cascadelake") and runs_here("x86:haswell")
+    monkeypatch.setattr(targets, "host_cpu", lambda: "skylake-avx512")
+    assert runs_here("skylake-avx512") and runs_here("haswell") and not runs_here("x86:icelake-server")

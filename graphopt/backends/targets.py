@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import GraphoptError
 
 __all__ = ["TargetSpec", "resolve_target", "host_cpu", "physical_cores", "cuda_available", "gpu_mismatch",
-           "vector_channels"]
+           "vector_channels", "missing_instructions"]
 
 ARM_TRIPLE = "aarch64-linux-gnu"
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -79,6 +79,40 @@ def host_cpu() -> str:
     except Exception:
         return "generic"
     return cpu if cpu and codegen.llvm_is_valid_cpu(cpu, _host_triple()) else "generic"
+
+
+# LLVM CPU features that are instruction sets (not tuning flags such as 'fast-gather' or 'slow-3ops-lea').
+_ISA_PREFIXES = ("avx", "fma", "f16c", "sse", "ssse", "amx", "bmi", "popcnt", "lzcnt", "movbe", "vpclmulqdq",
+                 "gfni", "vaes", "neon", "sve", "dotprod", "i8mm", "bf16", "fullfp16", "fp16fml")
+_ISA_EXACT = {"egpr", "ndd", "ccmp", "nf", "zu", "cf", "ppx", "push2pop2"}     # x86 APX (extra registers)
+_NOT_EMITTED = {"sse4a"}       # AMD-only; LLVM does not emit it for numeric code
+
+
+def _cpu_features(tvm_dict: dict) -> set[str] | None:
+    try:
+        import tvm
+        from tvm.target import codegen
+
+        return set(codegen.llvm_get_cpu_features(tvm.target.Target(tvm_dict)))
+    except Exception:
+        return None
+
+
+def missing_instructions(cpu_dict: dict) -> list[str] | None:
+    """The instruction sets that code built for the LLVM target `cpu_dict` ({"kind": "llvm", "mcpu": ...}) may
+    use and this machine's CPU lacks (e.g. ['avx512bw', 'avx512f', ...] for "skylake-avx512" code on an AVX2
+    CPU), sorted; [] when it can run here; None when LLVM cannot tell (no mcpu, or an unknown one)."""
+    mcpu = cpu_dict.get("mcpu")
+    here = host_cpu()
+    if not mcpu or mcpu in ("generic", here):
+        return []
+    host_dict = {k: v for k, v in cpu_dict.items() if k != "mattr"}
+    host_dict["mcpu"] = here
+    need, have = _cpu_features(cpu_dict), _cpu_features(host_dict)
+    if need is None or have is None:
+        return None
+    return sorted(f for f in need - have
+                  if (f.startswith(_ISA_PREFIXES) or f in _ISA_EXACT) and f not in _NOT_EMITTED)
 
 
 def _host_triple() -> str:
