@@ -79,17 +79,13 @@ _GROUP_OF = {path: group for group, paths in WORKER_GROUPS.items() for path in p
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """loadfile scheduling with the files of each WORKER_GROUPS entry as one work unit."""
+    """loadfile scheduling with the files of each WORKER_GROUPS entry as one work unit (tests/xdist_grouping.py:
+    also finishes a crashed worker's file on its replacement instead of hanging)."""
     if config.getoption("dist") != "loadfile":
         return None
-    from xdist.scheduler import LoadFileScheduling
+    from tests.xdist_grouping import GroupedFileScheduling
 
-    class GroupedFileScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = super()._split_scope(nodeid)
-            return _GROUP_OF.get(path, path)
-
-    return GroupedFileScheduling(config, log)
+    return GroupedFileScheduling(config, log, groups=_GROUP_OF)
 
 
 # ------------------------------------------------------------------------- builds shared across test files

@@ -68,3 +68,39 @@ def test_files_sharing_a_session_fixture_are_one_worker_group():
     for group, paths in WORKER_GROUPS.items():
         for path in paths:
             assert (ROOT / path).is_file(), f"WORKER_GROUPS[{group!r}] names {path}, which does not exist"
+
+
+_CRASH_CONFTEST = '''
+import sys
+sys.path.insert(0, {root!r})
+import pytest
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from tests.xdist_grouping import GroupedFileScheduling
+    return GroupedFileScheduling(config, log, groups={{"test_b.py": "bc", "test_c.py": "bc"}})
+'''
+
+
+def test_a_worker_that_dies_in_a_test_fails_that_test_once_and_the_run_ends(tmp_path):
+    """A test that kills its xdist worker (SIGILL: code for instructions this CPU lacks) is reported failed, named,
+    once; the rest of its file and group runs on the replacement worker; the run ends. xdist 3.8's own loadfile
+    scheduler hangs here (the replacement waits for work that never comes) or re-runs the crashing test."""
+    import subprocess
+    import sys
+
+    (tmp_path / "conftest.py").write_text(_CRASH_CONFTEST.format(root=str(ROOT)))
+    (tmp_path / "test_a.py").write_text("def test_1(): pass\ndef test_2(): pass\ndef test_3(): pass\n")
+    (tmp_path / "test_b.py").write_text("import os, signal\n"
+                                        "def test_before(): pass\n"
+                                        "def test_crash(): os.kill(os.getpid(), signal.SIGILL)\n"
+                                        "def test_after(): pass\n")
+    (tmp_path / "test_c.py").write_text("def test_last(): pass\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", "-p", "no:randomly",
+                          "-p", "no:cacheprovider", "-rf", "test_a.py", "test_b.py", "test_c.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "1 failed, 6 passed" in out, out
+    assert "crashed while running 'test_b.py::test_crash'" in out, out
