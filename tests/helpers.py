@@ -16,11 +16,10 @@ def is_avx512_target(name: str) -> bool:
     return spec.arch == "x86_64" and cpu_vector(spec.tvm_target()).lanes("float32") == 16
 
 
-def runs_here(target) -> bool:
-    """Whether this machine can run code built for `target`: a graphopt target name ("x86:skylake-avx512"), an
-    LLVM x86 CPU name ("skylake-avx512") or a TVM target dict. False when the code may use instructions this
-    CPU lacks (AVX-512 code on an AVX2 CPU dies of SIGILL and takes the test process with it), or when it is
-    another architecture's code."""
+def instructions_missing_here(target) -> list[str]:
+    """The instruction sets code built for `target` may use that this machine lacks: `target` is a graphopt
+    target name ("x86:skylake-avx512"), an LLVM x86 CPU name ("skylake-avx512") or a TVM target (dict). Code of
+    another architecture, or one LLVM cannot place, counts as missing its whole architecture."""
     from graphopt.backends.targets import X86_TRIPLE, missing_instructions, resolve_target
 
     if isinstance(target, str) and ":" not in target and target not in ("x86", "cpu", "host", "arm", "cuda"):
@@ -28,12 +27,19 @@ def runs_here(target) -> bool:
     if isinstance(target, str):
         spec = resolve_target(target)
         if not spec.is_host:
-            return False
+            return [spec.arch or spec.kind]
         target = spec.tvm
     target = dict(target.export()) if hasattr(target, "export") else dict(target)
     if target.get("kind") != "llvm":
-        return False
-    return missing_instructions(target) == []
+        return [target.get("kind", "?")]
+    missing = missing_instructions(target)
+    return [f"(LLVM cannot tell what {target.get('mcpu')} has)"] if missing is None else missing
+
+
+def runs_here(target) -> bool:
+    """Whether this machine can run code built for `target` (see instructions_missing_here): AVX-512 code on an
+    AVX2 CPU dies of SIGILL and takes the test process with it."""
+    return not instructions_missing_here(target)
 
 
 def same_paths_as_host(name: str) -> bool:

@@ -98,7 +98,7 @@ tvm = pytest.importorskip("tvm")
 from graphopt.backends.targets import resolve_target  # noqa: E402
 from graphopt.backends.tvm.quant_lower import int8_path  # noqa: E402
 from tests.helpers import X86_TARGETS, is_avx512_target  # noqa: E402
-from tests.quant.test_int8_paths import asm_of, built_layers  # noqa: E402
+from tests.quant.test_int8_paths import _skip_unless_runs_here, asm_of, built_layers  # noqa: E402
 
 # (rows M, in K, out N, group): one row (GEMV tile, two accumulator sets), a few rows, rows past one register
 # tile with a tail; ragged last groups (K % group), odd K and N, per channel (None), a group past 1,024 inputs
@@ -150,6 +150,7 @@ def built(request):
 
 def test_kernels_match_the_reference(built):
     target, module, args, compiled, _, lowered = built
+    _skip_unless_runs_here(target)
     assert f"w4a8_linear:{int8_path(resolve_target(target))}×" in lowered.quant
     with torch.no_grad():
         refs = module(*args)
@@ -175,6 +176,7 @@ def test_kernels_use_the_paths_integer_dot_products(built):
 
 def test_kernels_give_nan_rows_for_non_finite_inputs_like_the_reference(built):
     target, module, args, compiled, _, _ = built
+    _skip_unless_runs_here(target)
     args = [x.clone() for x in args]
     args[3][1, 5], args[3][4, 250] = float("nan"), float("-inf")
     with torch.no_grad():
@@ -233,7 +235,8 @@ def test_portable_relax_lowering_and_artifact_round_trip(tmp_path):
 def test_worst_case_products_do_not_saturate(built):
     """Every nibble 15 against activations of ±127 everywhere: the largest int16 sums the pair paths form
     (4 x 2·15·127 = 15,240 per lane) are exact."""
-    _, module, args, compiled, _, _ = built
+    target, module, args, compiled, _, _ = built
+    _skip_unless_runs_here(target)
     layer, x = module.worst, args[-1]
     assert int(unpack_int4(layer.weight_q, 256).min()) == 15 and not layer.zeros.any()
     got = compiled(*args)[-1]
