@@ -263,8 +263,12 @@ def main(argv=None):
                     help="also build quantize(reduce_range=false): [-127, 127] weights (exact pair split on avx2)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    set_threads(physical_cores())
     os.makedirs(args.out, exist_ok=True)
+    import isa_peak
+
+    ceiling = isa_peak.measure()           # before the thread pools start: one thread, an idle machine
+    print(isa_peak.summary(ceiling), flush=True)
+    set_threads(physical_cores())
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"{name}:", flush=True)
         if name == "digits":
@@ -274,6 +278,7 @@ def main(argv=None):
         else:
             spec = model_zoo(name)
         res = bench_model(name, spec, args)
+        res["int8_ceiling"] = ceiling
         print_table(res)
         with open(os.path.join(args.out, f"quantize_{name}.json"), "w") as f:
             json.dump(res, f, indent=2)

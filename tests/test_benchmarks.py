@@ -90,3 +90,29 @@ def test_run_py_tuned_variant_reports_tuning_then_reuses_records(tmp_path):
         assert v["rel_diff"] < 1e-3
     assert first["new_trials"] > 0 and _finite_positive(first["tuning_s"])
     assert second["new_trials"] == 0 and second["reused_records"] >= first["new_trials"]
+
+
+def test_isa_peak_measures_the_int8_paths_this_cpu_runs(monkeypatch):
+    """benchmarks/isa_peak.py (the int8 ceiling bench_quantize prints): a positive rate for every int8 path whose
+    instructions this CPU has (avx2 on any x86 graphopt supports; the 512-bit ones where AVX-512 is), none for
+    the others; a typed answer, not a crash, without a C compiler. Rates are not checked (no timing here)."""
+    import platform
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import isa_peak
+
+    if platform.machine() != "x86_64":
+        assert "error" in isa_peak.measure(rounds=1, iters=1000)
+        return
+    from tests.helpers import runs_here
+
+    m = isa_peak.measure(rounds=1, iters=200_000)
+    paths = {p["path"]: p for p in m["paths"]}
+    assert "avx2" in paths
+    assert ("avx512bw" in paths) == runs_here("skylake-avx512") and ("vnni" in paths) == runs_here("cascadelake")
+    for p in paths.values():
+        assert _finite_positive(p["int8"]) and _finite_positive(p["fp32"]) and _finite_positive(p["ratio"])
+    assert isa_peak.summary(m).startswith("int8 ceiling, path avx2:")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    m = isa_peak.measure(rounds=1, iters=1000)
+    assert "/nonexistent/cc" in m["error"] and "not measured" in isa_peak.summary(m)

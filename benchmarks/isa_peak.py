@@ -1,0 +1,189 @@
+"""The int8 ceiling of this CPU: how fast its multiply-accumulate instructions run, int8 against float32.
+
+    python benchmarks/isa_peak.py
+
+An int8 build can only beat float32 on a compute-bound layer (a 3x3 conv, a large GEMM) by as much as the CPU's
+integer multiply-add rate exceeds its float32 FMA rate. That ratio is a property of the core, not of the
+compiler, and it varies: on AVX2 without VNNI the u8·s8 sequence is `vpmaddubsw` (pairs -> int16) +
+`vpmaddwd` (-> int32) + `vpaddd`, whose two multiplies share the integer-multiply pipes, while the float32
+side has two FMA pipes. This script times each sequence in a register-resident loop (no memory traffic; six
+to ten independent accumulators, enough to cover every latency), one thread, with the system C compiler, and
+prints giga multiply-accumulates per second per core and the int8 / float32 ratio per int8 path graphopt has
+(avx2, avx512bw, vnni). Paths whose instructions this CPU lacks are skipped. Memory-bound layers (batch-1
+Linear, depthwise convs) are not bounded by this: int8 moves a quarter of float32's bytes there.
+
+Needs a C compiler (`cc`, gcc or clang, with x86 intrinsics); on other machines it prints why it cannot run.
+`measure()` returns the figures for other benchmarks (bench_quantize prints them in its header).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static volatile long sink;
+#ifndef ITERS
+#define ITERS 40000000L
+#endif
+/* Each loop keeps its inputs in registers; the empty asm makes the compiler treat them as changed every
+   iteration, so nothing is hoisted or folded. MAC counts: products per instruction sequence. */
+
+__attribute__((target("avx2,fma"))) static double fp32_ymm(void) {
+    __m256 f[10]; __m256 x = _mm256_set1_ps(1.0001f), y = _mm256_set1_ps(0.9999f);
+    _Pragma("GCC unroll 10")
+    for (int i = 0; i < 10; i++) f[i] = _mm256_set1_ps(i * 1e-3f);
+    double t = now();
+    for (long n = 0; n < ITERS; n++) {
+        _Pragma("GCC unroll 10")
+        for (int i = 0; i < 10; i++) f[i] = _mm256_fmadd_ps(f[i], x, y);
+        __asm__ volatile("" : "+x"(x), "+x"(y));
+    }
+    t = now() - t; float s = 0; for (int i = 0; i < 10; i++) s += f[i][0]; sink = (long)s;
+    return (double)ITERS * 10 * 8 / t / 1e9;
+}
+
+__attribute__((target("avx2"))) static double u8s8_ymm(void) {
+    __m256i acc[6], u[6]; __m256i w = _mm256_set1_epi8(2), ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < 6; i++) { acc[i] = _mm256_set1_epi32(i); u[i] = _mm256_set1_epi8(i + 1); }
+    double t = now();
+    for (long n = 0; n < ITERS; n++) {
+        _Pragma("GCC unroll 6")
+        for (int i = 0; i < 6; i++)
+            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], w), ones));
+        __asm__ volatile("" : "+x"(u[0]), "+x"(u[1]), "+x"(u[2]), "+x"(u[3]), "+x"(u[4]), "+x"(u[5]));
+    }
+    t = now() - t; long s = 0; for (int i = 0; i < 6; i++) s += _mm256_extract_epi32(acc[i], 0); sink = s;
+    return (double)ITERS * 6 * 32 / t / 1e9;
+}
+
+__attribute__((target("avx512f"))) static double fp32_zmm(void) {
+    __m512 f[12]; __m512 x = _mm512_set1_ps(1.0001f), y = _mm512_set1_ps(0.9999f);
+    _Pragma("GCC unroll 12")
+    for (int i = 0; i < 12; i++) f[i] = _mm512_set1_ps(i * 1e-3f);
+    double t = now();
+    for (long n = 0; n < ITERS; n++) {
+        _Pragma("GCC unroll 12")
+        for (int i = 0; i < 12; i++) f[i] = _mm512_fmadd_ps(f[i], x, y);
+        __asm__ volatile("" : "+v"(x), "+v"(y));
+    }
+    t = now() - t; float s = 0; for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(f[i]); sink = (long)s;
+    return (double)ITERS * 12 * 16 / t / 1e9;
+}
+
+__attribute__((target("avx512bw"))) static double u8s8_zmm(void) {
+    __m512i acc[8], u[8]; __m512i w = _mm512_set1_epi8(2), ones = _mm512_set1_epi16(1);
+    for (int i = 0; i < 8; i++) { acc[i] = _mm512_set1_epi32(i); u[i] = _mm512_set1_epi8(i + 1); }
+    double t = now();
+    for (long n = 0; n < ITERS; n++) {
+        _Pragma("GCC unroll 8")
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm512_add_epi32(acc[i], _mm512_madd_epi16(_mm512_maddubs_epi16(u[i], w), ones));
+        __asm__ volatile("" : "+v"(u[0]), "+v"(u[1]), "+v"(u[2]), "+v"(u[3]), "+v"(u[4]), "+v"(u[5]),
+                         "+v"(u[6]), "+v"(u[7]));
+    }
+    t = now() - t; long s = 0; for (int i = 0; i < 8; i++) s += _mm512_reduce_add_epi32(acc[i]); sink = s;
+    return (double)ITERS * 8 * 64 / t / 1e9;
+}
+
+__attribute__((target("avx512vnni,avx512f"))) static double vnni_zmm(void) {
+    __m512i acc[10]; __m512i u = _mm512_set1_epi8(3), w = _mm512_set1_epi8(2);
+    _Pragma("GCC unroll 10")
+    for (int i = 0; i < 10; i++) acc[i] = _mm512_set1_epi32(i);
+    double t = now();
+    for (long n = 0; n < ITERS; n++) {
+        _Pragma("GCC unroll 10")
+        for (int i = 0; i < 10; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], u, w);
+        __asm__ volatile("" : "+v"(u), "+v"(w));
+    }
+    t = now() - t; long s = 0; for (int i = 0; i < 10; i++) s += _mm512_reduce_add_epi32(acc[i]); sink = s;
+    return (double)ITERS * 10 * 64 / t / 1e9;
+}
+
+int main(int argc, char **argv) {
+    __builtin_cpu_init();
+    for (int a = 1; a < argc; a++) {
+        const char *k = argv[a]; double g = -1;
+        if (!strcmp(k, "fp32_ymm") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2")) g = fp32_ymm();
+        else if (!strcmp(k, "u8s8_ymm") && __builtin_cpu_supports("avx2")) g = u8s8_ymm();
+        else if (!strcmp(k, "fp32_zmm") && __builtin_cpu_supports("avx512f")) g = fp32_zmm();
+        else if (!strcmp(k, "u8s8_zmm") && __builtin_cpu_supports("avx512bw")) g = u8s8_zmm();
+        else if (!strcmp(k, "vnni_zmm") && __builtin_cpu_supports("avx512vnni")) g = vnni_zmm();
+        printf("%s %.3f\n", k, g);
+        fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+# graphopt's x86 int8 paths: (path, int8 sequence, the float32 FMA it competes with, what they are).
+PATHS = [("avx2", "u8s8_ymm", "fp32_ymm", "vpmaddubsw + vpmaddwd + vpaddd, 256-bit, vs vfmadd231ps ymm"),
+         ("avx512bw", "u8s8_zmm", "fp32_zmm", "vpmaddubsw + vpmaddwd + vpaddd, 512-bit, vs vfmadd231ps zmm"),
+         ("vnni", "vnni_zmm", "fp32_zmm", "vpdpbusd zmm vs vfmadd231ps zmm")]
+
+
+def measure(rounds: int = 3, iters: int = 40_000_000) -> dict:
+    """{"kernels": {name: GMAC/s per core, best of `rounds`}, "paths": [{path, int8, fp32, ratio, what}]} for
+    the kernels this CPU runs; {"error": why} where it cannot be measured (no C compiler, not x86). `iters`:
+    loop trips per kernel (40M: about a second each)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {"error": f"x86 only (this machine is {platform.machine()})"}
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return {"error": "no C compiler (cc / gcc / clang) on PATH"}
+    if not shutil.which(cc):
+        return {"error": f"the C compiler {cc!r} ($CC) is not there"}
+    names = sorted({k for _, a, b, _ in PATHS for k in (a, b)})
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "isa_peak.c"), os.path.join(tmp, "isa_peak")
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        build = subprocess.run([cc, "-O2", f"-DITERS={int(iters)}L", src, "-o", exe], capture_output=True, text=True)
+        if build.returncode:
+            return {"error": f"{cc} could not build the kernels: {build.stderr.strip()[-400:]}"}
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            out = subprocess.run([exe, *names], capture_output=True, text=True, check=True).stdout
+            for line in out.split("\n"):
+                if line.strip():
+                    k, g = line.split()
+                    if float(g) > 0:
+                        best[k] = max(best.get(k, 0.0), float(g))
+    paths = [{"path": p, "int8": best[a], "fp32": best[b], "ratio": best[a] / best[b], "what": what}
+             for p, a, b, what in PATHS if a in best and b in best]
+    return {"kernels": best, "paths": paths}
+
+
+def summary(m: dict) -> str:
+    """One line per int8 path for a benchmark's header."""
+    if "error" in m:
+        return f"int8 ceiling not measured: {m['error']}"
+    return "\n".join(f"int8 ceiling, path {p['path']}: {p['int8']:.1f} G int8 MAC/s vs {p['fp32']:.1f} G float32 "
+                     f"MAC/s per core = {p['ratio']:.2f}x ({p['what']})" for p in m["paths"])
+
+
+def main() -> int:
+    m = measure()
+    if "error" in m:
+        print(summary(m))
+        return 1
+    from graphopt.backends.targets import host_cpu
+
+    print(f"CPU: LLVM '{host_cpu()}', one thread, register-resident loops (best of 3)")
+    print(summary(m))
+    print("A compute-bound int8 layer can run at most that ratio faster than the same layer in float32 at the same "
+          "fraction of peak; memory-bound layers are not bounded by it.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
