@@ -925,6 +925,7 @@ def test_channel_wise_kernels_take_channel_blocks_innermost(make, shape, channel
 @pytest.mark.parametrize("make, shape, small", [
     (lambda: nn.Sequential(nn.Conv2d(16, 96, 1), nn.ReLU6()), (1, 16, 12, 12), True),      # 6 KiB of weights
     (lambda: nn.Sequential(nn.Conv2d(96, 24, 1), nn.ReLU()), (1, 96, 12, 12), True),
+    (lambda: nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU()), (1, 64, 8, 8), True),  # 288 K
     (lambda: nn.Sequential(nn.Conv2d(128, 256, 3, padding=1), nn.ReLU()), (1, 128, 6, 6), False),   # 1.1 MiB
 ])
 def test_kernels_with_small_weights_take_pixel_tiles_outermost(make, shape, small):
