@@ -494,3 +494,75 @@ def test_variant_check_measures_an_approximation_on_the_calibration_data_too():
     with pytest.raises(PassError, match=r"test_wrong_at_other_sizes.*not at input shape\(s\) \(1, 16, 8\)"):
         graphopt.optimize(model, "torch", "test_wrong_at_other_sizes", example_inputs=(x.repeat(2, 1, 1),),
                           dynamic={"x": {0: "batch"}, "batch": (1, 8)}, calibration=[c[:1] for c in calib])
+
+
+class _TwoInputs(nn.Module):
+    """Two float inputs sharing the dynamic dims (batch, seq): no index bound, so every call can take the
+    per-call check's fast path."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        return self.proj(x) + y
+
+
+@pytest.fixture(scope="module")
+def two_inputs():
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    dims = {"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}, "batch": (1, 4), "seq": (2, 9)}
+    return model, graphopt.optimize(model, "x86", "cleanup", example_inputs=(torch.randn(2, 5, 8),
+                                                                              torch.randn(2, 5, 4)), dynamic=dims)
+
+
+def test_the_per_call_fast_path_accepts_exactly_what_the_full_check_accepts(two_inputs):
+    """A dynamic module's call checks its inputs in a fast path (dtype, static dims, each dynamic dim inside
+    its bounds and equal across the inputs sharing it) and runs the full check, which names what is wrong,
+    only when that fails: the two agree on every combination of sizes in and out of bounds, shared dims that
+    disagree, a wrong feature size, rank or dtype; and what the fast path accepts runs and equals eager."""
+    import itertools
+
+    model, opt = two_inputs
+    compiled = opt.compiled
+    cases = []
+    for bx, by, sx, sy in itertools.product((0, 1, 4, 5), (1, 4), (1, 2, 9, 10), (2, 9)):
+        cases.append((torch.randn(bx, sx, 8), torch.randn(by, sy, 4)))
+    cases += [(torch.randn(2, 5, 7), torch.randn(2, 5, 4)), (torch.randn(2, 5, 8), torch.randn(2, 5, 4, 1)),
+              (torch.randn(2, 5, 8).double(), torch.randn(2, 5, 4)), (torch.randn(5, 8), torch.randn(2, 5, 4))]
+    accepted = 0
+    for args in cases:
+        try:
+            compiled.check_inputs(args)
+            full = True
+        except InputError:
+            full = False
+        assert compiled._matches(args) == full, [tuple(a.shape) for a in args]
+        if full:
+            accepted += 1
+            with torch.no_grad():
+                torch.testing.assert_close(opt(*args), model(*args), rtol=1e-5, atol=1e-5)
+        else:
+            with pytest.raises(InputError):
+                opt(*args)
+    assert 0 < accepted < len(cases)
+
+
+def test_the_fast_path_checks_index_inputs_like_the_full_check(fp32):
+    """Token ids (an index input: embedding rows 0..VOCAB-1) take the fast path too, which also checks their
+    range; an id out of range falls to the full check, whose InputError names input, position and value."""
+    compiled = fp32.compiled
+    for low, high in ((0, VOCAB - 1), (0, VOCAB), (-1, 5), (3, 3)):
+        ids = _ids(2, 9)
+        ids[0, 0], ids[1, 8] = low, high
+        try:
+            compiled.check_inputs((ids,))
+            full = True
+        except InputError:
+            full = False
+        assert compiled._matches((ids,)) == full == (low >= 0 and high < VOCAB)
+    bad = _ids(2, 9)
+    bad[1, 3] = VOCAB
+    with pytest.raises(InputError, match=rf"input 0: index {VOCAB} at position \(1, 3\) is out of range"):
+        fp32(bad)

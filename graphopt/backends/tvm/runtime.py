@@ -54,8 +54,9 @@ class CompiledModule:
         self.dynamic = dynamic          # graphopt.dynamic.DynamicSpec: dims that may vary, with bounds (or None)
         self._vm = None
         self._main = None
-        # per input (torch dtype, shape) for the per-call check's fast path (a mismatch takes the full check)
-        self._fast = [(s.torch_dtype, tuple(s.shape)) if s.index_bound is None else None for s in self.inputs]
+        # per input (torch dtype, shape, dynamic dims) for the per-call check's fast path (a mismatch takes the
+        # full check, which names what is wrong)
+        self._fast = [self._fast_spec(s) for s in self.inputs]
         self._single = self._tree.is_leaf() and not self.const_outputs     # the model returns one tensor
         if spec.is_host:
             self._ensure_vm()          # fail now, not at the first call, if the code cannot be loaded
@@ -112,15 +113,49 @@ class CompiledModule:
         if self.dynamic:
             self.dynamic.check(args, [s.name for s in self.inputs])
 
+    def _fast_spec(self, s: TensorSpec):
+        """(torch dtype, shape, dynamic, index bound) of input `s` for _matches: shape holds an int per static
+        dim and (name, min, max) per dynamic one, `dynamic` says whether any dim is, the index bound is None
+        or the row count an index input must stay below; None (always the full check) for a dim this module
+        has no bounds for."""
+        dims = []
+        for d in s.shape:
+            if isinstance(d, str):
+                b = self.dynamic.dims.get(d) if self.dynamic is not None else None
+                if b is None:
+                    return None
+                dims.append((d, int(b.min), int(b.max)))
+            else:
+                dims.append(int(d))
+        return s.torch_dtype, tuple(dims), any(isinstance(d, tuple) for d in dims), s.index_bound
+
     def _matches(self, args: Sequence[Any]) -> bool:
-        """The per-call fast path of check_inputs: True when every input is a CPU tensor of the compiled
-        dtype and shape (and no index bound applies); False means "run the full check"."""
+        """The per-call fast path of check_inputs: True when every input is a CPU tensor of the compiled dtype
+        and shape, each dynamic dim inside its bounds and equal wherever inputs share it, and an index input's
+        values in range; False means "run the full check" (which names what is wrong). The full check cost a
+        dynamic module 14 us per call."""
         if len(args) != len(self._fast) or self.spec.kind != "llvm":
             return False
+        seen: dict[str, int] = {}
         for x, fast in zip(args, self._fast):
-            if fast is None or not isinstance(x, torch.Tensor) or x.dtype is not fast[0] or not x.is_cpu \
-                    or x.shape != fast[1]:
+            if fast is None or not isinstance(x, torch.Tensor) or x.dtype is not fast[0] or not x.is_cpu:
                 return False
+            if not fast[2]:
+                if x.shape != fast[1]:
+                    return False
+            elif x.dim() != len(fast[1]):
+                return False
+            else:
+                for got, want in zip(x.shape, fast[1]):
+                    if type(want) is int:
+                        if got != want:
+                            return False
+                    elif not want[1] <= got <= want[2] or seen.setdefault(want[0], got) != got:
+                        return False
+            if fast[3] is not None and x.numel():
+                lo, hi = torch.aminmax(x)           # 5 us on 16 ids; the full check's three ops took 14
+                if int(lo) < 0 or int(hi) >= fast[3]:
+                    return False
         return True
 
     @staticmethod
