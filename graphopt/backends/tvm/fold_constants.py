@@ -67,23 +67,14 @@ def _fold_once(mod):
     import tvm
     from tvm import relax
 
-    call_tir_op = tvm.ir.Op.get("relax.call_tir")
     calls, bound = [], {}
-
-    @relax.expr_functor.visitor
-    class _Collect(relax.PyExprVisitor):
-        def visit_var_binding_(self, binding):
-            bound[binding.var] = binding.value
-            super().visit_var_binding_(binding)
-
-        def visit_call_(self, call):
-            if _foldable(call, call_tir_op, mod, bound) is not None:
-                calls.append(call)
-            super().visit_call_(call)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            _Collect().visit_expr(func)
+    _STATE.update(mod=mod, calls=calls, bound=bound, op=tvm.ir.Op.get("relax.call_tir"))
+    try:
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                _collector()().visit_expr(func)
+    finally:
+        _STATE.clear()
     if not calls:
         return mod, 0
     names, funcs = {}, {}
@@ -109,19 +100,61 @@ def _fold_once(mod):
         fns[names[call.args[0].name_hint]](*[_constant(a, bound).value for a in call.args[1].fields], y)
         results[call] = relax.const(y)
 
-    @relax.expr_functor.mutator
-    class _Replace(relax.PyExprMutator):
-        def visit_call_(self, call):
-            if call in results:
-                return results[call]
-            return super().visit_call_(call)
-
     # a new module (the pass's input stays as it was: IRModule item assignment changes a module in place)
     out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out_mod[gv] = _Replace(out_mod).visit_expr(func)
+    _STATE.update(folded=results)
+    try:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                out_mod[gv] = _replacer()(out_mod).visit_expr(func)
+    finally:
+        _STATE.clear()
     return out_mod, len(calls)
+
+
+# The visitor that finds the foldable calls and the mutator that puts each folded constant in its place are one
+# class each per process, and reach the round's module, bindings and results through _STATE, emptied after
+# each use. Classes made per call (closing over that call's data) were never freed, with what they closed over
+# (the TVM object behind a derived visitor refers back to its Python methods): the module's weights and each
+# round's folded constants, ~45 MB per round for ResNet-18, so a process building many models grew by ~90 MB per
+# ResNet-18 build (the slow torchvision sweep's worker reached 12 GB and was OOM-killed).
+_STATE: dict = {}
+_CLASSES: dict = {}
+
+
+def _collector():
+    if "collect" not in _CLASSES:
+        from tvm import relax
+
+        @relax.expr_functor.visitor
+        class _Collect(relax.PyExprVisitor):
+            def visit_var_binding_(self, binding):
+                _STATE["bound"][binding.var] = binding.value
+                super().visit_var_binding_(binding)
+
+            def visit_call_(self, call):
+                if _foldable(call, _STATE["op"], _STATE["mod"], _STATE["bound"]) is not None:
+                    _STATE["calls"].append(call)
+                super().visit_call_(call)
+
+        _CLASSES["collect"] = _Collect
+    return _CLASSES["collect"]
+
+
+def _replacer():
+    if "replace" not in _CLASSES:
+        from tvm import relax
+
+        @relax.expr_functor.mutator
+        class _Replace(relax.PyExprMutator):
+            def visit_call_(self, call):
+                folded = _STATE["folded"]
+                if call in folded:
+                    return folded[call]
+                return super().visit_call_(call)
+
+        _CLASSES["replace"] = _Replace
+    return _CLASSES["replace"]
 
 
 def fold_constant_calls():
