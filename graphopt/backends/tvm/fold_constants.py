@@ -9,6 +9,8 @@ symbolic arguments) FoldConstant still folds. The results are those of the same 
 """
 from __future__ import annotations
 
+import threading
+
 __all__ = ["fold_constant_calls"]
 
 _MAX_ROUNDS = 4
@@ -68,13 +70,13 @@ def _fold_once(mod):
     from tvm import relax
 
     calls, bound = [], {}
-    _STATE.update(mod=mod, calls=calls, bound=bound, op=tvm.ir.Op.get("relax.call_tir"))
+    _state().update(mod=mod, calls=calls, bound=bound, op=tvm.ir.Op.get("relax.call_tir"))
     try:
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 _collector()().visit_expr(func)
     finally:
-        _STATE.clear()
+        _state().clear()
     if not calls:
         return mod, 0
     names, funcs = {}, {}
@@ -102,24 +104,29 @@ def _fold_once(mod):
 
     # a new module (the pass's input stays as it was: IRModule item assignment changes a module in place)
     out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    _STATE.update(folded=results)
+    _state().update(folded=results)
     try:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 out_mod[gv] = _replacer()(out_mod).visit_expr(func)
     finally:
-        _STATE.clear()
+        _state().clear()
     return out_mod, len(calls)
 
 
 # The visitor that finds the foldable calls and the mutator that puts each folded constant in its place are one
-# class each per process, and reach the round's module, bindings and results through _STATE, emptied after
-# each use. Classes made per call (closing over that call's data) were never freed, with what they closed over
-# (the TVM object behind a derived visitor refers back to its Python methods): the module's weights and each
-# round's folded constants, ~45 MB per round for ResNet-18, so a process building many models grew by ~90 MB per
-# ResNet-18 build (the slow torchvision sweep's worker reached 12 GB and was OOM-killed).
-_STATE: dict = {}
+# class each per process, and reach the round's module, bindings and results through a per-thread dict
+# (_state()), emptied after each use. Classes made per call (closing over that call's data) were never freed,
+# with what they closed over (the TVM object behind a derived visitor refers back to its Python methods): the
+# module's weights and each round's folded constants, ~45 MB per round for ResNet-18, so a process building many
+# models grew by ~90 MB per ResNet-18 build (the slow torchvision sweep's worker reached 12 GB, OOM-killed).
+_LOCAL = threading.local()
 _CLASSES: dict = {}
+
+
+def _state() -> dict:
+    """This thread's fold data (threads building at once each have their own)."""
+    return _LOCAL.__dict__
 
 
 def _collector():
@@ -129,12 +136,12 @@ def _collector():
         @relax.expr_functor.visitor
         class _Collect(relax.PyExprVisitor):
             def visit_var_binding_(self, binding):
-                _STATE["bound"][binding.var] = binding.value
+                _state()["bound"][binding.var] = binding.value
                 super().visit_var_binding_(binding)
 
             def visit_call_(self, call):
-                if _foldable(call, _STATE["op"], _STATE["mod"], _STATE["bound"]) is not None:
-                    _STATE["calls"].append(call)
+                if _foldable(call, _state()["op"], _state()["mod"], _state()["bound"]) is not None:
+                    _state()["calls"].append(call)
                 super().visit_call_(call)
 
         _CLASSES["collect"] = _Collect
@@ -148,7 +155,7 @@ def _replacer():
         @relax.expr_functor.mutator
         class _Replace(relax.PyExprMutator):
             def visit_call_(self, call):
-                folded = _STATE["folded"]
+                folded = _state()["folded"]
                 if call in folded:
                     return folded[call]
                 return super().visit_call_(call)
