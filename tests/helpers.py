@@ -16,27 +16,24 @@ def is_avx512_target(name: str) -> bool:
     return spec.arch == "x86_64" and cpu_vector(spec.tvm_target()).lanes("float32") == 16
 
 
-def instructions_missing_here(target) -> list[str]:
+def instructions_missing_here(target: str) -> list[str]:
     """The instruction sets code built for `target` may use that this machine lacks: `target` is a graphopt
-    target name ("x86:skylake-avx512"), an LLVM x86 CPU name ("skylake-avx512") or a TVM target (dict). Code of
-    another architecture, or one LLVM cannot place, counts as missing its whole architecture."""
-    from graphopt.backends.targets import X86_TRIPLE, missing_instructions, resolve_target
+    target name ("x86:skylake-avx512") or an LLVM x86 CPU name ("skylake-avx512"). Code of another architecture,
+    or for a CPU LLVM cannot place, counts as missing its whole architecture."""
+    from graphopt.backends.targets import missing_instructions, resolve_target
+    from graphopt.errors import GraphoptError
 
-    if isinstance(target, str) and ":" not in target and target not in ("x86", "cpu", "host", "arm", "cuda"):
-        target = {"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": target}
-    if isinstance(target, str):
+    try:
         spec = resolve_target(target)
-        if not spec.is_host:
-            return [spec.arch or spec.kind]
-        target = spec.tvm
-    target = dict(target.export()) if hasattr(target, "export") else dict(target)
-    if target.get("kind") != "llvm":
-        return [target.get("kind", "?")]
-    missing = missing_instructions(target)
-    return [f"(LLVM cannot tell what {target.get('mcpu')} has)"] if missing is None else missing
+    except GraphoptError:                          # not a graphopt target name: an LLVM x86 CPU name
+        spec = resolve_target(f"x86:{target}")
+    if not spec.is_host or spec.kind != "llvm":
+        return [spec.arch or spec.kind]
+    missing = missing_instructions(spec.tvm)
+    return [f"(LLVM cannot tell what {spec.tvm.get('mcpu')} has)"] if missing is None else missing
 
 
-def runs_here(target) -> bool:
+def runs_here(target: str) -> bool:
     """Whether this machine can run code built for `target` (see instructions_missing_here): AVX-512 code on an
     AVX2 CPU dies of SIGILL and takes the test process with it."""
     return not instructions_missing_here(target)

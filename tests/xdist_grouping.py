@@ -31,8 +31,8 @@ class GroupedFileScheduling(LoadFileScheduling):
         pending = [(unit, nodeid) for unit in workload.values() for nodeid, done in unit.items() if not done]
         if not pending:
             return None
-        unit, crashitem = pending[0]
-        unit[crashitem] = True
+        crashed_unit, crashitem = pending[0]
+        crashed_unit[crashitem] = True
         for scope, unit in workload.items():
             if not all(unit.values()):
                 self.workqueue[scope] = unit

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 
+from tvm import relax
+
 __all__ = ["fold_constant_calls"]
 
 _MAX_ROUNDS = 4
@@ -74,7 +76,7 @@ def _fold_once(mod):
     try:
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                _collector()().visit_expr(func)
+                _Collect().visit_expr(func)
     finally:
         _state().clear()
     if not calls:
@@ -108,20 +110,19 @@ def _fold_once(mod):
     try:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                out_mod[gv] = _replacer()(out_mod).visit_expr(func)
+                out_mod[gv] = _Replace(out_mod).visit_expr(func)
     finally:
         _state().clear()
     return out_mod, len(calls)
 
 
-# The visitor that finds the foldable calls and the mutator that puts each folded constant in its place are one
-# class each per process, and reach the round's module, bindings and results through a per-thread dict
-# (_state()), emptied after each use. Classes made per call (closing over that call's data) were never freed,
-# with what they closed over (the TVM object behind a derived visitor refers back to its Python methods): the
-# module's weights and each round's folded constants, ~45 MB per round for ResNet-18, so a process building many
-# models grew by ~90 MB per ResNet-18 build (the slow torchvision sweep's worker reached 12 GB, OOM-killed).
+# The visitor that finds the foldable calls and the mutator that puts each folded constant in its place are
+# defined once, and reach the round's module, bindings and results through a per-thread dict (_state()), emptied
+# after each use. Classes made per call (closing over that call's data) were never freed, with what they closed
+# over (the TVM object behind a derived visitor refers back to its Python methods): the module's weights and each
+# round's folded constants, ~45 MB per round for ResNet-18, so a process building many models grew by ~90 MB per
+# ResNet-18 build (the slow torchvision sweep's worker reached 12 GB, OOM-killed).
 _LOCAL = threading.local()
-_CLASSES: dict = {}
 
 
 def _state() -> dict:
@@ -129,39 +130,26 @@ def _state() -> dict:
     return _LOCAL.__dict__
 
 
-def _collector():
-    if "collect" not in _CLASSES:
-        from tvm import relax
+@relax.expr_functor.visitor
+class _Collect(relax.PyExprVisitor):
+    def visit_var_binding_(self, binding):
+        _state()["bound"][binding.var] = binding.value
+        super().visit_var_binding_(binding)
 
-        @relax.expr_functor.visitor
-        class _Collect(relax.PyExprVisitor):
-            def visit_var_binding_(self, binding):
-                _state()["bound"][binding.var] = binding.value
-                super().visit_var_binding_(binding)
-
-            def visit_call_(self, call):
-                if _foldable(call, _state()["op"], _state()["mod"], _state()["bound"]) is not None:
-                    _state()["calls"].append(call)
-                super().visit_call_(call)
-
-        _CLASSES["collect"] = _Collect
-    return _CLASSES["collect"]
+    def visit_call_(self, call):
+        state = _state()
+        if _foldable(call, state["op"], state["mod"], state["bound"]) is not None:
+            state["calls"].append(call)
+        super().visit_call_(call)
 
 
-def _replacer():
-    if "replace" not in _CLASSES:
-        from tvm import relax
-
-        @relax.expr_functor.mutator
-        class _Replace(relax.PyExprMutator):
-            def visit_call_(self, call):
-                folded = _state()["folded"]
-                if call in folded:
-                    return folded[call]
-                return super().visit_call_(call)
-
-        _CLASSES["replace"] = _Replace
-    return _CLASSES["replace"]
+@relax.expr_functor.mutator
+class _Replace(relax.PyExprMutator):
+    def visit_call_(self, call):
+        folded = _state()["folded"]
+        if call in folded:
+            return folded[call]
+        return super().visit_call_(call)
 
 
 def fold_constant_calls():
