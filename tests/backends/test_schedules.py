@@ -1266,6 +1266,63 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
         np.testing.assert_allclose(out.numpy(), qa @ ka, rtol=1e-5, atol=1e-5)
 
 
+def _parallel_loops(func, mcpu: str = "haswell") -> list[str]:
+    """The names of the parallel loops PackedGemm gives `func` (a fused loop's name lists its axes in order)."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    assert sch is not None
+    return re.findall(r"for (\w+) in T.parallel", sch.mod.script())
+
+
+def test_per_batch_column_panels_follow_their_batch_axis():
+    """Attention's scores (q [b, n, 64] @ kᵀ [b, 64, n]): kᵀ's column panels belong to one batch (head), so the
+    column blocks (j_0) go inside the batch axis (h), not outermost, where each panel pass re-read every
+    head's queries; a Linear's weight, shared by every row, keeps its panels outermost (j_0 first)."""
+    from tvm import te
+
+    b, n = tirx.Var("b", "int64"), tirx.Var("n", "int64")
+    d = tirx.IntImm("int64", 64)
+    q, k = te.placeholder((b, n, d), name="q"), te.placeholder((b, d, n), name="k")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), d), name="r")
+    s = te.compute((b, n, n), lambda h, i, j: te.sum(q[h, i, r] * k[h, r, j], axis=r), name="s")
+    gemms = [name for name in _parallel_loops(te.create_prim_func([q, k, s])) if "j_0" in name]
+    assert gemms and all(name.startswith("h_") for name in gemms), gemms
+    x, w = te.placeholder((96, 512), name="x"), te.placeholder((512, 1024), name="w")     # 2 MiB: panels
+    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 512)), name="r")
+    mm = te.compute((96, 1024), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    assert _parallel_loops(te.create_prim_func([x, w, mm])) == ["j_0_i_0_fused"]
+
+
+@pytest.mark.parametrize("rows, chunked", [(None, True), (4608, True), (3072, False), (96, False)])
+def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
+    """x [rows, 256] @ w [256, 1024] (1 MiB of weights: column panels outermost): where the rows' operand
+    outgrows the caches (`resident_bytes`, 4 MiB: 4,096 rows here; a dynamic row count always may), the rows
+    go in chunks outermost (i_0_0), every panel passes over a chunk, then the chunk's tiles (i_0_1); fewer rows
+    keep the plain panel order. The chunked kernels equal numpy: the dynamic one at row counts inside one chunk
+    (192 rows here), across chunks and with a partial last chunk and tile."""
+    import tvm
+    from tvm import te
+
+    n = tirx.Var("n", "int64") if rows is None else rows
+    x, w = te.placeholder((n, 256), name="x"), te.placeholder((256, 1024), name="w")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 256)), name="r")
+    mm = te.compute((n, 1024), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    func = te.create_prim_func([x, w, mm])
+    loops = _parallel_loops(func)
+    assert any(name.startswith("i_0_0_j_0_i_0_1") for name in loops) == chunked, loops
+    if chunked:
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+        lib = tvm.compile(schedules.PackedGemm()._apply(func, target).mod, target=target)
+        wa = np.random.default_rng(0).standard_normal((256, 1024)).astype("float32")
+        for count in (1, 17, 192, 200, 401) if rows is None else (rows,):
+            xa = np.random.default_rng(count).standard_normal((count, 256)).astype("float32")
+            out = tvm.runtime.tensor(np.full((count, 1024), np.nan, "float32"))
+            lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), out)
+            np.testing.assert_allclose(out.numpy(), xa @ wa, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
 def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
     """A Linear over a dynamic row count (x [n, 96] @ w [96, 80] + bias, w constant-shaped): the register tile
