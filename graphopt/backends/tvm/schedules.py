@@ -655,20 +655,22 @@ class PackedGemm(_CpuRule):
             inner.insert(0, r_i)
         serial = []
         chunk = None
-        if tail is None and not panels_inner:
+        if tail is None and not panels_inner and force_tile is None:   # (force_tile: the <= small_rows branch)
             # (not with a tail: split, the serial row loop no longer partitions into full tiles + tail, and its
             # guard in every tile made the static encoder's FFN at 32 x 512 1.7x slower)
             chunk = self._row_chunk(ext, reduce_, spatial, vi, ri, rows, E, nvec * lanes, out_dtype)
         if chunk is not None:
-            # rows in chunks that stay in L2 while every column panel passes over them (_row_chunk)
-            r_oo, r_oi = sch.split(outer.pop(), [None, chunk])
-            outer.extend([r_oo, r_oi])
+            # rows in chunks that stay in L2 while every column panel passes over them (_row_chunk); a chunk's
+            # tiles are a serial loop in each (chunk, panel) iteration
+            r_oo, serial_rows = sch.split(outer.pop(), [None, chunk])
+            outer.append(r_oo)
+            serial = [serial_rows]
         if tail is not None:
             serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
         if panels_inner:
             outer.append(v_o)
         elif chunk is not None:
-            outer.insert(len(outer) - 1, v_o)
+            outer.append(v_o)
         else:
             # column blocks outermost, except outside the batch axes their operand is indexed by: a panel that
             # belongs to one batch (attention's K and V per head) serves only that batch's rows
