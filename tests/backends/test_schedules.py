@@ -1251,9 +1251,11 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     sch = schedules.PackedGemm()._apply(func, target)
     assert sch is not None
     text = sch.mod.script()
-    # kᵀ's padded copy and the GEMM, once per tile: 7 x 2 vectors, and 8 x 1 where n <= 16 (a second tile
-    # in the same kernel; the lengths below run both)
-    assert text.count("T.parallel(") == 4 and "if n <= T.int64(16)" in text, text
+    # kᵀ's padded copy and the GEMM, once per tile: 8 x 1 where n <= 16 (a second tile in the same kernel; the
+    # lengths below run it and the large one), and the large tile (6 x 2) twice: rows in chunks where the
+    # queries outgrow the caches (b x n x 64 floats > 4 MiB, PackedGemm._large), plain below
+    assert text.count("T.parallel(") == 6 and "if n <= T.int64(16)" in text, text
+    assert "if not n * b * T.int64(256) > T.int64(4194304)" in text, text
     assert "q_pad" not in text and "k_pad" in text and "T.min(" in text, text
     assert text.count("pragma_loop_partition_hint") >= 4  # the column copies' tails and the write-backs'
     lib = tvm.compile(sch.mod, target=target)
@@ -1326,6 +1328,20 @@ def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
             np.testing.assert_allclose(out.numpy(), xa @ wa, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("vec, small, large, counts", [
+    (schedules.CpuVector(32, 16), (4, 2), (6, 2), [1, 2, 3, 4, 7, 8]),      # 8 accumulators of 10: 80% speed
+    (schedules.CpuVector(64, 32), (4, 2), (3, 4), [4, 7, 8, 16]),           # 8 of 8: full speed, fewer rows
+])
+def test_small_tile_runs_for_the_row_counts_it_computes_sooner(vec, small, large, counts):
+    """PackedGemm._faster_for, the run-time choice between the two tiles of a dynamic row count: padded rows
+    over FMA throughput (full from vec.fmas_in_flight accumulators up); the same arithmetic on Python ints
+    (here) and on the symbolic count (in the kernel)."""
+    faster = schedules.PackedGemm._faster_for
+    assert schedules.PackedGemm.small_rows == 16          # the second tile exists for up to 16 rows
+    assert [n for n in range(1, 17) if faster(n, small, large, vec)] == counts
+    assert not isinstance(faster(tirx.Var("n", "int64"), small, large, vec), bool)     # an expression
+
+
 @pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
 def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
     """A Linear over a dynamic row count (x [n, 96] @ w [96, 80] + bias, w constant-shaped): the register tile
@@ -1365,7 +1381,8 @@ def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
 def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles, monkeypatch):
     """A Linear with a constant weight over a dynamic row count: the register tile for many rows (AVX2 6 x 2
     vectors, AVX-512 3 x 4) would compute 18 rows for 16, so the kernel also holds a 4 x 2 tile that runs for
-    up to 16 rows (`n <= 16` at run time); the weight is packed once, into panels both tiles read. Every row
+    the counts up to 16 it computes sooner (a test at run time); the weight is packed once, into panels both
+    tiles read. Every row
     count equals the kernel without the second tile bit for bit (each output sums its products in the same
     order whichever tile computes it) and numpy."""
     import tvm
@@ -1385,7 +1402,9 @@ def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles
     one = schedules.PackedGemm()._apply(func, target)
     assert sch is not None and one is not None
     text, one_text = sch.mod.script(), one.mod.script()
-    assert "if n <= T.int64(16):" in text and text.count("T.parallel(") == 2, text
+    # the small tile where it computes the rows sooner (PackedGemm._faster_for: padded rows over FMA throughput)
+    assert "if n <= T.int64(16) and (n + T.int64(3)) // T.int64(4) * T.int64(4) *" in text, text
+    assert text.count("T.parallel(") == 2, text
     assert text.count("meta_schedule.layout_rewrite_preproc") == 1, text      # one packed copy of w
     large, small = (tuple(int(v) for v in t.split(" x ")) for t in tiles)
     lanes = 8 if mcpu == "haswell" else 16

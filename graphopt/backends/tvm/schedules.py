@@ -64,6 +64,12 @@ class CpuVector:
         bits = _dtype_bits(dtype)
         return max(1, self.bytes * 8 // bits)
 
+    @property
+    def fmas_in_flight(self) -> int:
+        """Independent accumulators that keep the FMA units busy (latency x ports): 5 x 2 on AVX2 cores
+        (Haswell to Zen 3), 4 x 2 with AVX-512 (Skylake-SP, Zen 4) and on NEON cores (Neoverse N1)."""
+        return 10 if self.bytes == 32 else 8
+
 
 def _dtype_bits(dtype: Any) -> int:
     text = str(dtype)
@@ -470,7 +476,7 @@ class PackedGemm(_CpuRule):
         from tvm import tirx
 
         plan = {}
-        sch = self._schedule(func, target, plan)
+        sch = self._large(func, target, plan)
         if sch is None or "rows" not in plan or not self.small_rows:
             return sch
         # Dynamic rows padded to whole register tiles: the tile best for many rows can waste much of a small
@@ -488,17 +494,48 @@ class PackedGemm(_CpuRule):
         if small is None or small == (rows, nvec) or (columns is None and self.small_rows % rows == 0):
             return sch
         width = None if plan["panel"] is None else plan["panel"] * small[1] // nvec
-        large = sch if width == plan["panel"] else self._schedule(func, target, {}, panel=width)
+        large = sch if width == plan["panel"] else self._large(func, target, {}, panel=width)
         small_sch = self._schedule(func, target, {}, force_tile=small, panel=width)
         if small_sch is None or large is None:
             return sch
         cond = plan["rows"] <= self.small_rows
         if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
             cond = tirx.And(cond, columns <= self.small_rows)
+        elif columns is None:
+            cond = tirx.And(cond, self._faster_for(plan["rows"], small, (rows, nvec), vec))
         merged = _branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
         return sch if merged is None else unchecked_schedule(merged)
 
-    def _schedule(self, func, target, plan: dict, force_tile=None, panel=None):
+    def _large(self, func, target, plan: dict, panel=None):
+        """The schedule of `func` for any row count (`plan`, `panel`: as _schedule's). Where its dynamic rows
+        are taken in chunks (_row_chunk), a second copy without chunks runs while the rows' operand fits the
+        caches: a constant chunk size over a few rows left the rest of the chunk as empty iterations (10 of a
+        12-row GEMM's 96 us, one thread)."""
+        from tvm import tirx
+
+        sch = self._schedule(func, target, plan, panel=panel)
+        if sch is None or "chunk_when" not in plan:
+            return sch
+        plain = self._schedule(func, target, {}, panel=panel, chunks=False)
+        merged = None if plain is None else _branch_kernels(sch.mod["main"], plain.mod["main"],
+                                                            tirx.Not(plan["chunk_when"]))
+        return sch if merged is None else unchecked_schedule(merged)
+
+    @staticmethod
+    def _faster_for(n, small: tuple[int, int], large: tuple[int, int], vec: CpuVector):
+        """Whether register tile `small` computes `n` rows (a PrimExpr; each tile pads them to its whole tiles)
+        sooner than `large`: padded rows / FMA throughput, which is full with at least vec.fmas_in_flight
+        accumulators (rows x vectors) and falls in proportion below, compared in integers. AVX2: 4 x 2 (8 of
+        10) for 1-4 and 7-8 rows, 6 x 2 for 5-6 and 9-16 (4 x 2 for every count up to 16 made the small
+        encoder's 16-row GEMMs 11-13% slower than the static build's 6 x 2, one thread); AVX-512: 4 x 2 (8 of
+        8) for 4, 7-8 and 16 rows, 3 x 4 otherwise."""
+        def padded(rows):
+            return (n + (rows - 1)) // rows * rows
+        (rs, vs), (rl, vl) = small, large
+        need = vec.fmas_in_flight
+        return padded(rs) * min(rl * vl, need) < padded(rl) * min(rs * vs, need)
+
+    def _schedule(self, func, target, plan: dict, force_tile=None, panel=None, chunks: bool = True):
         """The schedule of `func` (None: not taken). `plan` receives, for a kernel whose dynamic rows are
         padded to whole register tiles: "rows" (the row count, a PrimExpr), "columns" (the column count where
         dynamic too, else None), "tile" (rows, vectors) and "panel" (the width of the packed weight's panels,
@@ -655,10 +692,18 @@ class PackedGemm(_CpuRule):
             inner.insert(0, r_i)
         serial = []
         chunk = None
-        if tail is None and not panels_inner and force_tile is None:   # (force_tile: the <= small_rows branch)
+        if chunks and tail is None and not panels_inner and force_tile is None:  # (force_tile: <= small_rows)
             # (not with a tail: split, the serial row loop no longer partitions into full tiles + tail, and its
             # guard in every tile made the static encoder's FFN at 32 x 512 1.7x slower)
             chunk = self._row_chunk(ext, reduce_, spatial, vi, ri, rows, E, nvec * lanes, out_dtype)
+            if chunk is not None and ext[ri] is None and "rows" in plan:
+                # a dynamic row count: chunks where the rows' operand outgrows the caches at run time (_large)
+                all_rows = plan["rows"]
+                for i in spatial:
+                    if i not in (vi, ri):
+                        all_rows = all_rows * ivs[i].dom.extent
+                row_bytes = _dtype_bits(out_dtype) // 8 * math.prod(ext[i] for i in reduce_)
+                plan["chunk_when"] = all_rows * row_bytes > self.resident_bytes
         if chunk is not None:
             # rows in chunks that stay in L2 while every column panel passes over them (_row_chunk); a chunk's
             # tiles are a serial loop in each (chunk, panel) iteration
