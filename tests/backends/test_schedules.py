@@ -1342,6 +1342,33 @@ def test_small_tile_runs_for_the_row_counts_it_computes_sooner(vec, small, large
     assert not isinstance(faster(tirx.Var("n", "int64"), small, large, vec), bool)     # an expression
 
 
+@pytest.mark.parametrize("rows, k, padded", [(512, 256, True), (512, 32, False), (56, 576, False)])
+def test_static_rows_past_l2_are_padded_not_tailed(rows, k, padded):
+    """x [rows, k] @ w [k, 256] on AVX2, where 6 x 2 tiles leave a tail: rows whose operand outgrows L2
+    (`row_chunk_bytes`: 512 x 256 floats) are padded to whole tiles and read clamped to the last real row, like
+    dynamic ones (a serial loop of tiles + tail in each iteration re-read all of them once per panel); a short
+    operand, and an image row of a conv (56 pixels x 576), keep the tail. Both equal numpy."""
+    import tvm
+    from tvm import te
+
+    i64 = lambda v: tirx.IntImm("int64", v)    # noqa: E731
+    x, w = te.placeholder((i64(rows), i64(k)), name="x"), te.placeholder((i64(k), i64(256)), name="w")
+    r = te.reduce_axis((i64(0), i64(k)), name="r")
+    mm = te.compute((i64(rows), i64(256)), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    func = te.create_prim_func([x, w, mm]).with_attr("layout_free_buffers", [1])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    text = sch.mod.script()
+    assert "T.unroll(T.int64(6))" in text, text
+    assert ("T.min(" in text) == padded, text
+    lib = tvm.compile(sch.mod, target=target)
+    rng = np.random.default_rng(rows + k)
+    xa, wa = rng.standard_normal((rows, k)).astype("float32"), rng.standard_normal((k, 256)).astype("float32")
+    out = tvm.runtime.tensor(np.full((rows, 256), np.nan, "float32"))
+    lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), out)
+    np.testing.assert_allclose(out.numpy(), xa @ wa, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
 def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
     """A Linear over a dynamic row count (x [n, 96] @ w [96, 80] + bias, w constant-shaped): the register tile
