@@ -116,3 +116,22 @@ def test_isa_peak_measures_the_int8_paths_this_cpu_runs(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     m = isa_peak.measure(rounds=1, iters=1000)
     assert "/nonexistent/cc" in m["error"] and "not measured" in isa_peak.summary(m)
+
+
+def test_time_interleaved_times_with_the_collector_off_and_restores_it(monkeypatch):
+    """benchmarks._common.time_interleaved collects garbage first and keeps the collector off while it times
+    (the builds before a timing leave unreachable TVM / ORT objects), then restores the collector's state."""
+    import gc
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks._common import time_interleaved
+
+    seen = []
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            out = time_interleaved({"f": lambda: seen.append(gc.isenabled())}, rounds=2, slice_s=0.001)
+            assert out["f"]["samples"] >= 2 and gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    assert seen and not any(seen)
