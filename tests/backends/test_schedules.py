@@ -1302,8 +1302,9 @@ def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
     """x [rows, 256] @ w [256, 1024] (1 MiB of weights: column panels outermost): where the rows' operand
     outgrows the caches (`resident_bytes`, 4 MiB: 4,096 rows here; a dynamic row count always may), the rows
     go in chunks outermost (i_0_0), then the panels (j_0), each pass running over the chunk's tiles in a serial
-    loop; fewer rows keep the plain panel order (j_0, then every row tile i_0). The chunked kernels equal numpy: the dynamic one at row counts inside one chunk
-    (192 rows here), across chunks and with a partial last chunk and tile."""
+    loop; fewer rows keep the plain panel order (j_0, then every row tile i_0). The chunked kernels equal numpy;
+    the dynamic one holds both orders and takes the chunks past 4 MiB of rows at run time (PackedGemm._large):
+    counts below, and above with a partial last chunk (192 rows each here) and tile."""
     import tvm
     from tvm import te
 
@@ -1321,7 +1322,7 @@ def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
         target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
         lib = tvm.compile(schedules.PackedGemm()._apply(func, target).mod, target=target)
         wa = np.random.default_rng(0).standard_normal((256, 1024)).astype("float32")
-        for count in (1, 17, 192, 200, 401) if rows is None else (rows,):
+        for count in (1, 17, 200, 401, 4097, 4501) if rows is None else (rows,):
             xa = np.random.default_rng(count).standard_normal((count, 256)).astype("float32")
             out = tvm.runtime.tensor(np.full((count, 1024), np.nan, "float32"))
             lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), out)

@@ -71,6 +71,13 @@ class CpuVector:
         return 10 if self.bytes == 32 else 8
 
 
+def _row_bytes(ext: list, reduce_: list, dtype: str) -> int | None:
+    """Bytes of one output row's operand (the reduction's extents x the element size), None where dynamic."""
+    if any(ext[i] is None for i in reduce_):
+        return None
+    return _dtype_bits(dtype) // 8 * math.prod(ext[i] for i in reduce_)
+
+
 def _dtype_bits(dtype: Any) -> int:
     text = str(dtype)
     digits = "".join(ch for ch in text if ch.isdigit())
@@ -633,10 +640,10 @@ class PackedGemm(_CpuRule):
         padded_tile = None
         main_is_output = _same(sch.get(outputs[0]), sch.get(main))
         pad_rows = False
+        row_bytes = _row_bytes(ext, reduce_, out_dtype)
         if (tail is not None and flat is None and chunks and force_tile is None and self.static_pad_rows
                 and self._has_weight(blk, func) and not self._channel_wise(blk, vi, ri)
-                and all(ext[i] is not None for i in reduce_)
-                and ext[ri] * _dtype_bits(out_dtype) // 8 * math.prod(ext[i] for i in reduce_) > self.row_chunk_bytes):
+                and row_bytes is not None and ext[ri] * row_bytes > self.row_chunk_bytes):
             # Static rows whose operand outgrows L2 (a sequence's 512 rows; not an image row of a conv): padded to
             # whole tiles like dynamic ones rather than a serial loop of tiles + tail inside each (batch, panel)
             # iteration, which re-read all those rows once per panel, and whose tail guard sat in every tile once
@@ -715,7 +722,6 @@ class PackedGemm(_CpuRule):
                 for i in spatial:
                     if i not in (vi, ri):
                         all_rows = all_rows * ivs[i].dom.extent
-                row_bytes = _dtype_bits(out_dtype) // 8 * math.prod(ext[i] for i in reduce_)
                 plan["chunk_when"] = all_rows * row_bytes > self.resident_bytes
         if chunk is not None:
             # rows in chunks that stay in L2 while every column panel passes over them (_row_chunk); a chunk's
@@ -725,9 +731,7 @@ class PackedGemm(_CpuRule):
             serial = [serial_rows]
         if tail is not None:
             serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
-        if panels_inner:
-            outer.append(v_o)
-        elif chunk is not None:
+        if panels_inner or chunk is not None:
             outer.append(v_o)
         else:
             # column blocks outermost, except outside the batch axes their operand is indexed by: a panel that
@@ -1037,10 +1041,10 @@ class PackedGemm(_CpuRule):
         instead and all panels pass over one chunk (at most `row_chunk_bytes` of it, so it stays in L2, but at
         least `min_chunk_rows` rows, so the weights, now read once per chunk, are read over enough rows), then
         the next: the activations are read once, the weights once per chunk. A dynamic row count may always
-        grow that large: its chunks are the same constant size (a chunk past the last row is skipped)."""
-        if ri is None or (E is not None and E <= tile) or any(ext[i] is None for i in reduce_):
+        grow that large: it gets chunks of the same constant size, run only past `resident_bytes` (_large)."""
+        row_bytes = _row_bytes(ext, reduce_, dtype)
+        if ri is None or (E is not None and E <= tile) or row_bytes is None:
             return None
-        row_bytes = _dtype_bits(dtype) // 8 * math.prod(ext[i] for i in reduce_)
         chunk_rows = max(self.row_chunk_bytes // row_bytes, self.min_chunk_rows)
         tiles = -(-chunk_rows // rows)
         if ext[ri] is None:
