@@ -9,6 +9,7 @@ symbolic arguments) FoldConstant still folds. The results are those of the same 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from tvm import relax
@@ -50,7 +51,7 @@ def _constant(expr, bound: dict):
 def _foldable(call, call_tir_op, mod, bound: dict):
     """The PrimFunc of `call` when it is a call_tir of one static-shaped output on constant arguments (or
     variables bound to constants), else None."""
-    from tvm import relax, tirx
+    from tvm import tirx
 
     if not isinstance(call, relax.Call) or not call.op.same_as(call_tir_op) or len(call.args) != 2:
         return None
@@ -69,16 +70,12 @@ def _foldable(call, call_tir_op, mod, bound: dict):
 def _fold_once(mod):
     """One round: every foldable call evaluated from one compiled module. Returns (module, calls folded)."""
     import tvm
-    from tvm import relax
 
     calls, bound = [], {}
-    _state().update(mod=mod, calls=calls, bound=bound, op=tvm.ir.Op.get("relax.call_tir"))
-    try:
+    with _round_data(mod=mod, calls=calls, bound=bound, op=tvm.ir.Op.get("relax.call_tir")):
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 _Collect().visit_expr(func)
-    finally:
-        _state().clear()
     if not calls:
         return mod, 0
     names, funcs = {}, {}
@@ -106,13 +103,10 @@ def _fold_once(mod):
 
     # a new module (the pass's input stays as it was: IRModule item assignment changes a module in place)
     out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    _state().update(folded=results)
-    try:
+    with _round_data(folded=results):
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 out_mod[gv] = _Replace(out_mod).visit_expr(func)
-    finally:
-        _state().clear()
     return out_mod, len(calls)
 
 
@@ -128,6 +122,16 @@ _LOCAL = threading.local()
 def _state() -> dict:
     """This thread's fold data (threads building at once each have their own)."""
     return _LOCAL.__dict__
+
+
+@contextlib.contextmanager
+def _round_data(**data):
+    """`data` in this thread's _state() for the visitor / mutator, emptied afterwards whatever happens."""
+    _state().update(data)
+    try:
+        yield
+    finally:
+        _state().clear()
 
 
 @relax.expr_functor.visitor

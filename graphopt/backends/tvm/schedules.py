@@ -715,7 +715,7 @@ class PackedGemm(_CpuRule):
         if chunks and tail is None and not panels_inner and force_tile is None:  # (force_tile: <= small_rows)
             # (not with a tail: split, the serial row loop no longer partitions into full tiles + tail, and its
             # guard in every tile made the static encoder's FFN at 32 x 512 1.7x slower)
-            chunk = self._row_chunk(ext, reduce_, spatial, vi, ri, rows, E, nvec * lanes, out_dtype)
+            chunk = self._row_chunk(ext, spatial, vi, ri, rows, E, nvec * lanes, row_bytes)
             if chunk is not None and ext[ri] is None and "rows" in plan:
                 # a dynamic row count: chunks where the rows' operand outgrows the caches at run time (_large)
                 all_rows = plan["rows"]
@@ -984,12 +984,8 @@ class PackedGemm(_CpuRule):
         L2 cache: then the pixel tiles go outermost and each tile computes all its channel blocks in turn,
         so an output pixel's channels are written together (whole cache lines, one pass over the output)
         rather than one channel block per pass over the whole output (MobileNetV2's 1x1 expansions)."""
-        if E is None or any(ext[i] is None for i in reduce_):
-            return False
-        size = E * _dtype_bits(dtype) // 8
-        for i in reduce_:
-            size *= ext[i]
-        return size <= self.small_weight_bytes
+        row_bytes = _row_bytes(ext, reduce_, dtype)
+        return E is not None and row_bytes is not None and E * row_bytes <= self.small_weight_bytes
 
     @staticmethod
     def _output_axes(blk) -> tuple[int, int | None] | None:
@@ -1032,8 +1028,8 @@ class PackedGemm(_CpuRule):
                 return True
         return False
 
-    def _row_chunk(self, ext: list, reduce_: list, spatial: list, vi: int, ri: int | None, rows: int,
-                   E: int | None, tile: int, dtype: str) -> int | None:
+    def _row_chunk(self, ext: list, spatial: list, vi: int, ri: int | None, rows: int, E: int | None, tile: int,
+                   row_bytes: int | None) -> int | None:
         """Register tiles per chunk of rows, or None for no chunking. With column panels outermost every panel
         pass re-reads the rows' whole operand (every batch, every row: rows x reduction). Where that operand
         outgrows the caches (`resident_bytes`), each pass streams it from memory again: the small encoder's
@@ -1042,7 +1038,6 @@ class PackedGemm(_CpuRule):
         least `min_chunk_rows` rows, so the weights, now read once per chunk, are read over enough rows), then
         the next: the activations are read once, the weights once per chunk. A dynamic row count may always
         grow that large: it gets chunks of the same constant size, run only past `resident_bytes` (_large)."""
-        row_bytes = _row_bytes(ext, reduce_, dtype)
         if ri is None or (E is not None and E <= tile) or row_bytes is None:
             return None
         chunk_rows = max(self.row_chunk_bytes // row_bytes, self.min_chunk_rows)
