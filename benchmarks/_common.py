@@ -161,7 +161,7 @@ def _pct(xs: list[float], q: float) -> float:
 def _gc_paused():
     """Python's garbage collector collected once, then off (as timeit does) while timing: the builds just made
     leave unreachable TVM / ORT objects behind. Measured: the dynamic encoder at 8 x 16 timed 9.8 ms with the
-    collector on after the per-shape builds, 5.6 ms with it collected first and off (static build 5.6 / 4.9;
+    collector on after the per-shape builds, 5.6 ms with it collected first and off (static build 4.9 / 5.6;
     bench_dynamic.py, two runs, one each way)."""
     enabled = gc.isenabled()
     gc.collect()
