@@ -93,9 +93,10 @@ def _finalize(mod, spec: TargetSpec):
     backend = relax_backend(target)
     first = []
     if spec.kind == "llvm":             # dynamic dims: kernels read views' sources in place (view_args.py)
+        from .inplace_rowwise import inplace_rowwise_calls
         from .view_args import fold_view_args
 
-        first = [fold_view_args()]
+        first = [fold_view_args(), inplace_rowwise_calls()]     # softmax over its own input (inplace_rowwise)
     finalize = list(backend.finalize_passes(target))
     if spec.kind == "llvm":             # dynamic dims: each run-time shape built once (shape_cse.py)
         from .shape_cse import dedupe_shape_calls

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .inline_budget import BUDGET, expanded_size, plan_inlining
+from .inplace_rowwise import ROWWISE_ATTR, WHOLE_ROWS_ATTR
 from .unchecked_schedule import schedule as unchecked_schedule
 
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "RowGroups", "ScalarMinMax", "Injective",
@@ -442,7 +443,12 @@ def _clamp_pad_block(sch, block) -> bool:
 class _CpuRule:
     """dlight's ScheduleRule protocol for graphopt's CPU rules: `apply(func, target, tunable)` returns the
     subclass's `_apply(func, target)` schedule, or None when the rule does not take the kernel or any TIR
-    shape it does not understand makes scheduling fail (the next rule is tried)."""
+    shape it does not understand makes scheduling fail (the next rule is tried).
+
+    `whole_rows`: the rule's row-wise kernels compute each row on one thread, every read of the row's input
+    before the row's first write (what inplace_rowwise needs to write a result over its input)."""
+
+    whole_rows = False
 
     def apply(self, func, target, tunable: bool = False):
         try:
@@ -1154,6 +1160,7 @@ class DynamicRows(_CpuRule):
     takes its rows in groups of `group`, their accumulation chains interleaved (as RowGroups does)."""
 
     group = 8
+    whole_rows = True               # each block one pass over all rows, the output's last
 
     def _apply(self, func, target):
         found = _row_reduction_kernel(func)
@@ -1206,6 +1213,7 @@ class RowGroups(_CpuRule):
     """
 
     ROWS = (8, 4, 2)
+    whole_rows = True               # a group's rows on one thread, its output block computed last
     GROUP_ELEMENTS = 1 << 16        # a group's rows (and their temporaries) stay in L2
     dynamic_length = True           # rows of a dynamic length too
 
@@ -1648,12 +1656,14 @@ def is_scheduled(func) -> bool:
 
 
 def _inlining_oversized(func) -> bool:
-    """Whether inlining every non-output block of `func` grows an expression past inline_budget.BUDGET."""
+    """Whether inlining every elementwise non-output block of `func` grows an expression past
+    inline_budget.BUDGET (reductions are never inlined: their consumers read their buffers)."""
     try:
         sch = unchecked_schedule(func)
         blocks = _root_blocks(sch)
         outputs = sch.get_output_blocks(sch.get_sblock("root"))
-        inner = [b for b in blocks if not any(_same(sch.get(b), sch.get(o)) for o in outputs)]
+        inner = [b for b in blocks if not any(_same(sch.get(b), sch.get(o)) for o in outputs)
+                 and not _is_reduction_block(sch, b)]
         return bool(inner) and expanded_size(sch, blocks, inner) > BUDGET
     except Exception:
         return False
@@ -1688,7 +1698,10 @@ def apply_default_schedules(mod, target, rules: list | None = None):
                     continue
                 if isinstance(sch, list):
                     sch = sch[0]
-                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                if ROWWISE_ATTR in (scheduled.attrs or {}) and getattr(rule, "whole_rows", False):
+                    scheduled = scheduled.with_attr(WHOLE_ROWS_ATTR, True)      # inplace_rowwise may use it
+                updates[gv] = scheduled
                 name = type(rule).__name__
                 by_rule[name] = by_rule.get(name, 0) + 1
                 done = True

@@ -12,12 +12,21 @@ scores, the scheduled kernel alone: 458 us; without fast_exp's work 228, without
 * exp / sum: a division per element; PyTorch's CPU kernel multiplies by 1 / sum, as this one does (<= 1 ulp
   from the division).
 
+The row max and the row sum each run as 8 running results over the row's whole vectors, then those in lane
+order and the row's tail (`softmax_te`): the scheduled kernel reads the row in whole vectors instead of
+interleaving one scalar chain per row (the attention softmax of the small encoder at 8 x 512 alone, AVX2, 2
+threads: 5.49 -> 5.02 ms). The maximum is the same in any order; the sum's order is this one in every schedule
+(RowGroups keeps it bit for bit), a pairwise-like order closer to the exact sum than one chain.
+
 Values: the exponential is fast_exp's polynomial (same constants, same bounds as relax_layout_passes states),
-the sum runs in the reference order (RowGroups keeps it bit for bit), so the result differs from TOPI's
-fast_softmax by the reciprocal's rounding only (<= 1 ulp); special values as PyTorch: a row with NaN or +inf
-is all NaN, a row of -inf is all NaN. Other dtypes and axes keep TOPI's kernel.
+so the result differs from TOPI's fast_softmax by the sum's order and the reciprocal's rounding (a few ulp);
+special values as PyTorch: a row with NaN or +inf is all NaN, a row of -inf is all NaN. Other dtypes and axes
+keep TOPI's kernel. The kernel is marked for inplace_rowwise (its result written over a scores tensor nothing
+else reads).
 """
 from __future__ import annotations
+
+from .inplace_rowwise import ROWWISE_ATTR
 
 __all__ = ["graphopt_softmax", "softmax_te"]
 
@@ -25,6 +34,7 @@ __all__ = ["graphopt_softmax", "softmax_te"]
 _LOWER = -88.376258850097656
 _LOG2E = 1.4426950216293335
 _LN2 = 0.69314718246459961
+_LANES = 8                   # running maxima and sums per row: one AVX2 vector of float32
 _POLY = (0.00019875691214110702, 0.0013981999363750219, 0.008333452045917511, 0.041665796190500259,
          0.1666666567325592, 0.5)
 
@@ -53,11 +63,31 @@ def softmax_te(x):
     n = shape[-1]
     maxnum = te.comm_reducer(lambda a, b: tirx.call_llvm_pure_intrin("float32", "llvm.maxnum", a, b),
                              lambda t: tirx.min_value(t), name="maxnum")
-    k = te.reduce_axis((0, n), name="k")
-    m = te.compute(shape[:-1], lambda *i: maxnum(x[tuple(i) + (k,)], axis=k), name="T_softmax_maxelem")
+    # Row max and row sum in two steps each: `lanes` running results over the row's whole vectors (lane j
+    # takes elements j, j + lanes, ...), then those in lane order followed by the elements past the last
+    # whole vector in row order (the row max is exact in any order; the sum's order is this one in every
+    # schedule). A row shorter than one vector has no running results (their loop is empty, nothing is
+    # written): the second step reads the reducer's identity instead; reads past the lanes are clamped into
+    # the row (never used where clamped).
+    lanes = _LANES
+    whole = n // lanes * lanes
+
+    def two_steps(src, reducer, identity, name):
+        ko = te.reduce_axis((0, n // lanes), name="ko")
+        part = te.compute(shape[:-1] + [lanes], lambda *i: reducer(src[tuple(i[:-1]) + (ko * lanes + i[-1],)],
+                                                                   axis=ko), name=name + "_lanes")
+        r = te.reduce_axis((0, lanes + n - whole), name="r")
+
+        def rest(*i):
+            lane = tirx.if_then_else(n >= lanes, part[tuple(i) + (tirx.min(r, lanes - 1),)], identity)
+            tail = src[tuple(i) + (tirx.max(whole + r - lanes, 0),)]
+            return reducer(tirx.if_then_else(r < lanes, lane, tail), axis=r)
+
+        return te.compute(shape[:-1], rest, name=name)
+
+    m = two_steps(x, maxnum, tirx.min_value("float32"), "T_softmax_maxelem")
     e = te.compute(shape, lambda *i: _exp_nonpositive(x[i] - m[i[:-1]]), name="T_fast_exp")
-    k2 = te.reduce_axis((0, n), name="k")
-    s = te.compute(shape[:-1], lambda *i: te.sum(e[tuple(i) + (k2,)], axis=k2), name="T_softmax_expsum")
+    s = two_steps(e, te.sum, tirx.const(0.0, "float32"), "T_softmax_expsum")
     return te.compute(shape, lambda *i: e[i] * (tirx.const(1.0, "float32") / s[i[:-1]]), name="T_softmax_norm")
 
 
@@ -84,7 +114,8 @@ def graphopt_softmax():
             if axis not in (-1, ty.ndim - 1):
                 return call
             self.changed += 1
-            return self.builder_.call_te(softmax_te, call.args[0], primfunc_name_hint="softmax")
+            return self.builder_.call_te(softmax_te, call.args[0], primfunc_name_hint="softmax",
+                                         primfunc_attrs={ROWWISE_ATTR: True})   # see inplace_rowwise
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptSoftmax")
     def _pass(mod, ctx):
