@@ -63,3 +63,20 @@ def test_the_pass_takes_last_axis_float32_softmax_only():
     assert len(kernels) == 1 and "llvm.maxnum" in kernels[0]
     opt = graphopt.optimize(Two().eval(), "x86", "cleanup", example_inputs=(x,))
     torch.testing.assert_close(opt(x), Two()(x), rtol=2e-5, atol=1e-7)
+
+
+def test_quantized_attention_over_two_vector_rows_builds_and_matches_its_graph():
+    """The int8 attention softmax (fused with its quantize) over 16-long rows: RowGroups' first step is one
+    vector per row; run as interleaved, unrolled scalar chains, the second step's sums made LLVM's SLP
+    vectorizer emit IR that failed verification ("Instruction does not dominate all uses")."""
+    from graphopt.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    model = BertStyleEncoder(vocab=100, hidden=32, layers=1, heads=2, ffn=64, max_len=16).eval()
+    x = torch.randint(0, 100, (1, 16))
+    calib = [(torch.randint(0, 100, (1, 16)),) for _ in range(2)]
+    opt = graphopt.optimize(model, "x86", "cleanup,quantize(progress=false)", example_inputs=(x,),
+                            calibration=calib)
+    assert "RowGroups" in opt.report.backend["kernels"]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)

@@ -1210,6 +1210,10 @@ class RowGroups(_CpuRule):
     32 x 128, 1.61 -> 1.14 at 8 x 128, 0.025 -> 0.016 at 1 x 16. (A bare TE softmax, without the NaN-
     propagating max of the real kernels, had suggested the opposite at 32 x 128 with 16-float vectors.)
     `dynamic_length = False` leaves such kernels to DynamicRows.
+
+    A reduction that keeps running results per lane (softmax_te's row max and sum: a buffer of the output's
+    rank whose last axis is the lanes) runs row by row, each row's lanes one vector and the reduced axis
+    outside it; the reduction that then combines each row's lanes keeps its rows one after another.
     """
 
     ROWS = (8, 4, 2)
@@ -1275,13 +1279,23 @@ class RowGroups(_CpuRule):
             sch.parallel(outer)
         for b in reversed(_root_blocks(sch)[:-1]):
             sch.compute_at(b, at if at is not None else outer, preserve_unit_loops=False)
+        lane_buffers: set = set()
         for b in _root_blocks(sch)[:-1]:
             own = sch.get_loops(b)[above + 1:]
             if any(_extent(sch, lp) is None for lp in own[:-1]) or (own and _extent(sch, own[-1]) is None
                                                                    and not dynamic_length):
                 return None                               # the group's region is not a fixed box
             if _is_reduction_block(sch, b):
-                if len(own) >= 2:
+                if len(own) >= 3 and self._lane_axis(sch, b, own, len(loops)):
+                    # running results per lane (softmax_te's first step): each row's lanes are one vector,
+                    # the reduced axis outside it, the group's rows one after another
+                    sch.reorder(own[-1], own[-2])
+                    sch.vectorize(own[-2])
+                    lane_buffers.add(sch.get(b).writes[0].source.name)
+                elif any(r.source.name in lane_buffers for r in sch.get(b).reads):
+                    pass        # the lanes of each row summed up (a few elements): row by row, as they are
+                    # (interleaved and unrolled, LLVM's SLP vectorizer made invalid IR of them at 16-long rows)
+                elif len(own) >= 2:
                     sch.reorder(own[-1], *own[:-1])       # reduced axis outside, the group's rows inside
                     for lp in own[:-1]:
                         sch.unroll(lp)
@@ -1293,6 +1307,20 @@ class RowGroups(_CpuRule):
             # computed at the group (split first, their regions ran to the padded end: guards in every vector)
             self._vectorize_row(sch, sch.get_loops(out)[-1], None, lanes)
         return sch
+
+    @staticmethod
+    def _lane_axis(sch, block, own: list, out_rank: int) -> bool:
+        """Whether `block` keeps running results per lane: it writes a buffer of the output's rank whose last
+        index is its last spatial iter var, a short static axis (<= 16) that `own[-2]` (the loop just
+        outside the reduced one, compute_at's loops in iter var order) runs over whole."""
+        from tvm import tirx
+
+        stmt = sch.get(block)
+        write = stmt.writes[0]
+        spatial = [iv for iv in stmt.iter_vars if int(iv.iter_type) == tirx.IterVar.DataPar]
+        ext, dim = _extent(sch, own[-2]), _int(write.source.shape[-1])
+        return (len(write.region) == out_rank and bool(spatial) and write.region[-1].min.same_as(spatial[-1].var)
+                and ext is not None and 1 < ext <= 16 and ext == dim)
 
     @staticmethod
     def _vectorize_row(sch, loop, extent: int | None, lanes: int) -> None:

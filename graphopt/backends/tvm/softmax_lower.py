@@ -67,8 +67,8 @@ def softmax_te(x):
     # takes elements j, j + lanes, ...), then those in lane order followed by the elements past the last
     # whole vector in row order (the row max is exact in any order; the sum's order is this one in every
     # schedule). A row shorter than one vector has no running results (their loop is empty, nothing is
-    # written): the second step reads the reducer's identity instead; reads past the lanes are clamped into
-    # the row (never used where clamped).
+    # written): the second step takes the reducer's identity instead; reads past the lanes are clamped into
+    # the row (their values never selected there).
     lanes = _LANES
     whole = n // lanes * lanes
 
@@ -78,10 +78,11 @@ def softmax_te(x):
                                                                    axis=ko), name=name + "_lanes")
         r = te.reduce_axis((0, lanes + n - whole), name="r")
 
-        def rest(*i):
-            lane = tirx.if_then_else(n >= lanes, part[tuple(i) + (tirx.min(r, lanes - 1),)], identity)
+        def rest(*i):               # selects, not branches: both reads stay in bounds (LLVM's SLP vectorizer
+            # made invalid IR of a branchy form: "Instruction does not dominate all uses", 16-long rows)
+            lane = tirx.Select(n >= lanes, part[tuple(i) + (tirx.min(r, lanes - 1),)], identity)
             tail = src[tuple(i) + (tirx.max(whole + r - lanes, 0),)]
-            return reducer(tirx.if_then_else(r < lanes, lane, tail), axis=r)
+            return reducer(tirx.Select(r < lanes, lane, tail), axis=r)
 
         return te.compute(shape[:-1], rest, name=name)
 
