@@ -1222,21 +1222,38 @@ class RowGroups(_CpuRule):
     dynamic_length = True           # rows of a dynamic length too
 
     def _apply(self, func, target):
+        sch, lead = self._schedule(func, target, lead_outer=False)
+        if sch is None or lead is None:
+            return sch
+        # a dynamic row count under leading axes (batch, heads): with two or more leading rows, those run in
+        # parallel outermost and each one's groups in order (its rows one stretch of memory); with one, the
+        # groups in parallel (a core idle otherwise)
+        if _int(lead) is not None and _int(lead) < 2:
+            return sch
+        alt, _ = self._schedule(func, target, lead_outer=True)
+        if alt is None or _int(lead) is not None:
+            return alt or sch
+        merged = _branch_kernels(sch.mod["main"], alt.mod["main"], lead >= 2)
+        return sch if merged is None else unchecked_schedule(merged)
+
+    def _schedule(self, func, target, lead_outer: bool):
+        """(schedule or None, the leading rows' count where the row count is dynamic under leading axes, else
+        None). `lead_outer`: that case with the leading axes in parallel outermost (else the groups)."""
         found = _row_reduction_kernel(func)
         if found is None:
-            return None
+            return None, None
         sch, blocks, reductions, out = found
         vec = cpu_vector(target)
         dynamic_length = self.dynamic_length          # rows of a dynamic length taken too
         if any(not _loops_are_iters(sch, b) or (_extent(sch, sch.get_loops(b)[-1]) is None
                                                  and not dynamic_length) for b in reductions):
-            return None                                   # DynamicRows
+            return None, None                             # DynamicRows
         _inline_single_use_elementwise(sch, blocks, out)
         loops = sch.get_loops(out)
         extents = [_extent(sch, lp) for lp in loops]
         if len(loops) < 2 or (extents[-1] is None and (not dynamic_length or any(
                 _picks_at_symbolic_offset(sch, b) for b in _root_blocks(sch)))):
-            return None                                   # (LoopPartition miscompiles such picks: see there)
+            return None, None                             # (LoopPartition miscompiles such picks: see there)
         if extents[-2] is None:
             # a dynamic row count: groups of ROWS[0], the last one guarded (its missing rows skipped)
             group = next(r for r in self.ROWS if r == 2 or r * (extents[-1] or 1024) <= self.GROUP_ELEMENTS)
@@ -1246,19 +1263,29 @@ class RowGroups(_CpuRule):
             group = next((r for r in self.ROWS if extents[-2] % r == 0 and n_rows >= 2 * r
                           and (r == 2 or r * extents[-1] <= self.GROUP_ELEMENTS)), None)
             if group is None:
-                return None                               # one row (or an odd count): dlight's rule
+                return None, None                         # one row (or an odd count): dlight's rule
         outer, in_group = sch.split(loops[-2], [None, group])   # a group: rows of one slice (a box)
         above = 0                                         # loops above a group's own ones, besides `outer`
         at = None                                         # the loop the other blocks are computed at (`outer`)
-        if n_rows is None:
+        lead_rows = None
+        if n_rows is None and len(loops) > 2:
+            lead_rows = math.prod([sch.get(lp).extent for lp in loops[:-2]])
+        if lead_rows is not None and lead_outer:
+            # the leading rows in parallel, each one's groups in order (see _apply)
+            sch.annotate(outer, "pragma_loop_partition_hint", 1)
+            lead = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
+            sch.parallel(lead)
+            at, above = outer, 1
+        elif n_rows is None:
             # the last group of a dynamic row count is guarded (rows past the end skipped); TIR's LoopPartition
             # splits the group loop into whole groups (no guard: the rows' chains and the vector loops compile
             # as in the static case) and that one. (Guards in every group left the kernel scalar: 8 x n x 256
             # layer norm, AVX2, 1 thread, n=128: 351 us, partitioned 101 us, the static build 97 us.) A
-            # partitioned loop cannot be fused with the leading (batch) axes, so the group loop goes outermost
-            # and runs in parallel, the batch axes inside it: one parallel loop at every batch size (the batch
-            # loop in parallel left a core idle at batch 1; groups in parallel under a serial batch loop paid
-            # one thread-pool launch per batch row).
+            # partitioned loop cannot be fused with the leading (batch) axes, so here the group loop goes
+            # outermost and runs in parallel, the batch axes inside it (the batch loop in parallel left a core
+            # idle at batch 1; groups in parallel under a serial batch loop paid one thread-pool launch per
+            # batch row). That strides through memory (the small encoder's layer norms at 32 x 128 took twice
+            # the static build's time): with two or more leading rows the other schedule runs (_apply).
             sch.annotate(outer, "pragma_loop_partition_hint", 1)
             sch.parallel(outer)
             if len(loops) > 2:
@@ -1284,7 +1311,7 @@ class RowGroups(_CpuRule):
             own = sch.get_loops(b)[above + 1:]
             if any(_extent(sch, lp) is None for lp in own[:-1]) or (own and _extent(sch, own[-1]) is None
                                                                    and not dynamic_length):
-                return None                               # the group's region is not a fixed box
+                return None, None                         # the group's region is not a fixed box
             if _is_reduction_block(sch, b):
                 if len(own) >= 3 and self._lane_axis(sch, b, own, len(loops)):
                     # running results per lane (softmax_te's first step): each row's lanes are one vector,
@@ -1306,7 +1333,7 @@ class RowGroups(_CpuRule):
             # a dynamic row: the output's row split into vectors only now, after the other blocks were
             # computed at the group (split first, their regions ran to the padded end: guards in every vector)
             self._vectorize_row(sch, sch.get_loops(out)[-1], None, lanes)
-        return sch
+        return sch, lead_rows
 
     @staticmethod
     def _lane_axis(sch, block, own: list, out_rank: int) -> bool:
