@@ -1408,34 +1408,43 @@ def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
 @pytest.mark.parametrize("mcpu, tiles", [("haswell", ("6 x 2", "4 x 2")), ("skylake-avx512", ("3 x 4", "4 x 2"))])
 def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles, monkeypatch):
     """A Linear with a constant weight over a dynamic row count: the register tile for many rows (AVX2 6 x 2
-    vectors, AVX-512 3 x 4) would compute 18 rows for 16, so the kernel also holds a 4 x 2 tile that runs for
-    the counts up to 16 it computes sooner (a test at run time); the weight is packed once, into panels both
-    tiles read. Every row
-    count equals the kernel without the second tile bit for bit (each output sums its products in the same
-    order whichever tile computes it) and numpy."""
+    vectors, AVX-512 3 x 4) would compute 18 rows for 16, so the kernel also holds a 4 x 2 tile for the counts
+    up to 16 (a test at run time); the weight is packed once, into panels both tiles read. This weight is
+    small (L2-resident), so the large tile's rows go outermost, each (row tile, panel) task reading its panel
+    anew; the small tile's schedule runs the panels in parallel and its few row tiles in turn, and runs for
+    every count up to 16 (a larger weight, its panels outermost in both: only where the small tile computes
+    the rows sooner, PackedGemm._faster_for). Every row count equals the kernel without the second tile bit
+    for bit (each output sums its products in the same order whichever tile computes it) and numpy."""
     import tvm
     from tvm import te
 
-    n, c = tirx.Var("n", "int64"), tirx.IntImm("int64", 256)     # int64 shapes, as Relax's
-    x = te.placeholder((n, c), name="x")
-    w = te.placeholder((c, c), name="w")
-    bias = te.placeholder((c,), name="bias")
-    r = te.reduce_axis((tirx.IntImm("int64", 0), c), name="r")
-    mm = te.compute((n, c), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
-    out = te.compute((n, c), lambda i, j: mm[i, j] + bias[j], name="out")
-    func = te.create_prim_func([x, w, bias, out]).with_attr("layout_free_buffers", [1])
+    def linear(width: int):
+        n, c = tirx.Var("n", "int64"), tirx.IntImm("int64", 256)     # int64 shapes, as Relax's
+        cols = tirx.IntImm("int64", width)
+        x = te.placeholder((n, c), name="x")
+        w = te.placeholder((c, cols), name="w")
+        bias = te.placeholder((cols,), name="bias")
+        r = te.reduce_axis((tirx.IntImm("int64", 0), c), name="r")
+        mm = te.compute((n, cols), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+        out = te.compute((n, cols), lambda i, j: mm[i, j] + bias[j], name="out")
+        return te.create_prim_func([x, w, bias, out]).with_attr("layout_free_buffers", [1])
+
+    func = linear(256)
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
     sch = schedules.PackedGemm()._apply(func, target)
+    wide = schedules.PackedGemm()._apply(linear(1024), target).mod.script()       # a 1 MB weight
     monkeypatch.setattr(schedules.PackedGemm, "small_rows", 0)
     one = schedules.PackedGemm()._apply(func, target)
     assert sch is not None and one is not None
     text, one_text = sch.mod.script(), one.mod.script()
-    # the small tile where it computes the rows sooner (PackedGemm._faster_for: padded rows over FMA throughput)
-    assert "if n <= T.int64(16) and (n + T.int64(3)) // T.int64(4) * T.int64(4) *" in text, text
+    assert "if n <= T.int64(16):" in text, text
+    assert "if n <= T.int64(16) and (n + T.int64(3)) // T.int64(4) * T.int64(4) *" in wide, wide
     assert text.count("T.parallel(") == 2, text
+    lanes = 8 if mcpu == "haswell" else 16
+    small_width = int(tiles[1].split(" x ")[1]) * lanes
+    assert f"T.parallel(T.int64({256 // small_width})):" in text, text      # the small tile's: over panels
     assert text.count("meta_schedule.layout_rewrite_preproc") == 1, text      # one packed copy of w
     large, small = (tuple(int(v) for v in t.split(" x ")) for t in tiles)
-    lanes = 8 if mcpu == "haswell" else 16
     for (rows, nvec), kernel in ((large, text), (small, text), (large, one_text)):
         assert f"T.unroll(T.int64({rows})):" in kernel and f"T.unroll(T.int64({nvec})):" in kernel
     assert f"w_global = T.sblock_alloc_buffer((T.int64({256 // (small[1] * lanes)})," in text, text

@@ -514,7 +514,9 @@ class PackedGemm(_CpuRule):
         cond = plan["rows"] <= self.small_rows
         if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
             cond = tirx.And(cond, columns <= self.small_rows)
-        elif columns is None:
+        elif columns is None and not plan["rows_outer"]:
+            # (where the large schedule takes rows outermost, the second one, panels outermost, is the faster
+            # for every row count up to small_rows whatever its tile: see _schedule)
             cond = tirx.And(cond, self._faster_for(plan["rows"], small, (rows, nvec), vec))
         merged = _branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
         return sch if merged is None else unchecked_schedule(merged)
@@ -706,7 +708,7 @@ class PackedGemm(_CpuRule):
             loops = sch.get_loops(main)
         if padded_tile is not None and ri is not None and ext[ri] is None and tail is None and flat is None:
             plan.update(rows=row_count, columns=column_count if E is None else None, tile=(rows, nvec),
-                        panel=panel if packed else None)
+                        panel=panel if packed else None, rows_outer=panels_inner)
 
         # ---- tiling
         v_o, v_n, v_l = sch.split(loops[vi], [None, nvec, lanes])      # a dynamic axis: guarded tail
@@ -737,6 +739,12 @@ class PackedGemm(_CpuRule):
             serial = [serial_rows]
         if tail is not None:
             serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
+        if force_tile is not None and ri is not None and ext[ri] is None and not self._channel_wise(blk, vi, ri):
+            # the second tile's few dynamic rows (<= small_rows): each column panel computes them all in turn,
+            # the row tiles a serial loop in the parallel one over panels (rows outermost, as _small_weights
+            # orders them, every (row tile, panel) task read its panel anew)
+            serial = [outer.pop()]
+            panels_inner = False
         if panels_inner or chunk is not None:
             outer.append(v_o)
         else:
