@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import graphopt
+from tests.helpers import X86_TARGETS
 
 
 def _special_rows(shape, seed=0):
@@ -65,7 +66,8 @@ def test_the_pass_takes_last_axis_float32_softmax_only():
     torch.testing.assert_close(opt(x), Two()(x), rtol=2e-5, atol=1e-7)
 
 
-def test_quantized_attention_over_two_vector_rows_builds_and_matches_its_graph():
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_quantized_attention_over_two_vector_rows_builds_and_matches_its_graph(target):
     """The int8 attention softmax (fused with its quantize) over 16-long rows: RowGroups' first step is one
     vector per row; run as interleaved, unrolled scalar chains, the second step's sums made LLVM's SLP
     vectorizer emit IR that failed verification ("Instruction does not dominate all uses")."""
@@ -75,7 +77,7 @@ def test_quantized_attention_over_two_vector_rows_builds_and_matches_its_graph()
     model = BertStyleEncoder(vocab=100, hidden=32, layers=1, heads=2, ffn=64, max_len=16).eval()
     x = torch.randint(0, 100, (1, 16))
     calib = [(torch.randint(0, 100, (1, 16)),) for _ in range(2)]
-    opt = graphopt.optimize(model, "x86", "cleanup,quantize(progress=false)", example_inputs=(x,),
+    opt = graphopt.optimize(model, target, "cleanup,quantize(progress=false)", example_inputs=(x,),
                             calibration=calib)
     assert "RowGroups" in opt.report.backend["kernels"]
     with torch.no_grad():
