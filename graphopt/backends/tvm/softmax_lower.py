@@ -15,8 +15,9 @@ scores, the scheduled kernel alone: 458 us; without fast_exp's work 228, without
 The row max and the row sum each run as 8 running results over the row's whole vectors, then those in lane
 order and the row's tail (`softmax_te`): the scheduled kernel reads the row in whole vectors instead of
 interleaving one scalar chain per row (the attention softmax of the small encoder at 8 x 512 alone, AVX2, 2
-threads: 5.49 -> 5.02 ms). The maximum is the same in any order; the sum's order is this one in every schedule
-(RowGroups keeps it bit for bit), a pairwise-like order closer to the exact sum than one chain.
+threads: 5.49 -> 4.91 ms, with RowGroups taking each row's lanes as one vector). The maximum is the same in any
+order; the sum's order is this one in every schedule (RowGroups keeps it bit for bit); against a float64
+softmax of those scores its largest error went from 8.9e-8 to 2.2e-8 (one run each).
 
 Values: the exponential is fast_exp's polynomial (same constants, same bounds as relax_layout_passes states),
 so the result differs from TOPI's fast_softmax by the sum's order and the reciprocal's rounding (a few ulp);
