@@ -673,7 +673,8 @@ class PackedGemm(_CpuRule):
                 ivs = list(blk.iter_vars)
 
         # ---- constant weights -> contiguous panels [E/tile, ..., tile] (split out and folded at build time)
-        panels_inner = self._channel_wise(blk, vi, ri) or self._small_weights(ext, reduce_, E, out_dtype)
+        channel_wise = self._channel_wise(blk, vi, ri)
+        panels_inner = channel_wise or self._small_weights(ext, reduce_, E, out_dtype)
         loops = sch.get_loops(main)
         panel = panel or tile
         packed = False
@@ -739,7 +740,7 @@ class PackedGemm(_CpuRule):
             serial = [serial_rows]
         if tail is not None:
             serial = [outer.pop()]          # the row tiles: a serial loop, partitioned into full tiles + tail
-        if force_tile is not None and ri is not None and ext[ri] is None and not self._channel_wise(blk, vi, ri):
+        if force_tile is not None and ri is not None and ext[ri] is None and not channel_wise:
             # the second tile's few dynamic rows (<= small_rows): each column panel computes them all in turn,
             # the row tiles a serial loop in the parallel one over panels (rows outermost, as _small_weights
             # orders them, every (row tile, panel) task read its panel anew)
@@ -1236,10 +1237,11 @@ class RowGroups(_CpuRule):
         # a dynamic row count under leading axes (batch, heads): with two or more leading rows, those run in
         # parallel outermost and each one's groups in order (its rows one stretch of memory); with one, the
         # groups in parallel (a core idle otherwise)
-        if _int(lead) is not None and _int(lead) < 2:
+        static = _int(lead)
+        if static is not None and static < 2:
             return sch
         alt, _ = self._schedule(func, target, lead_outer=True)
-        if alt is None or _int(lead) is not None:
+        if alt is None or static is not None:
             return alt or sch
         merged = _branch_kernels(sch.mod["main"], alt.mod["main"], lead >= 2)
         return sch if merged is None else unchecked_schedule(merged)
