@@ -1390,8 +1390,9 @@ def test_dynamic_row_linear_reads_its_input_in_place_and_matches_numpy(mcpu):
     sch = schedules.PackedGemm()._apply(func, target)
     assert sch is not None
     text = sch.mod.script()
-    # one parallel loop per register tile: the second one's for up to 16 rows (the sizes below run both)
-    assert "x_pad" not in text and "T.min(" in text and text.count("T.parallel(") == 2, text
+    # one parallel loop per register tile and order: rows outermost for many rows, panels outermost with each
+    # tile for up to 16 (the sizes below run all three)
+    assert "x_pad" not in text and "T.min(" in text and text.count("T.parallel(") == 3, text
     if not runs_here(mcpu):
         return                          # AVX-512 code on an AVX2 host: the schedule's text is checked above
     lib = tvm.compile(sch.mod, target=target)
@@ -1411,10 +1412,11 @@ def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles
     vectors, AVX-512 3 x 4) would compute 18 rows for 16, so the kernel also holds a 4 x 2 tile for the counts
     up to 16 (a test at run time); the weight is packed once, into panels both tiles read. This weight is
     small (L2-resident), so the large tile's rows go outermost, each (row tile, panel) task reading its panel
-    anew; the small tile's schedule runs the panels in parallel and its few row tiles in turn, and runs for
-    every count up to 16 (a larger weight, its panels outermost in both: only where the small tile computes
-    the rows sooner, PackedGemm._faster_for). Every row count equals the kernel without the second tile bit
-    for bit (each output sums its products in the same order whichever tile computes it) and numpy."""
+    anew; for every count up to 16 the panels run in parallel and the few row tiles in turn, with the small
+    tile where it computes the rows sooner (PackedGemm._faster_for), else the large one (a larger weight, its
+    panels outermost in both: the small tile only where it computes the rows sooner). Every row count equals
+    the kernel without the second tile bit for bit (each output sums its products in the same order whichever
+    tile computes it) and numpy."""
     import tvm
     from tvm import te
 
@@ -1439,7 +1441,9 @@ def test_dynamic_row_linear_takes_a_second_tile_for_small_row_counts(mcpu, tiles
     text, one_text = sch.mod.script(), one.mod.script()
     assert "if n <= T.int64(16):" in text, text
     assert "if n <= T.int64(16) and (n + T.int64(3)) // T.int64(4) * T.int64(4) *" in wide, wide
-    assert text.count("T.parallel(") == 2, text
+    assert text.count("T.parallel(") == 3, text
+    # up to 16 rows: the tile that computes them sooner, both over panels in parallel
+    assert "if (n + T.int64(3)) // T.int64(4) * T.int64(4) *" in text, text     # the 4 x 2 tile's padded rows
     lanes = 8 if mcpu == "haswell" else 16
     small_width = int(tiles[1].split(" x ")[1]) * lanes
     assert f"T.parallel(T.int64({256 // small_width})):" in text, text      # the small tile's: over panels

@@ -143,6 +143,14 @@ def build_module(mod, spec: TargetSpec, *, tune: Any = None, report=None):
     except Exception as e:
         raise BuildError(f"NaN-propagating min/max for '{spec.alias}' failed: {type(e).__name__}: "
                          f"{_first_line(str(e))}") from e
+    if spec.kind == "llvm":         # a dynamic kernel's small calls on one thread (parallel_guard.py)
+        from .parallel_guard import serial_when_small
+
+        try:
+            scheduled = serial_when_small()(scheduled)
+        except Exception as e:
+            raise BuildError(f"serial copies of small dynamic kernels for '{spec.alias}' failed: "
+                             f"{type(e).__name__}: {_first_line(str(e))}") from e
     scheduled_at = time.perf_counter()
     try:
         if spec.kind == "cuda":                    # device code from nvcc, also without a GPU (cuda.py)

@@ -46,6 +46,7 @@ from typing import Any
 
 from .inline_budget import BUDGET, expanded_size, plan_inlining
 from .inplace_rowwise import ROWWISE_ATTR, WHOLE_ROWS_ATTR
+from .parallel_guard import PARALLEL_MIN, SERIAL_BELOW_ATTR
 from .unchecked_schedule import schedule as unchecked_schedule
 
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "RowGroups", "ScalarMinMax", "Injective",
@@ -190,7 +191,7 @@ def _same_expr(a, b) -> bool:
         return False
 
 
-def _vectorize_inner(sch, block, lanes: int, parallel_min: int = 1 << 14) -> None:
+def _vectorize_inner(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN) -> None:
     """Injective block: vectorize the innermost loop (split to `lanes` when it divides, else to its largest
     power-of-two divisor below `lanes` when that is at least 4), fuse the outer loops and run them in
     parallel when the block is large enough to pay for the fork."""
@@ -316,7 +317,7 @@ def _pow2_divisor(n: int, limit: int) -> int:
     return t
 
 
-def _tile_transpose(sch, block, lanes: int, parallel_min: int = 1 << 14) -> bool:
+def _tile_transpose(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN) -> bool:
     """Injective block that reads a tensor across its innermost axis (a transpose / layout change such as
     NHWC -> NCHW): walking the output row by row touches a new cache line of the input for every element,
     so each input line is fetched up to `lanes` times (measured 1.7-4.4 GB/s on a 3 MB NHWC->NCHW copy).
@@ -446,9 +447,12 @@ class _CpuRule:
     shape it does not understand makes scheduling fail (the next rule is tried).
 
     `whole_rows`: the rule's row-wise kernels compute each row on one thread, every read of the row's input
-    before the row's first write (what inplace_rowwise needs to write a result over its input)."""
+    before the row's first write (what inplace_rowwise needs to write a result over its input).
+    `serial_below`: the work (innermost statement executions) below which the rule's static schedules stay
+    serial; a dynamic kernel it scheduled gets a serial copy for calls below it (parallel_guard.py); 0: none."""
 
     whole_rows = False
+    serial_below = 0
 
     def apply(self, func, target, tunable: bool = False):
         try:
@@ -512,13 +516,22 @@ class PackedGemm(_CpuRule):
         if small_sch is None or large is None:
             return sch
         cond = plan["rows"] <= self.small_rows
+        few = small_sch.mod["main"]
         if columns is not None and not tvm_ffi.structural_equal(columns, plan["rows"]):
             cond = tirx.And(cond, columns <= self.small_rows)
         elif columns is None and not plan["rows_outer"]:
-            # (where the large schedule takes rows outermost, the second one, panels outermost, is the faster
-            # for every row count up to small_rows whatever its tile: see _schedule)
             cond = tirx.And(cond, self._faster_for(plan["rows"], small, (rows, nvec), vec))
-        merged = _branch_kernels(large.mod["main"], small_sch.mod["main"], cond)
+        elif columns is None:
+            # Where the large schedule takes rows outermost, panels outermost is the faster order for every
+            # count up to small_rows (see _schedule), and each count takes the better of the two tiles in that
+            # order: the small tile alone made the small encoder's 16-row GEMMs ~10% slower than the static
+            # build's 6 x 2 (AVX2, 2 threads, perf samples per kernel).
+            same_order = self._schedule(func, target, {}, force_tile=(rows, nvec), panel=width)
+            if same_order is not None:
+                both = _branch_kernels(same_order.mod["main"], few,
+                                       self._faster_for(plan["rows"], small, (rows, nvec), vec))
+                few = few if both is None else both
+        merged = _branch_kernels(large.mod["main"], few, cond)
         return sch if merged is None else unchecked_schedule(merged)
 
     def _large(self, func, target, plan: dict, panel=None):
@@ -1103,6 +1116,8 @@ class Injective(_CpuRule):
     """Kernels without a reduction (elementwise, transpose, reshape, padding, layout transforms): inline the
     intermediate blocks, then per remaining block a vectorized inner loop and a parallel outer loop;
     transposes are tiled so both sides stay in cache (`_tile_transpose`)."""
+
+    serial_below = PARALLEL_MIN     # _vectorize_inner's and _tile_transpose's threshold
 
     def _apply(self, func, target):
         vec = cpu_vector(target)
@@ -1766,6 +1781,8 @@ def apply_default_schedules(mod, target, rules: list | None = None):
                 scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                 if ROWWISE_ATTR in (scheduled.attrs or {}) and getattr(rule, "whole_rows", False):
                     scheduled = scheduled.with_attr(WHOLE_ROWS_ATTR, True)      # inplace_rowwise may use it
+                if getattr(rule, "serial_below", 0):            # (dlight's rules have none)
+                    scheduled = scheduled.with_attr(SERIAL_BELOW_ATTR, rule.serial_below)   # parallel_guard
                 updates[gv] = scheduled
                 name = type(rule).__name__
                 by_rule[name] = by_rule.get(name, 0) + 1

@@ -1,0 +1,76 @@
+"""parallel_guard.serial_when_small: a dynamic kernel's parallel loops run serial on calls with little work."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import te, tirx
+
+from graphopt.backends.tvm import schedules
+from graphopt.backends.tvm.parallel_guard import PARALLEL_MIN, SERIAL_BELOW_ATTR, serial_when_small
+
+TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+
+
+def _gelu_like(cols: int, rows=None):
+    """y = x * sigmoid(x) + b over (rows, cols): rows a symbolic size unless given."""
+    n = tirx.Var("n", "int64") if rows is None else tirx.IntImm("int64", rows)
+    x = te.placeholder((n, tirx.IntImm("int64", cols)), name="x")
+    b = te.placeholder((tirx.IntImm("int64", cols),), name="b")
+    y = te.compute(x.shape, lambda i, j: x[i, j] * te.sigmoid(x[i, j]) + b[j], name="y")
+    return te.create_prim_func([x, b, y])
+
+
+def _scheduled(funcs: dict):
+    """{name: PrimFunc} scheduled by graphopt's default rules, as a module."""
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    mod, _ = schedules.apply_default_schedules(mod, tvm.target.Target(TARGET))
+    return mod
+
+
+def test_a_dynamic_elementwise_kernel_gets_a_serial_copy_below_the_threshold():
+    mod = _scheduled({"dyn": _gelu_like(256), "big": _gelu_like(1 << 15), "static": _gelu_like(256, rows=4)})
+    assert int(mod["dyn"].attrs[SERIAL_BELOW_ATTR]) == PARALLEL_MIN         # Injective's own threshold
+    guarded = serial_when_small()(mod)
+    text = guarded["dyn"].script()
+    assert f"if n * T.int64(256) < T.int64({PARALLEL_MIN}):" in text, text
+    serial, parallel = text.split("else:")
+    assert "T.parallel(" not in serial and "T.parallel(" in parallel, text
+    # a row of 32768 is never small, a static kernel's choice was made at build time: both left as they were
+    for name in ("big", "static"):
+        assert tvm_ffi.structural_equal(guarded[name], mod[name]), name
+
+
+def test_kernels_of_other_rules_are_left_alone():
+    """PackedGemm decides its own parallel loops (and its few-row tile): no serial copy."""
+    n = tirx.Var("n", "int64")
+    x, w = te.placeholder((n, tirx.IntImm("int64", 8)), name="x"), te.placeholder((8, 8), name="w")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 8)), name="r")
+    mm = te.compute((n, 8), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    mod = _scheduled({"mm": te.create_prim_func([x, w, mm]).with_attr("layout_free_buffers", [1])})
+    assert SERIAL_BELOW_ATTR not in (mod["mm"].attrs or {})
+    assert tvm_ffi.structural_equal(serial_when_small()(mod)["mm"], mod["mm"])
+
+
+@pytest.mark.parametrize("rows", [0, 1, 63, 64, 65, 300])
+def test_both_copies_compute_the_same_bits(rows):
+    """Rows on both sides of the threshold (64 x 256 = PARALLEL_MIN) give the unguarded kernel's results bit
+    for bit (the same loops in the same order, on one thread or two) and numpy's within float rounding."""
+    mod = _scheduled({"dyn": _gelu_like(256)})
+    target = tvm.target.Target(TARGET)
+    plain, guarded = tvm.compile(mod, target=target), tvm.compile(serial_when_small()(mod), target=target)
+    rng = np.random.default_rng(rows)
+    xa = rng.standard_normal((rows, 256)).astype("float32")
+    if rows:
+        xa[:, :3] = [np.nan, np.inf, -np.inf]              # special values take the same path in both
+    ba = rng.standard_normal(256).astype("float32")
+    outs = []
+    for lib in (plain, guarded):
+        out = tvm.runtime.tensor(np.full((rows, 256), 7.0, "float32"))
+        lib["dyn"](tvm.runtime.tensor(xa), tvm.runtime.tensor(ba), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = xa / (1 + np.exp(-xa)) + ba
+    np.testing.assert_allclose(outs[1], ref, rtol=1e-5, atol=1e-5)
