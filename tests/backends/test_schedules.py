@@ -1253,9 +1253,9 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     text = sch.mod.script()
     # kᵀ's padded copy and the GEMM, once per tile: 8 x 1 where n <= 16 (a second tile in the same kernel; the
     # lengths below run it and the large one), and the large tile (6 x 2) twice: rows in chunks where the
-    # queries outgrow the caches (b x n x 64 floats > 4 MiB, PackedGemm._large), plain below
+    # queries outgrow the caches (b x n x 64 floats > 1 MiB, PackedGemm._large), plain below
     assert text.count("T.parallel(") == 6 and "if n <= T.int64(16)" in text, text
-    assert "if not n * b * T.int64(256) > T.int64(4194304)" in text, text
+    assert "if not n * b * T.int64(256) > T.int64(1048576)" in text, text
     assert "q_pad" not in text and "k_pad" in text and "T.min(" in text, text
     assert text.count("pragma_loop_partition_hint") >= 4  # the column copies' tails and the write-backs'
     lib = tvm.compile(sch.mod, target=target)
@@ -1297,13 +1297,13 @@ def test_per_batch_column_panels_follow_their_batch_axis():
     assert _parallel_loops(te.create_prim_func([x, w, mm])) == ["j_0_i_0_fused"]
 
 
-@pytest.mark.parametrize("rows, chunked", [(None, True), (4608, True), (3072, False), (96, False)])
+@pytest.mark.parametrize("rows, chunked", [(None, True), (1536, True), (1024, False), (96, False)])
 def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
     """x [rows, 256] @ w [256, 1024] (1 MiB of weights: column panels outermost): where the rows' operand
-    outgrows the caches (`resident_bytes`, 4 MiB: 4,096 rows here; a dynamic row count always may), the rows
+    outgrows the caches (`resident_bytes`, 1 MiB: 1,024 rows here; a dynamic row count always may), the rows
     go in chunks outermost (i_0_0), then the panels (j_0), each pass running over the chunk's tiles in a serial
     loop; fewer rows keep the plain panel order (j_0, then every row tile i_0). The chunked kernels equal numpy;
-    the dynamic one holds both orders and takes the chunks past 4 MiB of rows at run time (PackedGemm._large):
+    the dynamic one holds both orders and takes the chunks past 1 MiB of rows at run time (PackedGemm._large):
     counts below, and above with a partial last chunk (192 rows each here) and tile."""
     import tvm
     from tvm import te
@@ -1322,7 +1322,7 @@ def test_many_rows_under_large_weights_are_taken_in_chunks(rows, chunked):
         target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
         lib = tvm.compile(schedules.PackedGemm()._apply(func, target).mod, target=target)
         wa = np.random.default_rng(0).standard_normal((256, 1024)).astype("float32")
-        for count in (1, 17, 200, 401, 4097, 4501) if rows is None else (rows,):
+        for count in (1, 17, 200, 401, 1025, 4501) if rows is None else (rows,):
             xa = np.random.default_rng(count).standard_normal((count, 256)).astype("float32")
             out = tvm.runtime.tensor(np.full((count, 1024), np.nan, "float32"))
             lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), out)
