@@ -1252,10 +1252,11 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
     assert sch is not None
     text = sch.mod.script()
     # kᵀ's padded copy and the GEMM, once per tile: 8 x 1 where n <= 16 (a second tile in the same kernel; the
-    # lengths below run it and the large one), and the large tile (6 x 2) twice: rows in chunks where the
-    # queries outgrow the caches (b x n x 64 floats > 1 MiB, PackedGemm._large), plain below
+    # lengths below run it and the large one), and the large tile (6 x 2) twice: rows in chunks where one
+    # head's queries outgrow the caches (n x 64 floats > 1 MiB, PackedGemm._large: a panel of kᵀ belongs to one
+    # head, so a panel pass reads that head's rows only, however many heads), plain below
     assert text.count("T.parallel(") == 6 and "if n <= T.int64(16)" in text, text
-    assert "if not n * b * T.int64(256) > T.int64(1048576)" in text, text
+    assert "if not n * T.int64(256) > T.int64(1048576)" in text, text
     assert "q_pad" not in text and "k_pad" in text and "T.min(" in text, text
     assert text.count("pragma_loop_partition_hint") >= 4  # the column copies' tails and the write-backs'
     lib = tvm.compile(sch.mod, target=target)
