@@ -74,3 +74,27 @@ def test_both_copies_compute_the_same_bits(rows):
     with np.errstate(over="ignore", invalid="ignore"):
         ref = xa / (1 + np.exp(-xa)) + ba
     np.testing.assert_allclose(outs[1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (64, 40, 9)])
+def test_a_hand_written_kernel_without_blocks_gets_its_serial_copy(shape):
+    """The int8 attention's operand padding (TVMScript, no SBlocks, parallel over batch x heads): the serial
+    copy goes beside the loop nest with loop variables of its own; small and large calls give the same bytes."""
+    from graphopt.backends.tvm.parallel_guard import guard_function
+    from graphopt.backends.tvm.quant_lower import pad_lhs_kernel
+
+    func = pad_lhs_kernel("uint8")
+    guarded = guard_function(func)
+    assert guarded is not None and "if bt * m * k4 < T.int64(16384):" in guarded.script(), guarded.script()
+    target = tvm.target.Target(TARGET)
+    libs = [tvm.compile(tvm.IRModule({"main": f}), target=target) for f in (func, guarded)]
+    bt, m, k = shape
+    a = np.random.default_rng(k).integers(0, 255, shape, dtype=np.uint8)
+    outs = []
+    for lib in libs:
+        out = tvm.runtime.tensor(np.zeros((bt, m, (k + 3) // 4 * 4), np.uint8))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(np.array([7], np.int32)), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[1][..., :k], a)
+    assert (outs[1][..., k:] == 7).all()

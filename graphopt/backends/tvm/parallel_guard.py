@@ -6,12 +6,14 @@ the default rules parallelize any block with a dynamic dimension (schedules._vec
 as a few dozen), and at batch 1 x sequence 16 the small encoder's dynamic build paid the fork/join on some
 20 kernels of a few thousand elements each: 1.10-1.12x its static build's time with 2 threads, 1.05x with 1.
 
-`serial_when_small()` (a module pass over scheduled CPU kernels) gives each PrimFunc with a parallel loop and
-a symbolic work count a second, all-serial copy of its body and picks at run time: the serial copy where the
-call's work (the number of innermost statement executions, vector lanes counted, summed over the kernel's
-loop nests) is below PARALLEL_MIN, the scheduled one otherwise. PARALLEL_MIN is the threshold the static
-rules use (schedules._vectorize_inner). A kernel is left alone when its work cannot fall below PARALLEL_MIN
-(evaluated with every symbolic size at 1) or cannot be counted (a loop extent that depends on another
+`serial_when_small()` (a module pass over scheduled CPU kernels) gives each PrimFunc marked SERIAL_BELOW_ATTR
+(by apply_default_schedules from its rule's `serial_below`: Injective; by hand-written kernels that opt in:
+the int8 attention's operand packing) that has a parallel loop and a symbolic work count a second,
+all-serial copy of its body and picks at run time: the serial copy where the call's work (the number of
+innermost statement executions, vector lanes counted, summed over the kernel's loop nests) is below the
+marked threshold, the scheduled one otherwise. Injective's is PARALLEL_MIN, the threshold its static
+schedules use (schedules._vectorize_inner). A kernel is left alone when its work cannot fall below the
+threshold (evaluated with every symbolic size at 1) or cannot be counted (a loop extent that depends on another
 loop's variable). Results are bit for bit those of the scheduled kernel: the serial copy runs the same
 loops, in order, on one thread (each parallel iteration writes its own outputs; reductions across parallel
 iterations are not scheduled by graphopt's rules).
@@ -68,7 +70,29 @@ def guard_function(func, parallel_min: int = PARALLEL_MIN):
         return None                                # never small: always worth the threads
     serial = func.with_body(_serialize(func.body))
     cond = work < tirx.const(parallel_min, str(work.ty))
-    return _branch_kernels(func, serial, cond)
+    if hasattr(func.body, "block"):                 # scheduled from blocks: weight packing stays shared
+        return _branch_kernels(func, serial, cond)
+    return func.with_body(tirx.IfThenElse(cond, _renewed_body(serial, func), func.body))   # TVMScript kernels
+
+
+def _renewed_body(func, like):
+    """`func`'s body with its own loop variables (none defined twice beside `like`'s), reading `like`'s
+    parameters and size variables."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    fresh = s_tir.renew_defs(func)
+    vmap = {}
+    for a, b in zip(fresh.params, like.params):
+        vmap[a] = b
+        try:
+            shapes = zip(a.shape, b.shape)
+        except AttributeError:
+            continue
+        for ea, eb in shapes:
+            if isinstance(ea, tirx.Var):
+                vmap[ea] = eb
+    return tvm_ffi.structural_map(fresh.body, [(tirx.Var, lambda v: vmap.get(v, v))])
 
 
 def tvm_simplify(expr):

@@ -1374,17 +1374,26 @@ def _dynamic_qmatmul(st: QuantLowering, bb, aq, bq, a_zp: int, out_scale: float)
     a3 = bb.emit(R.reshape(au8, [bt, m, k]))
     zp = _const(np.array([zp8], np.int32))
     if not (isinstance(k, int) and k % 4 == 0):         # K to whole 4-byte groups (the packed B is zero there)
-        gv = bb.add_func(_private(pad_lhs_kernel(a_dtype)), "graphopt_qpad_lhs")
+        gv = bb.add_func(_serial_when_small(_private(pad_lhs_kernel(a_dtype))), "graphopt_qpad_lhs")
         a3 = bb.emit(relax.call_tir(gv, [a3, zp], relax.TensorType([bt, m, kb * 4], a_dtype)))
     b3 = bb.emit(R.reshape(bq, [bt, k, n]))
     w_shape = [bt, nb, kb, L, 4] if st.path != "cpu" else [bt, nb, kb, 4, L]
-    gv = bb.add_func(_private(pack_rhs_kernel(st.path)), "graphopt_qpack_rhs")
+    gv = bb.add_func(_serial_when_small(_private(pack_rhs_kernel(st.path))), "graphopt_qpack_rhs")
     packed = bb.emit(relax.call_tir(gv, [b3, zp],
                                     [relax.TensorType(w_shape, "int8"), relax.TensorType([bt, n], "int32")]))
     w, comp = bb.emit(relax.TupleGetItem(packed, 0)), bb.emit(relax.TupleGetItem(packed, 1))
     gv = bb.add_func(_private(bmm_dynamic_kernel(mt, st.path, out_scale, nt)), "graphopt_qbmm")
     y = bb.emit(relax.call_tir(gv, [a3, w, comp], relax.TensorType([bt, m, n], "float32")))
     return bb.emit(R.reshape(y, [*batch, m, n]))
+
+
+def _serial_when_small(func):
+    """`func` (a copy or packing kernel, parallel over the batch x heads of a dynamic attention) marked for
+    parallel_guard: one thread where the call's work is small (at 1 x 16 the small encoder's int8 build ran
+    them at 4-5 us a call on 2 threads, most of it the fork)."""
+    from .parallel_guard import PARALLEL_MIN, SERIAL_BELOW_ATTR
+
+    return func.with_attr(SERIAL_BELOW_ATTR, PARALLEL_MIN)
 
 
 def _convert_qmatmul(st: QuantLowering):
