@@ -98,3 +98,21 @@ def test_a_hand_written_kernel_without_blocks_gets_its_serial_copy(shape):
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[1][..., :k], a)
     assert (outs[1][..., k:] == 7).all()
+
+
+def test_the_serial_copy_defines_its_own_variables():
+    """Every variable the copied nest defines (loops, block iterators, the Let of numerics' NaN-exact clamps)
+    is new in the copy: TVM's well-formedness check passes (view_args, for one, skips kernels that fail it)."""
+    import tvm_ffi as ffi
+
+    from graphopt.backends.tvm.numerics import nan_propagating_minmax
+
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, tirx.IntImm("int64", 256)), name="x")
+    y = te.compute(x.shape, lambda i, j: te.max(x[i, j], tirx.const(0.0, "float32")), name="relu")
+    mod = nan_propagating_minmax()(_scheduled({"relu": te.create_prim_func([x, y])}))
+    assert "clamped" in mod["relu"].script()                        # the clamp's Let
+    guarded = serial_when_small()(mod)["relu"]
+    assert "if n * T.int64(256) < T.int64(16384):" in guarded.script()
+    verify = ffi.get_global_func("s_tir.analysis.VerifyWellFormed")
+    assert verify(mod["relu"], False) and verify(guarded, False)

@@ -8,15 +8,16 @@ as a few dozen), and at batch 1 x sequence 16 the small encoder's dynamic build 
 
 `serial_when_small()` (a module pass over scheduled CPU kernels) gives each PrimFunc marked SERIAL_BELOW_ATTR
 (by apply_default_schedules from its rule's `serial_below`: Injective; by hand-written kernels that opt in:
-the int8 attention's operand packing) that has a parallel loop and a symbolic work count a second,
-all-serial copy of its body and picks at run time: the serial copy where the call's work (the number of
-innermost statement executions, vector lanes counted, summed over the kernel's loop nests) is below the
-marked threshold, the scheduled one otherwise. Injective's is PARALLEL_MIN, the threshold its static
-schedules use (schedules._vectorize_inner). A kernel is left alone when its work cannot fall below the
-threshold (evaluated with every symbolic size at 1) or cannot be counted (a loop extent that depends on another
-loop's variable). Results are bit for bit those of the scheduled kernel: the serial copy runs the same
-loops, in order, on one thread (each parallel iteration writes its own outputs; reductions across parallel
-iterations are not scheduled by graphopt's rules).
+the int8 attention's operand packing) a second, serial copy of each parallel loop nest whose work count is
+symbolic, and picks at run time: the serial copy where the call's work in that nest (the number of innermost
+statement executions, vector lanes counted) is below the marked threshold, the scheduled nest otherwise (the
+copy defines its own loop and block variables). Injective's threshold is PARALLEL_MIN, the one its static
+schedules use (schedules._vectorize_inner). A nest is left alone when its work cannot fall below the
+threshold (evaluated with every symbolic size at 1) or cannot be counted (a loop extent that depends on
+another loop's variable). Results are bit for bit those of the scheduled kernel: the serial copy runs the
+same loops, in order, on one thread (each parallel iteration writes its own outputs; reductions across
+parallel iterations are not scheduled by graphopt's rules). Not for RowGroups: its static schedules run
+row groups in parallel at any size, and serial layer norms at 1 x 16 were slower.
 """
 from __future__ import annotations
 
@@ -49,50 +50,61 @@ def serial_when_small():
 
 
 def guard_function(func, parallel_min: int = PARALLEL_MIN):
-    """`func` with its serial copy behind a run-time work test, or None where it needs none."""
+    """`func` with a serial copy beside each parallel loop nest whose work may fall below `parallel_min`,
+    picked at run time; None where no nest needs one."""
     import tvm_ffi
     from tvm import tirx
-
-    from .schedules import _branch_kernels
 
     if not _has_parallel(func.body):
         return None
     sizes = _signature_vars(func)
-    work = _work(func.body, sizes)
-    if work is None:
-        return None
-    work = tvm_simplify(work)
-    if isinstance(work, tirx.IntImm):
-        return None                                # a static count: the rules already decided
     ones = {v: tirx.const(1, str(v.ty)) for v in sizes}
-    at_one = tvm_simplify(tvm_ffi.structural_map(work, [(tirx.Var, lambda v: ones.get(v, v))]))
-    if not isinstance(at_one, tirx.IntImm) or at_one.value >= parallel_min:
-        return None                                # never small: always worth the threads
-    serial = func.with_body(_serialize(func.body))
-    cond = work < tirx.const(parallel_min, str(work.ty))
-    if hasattr(func.body, "block"):                 # scheduled from blocks: weight packing stays shared
-        return _branch_kernels(func, serial, cond)
-    return func.with_body(tirx.IfThenElse(cond, _renewed_body(serial, func), func.body))   # TVMScript kernels
+
+    def nest(loop):
+        if loop.kind != tirx.ForKind.PARALLEL:
+            return loop
+        work = _work(loop, sizes)
+        if work is None:
+            return loop
+        work = tvm_simplify(work)
+        if isinstance(work, tirx.IntImm):
+            return loop                            # a static count: the rules already decided
+        at_one = tvm_simplify(tvm_ffi.structural_map(work, [(tirx.Var, lambda v: ones.get(v, v))]))
+        if not isinstance(at_one, tirx.IntImm) or at_one.value >= parallel_min:
+            return loop                            # never small: always worth the threads
+        serial = _fresh_definitions(_serialize(loop))
+        return tirx.IfThenElse(work < tirx.const(parallel_min, str(work.ty)), serial, loop)
+
+    body = tvm_ffi.structural_map(func.body, [(tirx.For, nest)])
+    return None if body.same_as(func.body) else func.with_body(body)
 
 
-def _renewed_body(func, like):
-    """`func`'s body with its own loop variables (none defined twice beside `like`'s), reading `like`'s
-    parameters and size variables."""
+def _fresh_definitions(stmt):
+    """`stmt` with a new variable for each one it defines (loop variables, block iteration variables and
+    buffers, let and bind variables, in statements and expressions), so that it can stand beside the original in one function; everything defined
+    outside it (parameters, sizes, the root block's buffers) it reads as before."""
     import tvm_ffi
     from tvm import s_tir, tirx
 
-    fresh = s_tir.renew_defs(func)
-    vmap = {}
-    for a, b in zip(fresh.params, like.params):
-        vmap[a] = b
-        try:
-            shapes = zip(a.shape, b.shape)
-        except AttributeError:
-            continue
-        for ea, eb in shapes:
-            if isinstance(ea, tirx.Var):
-                vmap[ea] = eb
-    return tvm_ffi.structural_map(fresh.body, [(tirx.Var, lambda v: vmap.get(v, v))])
+    defined = []
+
+    def loop(n):
+        defined.append(n.loop_var)
+        return n
+
+    def block(n):
+        defined.extend(iv.var for iv in n.iter_vars)
+        defined.extend(n.alloc_buffers)
+        return n
+
+    def let(n):
+        defined.append(n.var)
+        return n
+
+    tvm_ffi.structural_map(stmt, [(tirx.For, loop), (s_tir.SBlock, block),
+                                  ((tirx.LetStmt, tirx.Let, tirx.Bind), let)])     # (Let: numerics' clamps)
+    fresh = {v: tirx.Var(v.name, v.ty) for v in defined}
+    return tvm_ffi.structural_map(stmt, [(tirx.Var, lambda v: fresh.get(v, v))])
 
 
 def tvm_simplify(expr):
