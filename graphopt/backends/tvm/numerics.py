@@ -85,26 +85,13 @@ def nan_propagating_minmax():
 
     The rewrite does not grow a kernel (the select-based form it replaces repeated each operand, grew
     geometrically on nested min/max and had to leave kernels with more than 64 of them unrewritten)."""
-    import tvm
     import tvm_ffi
     from tvm import tirx
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphoptNaNPropagatingMinMax")
-    def _pass(mod, ctx):
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc):
-                new = tvm_ffi.structural_map(func, [((tirx.Max, tirx.Min), _nan_minmax), (tirx.Not, _bool_not)])
-                if not new.same_as(func):
-                    updates[gv] = new
-        if not updates:
-            return mod
-        mod = mod.clone() if hasattr(mod, "clone") else mod
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+    from .prim_func_pass import prim_func_pass
 
-    return _pass
+    return prim_func_pass("GraphoptNaNPropagatingMinMax", lambda func: tvm_ffi.structural_map(
+        func, [((tirx.Max, tirx.Min), _nan_minmax), (tirx.Not, _bool_not)]))
 
 
 # --------------------------------------------------------------------------------------- converters

@@ -27,26 +27,13 @@ SERIAL_BELOW_ATTR = "graphopt.serial_below"     # set by apply_default_schedules
 
 def serial_when_small():
     """Module pass (see the module docstring): every PrimFunc marked SERIAL_BELOW_ATTR."""
-    import tvm
-    from tvm import tirx
+    from .prim_func_pass import prim_func_pass
 
-    @tvm.transform.module_pass(opt_level=0, name="GraphoptSerialWhenSmall")
-    def _pass(mod, ctx):
-        updates = {}
-        for gv, func in mod.functions_items():
-            below = func.attrs.get(SERIAL_BELOW_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
-            if below is not None:
-                new = guard_function(func, int(below))
-                if new is not None:
-                    updates[gv] = new
-        if not updates:
-            return mod
-        mod = mod.clone() if hasattr(mod, "clone") else mod
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+    def rewrite(func):
+        below = func.attrs.get(SERIAL_BELOW_ATTR) if func.attrs else None
+        return None if below is None else guard_function(func, int(below))
 
-    return _pass
+    return prim_func_pass("GraphoptSerialWhenSmall", rewrite)
 
 
 def guard_function(func, parallel_min: int = PARALLEL_MIN):
