@@ -68,8 +68,9 @@ def guard_function(func, parallel_min: int = PARALLEL_MIN):
 
 def _fresh_definitions(stmt):
     """`stmt` with a new variable for each one it defines (loop variables, block iteration variables and
-    buffers, let and bind variables, in statements and expressions), so that it can stand beside the original in one function; everything defined
-    outside it (parameters, sizes, the root block's buffers) it reads as before."""
+    buffers, let and bind variables, in statements and expressions), so that it can stand beside the original
+    in one function; everything defined outside it (parameters, sizes, the root block's buffers) it reads as
+    before."""
     import tvm_ffi
     from tvm import s_tir, tirx
 
@@ -178,9 +179,8 @@ def _const(v: int):
 
 
 def _has_parallel(stmt) -> bool:
-    from tvm import tirx
-
     import tvm_ffi
+    from tvm import tirx
 
     found = []
 
