@@ -686,15 +686,22 @@ def pack_rhs_kernel(path: str):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for p in T.parallel(BT):
             for nb, kb in T.grid(NB, KB):
-                for j, q in T.grid(L, 4):
-                    if fast:
-                        W[p, nb, kb, j, q] = T.if_then_else(kb * 4 + q < K and nb * L + j < N,
-                                                            B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)],
-                                                            T.int8(0))
-                    else:
-                        W[p, nb, kb, q, j] = T.if_then_else(kb * 4 + q < K and nb * L + j < N,
-                                                            B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)],
-                                                            T.int8(0))
+                if (nb + 1) * L <= N and (kb + 1) * 4 <= K:       # an interior block: no guards (vectorizes)
+                    for j, q in T.grid(L, 4):
+                        if fast:
+                            W[p, nb, kb, j, q] = B[p, kb * 4 + q, nb * L + j]
+                        else:
+                            W[p, nb, kb, q, j] = B[p, kb * 4 + q, nb * L + j]
+                else:
+                    for j, q in T.grid(L, 4):
+                        if fast:
+                            W[p, nb, kb, j, q] = T.if_then_else(
+                                kb * 4 + q < K and nb * L + j < N,
+                                B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)], T.int8(0))
+                        else:
+                            W[p, nb, kb, q, j] = T.if_then_else(
+                                kb * 4 + q < K and nb * L + j < N,
+                                B[p, T.min(kb * 4 + q, K - 1), T.min(nb * L + j, N - 1)], T.int8(0))
             for j in range(N):
                 C[p, j] = 0
             for q, j in T.grid(K, N):
