@@ -42,8 +42,6 @@ def guard_function(func, parallel_min: int = PARALLEL_MIN):
     import tvm_ffi
     from tvm import tirx
 
-    if not _has_parallel(func.body):
-        return None
     sizes = _signature_vars(func)
     ones = {v: tirx.const(1, str(v.ty)) for v in sizes}
 
@@ -120,17 +118,9 @@ def _signature_vars(func) -> set:
 
 
 def _vars(expr) -> list:
-    import tvm_ffi
     from tvm import tirx
 
-    out = []
-
-    def seen(v):
-        out.append(v)
-        return v
-
-    tvm_ffi.structural_map(expr, [(tirx.Var, seen)])
-    return out
+    return list(tirx.analysis.undefined_vars(expr))     # (an expression defines none of its own)
 
 
 def _work(stmt, sizes: set):
@@ -176,21 +166,6 @@ def _const(v: int):
     from tvm import tirx
 
     return tirx.const(v, "int64")
-
-
-def _has_parallel(stmt) -> bool:
-    import tvm_ffi
-    from tvm import tirx
-
-    found = []
-
-    def seen(n):
-        if n.kind == tirx.ForKind.PARALLEL:
-            found.append(n)
-        return n
-
-    tvm_ffi.structural_map(stmt, [(tirx.For, seen)])
-    return bool(found)
 
 
 def _serialize(stmt):

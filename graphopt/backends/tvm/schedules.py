@@ -734,15 +734,15 @@ class PackedGemm(_CpuRule):
             inner.insert(0, r_i)
         serial = []
         chunk = None
+        batch = [i for i in spatial if i not in (vi, ri)]
+        position = self._panel_position(blk, ivs, vi, ri, batch)   # the column blocks' place among batch axes
         if chunks and tail is None and not panels_inner and force_tile is None:  # (force_tile: <= small_rows)
             # (not with a tail: split, the serial row loop no longer partitions into full tiles + tail, and its
             # guard in every tile made the static encoder's FFN at 32 x 512 1.7x slower)
             # the batch axes whose rows every panel pass reads: none outside the panels' own batch (attention's
             # K / V per head: a pass reads one head's rows; counting every head chunked the small encoder's
             # dynamic 32 x 128 scores, 8.1 -> 13.2 ms against the static build)
-            batch = [i for i in spatial if i not in (vi, ri)]
-            outside = batch[:self._panel_position(blk, ivs, vi, ri, batch)]
-            read = [i for i in spatial if i not in outside]
+            read = [i for i in spatial if i not in batch[:position]]
             chunk = self._row_chunk(ext, read, vi, ri, rows, E, nvec * lanes, row_bytes)
             if chunk is not None and ext[ri] is None and "rows" in plan:
                 # a dynamic row count: chunks where the rows' operand outgrows the caches at run time (_large)
@@ -770,7 +770,7 @@ class PackedGemm(_CpuRule):
         else:
             # column blocks outermost, except outside the batch axes their operand is indexed by: a panel that
             # belongs to one batch (attention's K and V per head) serves only that batch's rows
-            outer.insert(self._panel_position(blk, ivs, vi, ri, [i for i in spatial if i not in (vi, ri)]), v_o)
+            outer.insert(position, v_o)
         sch.reorder(*outer, *serial, *[loops[i] for i in reduce_], *inner)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
