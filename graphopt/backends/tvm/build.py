@@ -83,7 +83,9 @@ def _finalize(mod, spec: TargetSpec):
     is called only by the module's own VM, with tensors its memory plan allocated or that the VM checked at
     entry (match_cast on the inputs, after graphopt's own InputError checks), so the checks never fire, and
     they were most of the LLVM IR and of the compile time (~25 kB of IR per kernel: 32 small kernels compiled
-    and JIT-loaded in 0.45 s with them, 0.14 s without). GRAPHOPT_KERNEL_ASSERTS=1 keeps them (debugging)."""
+    and JIT-loaded in 0.45 s with them, 0.14 s without). GRAPHOPT_KERNEL_ASSERTS=1 keeps them (debugging).
+    CPU kernels go through TVM's TIR pipeline plus one_task_loops (no thread-pool launch for a loop of one
+    iteration)."""
     import os
 
     import tvm
@@ -105,10 +107,15 @@ def _finalize(mod, spec: TargetSpec):
         if at is not None:
             finalize.insert(at, dedupe_shape_calls())
     passes = tvm.transform.Sequential(first + backend.dataflow_lower_passes(target) + finalize)
-    if spec.kind != "llvm" or os.environ.get("GRAPHOPT_KERNEL_ASSERTS", "") not in ("", "0"):
+    if spec.kind != "llvm":
         return relax.build(mod, target, relax_pipeline=passes)
+    from .one_task_loops import register          # parallel loops of <= 1 iteration: no launch
+
+    tir_pipeline = register()
+    if os.environ.get("GRAPHOPT_KERNEL_ASSERTS", "") not in ("", "0"):
+        return relax.build(mod, target, relax_pipeline=passes, tir_pipeline=tir_pipeline)
     with _pass_config({"tirx.disable_assert": True}):
-        return relax.build(mod, target, relax_pipeline=passes)
+        return relax.build(mod, target, relax_pipeline=passes, tir_pipeline=tir_pipeline)
 
 
 def _pass_config(extra: dict):
