@@ -44,7 +44,8 @@ def test_a_loop_of_at_most_one_iteration_runs_serial():
 
 def test_loops_that_may_have_two_iterations_stay_parallel():
     eight = tirx.const(8, "int64")
-    for extent in (lambda n: tirx.floordiv(n, eight), lambda n: tirx.floordiv(tirx.floormod(n, eight) + tirx.const(9, "int64"), eight),
+    nine = tirx.const(9, "int64")
+    for extent in (lambda n: tirx.floordiv(n, eight), lambda n: tirx.floordiv(tirx.floormod(n, eight) + nine, eight),
                    lambda n: n):
         assert serialize_one_task_loops(_loops(extent)) is None
 

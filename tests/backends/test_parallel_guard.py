@@ -42,15 +42,51 @@ def test_a_dynamic_elementwise_kernel_gets_a_serial_copy_below_the_threshold():
         assert tvm_ffi.structural_equal(guarded[name], mod[name]), name
 
 
-def test_kernels_of_other_rules_are_left_alone():
-    """PackedGemm decides its own parallel loops (and its few-row tile): no serial copy."""
+def _small_gemm():
+    """x [n, 16] @ w [16, 16], n symbolic, w a weight (PackedGemm's packed panels)."""
     n = tirx.Var("n", "int64")
-    x, w = te.placeholder((n, tirx.IntImm("int64", 8)), name="x"), te.placeholder((8, 8), name="w")
-    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 8)), name="r")
-    mm = te.compute((n, 8), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
-    mod = _scheduled({"mm": te.create_prim_func([x, w, mm]).with_attr("layout_free_buffers", [1])})
-    assert SERIAL_BELOW_ATTR not in (mod["mm"].attrs or {})
-    assert tvm_ffi.structural_equal(serial_when_small()(mod)["mm"], mod["mm"])
+    x, w = te.placeholder((n, tirx.IntImm("int64", 16)), name="x"), te.placeholder((16, 16), name="w")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", 16)), name="r")
+    mm = te.compute((n, 16), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+    return te.create_prim_func([x, w, mm]).with_attr("layout_free_buffers", [1])
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_a_small_dynamic_gemm_gets_a_serial_copy(rows):
+    """PackedGemm opts in with Injective's threshold: a GEMM of a few rows (its operand copies, or the whole
+    product) runs on the calling thread, bit for bit the scheduled kernel's results."""
+    mod = _scheduled({"mm": _small_gemm()})
+    assert int(mod["mm"].attrs[SERIAL_BELOW_ATTR]) == PARALLEL_MIN
+    guarded_mod = serial_when_small()(mod)
+    text = guarded_mod["mm"].script()
+    assert f"< T.int64({PARALLEL_MIN}):" in text, text
+    target = tvm.target.Target(TARGET)
+    plain, guarded = tvm.compile(mod, target=target), tvm.compile(guarded_mod, target=target)
+    rng = np.random.default_rng(rows)
+    xa = rng.standard_normal((rows, 16)).astype("float32")
+    xa[0, :2] = [np.nan, np.inf]
+    wa = rng.standard_normal((16, 16)).astype("float32")
+    outs = []
+    for lib in (plain, guarded):
+        out = tvm.runtime.tensor(np.zeros((rows, 16), "float32"))
+        lib["mm"](tvm.runtime.tensor(xa), tvm.runtime.tensor(wa), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(outs[1], xa @ wa, rtol=1e-5, atol=1e-5)
+
+
+def test_row_groups_kernels_are_left_alone():
+    """RowGroups runs its static layer norms' row groups in parallel at any size (serial ones were slower at
+    1 x 16): its dynamic kernels get no serial copy."""
+    from tvm import topi
+
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((1, n, 40), name="x")
+    g, b = te.placeholder((40,), name="g"), te.placeholder((40,), name="b")
+    mod = _scheduled({"ln": te.create_prim_func([x, g, b, topi.nn.layer_norm(x, g, b, axis=[-1], epsilon=1e-5)])})
+    assert SERIAL_BELOW_ATTR not in (mod["ln"].attrs or {})
+    assert tvm_ffi.structural_equal(serial_when_small()(mod)["ln"], mod["ln"])
 
 
 @pytest.mark.parametrize("rows", [0, 1, 63, 64, 65, 300])

@@ -7,8 +7,8 @@ as a few dozen), and at batch 1 x sequence 16 the small encoder's dynamic build 
 20 kernels of a few thousand elements each: 1.10-1.12x its static build's time with 2 threads, 1.05x with 1.
 
 `serial_when_small()` (a module pass over scheduled CPU kernels) gives each PrimFunc marked SERIAL_BELOW_ATTR
-(by apply_default_schedules from its rule's `serial_below`: Injective; by hand-written kernels that opt in:
-the int8 attention's operand packing) a second, serial copy of each parallel loop nest whose work count is
+(by apply_default_schedules from its rule's `serial_below`: Injective and PackedGemm; by hand-written kernels
+that opt in: the int8 attention's operand packing) a second, serial copy of each parallel loop nest whose work count is
 symbolic, and picks at run time: the serial copy where the call's work in that nest (the number of innermost
 statement executions, vector lanes counted) is below the marked threshold, the scheduled nest otherwise (the
 copy defines its own loop and block variables). Injective's threshold is PARALLEL_MIN, the one its static

@@ -992,6 +992,11 @@ class PackedGemm(_CpuRule):
     # 36.0 / 33.1 -> 32.8 ms; a dynamic-row Linear 1024x256x1024 11.7 -> 4.8 ms (static build: 5.7 ms).
     acc_scope = "global"
     tile_bytes = 1023
+    # dynamic kernels: nests below Injective's threshold (the operands' padded copies, a GEMM of a few rows)
+    # get a serial copy (parallel_guard.py). The small encoder at 1 x 16 (2 threads): 64 -> 50 thread-pool
+    # launches per forward pass; 0.5-1.7% faster in four interleaved runs of saved builds, other grid points
+    # (4 x 8 to 32 x 16, 8 x 128) within +-1%.
+    serial_below = PARALLEL_MIN
     pad_dynamic = True          # dynamic rows / columns padded to whole tiles (_pad_dynamic)
     clamp_dynamic = True        # ... and their operands read clamped in place, not copied (_clamp_pad_block)
     # Weights up to this size take pixel tiles outermost (_small_weights). 384 KiB: 3/4 of the 512 KiB L2 of
