@@ -1269,6 +1269,46 @@ def test_dynamic_attention_matmul_copies_in_parallel_and_stores_whole_vectors():
         np.testing.assert_allclose(out.numpy(), qa @ ka, rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_attention_scores_keep_their_accumulators_in_registers():
+    """Attention's scores over a dynamic batch x heads and sequence (q [b, n, 64] @ kᵀ [b, 64, n]), large tile:
+    the row tiles are a serial loop in each (head, column panel) task, not fused into the parallel loop
+    (names: no row tile i_0 in a GEMM's parallel loop, only row chunks i_0_0 where rows are chunked); the 6 x 2 register tile is copied to a buffer of its own
+    ("local") before the write-back's run-time column split, so the accumulators have constant offsets and
+    LLVM keeps them in registers (no stack access in the reduction loop: with the write-back reading them
+    at run-time offsets, it stored and reloaded some every step). Values equal numpy's at lengths that fill
+    whole tiles and not."""
+    import tvm
+    from tvm import te
+
+    b, n = tirx.Var("b", "int64"), tirx.Var("n", "int64")
+    d = tirx.IntImm("int64", 64)
+    q, k = te.placeholder((b, n, d), name="q"), te.placeholder((b, d, n), name="k")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), d), name="r")
+    s = te.compute((b, n, n), lambda h, i, j: te.sum(q[h, i, r] * k[h, r, j], axis=r), name="s")
+    func = te.create_prim_func([q, k, s])
+    gemms = [name for name in _parallel_loops(func) if "j_0" in name]
+    assert gemms and not any(name.endswith("_i_0_fused") for name in gemms), gemms   # (i_0_0: row chunks)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    sch = schedules.PackedGemm()._apply(func, target)
+    assert 'scope="local"' in sch.mod.script()
+    lib = tvm.compile(sch.mod, target=target)
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    loops = [block for block in re.split(r"\n(?=\.LBB\d+_\d+:)", asm) if block.count("vfmadd") >= 12]
+    assert loops, "no 6 x 2 reduction loop found"
+    for block in loops:
+        body = block.split("\n\tj")[0]                      # up to the loop's branch
+        assert "(%rsp)" not in body, body
+    for bs, length in ((2, 17), (1, 48), (3, 45), (2, 100)):
+        rng = np.random.default_rng(length)
+        qa = rng.standard_normal((bs, length, 64)).astype("float32")
+        ka = rng.standard_normal((bs, 64, length)).astype("float32")
+        qa[0, length - 1, 0] = np.inf
+        out = tvm.runtime.tensor(np.zeros((bs, length, length), "float32"))
+        lib["main"](tvm.runtime.tensor(qa), tvm.runtime.tensor(ka), out)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_allclose(out.numpy(), qa @ ka, rtol=1e-5, atol=1e-5)
+
+
 def _parallel_loops(func, mcpu: str = "haswell") -> list[str]:
     """The names of the parallel loops PackedGemm gives `func` (a fused loop's name lists its axes in order)."""
     import tvm
