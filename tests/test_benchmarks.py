@@ -135,3 +135,19 @@ def test_time_interleaved_times_with_the_collector_off_and_restores_it(monkeypat
         finally:
             gc.enable()
     assert seen and not any(seen)
+
+
+def test_time_interleaved_starts_each_round_one_variant_later(monkeypatch):
+    """No variant always follows the same one (the first of a round follows the previous round's last and
+    its caches): the order of the timed blocks rotates."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks._common import time_interleaved
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    time_interleaved(fns, rounds=3, slice_s=0.0, calls=1, settle_s=0.0)
+    blocks = [k for i, k in enumerate(calls) if i == 0 or calls[i - 1] != k]
+    sizing, timed = blocks[:3], blocks[3:]
+    assert sizing == list("abc")
+    # each fast fn gets one untimed call before its timed one: the same letter twice, one block
+    assert timed == list("abc") + list("bca") + list("cab"), calls
