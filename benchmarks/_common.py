@@ -179,16 +179,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
     """Per-call latency statistics of each fn, timed interleaved round-robin.
 
     Each round calls every fn in turn, so load changes on a shared machine hit every variant alike, and each
-    round starts one fn later than the one before (the first in a round follows the previous round's last
-    variant and its caches: in bench_dynamic's grid, three rounds, the dynamic encoder first in every round,
-    dyn / static at 32 x 128 read 1.05-1.08, and 1.03 with the static build put first; rotating, 1.02 in
-    both orders). Within a
-    round a fn gets ~`slice_s` seconds: `k` timed calls, each timed alone (k sized from a first call, or
-    `calls` when > 0). A block of calls per fn, not one call each in turn: the thread pools of torch, ORT and
-    TVM spin for a while after a call, and calls interleaved one by one slow each other down. Before each
-    block the process sleeps `settle_s` so the previous variant's thread pools go idle (without it, PyTorch
-    eager on a 100 MB MLP measured 19-23 ms right after ONNX Runtime's int8 session, 5.2 ms with it), and
-    fast fns (< 50 ms) get one untimed call first. Garbage is collected before and the collector is off
+    round starts one fn later than the one before. Within a round a fn gets ~`slice_s` seconds: `k` timed
+    calls, each timed alone (k sized from a first call, or `calls` when > 0). A block of calls per fn, not one
+    call each in turn: the thread pools of torch, ORT and TVM spin for a while after a call, and calls
+    interleaved one by one slow each other down. Before each block the process sleeps `settle_s` so the
+    previous variant's thread pools go idle (without it, PyTorch eager on a 100 MB MLP measured 19-23 ms right
+    after ONNX Runtime's int8 session, 5.2 ms with it), and every fn gets one untimed call first: the steady
+    state, not the first call after another variant's work (once only fns under 50 ms got it, and a slow
+    fn's block of one or two calls timed that cold call: in bench_dynamic's grid the dynamic encoder, which
+    always followed ORT's int8 session, read 1.06-1.09x its static build at 32 x 128 against 1.01 with the
+    untimed call, the kernels alone 1.02x by kernel_profile). Garbage is collected before and the collector is off
     during the rounds (_gc_paused). Stops after `rounds` rounds, or once `budget_s` is spent and `min_rounds` are done.
     A fn that raises is dropped (on_error is told) and the others go on.
 
@@ -198,7 +198,6 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
 
     live = dict(fns)
     per_fn: dict[str, int] = {}
-    warm: dict[str, bool] = {}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     done_rounds = 0
 
@@ -214,7 +213,6 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
                 fn()
                 first = time.perf_counter() - t
                 per_fn[k] = calls if calls > 0 else max(1, int(slice_s / max(first, 1e-6)))
-                warm[k] = first < 0.05
             except Exception as e:
                 fail(k, e)
         start = time.perf_counter()
@@ -224,8 +222,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, slice_s:
             for k, fn in order[turn:] + order[:turn]:        # each round starts one variant later
                 try:
                     time.sleep(settle_s)              # let the previous runtime's thread pool go idle
-                    if warm[k]:
-                        fn()
+                    fn()                              # untimed: the steady state
                     for _ in range(per_fn[k]):
                         t = time.perf_counter()
                         fn()

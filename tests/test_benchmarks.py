@@ -148,6 +148,6 @@ def test_time_interleaved_starts_each_round_one_variant_later(monkeypatch):
     time_interleaved(fns, rounds=3, slice_s=0.0, calls=1, settle_s=0.0)
     blocks = [k for i, k in enumerate(calls) if i == 0 or calls[i - 1] != k]
     sizing, timed = blocks[:3], blocks[3:]
-    assert sizing == list("abc")
-    # each fast fn gets one untimed call before its timed one: the same letter twice, one block
+    assert sizing == list("abc") and len(calls) == 3 + 3 * 3 * 2, calls      # an untimed call in every block
+    # each fn gets one untimed call before its timed one: the same letter twice, one block
     assert timed == list("abc") + list("bca") + list("cab"), calls
