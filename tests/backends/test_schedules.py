@@ -922,6 +922,35 @@ def test_channel_wise_kernels_take_channel_blocks_innermost(make, shape, channel
     assert sorted(found) == channel_wise
 
 
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
+def test_depthwise_tiles_keep_a_register_spare_on_16_register_isas(mcpu):
+    """A depthwise conv's register tile on AVX2 (16 registers) leaves one register beside its accumulators and
+    weight vectors: MobileNetV2's 56x56x144 depthwise conv took 4 x 3 (12 + 3 registers) and LLVM spilled
+    between the unrolled taps; now 4 x 2 (`_choose_tile(spare=1)`). AVX-512's 32 registers keep the tile
+    chosen without a spare. The AVX2 kernel computes what the unscheduled one does."""
+    import tvm
+
+    model = nn.Conv2d(144, 144, 3, groups=144, padding=1).eval()
+    x = torch.randn(1, 144, 56, 56)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    (name, func, sch, main), = list(reduction_kernels(model, x))
+    vec = schedules.cpu_vector(target)
+    blk = sch.get(main)
+    assert schedules.PackedGemm._channel_wise(blk, *schedules.PackedGemm._output_axes(blk))
+    without_spare = schedules.PackedGemm()._choose_tile(144 // vec.lanes("float32"), 56, vec,
+                                                        row_choices=range(1, 9))
+    expect = (4, 2) if mcpu == "haswell" else without_spare
+    if mcpu == "haswell":
+        assert without_spare == (4, 3)                      # the tile it took before
+    scheduled = schedules.PackedGemm()._apply(func, target)
+    assert scheduled is not None
+    text = scheduled.mod.script()
+    unrolls = [int(v) for v in re.findall(r"in T\.unroll\(T\.int64\((\d+)\)\)", text)]
+    assert unrolls[:2] == list(expect), text                # the tile's rows and vectors (init block first)
+    if mcpu == "haswell":
+        check_scheduled_equals_unscheduled(model, x)
+
+
 @pytest.mark.parametrize("make, shape, small", [
     (lambda: nn.Sequential(nn.Conv2d(16, 96, 1), nn.ReLU6()), (1, 16, 12, 12), True),      # 6 KiB of weights
     (lambda: nn.Sequential(nn.Conv2d(96, 24, 1), nn.ReLU()), (1, 96, 12, 12), True),
