@@ -32,29 +32,25 @@ def serialize_one_task_loops(func):
     from tvm import tirx
     from tvm.sym.analyzer import Analyzer
 
-    analyzer = Analyzer()
-    bound = {}                                       # let / bind variables (common subexpressions): values
+    from .parallel_guard import serial_loop
+
+    values: dict = {}                                # let / bind variables (CSE's common subexpressions)
 
     def define(n):
-        bound[n.var] = n.value
+        if str(n.var.ty).startswith("int"):         # (extents are integers; handles and floats stay out)
+            values.setdefault(n.var, []).append(n.value)
         return n
 
     tvm_ffi.structural_map(func.body, [((tirx.LetStmt, tirx.Let, tirx.Bind), define)])
-
-    def expand(expr):
-        for _ in range(8):                           # (values may name other bound variables)
-            new = tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: bound.get(v, v))])
-            if new.same_as(expr):
-                break
-            expr = new
-        return expr
+    analyzer = Analyzer()
+    for var, seen in values.items():
+        if all(tvm_ffi.structural_equal(v, seen[0]) for v in seen):   # (one value: bound once, or the same)
+            analyzer.bind(var, seen[0])
 
     def loop(n):
-        if n.kind != tirx.ForKind.PARALLEL or not analyzer.can_prove(
-                expand(n.extent) <= tirx.const(1, str(n.extent.ty))):
+        if n.kind != tirx.ForKind.PARALLEL or not analyzer.can_prove(n.extent <= tirx.const(1, str(n.extent.ty))):
             return n
-        return tirx.For(n.loop_var, n.min, n.extent, tirx.ForKind.SERIAL, n.body, n.thread_binding,
-                        n.annotations, n.step)
+        return serial_loop(n)
 
     body = tvm_ffi.structural_map(func.body, [(tirx.For, loop)])
     return None if body.same_as(func.body) else func.with_body(body)

@@ -173,10 +173,13 @@ def _serialize(stmt):
     import tvm_ffi
     from tvm import tirx
 
-    def serial(n):
-        if n.kind != tirx.ForKind.PARALLEL:
-            return n
-        return tirx.For(n.loop_var, n.min, n.extent, tirx.ForKind.SERIAL, n.body, n.thread_binding,
-                        n.annotations, n.step)
+    return tvm_ffi.structural_map(stmt, [(tirx.For, lambda n: serial_loop(n) if n.kind == tirx.ForKind.PARALLEL
+                                          else n)])
 
-    return tvm_ffi.structural_map(stmt, [(tirx.For, serial)])
+
+def serial_loop(loop):
+    """`loop` (a For) as a serial loop: the same variable, range, body and annotations."""
+    from tvm import tirx
+
+    return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
+                    loop.annotations, loop.step)

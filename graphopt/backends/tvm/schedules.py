@@ -892,7 +892,7 @@ class PackedGemm(_CpuRule):
         short loop that LLVM unrolls) took 4 x 3 on AVX2's 16 registers (12 accumulators + 3 weights) and
         LLVM spilled accumulators and taps between the unrolled taps (MobileNetV2's 56x56x144 depthwise conv:
         3.2% of the model's kernel samples in such loops); with one spare, 4 x 2: MobileNetV2 on a 2-core AVX2
-        EPYC 3.5-4.5% faster at batch 1, 2.6-2.8% at batch 8 (saved builds interleaved, the same outputs bit
+        EPYC 1.9-4.5% faster at batch 1, 2.6-2.8% at batch 8 (saved builds interleaved, the same outputs bit
         for bit)."""
         max_acc = self.max_accumulators or (vec.registers - 4)
         if self.tile_bytes:
