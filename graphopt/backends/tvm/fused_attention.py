@@ -1,0 +1,348 @@
+"""Relax pass + kernel: scaled dot-product attention as one CPU kernel (scores never leave the cache).
+
+Unfused, a transformer's attention is five kernels per layer: a transposed copy of K, the scores
+`(q @ kᵀ) * scale` (written to memory: heads x n x m floats, 4 MiB per layer of the small encoder at 1 x 512),
+the softmax (reads and writes them), `p @ v` (reads them again) and a transpose of the result back to
+(batch, seq, heads, dim). This pass rewrites
+
+    o = matmul(softmax(matmul(q, permute_dims(k, [0, 1, 3, 2])) [* c | / c], axis=-1), v)
+
+(float32, 4-D: q (b, h, n, d), k (b, h, m, d), v (b, h, m, dv), c a scalar constant, h / d / dv static) into one
+call of `attention_kernel`, which reads q, k and v where the projections wrote them (through the
+permute_dims (0, 2, 1, 3) of a (b, seq, h, d) view when there is one) and writes o as (b, n, h, dv), the layout the
+output projection reads (a following permute_dims back to it is folded away). Per (batch, head) task:
+
+  1. kᵀ into a zero-padded (d, m rounded up to the panel width) buffer (one transposed copy, in cache);
+  2. per block of `ROWS` query rows: scores for the block (a ROWS x panel register tile per panel of columns,
+     as graphopt's GEMM schedule does), times c, into a ROWS x m buffer (L1 / L2), then per row the softmax's
+     max (maxnum), exp(x - max) (softmax_lower's fast_exp polynomial, the same function the unfused
+     kernel computes), the padded columns zeroed, and the sum;
+  3. o for the block: (Σ_j e_j v_j) * (1 / sum), a ROWS x panel register tile per panel of dv.
+
+Values: the unfused path computes p_j = e_j * (1 / sum) and then Σ_j p_j v_j; here the reciprocal multiplies
+the sum of products instead, and the exp sum runs in a different lane order: the two differ by float32
+rounding (a few ulp of the sum; tests compare with PyTorch at its tolerance). Special values as the unfused
+softmax (softmax_lower): a score row holding NaN or +inf, or all -inf, gives a NaN output row; NaN / inf in v
+propagate through the products as in the matmul. Rows past n in the last block read the last row and are not
+written. Parallel over batch x heads (each task transposes its own head's k once); dv must be a multiple of
+the panel width (else the graph is left as it is). LLVM CPU targets only (relax_layout_passes).
+"""
+from __future__ import annotations
+
+import math
+
+from .softmax_lower import _exp_nonpositive
+from .tir_script import prim_func
+
+__all__ = ["attention_kernel", "fuse_attention", "ROWS"]
+
+ROWS = 6                # query rows per register tile (x 2 vectors of columns: 12 accumulators)
+VECTORS = 2
+
+
+def _op(expr) -> str:
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return ""
+
+
+def _shape(expr) -> list | None:
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    return list(ty.shape.values)
+
+
+def _axes(call) -> list[int] | None:
+    axes = call.attrs.axes
+    return None if axes is None else [int(a) for a in axes]
+
+
+def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, str], scale: float | None,
+                     lanes: int, safe: bool = False):
+    """TIR of the fused attention (module docstring). `layouts` of q, k, v: "bshd" ((b, seq, h, d): read
+    through the head split) or "bhsd"; o is (b, n, h, dv). B, N, M: ints or TIR int64 variables. `safe`:
+    PyTorch's _safe_softmax (scaled_dot_product_attention's): a score row of -inf only gives probabilities 0
+    (outputs 0 · v), not NaN."""
+    from tvm.script import tirx as T
+
+    C = VECTORS * lanes                    # panel width: columns of a register tile
+    RT = ROWS
+    def shape(layout, s, d):
+        if layout.startswith("p"):                                  # "p{i}of{P}": (b, s, P, h, d), part i
+            return (B, s, int(layout.split("of")[1]), H, d)
+        return {"bshd": (B, s, H, d), "bhsd": (B, H, s, d)}[layout]
+
+    q_shape, k_shape, v_shape = (shape(lay, s, d) for lay, s, d in zip(layouts, (N, M, M), (D, D, DV)))
+    q_lay, k_lay, v_lay = layouts
+    f32 = lambda v: T.float32(v)           # noqa: E731
+
+    def at(buf, layout, b, h, s, x):
+        if layout.startswith("p"):
+            return buf[b, s, int(layout[1:].split("of")[0]), h, x]
+        return buf[b, s, h, x] if layout == "bshd" else buf[b, h, s, x]
+
+    def scaled(v):
+        return v if scale is None else v * f32(scale)
+
+    def maxnum(a, b):
+        return T.call_llvm_pure_intrin("float32", "llvm.maxnum", a, b)
+
+    @prim_func
+    def attention(Q: T.Buffer(q_shape, "float32"), K: T.Buffer(k_shape, "float32"), V: T.Buffer(v_shape, "float32"),
+                  O: T.Buffer((B, N, H, DV), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for bh in T.parallel(B * H):
+            # kᵀ rows one panel longer than the columns: a row stride of a multiple of 1 KiB put every row of
+            # a panel in the same two L1 sets
+            kt = T.decl_buffer((D, (M + (C - 1)) // C * C + C), "float32")
+            s = T.decl_buffer((RT, (M + (C - 1)) // C * C), "float32")
+            acc = T.decl_buffer((RT, C), "float32")
+            run = T.decl_buffer((lanes,), "float32")
+            stat = T.decl_buffer((RT,), "float32")
+            zero = T.decl_buffer((RT,), "float32")
+            # kᵀ in blocks of C keys: each kᵀ line written whole, the block's k lines reused from L1
+            for jb in range(M // C):
+                for x in range(D):
+                    for jj in range(C):
+                        kt[x, jb * C + jj] = at(K, k_lay, bh // H, bh % H, jb * C + jj, x)
+            for j in range((M + (C - 1)) // C * C - M // C * C):
+                for x in range(D):
+                    kt[x, M // C * C + j] = T.Select(M // C * C + j < M, at(K, k_lay, bh // H, bh % H,
+                                                     T.min(M // C * C + j, M - 1), x), f32(0.0))
+            for rb in range((N + (RT - 1)) // RT):
+                # scores of ROWS query rows (the last block's rows past n read row n - 1)
+                for jp in range((M + (C - 1)) // C):
+                    for r in T.unroll(RT):
+                        for c in T.vectorized(C):
+                            acc[r, c] = f32(0.0)
+                    for x in range(D):
+                        for r in T.unroll(RT):
+                            for c in T.vectorized(C):
+                                acc[r, c] = acc[r, c] + at(Q, q_lay, bh // H, bh % H, T.min(rb * RT + r, N - 1),
+                                                           x) * kt[x, jp * C + c]
+                    for r in T.unroll(RT):
+                        for c in T.vectorized(C):
+                            s[r, jp * C + c] = scaled(acc[r, c])
+                # softmax numerators (in place) and 1 / their sum, per row: whole vectors, then the tail
+                for r in range(RT):
+                    for l in T.vectorized(lanes):
+                        run[l] = s[r, 0]
+                    for v in range(M // lanes):
+                        for l in T.vectorized(lanes):
+                            run[l] = maxnum(run[l], s[r, v * lanes + l])
+                    stat[r] = run[0]
+                    for l in range(lanes - 1):
+                        stat[r] = maxnum(stat[r], run[l + 1])
+                    for j in range(M - M // lanes * lanes):
+                        stat[r] = maxnum(stat[r], s[r, M // lanes * lanes + j])
+                    if safe:
+                        # maxnum skips NaN: a -inf maximum is a row of -inf only (probabilities 0), or of -inf
+                        # and NaN (NaN outputs, as the unsafe softmax)
+                        zero[r] = f32(0.0)
+                        if stat[r] == f32(-math.inf):
+                            zero[r] = f32(1.0)
+                            for j in range(M):
+                                zero[r] = T.Select(s[r, j] != s[r, j], f32(0.0), zero[r])
+                    for l in T.vectorized(lanes):
+                        run[l] = f32(0.0)
+                    for v in range(M // lanes):
+                        for l in T.vectorized(lanes):
+                            s[r, v * lanes + l] = _exp_nonpositive(s[r, v * lanes + l] - stat[r])
+                            run[l] = run[l] + s[r, v * lanes + l]
+                    for j in range(M - M // lanes * lanes):
+                        s[r, M // lanes * lanes + j] = _exp_nonpositive(s[r, M // lanes * lanes + j] - stat[r])
+                    stat[r] = run[0]
+                    for l in range(lanes - 1):
+                        stat[r] = stat[r] + run[l + 1]
+                    for j in range(M - M // lanes * lanes):
+                        stat[r] = stat[r] + s[r, M // lanes * lanes + j]
+                    stat[r] = f32(1.0) / stat[r]
+                    if safe:
+                        if zero[r] == f32(1.0):
+                            stat[r] = f32(0.0)
+                            for j in range(M):
+                                s[r, j] = f32(0.0)
+                # outputs: Σ_j e_j v_j per panel of dv, times 1 / sum
+                for cp in range(DV // C):
+                    for r in T.unroll(RT):
+                        for c in T.vectorized(C):
+                            acc[r, c] = f32(0.0)
+                    for j in range(M):
+                        for r in T.unroll(RT):
+                            for c in T.vectorized(C):
+                                acc[r, c] = acc[r, c] + s[r, j] * at(V, v_lay, bh // H, bh % H, j, cp * C + c)
+                    for r in T.unroll(RT):
+                        if rb * RT + r < N:
+                            for c in T.vectorized(C):
+                                O[bh // H, rb * RT + r, bh % H, cp * C + c] = acc[r, c] * stat[r]
+    return attention
+
+
+def fuse_attention(lanes: int):
+    """Module pass (module docstring); `lanes`: float32 lanes of the target's vectors."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax import PyExprMutator, expr_functor
+
+    C = VECTORS * lanes
+
+    @expr_functor.mutator
+    class _Fuse(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.changed = 0
+
+        def _bound(self, expr):
+            if isinstance(expr, relax.Var):
+                value = self.lookup_binding(expr)
+                return value if value is not None else expr
+            return expr
+
+        def _source(self, t):
+            """(tensor, layout): the (b, seq, h, d) tensor `t` is the head split of ("bshd"), part i of the
+            (b, seq, P, h, d) tensor that `permute_dims(x, [2, 0, 3, 1, 4])[i]` split it from (one qkv
+            projection, as timm's and many transformers' attention write it: "p{i}of{P}"), or `t` ("bhsd")."""
+            inner = self._bound(t)
+            if _op(inner) == "relax.permute_dims" and _axes(inner) == [0, 2, 1, 3] and _shape(inner.args[0]):
+                return inner.args[0], "bshd"
+            if _op(inner) == "relax.take" and inner.attrs.axis is not None and int(inner.attrs.axis) == 0:
+                index, packed = self._scalar(inner.args[1]), self._bound(inner.args[0])
+                if (index is not None and _op(packed) == "relax.permute_dims" and _axes(packed) == [2, 0, 3, 1, 4]
+                        and _shape(packed.args[0]) is not None and isinstance(_shape(packed.args[0])[2], tirx.IntImm)):
+                    return packed.args[0], f"p{int(index)}of{int(_shape(packed.args[0])[2])}"
+            return t, "bhsd"
+
+        def _scalar(self, expr) -> float | None:
+            """The value of a one-element constant, else None."""
+            if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+                return float(expr.value.numpy().reshape(()))
+            return None
+
+        def _unscaled(self, expr):
+            """(tensor, factor): `expr` without a multiplication / division by a scalar constant."""
+            val = self._bound(expr)
+            if _op(val) in ("relax.multiply", "relax.divide"):
+                a, b = val.args
+                c = self._scalar(b)
+                if c is not None and c != 0:
+                    return a, (c if _op(val) == "relax.multiply" else 1.0 / c)
+                c = self._scalar(a)
+                if c is not None and _op(val) == "relax.multiply":
+                    return b, c
+            return expr, None
+
+        def _safe_softmax(self, p_val):
+            """The softmax of `where(all(s == -inf, -1), 0, softmax(s))` (torch's _safe_softmax, as
+            scaled_dot_product_attention decomposes), else None."""
+            if _op(p_val) != "relax.where":
+                return None
+            cond, zeros, sm = (self._bound(a) for a in p_val.args)
+            if _op(sm) != "relax.nn.softmax" or not (
+                    _op(zeros) in ("relax.full_like", "relax.zeros_like", "relax.zeros", "relax.full")
+                    or self._scalar(p_val.args[1]) == 0.0):
+                return None
+            if _op(zeros) in ("relax.full_like", "relax.full") and self._scalar(zeros.args[1]) != 0.0:
+                return None
+            # the condition: logical_not / astype / max over the last axis ... of equal(s, -inf)
+            for _ in range(8):
+                if _op(cond) == "relax.equal":
+                    return sm if (cond.args[0].same_as(sm.args[0])
+                                  and self._scalar(cond.args[1]) == float("-inf")) else None
+                if _op(cond) not in ("relax.logical_not", "relax.astype", "relax.max"):
+                    return None
+                cond = self._bound(cond.args[0])
+            return None
+
+        def _match(self, value):
+            """(q, k, v, scale, safe) of an attention `matmul(p, v)` (module docstring), else None."""
+            if _op(value) != "relax.matmul":
+                return None
+            p, v = value.args[:2]
+            p_val = self._bound(p)
+            safe = self._safe_softmax(p_val)
+            if safe is not None:
+                p_val = safe
+            if _op(p_val) != "relax.nn.softmax" or int(p_val.attrs.axis) not in (-1, 3):
+                return None
+            scale = 1.0
+            s, c = self._unscaled(p_val.args[0])
+            scale *= 1.0 if c is None else c
+            s = self._bound(s)
+            if _op(s) != "relax.matmul":
+                return None
+            # scaled_dot_product_attention scales q and kᵀ by sqrt(scale) each
+            (q, cq), (kt, ck) = self._unscaled(s.args[0]), self._unscaled(s.args[1])
+            scale *= (1.0 if cq is None else cq) * (1.0 if ck is None else ck)
+            kt_val = self._bound(kt)
+            if _op(kt_val) != "relax.permute_dims" or _axes(kt_val) not in ([0, 1, 3, 2], [0, 2, 3, 1]):
+                return None
+            k = kt_val.args[0]
+            if _axes(kt_val) == [0, 2, 3, 1]:       # kᵀ straight from (b, m, h, d) (two permutations folded)
+                sk = _shape(k)
+                if sk is None or len(sk) != 4:
+                    return None
+                k = (k, "bshd")
+            shapes = [_shape(t) for t in (q, k if not isinstance(k, tuple) else kt, v, value)]
+            if any(sh is None or len(sh) != 4 for sh in shapes) or any(
+                    str(t.ty.dtype) != "float32" for t in (q, kt, v)):
+                return None
+            (b, h, n, d), (_, _, _, dv) = shapes[0], shapes[2]
+            m = shapes[1][3] if isinstance(k, tuple) else shapes[1][2]
+            if not all(isinstance(x, tirx.IntImm) for x in (h, d, dv)) or int(dv) % C:
+                return None
+            return q, k, v, (None if scale == 1.0 else scale), safe is not None, m
+
+        def visit_var_binding_(self, binding):
+            value = self.visit_expr(binding.value)
+            if _op(value) == "relax.permute_dims" and _axes(value) is not None:
+                inner = self._bound(value.args[0])
+                if _op(inner) == "relax.permute_dims" and _axes(inner) is not None:
+                    # a permutation of a permutation (the fused output's (b, n, h, dv) back from (b, h, n, dv)):
+                    # one permutation, or the source itself
+                    first, then = _axes(inner), _axes(value)
+                    axes = [first[i] for i in then]
+                    src = inner.args[0]
+                    if axes != list(range(len(axes))):
+                        self.builder_.emit_normalized(relax.VarBinding(
+                            binding.var, self.builder_.normalize(relax.op.permute_dims(src, axes))))
+                    elif isinstance(binding.var, relax.DataflowVar):
+                        self.set_var_remap(binding.var, src)
+                    else:
+                        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(
+                            relax.op.reshape(src, relax.ShapeExpr(_shape(binding.var))))))
+                    self.changed += 1
+                    return
+            found = self._match(value)
+            if found is not None:
+                q, k, v, scale, safe, m = found
+                (q, lq), (v, lv) = self._source(q), self._source(v)
+                k, lk = k if isinstance(k, tuple) else self._source(k)
+                b, h, n, d = _shape(found[0])
+                dv = _shape(found[2])[3]
+                dims = []
+                for name, x in (("b", b), ("n", n), ("m", m)):
+                    dims.append(int(x) if isinstance(x, tirx.IntImm) else tirx.Var(name, "int64"))
+                kernel = attention_kernel(*dims, int(h), int(d), int(dv), (lq, lk, lv), scale, lanes, safe)
+                gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "attention")
+                out = self.builder_.emit(relax.call_tir(gv, [q, k, v], relax.TensorType([b, n, h, dv], "float32")))
+                self.builder_.emit_normalized(relax.VarBinding(
+                    binding.var, self.builder_.normalize(relax.op.permute_dims(out, [0, 2, 1, 3]))))
+                self.changed += 1
+                return
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptFuseAttention")
+    def _pass(mod, ctx):
+        m = _Fuse(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(m.builder_.get()) if m.changed else mod
+
+    return _pass
