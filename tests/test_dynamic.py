@@ -44,8 +44,11 @@ def fp32(encoder):
 @pytest.fixture(scope="module")
 def int8(encoder):
     calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9), (1, 33))]      # varied shapes
-    return graphopt.optimize(encoder, "x86", "cleanup,quantize(progress=false)", example_inputs=(_ids(2, 16),),
-                             calibration=calib, dynamic=DIMS)
+    # every kind quantized whatever the host (ops="auto" keeps attention float32 on AVX2 hosts: tested below)
+    return graphopt.optimize(encoder, "x86", INT8, example_inputs=(_ids(2, 16),), calibration=calib, dynamic=DIMS)
+
+
+INT8 = "cleanup,quantize(progress=false,ops=[linear,conv2d,matmul])"
 
 
 # ------------------------------------------------------------------------------------------ compiled
@@ -78,7 +81,7 @@ def test_int8_matches_its_graph_at_every_shape(encoder, int8, b, s):
 
 
 
-@pytest.mark.parametrize("pipeline", ["cleanup", "cleanup,quantize(progress=false)"])
+@pytest.mark.parametrize("pipeline", ["cleanup", INT8])
 def test_avx2_build_matches_at_every_shape(encoder, pipeline, request):
     """The AVX2 code path (x86:haswell, built on any x86 host): its row-wise kernels (the attention softmax
     over a dynamic length too: RowGroups) and the int8 kernels match the fx graph at every shape. On an AVX2
@@ -367,7 +370,8 @@ def test_int8_attention_with_a_quantized_input_stays_dynamic_and_exact():
     torch.manual_seed(0)
     model = _Attention().eval()
     calib = [torch.randn(2, 8, 16), torch.randn(1, 37, 16), torch.randn(3, 20, 16)]
-    opt = graphopt.optimize(model, "x86", "quantize(progress=false)", example_inputs=(torch.randn(2, 12, 16),),
+    opt = graphopt.optimize(model, "x86", "quantize(progress=false,ops=[linear,conv2d,matmul])",
+                            example_inputs=(torch.randn(2, 12, 16),),
                             calibration=calib, dynamic={"x": {0: "batch", 1: "seq"}, "batch": (1, 4), "seq": (4, 64)})
     line = opt.report.backend["int8"]
     path = int8_path(resolve_target("x86"))
@@ -572,3 +576,20 @@ def test_the_fast_path_checks_index_inputs_like_the_full_check(fp32):
     bad[1, 3] = VOCAB
     with pytest.raises(InputError, match=rf"input 0: index {VOCAB} at position \(1, 3\) is out of range"):
         fp32(bad)
+
+
+def test_int8_attention_stays_float32_on_the_avx2_path_by_default(encoder):
+    """quantize's ops="auto" on the avx2 int8 path: Linears int8, the attention matmuls float32, run as the
+    fused attention kernel (no int8 matmul of two activations is faster than float32 there); the compiled
+    model equals its quantized graph at several shapes."""
+    calib = [_ids(b, s, seed=1) for b, s in ((1, 16), (2, 40), (4, 9))]
+    opt = graphopt.optimize(encoder, "x86:haswell", "cleanup,quantize(progress=false)", example_inputs=(_ids(2, 16),),
+                            calibration=calib, dynamic=DIMS)
+    line = opt.report.backend["int8"]
+    assert "qlinear:avx2" in line and "qmatmul" not in line, line
+    notes = [n for r in opt.report.records for n in r.notes]
+    assert any("(attention) stay float32 on int8 path 'avx2'" in n for n in notes), notes
+    for b, s in ((1, 8), (3, 21)):
+        x = _ids(b, s, seed=6)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), opt.graph_module(x), rtol=1e-3, atol=1e-3)

@@ -97,9 +97,23 @@ def test_options_parse_round_trip_and_reject_bad_values():
     q = p.passes[0]
     assert q.skip == ["layers.*.attention.*", "pooler"] and q.tolerance == 0.05 and q.observer == "mse"
     for bad in ("quantize(bits=4)", "quantize(observer=kmeans)", "quantize(mode=int4)", "quantize(tolerance=-1)",
-                "quantize(ops=[lstm])"):
+                "quantize(ops=[lstm])", "quantize(ops=some)"):
         with pytest.raises(PipelineError):
             Pipeline.parse(bad)
+
+
+def test_ops_auto_keeps_activation_matmuls_float_where_int8_is_not_faster():
+    """ops="auto": activation matmuls quantized on the vnni, avx512bw, sdot paths and the torch reference,
+    kept float32 on avx2 and the generic 'cpu' path; an explicit list is taken as given everywhere."""
+    auto = Pipeline.parse("quantize").passes[0]
+    assert auto.ops == "auto"
+    for path in ("vnni", "avx512bw", "sdot", "torch"):
+        assert auto.kinds(path) == ["linear", "conv2d", "matmul"]
+    for path in ("avx2", "cpu"):
+        assert auto.kinds(path) == ["linear", "conv2d"]
+    assert auto.kinds(None) == ["linear", "conv2d", "matmul"]             # bits=mixed: its own choice per layer
+    given = Pipeline.parse("quantize(ops=[linear,matmul])").passes[0]
+    assert given.kinds("avx2") == ["linear", "matmul"]
 
 
 def test_skip_patterns_keep_matching_layers_float():
