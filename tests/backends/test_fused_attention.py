@@ -15,33 +15,38 @@ import graphopt
 TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}      # AVX2: runs on every x86 test machine
 
 
-def _reference(q, k, v, scale, layouts):
-    """PyTorch's softmax(q kᵀ · scale) v on (b, h, seq, d) tensors, the kernel's inputs in `layouts`."""
+def _reference(q, k, v, scale, layouts, mask=None):
+    """PyTorch's softmax(q kᵀ · scale [+ mask]) v on (b, h, seq, d) tensors, the kernel's inputs in `layouts`."""
     def bhsd(t, lay):
         return t.permute(0, 2, 1, 3) if lay == "bshd" else t
     q, k, v = (bhsd(torch.from_numpy(t), lay) for t, lay in zip((q, k, v), layouts))
     s = q @ k.transpose(-1, -2)
     if scale is not None:
         s = s * scale
+    if mask is not None:
+        s = s + torch.from_numpy(mask)
     return (torch.softmax(s, -1) @ v).permute(0, 2, 1, 3).numpy()        # the kernel writes (b, n, h, dv)
 
 
-def _build(layouts, scale, h, d, dv, lanes=8, target=TARGET, safe=False):
+def _build(layouts, scale, h, d, dv, lanes=8, target=TARGET, safe=False, mask=None):
+    """The kernel for any (b, n, m); `mask`: which of the mask's (b, h, n) dims are full (else 1)."""
     import tvm
 
     from graphopt.backends.tvm.fused_attention import attention_kernel
     from graphopt.backends.tvm.one_task_loops import register
 
     b, n, m = (tvm.tirx.Var(x, "int64") for x in "bnm")
-    f = attention_kernel(b, n, m, h, d, dv, layouts, scale, lanes, safe).with_attr("global_symbol", "main")
+    dims = (1, 1, 1, 1) if mask is None else tuple(f if full else 1 for f, full in zip((b, h, n), mask)) + (m,)
+    f = attention_kernel(b, n, m, h, d, dv, layouts, scale, lanes, safe, dims).with_attr("global_symbol", "main")
     return tvm.tirx.build(tvm.IRModule({"main": f}), target=tvm.target.Target(target), pipeline=register())
 
 
-def _run(lib, q, k, v, n, h, dv):
+def _run(lib, q, k, v, n, h, dv, mask=None):
     import tvm
 
     out = tvm.runtime.tensor(np.zeros((q.shape[0], n, h, dv), np.float32))
-    lib["main"](*(tvm.runtime.tensor(t) for t in (q, k, v)), out)
+    mask = np.zeros((1, 1, 1, 1), np.float32) if mask is None else mask
+    lib["main"](*(tvm.runtime.tensor(t) for t in (q, k, v, mask)), out)
     return out.numpy()
 
 
@@ -146,15 +151,36 @@ def test_attention_becomes_one_kernel_and_matches_pytorch(dynamic):
         torch.testing.assert_close(built(xi), ref, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
-def test_masked_attention_is_left_unfused():
-    """A mask added to the scores is not the fused pattern: the unfused kernels run, values as PyTorch."""
+def test_causal_masked_attention_fuses_and_matches_pytorch():
+    """A mask added to the scaled scores (here causal, (n, n) broadcast over batch and heads) goes into the
+    kernel: one attention kernel, PyTorch's values."""
     torch.manual_seed(0)
     model = _Attention(mask=True).eval()
     x = torch.randn(2, 12, 64)
     built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,))
-    assert not any("attention" in k for k in _kernels(built, x))
+    assert sum("attention" in k for k in _kernels(built, x)) == 1
     with torch.no_grad():
         torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 30), m=st.integers(1, 30),
+       full=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**16))
+def test_the_kernel_adds_a_broadcast_mask(b, n, m, full, seed):
+    """Masks of every broadcast form (b | 1, h | 1, n | 1, m), with -inf entries (a padding-style mask, rows of
+    -inf only included: safe softmax gives their outputs 0, as scaled_dot_product_attention)."""
+    h, d = 2, 16
+    layouts = ("bshd",) * 3
+    lib = _build(layouts, 0.25, h, d, d, safe=True, mask=full)
+    rng = np.random.default_rng(seed)
+    q, k, v = _inputs(rng, b, n, m, h, d, d, layouts)
+    mask = rng.standard_normal(tuple(f if fl else 1 for f, fl in zip((b, h, n), full)) + (m,)).astype(np.float32)
+    mask[rng.random(mask.shape) < 0.3] = -np.inf
+    got = _run(lib, q, k, v, n, h, d, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(t).permute(0, 2, 1, 3) for t in (q, k, v)), attn_mask=torch.from_numpy(mask),
+        scale=0.25).permute(0, 2, 1, 3).numpy()
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
 
 
 class _Sdpa(nn.Module):
@@ -221,5 +247,5 @@ def _run_packed(lib, qkv, n, h, dv):
 
     out = tvm.runtime.tensor(np.zeros((qkv.shape[0], n, h, dv), np.float32))
     t = tvm.runtime.tensor(qkv)
-    lib["main"](t, t, t, out)
+    lib["main"](t, t, t, tvm.runtime.tensor(np.zeros((1, 1, 1, 1), np.float32)), out)
     return out.numpy()
