@@ -16,25 +16,11 @@ bindings are left to DeadCodeElimination. Float matmuls only (graphopt's int8 on
 """
 from __future__ import annotations
 
+from .relax_match import bound_value
+from .relax_match import op_name as _op_name
+from .relax_match import tensor_shape as _shape
+
 __all__ = ["collapse_batched_matmul_views"]
-
-
-def _shape(expr) -> list | None:
-    from tvm import relax
-
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    return list(ty.shape.values)
-
-
-def _op_name(expr) -> str:
-    import tvm
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return ""
 
 
 def collapse_batched_matmul_views():
@@ -52,10 +38,7 @@ def collapse_batched_matmul_views():
             self.changed = 0
 
         def _bound(self, expr):
-            if isinstance(expr, relax.Var):
-                value = self.lookup_binding(expr)
-                return value if value is not None else expr
-            return expr
+            return bound_value(self, expr)
 
         def _four_d_source(self, three_d):
             """A (b, h, m, k) tensor whose merge of the two batch dims is `three_d` (a reshape), or None."""

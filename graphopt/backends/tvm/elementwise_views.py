@@ -19,6 +19,9 @@ compared symbolically. The old bindings are left to DeadCodeElimination.
 """
 from __future__ import annotations
 
+from .relax_match import op_name as _op_name
+from .relax_match import tensor_shape as _shape
+
 __all__ = ["elementwise_before_views", "ELEMENTWISE_OPS"]
 
 ELEMENTWISE_OPS = frozenset({
@@ -27,24 +30,6 @@ ELEMENTWISE_OPS = frozenset({
     "relax.rsqrt", "relax.negative", "relax.abs", "relax.log", "relax.square", "relax.clip", "relax.astype",
     "relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu",
 })
-
-
-def _shape(expr) -> list | None:
-    from tvm import relax
-
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    return list(ty.shape.values)
-
-
-def _op_name(expr) -> str:
-    import tvm
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return ""
 
 
 def elementwise_before_views():

@@ -43,6 +43,9 @@ import math
 
 import numpy as np
 
+from .relax_match import bound_value
+from .relax_match import op_name as _op
+from .relax_match import tensor_shape as _shape
 from .softmax_lower import _exp_nonpositive
 from .tir_script import prim_func
 
@@ -50,24 +53,6 @@ __all__ = ["attention_kernel", "fuse_attention", "ROWS"]
 
 ROWS = 6                # query rows per register tile (x 2 vectors of columns: 12 accumulators)
 VECTORS = 2
-
-
-def _op(expr) -> str:
-    import tvm
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return ""
-
-
-def _shape(expr) -> list | None:
-    from tvm import relax
-
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    return list(ty.shape.values)
 
 
 def _axes(call) -> list[int] | None:
@@ -230,10 +215,7 @@ def fuse_attention(lanes: int):
             self.changed = 0
 
         def _bound(self, expr):
-            if isinstance(expr, relax.Var):
-                value = self.lookup_binding(expr)
-                return value if value is not None else expr
-            return expr
+            return bound_value(self, expr)
 
         def _source(self, t):
             """(tensor, layout): the (b, seq, h, d) tensor `t` is the head split of ("bshd"), part i of the

@@ -1,0 +1,35 @@
+"""Small helpers the Relax rewrites share (batch_matmul_views, elementwise_views, fused_attention): what op a
+call is, a tensor's static-rank shape, and the value a variable is bound to inside a PyExprMutator."""
+from __future__ import annotations
+
+__all__ = ["op_name", "tensor_shape", "bound_value"]
+
+
+def op_name(expr) -> str:
+    """The Relax op a call applies ('relax.matmul'), '' for anything else."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return ""
+
+
+def tensor_shape(expr) -> list | None:
+    """The dims (PrimExprs) of a tensor-typed expression with a known shape, else None."""
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    return list(ty.shape.values)
+
+
+def bound_value(mutator, expr):
+    """The value `expr` is bound to in `mutator`'s block builder when it is a bound variable, else `expr`."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        value = mutator.lookup_binding(expr)
+        return value if value is not None else expr
+    return expr
