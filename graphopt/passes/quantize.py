@@ -19,7 +19,7 @@ __all__ = ["Quantize", "activation_dtype_for", "int8_path_for", "int8_path_note"
 
 
 # int8 kernel paths on which activation x activation matmuls stay float32 under ops="auto" (Quantize docstring)
-FLOAT_MATMUL_PATHS = ("avx2", "cpu")
+FLOAT_MATMUL_PATHS = ("avx2",)
 
 
 def activation_dtype_for(target: str) -> str:
@@ -83,11 +83,12 @@ class Quantize(Pass):
                    epilogue with per-channel scale and bias) and QuantMatmul modules (matmul of two
                    activations, e.g. attention scores and context: left uint8/int8, right symmetric int8).
                    `ops` picks the kinds (linear, conv2d, matmul); "auto" (the default) takes all
-                   three, except activation matmuls on the int8 paths 'avx2' and 'cpu' (x86 without AVX-512:
-                   no int8 instruction there multiplies faster than float32 FMAs), which stay float32 and
-                   so run as graphopt's fused attention kernel: the small encoder's int8 build on an AVX2
-                   EPYC 9-17% faster (1 x 16 to 32 x 128, saved builds timed interleaved) with a cosine to
-                   float32 as high or higher. Observers: minmax, moving_average, percentile, mse, entropy.
+                   three, except activation matmuls on the int8 path 'avx2' (AVX2 without AVX-512: no int8
+                   instruction there multiplies faster than float32 FMAs), which stay float32 and so run as
+                   graphopt's fused attention kernel: the small encoder's int8 build on an AVX2 EPYC 9-17%
+                   faster (1 x 16 to 32 x 128, saved builds timed interleaved) with a cosine to float32 as high
+                   or higher. Other paths (vnni, avx512bw, sdot, the generic 'cpu' one) quantize them: not
+                   measured against the fused float kernel. Observers: minmax, moving_average, percentile, mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
                    bits=4 (W4A8; Linear, and pointwise Conv2d with pointwise_convs=true): the weights of
                    weight_only bits=4 (asymmetric int4, groups of `group_size`,

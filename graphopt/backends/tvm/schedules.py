@@ -1618,7 +1618,8 @@ def relax_layout_passes(target) -> list:
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
     return [collapse_batched_matmul_views()] + nhwc_layout_passes() + [
-        elementwise_before_views(), fuse_attention(cpu_vector(target).lanes("float32")), graphopt_softmax(), relax.transform.FastMathTransform(), reshape_views()]
+        elementwise_before_views(), fuse_attention(cpu_vector(target).lanes("float32")), graphopt_softmax(),
+        relax.transform.FastMathTransform(), reshape_views()]
 
 
 def nhwc_layout_passes() -> list:
