@@ -276,3 +276,26 @@ def test_sparse_int8_kernels_run_on_aarch64_and_equal_dense_int8(aarch64_server)
             outs[kernel] = run_on_aarch64(opt, aarch64_server, x)
         assert torch.equal(outs["sparse"], outs["dense"]), pattern
         torch.testing.assert_close(outs["sparse"], opt.graph_module(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_cross
+@needs_aarch64_runtime
+def test_fused_attention_runs_on_aarch64(aarch64_server):
+    """The fused attention kernel with NEON's 4 lanes (8-column tiles), a causal mask and
+    scaled_dot_product_attention's safe softmax: one attention kernel, PyTorch's values on the aarch64 device,
+    NaN rows where PyTorch has them."""
+    from tests.backends.test_fused_attention import _Attention, _Sdpa
+
+    torch.manual_seed(0)
+    session = rpc.connect(aarch64_server.device, timeout=120)       # one session: the device serves one at a time
+    for model in (_Attention(mask=True).eval(), _Sdpa().eval()):
+        x = torch.randn(2, 11, 64)
+        opt = graphopt.optimize(model, target="arm:cortex-a72", pipeline="cleanup", example_inputs=(x,))
+        text = opt.compiled.executable.as_text()            # the VM program: what it calls
+        assert "attention" in text and "softmax" not in text, text
+        remote = rpc.load_remote(opt, session)
+        with torch.no_grad():
+            torch.testing.assert_close(remote(x), model(x), rtol=1e-4, atol=1e-5)
+            bad = x.clone()
+            bad[1, 3, 0] = float("nan")
+            torch.testing.assert_close(remote(bad), model(bad), rtol=1e-4, atol=1e-5, equal_nan=True)
