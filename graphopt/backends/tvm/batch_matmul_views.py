@@ -16,7 +16,7 @@ bindings are left to DeadCodeElimination. Float matmuls only (graphopt's int8 on
 """
 from __future__ import annotations
 
-from .relax_match import bound_value
+from .relax_match import bound_value, rewrite_functions
 from .relax_match import op_name as _op_name
 from .relax_match import tensor_shape as _shape
 
@@ -82,15 +82,6 @@ def collapse_batched_matmul_views():
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptCollapseBatchedMatmulViews")
     def _pass(mod, ctx):
-        out, changed = mod, 0
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m = _Collapse(out)
-                new = m.visit_expr(func)
-                if m.changed:
-                    out = out.clone() if hasattr(out, "clone") else out
-                    out[gv] = new
-                    changed += m.changed
-        return relax.transform.DeadCodeElimination()(out) if changed else out
+        return rewrite_functions(mod, _Collapse)
 
     return _pass

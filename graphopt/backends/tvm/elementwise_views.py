@@ -20,6 +20,7 @@ compared symbolically. The old bindings are left to DeadCodeElimination.
 from __future__ import annotations
 
 from .relax_match import op_name as _op_name
+from .relax_match import rewrite_functions
 from .relax_match import tensor_shape as _shape
 
 __all__ = ["elementwise_before_views", "ELEMENTWISE_OPS"]
@@ -120,15 +121,6 @@ def elementwise_before_views():
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptElementwiseBeforeViews")
     def _pass(mod, ctx):
-        out, changed = mod, 0
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m = _Move(out)
-                new = m.visit_expr(func)
-                if m.changed:
-                    out = out.clone() if hasattr(out, "clone") else out
-                    out[gv] = new
-                    changed += m.changed
-        return relax.transform.DeadCodeElimination()(out) if changed else out
+        return rewrite_functions(mod, _Move)
 
     return _pass

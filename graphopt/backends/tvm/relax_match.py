@@ -1,8 +1,9 @@
 """Small helpers the Relax rewrites share (batch_matmul_views, elementwise_views, fused_attention): what op a
-call is, a tensor's static-rank shape, and the value a variable is bound to inside a PyExprMutator."""
+call is, a tensor's static-rank shape, the value a variable is bound to inside a PyExprMutator, and the driver
+that runs such a mutator over a module."""
 from __future__ import annotations
 
-__all__ = ["op_name", "tensor_shape", "bound_value"]
+__all__ = ["op_name", "tensor_shape", "bound_value", "rewrite_functions"]
 
 
 def op_name(expr) -> str:
@@ -33,3 +34,20 @@ def bound_value(mutator, expr):
         value = mutator.lookup_binding(expr)
         return value if value is not None else expr
     return expr
+
+
+def rewrite_functions(mod, mutator_cls):
+    """`mod` with a fresh `mutator_cls(mod)` (a PyExprMutator counting its rewrites in `changed`) applied to each
+    Relax function, then DeadCodeElimination (what the rewrites left unused); `mod` itself when nothing changed."""
+    from tvm import relax
+
+    out, changed = mod, 0
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            m = mutator_cls(out)
+            new = m.visit_expr(func)
+            if m.changed:
+                out = out.clone() if hasattr(out, "clone") else out
+                out[gv] = new
+                changed += m.changed
+    return relax.transform.DeadCodeElimination()(out) if changed else out
