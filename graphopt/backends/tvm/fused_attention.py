@@ -90,6 +90,9 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
         return v if scale is None else v * f32(scale)
 
     has_mask = not all(isinstance(e, int) and e == 1 for e in mask)
+    MP = (M + (C - 1)) // C * C            # the score columns padded to whole panels
+    MC = M // C * C                        # ... and the keys of whole panels (kᵀ's copy without a guard)
+    MW = M // lanes * lanes                # the columns of whole vectors (softmax loops; the rest: scalar tails)
 
     def mask_at(Mk, b, h, row, j):
         full = [not (isinstance(e, int) and e == 1) for e in mask]
@@ -105,8 +108,8 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
         for bh in T.parallel(B * H):
             # kᵀ rows one panel longer than the columns: a row stride of a multiple of 1 KiB put every row of
             # a panel in the same two L1 sets
-            kt = T.decl_buffer((D, (M + (C - 1)) // C * C + C), "float32")
-            s = T.decl_buffer((RT, (M + (C - 1)) // C * C), "float32")
+            kt = T.decl_buffer((D, MP + C), "float32")
+            s = T.decl_buffer((RT, MP), "float32")
             acc = T.decl_buffer((RT, C), "float32")
             run = T.decl_buffer((lanes,), "float32")
             stat = T.decl_buffer((RT,), "float32")
@@ -116,13 +119,13 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
                 for x in range(D):
                     for jj in range(C):
                         kt[x, jb * C + jj] = at(K, k_lay, bh // H, bh % H, jb * C + jj, x)
-            for j in range((M + (C - 1)) // C * C - M // C * C):
+            for j in range(MP - MC):
                 for x in range(D):
-                    kt[x, M // C * C + j] = T.Select(M // C * C + j < M, at(K, k_lay, bh // H, bh % H,
-                                                     T.min(M // C * C + j, M - 1), x), f32(0.0))
+                    kt[x, MC + j] = T.Select(MC + j < M, at(K, k_lay, bh // H, bh % H, T.min(MC + j, M - 1), x),
+                                             f32(0.0))
             for rb in range((N + (RT - 1)) // RT):
                 # scores of ROWS query rows (the last block's rows past n read row n - 1)
-                for jp in range((M + (C - 1)) // C):
+                for jp in range(MP // C):
                     for r in T.unroll(RT):
                         for c in T.vectorized(C):
                             acc[r, c] = f32(0.0)
@@ -142,9 +145,9 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
                             for l in T.vectorized(lanes):
                                 s[r, v * lanes + l] = s[r, v * lanes + l] + mask_at(
                                     Mk, bh // H, bh % H, T.min(rb * RT + r, N - 1), v * lanes + l)
-                        for j in range(M - M // lanes * lanes):
-                            s[r, M // lanes * lanes + j] = s[r, M // lanes * lanes + j] + mask_at(
-                                Mk, bh // H, bh % H, T.min(rb * RT + r, N - 1), M // lanes * lanes + j)
+                        for j in range(M - MW):
+                            s[r, MW + j] = s[r, MW + j] + mask_at(
+                                Mk, bh // H, bh % H, T.min(rb * RT + r, N - 1), MW + j)
                     for l in T.vectorized(lanes):
                         run[l] = s[r, 0]
                     for v in range(M // lanes):
@@ -153,8 +156,8 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
                     stat[r] = run[0]
                     for l in range(lanes - 1):
                         stat[r] = maxnum(stat[r], run[l + 1])
-                    for j in range(M - M // lanes * lanes):
-                        stat[r] = maxnum(stat[r], s[r, M // lanes * lanes + j])
+                    for j in range(M - MW):
+                        stat[r] = maxnum(stat[r], s[r, MW + j])
                     if safe:
                         # maxnum skips NaN: a -inf maximum is a row of -inf only (probabilities 0), or of -inf
                         # and NaN (NaN outputs, as the unsafe softmax)
@@ -169,13 +172,13 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
                         for l in T.vectorized(lanes):
                             s[r, v * lanes + l] = _exp_nonpositive(s[r, v * lanes + l] - stat[r])
                             run[l] = run[l] + s[r, v * lanes + l]
-                    for j in range(M - M // lanes * lanes):
-                        s[r, M // lanes * lanes + j] = _exp_nonpositive(s[r, M // lanes * lanes + j] - stat[r])
+                    for j in range(M - MW):
+                        s[r, MW + j] = _exp_nonpositive(s[r, MW + j] - stat[r])
                     stat[r] = run[0]
                     for l in range(lanes - 1):
                         stat[r] = stat[r] + run[l + 1]
-                    for j in range(M - M // lanes * lanes):
-                        stat[r] = stat[r] + s[r, M // lanes * lanes + j]
+                    for j in range(M - MW):
+                        stat[r] = stat[r] + s[r, MW + j]
                     stat[r] = f32(1.0) / stat[r]
                     if safe:
                         if zero[r] == f32(1.0):
