@@ -263,7 +263,7 @@ class Quantize(Pass):
             return run_mixed(self, gm, ctx, notes, qmax)
         if self.mode in ("dynamic", "weight_only"):
             return self._swap(gm, ctx, notes, qmax)
-        return self._static(gm, ctx, notes, qmax)
+        return self._static(gm, ctx, notes, qmax, path)
 
     def kinds(self, path: Optional[str]) -> list[str]:
         """The layer kinds to quantize on int8 kernel path `path` (`ops`; "auto": see the class docstring;
@@ -346,10 +346,9 @@ class Quantize(Pass):
         notes.append(f"converted a QAT graph: {len(conv.layer_paths)} layer(s) with their learned ranges")
         return PassResult(new, notes=notes, details=self._details(new, conv.layer_paths, "qat"))
 
-    def _static(self, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) -> PassResult:
+    def _static(self, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int, path: str) -> PassResult:
         batches = ctx.calibration_batches(self.calib_batches, needed_by="quantize (mode=static)")
         dtype = self._dtype(ctx)
-        path = int8_path_for(ctx.target)
         kinds = self.kinds(path)
         if self.ops == "auto" and "matmul" not in kinds:
             notes.append(f"activation x activation matmuls (attention) stay float32 on int8 path '{path}' (no int8 "
