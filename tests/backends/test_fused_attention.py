@@ -249,3 +249,31 @@ def _run_packed(lib, qkv, n, h, dv):
     t = tvm.runtime.tensor(qkv)
     lib["main"](t, t, t, tvm.runtime.tensor(np.zeros((1, 1, 1, 1), np.float32)), out)
     return out.numpy()
+
+
+def test_heads_narrower_than_an_avx512_panel_still_fuse():
+    """16-wide heads against AVX-512's 32-column panels (two 16-lane vectors): the pass takes 8-lane vectors
+    instead of leaving the attention unfused, and that kernel builds for an AVX-512 CPU (built, not run: the
+    test machine may lack AVX-512). On every host the same decision as on an AVX-512 one."""
+    import tvm
+
+    from graphopt.backends.targets import resolve_target
+    from graphopt.backends.tvm.batch_matmul_views import collapse_batched_matmul_views
+    from graphopt.backends.tvm.elementwise_views import elementwise_before_views
+    from graphopt.backends.tvm.fused_attention import fuse_attention
+    from graphopt.backends.tvm.lower import lower_graph
+    from graphopt.backends.tvm.one_task_loops import register
+    from graphopt.backends.tvm.schedules import nhwc_layout_passes
+    from graphopt.capture import capture
+
+    x = torch.randn(2, 12, 64)
+    model = _Attention(hidden=64, heads=4).eval()                # head dim 16
+    mod = lower_graph(capture(model, (x,)).gm, (x,), resolve_target("x86"), None).mod
+    mod = tvm.transform.Sequential([collapse_batched_matmul_views()] + nhwc_layout_passes()
+                                   + [elementwise_before_views(), fuse_attention(16)])(mod)
+    kernels = [gv for gv, f in mod.functions_items() if gv.name_hint.startswith("attention")]
+    assert len(kernels) == 1 and "R.nn.softmax" not in mod["main"].script()
+    lib = tvm.tirx.build(tvm.IRModule({"main": mod[kernels[0]].with_attr("global_symbol", "main")}),
+                         target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}),
+                         pipeline=register())
+    assert "vfmadd231ps" in lib.inspect_source("asm")

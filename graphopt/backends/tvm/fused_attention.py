@@ -31,8 +31,8 @@ rather than to q and k (scaled_dot_product_attention): the two differ by float32
 PyTorch at its tolerance). Special values as the unfused softmax (softmax_lower): a score row holding NaN or
 +inf, or all -inf, gives a NaN output row, except under _safe_softmax, where a row of -inf only gives 0; NaN /
 inf in v propagate through the products as in the matmul. Rows past n in the last block read the last row and
-are not written. Parallel over batch x heads (each task transposes its own head's k once); dv must be a
-multiple of the panel width (else the graph is left as it is). LLVM CPU targets only (relax_layout_passes).
+are not written. Parallel over batch x heads (each task transposes its own head's k once); the panel width is
+two of the target's vectors, or of halves of them where dv needs it (an odd dv: the graph is left as it is). LLVM CPU targets only (relax_layout_passes).
 Small encoder (4 layers, hidden 256), dynamic build, saved builds interleaved on a 2-core AVX2 EPYC: 1 x 512
 30.29 -> 28.24 ms, 8 x 128 43.79 -> 41.74, 32 x 128 170.8 -> 160.7, 8 x 512 223.4 -> 208.6, 1 x 16 1.002 ->
 0.938.
@@ -208,8 +208,15 @@ def fuse_attention(lanes: int):
     from tvm.relax import PyExprMutator, expr_functor
     from tvm.sym.analyzer import Analyzer
 
-    C = VECTORS * lanes
     analyzer = Analyzer()
+
+    def lanes_for(dv: int) -> int | None:
+        """The widest vectors (the target's, or halves of them) whose panels divide dv: a 16-wide head on
+        AVX-512 takes 8-lane vectors (16-column tiles) rather than staying unfused."""
+        width = lanes
+        while width > 1 and dv % (VECTORS * width):
+            width //= 2
+        return width if dv % (VECTORS * width) == 0 else None
 
     @expr_functor.mutator
     class _Fuse(PyExprMutator):
@@ -321,7 +328,7 @@ def fuse_attention(lanes: int):
                 return None
             (b, h, n, d), (_, _, _, dv) = shapes[0], shapes[2]
             m = shapes[1][3] if isinstance(k, tuple) else shapes[1][2]
-            if not all(isinstance(x, tirx.IntImm) for x in (h, d, dv)) or int(dv) % C:
+            if not all(isinstance(x, tirx.IntImm) for x in (h, d, dv)) or lanes_for(int(dv)) is None:
                 return None
             if mask is not None:                # each dim 1 or the scores' own (b, h, n, m)
                 ms = [tirx.IntImm("int64", 1)] * (4 - len(_shape(mask))) + _shape(mask)
@@ -368,7 +375,8 @@ def fuse_attention(lanes: int):
                             mask, [1] * (4 - len(_shape(mask))) + _shape(mask)))
                     full = (dims[0], int(h), dims[1], dims[2])
                     mask_dims = tuple(1 if analyzer.can_prove_equal(e, 1) else f for e, f in zip(_shape(mask), full))
-                kernel = attention_kernel(*dims, int(h), int(d), int(dv), (lq, lk, lv), scale, lanes, safe, mask_dims)
+                kernel = attention_kernel(*dims, int(h), int(d), int(dv), (lq, lk, lv), scale, lanes_for(int(dv)),
+                                          safe, mask_dims)
                 gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "attention")
                 out = self.builder_.emit(relax.call_tir(gv, [q, k, v, mask],
                                                         relax.TensorType([b, n, h, dv], "float32")))
