@@ -32,7 +32,8 @@ PyTorch at its tolerance). Special values as the unfused softmax (softmax_lower)
 +inf, or all -inf, gives a NaN output row, except under _safe_softmax, where a row of -inf only gives 0; NaN /
 inf in v propagate through the products as in the matmul. Rows past n in the last block read the last row and
 are not written. Parallel over batch x heads (each task transposes its own head's k once); the panel width is
-two of the target's vectors, or of halves of them where dv needs it (an odd dv: the graph is left as it is). LLVM CPU targets only (relax_layout_passes).
+two of the target's vectors, or of halves of them down to 8 lanes where dv needs it (else the graph is left
+as it is). LLVM CPU targets only (relax_layout_passes).
 Small encoder (4 layers, hidden 256), dynamic build, saved builds interleaved on a 2-core AVX2 EPYC: 1 x 512
 30.29 -> 28.24 ms, 8 x 128 43.79 -> 41.74, 32 x 128 170.8 -> 160.7, 8 x 512 223.4 -> 208.6, 1 x 16 1.002 ->
 0.938.
@@ -211,10 +212,11 @@ def fuse_attention(lanes: int):
     analyzer = Analyzer()
 
     def lanes_for(dv: int) -> int | None:
-        """The widest vectors (the target's, or halves of them) whose panels divide dv: a 16-wide head on
-        AVX-512 takes 8-lane vectors (16-column tiles) rather than staying unfused."""
+        """The widest vectors, the target's or halves of them down to 8 lanes (AVX2's), whose panels divide dv:
+        a 16-wide head on AVX-512 takes 8-lane vectors (16-column tiles), as on AVX2, rather than staying
+        unfused; narrower vectors are not taken (half-empty registers: the unfused kernels run)."""
         width = lanes
-        while width > 1 and dv % (VECTORS * width):
+        while width > min(lanes, 8) and dv % (VECTORS * width):
             width //= 2
         return width if dv % (VECTORS * width) == 0 else None
 
