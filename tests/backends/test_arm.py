@@ -299,3 +299,22 @@ def test_fused_attention_runs_on_aarch64(aarch64_server):
             bad = x.clone()
             bad[1, 3, 0] = float("nan")
             torch.testing.assert_close(remote(bad), model(bad), rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_fused_inverted_residual_runs_on_aarch64(aarch64_server):
+    """The fused inverted residual kernel with NEON's 4 lanes (stride 1 with residual, stride 2): one kernel per
+    block, PyTorch's values on the aarch64 device, NaN where PyTorch has it."""
+    from tests.backends.test_fused_inverted_residual import _Block, _fused_calls
+
+    torch.manual_seed(0)
+    session = rpc.connect(aarch64_server.device, timeout=120)       # one session: the device serves one at a time
+    model = nn.Sequential(_Block(8, 48, 3, 1, 8, residual=True), _Block(8, 24, 3, 2, 16)).eval()
+    x = torch.randn(1, 8, 26, 26)
+    opt = graphopt.optimize(model, target="arm:cortex-a72", pipeline="cleanup", example_inputs=(x,))
+    assert _fused_calls(opt) >= 2
+    remote = rpc.load_remote(opt, session)
+    with torch.no_grad():
+        torch.testing.assert_close(remote(x), model(x), rtol=1e-4, atol=1e-5)
+        bad = x.clone()
+        bad[0, 3, 10, 10] = float("nan")
+        torch.testing.assert_close(remote(bad), model(bad), rtol=1e-4, atol=1e-5, equal_nan=True)

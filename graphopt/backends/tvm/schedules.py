@@ -1614,11 +1614,14 @@ def relax_layout_passes(target) -> list:
     from .batch_matmul_views import collapse_batched_matmul_views   # 4-D matmuls fuse their epilogues
     from .elementwise_views import elementwise_before_views     # ... and so do 2-D ones behind a view
     from .fused_attention import fuse_attention                 # q k v -> o in one kernel
+    from .fused_inverted_residual import fuse_inverted_residuals    # expand -> depthwise -> project in one
     from .softmax_lower import graphopt_softmax         # float32 softmax: graphopt's cheaper kernel
     from .symbolic import reshape_views         # dynamic dims: reshapes as views (no copy kernels)
 
+    lanes = cpu_vector(target).lanes("float32")
+    cores = max(1, int(target.attrs.get("num-cores", 1)))
     return [collapse_batched_matmul_views()] + nhwc_layout_passes() + [
-        elementwise_before_views(), fuse_attention(cpu_vector(target).lanes("float32")), graphopt_softmax(),
+        fuse_inverted_residuals(lanes, cores), elementwise_before_views(), fuse_attention(lanes), graphopt_softmax(),
         relax.transform.FastMathTransform(), reshape_views()]
 
 

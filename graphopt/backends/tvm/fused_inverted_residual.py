@@ -1,0 +1,432 @@
+"""Relax pass + kernel: an inverted residual block (1x1 expand -> depthwise -> 1x1 project) as one CPU kernel.
+
+MobileNetV2-style blocks widen a thin tensor six-fold (1x1 convolution, bias, ReLU6), filter it depthwise
+(k x k, stride 1 or 2, bias, ReLU6) and project it back (1x1 convolution, bias, optional residual add). Unfused,
+the wide tensor is written to memory and read back twice: at batch 8 the first such block of MobileNetV2 writes
+38.5 MB (8 x 112 x 112 x 96 floats) for the depthwise kernel to read, and on a CPU with a 16 MiB last-level cache
+those three kernels were 1.2-1.7x slower per image than at batch 1 and than ONNX Runtime's
+(`benchmarks/run.py`, per-layer profile). This pass rewrites, in NHWC (after the layout conversion),
+
+    e = act1(conv1x1(x, w1) + b1);  d = act2(dwconv_kxk_s(e, wd) + bd);  [o = conv1x1(d, w2) + b2 [+ x]]
+
+into one call of `inverted_residual_kernel`. Per task (an image, or a strip of its output rows when the batch is
+smaller than the core count), per output row:
+
+  1. the expanded input rows the row needs that the previous row did not (k for the first row of a strip, then
+     the stride's count) into a ring of k rows (`e` never exists whole: k x (w + 2p) x c_e floats, in L2), each
+     as a 1 x 1 convolution of one input row (register tiles of pixels x channel vectors), bias, act1; rows
+     above and below the image are zeros (the depthwise convolution's padding), as are the ring's p border
+     columns;
+  2. the depthwise row from the ring (register tiles of pixels x channel vectors, the k x k taps), bias, act2;
+  3. with a projection: the 1 x 1 convolution of that row (in L1), bias, the residual's row, written to the
+     output; without one (the depthwise output has other users: a squeeze-excitation gate), the depthwise row
+     is the output.
+
+Values: each output is the unfused kernels' float32 arithmetic (each convolution's products summed in the same
+order over its reduction axis, then the bias, then the residual: the same bits as graphopt's unfused build); activations are
+max / min against constants, which graphopt's NaN rule makes PyTorch's (`numerics.nan_propagating_minmax`).
+A strip recomputes the k - s expanded rows above its first output row (the only duplicated work). Fused only
+when the expanded tensor would not stay in the cache (more than `MIN_EXPANDED_BYTES` for the batch) and every
+channel count is a whole number of the target's vectors; LLVM CPU targets only (relax_layout_passes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .relax_match import op_name as _op
+from .relax_match import tensor_shape as _shape
+from .tir_script import prim_func
+
+__all__ = ["inverted_residual_kernel", "fuse_inverted_residuals", "MIN_EXPANDED_BYTES"]
+
+MIN_EXPANDED_BYTES = 1 << 20     # smaller expanded tensors stay in L2 / L3 between the unfused kernels
+
+
+def _tile(n_vectors: int) -> tuple[int, int]:
+    """(rows, vectors) of a register tile over `n_vectors` channel vectors: 12 accumulators where the channel
+    vectors split into twos or threes, else 8 x 1."""
+    if n_vectors % 2 == 0:
+        return 6, 2
+    if n_vectors % 3 == 0:
+        return 4, 3
+    return 8, 1
+
+
+def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, S: int, act1: tuple, act2: tuple,
+                             lanes: int, strips: int, project: tuple | None = None):
+    """TIR of the fused block (module docstring), NHWC activations, HWIO weights. `act1` / `act2`: (lo, hi), each
+    a float bound or None (ReLU6 is (0.0, 6.0)). `project`: None (output: the depthwise result, (N, HO, WO, CE))
+    or (COUT, residual): output (N, HO, WO, COUT), plus the (N, HO, WO, COUT) residual operand when `residual`.
+    `strips`: output-row strips per image (parallel tasks N x strips)."""
+    from tvm.script import tirx as T
+
+    P = K // 2
+    HO, WO = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    f32 = lambda v: T.float32(v)           # noqa: E731
+    RE, VE = _tile(CE // lanes)            # expand tile: pixels x channel vectors
+    RD, VD = 4, (2 if CE % (2 * lanes) == 0 else 1)     # depthwise tile (as graphopt's schedule: 4 x 2 on AVX2)
+    CPE, CPD = VE * lanes, VD * lanes
+    COUT, residual = project if project is not None else (CE, False)
+    RP, VP = _tile(COUT // lanes)
+    CPP = VP * lanes
+    WP = W + 2 * P
+
+    def act(v, bounds):
+        lo, hi = bounds
+        if lo is not None:
+            v = T.max(v, f32(lo))
+        if hi is not None:
+            v = T.min(v, f32(hi))
+        return v
+
+    o_shape = (N, HO, WO, COUT)
+    r_shape = o_shape if residual else (1, 1, 1, 1)
+    w2_shape, b2_shape = ((1, 1, CE, COUT), (1, 1, 1, COUT)) if project is not None else ((1, 1, 1, 1), (1, 1, 1, 1))
+
+    @prim_func
+    def block(X: T.Buffer((N, H, W, CIN), "float32"), W1: T.Buffer((1, 1, CIN, CE), "float32"),
+              B1: T.Buffer((1, 1, 1, CE), "float32"), WD: T.Buffer((K, K, 1, CE), "float32"),
+              BD: T.Buffer((1, 1, 1, CE), "float32"), W2: T.Buffer(w2_shape, "float32"),
+              B2: T.Buffer(b2_shape, "float32"), R: T.Buffer(r_shape, "float32"),
+              O: T.Buffer(o_shape, "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for task in T.parallel(N * strips):
+            ring = T.decl_buffer((K, WP, CE), "float32")
+            drow = T.decl_buffer((WO, CE), "float32")
+            # one accumulator tile per step, each indexed by its own step only (LLVM keeps them in registers)
+            eacc = T.decl_buffer((RE, VE, lanes), "float32")
+            dacc = T.decl_buffer((RD, VD, lanes), "float32")
+            pacc = T.decl_buffer((RP, VP, lanes), "float32")
+            n = task // strips
+            y0 = task % strips * HO // strips
+            y1 = (task % strips + 1) * HO // strips
+            for slot in range(K):
+                for x in range(P):
+                    for cv in range(CE // lanes):
+                        for l in T.vectorized(lanes):
+                            ring[slot, x, cv * lanes + l] = f32(0.0)
+                            ring[slot, P + W + x, cv * lanes + l] = f32(0.0)
+            for y in range(y0, y1):
+                # 1. the expanded rows this output row adds to the ring (all k for a strip's first row)
+                for j in range(K):
+                    if y == y0 or j >= K - S:
+                        if y * S - P + j >= 0 and y * S - P + j < H:
+                            for cp in range(CE // CPE):
+                                for xt in range((W + RE - 1) // RE):
+                                    for r in T.unroll(RE):
+                                        for v in T.unroll(VE):
+                                            for l in T.vectorized(lanes):
+                                                eacc[r, v, l] = f32(0.0)
+                                    for k in range(CIN):
+                                        for r in T.unroll(RE):
+                                            for v in T.unroll(VE):
+                                                for l in T.vectorized(lanes):
+                                                    eacc[r, v, l] = eacc[r, v, l] + X[
+                                                        n, y * S - P + j, T.min(xt * RE + r, W - 1), k] * W1[
+                                                        0, 0, k, cp * CPE + v * lanes + l]
+                                    for r in T.unroll(RE):
+                                        if xt * RE + r < W:
+                                            for v in T.unroll(VE):
+                                                for l in T.vectorized(lanes):
+                                                    ring[(y * S - P + j + K) % K, P + xt * RE + r,
+                                                         cp * CPE + v * lanes + l] = act(
+                                                        eacc[r, v, l] + B1[0, 0, 0, cp * CPE + v * lanes + l], act1)
+                        else:
+                            for x in range(WP):
+                                for cv in range(CE // lanes):
+                                    for l in T.vectorized(lanes):
+                                        ring[(y * S - P + j + K) % K, x, cv * lanes + l] = f32(0.0)
+                # 2. the depthwise row
+                for cp in range(CE // CPD):
+                    for xt in range((WO + RD - 1) // RD):
+                        for r in T.unroll(RD):
+                            for v in T.unroll(VD):
+                                for l in T.vectorized(lanes):
+                                    dacc[r, v, l] = f32(0.0)
+                        for ky in range(K):
+                            for kx in range(K):
+                                for r in T.unroll(RD):
+                                    for v in T.unroll(VD):
+                                        for l in T.vectorized(lanes):
+                                            dacc[r, v, l] = dacc[r, v, l] + ring[
+                                                (y * S - P + ky + K) % K, T.min(xt * RD + r, WO - 1) * S + kx,
+                                                cp * CPD + v * lanes + l] * WD[ky, kx, 0, cp * CPD + v * lanes + l]
+                        for r in T.unroll(RD):
+                            if xt * RD + r < WO:
+                                for v in T.unroll(VD):
+                                    for l in T.vectorized(lanes):
+                                        if project is None:
+                                            O[n, y, xt * RD + r, cp * CPD + v * lanes + l] = act(
+                                                dacc[r, v, l] + BD[0, 0, 0, cp * CPD + v * lanes + l], act2)
+                                        else:
+                                            drow[xt * RD + r, cp * CPD + v * lanes + l] = act(
+                                                dacc[r, v, l] + BD[0, 0, 0, cp * CPD + v * lanes + l], act2)
+                # 3. the projection of that row
+                if project is not None:
+                    for cp in range(COUT // CPP):
+                        for xt in range((WO + RP - 1) // RP):
+                            for r in T.unroll(RP):
+                                for v in T.unroll(VP):
+                                    for l in T.vectorized(lanes):
+                                        pacc[r, v, l] = f32(0.0)
+                            for k in range(CE):
+                                for r in T.unroll(RP):
+                                    for v in T.unroll(VP):
+                                        for l in T.vectorized(lanes):
+                                            pacc[r, v, l] = pacc[r, v, l] + drow[T.min(xt * RP + r, WO - 1), k] * W2[
+                                                0, 0, k, cp * CPP + v * lanes + l]
+                            for r in T.unroll(RP):
+                                if xt * RP + r < WO:
+                                    for v in T.unroll(VP):
+                                        for l in T.vectorized(lanes):
+                                            if residual:
+                                                O[n, y, xt * RP + r, cp * CPP + v * lanes + l] = pacc[r, v, l] + B2[
+                                                    0, 0, 0, cp * CPP + v * lanes + l] + R[
+                                                    n, y, xt * RP + r, cp * CPP + v * lanes + l]
+                                            else:
+                                                O[n, y, xt * RP + r, cp * CPP + v * lanes + l] = pacc[r, v, l] + B2[
+                                                    0, 0, 0, cp * CPP + v * lanes + l]
+    return block
+
+
+MIN_WIDTH = 20       # narrower expanded rows waste too much of the pixel tiles (7 x 7 x 960: slower fused)
+
+
+def _bindings(mod) -> tuple[dict, dict]:
+    """({var: bound value}, {var: [(user var, user value) of each binding using it; (None, None) for a use in
+    a function's result]}) over every Relax function of `mod`."""
+    from tvm import relax
+
+    defs: dict = {}
+    users: dict = {}
+
+    def uses(expr, user):
+        def visit(e):
+            if isinstance(e, relax.Var):
+                users.setdefault(e, []).append(user)
+        relax.analysis.post_order_visit(expr, visit)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    defs[binding.var] = binding.value
+                    uses(binding.value, (binding.var, binding.value))
+            uses(func.body.body, (None, None))
+    return defs, users
+
+
+def fuse_inverted_residuals(lanes: int, cores: int):
+    """Module pass (module docstring); `lanes`: float32 lanes of the target's vectors, `cores`: its core count
+    (images smaller in number than the cores are split into row strips)."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax import PyExprMutator, expr_functor
+
+    def ints(a) -> list[int]:
+        return [int(v) for v in a]
+
+    def static(shape) -> list[int] | None:
+        if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+            return None
+        return [int(d) for d in shape]
+
+    @expr_functor.mutator
+    class _Fuse(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.changed = 0
+            self.defs, self.users = _bindings(mod)
+
+        def _bound(self, expr):
+            """The value `expr` is bound to in the module as it was (this pass only replaces block ends), else
+            `expr`: lets a match look at the bindings after the one being visited too."""
+            return self.defs.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+        def _single(self, var) -> bool:
+            return isinstance(var, relax.Var) and len(self.users.get(var, ())) == 1
+
+        def _user(self, var):
+            """(var, value) of the one binding using `var`, else (None, None)."""
+            found = self.users.get(var, ())
+            return found[0] if len(found) == 1 else (None, None)
+
+        @staticmethod
+        def _const(expr) -> float | None:
+            if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+                return float(expr.value.numpy().reshape(()))
+            return None
+
+        def _act(self, var):
+            """(inner, (lo, hi)): `var` = min(max(inner, lo), hi), max(inner, lo), min(inner, hi) or relu(inner)
+            (constant bounds, lo <= hi, each step's result used once), else (var, (None, None))."""
+            lo = hi = None
+            inner, val = var, self._bound(var)
+            if _op(val) == "relax.minimum" and self._const(val.args[1]) is not None and self._single(val.args[0]):
+                hi, inner = self._const(val.args[1]), val.args[0]
+                val = self._bound(inner)
+            if _op(val) == "relax.maximum" and self._const(val.args[1]) is not None and self._single(val.args[0]):
+                lo, inner = self._const(val.args[1]), val.args[0]
+            elif _op(val) == "relax.nn.relu" and self._single(val.args[0]):
+                lo, inner = 0.0, val.args[0]
+            if lo is not None and hi is not None and not lo <= hi:
+                return var, (None, None)        # not a clamp: the ops stay outside (and the chain does not match)
+            return inner, (lo, hi)
+
+        def _conv_bias(self, var, depthwise: bool):
+            """(conv call, bias) of `var` = conv2d(...) + bias (NHWC / HWIO float32, 1 x 1 groups 1, or depthwise
+            k x k (odd), padding k // 2, stride 1 or 2), the conv's result used once; else None."""
+            val = self._bound(var)
+            if _op(val) != "relax.add":
+                return None
+            for conv_var, bias in (val.args, val.args[::-1]):
+                conv = self._bound(conv_var)
+                if _op(conv) == "relax.nn.conv2d" and self._single(conv_var):
+                    break
+            else:
+                return None
+            a = conv.attrs
+            if (a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC"
+                    or ints(a.dilation) != [1, 1]
+                    or any(str(t.ty.dtype) != "float32" for t in (conv, conv.args[0], conv.args[1]))):
+                return None
+            w = static(_shape(conv.args[1]))
+            out = static(_shape(conv))
+            bshape = static(_shape(bias))
+            if w is None or out is None or bshape is None or str(bias.ty.dtype) != "float32":
+                return None
+            if bshape not in ([out[3]], [1, out[3]], [1, 1, out[3]], [1, 1, 1, out[3]]):
+                return None
+            if depthwise:
+                k, s = w[0], ints(a.strides)
+                if not (w[0] == w[1] and k % 2 == 1 and w[2] == 1 and int(a.groups) == w[3] == out[3]
+                        and s[0] == s[1] and s[0] in (1, 2) and ints(a.padding) == [k // 2] * 4):
+                    return None
+            elif not (w[:2] == [1, 1] and int(a.groups) == 1 and ints(a.strides) == [1, 1]
+                      and ints(a.padding) == [0, 0, 0, 0]):
+                return None
+            return conv, bias
+
+        def _bias4(self, bias):
+            shape = static(_shape(bias))
+            if len(shape) == 4:
+                return bias
+            return self.builder_.emit(relax.op.reshape(bias, [1, 1, 1, shape[-1]]))
+
+        def _expand_dw(self, d):
+            """The parts of d = act2(dwconv(act1(conv1x1(x) + b1)) + bd), else None."""
+            e, act2 = self._act(d)
+            found = self._conv_bias(e, depthwise=True)
+            if found is None:
+                return None
+            dw, bd = found
+            e_in = dw.args[0]
+            if not self._single(e_in):
+                return None
+            x_var, act1 = self._act(e_in)
+            found = self._conv_bias(x_var, depthwise=False)
+            if found is None:
+                return None
+            expand, b1 = found
+            x = expand.args[0]
+            xs = static(_shape(x))
+            if xs is None or xs[2] < MIN_WIDTH:
+                return None
+            ce = static(_shape(expand))[3]
+            width = lanes
+            while width > min(lanes, 8) and ce % width:
+                width //= 2
+            if ce % width:
+                return None
+            return dict(x=x, w1=expand.args[1], b1=b1, act1=act1, wd=dw.args[1], bd=bd, act2=act2,
+                        k=static(_shape(dw.args[1]))[0], s=int(dw.attrs.strides[0]), ce=ce, lanes=width)
+
+        def _project(self, var):
+            """(parts, w2, b2, residual) of var = [x +] (conv1x1(d) + b2) with d an expand-depthwise chain."""
+            val = self._bound(var)
+            residual = None
+            if _op(val) == "relax.add":
+                for other, p in (val.args, val.args[::-1]):
+                    if self._single(p) and self._conv_bias(p, depthwise=False) is not None:
+                        found = self._conv_bias(p, depthwise=False)
+                        parts = self._expand_dw(found[0].args[0]) if self._single(found[0].args[0]) else None
+                        if parts is not None and other.same_as(parts["x"]):
+                            residual = other
+                            return parts, found[0].args[1], found[1], residual
+            found = self._conv_bias(var, depthwise=False)
+            if found is None or not self._single(found[0].args[0]):
+                return None
+            parts = self._expand_dw(found[0].args[0])
+            return None if parts is None else (parts, found[0].args[1], found[1], None)
+
+        def _emit(self, binding, parts, project=None):
+            x = parts["x"]
+            n, h, w, cin = static(_shape(x))
+            cout = static(_shape(binding.var))[3]
+            width = self._width(parts, cout if project is not None else None)
+            if width is None:
+                return False
+            strips = max(1, -(-cores // n))
+            kernel = inverted_residual_kernel(n, h, w, cin, parts["ce"], parts["k"], parts["s"], parts["act1"],
+                                              parts["act2"], width, strips,
+                                              None if project is None else (cout, project[2] is not None))
+            zero = relax.const(np.zeros((1, 1, 1, 1), np.float32))
+            w2, b2, r = (zero, zero, zero) if project is None else (
+                project[0], self._bias4(project[1]), project[2] if project[2] is not None else zero)
+            args = [x, parts["w1"], self._bias4(parts["b1"]), parts["wd"], self._bias4(parts["bd"]), w2, b2, r]
+            gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "inverted_residual")
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(
+                relax.call_tir(gv, args, relax.TensorType(_shape(binding.var), "float32")))))
+            self.changed += 1
+            return True
+
+        @staticmethod
+        def _width(parts, cout) -> int | None:
+            """The vector lanes of the kernel: the expand's, halved (down to 8) until they divide `cout` too."""
+            width = parts["lanes"]
+            while cout is not None and width > min(lanes, 8) and cout % width:
+                width //= 2
+            return None if cout is not None and cout % width else width
+
+        def _residual_follows(self, var, parts) -> bool:
+            """Whether `var` (a projection's result) is used once, by an add of the block's input."""
+            _, user = self._user(var)
+            return (_op(user) == "relax.add" and any(a.same_as(parts["x"]) for a in user.args)
+                    and any(a.same_as(var) for a in user.args))
+
+        def _projection_follows(self, var, parts) -> bool:
+            """Whether `var` (a depthwise chain's result) is used once, by a projection this pass fuses."""
+            conv_var, conv = self._user(var)
+            if _op(conv) != "relax.nn.conv2d":
+                return False
+            add_var, add = self._user(conv_var)
+            if add is None or self._project(add) is None:
+                return False
+            return self._width(parts, static(_shape(add_var))[3]) is not None
+
+        def visit_var_binding_(self, binding):
+            value = self.visit_expr(binding.value)
+            shape = static(_shape(binding.var))
+            if shape is not None and len(shape) == 4 and str(binding.var.ty.dtype) == "float32":
+                # a projection (with the residual add that follows it, if any) ends a block; so does a
+                # depthwise chain whose result goes elsewhere than one projection (a squeeze-excitation gate)
+                proj = self._project(value)
+                if proj is not None and not self._residual_follows(binding.var, proj[0]):
+                    parts, w2, b2, residual = proj
+                    if self._emit(binding, parts, (w2, b2, residual)):
+                        return
+                parts = self._expand_dw(value)
+                if parts is not None and not self._projection_follows(binding.var, parts):
+                    if self._emit(binding, parts):
+                        return
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptFuseInvertedResiduals")
+    def _pass(mod, ctx):
+        m = _Fuse(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(m.builder_.get()) if m.changed else mod
+
+    return _pass
