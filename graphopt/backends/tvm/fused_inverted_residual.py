@@ -32,11 +32,11 @@ activations are max / min against constants, which graphopt's NaN rule makes PyT
 only duplicated work). Fused when the tasks keep every core busy (`strips_for`: a batch of at least the core
 count, or strips of at least MIN_STRIP_ROWS rows) and every channel count is a whole number of vectors (the
 target's, or halves of them down to 8 lanes); static shapes, LLVM CPU targets only (relax_layout_passes).
-Measured (a scratch script timing the kernel against graphopt's unfused build of the same block, interleaved,
-2-core AVX2 EPYC): 112 x 112 x 16 -> 96 -> s2 -> 24 0.714 -> 0.371 ms at batch 1, 8.18 -> 2.88 at batch 8;
-56 x 56 x 24 -> 144 -> 24 + residual 0.442 -> 0.323 (batch 1), 5.01 -> 2.51 (batch 8); 28 x 28 x 32 -> 192 ->
-32: 0.214 -> 0.153, 1.54 -> 1.06; batch 8, 14 x 14 x 64 -> 384 -> 64: 1.35 -> 1.10, 7 x 7 x 160 -> 960 -> 160:
-1.82 -> 1.56 (several rows per step; one row per step was 2.17, slower than unfused).
+Measured (a scratch script timing graphopt's builds of one block with and without this pass, NCHW in and out,
+interleaved, 2-core AVX2 EPYC, median ms): 112 x 112 x 16 -> 96 -> stride 2 -> 24 0.730 -> 0.434 at batch 1,
+8.45 -> 3.12 at batch 8; 56 x 56 x 24 -> 144 -> 24 + residual 0.522 -> 0.426 and 5.13 -> 2.70; batch 8,
+14 x 14 x 64 -> 384 -> 64 1.32 -> 1.17, 7 x 7 x 160 -> 960 -> 160 1.80 -> 1.57 (one row per step there: slower
+than unfused, hence rows_per_step).
 """
 from __future__ import annotations
 

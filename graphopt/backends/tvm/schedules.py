@@ -7,7 +7,9 @@ TVM 0.27 schedules nothing on CPU by default: after LegalizeOps every conv/matmu
                                 innermost, so the output-channel axis is contiguous and vectorizes); pooling
                                 follows the layout (ConvertLayout propagates it), transposes stay at the edges;
                                 4-D batched matmuls kept 4-D (batch_matmul_views.py); the float32 last-axis
-                                softmax as graphopt's kernel (softmax_lower.py).
+                                softmax as graphopt's kernel (softmax_lower.py); attention and inverted
+                                residual blocks as one hand-written kernel each (fused_attention.py,
+                                fused_inverted_residual.py).
   PackedGemm                    every kernel with one reduction block whose output's innermost axis is a
                                 spatial axis: conv2d (incl. 1x1, strided, grouped/depthwise), dense/matmul,
                                 batch matmul, pooling (channels-last max pooling: WindowMax first), spatial
