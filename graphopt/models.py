@@ -129,6 +129,8 @@ MODELS: dict[str, Callable[[int], tuple]] = {
     "resnet18": _torchvision("resnet18", 224),
     "resnet50": _torchvision("resnet50", 224),
     "mobilenet_v2": _torchvision("mobilenet_v2", 224),
+    "mobilenet_v3_large": _torchvision("mobilenet_v3_large", 224),
+    "efficientnet_b0": _torchvision("efficientnet_b0", 224),
     "bert_base": _bert(seq=128),
     "bert_tiny": _bert(vocab=1000, hidden=128, layers=2, heads=2, ffn=512, seq=32),
     "mlp": _mlp,

@@ -13,11 +13,14 @@ from torch.nn import functional as F
 import graphopt
 
 TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}      # AVX2: runs on every x86 test machine
-ACTS = {"relu6": (0.0, 6.0), "relu": (0.0, None), "none": (None, None)}
+X = ("x",)
+ACTS = {"relu6": ("minimum", ("maximum", X, 0.0), 6.0), "relu": ("maximum", X, 0.0), "none": X,
+        "silu": ("multiply", X, ("sigmoid", X)),
+        "hardswish": ("divide", ("multiply", X, ("minimum", ("maximum", ("add", X, 3.0), 0.0), 6.0)), 6.0)}
 
 
 def _act(x, name):
-    return {"relu6": F.relu6, "relu": F.relu, "none": lambda t: t}[name](x)
+    return {"relu6": F.relu6, "relu": F.relu, "none": lambda t: t, "silu": F.silu, "hardswish": F.hardswish}[name](x)
 
 
 class _Block(nn.Module):
@@ -79,7 +82,8 @@ def _run_kernel(block, x, strips, lanes=8, target=TARGET):
 @given(n=st.integers(1, 3), h=st.integers(1, 13), w=st.integers(1, 30), cin=st.sampled_from([3, 8, 16]),
        ce=st.sampled_from([8, 16, 24, 48]), k=st.sampled_from([3, 5]), s=st.sampled_from([1, 2]),
        project=st.sampled_from(["none", "plain", "residual"]), cout=st.sampled_from([8, 16, 24]),
-       acts=st.sampled_from([("relu6", "relu6"), ("relu", "none"), ("none", "relu6")]),
+       acts=st.sampled_from([("relu6", "relu6"), ("relu", "none"), ("none", "relu6"), ("silu", "silu"),
+                             ("hardswish", "relu")]),
        strips=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_the_kernel_matches_pytorch_over_random_shapes(n, h, w, cin, ce, k, s, project, cout, acts, strips, seed):
     """Every shape (tails of the pixel tiles, images shorter than the ring, strips without rows), stride,
@@ -120,7 +124,7 @@ def test_the_avx512_kernel_builds_with_zmm_fmas():
 
     from graphopt.backends.tvm.fused_inverted_residual import inverted_residual_kernel
 
-    f = inverted_residual_kernel(1, 24, 24, 16, 96, 3, 2, (0.0, 6.0), (0.0, 6.0), 16, 2, (32, False))
+    f = inverted_residual_kernel(1, 24, 24, 16, 96, 3, 2, ACTS["relu6"], ACTS["relu6"], 16, 2, (32, False))
     lib = tvm.tirx.build(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                          target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}))
     asm = lib.inspect_source("asm")
@@ -178,7 +182,7 @@ def test_mobilenet_v2_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_c
 
 
 class _SqueezeExcite(nn.Module):
-    """A MobileNetV3 / EfficientNet-style block: the depthwise output feeds a gate and the projection."""
+    """An EfficientNet-style block (SiLU): the depthwise output feeds a gate and the projection."""
 
     def __init__(self, cin=16, ce=48, cout=24):
         super().__init__()
@@ -186,7 +190,7 @@ class _SqueezeExcite(nn.Module):
         self.fc1, self.fc2, self.project = nn.Conv2d(ce, 8, 1), nn.Conv2d(8, ce, 1), nn.Conv2d(ce, cout, 1)
 
     def forward(self, x):
-        d = F.relu(self.dw(F.relu(self.expand(x))))
+        d = F.silu(self.dw(F.silu(self.expand(x))))
         gate = torch.sigmoid(self.fc2(F.relu(self.fc1(d.mean((2, 3), keepdim=True)))))
         return self.project(d * gate)
 
@@ -203,16 +207,36 @@ class _ExpandedTwice(nn.Module):
         return self.block.project(F.relu6(self.block.dw(e))), e.sum((2, 3))
 
 
-def test_a_gated_block_fuses_its_expand_and_depthwise_only(two_cores):
+def test_a_gated_block_fuses_its_expand_and_depthwise_only(monkeypatch, two_cores):
     """With a squeeze-excitation gate between depthwise and projection, the expand and depthwise convolutions
-    fuse (their output is the gate's and the multiply's input) and the values equal PyTorch's."""
+    (SiLU: x * sigmoid(x), the pre-activation used twice) fuse, their output being the gate's and the
+    multiply's input; the values are the unfused build's bit for bit and PyTorch's."""
     torch.manual_seed(0)
     model = _SqueezeExcite().eval()
     x = torch.randn(2, 16, 28, 28)
     built = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
     assert _fused_calls(built) == 1
+    _unfused(monkeypatch)
+    plain = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
+    assert _fused_calls(plain) == 0 and torch.equal(built(x), plain(x))
     with torch.no_grad():
         torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hardswish_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_cores):
+    """MobileNetV3's hardswish (x * relu6(x + 3) / 6, as torch.export writes it: extra clamps at ±inf) in both
+    activations, with a residual: one kernel, the unfused build's values bit for bit, NaN included."""
+    torch.manual_seed(0)
+    model = _Block(16, 64, 5, 1, 16, residual=True, act1="hardswish", act2="hardswish").eval()
+    x = torch.randn(2, 16, 28, 28) * 3
+    x[1, 2, 3, 4] = float("nan")
+    built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,))
+    assert _fused_calls(built) == 1
+    _unfused(monkeypatch)
+    plain = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,))
+    assert torch.equal(built(x).isnan(), plain(x).isnan()) and torch.equal(built(x).nan_to_num(), plain(x).nan_to_num())
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("model, x", [(_ExpandedTwice(), torch.randn(1, 8, 24, 24)),

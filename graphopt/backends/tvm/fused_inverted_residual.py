@@ -62,6 +62,33 @@ def _tile(n_vectors: int) -> tuple[int, int]:
     return 8, 1
 
 
+RELU6 = ("minimum", ("maximum", ("x",), 0.0), 6.0)
+ACTIVATION_OPS = ("add", "subtract", "multiply", "divide", "maximum", "minimum")
+
+
+def apply_activation(v, tree):
+    """The TIR expression of activation `tree` applied to `v`: ("x",) is v; (op, a, b) with op in ACTIVATION_OPS
+    and a / b trees or float constants; ("sigmoid", a). The same expressions TVM's legalization writes for the
+    Relax ops they come from (R.add ... R.minimum, R.sigmoid), so values equal the unfused kernels'."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if tree[0] == "x":
+        return v
+    if tree[0] == "sigmoid":
+        return tirx.sigmoid(apply_activation(v, tree[1]))
+    a, b = (apply_activation(v, t) if isinstance(t, tuple) else T.float32(t) for t in tree[1:])
+    if tree[0] == "add":
+        return a + b
+    if tree[0] == "subtract":
+        return a - b
+    if tree[0] == "multiply":
+        return a * b
+    if tree[0] == "divide":
+        return a / b
+    return T.max(a, b) if tree[0] == "maximum" else T.min(a, b)
+
+
 def rows_per_step(w: int) -> int:
     """Output rows a step computes: enough that a step's expand and projection GEMMs cover MIN_PIXELS pixels
     (their register tiles run over the step's rows flattened: a 7-pixel row alone filled 7 of 12 tile rows)."""
@@ -70,8 +97,8 @@ def rows_per_step(w: int) -> int:
 
 def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, S: int, act1: tuple, act2: tuple,
                              lanes: int, strips: int, project: tuple | None = None):
-    """TIR of the fused block (module docstring), NHWC activations, HWIO weights. `act1` / `act2`: (lo, hi), each
-    a float bound or None (ReLU6 is (0.0, 6.0)). `project`: None (output: the depthwise result, (N, HO, WO, CE))
+    """TIR of the fused block (module docstring), NHWC activations, HWIO weights. `act1` / `act2`: activation
+    trees (`apply_activation`; ReLU6 is RELU6). `project`: None (output: the depthwise result, (N, HO, WO, CE))
     or (COUT, residual): output (N, HO, WO, COUT), plus the (N, HO, WO, COUT) residual operand when `residual`.
     `strips`: output-row strips per image (parallel tasks N x strips)."""
     from tvm.script import tirx as T
@@ -89,13 +116,7 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
     G = rows_per_step(W)                   # output rows per step
     RING = (G - 1) * S + K                 # expanded rows a step reads (row iy in slot iy mod RING)
 
-    def act(v, bounds):
-        lo, hi = bounds
-        if lo is not None:
-            v = T.max(v, f32(lo))
-        if hi is not None:
-            v = T.min(v, f32(hi))
-        return v
+    act = apply_activation
 
     def slot(iy):
         return (iy + RING) % RING          # iy >= -P > -RING
@@ -323,21 +344,46 @@ def fuse_inverted_residuals(lanes: int, cores: int):
                 return float(expr.value.numpy().reshape(()))
             return None
 
-        def _act(self, var):
-            """(inner, (lo, hi)): `var` = min(max(inner, lo), hi), max(inner, lo), min(inner, hi) or relu(inner)
-            (constant bounds, lo <= hi, each step's result used once), else (var, (None, None))."""
-            lo = hi = None
-            inner, val = var, self._bound(var)
-            if _op(val) == "relax.minimum" and self._const(val.args[1]) is not None and self._single(val.args[0]):
-                hi, inner = self._const(val.args[1]), val.args[0]
-                val = self._bound(inner)
-            if _op(val) == "relax.maximum" and self._const(val.args[1]) is not None and self._single(val.args[0]):
-                lo, inner = self._const(val.args[1]), val.args[0]
-            elif _op(val) == "relax.nn.relu" and self._single(val.args[0]):
-                lo, inner = 0.0, val.args[0]
-            if lo is not None and hi is not None and not lo <= hi:
-                return var, (None, None)        # not a clamp: the ops stay outside (and the chain does not match)
-            return inner, (lo, hi)
+        def _act(self, var, depthwise: bool):
+            """(leaf, tree): `var` as an activation tree (apply_activation) of `leaf`, a conv2d + bias of the kind
+            `depthwise` asks for (_conv_bias); every value inside the tree, the leaf included, used only inside
+            it (nothing else needs them written); else None."""
+            inside: dict = {}             # var -> its uses inside the tree
+            leaves: list = []
+
+            def tree(v, budget=[24]):     # noqa: B006  (nodes left: a runaway graph is not an activation)
+                budget[0] -= 1
+                if budget[0] < 0:
+                    return None
+                if not isinstance(v, relax.Var):
+                    c = self._const(v)
+                    return c
+                inside[v] = inside.get(v, 0) + 1
+                if self._conv_bias(v, depthwise) is not None:
+                    leaves.append(v)
+                    return ("x",)
+                val = self._bound(v)
+                op = _op(val).removeprefix("relax.")
+                if op == "nn.relu":
+                    sub = tree(val.args[0])
+                    return None if sub is None else ("maximum", sub, 0.0)
+                if op == "sigmoid":
+                    sub = tree(val.args[0])
+                    return None if sub is None else ("sigmoid", sub)
+                if op not in ACTIVATION_OPS:
+                    return None
+                a, b = tree(val.args[0]), tree(val.args[1])
+                if a is None or b is None or not (isinstance(a, tuple) or isinstance(b, tuple)):
+                    return None
+                return (op, a, b)
+
+            found = tree(var)
+            if not isinstance(found, tuple) or len(set(leaves)) != 1:
+                return None
+            inside[var] -= 1              # the root's own use (its binding) is not a use inside
+            if any(n != len(self.users.get(v, ())) for v, n in inside.items() if v is not var):
+                return None
+            return leaves[0], found
 
         def _conv_bias(self, var, depthwise: bool):
             """(conv call, bias) of `var` = conv2d(...) + bias (NHWC / HWIO float32, 1 x 1 groups 1, or depthwise
@@ -381,19 +427,17 @@ def fuse_inverted_residuals(lanes: int, cores: int):
 
         def _expand_dw(self, d):
             """The parts of d = act2(dwconv(act1(conv1x1(x) + b1)) + bd), else None."""
-            e, act2 = self._act(d)
-            found = self._conv_bias(e, depthwise=True)
+            found = self._act(d, depthwise=True)
             if found is None:
                 return None
-            dw, bd = found
+            e, act2 = found
+            dw, bd = self._conv_bias(e, depthwise=True)
             e_in = dw.args[0]
-            if not self._single(e_in):
-                return None
-            x_var, act1 = self._act(e_in)
-            found = self._conv_bias(x_var, depthwise=False)
+            found = self._act(e_in, depthwise=False) if self._single(e_in) else None
             if found is None:
                 return None
-            expand, b1 = found
+            x_var, act1 = found
+            expand, b1 = self._conv_bias(x_var, depthwise=False)
             x = expand.args[0]
             xs = static(_shape(x))
             if xs is None or strips_for(xs[0], static(_shape(dw))[1], cores) is None:
@@ -476,12 +520,12 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             if shape is not None and len(shape) == 4 and str(binding.var.ty.dtype) == "float32":
                 # a projection (with the residual add that follows it, if any) ends a block; so does a
                 # depthwise chain whose result goes elsewhere than one projection (a squeeze-excitation gate)
-                proj = self._project(value)
+                proj = self._project(binding.var)       # (matched on the module as it was: self.defs)
                 if proj is not None and not self._residual_follows(binding.var, proj[0]):
                     parts, w2, b2, residual = proj
                     if self._emit(binding, parts, (w2, b2, residual)):
                         return
-                parts = self._expand_dw(value)
+                parts = self._expand_dw(binding.var)
                 if parts is not None and not self._projection_follows(binding.var, parts):
                     if self._emit(binding, parts):
                         return
