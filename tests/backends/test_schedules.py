@@ -663,14 +663,15 @@ def _fast_math_module(n: int):
     x = relax.Var("x", relax.TensorType((n,), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            outs = [bb.emit(f(x)) for f in (relax.op.exp, relax.op.erf, relax.op.tanh)]
+            outs = [bb.emit(f(x)) for f in (relax.op.exp, relax.op.erf, relax.op.tanh, relax.op.sigmoid)]
             out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(out)
     return bb.get()
 
 
 def _fast_math_eval(alias: str, xs: np.ndarray) -> list[np.ndarray]:
-    """exp, erf, tanh of xs as graphopt compiles them for `alias` (fast_* polynomials, default schedules)."""
+    """exp, erf, tanh, sigmoid of xs as graphopt compiles them for `alias` (fast_* polynomials, default
+    schedules)."""
     spec = resolve_target(alias)
     target = spec.tvm_target()
     with target:
@@ -706,7 +707,7 @@ def test_fast_math_error_bounds(alias):
     xe = _grid(-87.3, 88.3, n)
     xs = _grid(-12.0, 12.0, n)
     exp_x = _fast_math_eval(alias, xe)[0]
-    _, erf_x, tanh_x = _fast_math_eval(alias, xs)
+    _, erf_x, tanh_x, sigmoid_x = _fast_math_eval(alias, xs)
     ref_exp = np.exp(xe.astype(np.float64))
     rel_exp = np.abs(exp_x - ref_exp) / ref_exp
     assert rel_exp.max() <= exp_bound, f"fast_exp: {rel_exp.max():.3g} relative at x={xe[rel_exp.argmax()]}"
@@ -716,6 +717,11 @@ def test_fast_math_error_bounds(alias):
         rel = err / np.abs(ref)
         assert err.max() <= bound, f"{name}: {err.max():.3g} absolute at x={xs[err.argmax()]}"
         assert rel.max() <= bound, f"{name}: {rel.max():.3g} relative at x={xs[rel.argmax()]}"
+    # sigmoid = 1 / (1 + fast_exp(-x)) (rewrite_elementwise): relative to float64's, and within [0, 1]
+    ref_sigmoid = 1.0 / (1.0 + np.exp(-x64))
+    rel = np.abs(sigmoid_x - ref_sigmoid) / ref_sigmoid
+    assert rel.max() <= exp_bound, f"sigmoid: {rel.max():.3g} relative at x={xs[rel.argmax()]}"
+    assert sigmoid_x.min() >= 0.0 and sigmoid_x.max() <= 1.0
     # odd functions keep the sign of x (|value| may pass 1 by a few ulps near the clamps: see the docstring)
     assert np.array_equal(np.sign(erf_x), np.sign(xs)) and np.array_equal(np.sign(tanh_x), np.sign(xs))
 

@@ -64,19 +64,34 @@ def _tile(n_vectors: int) -> tuple[int, int]:
 
 RELU6 = ("minimum", ("maximum", ("x",), 0.0), 6.0)
 ACTIVATION_OPS = ("add", "subtract", "multiply", "divide", "maximum", "minimum")
+UNARY_OPS = ("negative", "exp")
+
+
+def _topi_expression(name: str, v):
+    """TOPI's elementwise expression `name` ("negative", "fast_exp") of the PrimExpr `v`: the body
+    of its te.compute with the input's load replaced by `v` (legalization and FastMathTransform build the unfused
+    kernels from the same bodies)."""
+    import tvm_ffi
+    from tvm import te, topi
+
+    x = te.placeholder((1,), "float32", name="x")
+    body = getattr(topi, name)(x).op.body[0]
+    load = type(x(0))
+    return tvm_ffi.structural_map(body, [(load, lambda e: v if getattr(e.op, "name", "") == "te.tensor_load"
+                                          else e)])
 
 
 def apply_activation(v, tree):
     """The TIR expression of activation `tree` applied to `v`: ("x",) is v; (op, a, b) with op in ACTIVATION_OPS
-    and a / b trees or float constants; ("sigmoid", a). The same expressions TVM's legalization writes for the
-    Relax ops they come from (R.add ... R.minimum, R.sigmoid), so values equal the unfused kernels'."""
-    from tvm import tirx
+    and a / b trees or float constants; (op, a) with op in UNARY_OPS ("exp" is fast_exp: relax_layout_passes
+    makes every float32 exp one). The expressions TVM writes for the Relax ops they come from, so values equal
+    the unfused kernels'."""
     from tvm.script import tirx as T
 
     if tree[0] == "x":
         return v
-    if tree[0] == "sigmoid":
-        return tirx.sigmoid(apply_activation(v, tree[1]))
+    if tree[0] in UNARY_OPS:
+        return _topi_expression("fast_exp" if tree[0] == "exp" else tree[0], apply_activation(v, tree[1]))
     a, b = (apply_activation(v, t) if isinstance(t, tuple) else T.float32(t) for t in tree[1:])
     if tree[0] == "add":
         return a + b
@@ -367,9 +382,9 @@ def fuse_inverted_residuals(lanes: int, cores: int):
                 if op == "nn.relu":
                     sub = tree(val.args[0])
                     return None if sub is None else ("maximum", sub, 0.0)
-                if op == "sigmoid":
+                if op in UNARY_OPS:
                     sub = tree(val.args[0])
-                    return None if sub is None else ("sigmoid", sub)
+                    return None if sub is None or not isinstance(sub, tuple) else (op, sub)
                 if op not in ACTIVATION_OPS:
                     return None
                 a, b = tree(val.args[0]), tree(val.args[1])
