@@ -25,6 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import graphopt
 from graphopt.analysis.compare import flatten_outputs
@@ -1741,3 +1742,42 @@ def test_boolean_producers_of_a_reduction_are_inlined(target):
         text = func.script()
         assert not [line for line in text.splitlines() if "alloc_buffer" in line and '"bool")' in line], text
     assert torch.equal(opt(x), RowHasFinite()(x))
+
+
+# ------------------------------------------------------------------------------------- gates (GateBroadcast)
+class _Gate(nn.Module):
+    """MobileNetV3's squeeze-excitation between its depthwise conv and projection: the second 1x1 conv of the
+    pooled features, hard-sigmoid, times the map (FuseOps puts the multiply in that conv's kernel)."""
+
+    def __init__(self, c=32, r=8):
+        super().__init__()
+        self.dw, self.project = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, 16, 1)
+        self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        y = F.relu(self.dw(x))
+        return self.project(y * F.hardsigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True))))))
+
+
+def test_a_gate_computes_its_reduction_once():
+    """The gate's conv (a reduction over 8 inputs per channel) and its activation run once, at the root,
+    outside the loops of the broadcast multiply (dlight's Reduction rule nested them in the output's loops: a
+    GEMV per output element); values as the unscheduled kernel's bit for bit, and PyTorch's."""
+    from graphopt.backends.tvm.unchecked_schedule import schedule as unchecked
+
+    torch.manual_seed(0)
+    model, x = _Gate().eval(), torch.randn(2, 32, 14, 14)
+    mod, low = lowered(model, x)
+    scheduled, stats = schedules.apply_default_schedules(legalized(mod), HOST.tvm_target())
+    assert stats.by_rule.get("GateBroadcast") == 1, stats.summary()
+    (name, func), = [(n, f) for n, f in prim_funcs(scheduled).items() if "conv2d" in n and "multiply" in n]
+    sch = unchecked(func)
+    red = next(b for b in schedules._root_blocks(sch) if schedules._is_reduction_block(sch, b))
+    out = sch.get_output_blocks(sch.get_sblock("root"))[0]
+    red_loops = {sch.get(lp) for lp in sch.get_loops(red)}
+    assert not any(sch.get(lp) in red_loops for lp in sch.get_loops(out)), func.script()
+    plain, _ = schedules.apply_default_schedules(legalized(mod), HOST.tvm_target(), rules=[])
+    outs = [compiled(finalized(m), low)(x) for m in (scheduled, plain)]
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        assert_close(outs[0], model(x), "gate")
