@@ -46,6 +46,7 @@ import numpy as np
 
 from .relax_match import bound_value
 from .relax_match import op_name as _op
+from .relax_match import rewrite_adding_functions
 from .relax_match import tensor_shape as _shape
 from .softmax_lower import _exp_nonpositive
 from .tir_script import prim_func
@@ -390,10 +391,6 @@ def fuse_attention(lanes: int):
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptFuseAttention")
     def _pass(mod, ctx):
-        m = _Fuse(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(m.builder_.get()) if m.changed else mod
+        return rewrite_adding_functions(mod, _Fuse(mod))
 
     return _pass

@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from .relax_match import op_name as _op
+from .relax_match import rewrite_adding_functions
 from .relax_match import tensor_shape as _shape
 from .tir_script import prim_func
 
@@ -548,10 +549,6 @@ def fuse_inverted_residuals(lanes: int, cores: int):
 
     @tvm.transform.module_pass(opt_level=0, name="GraphoptFuseInvertedResiduals")
     def _pass(mod, ctx):
-        m = _Fuse(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(m.builder_.get()) if m.changed else mod
+        return rewrite_adding_functions(mod, _Fuse(mod))
 
     return _pass

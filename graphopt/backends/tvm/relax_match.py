@@ -3,7 +3,7 @@ call is, a tensor's static-rank shape, the value a variable is bound to inside a
 that runs such a mutator over a module."""
 from __future__ import annotations
 
-__all__ = ["op_name", "tensor_shape", "bound_value", "rewrite_functions"]
+__all__ = ["op_name", "tensor_shape", "bound_value", "rewrite_functions", "rewrite_adding_functions"]
 
 
 def op_name(expr) -> str:
@@ -51,3 +51,15 @@ def rewrite_functions(mod, mutator_cls):
                 out[gv] = new
                 changed += m.changed
     return relax.transform.DeadCodeElimination()(out) if changed else out
+
+
+def rewrite_adding_functions(mod, mutator):
+    """`mod` with `mutator` (a PyExprMutator built on `mod`, counting its rewrites in `changed`, which may add
+    functions through its block builder: hand-written kernels) applied to each Relax function, then
+    DeadCodeElimination; `mod` itself when nothing changed."""
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get()) if mutator.changed else mod
