@@ -9,34 +9,34 @@ those three kernels were 1.2-1.7x slower per image than at batch 1 and than ONNX
 
     e = act1(conv1x1(x, w1) + b1);  d = act2(dwconv_kxk_s(e, wd) + bd);  [o = conv1x1(d, w2) + b2 [+ x]]
 
-into one call of `inverted_residual_kernel`. Per task (an image, or a strip of its output rows when the batch is
-smaller than the core count), per output row:
+into one call of `inverted_residual_kernel` (act1 / act2: any elementwise tree over the conv + bias: ReLU6,
+ReLU, SiLU, hardswish). Per task (an image, or a strip of its output rows when the batch is smaller than the core
+count), per step of output rows (one row, or several for narrow images: `rows_per_step`, so that a step's
+GEMMs cover MIN_PIXELS pixels):
 
-  1. the expanded input rows the row needs that the previous row did not (k for the first row of a strip, then
-     the stride's count) into a ring of k rows (`e` never exists whole: k x (w + 2p) x c_e floats, in L2), each
-     as a 1 x 1 convolution of one input row (register tiles of pixels x channel vectors), bias, act1; rows
-     above and below the image are zeros (the depthwise convolution's padding), as are the ring's p border
-     columns;
-  2. the depthwise row from the ring (register tiles of pixels x channel vectors, the k x k taps), bias, act2;
-  3. with a projection: the 1 x 1 convolution of that row (in L1), bias, the residual's row, written to the
-     output; without one (the depthwise output has other users: a squeeze-excitation gate), the depthwise row
-     is the output.
-
-Narrow images (under MIN_PIXELS pixels per row) take several output rows per step, their expand and projection
-GEMMs over the step's pixels flattened (`rows_per_step`).
+  1. the expanded input rows the step needs that the previous step did not (all of them for a strip's first
+     step, then stride x rows) into a ring buffer (`e` never exists whole: (rows - 1) x s + k rows of
+     (w + 2p) x c_e floats, in L2), as a 1 x 1 convolution over those rows' pixels (register tiles of pixels x
+     channel vectors), bias, act1; rows above and below the image are zeros (the depthwise convolution's
+     padding), as are the ring's p border columns;
+  2. the depthwise rows from the ring (register tiles of pixels x channel vectors, the k x k taps), bias, act2;
+  3. with a projection: the 1 x 1 convolution of those rows (in L1 / L2), bias, the residual's rows, written
+     to the output; without one (the depthwise output has other users: a squeeze-excitation gate), the
+     depthwise rows are the output.
 
 Values: each output is the unfused kernels' float32 arithmetic (each convolution's products summed in the same
 order over its reduction axis, then the bias, then the residual: the same bits as graphopt's unfused build);
-activations are max / min against constants, which graphopt's NaN rule makes PyTorch's
-(`numerics.nan_propagating_minmax`). A strip recomputes the k - s expanded rows above its first output row (the
-only duplicated work). Fused when the tasks keep every core busy (`strips_for`: a batch of at least the core
-count, or strips of at least MIN_STRIP_ROWS rows) and every channel count is a whole number of vectors (the
-target's, or halves of them down to 8 lanes); static shapes, LLVM CPU targets only (relax_layout_passes).
+activations are the expressions TVM writes for their Relax ops (`apply_activation`), min / max made PyTorch's
+by graphopt's NaN rule (`numerics.nan_propagating_minmax`). A strip recomputes the k - s expanded rows above
+its first output row (the only duplicated work). Fused when the tasks keep every core busy (`strips_for`: a
+batch of at least the core count, or strips of at least MIN_STRIP_ROWS rows) and every channel count is a whole
+number of vectors (the target's, or halves of them down to 8 lanes); static shapes, LLVM CPU targets only
+(relax_layout_passes).
 Measured (a scratch script timing graphopt's builds of one block with and without this pass, NCHW in and out,
 interleaved, 2-core AVX2 EPYC, median ms): 112 x 112 x 16 -> 96 -> stride 2 -> 24 0.730 -> 0.434 at batch 1,
 8.45 -> 3.12 at batch 8; 56 x 56 x 24 -> 144 -> 24 + residual 0.522 -> 0.426 and 5.13 -> 2.70; batch 8,
-14 x 14 x 64 -> 384 -> 64 1.32 -> 1.17, 7 x 7 x 160 -> 960 -> 160 1.80 -> 1.57 (one row per step there: slower
-than unfused, hence rows_per_step).
+14 x 14 x 64 -> 384 -> 64 1.32 -> 1.17, 7 x 7 x 160 -> 960 -> 160 1.80 -> 1.57 (with one row per step it took
+2.17, slower than unfused: hence rows_per_step).
 """
 from __future__ import annotations
 
