@@ -241,11 +241,13 @@ def test_hardswish_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_core
 
 
 @pytest.mark.parametrize("model, x", [(_ExpandedTwice(), torch.randn(1, 8, 24, 24)),
-                                      (_Block(8, 32, 3, 1, 8), torch.randn(1, 8, 12, 12))],
-                         ids=["expanded-used-twice", "one-small-image"])
+                                      (_Block(8, 32, 3, 1, 8), torch.randn(1, 8, 12, 12)),
+                                      (_Block(8, 20, 3, 1, 8), torch.randn(2, 8, 24, 24))],
+                         ids=["expanded-used-twice", "one-small-image", "channels-not-whole-vectors"])
 def test_blocks_left_unfused(model, x, two_cores):
-    """An expanded tensor with another user, and one 12 x 12 image on two cores (one task, or strips of 6 rows:
-    strips_for), stay separate kernels (values as PyTorch's)."""
+    """An expanded tensor with another user, one 12 x 12 image on two cores (one task, or strips of 6 rows:
+    strips_for), and 20 expanded channels (a pruned block: not whole 8-lane vectors) stay separate kernels
+    (values as PyTorch's)."""
     model = model.eval()
     built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,))
     assert _fused_calls(built) == 0
