@@ -1762,7 +1762,7 @@ class _Gate(nn.Module):
 def test_a_gate_computes_its_reduction_once():
     """The gate's conv (a reduction over 8 inputs per channel) and its activation run once, at the root,
     outside the loops of the broadcast multiply (dlight's Reduction rule nested them in the output's loops: a
-    GEMV per output element); values as the unscheduled kernel's bit for bit, and PyTorch's."""
+    GEMV per output row); values as the unscheduled kernel's bit for bit, and PyTorch's."""
     from graphopt.backends.tvm.unchecked_schedule import schedule as unchecked
 
     torch.manual_seed(0)
