@@ -24,17 +24,19 @@ def _act(x, name):
 
 
 class _Block(nn.Module):
-    """An inverted residual block: expand (1x1), depthwise k x k stride s, optional projection and residual."""
+    """An inverted residual block: expand (1x1; none with expand=False: ce == cin), depthwise k x k stride s,
+    optional projection and residual."""
 
-    def __init__(self, cin, ce, k=3, s=1, cout=None, residual=False, act1="relu6", act2="relu6"):
+    def __init__(self, cin, ce, k=3, s=1, cout=None, residual=False, act1="relu6", act2="relu6", expand=True):
         super().__init__()
-        self.expand = nn.Conv2d(cin, ce, 1)
+        self.expand = nn.Conv2d(cin, ce, 1) if expand else None
         self.dw = nn.Conv2d(ce, ce, k, s, k // 2, groups=ce)
         self.project = nn.Conv2d(ce, cout, 1) if cout else None
         self.residual, self.acts = residual, (act1, act2)
 
     def forward(self, x):
-        d = _act(self.dw(_act(self.expand(x), self.acts[0])), self.acts[1])
+        e = _act(self.expand(x), self.acts[0]) if self.expand is not None else x
+        d = _act(self.dw(e), self.acts[1])
         if self.project is None:
             return d
         y = self.project(d)
@@ -58,15 +60,17 @@ def _run_kernel(block, x, strips, lanes=8, target=TARGET):
     from graphopt.backends.tvm.one_task_loops import register
 
     n, cin, h, w = x.shape
-    ce, k, s = block.expand.out_channels, block.dw.kernel_size[0], block.dw.stride[0]
+    ce, k, s = block.dw.out_channels, block.dw.kernel_size[0], block.dw.stride[0]
     project = None if block.project is None else (block.project.out_channels, block.residual)
+    expand = block.expand is not None
     f = inverted_residual_kernel(n, h, w, cin, ce, k, s, ACTS[block.acts[0]], ACTS[block.acts[1]], lanes, strips,
-                                 project).with_attr("global_symbol", "main")
+                                 project, expand).with_attr("global_symbol", "main")
     mod = nan_propagating_minmax()(tvm.IRModule({"main": f}))      # as build_module runs it on every kernel
     lib = tvm.tirx.build(mod, target=tvm.target.Target(target), pipeline=register())
     bias = lambda conv: conv.bias.detach().numpy().reshape(1, 1, 1, -1)      # noqa: E731
     zero = np.zeros((1, 1, 1, 1), np.float32)
-    args = [_nhwc(x), _hwio(block.expand.weight), bias(block.expand), _hwio(block.dw.weight), bias(block.dw)]
+    args = [_nhwc(x), _hwio(block.expand.weight) if expand else zero, bias(block.expand) if expand else zero,
+            _hwio(block.dw.weight), bias(block.dw)]
     if block.project is None:
         args += [zero, zero, zero]
     else:
@@ -84,16 +88,22 @@ def _run_kernel(block, x, strips, lanes=8, target=TARGET):
        project=st.sampled_from(["none", "plain", "residual"]), cout=st.sampled_from([8, 16, 24]),
        acts=st.sampled_from([("relu6", "relu6"), ("relu", "none"), ("none", "relu6"), ("silu", "silu"),
                              ("hardswish", "relu")]),
-       strips=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_the_kernel_matches_pytorch_over_random_shapes(n, h, w, cin, ce, k, s, project, cout, acts, strips, seed):
+       strips=st.integers(1, 3), expand=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_kernel_matches_pytorch_over_random_shapes(n, h, w, cin, ce, k, s, project, cout, acts, strips, expand,
+                                                       seed):
     """Every shape (tails of the pixel tiles, images shorter than the ring, strips without rows), stride,
-    kernel size, activation and output form equals PyTorch's block at float32 rounding."""
+    kernel size, activation, output form, with and without expand, equals PyTorch's block at float32
+    rounding."""
     torch.manual_seed(seed)
     residual = project == "residual"
     if residual:
         s, cout = 1, cin if cin % 8 == 0 else 8
         cin = cout
-    block = _Block(cin, ce, k, s, None if project == "none" else cout, residual, *acts).eval()
+    if not expand:
+        cin = ce
+        if residual:
+            cout = ce
+    block = _Block(cin, ce, k, s, None if project == "none" else cout, residual, *acts, expand=expand).eval()
     x = torch.randn(n, cin, h, w) * 2
     with torch.no_grad():
         ref = _nhwc(block(x))
@@ -163,7 +173,8 @@ def _unfused(monkeypatch):
 
 
 def test_mobilenet_v2_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_cores):
-    """torchvision's MobileNetV2 at batch 2 on a 2-core target: its 16 expanding blocks become one kernel each,
+    """torchvision's MobileNetV2 at batch 2 on a 2-core target: its 17 blocks (16 expanding, the first a
+    depthwise-separable pair) become one kernel each,
     and the outputs are bit for bit those of graphopt's unfused build (same sums in the same order), within
     PyTorch's float32 rounding."""
     import torchvision
@@ -172,7 +183,7 @@ def test_mobilenet_v2_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_c
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
     x = torch.randn(2, 3, 96, 96)
     fused = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
-    assert _fused_calls(fused) == 16, fused.compiled.executable.as_text()
+    assert _fused_calls(fused) == 17, fused.compiled.executable.as_text()
     _unfused(monkeypatch)
     plain = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
     assert _fused_calls(plain) == 0
@@ -240,17 +251,18 @@ def test_hardswish_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_core
         torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("model, x", [(_ExpandedTwice(), torch.randn(1, 8, 24, 24)),
-                                      (_Block(8, 32, 3, 1, 8), torch.randn(1, 8, 12, 12)),
-                                      (_Block(8, 20, 3, 1, 8), torch.randn(2, 8, 24, 24))],
+@pytest.mark.parametrize("model, x, fused", [(_ExpandedTwice(), torch.randn(1, 8, 24, 24), 1),
+                                             (_Block(8, 32, 3, 1, 8), torch.randn(1, 8, 12, 12), 0),
+                                             (_Block(8, 20, 3, 1, 8), torch.randn(2, 8, 24, 24), 0)],
                          ids=["expanded-used-twice", "one-small-image", "channels-not-whole-vectors"])
-def test_blocks_left_unfused(model, x, two_cores):
-    """An expanded tensor with another user, one 12 x 12 image on two cores (one task, or strips of 6 rows:
-    strips_for), and 20 expanded channels (a pruned block: not whole 8-lane vectors) stay separate kernels
-    (values as PyTorch's)."""
+def test_blocks_fused_in_part_or_left_alone(model, x, fused, two_cores):
+    """An expanded tensor with another user is written: its depthwise conv and projection still fuse (a
+    depthwise-separable pair reading it); one 12 x 12 image on two cores (one task, or strips of 6 rows:
+    strips_for) and 20 expanded channels (a pruned block: not whole 8-lane vectors) stay separate kernels.
+    Values as PyTorch's."""
     model = model.eval()
     built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,))
-    assert _fused_calls(built) == 0
+    assert _fused_calls(built) == fused
     with torch.no_grad():
         ref = model(x)
     out = built(x)

@@ -10,7 +10,8 @@ those three kernels were 1.2-1.7x slower per image than at batch 1 and than ONNX
     e = act1(conv1x1(x, w1) + b1);  d = act2(dwconv_kxk_s(e, wd) + bd);  [o = conv1x1(d, w2) + b2 [+ x]]
 
 into one call of `inverted_residual_kernel` (act1 / act2: any elementwise tree over the conv + bias: ReLU6,
-ReLU, SiLU, hardswish). Per task (an image, or a strip of its output rows when the batch is smaller than the core
+ReLU, SiLU, hardswish); likewise a depthwise-separable pair without the expand (MobileNetV2's first block:
+the ring holds the input's rows), when a projection follows it. Per task (an image, or a strip of its output rows when the batch is smaller than the core
 count), per step of output rows (one row, or several for narrow images: `rows_per_step`, so that a step's
 GEMMs cover MIN_PIXELS pixels):
 
@@ -112,9 +113,11 @@ def rows_per_step(w: int) -> int:
 
 
 def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, S: int, act1: tuple, act2: tuple,
-                             lanes: int, strips: int, project: tuple | None = None):
+                             lanes: int, strips: int, project: tuple | None = None, expand: bool = True):
     """TIR of the fused block (module docstring), NHWC activations, HWIO weights. `act1` / `act2`: activation
-    trees (`apply_activation`; ReLU6 is RELU6). `project`: None (output: the depthwise result, (N, HO, WO, CE))
+    trees (`apply_activation`; ReLU6 is RELU6). `expand=False`: no expand convolution (a depthwise-separable
+    pair, MobileNetV2's first block): the ring holds the input's rows (CIN == CE; W1, B1 and act1 unused, W1 and
+    B1 passed as (1, 1, 1, 1)). `project`: None (output: the depthwise result, (N, HO, WO, CE))
     or (COUT, residual): output (N, HO, WO, COUT), plus the (N, HO, WO, COUT) residual operand when `residual`.
     `strips`: output-row strips per image (parallel tasks N x strips)."""
     from tvm.script import tirx as T
@@ -140,10 +143,11 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
     o_shape = (N, HO, WO, COUT)
     r_shape = o_shape if residual else (1, 1, 1, 1)
     w2_shape, b2_shape = ((1, 1, CE, COUT), (1, 1, 1, COUT)) if project is not None else ((1, 1, 1, 1), (1, 1, 1, 1))
+    w1_shape, b1_shape = ((1, 1, CIN, CE), (1, 1, 1, CE)) if expand else ((1, 1, 1, 1), (1, 1, 1, 1))
 
     @prim_func
-    def block(X: T.Buffer((N, H, W, CIN), "float32"), W1: T.Buffer((1, 1, CIN, CE), "float32"),
-              B1: T.Buffer((1, 1, 1, CE), "float32"), WD: T.Buffer((K, K, 1, CE), "float32"),
+    def block(X: T.Buffer((N, H, W, CIN), "float32"), W1: T.Buffer(w1_shape, "float32"),
+              B1: T.Buffer(b1_shape, "float32"), WD: T.Buffer((K, K, 1, CE), "float32"),
               BD: T.Buffer((1, 1, 1, CE), "float32"), W2: T.Buffer(w2_shape, "float32"),
               B2: T.Buffer(b2_shape, "float32"), R: T.Buffer(r_shape, "float32"),
               O: T.Buffer(o_shape, "float32")):
@@ -174,8 +178,14 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 ra = T.max(lo, 0)
                 rb = T.min(hi, H)
                 # 1. the new expanded rows, inside the image: row by row, or (narrow rows) one GEMM over their
-                # pixels flattened
-                if G == 1:
+                # pixels flattened; without an expand convolution, the input's rows
+                if not expand:
+                    for iy in range(ra, rb):
+                        for x in range(W):
+                            for cv in range(CE // lanes):
+                                for l in T.vectorized(lanes):
+                                    ring[slot(iy), P + x, cv * lanes + l] = X[n, iy, x, cv * lanes + l]
+                elif G == 1:
                     for iy in range(ra, rb):
                         for cp in range(CE // CPE):
                             for xt in range((W + RE - 1) // RE):
@@ -442,7 +452,8 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             return self.builder_.emit(relax.op.reshape(bias, [1, 1, 1, shape[-1]]))
 
         def _expand_dw(self, d):
-            """The parts of d = act2(dwconv(act1(conv1x1(x) + b1)) + bd), else None."""
+            """The parts of d = act2(dwconv(act1(conv1x1(x) + b1)) + bd), or of d = act2(dwconv(x) + bd) (no
+            expand: `expand` False), else None."""
             found = self._act(d, depthwise=True)
             if found is None:
                 return None
@@ -450,21 +461,23 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             dw, bd = self._conv_bias(e, depthwise=True)
             e_in = dw.args[0]
             found = self._act(e_in, depthwise=False) if self._single(e_in) else None
-            if found is None:
-                return None
-            x_var, act1 = found
-            expand, b1 = self._conv_bias(x_var, depthwise=False)
-            x = expand.args[0]
+            if found is not None:
+                x_var, act1 = found
+                expand, b1 = self._conv_bias(x_var, depthwise=False)
+                x, w1 = expand.args[0], expand.args[1]
+            else:                           # the depthwise conv reads x itself
+                x, w1, b1, act1, expand = e_in, None, None, ("x",), None
             xs = static(_shape(x))
-            if xs is None or strips_for(xs[0], static(_shape(dw))[1], cores) is None:
+            if xs is None or len(xs) != 4 or str(x.ty.dtype) != "float32" \
+                    or strips_for(xs[0], static(_shape(dw))[1], cores) is None:
                 return None
-            ce = static(_shape(expand))[3]
+            ce = static(_shape(dw))[3]
             width = lanes
             while width > min(lanes, 8) and ce % width:
                 width //= 2
             if ce % width:
                 return None
-            return dict(x=x, w1=expand.args[1], b1=b1, act1=act1, wd=dw.args[1], bd=bd, act2=act2,
+            return dict(x=x, w1=w1, b1=b1, act1=act1, wd=dw.args[1], bd=bd, act2=act2, expand=expand is not None,
                         k=static(_shape(dw.args[1]))[0], s=int(dw.attrs.strides[0]), ce=ce, lanes=width)
 
         def _project(self, var):
@@ -495,11 +508,13 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             strips = strips_for(n, static(_shape(binding.var))[1], cores)
             kernel = inverted_residual_kernel(n, h, w, cin, parts["ce"], parts["k"], parts["s"], parts["act1"],
                                               parts["act2"], width, strips,
-                                              None if project is None else (cout, project[2] is not None))
+                                              None if project is None else (cout, project[2] is not None),
+                                              parts["expand"])
             zero = relax.const(np.zeros((1, 1, 1, 1), np.float32))
+            w1, b1 = (parts["w1"], self._bias4(parts["b1"])) if parts["expand"] else (zero, zero)
             w2, b2, r = (zero, zero, zero) if project is None else (
                 project[0], self._bias4(project[1]), project[2] if project[2] is not None else zero)
-            args = [x, parts["w1"], self._bias4(parts["b1"]), parts["wd"], self._bias4(parts["bd"]), w2, b2, r]
+            args = [x, w1, b1, parts["wd"], self._bias4(parts["bd"]), w2, b2, r]
             gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "inverted_residual")
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(
                 relax.call_tir(gv, args, relax.TensorType(_shape(binding.var), "float32")))))
@@ -541,8 +556,8 @@ def fuse_inverted_residuals(lanes: int, cores: int):
                     parts, w2, b2, residual = proj
                     if self._emit(binding, parts, (w2, b2, residual)):
                         return
-                parts = self._expand_dw(binding.var)
-                if parts is not None and not self._projection_follows(binding.var, parts):
+                parts = self._expand_dw(binding.var)     # alone, worth it only with an expand to keep in L2
+                if parts is not None and parts["expand"] and not self._projection_follows(binding.var, parts):
                     if self._emit(binding, parts):
                         return
             self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
