@@ -141,6 +141,7 @@ def test_attention_becomes_one_kernel_and_matches_pytorch(dynamic):
     built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x,), dynamic=dynamic)
     kernels = _kernels(built, x)
     assert sum("attention" in k for k in kernels) == 1, kernels
+    assert built.report.backend["fused"] == "1 attention"
     assert not any("softmax" in k or "transpose" in k for k in kernels), kernels
     shapes = [(2, 12), (1, 1), (3, 7), (1, 40)] if dynamic else [(2, 12)]
     for b, s in shapes:

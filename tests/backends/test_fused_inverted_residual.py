@@ -184,6 +184,7 @@ def test_mobilenet_v2_blocks_fuse_and_equal_the_unfused_build(monkeypatch, two_c
     x = torch.randn(2, 3, 96, 96)
     fused = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
     assert _fused_calls(fused) == 17, fused.compiled.executable.as_text()
+    assert fused.report.backend["fused"] == "17 inverted residual blocks"          # the report says so
     _unfused(monkeypatch)
     plain = graphopt.optimize(model, "x86", "fold_bn,cleanup", example_inputs=(x,))
     assert _fused_calls(plain) == 0

@@ -9,7 +9,31 @@ from .driver import tune_module
 from .options import coerce_tune
 from .records import default_database_dir
 
-__all__ = ["schedule_cpu"]
+__all__ = ["schedule_cpu", "fused_calls"]
+
+_FUSED = (("inverted_residual", "inverted residual block"), ("attention", "attention"))
+
+
+def fused_calls(mod) -> str:
+    """'17 inverted residual blocks, 4 attention' (calls in the module's Relax functions of the kernels
+    fused_inverted_residual and fused_attention add), '' when none."""
+    import tvm
+    from tvm import relax
+
+    counts = dict.fromkeys((label for _, label in _FUSED), 0)
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            callee = expr.args[0].name_hint
+            for prefix, label in _FUSED:
+                if callee.startswith(prefix):
+                    counts[label] += 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return ", ".join(f"{n} {label}{'s' if n > 1 and label.endswith('block') else ''}"
+                     for label, n in counts.items() if n)
 
 
 def schedule_cpu(mod, spec, tune: Any = None, report=None):
@@ -17,7 +41,8 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
 
     tune=None: graphopt's default schedules. Tuning options (see coerce_tune): MetaSchedule first, then
     the best records applied and default schedules for the rest. Records report.backend["schedule"],
-    ["kernels"] and, when tuning, ["tuning"].
+    ["kernels"], ["fused"] (graphopt's hand-written fused kernels the model calls) and, when tuning,
+    ["tuning"].
     """
     import tvm
     from tvm import relax
@@ -53,6 +78,9 @@ def schedule_cpu(mod, spec, tune: Any = None, report=None):
             kernels = (f"{tuned_kernels + kept_default} from tuning records ({kept_default} kept on the default "
                        f"schedule by the paired check), " + kernels)
         report.backend["kernels"] = kernels
+        fused = fused_calls(mod)
+        if fused:
+            report.backend["fused"] = fused
         if summary is not None:
             report.backend["tuning"] = summary.as_dict()
     return mod
