@@ -88,7 +88,8 @@ class Quantize(Pass):
                    graphopt's fused attention kernel: the small encoder's int8 build on an AVX2 EPYC 9-17%
                    faster (1 x 16 to 32 x 128, saved builds timed interleaved) with a cosine to float32 as high
                    or higher. Other paths (vnni, avx512bw, sdot, the generic 'cpu' one) quantize them: not
-                   measured against the fused float kernel. Observers: minmax, moving_average, percentile, mse, entropy.
+                   measured against the fused float kernel. Observers: minmax, moving_average, percentile,
+                   mse, entropy.
       dynamic      Linear only: activations quantized (uint8) per call from that call's range. No data.
                    bits=4 (W4A8; Linear, and pointwise Conv2d with pointwise_convs=true): the weights of
                    weight_only bits=4 (asymmetric int4, groups of `group_size`,
@@ -213,10 +214,9 @@ class Quantize(Pass):
                 if self.mode == "dynamic" and self.group_size % 8:
                     raise ValueError(f"group_size={self.group_size}: W4A8 (mode=dynamic, bits=4) groups must be a "
                                      f"multiple of 8")
-        if isinstance(self.ops, str):
-            if self.ops != "auto":
-                raise ValueError(f"ops={self.ops!r}: 'auto' or a list of linear, conv2d, matmul")
-        bad = [] if isinstance(self.ops, str) else [o for o in self.ops if o not in ("linear", "conv2d", "matmul")]
+        if isinstance(self.ops, str) and self.ops != "auto":
+            raise ValueError(f"ops={self.ops!r}: 'auto' or a list of linear, conv2d, matmul")
+        bad = [] if self.ops == "auto" else [o for o in self.ops if o not in ("linear", "conv2d", "matmul")]
         if bad:
             raise ValueError(f"ops {bad} not supported: choose from linear, conv2d, matmul")
         if self.tolerance is not None and not self.tolerance > 0:

@@ -46,7 +46,7 @@ import numpy as np
 
 from .relax_match import bound_value
 from .relax_match import op_name as _op
-from .relax_match import rewrite_adding_functions
+from .relax_match import rewrite_adding_functions, scalar_constant
 from .relax_match import tensor_shape as _shape
 from .softmax_lower import _exp_nonpositive
 from .tir_script import prim_func
@@ -238,27 +238,21 @@ def fuse_attention(lanes: int):
             if _op(inner) == "relax.permute_dims" and _axes(inner) == [0, 2, 1, 3] and _shape(inner.args[0]):
                 return inner.args[0], "bshd"
             if _op(inner) == "relax.take" and inner.attrs.axis is not None and int(inner.attrs.axis) == 0:
-                index, packed = self._scalar(inner.args[1]), self._bound(inner.args[0])
+                index, packed = scalar_constant(inner.args[1]), self._bound(inner.args[0])
                 if (index is not None and _op(packed) == "relax.permute_dims" and _axes(packed) == [2, 0, 3, 1, 4]
                         and _shape(packed.args[0]) is not None and isinstance(_shape(packed.args[0])[2], tirx.IntImm)):
                     return packed.args[0], f"p{int(index)}of{int(_shape(packed.args[0])[2])}"
             return t, "bhsd"
-
-        def _scalar(self, expr) -> float | None:
-            """The value of a one-element constant, else None."""
-            if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
-                return float(expr.value.numpy().reshape(()))
-            return None
 
         def _unscaled(self, expr):
             """(tensor, factor): `expr` without a multiplication / division by a scalar constant."""
             val = self._bound(expr)
             if _op(val) in ("relax.multiply", "relax.divide"):
                 a, b = val.args
-                c = self._scalar(b)
+                c = scalar_constant(b)
                 if c is not None and c != 0:
                     return a, (c if _op(val) == "relax.multiply" else 1.0 / c)
-                c = self._scalar(a)
+                c = scalar_constant(a)
                 if c is not None and _op(val) == "relax.multiply":
                     return b, c
             return expr, None
@@ -271,15 +265,15 @@ def fuse_attention(lanes: int):
             cond, zeros, sm = (self._bound(a) for a in p_val.args)
             if _op(sm) != "relax.nn.softmax" or not (
                     _op(zeros) in ("relax.full_like", "relax.zeros_like", "relax.zeros", "relax.full")
-                    or self._scalar(p_val.args[1]) == 0.0):
+                    or scalar_constant(p_val.args[1]) == 0.0):
                 return None
-            if _op(zeros) in ("relax.full_like", "relax.full") and self._scalar(zeros.args[1]) != 0.0:
+            if _op(zeros) in ("relax.full_like", "relax.full") and scalar_constant(zeros.args[1]) != 0.0:
                 return None
             # the condition: logical_not / astype / max over the last axis ... of equal(s, -inf)
             for _ in range(8):
                 if _op(cond) == "relax.equal":
                     return sm if (cond.args[0].same_as(sm.args[0])
-                                  and self._scalar(cond.args[1]) == float("-inf")) else None
+                                  and scalar_constant(cond.args[1]) == float("-inf")) else None
                 if _op(cond) not in ("relax.logical_not", "relax.astype", "relax.max"):
                     return None
                 cond = self._bound(cond.args[0])

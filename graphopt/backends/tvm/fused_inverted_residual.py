@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from .relax_match import op_name as _op
-from .relax_match import rewrite_adding_functions
+from .relax_match import rewrite_adding_functions, scalar_constant
 from .relax_match import tensor_shape as _shape
 from .tir_script import prim_func
 
@@ -364,26 +364,20 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             found = self.users.get(var, ())
             return found[0] if len(found) == 1 else (None, None)
 
-        @staticmethod
-        def _const(expr) -> float | None:
-            if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
-                return float(expr.value.numpy().reshape(()))
-            return None
-
         def _act(self, var, depthwise: bool):
             """(leaf, tree): `var` as an activation tree (apply_activation) of `leaf`, a conv2d + bias of the kind
             `depthwise` asks for (_conv_bias); every value inside the tree, the leaf included, used only inside
             it (nothing else needs them written); else None."""
             inside: dict = {}             # var -> its uses inside the tree
             leaves: list = []
+            budget = [24]                 # nodes left: a runaway graph is not an activation
 
-            def tree(v, budget=[24]):     # noqa: B006  (nodes left: a runaway graph is not an activation)
+            def tree(v):
                 budget[0] -= 1
                 if budget[0] < 0:
                     return None
                 if not isinstance(v, relax.Var):
-                    c = self._const(v)
-                    return c
+                    return scalar_constant(v)
                 inside[v] = inside.get(v, 0) + 1
                 if self._conv_bias(v, depthwise) is not None:
                     leaves.append(v)

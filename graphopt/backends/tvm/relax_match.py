@@ -1,9 +1,10 @@
-"""Small helpers the Relax rewrites share (batch_matmul_views, elementwise_views, fused_attention): what op a
-call is, a tensor's static-rank shape, the value a variable is bound to inside a PyExprMutator, and the driver
-that runs such a mutator over a module."""
+"""Small helpers the Relax rewrites share (batch_matmul_views, elementwise_views, fused_attention,
+fused_inverted_residual): what op a call is, a tensor's static-rank shape, a scalar constant's value, the value a
+variable is bound to inside a PyExprMutator, and the drivers that run such a mutator over a module."""
 from __future__ import annotations
 
-__all__ = ["op_name", "tensor_shape", "bound_value", "rewrite_functions", "rewrite_adding_functions"]
+__all__ = ["op_name", "tensor_shape", "scalar_constant", "bound_value", "rewrite_functions",
+           "rewrite_adding_functions"]
 
 
 def op_name(expr) -> str:
@@ -24,6 +25,15 @@ def tensor_shape(expr) -> list | None:
     if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
         return None
     return list(ty.shape.values)
+
+
+def scalar_constant(expr) -> float | None:
+    """The value of a one-element Relax constant, else None."""
+    import tvm
+
+    if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(()))
+    return None
 
 
 def bound_value(mutator, expr):

@@ -1476,9 +1476,8 @@ class GateBroadcast(_CpuRule):
             return None if any(e is None for e in extents) else math.prod(extents)
 
         out_volume = volume(out)
-        if out_volume is None or any(
-                volume(b) is None or volume(b) * self.min_ratio > out_volume
-                for b in blocks if not _same(sch.get(b), sch.get(out))):
+        others = [volume(b) for b in blocks if not _same(sch.get(b), sch.get(out))]
+        if out_volume is None or any(v is None or v * self.min_ratio > out_volume for v in others):
             return None
         if not _loops_are_iters(sch, red):
             return None

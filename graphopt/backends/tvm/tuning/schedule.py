@@ -11,29 +11,30 @@ from .records import default_database_dir
 
 __all__ = ["schedule_cpu", "fused_calls"]
 
-_FUSED = (("inverted_residual", "inverted residual block"), ("attention", "attention"))
+_FUSED = (("inverted_residual", "inverted residual block", "inverted residual blocks"),
+          ("attention", "attention", "attention"))       # callee prefix, one call, several
 
 
 def fused_calls(mod) -> str:
     """'17 inverted residual blocks, 4 attention' (calls in the module's Relax functions of the kernels
     fused_inverted_residual and fused_attention add), '' when none."""
-    import tvm
     from tvm import relax
 
-    counts = dict.fromkeys((label for _, label in _FUSED), 0)
+    from ..relax_match import op_name
+
+    counts = [0] * len(_FUSED)
 
     def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+        if op_name(expr) == "relax.call_tir":
             callee = expr.args[0].name_hint
-            for prefix, label in _FUSED:
+            for i, (prefix, _, _) in enumerate(_FUSED):
                 if callee.startswith(prefix):
-                    counts[label] += 1
+                    counts[i] += 1
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return ", ".join(f"{n} {label}{'s' if n > 1 and label.endswith('block') else ''}"
-                     for label, n in counts.items() if n)
+    return ", ".join(f"{n} {one if n == 1 else several}" for n, (_, one, several) in zip(counts, _FUSED) if n)
 
 
 def schedule_cpu(mod, spec, tune: Any = None, report=None):
