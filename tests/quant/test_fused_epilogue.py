@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -465,3 +467,49 @@ def test_linear_gelu_quantize_is_one_kernel_equal_to_the_unfused_pair(target, ap
             ref = opt.graph_module(x)
             ok = ~ref.isnan()
             assert (y[ok] - ref[ok]).abs().max().item() < 1e-3 * max(1.0, ref[ok].abs().max().item())
+
+
+_CLAMPS = st.one_of(st.none(), st.floats(-8, 8, width=32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(scale=st.floats(1 / 1024, 2.0, width=32), zp=st.integers(0, 255), signed=st.booleans(),
+       acts=st.lists(st.tuples(_CLAMPS, _CLAMPS), min_size=1, max_size=3),
+       ys=st.lists(st.floats(-2.0 ** 20, 2.0 ** 20, width=32), min_size=1, max_size=32))
+@example(scale=0.25, zp=0, signed=False, acts=[(None, 0.625)], ys=[0.0])      # a bound on a rounding tie
+@example(scale=0.25, zp=128, signed=True, acts=[(-0.375, None)], ys=[0.0])
+def test_activation_clamps_fold_into_the_codes_clamp(scale, zp, signed, acts, ys):
+    """Epilogue.merged_bounds: quantize(clamps(y)) == the codes' clamp to the merged bounds of quantize(y),
+    in float32 as the kernel computes it (the kernel then runs two vector operations fewer per vector), for
+    any per-tensor qparams, any chain of ReLU / ReLU6 / clamp bounds and any finite y, the bounds themselves,
+    values next to them and the ties of the rounding included; or None (the unmerged expression is used) where
+    the clamps' ranges are disjoint or leave a single code."""
+    import numpy as np
+
+    from graphopt.backends.tvm.quant_epilogue import Epilogue
+
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    zp = min(max(zp + qmin, qmin), qmax)
+    inv = float(np.float32(1.0) / np.float32(scale))
+    epi = Epilogue("int8" if signed else "uint8", acts=tuple(acts), inv_scale=inv, zp=zp, qmin=qmin, qmax=qmax)
+    bounds = epi.merged_bounds()
+    f = np.float32
+    edges = [f(b) for a in acts for b in a if b is not None]
+    y = np.array(ys + edges + [np.nextafter(e, f(np.inf)) for e in edges]
+                 + [np.nextafter(e, f(-np.inf)) for e in edges] + [f((k + 0.5) / inv) for k in range(-4, 4)],
+                 dtype=np.float32)
+
+    def codes(v, lo, hi):
+        return np.minimum(np.maximum(np.rint(v * f(inv)) + f(zp), f(lo)), f(hi))
+
+    ref = y.copy()
+    for lo, hi in acts:
+        ref = ref if lo is None else np.maximum(ref, f(lo))
+        ref = ref if hi is None else np.minimum(ref, f(hi))
+    ref = codes(ref, qmin, qmax)
+    lo_all = max([f(a) for a, _ in acts if a is not None], default=-np.inf)
+    hi_all = min([f(b) for _, b in acts if b is not None], default=np.inf)
+    if bounds is None:       # only where the clamps' ranges are disjoint, or all of y gets one code
+        assert lo_all > hi_all or len(set(ref.tolist())) == 1, (acts, bounds)
+        return
+    np.testing.assert_array_equal(codes(y, *bounds), ref)
