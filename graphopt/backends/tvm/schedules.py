@@ -51,6 +51,9 @@ from .inplace_rowwise import ROWWISE_ATTR, WHOLE_ROWS_ATTR
 from .parallel_guard import PARALLEL_MIN, SERIAL_BELOW_ATTR
 from .unchecked_schedule import schedule as unchecked_schedule
 
+# a short-vector injective kernel keeps its last outer loop serial where this many parallel tasks remain
+_SHORT_VECTOR_TASKS = 64
+
 __all__ = ["CpuVector", "cpu_vector", "PackedGemm", "DynamicRows", "RowGroups", "ScalarMinMax", "Injective",
            "default_rules", "relax_layout_passes",
            "nhwc_layout_passes", "legalize_passes", "apply_default_schedules", "finalize_passes", "ScheduleStats"]
@@ -212,6 +215,12 @@ def _vectorize_inner(sch, block, lanes: int, parallel_min: int = PARALLEL_MIN) -
         outer.append(lo)
     elif 1 < extents[-1] <= lanes:
         sch.vectorize(inner)
+        if len(outer) >= 2 and extents[-1] < lanes and math.prod(extents[:-2]) >= _SHORT_VECTOR_TASKS:
+            # a short vector (an NHWC image's 3-4 channels): one parallel task per vector spent more on finding
+            # its pixel (div / mod of the fused index) than on the vector; the next loop stays serial in each
+            # task. int8 MobileNetV2's input quantize (224x224x3 float32 NCHW -> padded NHWC uint8 codes)
+            _parallel_outer(sch, outer[:-1], extents, parallel_min)
+            return
     elif (t := _pow2_divisor(extents[-1], lanes)) >= 4:   # e.g. 144 uint8 channels, 64 lanes: 9 x 16
         lo, li = sch.split(inner, [None, t])
         sch.vectorize(li)
