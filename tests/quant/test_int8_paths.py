@@ -341,3 +341,47 @@ def test_dynamic_batched_matmul_kernels_are_exact(target):
         bmm["f"](ap, w, c, y)
         acc = a.astype(np.int64) @ b.astype(np.int64) - zp * b.astype(np.int64).sum(1)[:, None, :]
         np.testing.assert_array_equal(y.numpy(), acc.astype(np.float32) * np.float32(0.5))
+
+
+@pytest.mark.parametrize("k,stride,requant", [(3, 1, True), (3, 2, False), (5, 1, False), (5, 2, True)])
+def test_depthwise_float_accumulation_equals_int32_bit_for_bit(k, stride, requant):
+    """The depthwise int8 kernel sums its integer products in float32 (FMAs; quant_lower.FLOAT_DEPTHWISE):
+    exact while every partial sum stays below 2^24, so it stores what the int32 kernel stores, bit for bit, with a
+    float32 output and with a ReLU6 + requantize epilogue, at calibrated (non-power-of-two) scales, on random codes
+    and on the worst case (every input 255, every weight -128 or 127)."""
+    import numpy as np
+
+    from graphopt.backends.tvm import quant_lower
+    from graphopt.backends.tvm.quant_epilogue import FLOAT, Epilogue
+
+    _skip_unless_runs_here("x86")
+    rng = np.random.default_rng(k * 10 + stride)
+    n, h, w, cb = 2, 9 + k, 11 + k, 2
+    oh, ow = (h - k) // stride + 1, (w - k) // stride + 1
+    epi = Epilogue("uint8", acts=((0.0, 6.0),), inv_scale=float(np.float32(1 / 0.0371)), zp=3) if requant else FLOAT
+    x = rng.integers(0, 256, (n, h, w, cb * 16), dtype=np.uint8)
+    x[0] = 255
+    wt = rng.integers(-128, 128, (k, k, cb * 16), dtype=np.int8)
+    wt[..., :8] = np.where(rng.random((k, k, 8)) < 0.5, -128, 127)
+    c = rng.integers(-(1 << 20), 1 << 20, cb * 16, dtype=np.int32)
+    s = rng.uniform(1e-4, 1e-2, cb * 16).astype(np.float32)
+    b = rng.normal(size=cb * 16).astype(np.float32)
+    target = resolve_target("x86").tvm_target()
+    out = {}
+    saved = quant_lower.FLOAT_DEPTHWISE
+    try:
+        for fa in (True, False):
+            quant_lower.FLOAT_DEPTHWISE = fa
+            func = quant_lower.depthwise_kernel(n, h, w, cb, oh, ow, k, k, (stride, stride), (1, 1), 4, epi)
+            lib = tvm.compile(func.with_attr("global_symbol", "f"), target=target)
+            y = tvm.runtime.tensor(np.zeros((n, oh, ow, cb * 16), epi.dtype))
+            lib["f"](*(tvm.runtime.tensor(a) for a in (x, wt, c, s, b)), y)
+            out[fa] = y.numpy()
+    finally:
+        quant_lower.FLOAT_DEPTHWISE = saved
+    assert out[True].tobytes() == out[False].tobytes()
+    acc = sum(x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride].astype(np.int64)
+              * wt[i, j].astype(np.int64) for i in range(k) for j in range(k))
+    if not requant:                                           # and the values are the integer sums' (float64)
+        ref = (acc - c).astype(np.float32) * s + b
+        np.testing.assert_allclose(out[True], ref, rtol=1e-6, atol=1e-6)

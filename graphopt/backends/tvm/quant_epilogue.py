@@ -46,13 +46,13 @@ class Epilogue:
     def requantizes(self) -> bool:
         return self.dtype != "float32"
 
-    def float_value(self, acc, c, s, b, r=None):
-        """TIR: the float32 value before the quantize: dequantized accumulator, + residual `r` (a float32 load,
-        or None), then the activations."""
+    def float_value(self, acc, c, s, b, r=None, float_acc: bool = False):
+        """TIR: the float32 value before the quantize: dequantized accumulator (`float_acc`: a float32 one, see
+        dequantized), + residual `r` (a float32 load, or None), then the activations."""
         from tvm import tirx
         from tvm.script import tirx as T
 
-        y = T.Cast("float32", acc - c) * s + b
+        y = dequantized(acc, c, float_acc) * s + b
         if r is not None:
             y = y + r
         f32 = lambda v: tirx.const(float(v), "float32")       # noqa: E731
@@ -67,15 +67,15 @@ class Epilogue:
                 y = T.min(y, f32(hi))
         return y
 
-    def value(self, acc, c, s, b, r=None):
-        """TIR: the stored value for int32 accumulator `acc`, per-channel C/S/B loads `c`, `s`, `b` and the
-        residual load `r` (None: no residual add)."""
+    def value(self, acc, c, s, b, r=None, float_acc: bool = False):
+        """TIR: the stored value for int32 accumulator `acc` (`float_acc`: float32, see dequantized), per-channel
+        C/S/B loads `c`, `s`, `b` and the residual load `r` (None: no residual add)."""
         bounds = self.merged_bounds() if self.requantizes and r is None else None
         if bounds is not None:
             from tvm.script import tirx as T
 
-            return self.codes(T.Cast("float32", acc - c) * s + b, bounds)
-        y = self.float_value(acc, c, s, b, r)
+            return self.codes(dequantized(acc, c, float_acc) * s + b, bounds)
+        y = self.float_value(acc, c, s, b, r, float_acc)
         if not self.requantizes:
             return y
         return self.codes(y)
@@ -130,6 +130,17 @@ class Epilogue:
 
 
 FLOAT = Epilogue()
+
+
+def dequantized(acc, c, float_acc: bool = False):
+    """TIR: float32(acc - c) for an int32 accumulator; with `float_acc`, a float32 one holding an exact integer (a
+    kernel that sums its integer products in float32: exact below 2^24), acc - float32(c): the same value while
+    |acc - c| < 2^24 (the caller's bound), so the epilogue's bits do not depend on the accumulator's type."""
+    from tvm.script import tirx as T
+
+    if float_acc:
+        return acc - T.Cast("float32", c)
+    return T.Cast("float32", acc - c)
 
 
 def _fast_math(name: str, x):

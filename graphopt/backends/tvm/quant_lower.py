@@ -495,6 +495,9 @@ def _drop_params(func, drop: list[int]):
     return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
+FLOAT_DEPTHWISE = True
+
+
 def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: int, KW: int,
                      stride: tuple[int, int], dilation: tuple[int, int], MT: int, epi: Epilogue = FLOAT,
                      c_out: int | None = None, out_pad: tuple[int, int] = (0, 0)):
@@ -519,6 +522,11 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
     padded = bool(ph or pw)
     OHs, OWs = OH + 2 * ph, OW + 2 * pw
     fill = epi.zp + epi.shift if epi.requantizes else 0
+    # the products summed in float32 (FMAs on two pipes, where an int32 multiply has one on Zen 2) while every
+    # partial sum is an integer below 2^24, so exactly (|x·w| <= 255·128 per tap); the epilogue then reads the
+    # same value as from an int32 accumulator (quant_epilogue.dequantized)
+    acc_dtype = "float32" if FLOAT_DEPTHWISE and 2 * 255 * 128 * KH * KW < 1 << 24 else "int32"
+    fa = acc_dtype == "float32"
 
     @prim_func
     def qdwconv(X: T.Buffer((N, Hp, Wp, Cp), "uint8"), W: T.Buffer((KH, KW, Cp), "int8"),
@@ -533,28 +541,28 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
         for row in T.parallel(N * OH):
             for cb in range(CB):
                 for owo in range(OWO):
-                    acc = T.decl_buffer((MT * 16,), "int32")
+                    acc = T.decl_buffer((MT * 16,), acc_dtype)
                     for t in T.unroll(MT):
-                        acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                        acc[T.ramp(t * 16, 1, 16)] = T.broadcast(T.Cast(acc_dtype, 0), 16)
                     for kh in range(KH):
                         for kw in T.unroll(KW):
                             for mi in T.unroll(MT):
                                 for j in T.vectorized(16):
-                                    acc[mi * 16 + j] = acc[mi * 16 + j] + T.Cast(
+                                    acc[mi * 16 + j] = acc[mi * 16 + j] + T.Cast(acc_dtype, T.Cast(
                                         "int32", X[row // OH, (row % OH) * sh + kh * dh,
-                                                   T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 16 + j]) * \
-                                        T.Cast("int32", W[kh, kw, cb * 16 + j])
+                                                   T.min(owo * MT + mi, OW - 1) * sw + kw * dw, cb * 16 + j])) * \
+                                        T.Cast(acc_dtype, W[kh, kw, cb * 16 + j])
                     for mi in T.unroll(MT):
                         if owo * MT + mi < OW:
                             if full or cb * 16 + 16 <= NS:
                                 for j in T.vectorized(16):
                                     Y[row // OH, row % OH + ph, owo * MT + mi + pw, cb * 16 + j] = epi.value(
-                                        acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j])
+                                        acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j], None, fa)
                             elif cb * 16 < NS:
                                 for j in range(16):
                                     if cb * 16 + j < NS:
                                         Y[row // OH, row % OH + ph, owo * MT + mi + pw, cb * 16 + j] = epi.value(
-                                            acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j])
+                                            acc[mi * 16 + j], C[cb * 16 + j], S[cb * 16 + j], Bi[cb * 16 + j], None, fa)
     return qdwconv
 
 
