@@ -278,3 +278,29 @@ def test_heads_narrower_than_an_avx512_panel_still_fuse():
                          target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}),
                          pipeline=register())
     assert "vfmadd231ps" in lib.inspect_source("asm")
+
+
+def test_report_counts_fused_kernels_by_their_mark_not_their_name():
+    """report.backend["fused"] counts calls of the PrimFuncs the fused passes mark (FUSED_KERNEL_ATTR): a kernel
+    that TVM's own lowering happens to name "attention..." is not counted, a marked one is, once per call."""
+    from tvm import relax, te
+
+    from graphopt.backends.tvm.relax_match import FUSED_KERNEL_ATTR
+    from graphopt.backends.tvm.tuning.schedule import fused_calls
+
+    def module(mark: bool):
+        a = te.placeholder((4,), "float32", name="a")
+        func = te.create_prim_func([a, te.compute((4,), lambda i: a[i] * 2.0, name="b")])
+        if mark:
+            func = func.with_attr(FUSED_KERNEL_ATTR, "attention")
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((4,), "float32"))
+        with bb.function("main", [x]):
+            gv = bb.add_func(func, "attention_like")
+            y = bb.emit(relax.call_tir(gv, [x], relax.TensorType((4,), "float32")))
+            z = bb.emit(relax.call_tir(gv, [y], relax.TensorType((4,), "float32")))
+            bb.emit_func_output(z)
+        return bb.get()
+
+    assert fused_calls(module(False)) == ""
+    assert fused_calls(module(True)) == "2 attention"

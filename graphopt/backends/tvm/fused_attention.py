@@ -46,7 +46,7 @@ import numpy as np
 
 from .relax_match import bound_value
 from .relax_match import op_name as _op
-from .relax_match import rewrite_adding_functions, scalar_constant
+from .relax_match import FUSED_KERNEL_ATTR, rewrite_adding_functions, scalar_constant
 from .relax_match import tensor_shape as _shape
 from .softmax_lower import _exp_nonpositive
 from .tir_script import prim_func
@@ -374,7 +374,8 @@ def fuse_attention(lanes: int):
                     mask_dims = tuple(1 if analyzer.can_prove_equal(e, 1) else f for e, f in zip(_shape(mask), full))
                 kernel = attention_kernel(*dims, int(h), int(d), int(dv), (lq, lk, lv), scale, lanes_for(int(dv)),
                                           safe, mask_dims)
-                gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "attention")
+                gv = self.builder_.add_func(kernel.without_attr("global_symbol").with_attr(
+                    FUSED_KERNEL_ATTR, "attention"), "attention")
                 out = self.builder_.emit(relax.call_tir(gv, [q, k, v, mask],
                                                         relax.TensorType([b, n, h, dv], "float32")))
                 self.builder_.emit_normalized(relax.VarBinding(

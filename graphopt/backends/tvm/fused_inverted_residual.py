@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from .relax_match import op_name as _op
-from .relax_match import rewrite_adding_functions, scalar_constant
+from .relax_match import FUSED_KERNEL_ATTR, rewrite_adding_functions, scalar_constant
 from .relax_match import tensor_shape as _shape
 from .tir_script import prim_func
 
@@ -509,7 +509,8 @@ def fuse_inverted_residuals(lanes: int, cores: int):
             w2, b2, r = (zero, zero, zero) if project is None else (
                 project[0], self._bias4(project[1]), project[2] if project[2] is not None else zero)
             args = [x, w1, b1, parts["wd"], self._bias4(parts["bd"]), w2, b2, r]
-            gv = self.builder_.add_func(kernel.without_attr("global_symbol"), "inverted_residual")
+            gv = self.builder_.add_func(kernel.without_attr("global_symbol").with_attr(
+                FUSED_KERNEL_ATTR, "inverted residual block"), "inverted_residual")
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(
                 relax.call_tir(gv, args, relax.TensorType(_shape(binding.var), "float32")))))
             self.changed += 1

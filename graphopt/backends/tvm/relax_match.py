@@ -3,9 +3,12 @@ fused_inverted_residual): what op a call is, a tensor's static-rank shape, a sca
 variable is bound to inside a PyExprMutator, and the drivers that run such a mutator over a module."""
 from __future__ import annotations
 
-__all__ = ["op_name", "tensor_shape", "scalar_constant", "bound_value", "rewrite_functions",
+__all__ = ["FUSED_KERNEL_ATTR", "op_name", "tensor_shape", "scalar_constant", "bound_value", "rewrite_functions",
            "rewrite_adding_functions"]
 
+
+# set on the hand-written fused kernels a pass adds (value: the kind, e.g. "attention"); the report counts their calls
+FUSED_KERNEL_ATTR = "graphopt.fused_kernel"
 
 def op_name(expr) -> str:
     """The Relax op a call applies ('relax.matmul'), '' for anything else."""

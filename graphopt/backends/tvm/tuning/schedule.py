@@ -11,30 +11,31 @@ from .records import default_database_dir
 
 __all__ = ["schedule_cpu", "fused_calls"]
 
-_FUSED = (("inverted_residual", "inverted residual block", "inverted residual blocks"),
-          ("attention", "attention", "attention"))       # callee prefix, one call, several
+# the kinds of hand-written fused kernel (relax_match.FUSED_KERNEL_ATTR's values): one call, several
+_FUSED = {"inverted residual block": "inverted residual blocks", "attention": "attention"}
 
 
 def fused_calls(mod) -> str:
-    """'17 inverted residual blocks, 4 attention' (calls in the module's Relax functions of the kernels
-    fused_inverted_residual and fused_attention add), '' when none."""
-    from tvm import relax
+    """'17 inverted residual blocks, 4 attention': calls in the module's Relax functions of the kernels that
+    fused_inverted_residual and fused_attention add (PrimFuncs carrying FUSED_KERNEL_ATTR), '' when none."""
+    from tvm import relax, tirx
 
-    from ..relax_match import op_name
+    from ..relax_match import FUSED_KERNEL_ATTR, op_name
 
-    counts = [0] * len(_FUSED)
+    kinds = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and FUSED_KERNEL_ATTR in func.attrs:
+            kinds[gv.name_hint] = str(func.attrs[FUSED_KERNEL_ATTR])
+    counts = dict.fromkeys(_FUSED, 0)
 
     def visit(expr):
-        if op_name(expr) == "relax.call_tir":
-            callee = expr.args[0].name_hint
-            for i, (prefix, _, _) in enumerate(_FUSED):
-                if callee.startswith(prefix):
-                    counts[i] += 1
+        if op_name(expr) == "relax.call_tir" and expr.args[0].name_hint in kinds:
+            counts[kinds[expr.args[0].name_hint]] += 1
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return ", ".join(f"{n} {one if n == 1 else several}" for n, (_, one, several) in zip(counts, _FUSED) if n)
+    return ", ".join(f"{n} {one if n == 1 else _FUSED[one]}" for one, n in counts.items() if n)
 
 
 def schedule_cpu(mod, spec, tune: Any = None, report=None):
