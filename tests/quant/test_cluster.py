@@ -129,6 +129,7 @@ def test_corrupted_compressed_files_are_typed_errors(clustered, tmp_path):
 tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
+from tests.helpers import X86_TARGETS  # noqa: E402
 from tests.quant.test_int8_paths import _compile, asm_of  # noqa: E402
 
 # (rows, in, out, k): 4-bit and 8-bit indices, direct (M <= 4) and panel kernels, odd K and N, pruned zeros
@@ -150,17 +151,21 @@ class LutLayers(nn.Module):
         return self.layers[0](a), self.layers[1](b), self.layers[2](c), self.layers[3](d)
 
 
-def test_codebook_kernels_match_the_reference():
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_codebook_kernels_match_the_reference(target):
     module = LutLayers().eval()
     g = torch.Generator().manual_seed(1)
     args = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in LUT_SHAPES)
-    spec = resolve_target("x86")
+    spec = resolve_target(target)
     compiled, exe, lowered = _compile(module, args, spec)
     assert "clustered_linear:codebook4 direct×1" in lowered.quant and "codebook8 panel×1" in lowered.quant
     from tvm.target import codegen
 
     if codegen.target_has_features("avx512f", spec.tvm_target()):      # 16-entry lookup: one permute
         assert re.search(r"vperm(ps|d)\t%zmm", asm_of(exe))            # (LLVM may pick the integer form)
+    elif codegen.target_has_features("avx2", spec.tvm_target()):       # two 8-entry permutes and a blend
+        asm = asm_of(exe)
+        assert re.search(r"vperm(ps|d)\t%ymm", asm) and re.search(r"vblendvps\t%ymm", asm), "no AVX2 lookup"
     with torch.no_grad():
         refs = module(*args)
     eps = torch.finfo(torch.float32).eps

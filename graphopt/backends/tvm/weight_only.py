@@ -135,13 +135,14 @@ def _group_of(kp, GP: int, per_channel: bool):
 
 
 def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, sym: bool, C: int = 1,
-                  permute: bool = False):
+                  permute: bool = False, avx512: bool = True):
     """TIR for M <= 4 rows: Y[M, NB·L] = X · dequant(W)ᵀ + B, G the group size (even; G >= K: one group per
     channel). Per group g the kernel sums x·float32(q) (the raw integers: no per-weight subtract or scale)
     and Σx, then adds s·Σx·q + o·Σx with o = -z·s (O [NB, NG, L]; absent when symmetric): the same value
     as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group).
     C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S).
-    permute (AVX-512, C = 16, L = 16, 4-bit): the lookup is one vpermps of the codebook register."""
+    permute (x86, C = 16, 4-bit): the lookup is one vpermps of the codebook register (`avx512`, L = 16), or two
+    and a blend per 8 lanes (AVX2; a gather per lane there ran 10x slower than the int4 kernel: _permute16)."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -178,10 +179,10 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                 for kp in range(_extent(T, GP, KP - g * GP, ragged)):
                     for nt in T.unroll(NT):
                         if permute:
-                            wf[T.ramp(nt * L, 1, L)] = _permute16(T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0],
-                                                                                   f"uint8x{L}"), False)
-                            wf[T.ramp((NT + nt) * L, 1, L)] = _permute16(
-                                T, CB, W.vload([nbo * NT + nt, g * GP + kp, 0], f"uint8x{L}"), True)
+                            wf[T.ramp(nt * L, 1, L)] = _permute16(T, CB, W, [nbo * NT + nt, g * GP + kp, 0], False,
+                                                                  L, avx512)
+                            wf[T.ramp((NT + nt) * L, 1, L)] = _permute16(T, CB, W, [nbo * NT + nt, g * GP + kp, 0],
+                                                                         True, L, avx512)
                         else:
                             for j in T.vectorized(L):
                                 wf[nt * L + j] = _raw(T, W, bits, nbo * NT + nt, g * GP + kp, j, False, CB, C)
@@ -301,12 +302,34 @@ def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
     return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
 
 
-def _permute16(T, CB, byte_vec, high: bool):
-    """16 codebook entries picked by the low or high nibbles of 16 bytes: AVX-512 vpermps (permvar.sf.512)."""
-    b = T.Cast("int32x16", byte_vec)
-    idx = T.shift_right(b, T.broadcast(T.int32(4), 16)) if high else T.bitwise_and(b, T.broadcast(T.int32(15), 16))
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
-                                   CB.vload([0], "float32x16"), idx, dtype="float32x16")
+def _permute16(T, CB, W, at: list, high: bool, L: int, avx512: bool):
+    """L codebook entries (of 16) picked by the low or high nibbles of the L bytes of W at `at`. AVX-512: one
+    vpermps of the codebook register (permvar.sf.512). AVX2: vpermps picks from 8 entries (an index's low 3 bits),
+    so both halves of the codebook are permuted and blended by the index's bit 3 (vblendvps reads the sign bit:
+    the index shifted left by 28), per 8 lanes (a 16-lane block: two, concatenated)."""
+    def nibbles(byte_vec, n):
+        b = T.Cast(f"int32x{n}", byte_vec)
+        return T.shift_right(b, T.broadcast(T.int32(4), n)) if high else T.bitwise_and(b, T.broadcast(T.int32(15), n))
+
+    if avx512:
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
+                                       CB.vload([0], "float32x16"), nibbles(W.vload(at, "uint8x16"), 16),
+                                       dtype="float32x16")
+    perm = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.permps")
+
+    def eight(offset):
+        idx = nibbles(W.vload(at[:-1] + [at[-1] + offset], "uint8x8"), 8)
+        lo = T.call_llvm_pure_intrin(perm, CB.vload([0], "float32x8"), idx, dtype="float32x8")
+        hi = T.call_llvm_pure_intrin(perm, CB.vload([8], "float32x8"), idx, dtype="float32x8")
+        upper = T.reinterpret(T.shift_left(idx, T.broadcast(T.int32(28), 8)), dtype="float32x8")
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx.blendv.ps.256"), lo, hi, upper,
+                                       dtype="float32x8")
+
+    if L == 8:
+        return eight(0)
+    from tvm import tirx
+
+    return tirx.Shuffle([eight(0), eight(8)], list(range(16)))
 
 
 def _raw(T, W, bits, nb, kp, j, high: bool, CB=None, C: int = 1):
@@ -421,6 +444,12 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
     return woq_panel
 
 
+def _has_avx2(spec) -> bool:
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features("avx2", spec.tvm_target()))
+
+
 def _cores(spec) -> int:
     try:
         return max(1, int(spec.tvm.get("num-cores", 1)))
@@ -476,9 +505,10 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     if kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
-        permute = (codebook is not None and bits == 4 and lanes == 16 and regs >= 32
-                   and spec.arch == "x86_64")
-        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute)
+        avx512 = lanes == 16 and regs >= 32
+        permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
+                   and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
+        func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute, avx512)
     else:
         # 16 registers: a scaled (group-wise) or zero-pointed dequantization keeps scale / zero-point vectors
         # live in the first tile, so it takes one row less (6 rows spill two accumulators)
