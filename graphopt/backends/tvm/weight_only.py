@@ -302,14 +302,18 @@ def pack_int4_words(q: np.ndarray, lanes: int, nbp: int, kw: int) -> np.ndarray:
     return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int32)
 
 
-def _permute16(T, CB, W, at: list, high: bool, L: int, avx512: bool):
-    """L codebook entries (of 16) picked by the low or high nibbles of the L bytes of W at `at`. AVX-512: one
+def _permute16(T, CB, W, at: list, high, L: int, avx512: bool):
+    """L codebook entries (of 16) picked by the low or high nibbles (`high`: a bool, or a TIR expression 0 / 1)
+    of the L bytes of W at `at`. AVX-512: one
     vpermps of the codebook register (permvar.sf.512). AVX2: vpermps picks from 8 entries (an index's low 3 bits),
     so both halves of the codebook are permuted and blended by the index's bit 3 (vblendvps reads the sign bit:
     the index shifted left by 28), per 8 lanes (a 16-lane block: two, concatenated)."""
     def nibbles(byte_vec, n):
         b = T.Cast(f"int32x{n}", byte_vec)
-        return T.shift_right(b, T.broadcast(T.int32(4), n)) if high else T.bitwise_and(b, T.broadcast(T.int32(15), n))
+        if isinstance(high, bool):
+            return T.shift_right(b, T.broadcast(T.int32(4), n)) if high else T.bitwise_and(b, T.broadcast(T.int32(15),
+                                                                                                            n))
+        return T.bitwise_and(T.shift_right(b, T.broadcast(T.Cast("int32", high) * 4, n)), T.broadcast(T.int32(15), n))
 
     if avx512:
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
@@ -349,13 +353,13 @@ def _group_term(T, sum_xq, sum_x, s, o, sym: bool):
 
 
 def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G: int, sym: bool, C: int = 1,
-                 first_rows: Optional[int] = None):
+                 first_rows: Optional[int] = None, permute: bool = False, avx512: bool = True):
     """TIR for M > 4 rows: per NT·L column block and chunk of KC inputs (pairs of KCP), an MT x NT·L
     register-tiled float32 GEMM over all rows on a float32 panel of the chunk's dequantized weights.
     The first row tile dequantizes the panel as it goes (each weight vector is converted in registers, used
     by that tile's FMAs and stored to the panel), the other tiles read the panel: the conversions overlap
     with FMAs instead of running as a separate pass. Row tiles: the first min(MT, M) rows, then whole MT
-    tiles, then one tail tile of M mod MT rows (no redundant rows). G, C as in direct_kernel."""
+    tiles, then one tail tile of M mod MT rows (no redundant rows). G, C, permute, avx512 as in direct_kernel."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -426,11 +430,15 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
                     for h in T.unroll(2):
                         if not odd or c * 2 * KCP + 2 * kp + h < K:
                             for nt in T.unroll(NT):
-                                for j in T.vectorized(L):
-                                    P[(2 * kp + h) * W_ + nt * L + j] = _dequant_k(
-                                        T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
-                                        _group_of(c * KCP + kp, GP, per_channel), c * 2 * KCP + 2 * kp + h, j,
-                                        CB, C)
+                                if permute:
+                                    P[T.ramp((2 * kp + h) * W_ + nt * L, 1, L)] = _permute16(
+                                        T, CB, W, [nbo * NT + nt, c * KCP + kp, 0], h, L, avx512)
+                                else:
+                                    for j in T.vectorized(L):
+                                        P[(2 * kp + h) * W_ + nt * L + j] = _dequant_k(
+                                            T, W, S, Z, bits, sym, not per_channel, nbo * NT + nt,
+                                            _group_of(c * KCP + kp, GP, per_channel), c * 2 * KCP + 2 * kp + h, j,
+                                            CB, C)
                             for mi in T.unroll(MT0):
                                 for nt in T.unroll(NT):
                                     for j in T.vectorized(L):
@@ -502,18 +510,19 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     args.insert(3, const(cb))
     if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
         return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
+    # a 16-entry codebook on x86: vpermps lookups (_permute16), not a gather per lane
+    avx512 = lanes == 16 and regs >= 32
+    permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
+               and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
     if kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
-        avx512 = lanes == 16 and regs >= 32
-        permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
-                   and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
         func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute, avx512)
     else:
         # 16 registers: a scaled (group-wise) or zero-pointed dequantization keeps scale / zero-point vectors
         # live in the first tile, so it takes one row less (6 rows spill two accumulators)
         first = mt - 1 if regs < 32 and (not sym or not per_channel) else mt
-        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size, first)
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size, first, permute, avx512)
     name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
     gv = bb.add_func(func.without_attr("global_symbol"), name)
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
