@@ -121,6 +121,17 @@ def _dequant_k(T, W, S, Z, bits, sym, scaled, nb, g, k, j, CB=None, C: int = 1):
     return w * S[nb, g, j] if scaled else w
 
 
+def _odd_input(T, X, mi, k, K: int, odd: bool, C: int):
+    """X[mi, k], the odd input of a pair. An odd K's last pair has none: integer weights read X[mi, K - 1] there
+    against a padded weight that contributes nothing (q = z, zero after the zero-point term); a codebook's padded
+    index 0 picks CB[0], which need not be 0, so the missing input reads as 0 instead."""
+    if not odd:
+        return X[mi, k]
+    if C > 1:
+        return T.if_then_else(k < K, X[mi, T.min(k, K - 1)], T.float32(0))
+    return X[mi, T.min(k, K - 1)]
+
+
 def _extent(T, full, rest, ragged: bool):
     """min(full, rest) when the last block is ragged, else `full` (a constant extent LLVM can see)."""
     return T.min(full, rest) if ragged else full
@@ -191,14 +202,14 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                                                              C)
                     for mi in T.unroll(M):
                         xs[mi] = xs[mi] + X[mi, (g * GP + kp) * 2]
-                        xs[M + mi] = xs[M + mi] + X[mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)]
+                        xs[M + mi] = xs[M + mi] + _odd_input(T, X, mi, (g * GP + kp) * 2 + 1, K, odd, C)
                         for nt in T.unroll(NT):
                             for j in T.vectorized(L):
                                 accg[(mi * NT + nt) * L + j] = accg[(mi * NT + nt) * L + j] + X[
                                     mi, (g * GP + kp) * 2] * wf[nt * L + j]
                             for j in T.vectorized(L):
-                                accg[((M + mi) * NT + nt) * L + j] = accg[((M + mi) * NT + nt) * L + j] + X[
-                                    mi, _extent(T, (g * GP + kp) * 2 + 1, K - 1, odd)] * wf[(NT + nt) * L + j]
+                                accg[((M + mi) * NT + nt) * L + j] = accg[((M + mi) * NT + nt) * L + j] + \
+                                    _odd_input(T, X, mi, (g * GP + kp) * 2 + 1, K, odd, C) * wf[(NT + nt) * L + j]
                 for mi in T.unroll(M):
                     for nt in T.unroll(NT):
                         for j in T.vectorized(L):
