@@ -192,3 +192,22 @@ def test_codebook_kernel_with_odd_inputs_ignores_the_padding(k):
             ref = module(x)
         tol = (x.abs() @ layer.dequantized_weight().abs().t() + layer.bias.abs()) * 8 * torch.finfo(torch.float32).eps
         assert not ((compiled(x) - ref).abs() > tol).any(), (rows, (compiled(x) - ref).abs().max().item())
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 7), k_in=st.integers(1, 80), n=st.integers(1, 40), k=st.sampled_from([2, 16, 40]),
+       offset=st.sampled_from([0.0, 1.5, -3.0]), seed=st.integers(0, 2 ** 31 - 1))
+def test_codebook_kernels_match_the_module_on_random_layers(rows, k_in, n, k, offset, seed):
+    """Random layers through the codebook kernels (direct up to 4 rows, panel above; 4-bit indices for k <= 16,
+    8-bit above; odd and even input counts; codebooks with and without a zero entry) equal the module's
+    codebook[index] matmul within float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    layer = ClusteredLinear(torch.randn(n, k_in, generator=g) + offset, torch.randn(n, generator=g), k)
+    module = nn.Sequential(layer).eval()
+    x = torch.randn(rows, k_in, generator=g)
+    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
+    with torch.no_grad():
+        ref = module(x)
+    tol = (x.abs() @ layer.dequantized_weight().abs().t() + layer.bias.abs()) * 8 * torch.finfo(torch.float32).eps
+    got = compiled(x)
+    assert not ((got - ref).abs() > tol).any(), (got - ref).abs().max().item()

@@ -281,3 +281,26 @@ def test_a_pointwise_conv_as_linear_is_the_conv_exactly():
     x = torch.randn(2, 6, 9, 10)
     with torch.no_grad():
         assert torch.allclose(PointwiseConvAsLinear(linear_of_pointwise(conv), conv.stride)(x), conv(x), atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 7), k=st.integers(1, 80), n=st.integers(1, 40),
+       kind=st.sampled_from([(8, None), (8, 16), (4, None), (4, 8), (4, 16), (4, 10)]),
+       offset=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 2 ** 31 - 1))
+def test_weight_only_kernels_match_the_module_on_random_layers(rows, k, n, kind, offset, seed):
+    """Random weight-only layers (int8 per channel or grouped, int4 per channel or in groups of 8k inputs (the
+    word kernel) or not; direct up to 4 rows, panel above; odd and even input counts; weights centred or all
+    positive, so zero points far from 8) equal the module's dequantized matmul within float32 rounding."""
+    from tests.quant.test_int8_paths import _compile
+
+    bits, group = kind
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(n, k, generator=g) + offset, torch.randn(n, generator=g)
+    layer = WeightOnlyLinear(w, b) if bits == 8 and group is None else PackedWeightOnlyLinear(w, b, bits, group)
+    module = nn.Sequential(layer).eval()
+    x = torch.randn(rows, k, generator=g)
+    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
+    with torch.no_grad():
+        ref = module(x)
+    got = compiled(x)
+    assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
