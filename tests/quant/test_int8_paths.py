@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -385,3 +387,44 @@ def test_depthwise_float_accumulation_equals_int32_bit_for_bit(k, stride, requan
     if not requant:                                           # and the values are the integer sums' (float64)
         ref = (acc - c).astype(np.float32) * s + b
         np.testing.assert_allclose(out[True], ref, rtol=1e-6, atol=1e-6)
+
+
+class _ConvChain(nn.Module):
+    """quantize -> int8 conv -> clamp(0, 6) -> quantize -> int8 1x1 conv, every float step exact (power-of-two
+    scales), so the compiled chain (fused requantize epilogue, merged clamps) equals PyTorch bit for bit."""
+
+    def __init__(self, conv: nn.Conv2d, qmax: int, depthwise: bool):
+        super().__init__()
+        self.c1 = _exact(QuantConv2d(conv, QP, weight_qmax=127 if depthwise else qmax))
+        self.c1.out_scale.fill_(1 / 64)
+        self.c2 = _exact(QuantConv2d(nn.Conv2d(conv.out_channels, 5, 1, bias=False), QB8, weight_qmax=qmax))
+
+    def forward(self, x):
+        q = lambda t, qp: ops.quantize(t, qp.scale, qp.zero_point, qp.qmin, qp.qmax)   # noqa: E731
+        return self.c2(q(torch.clamp(self.c1(q(x, QP)), 0.0, 6.0), QB8))
+
+
+QB8 = QParams(0.125, 0, "uint8")
+
+
+@settings(max_examples=12, deadline=None)
+@given(c=st.integers(1, 20), co=st.integers(1, 24), k=st.integers(1, 3), stride=st.integers(1, 2),
+       pad=st.integers(0, 2), dilation=st.integers(1, 2), depthwise=st.booleans(), h=st.integers(0, 9),
+       w=st.integers(0, 9), seed=st.integers(0, 2 ** 31 - 1))
+def test_int8_conv_chains_match_the_qdq_graph_on_random_geometry(c, co, k, stride, pad, dilation, depthwise, h, w,
+                                                                seed):
+    """Random conv geometry (channels not multiples of 4 or 16, kernel 1-3, stride, padding, dilation, depthwise
+    or dense, odd sizes) through the host's int8 kernels and a fused ReLU6-like clamp + requantize into a 1x1
+    conv: bit for bit the QDQ graph run in PyTorch."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    span = dilation * (k - 1) + 1
+    hh, ww = max(span - 2 * pad, 1) + h, max(span - 2 * pad, 1) + w
+    conv = nn.Conv2d(c, c if depthwise else co, k, stride=stride, padding=pad, dilation=dilation,
+                     groups=c if depthwise else 1, bias=False)
+    module = _ConvChain(conv, weight_qmax_for(int8_path(HOST)), depthwise).eval()
+    x = (torch.randint(-80, 80, (1, c, hh, ww), generator=g) + 0.5) / 16          # .5 ties
+    compiled, _, lowered = _compile(module, (x,), HOST)
+    with torch.no_grad():
+        ref = module(x)
+    assert torch.equal(compiled(x), ref), (lowered.quant, (compiled(x) - ref).abs().max().item())

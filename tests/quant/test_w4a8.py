@@ -245,3 +245,22 @@ def test_worst_case_products_do_not_saturate(built):
     assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any()
     want = torch.tensor([256.0, -256.0, 0.0]).unsqueeze(1).expand(3, 24)
     assert torch.allclose(got, want, rtol=0, atol=1e-3)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 9), k=st.integers(1, 90), n=st.integers(1, 40), group=st.sampled_from([None, 8, 16, 32]),
+       offset=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 2 ** 31 - 1))
+def test_kernels_match_the_reference_on_random_layers(rows, k, n, group, offset, seed):
+    """Random W4A8 layers (1-9 rows: the GEMV tile and row tiles with tails; 1-90 inputs, ragged last groups;
+    weights centred or all positive) equal the reference within float32 rounding of the exact integer sums."""
+    from tests.quant.test_int8_paths import _compile
+
+    g = torch.Generator().manual_seed(seed)
+    layer = W4A8Linear(torch.randn(n, k, generator=g) + offset, torch.randn(n, generator=g), group)
+    module = nn.Sequential(layer).eval()
+    x = torch.randn(rows, k, generator=g)
+    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
+    with torch.no_grad():
+        ref = module(x)
+    got = compiled(x)
+    assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
