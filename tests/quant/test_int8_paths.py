@@ -428,3 +428,29 @@ def test_int8_conv_chains_match_the_qdq_graph_on_random_geometry(c, co, k, strid
     with torch.no_grad():
         ref = module(x)
     assert torch.equal(compiled(x), ref), (lowered.quant, (compiled(x) - ref).abs().max().item())
+
+
+@settings(max_examples=12, deadline=None)
+@given(lead=st.lists(st.integers(1, 7), min_size=1, max_size=2), k=st.integers(1, 100), n=st.integers(1, 50),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_int8_linear_matches_the_qdq_graph_on_random_shapes(lead, k, n, seed):
+    """Random Linear shapes (one or two leading dims, K and N not multiples of 4 or the vector width: register
+    tiles with tails) through the host's int8 kernel: bit for bit the QDQ graph (scale 1, no bias: exact)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = _exact(QuantLinear(torch.randn(n, k), None, QP, weight_qmax=weight_qmax_for(int8_path(HOST))))
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = layer
+
+        def forward(self, x):
+            return self.lin(ops.quantize(x, QP.scale, QP.zero_point, QP.qmin, QP.qmax))
+
+    module = One().eval()
+    x = (torch.randint(-80, 80, (*lead, k), generator=g) + 0.5) / 16
+    compiled, _, lowered = _compile(module, (x,), HOST)
+    with torch.no_grad():
+        ref = module(x)
+    assert torch.equal(compiled(x), ref), (lowered.quant, (compiled(x) - ref).abs().max().item())
