@@ -163,9 +163,10 @@ def test_codebook_kernels_match_the_reference(target):
 
     if codegen.target_has_features("avx512f", spec.tvm_target()):      # 16-entry lookup: one permute
         assert re.search(r"vperm(ps|d)\t%zmm", asm_of(exe))            # (LLVM may pick the integer form)
-    elif codegen.target_has_features("avx2", spec.tvm_target()):       # two 8-entry permutes and a blend
-        asm = asm_of(exe)
+    elif codegen.target_has_features("avx2", spec.tvm_target()):
+        asm = asm_of(exe)     # panel: two 8-entry permutes and a blend; GEMV: byte shuffles of the entries' bytes
         assert re.search(r"vperm(ps|d)\t%ymm", asm) and re.search(r"vblendvps\t%ymm", asm), "no AVX2 lookup"
+        assert re.search(r"vpshufb\t%ymm", asm) and "gather" not in asm, "no AVX2 GEMV byte-shuffle lookup"
     with torch.no_grad():
         refs = module(*args)
     eps = torch.finfo(torch.float32).eps

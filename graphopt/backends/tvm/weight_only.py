@@ -17,7 +17,8 @@ Kernels, picked by the number of rows M (tokens × batch) at compile time:
       group's end: no per-weight subtract or multiply. int4 with groups of 8k inputs uses direct4_kernel
       (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
       cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
-      register for 4-bit indices on AVX-512; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
+      register for 4-bit indices on AVX-512; on AVX2 byte shuffles of the entries' byte planes,
+      lut16_shuffle_kernel; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
   panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
       dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2) and an MT x NT·L register-tiled
       float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
@@ -153,7 +154,8 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
     as Σ x·(q - z)·s up to float32 rounding (the zero-point term is subtracted once per group).
     C > 1: the integers are indices into the codebook CB [C] (weight sharing): w = CB[q] (· S).
     permute (x86, C = 16, 4-bit): the lookup is one vpermps of the codebook register (`avx512`, L = 16), or two
-    and a blend per 8 lanes (AVX2; a gather per lane there ran 10x slower than the int4 kernel: _permute16)."""
+    and a blend per 8 lanes (AVX2; a gather per lane there ran 10x slower than the int4 kernel: _permute16; the
+    AVX2 GEMV of one 16-column block per task takes lut16_shuffle_kernel instead)."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
@@ -221,6 +223,86 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
                     for j in T.vectorized(L):
                         Y[mi, (nbo * NT + nt) * L + j] = acc[(mi * NT + nt) * L + j] + Bi[(nbo * NT + nt) * L + j]
     return woq_direct
+
+
+def lut16_shuffle_kernel(M: int, K: int, NB: int):
+    """TIR for M <= 4 rows and a 16-entry codebook on AVX2: Y[M, NB·16] = X · CB[idx]ᵀ · S + B, W [NB, KP, 16]
+    uint8 (direct_kernel's 4-bit layout: low nibble input 2kp, high nibble input 2kp + 1; per-channel S).
+
+    The lookup is byte shuffles: TB [4, 32] holds byte b of each codebook entry (both 128-bit lanes), one
+    `vpshufb` per byte plane picks it for the 32 indices of a pair (16 columns x 2 inputs), and in-lane unpacks
+    (bytes, then 16-bit halves) assemble four float32 vectors F0-F3, each [columns 4q..4q+3 of input 2kp,
+    the same columns of input 2kp + 1]; they multiply [x_even x 4, x_odd x 4] into four accumulators, whose
+    halves are summed per column at the end. 13 shuffles per 32 weights, none lane-crossing but the index
+    concatenation, where the vpermps form (_permute16) took two lane-crossing permutes and a blend per 8."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    KP = (K + 1) // 2
+    odd = K % 2 == 1
+    N = NB * 16
+    pshufb = "llvm.x86.avx2.pshuf.b"
+
+    def unpack(a, b, n: int, high: bool):
+        """_mm256_unpack{lo,hi}_epi{8,16} of n-element vectors: per 128-bit lane, the low or high half of a's
+        and b's elements interleaved."""
+        per_lane = n // 2
+        base = per_lane // 2 if high else 0
+        idx = []
+        for lane in range(2):
+            for i in range(per_lane // 2):
+                idx += [lane * per_lane + base + i, n + lane * per_lane + base + i]
+        return tirx.Shuffle([a, b], idx)
+
+    def planes(w_bytes, TB):
+        lo = T.bitwise_and(w_bytes, T.broadcast(T.uint8(15), 16))
+        hi = T.shift_right(w_bytes, T.broadcast(T.uint8(4), 16))
+        idx = T.reinterpret(tirx.Shuffle([lo, hi], list(range(32))), dtype="int8x32")
+        return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pshufb),
+                                        T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
+                                        dtype="int8x32") for b in range(4)]
+
+    def floats(p, q: int):
+        u01 = T.reinterpret(unpack(p[0], p[1], 32, q >= 2), dtype="int16x16")
+        u23 = T.reinterpret(unpack(p[2], p[3], 32, q >= 2), dtype="int16x16")
+        return T.reinterpret(unpack(u01, u23, 16, q % 2 == 1), dtype="float32x8")
+
+    def xv(X, m, k):
+        xe = T.broadcast(X[m, k * 2], 4)
+        xo = T.broadcast(_odd_input(T, X, m, k * 2 + 1, K, odd, 16), 4)
+        return tirx.Shuffle([xe, xo], list(range(8)))
+
+    @prim_func
+    def lut16_shuffle(X: T.Buffer((M, K), "float32"), W: T.Buffer((NB, KP, 16), "uint8"),
+                      S: T.Buffer((NB, 1, 16), "float32"), TB: T.Buffer((128,), "uint8"),
+                      Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        for nb in T.parallel(NB):
+            acc = T.decl_buffer((M * 32,), "float32")        # [row, q, 8]
+            wf = T.decl_buffer((32,), "float32")             # F0-F3 of one pair
+            for t in T.unroll(M * 4):
+                acc[T.ramp(t * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+            for kp in range(KP):
+                # (the byte planes are the same pure expressions in the four statements: LLVM computes them once)
+                wf[T.ramp(0, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 0)
+                wf[T.ramp(8, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 1)
+                wf[T.ramp(16, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 2)
+                wf[T.ramp(24, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 3)
+                for m in T.unroll(M):
+                    for q in T.unroll(4):
+                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
+                            wf[T.ramp(q * 8, 1, 8)] * xv(X, m, kp)
+            for m in T.unroll(M):
+                for j in T.vectorized(16):
+                    Y[m, nb * 16 + j] = (acc[(m * 4 + j // 4) * 8 + j % 4] + acc[(m * 4 + j // 4) * 8 + 4 + j % 4]) \
+                        * S[nb, 0, j] + Bi[nb * 16 + j]
+    return lut16_shuffle
+
+
+def codebook_byte_planes(codebook: np.ndarray) -> np.ndarray:
+    """TB of lut16_shuffle_kernel: [4, 32] uint8, row b = byte b (little-endian) of the 16 float32 entries, twice."""
+    b = np.ascontiguousarray(codebook.astype(np.float32)).view(np.uint8).reshape(16, 4).T
+    return np.ascontiguousarray(np.concatenate([b, b], axis=1)).reshape(-1)
 
 
 def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
@@ -521,11 +603,15 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     args.insert(3, const(cb))
     if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
         return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
-    # a 16-entry codebook on x86: vpermps lookups (_permute16), not a gather per lane
+    # a 16-entry codebook on x86: vpermps lookups (_permute16) or byte shuffles, not a gather per lane
     avx512 = lanes == 16 and regs >= 32
     permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
                and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
-    if kind == "direct":
+    if kind == "direct" and permute and not avx512 and lanes == 16 and nt == 1 and ng == 1:
+        # AVX2 GEMV over a 16-entry codebook: byte-shuffle lookups (lut16_shuffle_kernel)
+        args = [args[0], args[1], const(codebook_byte_planes(cb)), args[4]]
+        func = lut16_shuffle_kernel(m, k, nbp)
+    elif kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
         func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute, avx512)
