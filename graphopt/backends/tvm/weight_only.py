@@ -233,8 +233,9 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
     `vpshufb` per byte plane picks it for the 32 indices of a pair (16 columns x 2 inputs), and in-lane unpacks
     (bytes, then 16-bit halves) assemble four float32 vectors F0-F3, each [columns 4q..4q+3 of input 2kp,
     the same columns of input 2kp + 1]; they multiply [x_even x 4, x_odd x 4] into four accumulators, whose
-    halves are summed per column at the end. 13 shuffles per 32 weights, none lane-crossing but the index
-    concatenation, where the vpermps form (_permute16) took two lane-crossing permutes and a blend per 8."""
+    halves are summed per column at the end. Two pairs per step (one 32-byte load: their low nibbles, then their
+    high nibbles): 12 in-lane shuffles per 32 weights, where the vpermps form (_permute16) took two lane-crossing
+    permutes and a blend per 8; an odd pair count ends with one pair alone."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -262,6 +263,19 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
                                         T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
                                         dtype="int8x32") for b in range(4)]
 
+    def planes32(w32, high: bool, TB):
+        """The 4 byte planes for the 32 low (or high) nibbles of two consecutive pairs' 32 bytes."""
+        n = T.shift_right(w32, T.broadcast(T.uint8(4), 32)) if high else T.bitwise_and(w32, T.broadcast(T.uint8(15),
+                                                                                                      32))
+        idx = T.reinterpret(n, dtype="int8x32")
+        return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pshufb),
+                                        T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
+                                        dtype="int8x32") for b in range(4)]
+
+    def xv2(X, m, ka, kb):
+        return tirx.Shuffle([T.broadcast(X[m, ka], 4), T.broadcast(_odd_input(T, X, m, kb, K, odd, 16), 4)],
+                            list(range(8)))
+
     def floats(p, q: int):
         u01 = T.reinterpret(unpack(p[0], p[1], 32, q >= 2), dtype="int16x16")
         u23 = T.reinterpret(unpack(p[2], p[3], 32, q >= 2), dtype="int16x16")
@@ -282,16 +296,35 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
             wf = T.decl_buffer((32,), "float32")             # F0-F3 of one pair
             for t in T.unroll(M * 4):
                 acc[T.ramp(t * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
-            for kp in range(KP):
-                # (the byte planes are the same pure expressions in the four statements: LLVM computes them once)
-                wf[T.ramp(0, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 0)
-                wf[T.ramp(8, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 1)
-                wf[T.ramp(16, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 2)
-                wf[T.ramp(24, 1, 8)] = floats(planes(W.vload([nb, kp, 0], "uint8x16"), TB), 3)
+            for kp2 in range(KP // 2):
+                # two pairs per step, one 32-byte load: low nibbles = inputs 4kp2 and 4kp2 + 2, high nibbles =
+                # 4kp2 + 1 and 4kp2 + 3 (the byte planes are the same pure expressions in the four statements of a
+                # half: LLVM computes them once)
+                wf[T.ramp(0, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 0)
+                wf[T.ramp(8, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 1)
+                wf[T.ramp(16, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 2)
+                wf[T.ramp(24, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 3)
                 for m in T.unroll(M):
                     for q in T.unroll(4):
                         acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
-                            wf[T.ramp(q * 8, 1, 8)] * xv(X, m, kp)
+                            wf[T.ramp(q * 8, 1, 8)] * xv2(X, m, kp2 * 4, kp2 * 4 + 2)
+                wf[T.ramp(0, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 0)
+                wf[T.ramp(8, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 1)
+                wf[T.ramp(16, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 2)
+                wf[T.ramp(24, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 3)
+                for m in T.unroll(M):
+                    for q in T.unroll(4):
+                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
+                            wf[T.ramp(q * 8, 1, 8)] * xv2(X, m, kp2 * 4 + 1, kp2 * 4 + 3)
+            if KP % 2 == 1:                                  # the last pair alone
+                wf[T.ramp(0, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 0)
+                wf[T.ramp(8, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 1)
+                wf[T.ramp(16, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 2)
+                wf[T.ramp(24, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 3)
+                for m in T.unroll(M):
+                    for q in T.unroll(4):
+                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
+                            wf[T.ramp(q * 8, 1, 8)] * xv(X, m, KP - 1)
             for m in T.unroll(M):
                 for j in T.vectorized(16):
                     Y[m, nb * 16 + j] = (acc[(m * 4 + j // 4) * 8 + j % 4] + acc[(m * 4 + j // 4) * 8 + 4 + j % 4]) \
