@@ -34,8 +34,9 @@ Kernels are hand-written TIR, marked ``tirx.is_scheduled`` (default schedules an
     by -128 with their zero point), exact for every int8 weight.
   * other LLVM CPU targets ('cpu': ARM without dotprod, x86 without AVX2): the same tiling with widening
     int32 multiply-adds that LLVM vectorizes; correct, but no fast int8 instruction — the notes say so.
-  * depthwise conv on CPU targets: its own kernel over uint8 NHWC (widening int32 multiply-adds, vectorized
-    over 16 channels): a depthwise conv is memory-bound, so the win is reading 1-byte inputs.
+  * depthwise conv on CPU targets: its own kernel over uint8 NHWC (products widened and summed exactly in
+    float32 FMAs, vectorized over 16 channels): a depthwise conv is memory-bound, so the win is reading 1-byte
+    inputs.
   * other grouped convs (and any op on CUDA): portable Relax integer ops (R.nn.conv2d / R.matmul with
     out_dtype int32), scheduled by whatever the build does for ordinary ops.
 Weights are read from the ExportedProgram's constants and packed at compile time (numpy). Integer
@@ -495,6 +496,7 @@ def _drop_params(func, drop: list[int]):
     return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
+# depthwise_kernel sums in float32 (exact, see there); False: int32 (the tests compare the two)
 FLOAT_DEPTHWISE = True
 
 
@@ -504,9 +506,10 @@ def depthwise_kernel(N: int, Hp: int, Wp: int, CB: int, OH: int, OW: int, KH: in
     """TIR: NHWC float32 Y[N, OH, OW, CB·16] of an integer depthwise conv (one filter per channel) over an
     NHWC uint8 input X[N, Hp, Wp, CB·16] already padded (spatially with the zero point, channels to whole
     16-lane blocks). W int8 [KH, KW, CB·16]; C/S/B of length CB·16 as in conv_kernel. Each tap widens 16
-    uint8 inputs and 16 int8 weights to int32 and multiply-adds them (a depthwise conv reads every input a
-    handful of times: memory-bound, no dot-product instruction applies); MT output columns x 16 channels
-    of accumulators per tile.
+    uint8 inputs and 16 int8 weights and multiply-adds them (a depthwise conv reads every input a handful of
+    times: no dot-product instruction applies), in float32 FMAs, exact while the integer sums stay below 2^24
+    (FLOAT_DEPTHWISE; int32 multiply-adds past that); MT output columns x 16 channels of accumulators per
+    tile.
 
     Fused output (quant_fuse.py), as conv_kernel's: `epi` stores the next layer's codes, `c_out` channels
     (default CB·16), `out_pad` the next conv's zero-point border."""
