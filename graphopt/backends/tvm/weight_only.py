@@ -236,55 +236,23 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
     halves are summed per column at the end. Two pairs per step (one 32-byte load: their low nibbles, then their
     high nibbles): 12 in-lane shuffles per 32 weights, where the vpermps form (_permute16) took two lane-crossing
     permutes and a blend per 8; an odd pair count ends with one pair alone."""
-    from tvm import tirx
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
-    odd = K % 2 == 1
     N = NB * 16
-    pshufb = "llvm.x86.avx2.pshuf.b"
 
-    def unpack(a, b, n: int, high: bool):
-        """_mm256_unpack{lo,hi}_epi{8,16} of n-element vectors: per 128-bit lane, the low or high half of a's
-        and b's elements interleaved."""
-        per_lane = n // 2
-        base = per_lane // 2 if high else 0
-        idx = []
-        for lane in range(2):
-            for i in range(per_lane // 2):
-                idx += [lane * per_lane + base + i, n + lane * per_lane + base + i]
-        return tirx.Shuffle([a, b], idx)
-
-    def planes(w_bytes, TB):
-        lo = T.bitwise_and(w_bytes, T.broadcast(T.uint8(15), 16))
-        hi = T.shift_right(w_bytes, T.broadcast(T.uint8(4), 16))
-        idx = T.reinterpret(tirx.Shuffle([lo, hi], list(range(32))), dtype="int8x32")
-        return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pshufb),
-                                        T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
-                                        dtype="int8x32") for b in range(4)]
-
-    def planes32(w32, high: bool, TB):
-        """The 4 byte planes for the 32 low (or high) nibbles of two consecutive pairs' 32 bytes."""
-        n = T.shift_right(w32, T.broadcast(T.uint8(4), 32)) if high else T.bitwise_and(w32, T.broadcast(T.uint8(15),
-                                                                                                      32))
-        idx = T.reinterpret(n, dtype="int8x32")
-        return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pshufb),
-                                        T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
-                                        dtype="int8x32") for b in range(4)]
-
-    def xv2(X, m, ka, kb):
-        return tirx.Shuffle([T.broadcast(X[m, ka], 4), T.broadcast(_odd_input(T, X, m, kb, K, odd, 16), 4)],
-                            list(range(8)))
-
-    def floats(p, q: int):
-        u01 = T.reinterpret(unpack(p[0], p[1], 32, q >= 2), dtype="int16x16")
-        u23 = T.reinterpret(unpack(p[2], p[3], 32, q >= 2), dtype="int16x16")
-        return T.reinterpret(unpack(u01, u23, 16, q % 2 == 1), dtype="float32x8")
-
-    def xv(X, m, k):
-        xe = T.broadcast(X[m, k * 2], 4)
-        xo = T.broadcast(_odd_input(T, X, m, k * 2 + 1, K, odd, 16), 4)
-        return tirx.Shuffle([xe, xo], list(range(8)))
+    @T.macro(hygienic=False)
+    def step(p, ka, kb):
+        """F0-F3 of the byte planes p (the same pure expressions in the four statements: LLVM computes them
+        once), times [x[ka] x4, x[kb] x4] into each row's accumulators."""
+        wf[T.ramp(0, 1, 8)] = _lut_floats(T, p, 0)
+        wf[T.ramp(8, 1, 8)] = _lut_floats(T, p, 1)
+        wf[T.ramp(16, 1, 8)] = _lut_floats(T, p, 2)
+        wf[T.ramp(24, 1, 8)] = _lut_floats(T, p, 3)
+        for m in T.unroll(M):
+            for q in T.unroll(4):
+                acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
+                    wf[T.ramp(q * 8, 1, 8)] * _pair_inputs(T, X, m, ka, kb, K, K % 2 == 1)
 
     @prim_func
     def lut16_shuffle(X: T.Buffer((M, K), "float32"), W: T.Buffer((NB, KP, 16), "uint8"),
@@ -298,38 +266,65 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
                 acc[T.ramp(t * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
             for kp2 in range(KP // 2):
                 # two pairs per step, one 32-byte load: low nibbles = inputs 4kp2 and 4kp2 + 2, high nibbles =
-                # 4kp2 + 1 and 4kp2 + 3 (the byte planes are the same pure expressions in the four statements of a
-                # half: LLVM computes them once)
-                wf[T.ramp(0, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 0)
-                wf[T.ramp(8, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 1)
-                wf[T.ramp(16, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 2)
-                wf[T.ramp(24, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), 3)
-                for m in T.unroll(M):
-                    for q in T.unroll(4):
-                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
-                            wf[T.ramp(q * 8, 1, 8)] * xv2(X, m, kp2 * 4, kp2 * 4 + 2)
-                wf[T.ramp(0, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 0)
-                wf[T.ramp(8, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 1)
-                wf[T.ramp(16, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 2)
-                wf[T.ramp(24, 1, 8)] = floats(planes32(W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), 3)
-                for m in T.unroll(M):
-                    for q in T.unroll(4):
-                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
-                            wf[T.ramp(q * 8, 1, 8)] * xv2(X, m, kp2 * 4 + 1, kp2 * 4 + 3)
+                # 4kp2 + 1 and 4kp2 + 3
+                step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), kp2 * 4, kp2 * 4 + 2)
+                step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), kp2 * 4 + 1, kp2 * 4 + 3)
             if KP % 2 == 1:                                  # the last pair alone
-                wf[T.ramp(0, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 0)
-                wf[T.ramp(8, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 1)
-                wf[T.ramp(16, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 2)
-                wf[T.ramp(24, 1, 8)] = floats(planes(W.vload([nb, KP - 1, 0], "uint8x16"), TB), 3)
-                for m in T.unroll(M):
-                    for q in T.unroll(4):
-                        acc[T.ramp((m * 4 + q) * 8, 1, 8)] = acc[T.ramp((m * 4 + q) * 8, 1, 8)] + \
-                            wf[T.ramp(q * 8, 1, 8)] * xv(X, m, KP - 1)
+                step(_lut_planes(T, W.vload([nb, KP - 1, 0], "uint8x16"), None, TB), KP * 2 - 2, KP * 2 - 1)
             for m in T.unroll(M):
                 for j in T.vectorized(16):
                     Y[m, nb * 16 + j] = (acc[(m * 4 + j // 4) * 8 + j % 4] + acc[(m * 4 + j // 4) * 8 + 4 + j % 4]) \
                         * S[nb, 0, j] + Bi[nb * 16 + j]
     return lut16_shuffle
+
+
+def _unpack_lanes(a, b, n: int, high: bool):
+    """_mm256_unpack{lo,hi}_epi{8,16} of n-element vectors: per 128-bit lane, the low or high half of a's and b's
+    elements interleaved."""
+    from tvm import tirx
+
+    per_lane = n // 2
+    base = per_lane // 2 if high else 0
+    idx = []
+    for lane in range(2):
+        for i in range(per_lane // 2):
+            idx += [lane * per_lane + base + i, n + lane * per_lane + base + i]
+    return tirx.Shuffle([a, b], idx)
+
+
+def _lut_planes(T, w_bytes, high, TB):
+    """Byte b of the codebook entries the 32 nibble indices pick, b = 0..3 (vpshufb of TB's plane b). w_bytes:
+    32 bytes of two pairs (high: their high nibbles, else their low ones), or 16 bytes of one pair (high None:
+    its low nibbles, then its high ones)."""
+    from tvm import tirx
+
+    def u8(v, n):
+        return T.broadcast(T.uint8(v), n)
+
+    if high is None:
+        idx = tirx.Shuffle([T.bitwise_and(w_bytes, u8(15, 16)), T.shift_right(w_bytes, u8(4, 16))], list(range(32)))
+    else:
+        idx = T.shift_right(w_bytes, u8(4, 32)) if high else T.bitwise_and(w_bytes, u8(15, 32))
+    idx = T.reinterpret(idx, dtype="int8x32")
+    return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pshuf.b"),
+                                    T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
+                                    dtype="int8x32") for b in range(4)]
+
+
+def _lut_floats(T, p, q: int):
+    """F_q of the byte planes p: the float32 entries of indices 4q..4q+3 and 16+4q..16+4q+3 (bytes interleaved,
+    then 16-bit halves)."""
+    u01 = T.reinterpret(_unpack_lanes(p[0], p[1], 32, q >= 2), dtype="int16x16")
+    u23 = T.reinterpret(_unpack_lanes(p[2], p[3], 32, q >= 2), dtype="int16x16")
+    return T.reinterpret(_unpack_lanes(u01, u23, 16, q % 2 == 1), dtype="float32x8")
+
+
+def _pair_inputs(T, X, m, ka, kb, K: int, odd: bool):
+    """[x[m, ka] x4, x[m, kb] x4]; kb may be an odd K's missing input (0)."""
+    from tvm import tirx
+
+    return tirx.Shuffle([T.broadcast(X[m, ka], 4), T.broadcast(_odd_input(T, X, m, kb, K, odd, 16), 4)],
+                        list(range(8)))
 
 
 def codebook_byte_planes(codebook: np.ndarray) -> np.ndarray:
