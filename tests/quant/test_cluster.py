@@ -130,7 +130,7 @@ tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
 from tests.helpers import X86_TARGETS  # noqa: E402
-from tests.quant.test_int8_paths import _compile, asm_of  # noqa: E402
+from tests.quant.test_int8_paths import _compile, asm_of, run_one_layer  # noqa: E402
 
 # (rows, in, out, k): 4-bit and 8-bit indices, direct (M <= 4) and panel kernels, odd K and N, pruned zeros
 LUT_SHAPES = [(1, 37, 21, 16), (7, 64, 33, 16), (1, 53, 19, 64), (9, 30, 17, 40)]
@@ -204,11 +204,7 @@ def test_codebook_kernels_match_the_module_on_random_layers(rows, k_in, n, k, of
     codebook[index] matmul within float32 rounding."""
     g = torch.Generator().manual_seed(seed)
     layer = ClusteredLinear(torch.randn(n, k_in, generator=g) + offset, torch.randn(n, generator=g), k)
-    module = nn.Sequential(layer).eval()
     x = torch.randn(rows, k_in, generator=g)
-    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
-    with torch.no_grad():
-        ref = module(x)
+    got, ref = run_one_layer(layer, x)
     tol = (x.abs() @ layer.dequantized_weight().abs().t() + layer.bias.abs()) * 8 * torch.finfo(torch.float32).eps
-    got = compiled(x)
     assert not ((got - ref).abs() > tol).any(), (got - ref).abs().max().item()

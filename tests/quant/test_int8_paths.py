@@ -102,6 +102,14 @@ def _compile(module, args, spec):
                           lowered.const_outputs), exe, lowered
 
 
+def run_one_layer(layer, x):
+    """(compiled output, module output) of `layer` alone on input x, built for the host ("x86")."""
+    module = nn.Sequential(layer).eval()
+    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
+    with torch.no_grad():
+        return compiled(x), module(x)
+
+
 def built_layers(target: str, module, args):
     """(target, module, args, compiled, executable, lowered) of `module` built for `target` (on any x86 host; a
     test that runs it calls _skip_unless_runs_here): the module-scoped `built` fixtures of the kernel test files."""

@@ -253,14 +253,10 @@ def test_worst_case_products_do_not_saturate(built):
 def test_kernels_match_the_reference_on_random_layers(rows, k, n, group, offset, seed):
     """Random W4A8 layers (1-9 rows: the GEMV tile and row tiles with tails; 1-90 inputs, ragged last groups;
     weights centred or all positive) equal the reference within float32 rounding of the exact integer sums."""
-    from tests.quant.test_int8_paths import _compile
+    from tests.quant.test_int8_paths import run_one_layer
 
     g = torch.Generator().manual_seed(seed)
     layer = W4A8Linear(torch.randn(n, k, generator=g) + offset, torch.randn(n, generator=g), group)
-    module = nn.Sequential(layer).eval()
     x = torch.randn(rows, k, generator=g)
-    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
-    with torch.no_grad():
-        ref = module(x)
-    got = compiled(x)
+    got, ref = run_one_layer(layer, x)
     assert not ((got.double() - ref.double()).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()

@@ -291,16 +291,12 @@ def test_weight_only_kernels_match_the_module_on_random_layers(rows, k, n, kind,
     """Random weight-only layers (int8 per channel or grouped, int4 per channel or in groups of 8k inputs (the
     word kernel) or not; direct up to 4 rows, panel above; odd and even input counts; weights centred or all
     positive, so zero points far from 8) equal the module's dequantized matmul within float32 rounding."""
-    from tests.quant.test_int8_paths import _compile
+    from tests.quant.test_int8_paths import run_one_layer
 
     bits, group = kind
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(n, k, generator=g) + offset, torch.randn(n, generator=g)
     layer = WeightOnlyLinear(w, b) if bits == 8 and group is None else PackedWeightOnlyLinear(w, b, bits, group)
-    module = nn.Sequential(layer).eval()
     x = torch.randn(rows, k, generator=g)
-    compiled, _, _ = _compile(module, (x,), resolve_target("x86"))
-    with torch.no_grad():
-        ref = module(x)
-    got = compiled(x)
+    got, ref = run_one_layer(layer, x)
     assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
