@@ -167,6 +167,7 @@ def test_codebook_kernels_match_the_reference(target):
         asm = asm_of(exe)     # panel: two 8-entry permutes and a blend; GEMV: byte shuffles of the entries' bytes
         assert re.search(r"vperm(ps|d)\t%ymm", asm) and re.search(r"vblendvps\t%ymm", asm), "no AVX2 lookup"
         assert re.search(r"vpshufb\t%ymm", asm) and "gather" not in asm, "no AVX2 GEMV byte-shuffle lookup"
+        assert re.search(r"vpblendvb\t%ymm", asm), "no group select of the 8-bit (k = 64) GEMV lookup"
     with torch.no_grad():
         refs = module(*args)
     eps = torch.finfo(torch.float32).eps
@@ -196,12 +197,14 @@ def test_codebook_kernel_with_odd_inputs_ignores_the_padding(k):
 
 
 @settings(max_examples=12, deadline=None)
-@given(rows=st.integers(1, 7), k_in=st.integers(1, 80), n=st.integers(1, 40), k=st.sampled_from([2, 16, 40]),
+@given(rows=st.integers(1, 7), k_in=st.integers(1, 80), n=st.integers(1, 40),
+       k=st.sampled_from([2, 16, 20, 40, 64, 100]),
        offset=st.sampled_from([0.0, 1.5, -3.0]), seed=st.integers(0, 2 ** 31 - 1))
 def test_codebook_kernels_match_the_module_on_random_layers(rows, k_in, n, k, offset, seed):
     """Random layers through the codebook kernels (direct up to 4 rows, panel above; 4-bit indices for k <= 16,
-    8-bit above; odd and even input counts; codebooks with and without a zero entry) equal the module's
-    codebook[index] matmul within float32 rounding."""
+    8-bit above: on AVX2 the byte-shuffle GEMV with 1, 2 or 4 groups of 16 entries up to k = 64, a gather past;
+    odd and even input counts; codebooks with and without a zero entry) equal the module's codebook[index]
+    matmul within float32 rounding."""
     g = torch.Generator().manual_seed(seed)
     layer = ClusteredLinear(torch.randn(n, k_in, generator=g) + offset, torch.randn(n, generator=g), k)
     x = torch.randn(rows, k_in, generator=g)

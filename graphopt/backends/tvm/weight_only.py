@@ -225,7 +225,7 @@ def direct_kernel(M: int, K: int, NB: int, L: int, NT: int, bits: int, G: int, s
     return woq_direct
 
 
-def lut16_shuffle_kernel(M: int, K: int, NB: int):
+def lut16_shuffle_kernel(M: int, K: int, NB: int, bits: int = 4, groups: int = 1):
     """TIR for M <= 4 rows and a 16-entry codebook on AVX2: Y[M, NB·16] = X · CB[idx]ᵀ · S + B, W [NB, KP, 16]
     uint8 (direct_kernel's 4-bit layout: low nibble input 2kp, high nibble input 2kp + 1; per-channel S).
 
@@ -235,11 +235,18 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
     the same columns of input 2kp + 1]; they multiply [x_even x 4, x_odd x 4] into four accumulators, whose
     halves are summed per column at the end. Two pairs per step (one 32-byte load: their low nibbles, then their
     high nibbles): 12 in-lane shuffles per 32 weights, where the vpermps form (_permute16) took two lane-crossing
-    permutes and a blend per 8; an odd pair count ends with one pair alone."""
+    permutes and a blend per 8; an odd pair count ends with one pair alone.
+    bits = 8 (W [NB, 2KP, 16] one index per byte, a codebook of up to 16·groups entries, groups 1, 2 or 4):
+    two inputs per 32-byte load; each byte plane is looked up in every group of 16 entries (TB [groups, 4,
+    32]) and the group picked by the index's bits 4-5 (vpblendvb), so k = 32 takes 8 shuffles and 4 blends
+    per 32 weights where it took a gather per lane."""
     from tvm.script import tirx as T
 
     KP = (K + 1) // 2
     N = NB * 16
+    w_shape, w_dtype = ((NB, KP, 16), "uint8") if bits == 4 else ((NB, 2 * KP, 16), "int8")
+    if bits == 8 and groups not in (1, 2, 4):
+        raise ValueError(f"lut16_shuffle_kernel: 8-bit indices take 1, 2 or 4 groups of 16 entries, not {groups}")
 
     @T.macro(hygienic=False)
     def step(p, ka, kb):
@@ -255,8 +262,8 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
                     wf[T.ramp(q * 8, 1, 8)] * _pair_inputs(T, X, m, ka, kb, K, K % 2 == 1)
 
     @prim_func
-    def lut16_shuffle(X: T.Buffer((M, K), "float32"), W: T.Buffer((NB, KP, 16), "uint8"),
-                      S: T.Buffer((NB, 1, 16), "float32"), TB: T.Buffer((128,), "uint8"),
+    def lut16_shuffle(X: T.Buffer((M, K), "float32"), W: T.Buffer(w_shape, w_dtype),
+                      S: T.Buffer((NB, 1, 16), "float32"), TB: T.Buffer((128 * groups,), "uint8"),
                       Bi: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         for nb in T.parallel(NB):
@@ -264,13 +271,18 @@ def lut16_shuffle_kernel(M: int, K: int, NB: int):
             wf = T.decl_buffer((32,), "float32")             # F0-F3 of one pair
             for t in T.unroll(M * 4):
                 acc[T.ramp(t * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
-            for kp2 in range(KP // 2):
-                # two pairs per step, one 32-byte load: low nibbles = inputs 4kp2 and 4kp2 + 2, high nibbles =
-                # 4kp2 + 1 and 4kp2 + 3
-                step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), kp2 * 4, kp2 * 4 + 2)
-                step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), kp2 * 4 + 1, kp2 * 4 + 3)
-            if KP % 2 == 1:                                  # the last pair alone
-                step(_lut_planes(T, W.vload([nb, KP - 1, 0], "uint8x16"), None, TB), KP * 2 - 2, KP * 2 - 1)
+            if bits == 8:
+                for kp in range(KP):                         # inputs 2kp and 2kp + 1: one byte each
+                    step(_lut_planes(T, T.reinterpret(W.vload([nb, kp * 2, 0], "int8x32"), dtype="uint8x32"),
+                                     False, TB, groups), kp * 2, kp * 2 + 1)
+            else:
+                for kp2 in range(KP // 2):
+                    # two pairs per step, one 32-byte load: low nibbles = inputs 4kp2 and 4kp2 + 2, high
+                    # nibbles = 4kp2 + 1 and 4kp2 + 3
+                    step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), False, TB), kp2 * 4, kp2 * 4 + 2)
+                    step(_lut_planes(T, W.vload([nb, kp2 * 2, 0], "uint8x32"), True, TB), kp2 * 4 + 1, kp2 * 4 + 3)
+                if KP % 2 == 1:                              # the last pair alone
+                    step(_lut_planes(T, W.vload([nb, KP - 1, 0], "uint8x16"), None, TB), KP * 2 - 2, KP * 2 - 1)
             for m in T.unroll(M):
                 for j in T.vectorized(16):
                     Y[m, nb * 16 + j] = (acc[(m * 4 + j // 4) * 8 + j % 4] + acc[(m * 4 + j // 4) * 8 + 4 + j % 4]) \
@@ -292,10 +304,12 @@ def _unpack_lanes(a, b, n: int, high: bool):
     return tirx.Shuffle([a, b], idx)
 
 
-def _lut_planes(T, w_bytes, high, TB):
-    """Byte b of the codebook entries the 32 nibble indices pick, b = 0..3 (vpshufb of TB's plane b). w_bytes:
-    32 bytes of two pairs (high: their high nibbles, else their low ones), or 16 bytes of one pair (high None:
-    its low nibbles, then its high ones)."""
+def _lut_planes(T, w_bytes, high, TB, groups: int = 1):
+    """Byte b of the codebook entries the 32 indices pick, b = 0..3 (vpshufb of TB's plane b). w_bytes: 32 bytes
+    of two 4-bit pairs (high: their high nibbles, else their low ones), or 16 bytes of one pair (high None: its
+    low nibbles, then its high ones); with `groups` > 1, 32 one-byte indices (high False) into groups of 16
+    entries, TB [groups, 4, 32]: each group looked up, the group picked by index bits 4 and 5 (vpblendvb reads
+    each byte's bit 7: the index shifted left by 3, then 2, as 16-bit lanes, whose carries land below bit 7)."""
     from tvm import tirx
 
     def u8(v, n):
@@ -306,9 +320,23 @@ def _lut_planes(T, w_bytes, high, TB):
     else:
         idx = T.shift_right(w_bytes, u8(4, 32)) if high else T.bitwise_and(w_bytes, u8(15, 32))
     idx = T.reinterpret(idx, dtype="int8x32")
-    return [T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pshuf.b"),
-                                    T.reinterpret(TB.vload([b * 32], "uint8x32"), dtype="int8x32"), idx,
-                                    dtype="int8x32") for b in range(4)]
+    shuf = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pshuf.b")
+    blend = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pblendvb")
+
+    def select_bit(shift: int):
+        w16 = T.reinterpret(w_bytes, dtype="int16x16")
+        return T.reinterpret(T.shift_left(w16, T.broadcast(T.int16(shift), 16)), dtype="int8x32")
+
+    planes = []
+    for b in range(4):
+        looked = [T.call_llvm_pure_intrin(shuf, T.reinterpret(TB.vload([(g * 4 + b) * 32], "uint8x32"),
+                                                              dtype="int8x32"), idx, dtype="int8x32")
+                  for g in range(groups)]
+        for shift in (3, 2)[:groups.bit_length() - 1]:              # bit 4, then bit 5 of the index
+            looked = [T.call_llvm_pure_intrin(blend, looked[i], looked[i + 1], select_bit(shift), dtype="int8x32")
+                      for i in range(0, len(looked), 2)]
+        planes.append(looked[0])
+    return planes
 
 
 def _lut_floats(T, p, q: int):
@@ -327,10 +355,14 @@ def _pair_inputs(T, X, m, ka, kb, K: int, odd: bool):
                         list(range(8)))
 
 
-def codebook_byte_planes(codebook: np.ndarray) -> np.ndarray:
-    """TB of lut16_shuffle_kernel: [4, 32] uint8, row b = byte b (little-endian) of the 16 float32 entries, twice."""
-    b = np.ascontiguousarray(codebook.astype(np.float32)).view(np.uint8).reshape(16, 4).T
-    return np.ascontiguousarray(np.concatenate([b, b], axis=1)).reshape(-1)
+def codebook_byte_planes(codebook: np.ndarray, groups: int = 1) -> np.ndarray:
+    """TB of lut16_shuffle_kernel: [groups, 4, 32] uint8, row (g, b) = byte b (little-endian) of entries
+    16g..16g+15, twice (both 128-bit lanes)."""
+    entries = np.zeros(16 * groups, np.float32)
+    n = min(codebook.size, 16 * groups)
+    entries[:n] = codebook.astype(np.float32).reshape(-1)[:n]
+    b = entries.view(np.uint8).reshape(groups, 16, 4).transpose(0, 2, 1)         # [g, plane, entry]
+    return np.ascontiguousarray(np.concatenate([b, b], axis=2)).reshape(-1)
 
 
 def direct4_kernel(M: int, KW: int, NG: int, NB: int, L: int, NT: int, P: int):
@@ -573,6 +605,15 @@ def panel_kernel(M: int, K: int, NB: int, L: int, MT: int, NT: int, bits: int, G
     return woq_panel
 
 
+def _codebook_groups(q: np.ndarray, bits: int, codebook: np.ndarray) -> int:
+    """Groups of 16 entries the byte-shuffle lookup needs for indices q: 1 for 4-bit; 1, 2 or 4 for 8-bit indices
+    below 64; 0 (no shuffle kernel) above."""
+    if bits == 4:
+        return 1 if codebook.size == 16 else 0
+    top = int(q.max()) + 1 if q.size else 1
+    return next((g for g in (1, 2, 4) if top <= 16 * g), 0)
+
+
 def _has_avx2(spec) -> bool:
     from tvm.target import codegen
 
@@ -635,10 +676,12 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     avx512 = lanes == 16 and regs >= 32
     permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
                and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
-    if kind == "direct" and permute and not avx512 and lanes == 16 and nt == 1 and ng == 1:
-        # AVX2 GEMV over a 16-entry codebook: byte-shuffle lookups (lut16_shuffle_kernel)
-        args = [args[0], args[1], const(codebook_byte_planes(cb)), args[4]]
-        func = lut16_shuffle_kernel(m, k, nbp)
+    groups = _codebook_groups(q, bits, codebook) if codebook is not None else 0
+    if (kind == "direct" and not avx512 and lanes == 16 and nt == 1 and ng == 1 and groups
+            and (permute or (bits == 8 and _has_avx2(spec)))):
+        # AVX2 GEMV over a codebook of up to 16 (4-bit) or 64 (8-bit) entries: byte-shuffle lookups
+        args = [args[0], args[1], const(codebook_byte_planes(cb, groups)), args[4]]
+        func = lut16_shuffle_kernel(m, k, nbp, bits, groups)
     elif kind == "direct":
         offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
         args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
