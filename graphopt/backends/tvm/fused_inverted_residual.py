@@ -140,6 +140,14 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
     def slot(iy):
         return (iy + RING) % RING          # iy >= -P > -RING
 
+    @T.macro(hygienic=False)
+    def zero_tile(acc, rows, vecs):
+        """A register tile's accumulators (rows x vecs vectors of `lanes`) to 0."""
+        for r in T.unroll(rows):
+            for v in T.unroll(vecs):
+                for l in T.vectorized(lanes):
+                    acc[r, v, l] = f32(0.0)
+
     o_shape = (N, HO, WO, COUT)
     r_shape = o_shape if residual else (1, 1, 1, 1)
     w2_shape, b2_shape = ((1, 1, CE, COUT), (1, 1, 1, COUT)) if project is not None else ((1, 1, 1, 1), (1, 1, 1, 1))
@@ -189,10 +197,7 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                     for iy in range(ra, rb):
                         for cp in range(CE // CPE):
                             for xt in range((W + RE - 1) // RE):
-                                for r in T.unroll(RE):
-                                    for v in T.unroll(VE):
-                                        for l in T.vectorized(lanes):
-                                            eacc[r, v, l] = f32(0.0)
+                                zero_tile(eacc, RE, VE)
                                 for k in range(CIN):
                                     for r in T.unroll(RE):
                                         for v in T.unroll(VE):
@@ -209,10 +214,7 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 else:
                     for cp in range(CE // CPE):
                         for qt in range(((rb - ra) * W + RE - 1) // RE):
-                            for r in T.unroll(RE):
-                                for v in T.unroll(VE):
-                                    for l in T.vectorized(lanes):
-                                        eacc[r, v, l] = f32(0.0)
+                            zero_tile(eacc, RE, VE)
                             for k in range(CIN):
                                 for r in T.unroll(RE):
                                     for v in T.unroll(VE):
@@ -239,10 +241,7 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 for y in range(ya, yb):
                     for cp in range(CE // CPD):
                         for xt in range((WO + RD - 1) // RD):
-                            for r in T.unroll(RD):
-                                for v in T.unroll(VD):
-                                    for l in T.vectorized(lanes):
-                                        dacc[r, v, l] = f32(0.0)
+                            zero_tile(dacc, RD, VD)
                             for ky in range(K):
                                 for kx in range(K):
                                     for r in T.unroll(RD):
@@ -265,10 +264,7 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 if project is not None:
                     for cp in range(COUT // CPP):
                         for qt in range(((yb - ya) * WO + RP - 1) // RP):
-                            for r in T.unroll(RP):
-                                for v in T.unroll(VP):
-                                    for l in T.vectorized(lanes):
-                                        pacc[r, v, l] = f32(0.0)
+                            zero_tile(pacc, RP, VP)
                             for k in range(CE):
                                 for r in T.unroll(RP):
                                     for v in T.unroll(VP):
