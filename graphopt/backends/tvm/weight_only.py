@@ -49,6 +49,13 @@ __all__ = ["lanes_for", "pack_weights", "unpack_nibbles", "direct_kernel", "pane
 
 DIRECT_MAX_ROWS = 4
 _PANEL_BYTES = 64 * 1024
+# AVX2 int4 GEMV (direct4_kernel, one row): 8-lane column blocks per task = independent FMA chains. Each step is
+# vpand + vcvtdq2ps + FMA; on a 2-core AVX2 EPYC (znver2, 3.3 GHz) one 4096x4096 layer, one thread, ran at
+# 0.61 / 0.78 / 0.89 / 0.66 vectors of weights per cycle with 3 / 4 / 5 / 6 chains (16-lane blocks x 2, the
+# previous choice: 0.79; 5 blocks x 2 accumulator sets: 0.65). A register-only loop of the same step (scratch
+# asm) runs 0.96-0.98 per cycle with five chains and 0.69 with six to eight: conversions and FMAs contend on
+# Zen 2 past five chains, while four leave the FMA latency (5 cycles) exposed.
+INT4_GEMV_BLOCKS = 5
 
 
 def lanes_for(spec) -> tuple[int, int]:
@@ -650,14 +657,18 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     kp = (k + 1) // 2
     per_channel = group_size is None or group_size >= k
     g = 2 * kp if per_channel else int(group_size)
-    if kind == "direct" and regs < 32 and lanes == 8:
-        # AVX2 GEMV: 16-lane vectors (two ymm registers each), one or two column blocks per task: measured
-        # faster than 8-lane blocks (benchmarks/bench_weight_only.py, x86:haswell)
+    int4_gemv = kind == "direct" and bits == 4 and (per_channel or g % 8 == 0) and m == 1 and codebook is None
+    if kind == "direct" and regs < 32 and lanes == 8 and int4_gemv:
+        # AVX2 int4 GEMV: five 8-lane column blocks per task, five FMA chains (INT4_GEMV_BLOCKS)
+        nt = INT4_GEMV_BLOCKS
+        while nt > 1 and nb / nt < 2 * _cores(spec):
+            nt -= 1
+    elif kind == "direct" and regs < 32 and lanes == 8:
+        # AVX2 GEMV: 16-lane vectors (two ymm registers each), one column block per task: measured faster
+        # than 8-lane blocks (benchmarks/bench_weight_only.py, x86:haswell)
         lanes = 16
         nb = (n + lanes - 1) // lanes
-        nt = 2 if bits == 4 and (per_channel or g % 8 == 0) and m == 1 and codebook is None else 1
-        while nt > 1 and nb / nt < 2 * _cores(spec):
-            nt //= 2
+        nt = 1
     nbp = (nb + nt - 1) // nt * nt
     if bits == 4 and per_channel and kind == "direct":
         g = (k + 7) // 8 * 8                    # the word kernel's one group: K rounded up to whole words
