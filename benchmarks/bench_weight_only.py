@@ -27,7 +27,10 @@ Models:
            W4A8 take its pointwise (1x1) convs (pointwise_convs=true) and its classifier; dyn8 the classifier
 Printed per model: ms, speed vs fp32 and vs woq8, cosine with the float32 model's outputs (eager, over the
 evaluation inputs), and the size of the compiled weights; then the ratios the issue asks for
-(int4 / int8-weight-only speed, int4 / fp32 speed; the same for W4A8, and W4A8 / dyn8). Writes <out>/weight_only_<model>_<target>.json.
+(int4 / int8-weight-only speed, int4 / fp32 speed; the same for W4A8, and W4A8 / dyn8), and for the MLP the
+int4 GEMV against the int4 ceiling measured first (benchmarks/isa_peak.py: one thread, the kernel's
+mask-convert-FMA step in registers; the time at that ceiling bounds what any int4 weight-only GEMV of this
+form can gain over int8 weight-only here). Writes <out>/weight_only_<model>_<target>.json.
 """
 from __future__ import annotations
 
@@ -124,8 +127,26 @@ def bench(name: str, args) -> dict:
                      "cosine": round(F.cosine_similarity(out.flatten().double(), ref.flatten().double(),
                                                          dim=0).item(), 6),
                      **info.get(key, {})}
-    return {"model": name, "target": args.target, "batch": 1, "stat": args.stat, "rows": rows,
-            "machine": machine_info()}
+    res = {"model": name, "target": args.target, "batch": 1, "stat": args.stat, "rows": rows,
+           "machine": machine_info()}
+    if name == "mlp" and args.int4_ceiling:
+        res["int4_gemv"] = int4_against_ceiling(model, rows, args.int4_ceiling, args.threads or physical_cores())
+    return res
+
+
+def int4_against_ceiling(model, rows: dict, ceiling: float, threads: int) -> dict:
+    """A batch-1 model of Linear layers (the MLP: every weight converted once per call, for one FMA): the
+    woq4 rows' weights per second per thread against the int4 ceiling (G weights/s per core, isa_peak), and
+    the time at that ceiling against int8 weight-only's measured time."""
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    floor_ms = weights / (ceiling * 1e9 * threads) * 1e3
+    out = {"weights": weights, "ceiling_g_per_core": round(ceiling, 1), "floor_ms": round(floor_ms, 3),
+           "woq8_over_floor": round(rows["woq8"]["ms"] / floor_ms, 2)}
+    for k, r in rows.items():
+        if k.startswith("woq4"):
+            out[k] = {"g_weights_per_s_per_thread": round(weights / (r["ms"] * 1e-3) / threads / 1e9, 1),
+                      "of_ceiling": round(floor_ms / r["ms"], 2)}
+    return out
 
 
 def print_result(res: dict) -> None:
@@ -146,6 +167,13 @@ def print_result(res: dict) -> None:
                   f"{r['vs_fp32']}x (goal >= 2), W4A8 / dyn8 speed {round(rows['dyn8']['ms'] / r['ms'], 2)}x, "
                   f"cosine vs float32 {r['cosine']}")
     print(f"  woq8: int8-weight-only / fp32 speed {rows['woq8']['vs_fp32']}x (goal >= 1.0)")
+    c = res.get("int4_gemv")
+    if c:
+        for k, r in c.items():
+            if k.startswith("woq4"):
+                print(f"  {k}: {c['weights'] / 1e6:.1f} M weights at {r['g_weights_per_s_per_thread']} G/s per "
+                      f"thread, {r['of_ceiling']:.0%} of the int4 ceiling ({c['ceiling_g_per_core']} G/s per core); "
+                      f"at the ceiling {c['floor_ms']} ms, {c['woq8_over_floor']}x faster than woq8 here")
     if "cluster16" in rows:
         r = rows["cluster16"]
         print(f"  cluster16: compressed file {r['compressed_file_bytes']:,} B vs float32 parameters "
@@ -172,6 +200,18 @@ def main(argv=None):
     args.group = [int(g) for g in args.group.split(",") if g.strip()]
     if args.threads:            # graphopt's import already set TVM_NUM_THREADS (physical cores) by default
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    args.int4_ceiling = None
+    if "mlp" in args.models.split(","):
+        import isa_peak
+
+        m = isa_peak.measure(int4_only=True)       # before the thread pools start: one thread, an idle machine
+        print(isa_peak.summary_int4(m), flush=True)
+        from graphopt.backends.targets import resolve_target
+        from graphopt.backends.tvm.weight_only import lanes_for
+
+        spec = resolve_target(args.target)
+        path = "avx512" if spec.arch == "x86_64" and lanes_for(spec)[0] == 16 else "avx2"
+        args.int4_ceiling = next((p["weights"] for p in m.get("int4", []) if p["path"] == path), None)
     threads = set_threads(args.threads or physical_cores())
     os.makedirs(args.out, exist_ok=True)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -9,7 +9,10 @@ compiler, and it varies: on AVX2 without VNNI the u8·s8 sequence is `vpmaddubsw
 side has two FMA pipes. This script times each sequence in a register-resident loop (no memory traffic; six
 to ten independent accumulators, enough to cover every latency), one thread, with the system C compiler, and
 prints giga multiply-accumulates per second per core and the int8 / float32 ratio per int8 path graphopt has
-(avx2, avx512bw, vnni). Paths whose instructions this CPU lacks are skipped. Memory-bound layers (batch-1
+(avx2, avx512bw, vnni), and the rate of the int4 weight-only GEMV's step (mask a nibble, convert it, one FMA:
+weights per second per core, the bound of a batch-1 int4 layer whose weights are in cache; an int8 weight's
+step is the same length, so int4 gains over int8 weight-only only where int8's weights come from memory at a
+lower rate). Paths whose instructions this CPU lacks are skipped. Memory-bound layers (batch-1
 Linear, depthwise convs) are not bounded by this: int8 moves a quarter of float32's bytes there.
 
 Needs a C compiler (`cc`, gcc or clang, with x86 intrinsics); on other machines it prints why it cannot run.
@@ -109,6 +112,47 @@ __attribute__((target("avx512vnni,avx512f"))) static double vnni_zmm(void) {
     return (double)ITERS * 10 * 64 / t / 1e9;
 }
 
+/* int4 weight-only dequantization (graphopt's direct4_kernel): per SIMD vector of 8 (16) weights, one vpand
+   isolating a nibble of a word vector in a register (the kernel loads each word once for its 8 nibbles), one
+   vcvtdq2ps, one FMA into one of five independent accumulators (the AVX2 kernel's column blocks; on Zen 2 six
+   to eight chains ran this loop 30% slower, four leave the FMA latency exposed). Written in asm (with
+   intrinsics GCC spilled the accumulators). MAC count: weights. */
+#define I4(op, v, w, t, a) op " %%" v "0, %%" v w ", %%" v t "\n\t" \
+    "vcvtdq2ps %%" v t ", %%" v t "\n\tvfmadd231ps %%" v t ", %%" v "1, %%" v a "\n\t"
+#define I4X5(op, v) I4(op, v, "2", "6", "8") I4(op, v, "3", "7", "9") I4(op, v, "4", "6", "10") \
+    I4(op, v, "5", "7", "11") I4(op, v, "2", "6", "12")
+#define I4_SETUP(v, mov) "vcvtdq2ps %%" v "0, %%" v "1\n\tvxorps %%" v "8, %%" v "8, %%" v "8\n\t" \
+    "vmovaps %%" v "8, %%" v "9\n\tvmovaps %%" v "8, %%" v "10\n\tvmovaps %%" v "8, %%" v "11\n\t" \
+    "vmovaps %%" v "8, %%" v "12\n\tvmovaps %%" v "8, %%" v "13\n\tvmovaps %%" v "8, %%" v "14\n\t" \
+    "vmovaps %%" v "8, %%" v "15\n\t" mov " (%[w]), %%" v "2\n\t" mov " (%[w]), %%" v "3\n\t" \
+    mov " (%[w]), %%" v "4\n\t" mov " (%[w]), %%" v "5\n\t"
+#define I4_CLOBBER "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+    "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+__attribute__((target("avx2,fma"))) static double int4_ymm(void) {
+    __m256i w = _mm256_set1_epi32(0x12345678), m = _mm256_set1_epi32(15);
+    float out[8];
+    long n = ITERS;
+    double t = now();
+    __asm__ volatile("vmovdqu (%[m]), %%ymm0\n\t" I4_SETUP("ymm", "vmovdqu") "1:\n\t" I4X5("vpand", "ymm") "decq %[n]\n\tjnz 1b\n\t"
+                     "vaddps %%ymm8, %%ymm12, %%ymm8\n\tvmovups %%ymm8, (%[out])"
+                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [out] "r"(out) : I4_CLOBBER);
+    t = now() - t; sink = (long)out[0];
+    return (double)ITERS * 5 * 8 / t / 1e9;
+}
+
+__attribute__((target("avx512f"))) static double int4_zmm(void) {
+    __m512i w = _mm512_set1_epi32(0x12345678), m = _mm512_set1_epi32(15);
+    float out[16];
+    long n = ITERS;
+    double t = now();
+    __asm__ volatile("vmovdqu32 (%[m]), %%zmm0\n\t" I4_SETUP("zmm", "vmovdqu32") "1:\n\t" I4X5("vpandd", "zmm") "decq %[n]\n\tjnz 1b\n\t"
+                     "vaddps %%zmm8, %%zmm12, %%zmm8\n\tvmovups %%zmm8, (%[out])"
+                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [out] "r"(out) : I4_CLOBBER);
+    t = now() - t; sink = (long)out[0];
+    return (double)ITERS * 5 * 16 / t / 1e9;
+}
+
 int main(int argc, char **argv) {
     __builtin_cpu_init();
     for (int a = 1; a < argc; a++) {
@@ -118,6 +162,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "fp32_zmm") && __builtin_cpu_supports("avx512f")) g = fp32_zmm();
         else if (!strcmp(k, "u8s8_zmm") && __builtin_cpu_supports("avx512bw")) g = u8s8_zmm();
         else if (!strcmp(k, "vnni_zmm") && __builtin_cpu_supports("avx512vnni")) g = vnni_zmm();
+        else if (!strcmp(k, "int4_ymm") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2")) g = int4_ymm();
+        else if (!strcmp(k, "int4_zmm") && __builtin_cpu_supports("avx512f")) g = int4_zmm();
         printf("%s %.3f\n", k, g);
         fflush(stdout);
     }
@@ -129,12 +175,16 @@ int main(int argc, char **argv) {
 PATHS = [("avx2", "u8s8_ymm", "fp32_ymm", "vpmaddubsw + vpmaddwd + vpaddd, 256-bit, vs vfmadd231ps ymm"),
          ("avx512bw", "u8s8_zmm", "fp32_zmm", "vpmaddubsw + vpmaddwd + vpaddd, 512-bit, vs vfmadd231ps zmm"),
          ("vnni", "vnni_zmm", "fp32_zmm", "vpdpbusd zmm vs vfmadd231ps zmm")]
+# graphopt's int4 weight-only GEMV (batch 1) per path: (path, kernel, what one step is).
+WEIGHT_ONLY = [("avx2", "int4_ymm", "vpand + vcvtdq2ps + vfmadd231ps per 8 weights"),
+               ("avx512", "int4_zmm", "vpandd + vcvtdq2ps + vfmadd231ps per 16 weights")]
 
 
-def measure(rounds: int = 3, iters: int = 40_000_000) -> dict:
-    """{"kernels": {name: GMAC/s per core, best of `rounds`}, "paths": [{path, int8, fp32, ratio, what}]} for
-    the kernels this CPU runs; {"error": why} where it cannot be measured (no C compiler, not x86). `iters`:
-    loop trips per kernel (40M: about a second each)."""
+def measure(rounds: int = 3, iters: int = 40_000_000, int4_only: bool = False) -> dict:
+    """{"kernels": {name: GMAC/s per core, best of `rounds`}, "paths": [{path, int8, fp32, ratio, what}],
+    "int4": [{path, weights (G/s per core), what}]} for the kernels this CPU runs; {"error": why} where it
+    cannot be measured (no C compiler, not x86). `iters`: loop trips per kernel (40M: about a second each).
+    `int4_only`: time only the int4 weight-only kernels ("paths" then empty)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return {"error": f"x86 only (this machine is {platform.machine()})"}
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -142,7 +192,8 @@ def measure(rounds: int = 3, iters: int = 40_000_000) -> dict:
         return {"error": "no C compiler (cc / gcc / clang) on PATH"}
     if not shutil.which(cc):
         return {"error": f"the C compiler {cc!r} ($CC) is not there"}
-    names = sorted({k for _, a, b, _ in PATHS for k in (a, b)})
+    names = sorted(({k for _, a, b, _ in PATHS for k in (a, b)} if not int4_only else set())
+                   | {k for _, k, _ in WEIGHT_ONLY})
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(tmp, "isa_peak.c"), os.path.join(tmp, "isa_peak")
         with open(src, "w") as f:
@@ -160,7 +211,8 @@ def measure(rounds: int = 3, iters: int = 40_000_000) -> dict:
                         best[k] = max(best.get(k, 0.0), float(g))
     paths = [{"path": p, "int8": best[a], "fp32": best[b], "ratio": best[a] / best[b], "what": what}
              for p, a, b, what in PATHS if a in best and b in best]
-    return {"kernels": best, "paths": paths}
+    int4 = [{"path": p, "weights": best[k], "what": what} for p, k, what in WEIGHT_ONLY if k in best]
+    return {"kernels": best, "paths": paths, "int4": int4}
 
 
 def summary(m: dict) -> str:
@@ -169,6 +221,15 @@ def summary(m: dict) -> str:
         return f"int8 ceiling not measured: {m['error']}"
     return "\n".join(f"int8 ceiling, path {p['path']}: {p['int8']:.1f} G int8 MAC/s vs {p['fp32']:.1f} G float32 "
                      f"MAC/s per core = {p['ratio']:.2f}x ({p['what']})" for p in m["paths"])
+
+
+def summary_int4(m: dict) -> str:
+    """One line per int4 weight-only path: dequantized weights per second per core, the compute bound of a
+    batch-1 int4 GEMV whose weights are in cache (at batch 1 each weight is converted once, for one FMA)."""
+    if "error" in m:
+        return f"int4 ceiling not measured: {m['error']}"
+    return "\n".join(f"int4 weight-only ceiling, path {p['path']}: {p['weights']:.1f} G weights/s per core "
+                     f"({p['what']})" for p in m["int4"])
 
 
 def main() -> int:
@@ -180,6 +241,7 @@ def main() -> int:
 
     print(f"CPU: LLVM '{host_cpu()}', one thread, register-resident loops (best of 3)")
     print(summary(m))
+    print(summary_int4(m))
     print("A compute-bound int8 layer can run at most that ratio faster than the same layer in float32 at the same "
           "fraction of peak; memory-bound layers are not bounded by it.")
     return 0

@@ -93,9 +93,10 @@ def test_run_py_tuned_variant_reports_tuning_then_reuses_records(tmp_path):
 
 
 def test_isa_peak_measures_the_int8_paths_this_cpu_runs(monkeypatch):
-    """benchmarks/isa_peak.py (the int8 ceiling bench_quantize prints): a positive rate for every int8 path whose
-    instructions this CPU has (avx2 on any x86 graphopt supports; the 512-bit ones where AVX-512 is), none for
-    the others; a typed answer, not a crash, without a C compiler. Rates are not checked (no timing here)."""
+    """benchmarks/isa_peak.py (the int8 ceiling bench_quantize prints, the int4 one bench_weight_only prints): a
+    positive rate for every int8 and int4 weight-only path whose instructions this CPU has (avx2 on any x86
+    graphopt supports; the 512-bit ones where AVX-512 is), none for the others; a typed answer, not a crash,
+    without a C compiler. Rates are not checked (no timing here)."""
     import platform
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -113,9 +114,16 @@ def test_isa_peak_measures_the_int8_paths_this_cpu_runs(monkeypatch):
     for p in paths.values():
         assert _finite_positive(p["int8"]) and _finite_positive(p["fp32"]) and _finite_positive(p["ratio"])
     assert isa_peak.summary(m).startswith("int8 ceiling, path avx2:")
+    int4 = {p["path"]: p for p in m["int4"]}         # the int4 weight-only GEMV's step, per path
+    assert "avx2" in int4 and ("avx512" in int4) == runs_here("skylake-avx512")
+    assert all(_finite_positive(p["weights"]) for p in int4.values())
+    assert isa_peak.summary_int4(m).startswith("int4 weight-only ceiling, path avx2:")
+    only = isa_peak.measure(rounds=1, iters=200_000, int4_only=True)
+    assert only["paths"] == [] and {p["path"] for p in only["int4"]} == set(int4)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     m = isa_peak.measure(rounds=1, iters=1000)
     assert "/nonexistent/cc" in m["error"] and "not measured" in isa_peak.summary(m)
+    assert "not measured" in isa_peak.summary_int4(m)
 
 
 def test_time_interleaved_times_with_the_collector_off_and_restores_it(monkeypatch):
@@ -151,3 +159,20 @@ def test_time_interleaved_starts_each_round_one_variant_later(monkeypatch):
     assert sizing == list("abc") and len(calls) == 3 + 3 * 3 * 2, calls      # an untimed call in every block
     # each fn gets one untimed call before its timed one: the same letter twice, one block
     assert timed == list("abc") + list("bca") + list("cab"), calls
+
+
+def test_bench_weight_only_rates_the_int4_gemv_against_the_ceiling(monkeypatch):
+    """bench_weight_only's MLP line: Linear weights counted, time at the ceiling = weights / (ceiling x threads),
+    each woq4 row's fraction of it and woq8's time over it (plain arithmetic on the measured figures)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_weight_only
+
+    model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.ReLU(), torch.nn.Linear(200, 50))
+    rows = {"woq8": {"ms": 0.01}, "woq4-g128": {"ms": 0.004}}
+    out = bench_weight_only.int4_against_ceiling(model, rows, ceiling=10.0, threads=2)
+    assert out["weights"] == 100 * 200 + 200 * 50
+    assert out["floor_ms"] == round(30000 / 20e9 * 1e3, 3) and out["woq8_over_floor"] == round(0.01 / 0.0015, 2)
+    assert out["woq4-g128"] == {"g_weights_per_s_per_thread": round(30000 / 4e-6 / 2 / 1e9, 1),
+                                "of_ceiling": round(0.0015 / 0.004, 2)}
