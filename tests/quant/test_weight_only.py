@@ -302,11 +302,12 @@ def test_weight_only_kernels_match_the_module_on_random_layers(rows, k, n, kind,
     assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
 
 
-def test_avx2_int4_gemv_runs_five_column_blocks_per_task(monkeypatch):
-    """One row, int4 in groups of 8k inputs, AVX2: direct4_kernel with 8-lane column blocks, five per task (five
-    FMA chains: INT4_GEMV_BLOCKS), the columns padded to whole tasks (333 -> 45 blocks of 8) and sliced back;
-    fewer blocks per task where the layer is too narrow to give each core two tasks. Values within float32
-    rounding of the module's dequantized matmul (where the host runs AVX2 code: every x86 graphopt supports)."""
+def test_avx2_int4_gemv_takes_its_column_blocks_by_row_count(monkeypatch):
+    """int4 in groups of 8k inputs, up to 4 rows, AVX2: direct4_kernel with INT4_GEMV_AVX2's blocks (one row: five
+    8-lane column blocks per task, five FMA chains; three rows: three), the columns padded to whole tasks
+    (333 -> 45 blocks of 8) and sliced back; fewer blocks per task where the layer is too narrow to give each
+    core two tasks. Values within float32 rounding of the module's dequantized matmul (where the host runs AVX2
+    code: every x86 graphopt supports)."""
     from graphopt.backends.tvm import weight_only as wo
     from tests.quant.test_int8_paths import _skip_unless_runs_here
 
@@ -314,32 +315,32 @@ def test_avx2_int4_gemv_runs_five_column_blocks_per_task(monkeypatch):
     real = wo.direct4_kernel
 
     def spy(M, KW, NG, NB, L, NT, P):
-        seen.append((M, NB, L, NT))
+        seen.append((M, NB, L, NT, P))
         return real(M, KW, NG, NB, L, NT, P)
 
     monkeypatch.setattr(wo, "direct4_kernel", spy)
     g = torch.Generator().manual_seed(3)
-    wide = PackedWeightOnlyLinear(torch.randn(333, 200, generator=g), torch.randn(333, generator=g), 4, 8)
-    narrow = PackedWeightOnlyLinear(torch.randn(40, 64, generator=g), torch.randn(40, generator=g), 4, 16)
-    module = nn.ModuleList([wide, narrow])
-    xs = (torch.randn(1, 200, generator=g), torch.randn(1, 64, generator=g))
+    shapes = [(1, 200, 333, 8), (3, 96, 100, 32), (1, 64, 40, 16)]     # rows, in, out, group
+    layers = nn.ModuleList([PackedWeightOnlyLinear(torch.randn(n, k, generator=g), torch.randn(n, generator=g),
+                                                   4, group) for _, k, n, group in shapes])
+    xs = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in shapes)
 
-    class Two(nn.Module):
+    class Three(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = module
+            self.layers = layers
 
-        def forward(self, a, b):
-            return self.layers[0](a), self.layers[1](b)
+        def forward(self, a, b, c):
+            return tuple(layer(x) for layer, x in zip(self.layers, (a, b, c)))
 
-    target, model, args, compiled, _, _ = built_layers("x86:haswell", Two().eval(), xs)
+    target, model, args, compiled, _, _ = built_layers("x86:haswell", Three().eval(), xs)
     cores = resolve_target("x86:haswell").tvm_target().attrs["num-cores"]
-    assert seen[0] == (1, 45, 8, wo.INT4_GEMV_BLOCKS), seen
-    nt = seen[1][3]                                 # 5 blocks of 8 columns: fewer per task, >= 2 tasks per core
-    assert seen[1][1:3] == (5 + (-5) % nt, 8) and (nt == 1 or 5 / nt >= 2 * cores), seen
+    assert seen[0] == (1, 45, 8, 5, 1) and seen[1] == (3, 15, 8, 3, 1), seen   # 13 blocks: 3 per task
+    nt = seen[2][3]                                 # 5 blocks of 8 columns: fewer per task, >= 2 tasks per core
+    assert seen[2][1:3] == (5 + (-5) % nt, 8) and (nt == 1 or 5 / nt >= 2 * cores), seen
     _skip_unless_runs_here(target)
     with torch.no_grad():
         refs = model(*args)
-    for layer, x, got, ref in zip(module, args, compiled(*args), refs):
+    for layer, x, got, ref in zip(layers, args, compiled(*args), refs):
         assert got.shape == ref.shape
         assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()

@@ -49,13 +49,15 @@ __all__ = ["lanes_for", "pack_weights", "unpack_nibbles", "direct_kernel", "pane
 
 DIRECT_MAX_ROWS = 4
 _PANEL_BYTES = 64 * 1024
-# AVX2 int4 GEMV (direct4_kernel, one row): 8-lane column blocks per task = independent FMA chains. Each step is
-# vpand + vcvtdq2ps + FMA; on a 2-core AVX2 EPYC (znver2, 3.3 GHz) one 4096x4096 layer, one thread, ran at
-# 0.61 / 0.78 / 0.89 / 0.66 vectors of weights per cycle with 3 / 4 / 5 / 6 chains (16-lane blocks x 2, the
-# previous choice: 0.79; 5 blocks x 2 accumulator sets: 0.65). A register-only loop of the same step (scratch
-# asm) runs 0.96-0.98 per cycle with five chains and 0.69 with six to eight: conversions and FMAs contend on
-# Zen 2 past five chains, while four leave the FMA latency (5 cycles) exposed.
-INT4_GEMV_BLOCKS = 5
+# AVX2 int4 GEMV (direct4_kernel) by row count: (lanes per column block, column blocks per task, accumulator
+# sets); FMA chains = rows x blocks x sets x lanes / 8. Each weight vector's step is vpand + vcvtdq2ps, then one
+# FMA per row. Measured on a 2-core AVX2 EPYC (znver2, 3.3 GHz), one 4096x4096 layer, groups of 128, 2 threads,
+# median ms: 1 row 0.397 (16 x 2 x 1, the previous choice) -> 0.352 (8 x 5 x 1; 8 x 4 x 1 0.397, 8 x 6 x 1
+# 0.480: in a register-only asm loop of the step, five chains ran 0.96-0.98 vectors per cycle and six to eight
+# 0.69, conversions and FMAs contending past five while four leave the 5-cycle FMA latency exposed); 3 rows 0.80
+# (16 x 1 x 2) -> 0.63 (8 x 3 x 1; 8 x 2 x 2 0.78, 8 x 4 x 1 1.12); 2 and 4 rows keep 16 x 1 x 2 (0.49; 8 x 2 x 2
+# 0.49-0.50) and 16 x 1 x 1 (0.91; 8 x 2 x 1 0.90, 8 x 3 x 1 1.36).
+INT4_GEMV_AVX2 = {1: (8, 5, 1), 2: (16, 1, 2), 3: (8, 3, 1), 4: (16, 1, 1)}
 
 
 def lanes_for(spec) -> tuple[int, int]:
@@ -657,10 +659,10 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     kp = (k + 1) // 2
     per_channel = group_size is None or group_size >= k
     g = 2 * kp if per_channel else int(group_size)
-    int4_gemv = kind == "direct" and bits == 4 and (per_channel or g % 8 == 0) and m == 1 and codebook is None
-    if kind == "direct" and regs < 32 and lanes == 8 and int4_gemv:
-        # AVX2 int4 GEMV: five 8-lane column blocks per task, five FMA chains (INT4_GEMV_BLOCKS)
-        nt = INT4_GEMV_BLOCKS
+    int4_words = kind == "direct" and bits == 4 and (per_channel or g % 8 == 0) and codebook is None
+    if int4_words and regs < 32 and lanes == 8:
+        lanes, nt, _ = INT4_GEMV_AVX2[m]            # AVX2 int4 GEMV: blocks and chains by row count
+        nb = (n + lanes - 1) // lanes
         while nt > 1 and nb / nt < 2 * _cores(spec):
             nt -= 1
     elif kind == "direct" and regs < 32 and lanes == 8:
@@ -750,16 +752,14 @@ def convert_packed(st, node, importer):
     return y
 
 
-def _accumulator_sets(m: int, nt: int, regs: int) -> int:
+def _accumulator_sets(m: int, regs: int) -> int:
     """P of direct4_kernel: accumulator sets (nibble i accumulates into set i % P). 32 registers: 2. 16 (AVX2):
-    the sets multiply the m x nt accumulators and LLVM spilled them (with the 7 nibble masks) into the stack
-    inside the FMA chains; measured on a 2-core AVX2 EPYC (znver2), int4 MLP 1024-4096-4096-1000, groups of 128,
-    m rows, nt = 2, saved builds interleaved, median ms for P = 4 / 2 / 1: m = 1 0.84 / 0.77 / 0.65, m = 2 1.18 /
-    0.79 / 1.23, m = 3 1.68 / 1.27 / 1.34, m = 4 3.56 / 1.89 / 1.44 (P = 4 was the choice before; `nt` 1, for
-    layers too narrow to give both cores two column blocks, takes the same rule, unmeasured)."""
+    INT4_GEMV_AVX2 by row count (more sets multiplied the rows x blocks accumulators and LLVM spilled them, with
+    the 7 nibble masks, inside the FMA chains: 4 sets took 0.84 / 1.18 / 1.68 / 3.56 ms for 1-4 rows where
+    the choices then took 0.65 / 0.79 / 1.27 / 1.44, int4 MLP 1024-4096-4096-1000, saved builds interleaved)."""
     if regs >= 32:
         return 2
-    return 2 if m in (2, 3) else 1
+    return INT4_GEMV_AVX2[m][2]
 
 
 def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const):
@@ -770,7 +770,7 @@ def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, n
     ng = scales.shape[1]
     kpad = ng * g
     kw = kpad // 8
-    sets = _accumulator_sets(m, nt, regs)
+    sets = _accumulator_sets(m, regs)
     x2 = bb.emit(R.reshape(x, [m, k]))
     if kpad != k:
         x2 = bb.emit(R.nn.pad(x2, [0, 0, 0, kpad - k], pad_value=0.0))
