@@ -148,6 +148,28 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 for l in T.vectorized(lanes):
                     acc[r, v, l] = f32(0.0)
 
+    @T.macro(hygienic=False)
+    def expand_pixels(iy0, count, cp, a1):
+        """Expand convolution of `count` input pixels from row iy0 on, flattened (pixel q: row iy0 + q // W,
+        column q % W; one row when count == W, where the divisions fold away), channels [cp·CPE, (cp+1)·CPE),
+        RE pixels per register tile, into the ring with bias and activation a1 (act1: passed in, as a name the
+        prim_func's body references, for TVMScript to resolve)."""
+        for qt in range((count + RE - 1) // RE):
+            zero_tile(eacc, RE, VE)
+            for k in range(CIN):
+                for r in T.unroll(RE):
+                    for v in T.unroll(VE):
+                        for l in T.vectorized(lanes):
+                            eacc[r, v, l] = eacc[r, v, l] + X[
+                                n, iy0 + T.min(qt * RE + r, count - 1) // W, T.min(qt * RE + r, count - 1) % W,
+                                k] * W1[0, 0, k, cp * CPE + v * lanes + l]
+            for r in T.unroll(RE):
+                if qt * RE + r < count:
+                    for v in T.unroll(VE):
+                        for l in T.vectorized(lanes):
+                            ring[slot(iy0 + (qt * RE + r) // W), P + (qt * RE + r) % W, cp * CPE + v * lanes + l] = \
+                                act(eacc[r, v, l] + B1[0, 0, 0, cp * CPE + v * lanes + l], a1)
+
     o_shape = (N, HO, WO, COUT)
     r_shape = o_shape if residual else (1, 1, 1, 1)
     w2_shape, b2_shape = ((1, 1, CE, COUT), (1, 1, 1, COUT)) if project is not None else ((1, 1, 1, 1), (1, 1, 1, 1))
@@ -196,40 +218,10 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 elif G == 1:
                     for iy in range(ra, rb):
                         for cp in range(CE // CPE):
-                            for xt in range((W + RE - 1) // RE):
-                                zero_tile(eacc, RE, VE)
-                                for k in range(CIN):
-                                    for r in T.unroll(RE):
-                                        for v in T.unroll(VE):
-                                            for l in T.vectorized(lanes):
-                                                eacc[r, v, l] = eacc[r, v, l] + X[
-                                                    n, iy, T.min(xt * RE + r, W - 1), k] * W1[
-                                                    0, 0, k, cp * CPE + v * lanes + l]
-                                for r in T.unroll(RE):
-                                    if xt * RE + r < W:
-                                        for v in T.unroll(VE):
-                                            for l in T.vectorized(lanes):
-                                                ring[slot(iy), P + xt * RE + r, cp * CPE + v * lanes + l] = act(
-                                                    eacc[r, v, l] + B1[0, 0, 0, cp * CPE + v * lanes + l], act1)
+                            expand_pixels(iy, W, cp, act1)
                 else:
                     for cp in range(CE // CPE):
-                        for qt in range(((rb - ra) * W + RE - 1) // RE):
-                            zero_tile(eacc, RE, VE)
-                            for k in range(CIN):
-                                for r in T.unroll(RE):
-                                    for v in T.unroll(VE):
-                                        for l in T.vectorized(lanes):
-                                            eacc[r, v, l] = eacc[r, v, l] + X[
-                                                n, ra + T.min(qt * RE + r, (rb - ra) * W - 1) // W,
-                                                T.min(qt * RE + r, (rb - ra) * W - 1) % W, k] * W1[
-                                                0, 0, k, cp * CPE + v * lanes + l]
-                            for r in T.unroll(RE):
-                                if qt * RE + r < (rb - ra) * W:
-                                    for v in T.unroll(VE):
-                                        for l in T.vectorized(lanes):
-                                            ring[slot(ra + (qt * RE + r) // W), P + (qt * RE + r) % W,
-                                                 cp * CPE + v * lanes + l] = act(
-                                                eacc[r, v, l] + B1[0, 0, 0, cp * CPE + v * lanes + l], act1)
+                        expand_pixels(ra, (rb - ra) * W, cp, act1)
                 # ... and outside it: zeros (the depthwise convolution's padding)
                 for j in range(hi - lo):
                     if lo + j < 0 or lo + j >= H:
