@@ -176,6 +176,33 @@ def test_codebook_kernels_match_the_reference(target):
         assert not ((got - ref).abs() > tol).any()
 
 
+def test_wide_codebook_gemv_runs_as_float32_where_only_a_gather_would_look_it_up():
+    """8-bit indices into more than 64 entries have no byte-shuffle GEMV on AVX2 (a gather per lane ran 1.5x
+    slower than float32): up to 4 rows such a layer is the float32 GEMV of its dequantized weight (w =
+    codebook[q] exactly); more rows keep the panel kernel, AVX-512 keeps its kernels, 64 entries the shuffle
+    GEMV. Values within float32 rounding of the module's."""
+    torch.manual_seed(0)
+    wide, narrow = ClusteredLinear(torch.randn(40, 70), torch.randn(40), 200), ClusteredLinear(
+        torch.randn(40, 70), torch.randn(40), 64)
+    assert wide.codebook.numel() > 64 and wide.bits == 8
+    g = torch.Generator().manual_seed(2)
+    for target, rows, layer, expect in (("x86:haswell", 1, wide, "codebook8 as float32"),
+                                        ("x86:haswell", 3, wide, "codebook8 as float32"),
+                                        ("x86:haswell", 7, wide, "codebook8 panel"),
+                                        ("x86:haswell", 1, narrow, "codebook8 direct"),
+                                        ("x86:skylake-avx512", 1, wide, "codebook8 direct")):
+        module = nn.Sequential(layer).eval()
+        x = torch.randn(rows, 70, generator=g)
+        compiled, _, lowered = _compile(module, (x,), resolve_target(target))
+        assert f"clustered_linear:{expect}×1" in lowered.quant, (target, rows, lowered.quant)
+        if target == "x86:haswell":                 # AVX2 code runs on every x86 graphopt supports
+            with torch.no_grad():
+                ref = module(x)
+            tol = (x.abs() @ layer.dequantized_weight().abs().t() + layer.bias.abs()) * 8 * torch.finfo(
+                torch.float32).eps
+            assert not ((compiled(x) - ref).abs() > tol).any(), (target, rows)
+
+
 @pytest.mark.parametrize("k", [16, 40])
 def test_codebook_kernel_with_odd_inputs_ignores_the_padding(k):
     """An odd number of inputs leaves the last pair's second weight as padding, index 0, whose codebook entry is

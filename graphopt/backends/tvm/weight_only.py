@@ -623,6 +623,17 @@ def _codebook_groups(q: np.ndarray, bits: int, codebook: np.ndarray) -> int:
     return next((g for g in (1, 2, 4) if top <= 16 * g), 0)
 
 
+def gathers_codebook(spec, m: int, bits: int, q: np.ndarray, codebook: np.ndarray) -> bool:
+    """Whether emit_woq's GEMV (m <= DIRECT_MAX_ROWS) would look the codebook up by a gather per lane on a
+    16-register x86 target: 8-bit indices into more than 64 entries (the byte-shuffle GEMV takes up to 64). Such
+    a lookup ran slower than the float32 GEMV of the dequantized weights: MLP 1024-4096-4096-1000, cluster(k=128)
+    / (k=256) 5.87 / 5.93 ms against float32 3.92 (2-core AVX2 EPYC, znver2, interleaved), so those layers take
+    the float32 GEMV (convert_clustered). AVX-512 (32 registers) keeps its kernels (not timed)."""
+    if m > DIRECT_MAX_ROWS or spec.arch != "x86_64" or lanes_for(spec)[1] >= 32:
+        return False
+    return _codebook_groups(q, bits, codebook) == 0 and not (bits == 4 and codebook.size == 16)
+
+
 def _has_avx2(spec) -> bool:
     from tvm.target import codegen
 
@@ -803,8 +814,13 @@ def convert_clustered(st, node, importer):
     n = idx.shape[0]
     bias = st.bias(node, 3, n)
     q = (unpack_nibbles(idx, k) if bits == 4 else idx).astype(np.int16)
-    if st.path == "relax":
-        st.count(f"clustered_linear:{bits}-bit:relax")
+    shape = [int(s) for s in x.ty.shape]
+    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if st.path == "relax" or gathers_codebook(st.spec, m, bits, q, codebook):
+        # no LLVM CPU target (CUDA), or no lookup faster than float32 here: the weights dequantized once
+        # (w = codebook[q], exactly), a float32 matmul
+        st.count(f"clustered_linear:{bits}-bit:relax" if st.path == "relax"
+                 else f"clustered_linear:codebook{bits} as float32")
         w = np.ascontiguousarray(codebook[q].T)
         return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(bias)))
     ones = np.ones((n, 1), np.float32)
