@@ -623,15 +623,17 @@ def _codebook_groups(q: np.ndarray, bits: int, codebook: np.ndarray) -> int:
     return next((g for g in (1, 2, 4) if top <= 16 * g), 0)
 
 
-def gathers_codebook(spec, m: int, bits: int, q: np.ndarray, codebook: np.ndarray) -> bool:
-    """Whether emit_woq's GEMV (m <= DIRECT_MAX_ROWS) would look the codebook up by a gather per lane on a
-    16-register x86 target: 8-bit indices into more than 64 entries (the byte-shuffle GEMV takes up to 64). Such
-    a lookup ran slower than the float32 GEMV of the dequantized weights: MLP 1024-4096-4096-1000, cluster(k=128)
-    / (k=256) 5.87 / 5.93 ms against float32 3.92 (2-core AVX2 EPYC, znver2, interleaved), so those layers take
-    the float32 GEMV (convert_clustered). AVX-512 (32 registers) keeps its kernels (not timed)."""
-    if m > DIRECT_MAX_ROWS or spec.arch != "x86_64" or lanes_for(spec)[1] >= 32:
+def codebook_as_float32(spec, m: int, bits: int, q: np.ndarray, codebook: np.ndarray) -> bool:
+    """Whether a clustered layer of m rows runs faster as the float32 matmul of its dequantized weights than
+    through emit_woq's lookup on a 16-register x86 target (AVX2), measured on a 2-core AVX2 EPYC (znver2),
+    interleaved: the GEMV (m <= DIRECT_MAX_ROWS) with 8-bit indices into more than 64 entries (no byte-shuffle
+    lookup, a gather per lane: MLP 1024-4096-4096-1000 cluster(k=128) / (k=256) 5.87 / 5.93 ms against float32
+    3.92), and the panel kernel (m > 4) with any 8-bit codebook (its first row tile gathers: small encoder, 64
+    rows, cluster(k=32) / (k=256) 3.68 / 3.69 ms against float32 3.18; 4-bit codebooks, two permutes and a blend,
+    3.31). AVX-512 (32 registers) keeps its kernels (not timed)."""
+    if spec.arch != "x86_64" or lanes_for(spec)[1] >= 32 or bits != 8:
         return False
-    return _codebook_groups(q, bits, codebook) == 0 and not (bits == 4 and codebook.size == 16)
+    return m > DIRECT_MAX_ROWS or _codebook_groups(q, bits, codebook) == 0
 
 
 def _has_avx2(spec) -> bool:
@@ -816,7 +818,7 @@ def convert_clustered(st, node, importer):
     q = (unpack_nibbles(idx, k) if bits == 4 else idx).astype(np.int16)
     shape = [int(s) for s in x.ty.shape]
     m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    if st.path == "relax" or gathers_codebook(st.spec, m, bits, q, codebook):
+    if st.path == "relax" or codebook_as_float32(st.spec, m, bits, q, codebook):
         # no LLVM CPU target (CUDA), or no lookup faster than float32 here: the weights dequantized once
         # (w = codebook[q], exactly), a float32 matmul
         st.count(f"clustered_linear:{bits}-bit:relax" if st.path == "relax"
