@@ -129,29 +129,21 @@ __attribute__((target("avx512vnni,avx512f"))) static double vnni_zmm(void) {
 #define I4_CLOBBER "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
     "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
 
-__attribute__((target("avx2,fma"))) static double int4_ymm(void) {
-    __m256i w = _mm256_set1_epi32(0x12345678), m = _mm256_set1_epi32(15);
-    float out[8];
-    long n = ITERS;
-    double t = now();
-    __asm__ volatile("vmovdqu (%[m]), %%ymm0\n\t" I4_SETUP("ymm", "vmovdqu") "1:\n\t" I4X5("vpand", "ymm") "decq %[n]\n\tjnz 1b\n\t"
-                     "vaddps %%ymm8, %%ymm12, %%ymm8\n\tvmovups %%ymm8, (%[out])"
-                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [out] "r"(out) : I4_CLOBBER);
-    t = now() - t; sink = (long)out[0];
-    return (double)ITERS * 5 * 8 / t / 1e9;
+/* one int4 kernel per vector width: NAME, target, vector type, its set1, register prefix, its load, its and */
+#define INT4_KERNEL(NAME, TARGET, VEC, SET1, V, MOV, AND, LANES)                                              \
+__attribute__((target(TARGET))) static double NAME(void) {                                                    \
+    VEC w = SET1(0x12345678), m = SET1(15);                                                                    \
+    float out[LANES];                                                                                          \
+    long n = ITERS;                                                                                            \
+    double t = now();                                                                                          \
+    __asm__ volatile(MOV " (%[m]), %%" V "0\n\t" I4_SETUP(V, MOV) "1:\n\t" I4X5(AND, V) "decq %[n]\n\tjnz 1b\n\t" \
+                     "vaddps %%" V "8, %%" V "12, %%" V "8\n\tvmovups %%" V "8, (%[out])"                     \
+                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [out] "r"(out) : I4_CLOBBER);                 \
+    t = now() - t; sink = (long)out[0];                                                                        \
+    return (double)ITERS * 5 * LANES / t / 1e9;                                                                \
 }
-
-__attribute__((target("avx512f"))) static double int4_zmm(void) {
-    __m512i w = _mm512_set1_epi32(0x12345678), m = _mm512_set1_epi32(15);
-    float out[16];
-    long n = ITERS;
-    double t = now();
-    __asm__ volatile("vmovdqu32 (%[m]), %%zmm0\n\t" I4_SETUP("zmm", "vmovdqu32") "1:\n\t" I4X5("vpandd", "zmm") "decq %[n]\n\tjnz 1b\n\t"
-                     "vaddps %%zmm8, %%zmm12, %%zmm8\n\tvmovups %%zmm8, (%[out])"
-                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [out] "r"(out) : I4_CLOBBER);
-    t = now() - t; sink = (long)out[0];
-    return (double)ITERS * 5 * 16 / t / 1e9;
-}
+INT4_KERNEL(int4_ymm, "avx2,fma", __m256i, _mm256_set1_epi32, "ymm", "vmovdqu", "vpand", 8)
+INT4_KERNEL(int4_zmm, "avx512f", __m512i, _mm512_set1_epi32, "zmm", "vmovdqu32", "vpandd", 16)
 
 int main(int argc, char **argv) {
     __builtin_cpu_init();
