@@ -344,3 +344,22 @@ def test_avx2_int4_gemv_takes_its_column_blocks_by_row_count(monkeypatch):
     for layer, x, got, ref in zip(layers, args, compiled(*args), refs):
         assert got.shape == ref.shape
         assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("pipeline,kind", [("quantize(mode=weight_only,bits=4,group_size=16)", "woq_linear_packed:int4"),
+                                           ("quantize(mode=weight_only,bits=8,group_size=16)", "woq_linear_packed:int8"),
+                                           ("cluster(k=16)", "clustered_linear:codebook4")])
+def test_dynamic_batch_runs_the_dequantized_weights_in_float32(pipeline, kind):
+    """A batch known only at run time (graphopt.dynamic): the weight-only and codebook kernels are built for a
+    static row count, so those layers run as the float32 matmul of their dequantized weights (the report says
+    "(dynamic)"); outputs equal the quantized model's torch graph within float32 rounding at every batch."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    opt = graphopt.optimize(model, "x86", pipeline, example_inputs=(torch.randn(2, 70),), dynamic={"batch": (1, 8)})
+    line = opt.report.backend["int8"]
+    assert f"{kind}" in line and "(dynamic)×3" in line, line
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 70)
+        with torch.no_grad():
+            ref = opt.graph_module(x)
+        assert torch.allclose(opt(x), ref, rtol=1e-5, atol=1e-5), batch

@@ -728,6 +728,14 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"{what} {kind}"
 
 
+def _static_shape(x) -> Optional[list]:
+    """x's shape as ints, None where a dim is symbolic (graphopt.dynamic)."""
+    from tvm import tirx
+
+    dims = list(x.ty.shape)
+    return [int(d) for d in dims] if all(isinstance(d, tirx.IntImm) for d in dims) else None
+
+
 def convert_packed(st, node, importer):
     """Converter of ``graphopt::woq_linear_packed(x, wq, scales, zeros, bias, bits, group_size, in_features)``
     for graphopt.backends.tvm.quant_lower (`st`: its QuantLowering state: weights, path, counts)."""
@@ -753,8 +761,11 @@ def convert_packed(st, node, importer):
         raise LoweringError(f"woq_linear_packed (node '{node.name}'): weight holds {q.shape[1]} inputs, "
                             f"in_features is {k}")
     gs = group_size or None
-    if st.path == "relax":                      # no LLVM CPU target (CUDA): dequantize once, float matmul
-        st.count(f"woq_linear_packed:int{bits}:relax")
+    static = _static_shape(x) is not None
+    if st.path == "relax" or not static:
+        # no LLVM CPU target (CUDA), or rows known only at run time (graphopt.dynamic: the kernels are built
+        # for a static row count): dequantize once, float matmul
+        st.count(f"woq_linear_packed:int{bits}:relax" + ("" if static else " (dynamic)"))
         g = k if gs is None else gs
         idx = np.arange(k) // g
         w = ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T
@@ -816,13 +827,14 @@ def convert_clustered(st, node, importer):
     n = idx.shape[0]
     bias = st.bias(node, 3, n)
     q = (unpack_nibbles(idx, k) if bits == 4 else idx).astype(np.int16)
-    shape = [int(s) for s in x.ty.shape]
-    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    if st.path == "relax" or codebook_as_float32(st.spec, m, bits, q, codebook):
-        # no LLVM CPU target (CUDA), or no lookup faster than float32 here: the weights dequantized once
-        # (w = codebook[q], exactly), a float32 matmul
+    shape = _static_shape(x)
+    m = None if shape is None else int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if st.path == "relax" or m is None or codebook_as_float32(st.spec, m, bits, q, codebook):
+        # no LLVM CPU target (CUDA), rows known only at run time (graphopt.dynamic: the kernels are built for a
+        # static row count), or no lookup faster than float32 here: the weights dequantized once (w =
+        # codebook[q], exactly), a float32 matmul
         st.count(f"clustered_linear:{bits}-bit:relax" if st.path == "relax"
-                 else f"clustered_linear:codebook{bits} as float32")
+                 else f"clustered_linear:codebook{bits} as float32" + (" (dynamic)" if m is None else ""))
         w = np.ascontiguousarray(codebook[q].T)
         return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(bias)))
     ones = np.ones((n, 1), np.float32)
