@@ -346,9 +346,10 @@ def test_avx2_int4_gemv_takes_its_column_blocks_by_row_count(monkeypatch):
         assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
 
 
-@pytest.mark.parametrize("pipeline,kind", [("quantize(mode=weight_only,bits=4,group_size=16)", "woq_linear_packed:int4"),
-                                           ("quantize(mode=weight_only,bits=8,group_size=16)", "woq_linear_packed:int8"),
-                                           ("cluster(k=16)", "clustered_linear:codebook4")])
+@pytest.mark.parametrize("pipeline,kind", [
+    ("quantize(mode=weight_only,bits=4,group_size=16)", "woq_linear_packed:int4"),
+    ("quantize(mode=weight_only,bits=8,group_size=16)", "woq_linear_packed:int8"),
+    ("cluster(k=16)", "clustered_linear:codebook4")])
 def test_dynamic_batch_runs_the_dequantized_weights_in_float32(pipeline, kind):
     """A batch known only at run time (graphopt.dynamic): the weight-only and codebook kernels are built for a
     static row count, so those layers run as the float32 matmul of their dequantized weights (the report says
@@ -363,3 +364,41 @@ def test_dynamic_batch_runs_the_dequantized_weights_in_float32(pipeline, kind):
         with torch.no_grad():
             ref = opt.graph_module(x)
         assert torch.allclose(opt(x), ref, rtol=1e-5, atol=1e-5), batch
+
+
+def test_int4_panels_dequantize_words_where_groups_are_whole_words(monkeypatch):
+    """More than 4 rows, int4: the panel kernel reads direct4_kernel's words (and, convert, FMA per weight vector)
+    when each group is a whole number of words (8k inputs, or one group per channel), the byte form otherwise
+    (groups of 10). Values within float32 rounding of the module's dequantized matmul."""
+    from graphopt.backends.tvm import weight_only as wo
+    from tests.quant.test_int8_paths import _skip_unless_runs_here
+
+    seen = []
+    real = wo.panel_kernel
+
+    def spy(*a, **kw):
+        seen.append(kw.get("words", False))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(wo, "panel_kernel", spy)
+    g = torch.Generator().manual_seed(5)
+    shapes = [(7, 45, 19, 8), (6, 45, 19, None), (9, 50, 21, 10)]        # rows, in, out, group
+    layers = nn.ModuleList([PackedWeightOnlyLinear(torch.randn(n, k, generator=g) + 1.0, torch.randn(n, generator=g),
+                                                   4, group) for _, k, n, group in shapes])
+    xs = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in shapes)
+
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, a, b, c):
+            return tuple(layer(x) for layer, x in zip(self.layers, (a, b, c)))
+
+    target, model, args, compiled, _, _ = built_layers("x86:haswell", Three().eval(), xs)
+    assert seen == [True, True, False], seen
+    _skip_unless_runs_here(target)
+    with torch.no_grad():
+        refs = model(*args)
+    for layer, x, got, ref in zip(layers, args, compiled(*args), refs):
+        assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
