@@ -302,48 +302,57 @@ def test_weight_only_kernels_match_the_module_on_random_layers(rows, k, n, kind,
     assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
 
 
-def test_avx2_int4_gemv_takes_its_column_blocks_by_row_count(monkeypatch):
-    """int4 in groups of 8k inputs, up to 4 rows, AVX2: direct4_kernel with INT4_GEMV_AVX2's blocks (one row: five
-    8-lane column blocks per task, five FMA chains; three rows: three), the columns padded to whole tasks
-    (333 -> 45 blocks of 8) and sliced back; fewer blocks per task where the layer is too narrow to give each
-    core two tasks. Values within float32 rounding of the module's dequantized matmul (where the host runs AVX2
-    code: every x86 graphopt supports)."""
+class _Three(nn.Module):
+    """Three layers, each on its own input (named arguments: torch.fx traces no *args)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, a, b, c):
+        return tuple(layer(x) for layer, x in zip(self.layers, (a, b, c)))
+
+
+def _int4_layers_on_avx2(monkeypatch, kernel: str, record, shapes, seed: int, offset: float = 0.0) -> list:
+    """Build three int4 layers (rows, in, out, group) for x86:haswell with weight_only.<kernel> wrapped to note
+    record(args, kwargs) of each call (returned), and check the outputs within float32 rounding of the module's
+    dequantized matmul where the host runs AVX2 code (every x86 graphopt supports)."""
     from graphopt.backends.tvm import weight_only as wo
     from tests.quant.test_int8_paths import _skip_unless_runs_here
 
-    seen = []
-    real = wo.direct4_kernel
+    seen, real = [], getattr(wo, kernel)
 
-    def spy(M, KW, NG, NB, L, NT, P):
-        seen.append((M, NB, L, NT, P))
-        return real(M, KW, NG, NB, L, NT, P)
+    def spy(*a, **kw):
+        seen.append(record(a, kw))
+        return real(*a, **kw)
 
-    monkeypatch.setattr(wo, "direct4_kernel", spy)
-    g = torch.Generator().manual_seed(3)
-    shapes = [(1, 200, 333, 8), (3, 96, 100, 32), (1, 64, 40, 16)]     # rows, in, out, group
-    layers = nn.ModuleList([PackedWeightOnlyLinear(torch.randn(n, k, generator=g), torch.randn(n, generator=g),
-                                                   4, group) for _, k, n, group in shapes])
+    monkeypatch.setattr(wo, kernel, spy)
+    g = torch.Generator().manual_seed(seed)
+    layers = [PackedWeightOnlyLinear(torch.randn(n, k, generator=g) + offset, torch.randn(n, generator=g), 4, group)
+              for _, k, n, group in shapes]
     xs = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in shapes)
-
-    class Three(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, a, b, c):
-            return tuple(layer(x) for layer, x in zip(self.layers, (a, b, c)))
-
-    target, model, args, compiled, _, _ = built_layers("x86:haswell", Three().eval(), xs)
-    cores = resolve_target("x86:haswell").tvm_target().attrs["num-cores"]
-    assert seen[0] == (1, 45, 8, 5, 1) and seen[1] == (3, 15, 8, 3, 1), seen   # 13 blocks: 3 per task
-    nt = seen[2][3]                                 # 5 blocks of 8 columns: fewer per task, >= 2 tasks per core
-    assert seen[2][1:3] == (5 + (-5) % nt, 8) and (nt == 1 or 5 / nt >= 2 * cores), seen
+    target, model, args, compiled, _, _ = built_layers("x86:haswell", _Three(layers).eval(), xs)
+    built = list(seen)
     _skip_unless_runs_here(target)
     with torch.no_grad():
         refs = model(*args)
     for layer, x, got, ref in zip(layers, args, compiled(*args), refs):
         assert got.shape == ref.shape
         assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
+    return built
+
+
+def test_avx2_int4_gemv_takes_its_column_blocks_by_row_count(monkeypatch):
+    """int4 in groups of 8k inputs, up to 4 rows, AVX2: direct4_kernel with INT4_GEMV_AVX2's blocks (one row: five
+    8-lane column blocks per task, five FMA chains; three rows: three), the columns padded to whole tasks
+    (333 -> 45 blocks of 8) and sliced back; fewer blocks per task where the layer is too narrow to give each
+    core two tasks. Values within float32 rounding of the module's dequantized matmul."""
+    seen = _int4_layers_on_avx2(monkeypatch, "direct4_kernel", lambda a, kw: (a[0], a[3], a[4], a[5], a[6]),
+                                [(1, 200, 333, 8), (3, 96, 100, 32), (1, 64, 40, 16)], seed=3)
+    cores = resolve_target("x86:haswell").tvm_target().attrs["num-cores"]
+    assert seen[0] == (1, 45, 8, 5, 1) and seen[1] == (3, 15, 8, 3, 1), seen   # 13 blocks: 3 per task
+    nt = seen[2][3]                                 # 5 blocks of 8 columns: fewer per task, >= 2 tasks per core
+    assert seen[2][1:3] == (5 + (-5) % nt, 8) and (nt == 1 or 5 / nt >= 2 * cores), seen
 
 
 @pytest.mark.parametrize("pipeline,kind", [
@@ -370,35 +379,6 @@ def test_int4_panels_dequantize_words_where_groups_are_whole_words(monkeypatch):
     """More than 4 rows, int4: the panel kernel reads direct4_kernel's words (and, convert, FMA per weight vector)
     when each group is a whole number of words (8k inputs, or one group per channel), the byte form otherwise
     (groups of 10). Values within float32 rounding of the module's dequantized matmul."""
-    from graphopt.backends.tvm import weight_only as wo
-    from tests.quant.test_int8_paths import _skip_unless_runs_here
-
-    seen = []
-    real = wo.panel_kernel
-
-    def spy(*a, **kw):
-        seen.append(kw.get("words", False))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(wo, "panel_kernel", spy)
-    g = torch.Generator().manual_seed(5)
-    shapes = [(7, 45, 19, 8), (6, 45, 19, None), (9, 50, 21, 10)]        # rows, in, out, group
-    layers = nn.ModuleList([PackedWeightOnlyLinear(torch.randn(n, k, generator=g) + 1.0, torch.randn(n, generator=g),
-                                                   4, group) for _, k, n, group in shapes])
-    xs = tuple(torch.randn(m, k, generator=g) for m, k, _, _ in shapes)
-
-    class Three(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, a, b, c):
-            return tuple(layer(x) for layer, x in zip(self.layers, (a, b, c)))
-
-    target, model, args, compiled, _, _ = built_layers("x86:haswell", Three().eval(), xs)
+    seen = _int4_layers_on_avx2(monkeypatch, "panel_kernel", lambda a, kw: kw.get("words", False),
+                                [(7, 45, 19, 8), (6, 45, 19, None), (9, 50, 21, 10)], seed=5, offset=1.0)
     assert seen == [True, True, False], seen
-    _skip_unless_runs_here(target)
-    with torch.no_grad():
-        refs = model(*args)
-    for layer, x, got, ref in zip(layers, args, compiled(*args), refs):
-        assert not ((got - ref).abs() > _tolerance(layer, x)).any(), (got - ref).abs().max().item()
