@@ -74,8 +74,6 @@ class Epilogue:
         C/S/B loads `c`, `s`, `b` and the residual load `r` (None: no residual add)."""
         bounds = self.merged_bounds() if self.requantizes and r is None else None
         if bounds is not None:
-            from tvm.script import tirx as T
-
             return self.codes(dequantized(acc, c, float_acc) * s + b, bounds)
         y = self.float_value(acc, c, s, b, r, float_acc)
         if not self.requantizes:

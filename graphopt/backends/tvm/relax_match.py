@@ -10,6 +10,7 @@ __all__ = ["FUSED_KERNEL_ATTR", "op_name", "tensor_shape", "scalar_constant", "b
 # set on the hand-written fused kernels a pass adds (value: the kind, e.g. "attention"); the report counts their calls
 FUSED_KERNEL_ATTR = "graphopt.fused_kernel"
 
+
 def op_name(expr) -> str:
     """The Relax op a call applies ('relax.matmul'), '' for anything else."""
     import tvm

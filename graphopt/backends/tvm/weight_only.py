@@ -18,14 +18,17 @@ Kernels, picked by the number of rows M (tokens × batch) at compile time:
       (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
       cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
       register for 4-bit indices on AVX-512; on AVX2 byte shuffles of the entries' byte planes,
-      lut16_shuffle_kernel; a gather elsewhere). AVX2 uses 16-lane blocks (two ymm).
+      lut16_shuffle_kernel; a gather elsewhere: on AVX2, codebooks only a gather could look up run as
+      float32, codebook_as_float32). AVX2 uses 16-lane blocks (two ymm), and for int4 words
+      the blocks and accumulator sets of INT4_GEMV_AVX2 by row count.
   panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
       dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2) and an MT x NT·L register-tiled
       float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
       Dequantization is paid once per weight, not once per row, and overlaps with FMAs: the first row tile
       converts each weight vector in registers, feeds it to its own FMAs and stores it to the panel; the
       other row tiles (whole MT tiles, then one tail tile of M mod MT rows: no rows computed twice) read the
-      panel. Tiles: 6 x 2·8 on AVX2 (the float32 GEMM's, schedules.PackedGemm; a first tile of 5 rows where
+      panel. int4 in groups of 8k inputs dequantizes the GEMV's words there too (and + convert + FMA).
+      Tiles: 6 x 2·8 on AVX2 (the float32 GEMM's, schedules.PackedGemm; a first tile of 5 rows where
       scale / zero-point vectors take registers), 8 x 2·16 on AVX-512, 6 x 4·4 on NEON.
 Both are parallel over column blocks. Results equal x @ dequantized(W).T + bias up to float32 rounding
 (summation order, FMA contraction, the zero-point term subtracted once per group).
@@ -472,10 +475,10 @@ def _permute16(T, CB, W, at: list, high, L: int, avx512: bool):
     the index shifted left by 28), per 8 lanes (a 16-lane block: two, concatenated)."""
     def nibbles(byte_vec, n):
         b = T.Cast(f"int32x{n}", byte_vec)
+        fifteen = T.broadcast(T.int32(15), n)
         if isinstance(high, bool):
-            return T.shift_right(b, T.broadcast(T.int32(4), n)) if high else T.bitwise_and(b, T.broadcast(T.int32(15),
-                                                                                                            n))
-        return T.bitwise_and(T.shift_right(b, T.broadcast(T.Cast("int32", high) * 4, n)), T.broadcast(T.int32(15), n))
+            return T.shift_right(b, T.broadcast(T.int32(4), n)) if high else T.bitwise_and(b, fifteen)
+        return T.bitwise_and(T.shift_right(b, T.broadcast(T.Cast("int32", high) * 4, n)), fifteen)
 
     if avx512:
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
@@ -731,54 +734,48 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
         g = (k + 7) // 8 * 8                    # the word kernel's one group: K rounded up to whole words
     sym = zeros is None or not np.any(zeros)
     ng = scales.shape[1]
-    zt = np.zeros((nbp, ng, lanes), np.int32) if sym else _group_table(zeros, lanes, nbp, np.int32)
+    # o = -z·s per group (the direct kernels add o·Σx once per group; the words panel adds o per weight)
+    offsets = np.zeros_like(scales, np.float32) if zeros is None else -(zeros.astype(np.float32) *
+                                                                         scales.astype(np.float32))
     if k % 2 and not sym:       # the odd K's missing input meets weight z - z = 0 (the direct kernel reads it)
         q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
-    args = [const(pack_weights(q, bits, lanes, nbp)), const(_group_table(scales, lanes, nbp, np.float32)),
-            const(zt), const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
-    cb = np.zeros(1, np.float32) if codebook is None else codebook.astype(np.float32)
-    args.insert(3, const(cb))
     if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
-        return _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const)
-    if kind == "panel" and bits == 4 and codebook is None and (per_channel or g % 8 == 0):
-        # int4 panels dequantize words (and, convert, FMA) like the GEMV. 2-core AVX2 EPYC (znver2), builds timed
-        # interleaved: small encoder (64 rows) woq4-g128 3.319 -> 3.171 ms (woq8 3.121); two 64 x 1024 x 1024
-        # Linears 1.454 -> 1.398 ms (woq8 1.363, separate runs)
-        gw = (k + 7) // 8 * 8 if per_channel else g
-        ng = scales.shape[1]
-        offsets = -(zeros.astype(np.float32) * scales.astype(np.float32)) if zeros is not None else \
-            np.zeros_like(scales, dtype=np.float32)
-        args = [const(pack_int4_words(q, lanes, nbp, ng * gw // 8)),
-                const(_group_table(scales, lanes, nbp, np.float32)),
-                const(_group_table(offsets, lanes, nbp, np.float32)), args[3], args[4]]
-        first = mt - 1 if regs < 32 else mt
-        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, gw, sym, 1, first, words=True)
-        gv = bb.add_func(func.without_attr("global_symbol"), "graphopt_woq4_panel")
-        x2 = bb.emit(relax.op.reshape(x, [m, k]))
-        y = bb.emit(relax.call_tir(gv, [x2, *args], relax.TensorType([m, nbp * lanes], "float32")))
-        if nbp * lanes != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-        return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), "int4 panel"
+        return _emit_words(bb, x, shape, m, k, n, q, scales, offsets, bias, g, lanes, regs, nbp, nt, const)
+    scale_t = const(_group_table(scales, lanes, nbp, np.float32))
+    bias_t = const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))
+    cb = np.zeros(1, np.float32) if codebook is None else codebook.astype(np.float32)
     # a 16-entry codebook on x86: vpermps lookups (_permute16) or byte shuffles, not a gather per lane
     avx512 = lanes == 16 and regs >= 32
     permute = (codebook is not None and bits == 4 and cb.size == 16 and spec.arch == "x86_64"
                and (avx512 or (lanes in (8, 16) and _has_avx2(spec))))
     groups = _codebook_groups(q, bits, codebook) if codebook is not None else 0
-    if (kind == "direct" and not avx512 and lanes == 16 and nt == 1 and ng == 1 and groups
+    words = kind == "panel" and bits == 4 and codebook is None and (per_channel or g % 8 == 0)
+    if words:
+        # int4 panels dequantize words (and, convert, FMA) like the GEMV. 2-core AVX2 EPYC (znver2), builds timed
+        # interleaved: small encoder (64 rows) woq4-g128 3.319 -> 3.171 ms (woq8 3.121); two 64 x 1024 x 1024
+        # Linears 1.454 -> 1.398 ms (woq8 1.363, separate runs)
+        g = (k + 7) // 8 * 8 if per_channel else g
+        args = [const(pack_int4_words(q, lanes, nbp, ng * g // 8)), scale_t,
+                const(_group_table(offsets, lanes, nbp, np.float32)), const(cb), bias_t]
+    elif (kind == "direct" and not avx512 and lanes == 16 and nt == 1 and ng == 1 and groups
             and (permute or (bits == 8 and _has_avx2(spec)))):
         # AVX2 GEMV over a codebook of up to 16 (4-bit) or 64 (8-bit) entries: byte-shuffle lookups
-        args = [args[0], args[1], const(codebook_byte_planes(cb, groups)), args[4]]
+        args = [const(pack_weights(q, bits, lanes, nbp)), scale_t, const(codebook_byte_planes(cb, groups)), bias_t]
         func = lut16_shuffle_kernel(m, k, nbp, bits, groups)
     elif kind == "direct":
-        offsets = np.zeros_like(scales) if sym else -(zeros.astype(np.float32) * scales.astype(np.float32))
-        args[2] = const(_group_table(offsets, lanes, nbp, np.float32))
+        args = [const(pack_weights(q, bits, lanes, nbp)), scale_t,
+                const(_group_table(offsets, lanes, nbp, np.float32)), const(cb), bias_t]
         func = direct_kernel(m, k, nbp, lanes, nt, bits, g, sym, cb.size, permute, avx512)
     else:
-        # 16 registers: a scaled (group-wise) or zero-pointed dequantization keeps scale / zero-point vectors
-        # live in the first tile, so it takes one row less (6 rows spill two accumulators); so does a codebook
-        # lookup (its two halves: the small encoder's cluster(k=16) 3.71 -> 3.38 ms, AVX2 EPYC, interleaved)
-        first = mt - 1 if regs < 32 and (not sym or not per_channel or permute) else mt
-        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size, first, permute, avx512)
+        zt = np.zeros((nbp, ng, lanes), np.int32) if sym else _group_table(zeros, lanes, nbp, np.int32)
+        args = [const(pack_weights(q, bits, lanes, nbp)), scale_t, const(zt), const(cb), bias_t]
+    if kind == "panel":
+        # 16 registers: a scaled (group-wise, or int4 words) or zero-pointed dequantization keeps scale /
+        # zero-point vectors live in the first tile, so it takes one row less (6 rows spill two accumulators); so
+        # does a codebook lookup (its two halves: the small encoder's cluster(k=16) 3.71 -> 3.38 ms, AVX2 EPYC,
+        # interleaved)
+        first = mt - 1 if regs < 32 and (not sym or not per_channel or permute or words) else mt
+        func = panel_kernel(m, k, nbp, lanes, mt, nt, bits, g, sym, cb.size, first, permute, avx512, words=words)
     name = f"graphopt_{'lut' if codebook is not None else 'woq'}{bits}_{kind}"
     gv = bb.add_func(func.without_attr("global_symbol"), name)
     x2 = bb.emit(relax.op.reshape(x, [m, k]))
@@ -789,18 +786,17 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     return bb.emit(relax.op.reshape(y, [*shape[:-1], n])), f"{what} {kind}"
 
 
-def _static_shape(x) -> Optional[list]:
-    """x's shape as ints, None where a dim is symbolic (graphopt.dynamic)."""
-    from tvm import tirx
+def _float_linear(bb, x, w: np.ndarray, bias: np.ndarray):
+    """x @ w + bias with the dequantized weight w [K, N] as a float32 constant (the layers no kernel here takes)."""
+    from tvm import relax
 
-    dims = list(x.ty.shape)
-    return [int(d) for d in dims] if all(isinstance(d, tirx.IntImm) for d in dims) else None
+    return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(np.ascontiguousarray(w))), relax.const(bias)))
 
 
 def convert_packed(st, node, importer):
     """Converter of ``graphopt::woq_linear_packed(x, wq, scales, zeros, bias, bits, group_size, in_features)``
     for graphopt.backends.tvm.quant_lower (`st`: its QuantLowering state: weights, path, counts)."""
-    from tvm import relax
+    from .quant_lower import _is_static, _shape
 
     from ...quant.weight_only import BITS
 
@@ -822,16 +818,15 @@ def convert_packed(st, node, importer):
         raise LoweringError(f"woq_linear_packed (node '{node.name}'): weight holds {q.shape[1]} inputs, "
                             f"in_features is {k}")
     gs = group_size or None
-    static = _static_shape(x) is not None
+    static = _is_static(_shape(x))
     if st.path == "relax" or not static:
         # no LLVM CPU target (CUDA), or rows known only at run time (graphopt.dynamic: the kernels are built
         # for a static row count): dequantize once, float matmul
         st.count(f"woq_linear_packed:int{bits}:relax" + ("" if static else " (dynamic)"))
         g = k if gs is None else gs
         idx = np.arange(k) // g
-        w = ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T
-        y = relax.op.matmul(x, relax.const(np.ascontiguousarray(w)))
-        return bb.emit(relax.op.add(y, relax.const(bias)))
+        return _float_linear(bb, x, ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T,
+                             bias)
     y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec)
     st.count(f"woq_linear_packed:{kind}")
     return y
@@ -847,7 +842,7 @@ def _accumulator_sets(m: int, regs: int) -> int:
     return INT4_GEMV_AVX2[m][2]
 
 
-def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, nbp, nt, const):
+def _emit_words(bb, x, shape, m, k, n, q, scales, offsets, bias, g, lanes, regs, nbp, nt, const):
     """int4 GEMV through direct4_kernel: pad x to NG·g inputs, pre-scale it per nibble, sum it per group."""
     from tvm import relax
 
@@ -863,7 +858,6 @@ def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, n
     xs7 = bb.emit(R.sum(R.strided_slice(R.reshape(x2, [m, ng, g // 8, 8]), axes=[3], begin=[7], end=[8]),
                         axis=[2, 3]))
     xp = bb.emit(R.multiply(x2, const(np.tile(nibble_scales(), kw))))
-    offsets = -(zeros.astype(np.float32) * scales.astype(np.float32))
     args = [xp, xs, xs7, const(pack_int4_words(q, lanes, nbp, kw)), const(_group_table(scales, lanes, nbp, np.float32)),
             const(_group_table(offsets, lanes, nbp, np.float32)),
             const(np.pad(bias.astype(np.float32), (0, nbp * lanes - n)))]
@@ -878,7 +872,7 @@ def _emit_words(bb, x, shape, m, k, n, q, scales, zeros, bias, g, lanes, regs, n
 def convert_clustered(st, node, importer):
     """Converter of ``graphopt::clustered_linear(x, idx, codebook, bias, bits, in_features)`` (weight sharing,
     graphopt.quant.cluster): the weight-only kernels with a codebook lookup in place of int -> float."""
-    from tvm import relax
+    from .quant_lower import _is_static, _shape
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
@@ -888,16 +882,15 @@ def convert_clustered(st, node, importer):
     n = idx.shape[0]
     bias = st.bias(node, 3, n)
     q = (unpack_nibbles(idx, k) if bits == 4 else idx).astype(np.int16)
-    shape = _static_shape(x)
-    m = None if shape is None else int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    shape = _shape(x)
+    m = (int(np.prod(shape[:-1])) if len(shape) > 1 else 1) if _is_static(shape) else None
     if st.path == "relax" or m is None or codebook_as_float32(st.spec, m, bits, q, codebook):
         # no LLVM CPU target (CUDA), rows known only at run time (graphopt.dynamic: the kernels are built for a
         # static row count), or no lookup faster than float32 here: the weights dequantized once (w =
         # codebook[q], exactly), a float32 matmul
         st.count(f"clustered_linear:{bits}-bit:relax" if st.path == "relax"
                  else f"clustered_linear:codebook{bits} as float32" + (" (dynamic)" if m is None else ""))
-        w = np.ascontiguousarray(codebook[q].T)
-        return bb.emit(relax.op.add(relax.op.matmul(x, relax.const(w)), relax.const(bias)))
+        return _float_linear(bb, x, codebook[q].T, bias)
     ones = np.ones((n, 1), np.float32)
     y, kind = emit_woq(bb, x, q, ones, None, bias, bits, None, st.spec, codebook=codebook)
     st.count(f"clustered_linear:{kind}")
