@@ -149,20 +149,27 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                     acc[r, v, l] = f32(0.0)
 
     @T.macro(hygienic=False)
+    def pixel_tile(acc, rows, vecs, depth, src, wgt):
+        """A register tile of a 1 x 1 convolution: acc[r, v, l] (rows x vecs vectors, zeroed first) = Σ_k
+        src(r, k) · wgt(k, v, l) over k < depth (closures: input k of the tile's pixel r, the weight of input k
+        for its lane l of vector v). The expand and the projection differ only in these."""
+        zero_tile(acc, rows, vecs)
+        for k in range(depth):
+            for r in T.unroll(rows):
+                for v in T.unroll(vecs):
+                    for l in T.vectorized(lanes):
+                        acc[r, v, l] = acc[r, v, l] + src(r, k) * wgt(k, v, l)
+
+    @T.macro(hygienic=False)
     def expand_pixels(iy0, count, cp, a1):
         """Expand convolution of `count` input pixels from row iy0 on, flattened (pixel q: row iy0 + q // W,
         column q % W; one row when count == W, where the divisions fold away), channels [cp·CPE, (cp+1)·CPE),
         RE pixels per register tile, into the ring with bias and activation a1 (act1: passed in, as a name the
         prim_func's body references, for TVMScript to resolve)."""
         for qt in range((count + RE - 1) // RE):
-            zero_tile(eacc, RE, VE)
-            for k in range(CIN):
-                for r in T.unroll(RE):
-                    for v in T.unroll(VE):
-                        for l in T.vectorized(lanes):
-                            eacc[r, v, l] = eacc[r, v, l] + X[
-                                n, iy0 + T.min(qt * RE + r, count - 1) // W, T.min(qt * RE + r, count - 1) % W,
-                                k] * W1[0, 0, k, cp * CPE + v * lanes + l]
+            pixel_tile(eacc, RE, VE, CIN, lambda r, k: X[
+                n, iy0 + T.min(qt * RE + r, count - 1) // W, T.min(qt * RE + r, count - 1) % W, k],
+                lambda k, v, l: W1[0, 0, k, cp * CPE + v * lanes + l])
             for r in T.unroll(RE):
                 if qt * RE + r < count:
                     for v in T.unroll(VE):
@@ -256,14 +263,8 @@ def inverted_residual_kernel(N: int, H: int, W: int, CIN: int, CE: int, K: int, 
                 if project is not None:
                     for cp in range(COUT // CPP):
                         for qt in range(((yb - ya) * WO + RP - 1) // RP):
-                            zero_tile(pacc, RP, VP)
-                            for k in range(CE):
-                                for r in T.unroll(RP):
-                                    for v in T.unroll(VP):
-                                        for l in T.vectorized(lanes):
-                                            pacc[r, v, l] = pacc[r, v, l] + drow[
-                                                T.min(qt * RP + r, (yb - ya) * WO - 1), k] * W2[
-                                                0, 0, k, cp * CPP + v * lanes + l]
+                            pixel_tile(pacc, RP, VP, CE, lambda r, k: drow[T.min(qt * RP + r, (yb - ya) * WO - 1), k],
+                                       lambda k, v, l: W2[0, 0, k, cp * CPP + v * lanes + l])
                             for r in T.unroll(RP):
                                 if qt * RP + r < (yb - ya) * WO:
                                     for v in T.unroll(VP):
