@@ -423,6 +423,9 @@ class Converter:
     def __init__(self, prepared: fx.GraphModule, weight_qmax: int = WEIGHT_QMAX):
         self.prepared = prepared
         self.weight_qmax = weight_qmax
+        # layer path -> (int8 weight, per-channel scale) chosen elsewhere (graphopt.quant.gptq); others round
+        # to nearest. Set before the first build.
+        self.rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache: dict[str, nn.Module] = {}
         self.layer_paths: list[str] = []
         for node in prepared.graph.nodes:
@@ -449,15 +452,25 @@ class Converter:
             elif isinstance(mod, SparseConv2d) and mod.groups == 1 and not isinstance(mod.padding, str):
                 self._cache[path] = SparseQuantConv2d(mod, qps[0], weight_qmax=self.weight_qmax)
             elif isinstance(mod, nn.Linear):
-                self._cache[path] = QuantLinear(mod.weight, mod.bias, qps[0], weight_qmax=self.weight_qmax)
+                w, scale = self._weight(path, mod)
+                self._cache[path] = QuantLinear(w, mod.bias, qps[0], w_scale=scale, weight_qmax=self.weight_qmax)
             elif isinstance(mod, nn.Conv2d):
                 qmax = self.weight_qmax if mod.groups == 1 else WEIGHT_QMAX
-                self._cache[path] = QuantConv2d(mod, qps[0], weight_qmax=qmax)
+                w, scale = self._weight(path, mod)
+                self._cache[path] = QuantConv2d(mod, qps[0], w_scale=scale, weight=w, weight_qmax=qmax)
             elif isinstance(mod, FloatMatmul):
                 self._cache[path] = QuantMatmul(qps[0], qps[1])
             else:  # pragma: no cover - prepare only observes the inputs of these layers
                 raise TypeError(f"cannot quantize {type(mod).__name__} at '{path}'")
         return self._cache[path]
+
+    def _weight(self, path: str, mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float weight, scale or None) to quantize layer `path` from: its own weight (scales chosen by the
+        module), or the integers of `rounded` times their scales (which round back to exactly those integers)."""
+        if path not in self.rounded:
+            return mod.weight, None
+        q, scale = self.rounded[path]
+        return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1))), scale
 
     def build(self, layers: Iterable[str] | None = None) -> fx.GraphModule:
         """The quantized graph with `layers` (module paths; default all) integer, the rest float."""

@@ -242,7 +242,12 @@ def test_quantize_pass_picks_the_weight_range_for_the_path(target, qmax):
     qmax = qmax or weight_qmax_for(path)
     gm = opt.graph_module
     conv, dw, lin = (gm.get_submodule(p) for p in ("0", "2", "5"))
-    assert conv.weight_q.abs().max().item() == lin.weight_q.abs().max().item() == qmax
+    # the grid: scale max|w| / qmax per channel (GPTQ, on 7-bit grids, keeps it; its integers need not reach qmax)
+    from graphopt.quant.qparams import weight_qparams
+
+    for q, w in ((conv, model[0].weight), (lin, model[5].weight)):
+        assert torch.equal(q.w_scale, weight_qparams(w, qmax)) and q.weight_q.abs().max().item() <= qmax
+    assert lin.weight_q.abs().max().item() == qmax                  # too few rows for GPTQ: nearest
     assert dw.weight_q.abs().max().item() == 127                    # depthwise: its own kernel, full range
     notes = " ".join(opt.report.records[-1].notes)
     assert f"int8 path {path}" in notes and f"[-{qmax}, {qmax}]" in notes

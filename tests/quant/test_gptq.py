@@ -1,0 +1,169 @@
+"""GPTQ weight rounding (graphopt.quant.gptq) and the quantize pass's use of it (weight_rounding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import graphopt
+from graphopt.quant.gptq import HessianAccumulator, gptq_round, supports
+from graphopt.quant.qparams import quantize_weight, weight_qparams
+
+
+def _correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Inputs with correlated features and offsets (what a layer after another layer sees)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    return torch.randn(rows, k, generator=g) @ mix + torch.rand(k, generator=g)
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    ref = x.double() @ w.double().T
+    return float((ref - x.double() @ (q.double() * scale.double()[:, None]).T).norm() / ref.norm())
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    """With a diagonal H no column can compensate another: GPTQ is round-to-nearest, whatever the order."""
+    torch.manual_seed(0)
+    w = torch.randn(9, 20)
+    scale = weight_qparams(w, 64)
+    h = torch.diag(torch.rand(20) + 0.1).double()
+    assert torch.equal(gptq_round(w, h, scale, 64), quantize_weight(w, scale, 64))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(k=st.integers(8, 96), n=st.integers(1, 24), qmax=st.sampled_from([64, 127]), seed=st.integers(0, 10_000))
+def test_gptq_rounds_on_the_grid_and_lowers_the_layer_output_error(k, n, qmax, seed):
+    """Integers on the nearest rounding's grid (|q| <= qmax, int8, the weight's shape), and on the inputs whose
+    statistics it used, a smaller output error than rounding to nearest."""
+    x = _correlated_inputs(4 * k + 64, k, seed)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
+    scale = weight_qparams(w, qmax)
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    q = gptq_round(w, h, scale, qmax)
+    assert q.dtype == torch.int8 and q.shape == w.shape and int(q.abs().max()) <= qmax
+    assert _output_error(x, w, q, scale) <= _output_error(x, w, quantize_weight(w, scale, qmax), scale) * 1.0001
+
+
+def test_inputs_that_are_always_zero_get_zero_weights():
+    torch.manual_seed(0)
+    x = _correlated_inputs(256, 12, 3)
+    x[:, [2, 7]] = 0
+    w = torch.randn(5, 12)
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    q = gptq_round(w, h, weight_qparams(w, 64), 64)
+    assert not q[:, [2, 7]].any()
+
+
+def test_conv_hessian_rows_are_the_im2col_patches_of_the_weight_layout():
+    """The accumulator's rows for a Conv2d, times the flattened weight, are the convolution (padding, stride,
+    dilation included), so GPTQ compensates in the weight's own input order."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False)
+    x = torch.randn(2, 3, 9, 8)
+    acc = HessianAccumulator(conv, calls=1, max_rows=10 ** 6)
+    rows = []
+    acc_add = acc.add
+    acc.add = lambda t: (rows.append(F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+                                     .transpose(1, 2).reshape(-1, acc.fan_in)), acc_add(t))
+    acc.add(x)
+    with torch.no_grad():
+        y = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
+        assert torch.allclose(rows[0] @ conv.weight.reshape(4, -1).T, y, atol=1e-5)
+    assert acc.rows == y.shape[0]
+    assert torch.allclose(acc.hessian(), 2 * rows[0].T @ rows[0] / acc.rows, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulator_samples_at_most_max_rows_evenly_over_calls():
+    lin = nn.Linear(6, 2)
+    acc = HessianAccumulator(lin, calls=4, max_rows=100)
+    for i in range(4):
+        acc.add(torch.randn(3, 50, 6))
+    assert acc.rows == 4 * 25
+
+
+def test_supports_dense_layers_only():
+    from graphopt.passes._sparse import SparseLinear
+
+    assert supports(nn.Linear(4, 4)) and supports(nn.Conv2d(3, 4, 3))
+    assert not supports(nn.Conv2d(4, 4, 3, groups=4))
+    assert not supports(SparseLinear.__new__(SparseLinear))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU(),
+                         nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU(), nn.Conv2d(24, 32, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _calibration(n: int = 6) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(2, 3, 12, 12, generator=g) * 2 - 0.5,) for _ in range(n)]
+
+
+def test_quantize_rounds_7bit_weights_by_gptq_by_default():
+    """reduce_range (the AVX2 / AVX-512BW grid): 'auto' takes GPTQ for the dense layers with enough input
+    rows (the 3x3 and 1x1 convs here, not the depthwise conv nor the classifier, seen in 12 rows < 32),
+    on the same grid as nearest rounding, each with a smaller output error on the calibration inputs than
+    nearest rounding; 'nearest' turns it off; with 8-bit weights 'auto' rounds to nearest."""
+    model, calib = _cnn(), _calibration()
+    example = calib[0]
+    builds = {}
+    for rounding in ("auto", "nearest"):
+        builds[rounding] = graphopt.optimize(
+            model, "torch", f"quantize(reduce_range=true,weight_rounding={rounding},progress=false)",
+            example_inputs=example, calibration=calib)
+    notes = " ".join(builds["auto"].report.records[-1].notes)
+    assert "weights of 3 of 5 layer(s) rounded by GPTQ" in notes
+    assert "GPTQ" not in " ".join(builds["nearest"].report.records[-1].notes)
+    auto, near = (builds[r].graph_module for r in ("auto", "nearest"))
+    for path in ("0", "2", "6"):
+        a, b = auto.get_submodule(path), near.get_submodule(path)
+        assert torch.equal(a.w_scale, b.w_scale) and int(a.weight_q.abs().max()) <= 64
+        assert not torch.equal(a.weight_q, b.weight_q)
+    for path in ("4", "10"):                       # depthwise; classifier (12 rows < MIN_ROWS): nearest
+        assert torch.equal(auto.get_submodule(path).weight_q, near.get_submodule(path).weight_q)
+    x = torch.cat([b[0] for b in calib])
+    for path in ("0", "2", "6"):                   # each layer's output error on the calibration inputs
+        i = int(path)
+        with torch.no_grad():
+            inp = model[:i](x)
+            ref = model[i](inp)
+            errs = [float((F.conv2d(inp, m.get_submodule(path).dequantized_weight(), model[i].bias,
+                                    padding=model[i].padding) - ref).norm() / ref.norm()) for m in (auto, near)]
+        assert errs[0] < errs[1], (path, errs)
+    full = graphopt.optimize(model, "torch", "quantize(reduce_range=false,progress=false)", example_inputs=example,
+                             calibration=calib)
+    assert "GPTQ" not in " ".join(full.report.records[-1].notes)
+
+
+def test_gptq_weights_compile_to_kernels_equal_to_their_reference():
+    """The compiled AVX2 int8 kernels run GPTQ's integers like any others: outputs equal the quantized graph
+    run in PyTorch (the reference of every int8 path)."""
+    pytest.importorskip("tvm")
+    from tests.helpers import instructions_missing_here
+
+    if instructions_missing_here("x86:haswell"):
+        pytest.skip("needs an x86 CPU with AVX2")
+    model, calib = _cnn(), _calibration()
+    opt = graphopt.optimize(model, "x86:haswell", "quantize(progress=false)", example_inputs=calib[0],
+                            calibration=calib)
+    assert "rounded by GPTQ" in " ".join(opt.report.records[-1].notes)
+    x = _calibration(1)[0][0]
+    with torch.no_grad():
+        assert torch.allclose(opt(x), opt.graph_module(x), rtol=0, atol=1e-5)
+
+
+def test_weight_rounding_is_checked():
+    from graphopt.errors import PipelineError
+    from graphopt.passes.quantize import Quantize
+
+    with pytest.raises(ValueError, match="weight_rounding"):
+        Quantize(weight_rounding="best")
+    with pytest.raises(PipelineError, match="weight_rounding"):
+        graphopt.optimize(_cnn(), "torch", "quantize(weight_rounding=best)", example_inputs=_calibration(1)[0],
+                          calibration=_calibration(1))
