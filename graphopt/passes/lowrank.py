@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.flops import count_flops, count_params
+from ..analysis.layer_inputs import run_collecting_inputs
 from ..analysis.shapes import node_shape, propagate_shapes
 from ..errors import PassError, PipelineError
 from ..pipeline import Context, Pass, PassResult, register_pass
@@ -364,37 +364,12 @@ def _numel(shape) -> int:
 
 
 # ------------------------------------------------------------------------------------- calibration
-def _conv_patches(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col rows (N·L, Cin·kh·kw) of what `mod` multiplies by its weight, padding mode included."""
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    pad = mod._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
-    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 def _collect_covariances(gm: fx.GraphModule, layers: list[_Layer], batches: list[tuple]) -> None:
     """Run the graph on the calibration batches and store each layer's input statistics (XᵀX)."""
-    handles = []
     for layer in layers:
-        w = layer.module.weight
-        layer.cov = InputStats(w[0].numel())
-
-        def hook(mod, args, kwargs, layer=layer):
-            x = args[0] if args else kwargs["input"]
-            x = x.detach()
-            layer.cov.add(_conv_patches(mod, x) if layer.kind == "Conv2d" else x.reshape(-1, x.shape[-1]))
-
-        handles.append(layer.module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                gm(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+        layer.cov = InputStats(layer.module.weight[0].numel())
+    run_collecting_inputs(gm, dict(enumerate(l.module for l in layers)), batches,
+                          lambda i, rows: layers[i].cov.add(rows))
     for layer in layers:
         layer.cov.finish()
 

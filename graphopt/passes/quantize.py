@@ -468,21 +468,12 @@ def _gptq_weights(conv: "qgraph.Converter", layers: list[str], batches: list[tup
     from ..quant.gptq import MIN_ROWS, HessianAccumulator, gptq_round, supports
     from ..quant.qparams import weight_qparams
 
+    from ..analysis.layer_inputs import run_collecting_inputs
+
     float_g = conv.build([])                 # observers out; the layers are the prepared graph's own modules
-    acc: dict[str, HessianAccumulator] = {}
-    hooks = []
-    for path in layers:
-        mod = float_g.get_submodule(path)
-        if supports(mod):
-            acc[path] = HessianAccumulator(mod, len(batches))
-            hooks.append(mod.register_forward_hook(lambda m, i, o, a=acc[path]: a.add(i[0])))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                float_g(*b)
-    finally:
-        for h in hooks:
-            h.remove()
+    mods = {p: float_g.get_submodule(p) for p in layers}
+    acc = {p: HessianAccumulator(m, len(batches)) for p, m in mods.items() if supports(m)}
+    run_collecting_inputs(float_g, {p: mods[p] for p in acc}, batches, lambda p, rows: acc[p].add(rows))
     done = 0
     for path, a in acc.items():
         if a.rows < MIN_ROWS:                # too few samples to say how the inputs correlate

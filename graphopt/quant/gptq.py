@@ -27,7 +27,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["HessianAccumulator", "gptq_round", "supports"]
 
@@ -55,15 +54,9 @@ class HessianAccumulator:
         self.rows = 0
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate the rows of input `x` (the layer's forward input)."""
-        m = self.module
-        x = x.detach().float()
-        if isinstance(m, nn.Conv2d):
-            rows = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-        else:
-            rows = x
-        rows = rows.reshape(-1, self.fan_in)
+    def add(self, rows: torch.Tensor) -> None:
+        """Accumulate input rows (N, fan_in): graphopt.analysis.layer_inputs.weight_rows of a forward input."""
+        rows = rows.float()
         if rows.shape[0] > self.per_call:
             rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[:self.per_call]]
         self.sum += rows.T @ rows

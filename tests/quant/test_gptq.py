@@ -58,30 +58,32 @@ def test_inputs_that_are_always_zero_get_zero_weights():
     assert not q[:, [2, 7]].any()
 
 
-def test_conv_hessian_rows_are_the_im2col_patches_of_the_weight_layout():
-    """The accumulator's rows for a Conv2d, times the flattened weight, are the convolution (padding, stride,
-    dilation included), so GPTQ compensates in the weight's own input order."""
+@pytest.mark.parametrize("padding,mode", [((1, 1), "zeros"), ("same", "zeros"), ((1, 0), "reflect")])
+def test_conv_input_rows_are_the_im2col_patches_of_the_weight_layout(padding, mode):
+    """A Conv2d's input rows (graphopt.analysis.layer_inputs.weight_rows) times its flattened weight are the
+    convolution (padding, padding mode, stride, dilation included), so GPTQ compensates in the weight's own
+    input order; the accumulator's H is 2 XᵀX / rows."""
+    from graphopt.analysis.layer_inputs import weight_rows
+
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), bias=False)
+    stride = (1, 1) if padding == "same" else (2, 1)
+    conv = nn.Conv2d(3, 4, (3, 2), stride=stride, padding=padding, dilation=(1, 2), bias=False, padding_mode=mode)
     x = torch.randn(2, 3, 9, 8)
-    acc = HessianAccumulator(conv, calls=1, max_rows=10 ** 6)
-    rows = []
-    acc_add = acc.add
-    acc.add = lambda t: (rows.append(F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-                                     .transpose(1, 2).reshape(-1, acc.fan_in)), acc_add(t))
-    acc.add(x)
+    rows = weight_rows(conv, x)
     with torch.no_grad():
         y = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
-        assert torch.allclose(rows[0] @ conv.weight.reshape(4, -1).T, y, atol=1e-5)
+        assert torch.allclose(rows @ conv.weight.reshape(4, -1).T, y, atol=1e-5)
+    acc = HessianAccumulator(conv, calls=1, max_rows=10 ** 6)
+    acc.add(rows)
     assert acc.rows == y.shape[0]
-    assert torch.allclose(acc.hessian(), 2 * rows[0].T @ rows[0] / acc.rows, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(acc.hessian(), 2 * rows.T @ rows / acc.rows, rtol=1e-5, atol=1e-5)
 
 
 def test_accumulator_samples_at_most_max_rows_evenly_over_calls():
     lin = nn.Linear(6, 2)
     acc = HessianAccumulator(lin, calls=4, max_rows=100)
     for i in range(4):
-        acc.add(torch.randn(3, 50, 6))
+        acc.add(torch.randn(150, 6))
     assert acc.rows == 4 * 25
 
 
