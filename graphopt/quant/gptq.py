@@ -19,7 +19,11 @@ MobileNetV3-L 0.346 -> 0.131 (mean cosine 0.934 -> 0.990; 8-bit nearest 0.109), 
 BERT-base 0.031 -> 0.019, EfficientNet-B0 0.090 -> 0.090; the pass 1.6 -> 4.0 s, 3.8 -> 34 s, 6.7 -> 48 s
 (EfficientNet-B0 5.6 s with GPTQ): X^T X and the Cholesky factorizations of the widest layers dominate. With
 8-bit weights it did not help reliably (a float64 prototype: MobileNetV3-L 0.109 -> 0.200, EfficientNet-B0
-0.118 -> 0.089), so the quantize pass applies it where weights are 7-bit (`weight_rounding`).
+0.118 -> 0.089), so the quantize pass applies it where weights are 7-bit (`weight_rounding`). int4 weight-only
+and W4A8 weights (gptq_round_groups: asymmetric groups, quantize_groups' grid) take it when calibration data
+is given: MobileNetV2 (graphopt.models, fold_bn) with pointwise_convs=true, int4 groups of 128, 8 calibration
+and 4 other random images: 0.223 -> 0.165 (both modes); bench_weight_only's small encoder 0.102 -> 0.097; its
+MLP's 4 calibration rows are too few (MIN_ROWS).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["HessianAccumulator", "gptq_round", "supports"]
+__all__ = ["HessianAccumulator", "gptq_round", "gptq_round_groups", "supports"]
 
 DAMP = 0.01          # of the mean diagonal of H, added to its diagonal
 MAX_ROWS = 8192      # input rows per layer (sampled evenly over the calibration batches)
@@ -69,30 +73,56 @@ class HessianAccumulator:
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """int8 weights (shape of `weight`) in [-qmax, qmax] on the grid scale[c] per output channel (dim 0),
     rounded by GPTQ against input second moments `hessian` [fan_in, fan_in] (module docstring). With a
-    diagonal hessian every column is independent and the result is round-to-nearest."""
-    w = weight.detach().float().reshape(weight.shape[0], -1).clone()
+    diagonal hessian every column is independent and the result is round-to-nearest (quantize_weight's)."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    q = _gptq(w, hessian, scale.reshape(-1, 1), None, -qmax, qmax, None)
+    return q.reshape(weight.shape).to(torch.int8)
+
+
+def gptq_round_groups(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int16 [N, K], scales, zeros) of a weight-only weight [N, K] (graphopt.quant.weight_only: int8
+    symmetric or int4 asymmetric, groups of `group_size` inputs, None: per channel), on quantize_groups' own
+    grid (its scales and zero points), with the integers rounded by GPTQ against `hessian`."""
+    from .weight_only import BITS, quantize_groups
+
+    _, scales, zeros = quantize_groups(weight, bits, group_size)
+    qmin, qmax = BITS[bits]
+    q = _gptq(weight.detach(), hessian, scales, zeros, qmin, qmax, group_size)
+    return q.to(torch.int16), scales, zeros
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, qmin: int,
+          qmax: int, group_size: int | None) -> torch.Tensor:
+    """The integers (float32 [N, K]) of weight w [N, K] on the grid q -> (q - zeros[n, g]) · scales[n, g],
+    g = k // group_size (one group when None), q in [qmin, qmax], rounded as quantize_groups / quantize_weight
+    round (float64 w / s, then + z), each error compensated GPTQ's way."""
+    w = w.float().clone()
     n = w.shape[1]
+    gs = n if group_size is None else group_size
+    group = torch.arange(n) // gs
+    s32, s64 = scales.float(), scales.double()
+    z64 = torch.zeros_like(s64) if zeros is None else zeros.double()
     h = hessian.float().clone()
     dead = torch.diag(h) == 0                     # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True, stable=True)
-    w, h = w[:, order], h[order][:, order]
+    w, h, group = w[:, order], h[order][:, order], group[order]
     h += DAMP * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    s = scale.float().reshape(-1)
-    s64 = scale.double().reshape(-1)              # the rounding divides as quantize_weight does
     q = torch.zeros_like(w)
     for a in range(0, n, BLOCK):
         b = min(a + BLOCK, n)
         wb, err, hb = w[:, a:b].clone(), torch.zeros(w.shape[0], b - a, dtype=w.dtype), hinv[a:b, a:b]
         for j in range(b - a):
-            qj = torch.clamp(torch.round(wb[:, j].double() / s64), -qmax, qmax).float()
-            q[:, a + j] = qj
-            e = (wb[:, j] - qj * s) / hb[j, j]
+            g = int(group[a + j])
+            qj = torch.clamp(torch.round(wb[:, j].double() / s64[:, g]) + z64[:, g], qmin, qmax)
+            q[:, a + j] = qj.float()
+            e = (wb[:, j] - (qj - z64[:, g]).float() * s32[:, g]) / hb[j, j]
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             err[:, j] = e
         w[:, b:] -= err @ hinv[a:b, b:]
     out = torch.empty_like(q)
     out[:, order] = q
-    return out.reshape(weight.shape).to(torch.int8)
+    return out

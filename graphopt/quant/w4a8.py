@@ -99,11 +99,12 @@ class W4A8Linear(PackedWeightOnlyLinear):
     """Linear with int4 weights (PackedWeightOnlyLinear's: asymmetric, group-wise) and int8 activations
     quantized per call, per row and group (graphopt.quant.w4a8); integer dot products, float32 output."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: Optional[int] = 128):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: Optional[int] = 128,
+                 rounded: Optional[tuple] = None):
         problem = group_problem(group_size, weight.shape[1])
         if problem:
             raise ValueError(problem)
-        super().__init__(weight, bias, bits=4, group_size=group_size)
+        super().__init__(weight, bias, bits=4, group_size=group_size, rounded=rounded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a8_linear(x, self.weight_q, self.scales, self.zeros, self.bias, self.group_size or 0,

@@ -130,13 +130,14 @@ class PackedWeightOnlyLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 4,
-                 group_size: Optional[int] = 128):
+                 group_size: Optional[int] = 128, rounded: Optional[tuple] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits = int(bits)
         # a group at least as long as the row is one group per channel
         self.group_size = None if group_size is None or group_size >= self.in_features else int(group_size)
-        q, scales, zeros = quantize_groups(weight, self.bits, self.group_size)
+        # rounded: (q, scales, zeros) chosen elsewhere on quantize_groups' grid (graphopt.quant.gptq)
+        q, scales, zeros = rounded if rounded is not None else quantize_groups(weight, self.bits, self.group_size)
         wq = pack_int4(q) if self.bits == 4 else q.to(torch.int8)
         self.register_buffer("weight_q", wq)
         self.register_buffer("scales", scales)

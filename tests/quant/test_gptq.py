@@ -169,3 +169,65 @@ def test_weight_rounding_is_checked():
     with pytest.raises(PipelineError, match="weight_rounding"):
         graphopt.optimize(_cnn(), "torch", "quantize(weight_rounding=best)", example_inputs=_calibration(1)[0],
                           calibration=_calibration(1))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 8), (4, 16), (4, None), (8, 8)])
+def test_grouped_weights_keep_quantize_groups_grid(bits, group):
+    """Weight-only grids (int4 asymmetric / int8 symmetric, groups of inputs): GPTQ keeps quantize_groups'
+    scales and zero points, stays in its integer range, equals it where H is diagonal, and lowers the layer's
+    output error on the inputs it saw."""
+    from graphopt.quant.gptq import gptq_round_groups
+    from graphopt.quant.weight_only import BITS, dequantize_groups, quantize_groups
+
+    w = torch.randn(12, 40, generator=torch.Generator().manual_seed(2)) * 0.1
+    x = _correlated_inputs(400, 40, 5)
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    q0, s0, z0 = quantize_groups(w, bits, group)
+    q, s, z = gptq_round_groups(w, h, bits, group)
+    assert torch.equal(s, s0) and torch.equal(z, z0) and q.dtype == q0.dtype and q.shape == q0.shape
+    lo, hi = BITS[bits]
+    assert lo <= int(q.min()) and int(q.max()) <= hi
+    diag = torch.diag(torch.diag(h))
+    assert torch.equal(gptq_round_groups(w, diag, bits, group)[0], q0)
+
+    def err(qq):
+        return float((x @ w.T - x @ dequantize_groups(qq, s, z, group).T).norm())
+    assert err(q) < err(q0)
+
+
+def _pointwise_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(48 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_int4_layers_round_by_gptq_when_calibration_is_given(mode):
+    """int4 weight-only and W4A8 (mode=dynamic, bits=4): with calibration data 'auto' rounds the packed
+    layers by GPTQ (the pointwise conv found through its copied weight), on the nearest rounding's grid, each
+    with a smaller output error on the calibration inputs; without calibration, or with 'nearest', nearest
+    rounding as before."""
+    model = _pointwise_net()
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.rand(12, 3, 6, 6, generator=g),) for _ in range(3)]
+    text = f"quantize(mode={mode},bits=4,group_size=16,pointwise_convs=true,progress=false"
+    gptq = graphopt.optimize(model, "torch", text + ")", example_inputs=calib[0], calibration=calib)
+    near = graphopt.optimize(model, "torch", text + ",weight_rounding=nearest)", example_inputs=calib[0],
+                             calibration=calib)
+    plain = graphopt.optimize(model, "torch", text + ")", example_inputs=calib[0])
+    assert "weights of 3 of 3 layer(s) rounded by GPTQ" in " ".join(gptq.report.records[-1].notes)
+    for o in (near, plain):
+        assert "GPTQ" not in " ".join(o.report.records[-1].notes)
+    x = torch.cat([b[0] for b in calib])
+    inputs = {"2": model[:2](x), "5": model[:5](x)}
+    for path, inp in inputs.items():
+        a, b, c = (o.graph_module.get_submodule(path) for o in (gptq, near, plain))
+        a, b, c = (getattr(m, "linear", m) for m in (a, b, c))
+        assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+        assert torch.equal(b.weight_q, c.weight_q) and not torch.equal(a.weight_q, b.weight_q)
+        ref = model[int(path)]
+        with torch.no_grad():
+            rows = inp if path == "5" else inp.permute(0, 2, 3, 1).reshape(-1, 32)
+            w = ref.weight.reshape(ref.weight.shape[0], -1)
+            errs = [float((rows @ m.dequantized_weight().T - rows @ w.T).norm()) for m in (a, b)]
+        assert errs[0] < errs[1], (path, errs)
