@@ -240,8 +240,8 @@ class Quantize(Pass):
             raise ValueError("pointwise_convs=true needs mode=weight_only or mode=dynamic with bits=4 (static mode "
                              "quantizes every conv already; dynamic int8 covers Linears only)")
         if self.weight_rounding not in ("auto", "nearest", "gptq"):
-            raise ValueError(f"weight_rounding={self.weight_rounding!r}: choose 'auto' (GPTQ where weights are "
-                             f"7-bit), 'nearest' or 'gptq'")
+            raise ValueError(f"weight_rounding={self.weight_rounding!r}: choose 'auto' (GPTQ for 7-bit static "
+                             f"weights, and for int4 ones given calibration data), 'nearest' or 'gptq'")
         if self.se_blocks not in ("float", "int8"):
             raise ValueError(f"se_blocks={self.se_blocks!r}: choose 'float' (keep squeeze-and-excitation layers "
                              f"float32) or 'int8'")
