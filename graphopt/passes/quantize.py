@@ -161,8 +161,8 @@ class Quantize(Pass):
     the pass (figures in graphopt.quant.gptq). "nearest" turns it off, "gptq" uses it for 8-bit weights
     too (there it did not help reliably). int4 weight-only and W4A8 layers (and grouped int8 weight-only
     with "gptq") take it as well when calibration data is given, on quantize_groups' grid (MobileNetV2 with
-    pointwise_convs=true, int4 g128: output error 0.223 -> 0.165). A QAT graph keeps the weight range it
-    was trained with (127).
+    pointwise_convs=true, int4 g128: output error 0.223 -> 0.165); bits=mixed builds its int8 static and
+    int4 choices the same way. A QAT graph keeps the weight range it was trained with (127).
     activation="auto" picks uint8 (x86, torch) or symmetric int8 (arm, cuda) to suit the target's int8
     dot-product instruction.
 
@@ -336,17 +336,13 @@ class Quantize(Pass):
         (swap_linear's modules hold the same weights, a pointwise conv's as a copy); layers seen in fewer than
         MIN_ROWS rows, or whose calls are functional, round to nearest. Appends to `done` each layer it
         rounds."""
-        from ..analysis.layer_inputs import run_collecting_inputs
-        from ..quant.gptq import MIN_ROWS, HessianAccumulator, gptq_round_groups, supports
+        from ..quant.gptq import MIN_ROWS, gptq_round_groups, input_hessians, supports
         from ..quant.modules import is_pointwise_conv
 
         batches = ctx.calibration_batches(self.calib_batches, needed_by="quantize (weight_rounding=gptq)")
         layers = {name: m for name, m in gm.named_modules() if supports(m) and (
             type(m) is nn.Linear or (self.pointwise_convs and is_pointwise_conv(m)))}
-        acc: dict[int, HessianAccumulator] = {}
-        for m in layers.values():
-            acc.setdefault(m.weight.data_ptr(), HessianAccumulator(m, len(batches)))
-        run_collecting_inputs(gm, layers, batches, lambda name, rows: acc[layers[name].weight.data_ptr()].add(rows))
+        acc = {m.weight.data_ptr(): a for m, a in input_hessians(gm, layers, batches).items()}
 
         def find(w: torch.Tensor):
             for a in acc.values():
@@ -441,7 +437,9 @@ class Quantize(Pass):
                              f"{', '.join(sorted(se)[:4])}{', ...' if len(se) > 4 else ''}")
         candidates = list(layers)
         if self.weight_rounding == "gptq" or (self.weight_rounding == "auto" and qmax == REDUCED_WEIGHT_QMAX):
-            rounded = _gptq_weights(conv, candidates, batches, qmax)
+            from ..quant.gptq import round_static_layers
+
+            rounded = round_static_layers(conv, candidates, batches, qmax)
             notes.append(f"weights of {rounded} of {len(candidates)} layer(s) rounded by GPTQ (input statistics of "
                          f"{len(batches)} calibration batch(es); the others to nearest)")
         sensitivity: dict[str, float] = {}
@@ -512,31 +510,6 @@ class Quantize(Pass):
                 row["sensitivity"] = sensitivity.get(path, float("nan"))
             rows.append(row)
         return rows
-
-
-def _gptq_weights(conv: "qgraph.Converter", layers: list[str], batches: list[tuple], qmax: int) -> int:
-    """Round the weights of `layers` by GPTQ (graphopt.quant.gptq) into conv.rounded, from each layer's inputs
-    in the float graph over `batches`; returns how many layers took it (dense Linear / Conv2d seen in at least
-    MIN_ROWS input rows, however many inputs they have: GPTQ's damping covers a rank-deficient H, and ResNet-50's
-    classifier, 32 rows for 2,048 inputs, still gained)."""
-    from ..quant.gptq import MIN_ROWS, HessianAccumulator, gptq_round, supports
-    from ..quant.qparams import weight_qparams
-
-    from ..analysis.layer_inputs import run_collecting_inputs
-
-    float_g = conv.build([])                 # observers out; the layers are the prepared graph's own modules
-    mods = {p: float_g.get_submodule(p) for p in layers}
-    acc = {p: HessianAccumulator(m, len(batches)) for p, m in mods.items() if supports(m)}
-    run_collecting_inputs(float_g, {p: mods[p] for p in acc}, batches, lambda p, rows: acc[p].add(rows))
-    done = 0
-    for path, a in acc.items():
-        if a.rows < MIN_ROWS:                # too few samples to say how the inputs correlate
-            continue
-        w = a.module.weight
-        scale = weight_qparams(w, qmax)
-        conv.rounded[path] = (gptq_round(w, a.hessian(), scale, qmax), scale)
-        done += 1
-    return done
 
 
 def _layer_errors(float_gm: fx.GraphModule, qgm: fx.GraphModule, layers, batch: tuple) -> dict[str, float]:

@@ -93,7 +93,7 @@ class MixedBuilder:
     def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], *, target: str, dtype: str,
                  observer: str = "minmax", percentile: float = 99.99, kinds=("linear", "conv2d", "matmul"),
                  skip: Sequence[str] = (), weight_qmax: int = 127, group_size: Optional[int] = 128,
-                 allowed: Sequence[str] = ALL_CHOICES, progress: bool = False):
+                 allowed: Sequence[str] = ALL_CHOICES, progress: bool = False, weight_rounding: str = "nearest"):
         from .w4a8 import group_problem
         from .weight_only import check_options
 
@@ -122,8 +122,53 @@ class MixedBuilder:
         self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
+        # GPTQ rounding (graphopt.quant.gptq), as the uniform quantize pass does: "auto" for 7-bit static
+        # weights and for int4 weights (calibration is always given here), "gptq" for every weight grid
+        self._hessians: dict = {}
+        self.rounded_static = self.rounded_int4 = weight_rounding == "gptq"
+        if weight_rounding == "auto":
+            from .qparams import REDUCED_WEIGHT_QMAX
+
+            self.rounded_static, self.rounded_int4 = weight_qmax == REDUCED_WEIGHT_QMAX, True
+        if self.layers and (self.rounded_static or (self.rounded_int4 and any(
+                c in ("int4_weight_only", "int4_dynamic") for cs in self.choices.values() for c in cs))):
+            from .gptq import input_hessians
+
+            mods = {p: self.float_gm.get_submodule(p) for p in self.layers}
+            acc = input_hessians(self.float_gm, mods, batches)
+            self._hessians = {p: acc[m] for p, m in mods.items() if m in acc}
+            if self.rounded_static:
+                self._round_static(weight_qmax)
 
     # ------------------------------------------------------------------------------------------ modules
+    def _hessian(self, path: str):
+        from .gptq import MIN_ROWS
+
+        a = self._hessians.get(path)
+        return None if a is None or a.rows < MIN_ROWS else a.hessian()
+
+    def _round_static(self, qmax: int) -> None:
+        from .gptq import gptq_round
+        from .qparams import weight_qparams
+
+        for path in self.layers:
+            h = self._hessian(path)
+            if h is not None:
+                w = self.float_gm.get_submodule(path).weight
+                scale = weight_qparams(w, qmax)
+                self.conv.rounded[path] = (gptq_round(w, h, scale, qmax), scale)
+
+    def _int4_rounded(self, path: str, weight: torch.Tensor):
+        """(q, scales, zeros) of an int4 choice rounded by GPTQ, or None (nearest)."""
+        h = self._hessian(path) if self.rounded_int4 else None
+        if h is None:
+            return None
+        from .gptq import gptq_round_groups
+
+        k = weight.shape[1]
+        return gptq_round_groups(weight.detach(), h, 4, None if self.group_size is None or self.group_size >= k
+                                 else self.group_size)
+
     def input_qparams(self, path: str) -> list:
         """The calibrated qparams of layer `path`'s inputs (one per argument)."""
         return [self.conv.qparams(str(a.target)) for a in self._nodes[path].args]
@@ -145,11 +190,13 @@ class MixedBuilder:
         elif choice == "int4_weight_only":
             from .weight_only import PackedWeightOnlyLinear
 
-            mod = PackedWeightOnlyLinear(float_mod.weight, float_mod.bias, 4, self.group_size)
+            mod = PackedWeightOnlyLinear(float_mod.weight, float_mod.bias, 4, self.group_size,
+                                         rounded=self._int4_rounded(path, float_mod.weight))
         elif choice == "int4_dynamic":
             from .w4a8 import W4A8Linear
 
-            mod = W4A8Linear(float_mod.weight, float_mod.bias, self.group_size)
+            mod = W4A8Linear(float_mod.weight, float_mod.bias, self.group_size,
+                             rounded=self._int4_rounded(path, float_mod.weight))
         elif choice == "float16":
             from .half import HalfLinear
 

@@ -231,3 +231,24 @@ def test_int4_layers_round_by_gptq_when_calibration_is_given(mode):
             w = ref.weight.reshape(ref.weight.shape[0], -1)
             errs = [float((rows @ m.dequantized_weight().T - rows @ w.T).norm()) for m in (a, b)]
         assert errs[0] < errs[1], (path, errs)
+
+
+def test_mixed_precision_choices_round_as_the_uniform_pass_does():
+    """bits=mixed builds its int8 static choices (7-bit grid) and int4 choices with GPTQ under 'auto', as
+    the uniform modes do, and with nearest rounding under 'nearest'; the grids are the same either way."""
+    from graphopt.quant.mixed import MixedBuilder
+
+    model = _pointwise_net()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(12, 3, 6, 6, generator=g),) for _ in range(3)]
+    gm = torch.fx.symbolic_trace(model)
+    kw = dict(target="torch", dtype="uint8", kinds=("linear", "conv2d"), weight_qmax=64, group_size=16)
+    auto = MixedBuilder(gm, batches, weight_rounding="auto", **kw)
+    near = MixedBuilder(gm, batches, weight_rounding="nearest", **kw)
+    for path in ("0", "2", "5"):
+        a, b = auto.module(path, "int8_static"), near.module(path, "int8_static")
+        assert torch.equal(a.w_scale, b.w_scale) and not torch.equal(a.weight_q, b.weight_q)
+    for choice in ("int4_weight_only", "int4_dynamic"):
+        assert choice in auto.choices["5"]
+        a, b = auto.module("5", choice), near.module("5", choice)
+        assert torch.equal(a.scales, b.scales) and not torch.equal(a.weight_q, b.weight_q)
