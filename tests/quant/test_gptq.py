@@ -36,16 +36,33 @@ def test_uncorrelated_inputs_give_round_to_nearest():
 
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(k=st.integers(8, 96), n=st.integers(1, 24), qmax=st.sampled_from([64, 127]), seed=st.integers(0, 10_000))
-def test_gptq_rounds_on_the_grid_and_lowers_the_layer_output_error(k, n, qmax, seed):
-    """Integers on the nearest rounding's grid (|q| <= qmax, int8, the weight's shape), and on the inputs whose
-    statistics it used, a smaller output error than rounding to nearest."""
+def test_gptq_rounds_on_the_grid(k, n, qmax, seed):
+    """Integers on the nearest rounding's grid: |q| <= qmax, int8, the weight's shape; and never far worse than
+    nearest rounding on the inputs it saw (GPTQ is greedy: a single layer can come out a little worse, 1 in
+    300 random layers by up to 2.6% here, so the bound is loose; the typical gain is checked below)."""
     x = _correlated_inputs(4 * k + 64, k, seed)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
     scale = weight_qparams(w, qmax)
     h = 2 * x.double().T @ x.double() / x.shape[0]
     q = gptq_round(w, h, scale, qmax)
     assert q.dtype == torch.int8 and q.shape == w.shape and int(q.abs().max()) <= qmax
-    assert _output_error(x, w, q, scale) <= _output_error(x, w, quantize_weight(w, scale, qmax), scale) * 1.0001
+    assert _output_error(x, w, q, scale) <= _output_error(x, w, quantize_weight(w, scale, qmax), scale) * 1.25
+
+
+def test_gptq_lowers_the_layer_output_error_on_the_inputs_it_saw():
+    """Over 40 fixed random layers with correlated inputs, GPTQ's output error is typically well below
+    nearest rounding's (median ratio about 0.7 here; asserted < 0.85) and at worst about equal (< 1.1)."""
+    ratios = []
+    for i in range(40):
+        k, n, qmax = 8 + (i * 37) % 89, 1 + (i * 11) % 24, (64, 127)[i % 2]
+        x = _correlated_inputs(4 * k + 64, k, 100 + i)
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(200 + i)) * 0.1
+        scale = weight_qparams(w, qmax)
+        h = 2 * x.double().T @ x.double() / x.shape[0]
+        ratios.append(_output_error(x, w, gptq_round(w, h, scale, qmax), scale)
+                      / _output_error(x, w, quantize_weight(w, scale, qmax), scale))
+    ratios.sort()
+    assert ratios[len(ratios) // 2] < 0.85 and ratios[-1] < 1.1, ratios
 
 
 def test_inputs_that_are_always_zero_get_zero_weights():
