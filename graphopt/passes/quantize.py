@@ -325,10 +325,11 @@ class Quantize(Pass):
     def _packed_gptq(self, ctx: Context) -> bool:
         """Whether weight_only / W4A8 layers (the packed, group-wise ones) take GPTQ rounding: always with
         weight_rounding=gptq, and by default (auto) for int4 weights when calibration data is given."""
+        from ..quant.gptq import uses_gptq
+
         if not (self.bits == 4 or (self.mode == "weight_only" and self._group() is not None)):
             return False
-        return self.weight_rounding == "gptq" or (
-            self.weight_rounding == "auto" and self.bits == 4 and ctx.calibration is not None)
+        return uses_gptq(self.weight_rounding, int4=self.bits == 4, calibrated=ctx.calibration is not None)
 
     def _packed_rounding(self, gm: fx.GraphModule, ctx: Context, group: Optional[int], done: list):
         """rounded_for(linear) for _layer_factory: GPTQ on quantize_groups' grid from each Linear's (and, with
@@ -336,7 +337,7 @@ class Quantize(Pass):
         (swap_linear's modules hold the same weights, a pointwise conv's as a copy); layers seen in fewer than
         MIN_ROWS rows, or whose calls are functional, round to nearest. Appends to `done` each layer it
         rounds."""
-        from ..quant.gptq import MIN_ROWS, gptq_round_groups, input_hessians, supports
+        from ..quant.gptq import gptq_round_groups, input_hessians, supports
         from ..quant.modules import is_pointwise_conv
 
         batches = ctx.calibration_batches(self.calib_batches, needed_by="quantize (weight_rounding=gptq)")
@@ -354,7 +355,7 @@ class Quantize(Pass):
         def rounded_for(lin):
             k = lin.weight.shape[1]
             a = acc.get(lin.weight.data_ptr()) or find(lin.weight.detach())
-            if a is None or a.rows < MIN_ROWS:
+            if a is None or not a.enough():
                 return None
             done.append(lin)
             return gptq_round_groups(lin.weight.detach().reshape(lin.weight.shape[0], k), a.hessian(), self.bits,
@@ -436,9 +437,9 @@ class Quantize(Pass):
                 notes.append(f"kept {len(se)} squeeze-and-excitation layer(s) in float32 (se_blocks=float): "
                              f"{', '.join(sorted(se)[:4])}{', ...' if len(se) > 4 else ''}")
         candidates = list(layers)
-        if self.weight_rounding == "gptq" or (self.weight_rounding == "auto" and qmax == REDUCED_WEIGHT_QMAX):
-            from ..quant.gptq import round_static_layers
+        from ..quant.gptq import round_static_layers, uses_gptq
 
+        if uses_gptq(self.weight_rounding, seven_bit=qmax == REDUCED_WEIGHT_QMAX):
             rounded = round_static_layers(conv, candidates, batches, qmax)
             notes.append(f"weights of {rounded} of {len(candidates)} layer(s) rounded by GPTQ (input statistics of "
                          f"{len(batches)} calibration batch(es); the others to nearest)")

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["HessianAccumulator", "gptq_round", "gptq_round_groups", "input_hessians", "round_static_layers",
-           "supports"]
+           "supports", "uses_gptq"]
 
 DAMP = 0.01          # of the mean diagonal of H, added to its diagonal
 MAX_ROWS = 8192      # input rows per layer (sampled evenly over the calibration batches)
@@ -71,6 +71,17 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         return 2 * self.sum / max(self.rows, 1)
 
+    def enough(self) -> bool:
+        """Whether it saw MIN_ROWS input rows (fewer say too little about how the inputs correlate)."""
+        return self.rows >= MIN_ROWS
+
+
+def uses_gptq(weight_rounding: str, *, seven_bit: bool = False, int4: bool = False, calibrated: bool = True
+              ) -> bool:
+    """The quantize pass's `weight_rounding` policy, for the pass and bits=mixed alike: "gptq" always,
+    "auto" for 7-bit static int8 grids and for int4 grids, when calibration data is given; "nearest" never."""
+    return weight_rounding == "gptq" or (weight_rounding == "auto" and calibrated and (seven_bit or int4))
+
 
 def input_hessians(gm: nn.Module, layers: dict, batches: Sequence[tuple]) -> dict:
     """{module: HessianAccumulator} of the modules among `layers` ({name: module}) that GPTQ supports, from
@@ -78,36 +89,38 @@ def input_hessians(gm: nn.Module, layers: dict, batches: Sequence[tuple]) -> dic
     integers are the same wherever it is used)."""
     from ..analysis.layer_inputs import run_collecting_inputs
 
-    first: dict[int, nn.Module] = {}
-    acc: dict[nn.Module, HessianAccumulator] = {}
-    for m in layers.values():
-        if supports(m):
-            owner = first.setdefault(m.weight.data_ptr(), m)
-            if owner is m:
-                acc[m] = HessianAccumulator(m, len(batches))
     hooked = {k: m for k, m in layers.items() if supports(m)}
-    run_collecting_inputs(gm, hooked, batches, lambda k, rows: acc[first[hooked[k].weight.data_ptr()]].add(rows))
-    return {m: acc[first[m.weight.data_ptr()]] for m in hooked.values()}
+    by_weight: dict[int, HessianAccumulator] = {}
+    for m in hooked.values():
+        if m.weight.data_ptr() not in by_weight:
+            by_weight[m.weight.data_ptr()] = HessianAccumulator(m, len(batches))
+    run_collecting_inputs(gm, hooked, batches, lambda k, rows: by_weight[hooked[k].weight.data_ptr()].add(rows))
+    return {m: by_weight[m.weight.data_ptr()] for m in hooked.values()}
 
 
-def round_static_layers(conv, layers: list[str], batches: Sequence[tuple], qmax: int) -> int:
+def round_static_layers(conv, layers: list[str], batches: Sequence[tuple], qmax: int,
+                        hessians: dict | None = None) -> int:
     """Round the weights of static int8 `layers` of graphopt.quant.graph.Converter `conv` by GPTQ (into
     conv.rounded, on weight_qparams' per-channel grid for [-qmax, qmax]) from each layer's inputs in the float
-    graph over `batches`; returns how many layers took it (dense Linear / Conv2d seen in at least MIN_ROWS
-    input rows, however many inputs they have: the damping covers a rank-deficient H, and ResNet-50's
-    classifier, 32 rows for 2,048 inputs, still gained)."""
+    graph over `batches` (or from `hessians`, {path: HessianAccumulator}, already collected); returns how
+    many layers took it (dense Linear / Conv2d seen in at least MIN_ROWS input rows, however many inputs they
+    have: the damping covers a rank-deficient H, and ResNet-50's classifier, 32 rows for 2,048 inputs, still
+    gained)."""
     from .qparams import weight_qparams
 
-    float_g = conv.build([])                 # observers out; the layers are the prepared graph's own modules
-    mods = {p: float_g.get_submodule(p) for p in layers}
-    acc = input_hessians(float_g, mods, batches)
+    if hessians is None:
+        float_g = conv.build([])             # observers out; the layers are the prepared graph's own modules
+        mods = {p: float_g.get_submodule(p) for p in layers}
+        acc = input_hessians(float_g, mods, batches)
+        hessians = {p: acc[m] for p, m in mods.items() if m in acc}
     done = 0
-    for path, m in mods.items():
-        a = acc.get(m)
-        if a is None or a.rows < MIN_ROWS:   # too few samples to say how the inputs correlate
+    for path in layers:
+        a = hessians.get(path)
+        if a is None or not a.enough():
             continue
-        scale = weight_qparams(m.weight, qmax)
-        conv.rounded[path] = (gptq_round(m.weight, a.hessian(), scale, qmax), scale)
+        w = a.module.weight
+        scale = weight_qparams(w, qmax)
+        conv.rounded[path] = (gptq_round(w, a.hessian(), scale, qmax), scale)
         done += 1
     return done
 

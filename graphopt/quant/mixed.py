@@ -122,52 +122,33 @@ class MixedBuilder:
         self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
-        # GPTQ rounding (graphopt.quant.gptq), as the uniform quantize pass does: "auto" for 7-bit static
-        # weights and for int4 weights (calibration is always given here), "gptq" for every weight grid
+        # GPTQ rounding (graphopt.quant.gptq's policy, as in the uniform quantize pass; calibration is always
+        # given here): one set of input statistics per layer serves the int8 static and the int4 choices
+        from .gptq import input_hessians, round_static_layers, uses_gptq
+        from .qparams import REDUCED_WEIGHT_QMAX
+
         self._hessians: dict = {}
-        self.rounded_static = self.rounded_int4 = weight_rounding == "gptq"
-        if weight_rounding == "auto":
-            from .qparams import REDUCED_WEIGHT_QMAX
-
-            self.rounded_static, self.rounded_int4 = weight_qmax == REDUCED_WEIGHT_QMAX, True
-        if self.layers and (self.rounded_static or (self.rounded_int4 and any(
+        rounded_static = uses_gptq(weight_rounding, seven_bit=weight_qmax == REDUCED_WEIGHT_QMAX)
+        self.rounded_int4 = uses_gptq(weight_rounding, int4=True)
+        if self.layers and (rounded_static or (self.rounded_int4 and any(
                 c in ("int4_weight_only", "int4_dynamic") for cs in self.choices.values() for c in cs))):
-            from .gptq import input_hessians
-
             mods = {p: self.float_gm.get_submodule(p) for p in self.layers}
             acc = input_hessians(self.float_gm, mods, batches)
             self._hessians = {p: acc[m] for p, m in mods.items() if m in acc}
-            if self.rounded_static:
-                self._round_static(weight_qmax)
+            if rounded_static:
+                round_static_layers(self.conv, self.layers, batches, weight_qmax, self._hessians)
 
     # ------------------------------------------------------------------------------------------ modules
-    def _hessian(self, path: str):
-        from .gptq import MIN_ROWS
-
-        a = self._hessians.get(path)
-        return None if a is None or a.rows < MIN_ROWS else a.hessian()
-
-    def _round_static(self, qmax: int) -> None:
-        from .gptq import gptq_round
-        from .qparams import weight_qparams
-
-        for path in self.layers:
-            h = self._hessian(path)
-            if h is not None:
-                w = self.float_gm.get_submodule(path).weight
-                scale = weight_qparams(w, qmax)
-                self.conv.rounded[path] = (gptq_round(w, h, scale, qmax), scale)
-
     def _int4_rounded(self, path: str, weight: torch.Tensor):
         """(q, scales, zeros) of an int4 choice rounded by GPTQ, or None (nearest)."""
-        h = self._hessian(path) if self.rounded_int4 else None
-        if h is None:
+        a = self._hessians.get(path) if self.rounded_int4 else None
+        if a is None or not a.enough():
             return None
         from .gptq import gptq_round_groups
 
         k = weight.shape[1]
-        return gptq_round_groups(weight.detach(), h, 4, None if self.group_size is None or self.group_size >= k
-                                 else self.group_size)
+        group = None if self.group_size is None or self.group_size >= k else self.group_size
+        return gptq_round_groups(weight.detach(), a.hessian(), 4, group)
 
     def input_qparams(self, path: str) -> list:
         """The calibrated qparams of layer `path`'s inputs (one per argument)."""
