@@ -22,7 +22,9 @@ from ._prune_select import Plan, Selector
 
 __all__ = ["Prune", "PruneOutcome"]
 
-_MAX_ATTEMPTS = 6
+# rebuilds tried, each keeping the channels around the last one's failure (torchvision's maxvit_t takes 5: one
+# per stage whose attention reshapes to its residual stream's width)
+_MAX_ATTEMPTS = 10
 _LAYER_KINDS = ("conv", "conv_t", "linear", "mha", "embedding")
 
 
@@ -251,6 +253,11 @@ def _first_failure(gm: fx.GraphModule, example_inputs: tuple, dep: DependencyGra
 
 
 def _classes_near(dep: DependencyGraph, gm: fx.GraphModule, name: str) -> np.ndarray:
+    """The unblocked-or-not channel classes to keep whole where the pruned graph failed at node `name`: those
+    of the node's own output and inputs; failing that, those of the tensors whose sizes it reads (a reshape
+    to `x.shape[-1]` channels after an op the analysis could not follow, e.g. MaxViT's attention: the
+    einsum's output has the attention's width, the reshape takes the residual stream's) and of its nearest
+    ancestors that carry channels."""
     node = next((n for n in gm.graph.nodes if n.name == name), None)
     if node is None:
         return np.zeros(0, dtype=np.int64)
@@ -258,15 +265,57 @@ def _classes_near(dep: DependencyGraph, gm: fx.GraphModule, name: str) -> np.nda
     fx.node.map_arg((node.args, node.kwargs), lambda a: labs.append(dep.labels.get(a.name)))
     if node.op == "call_module" and str(node.target) in dep.modules:
         labs.extend(Label(0, ids) for ids in dep.modules[str(node.target)].slots.values())
+    ids = _channel_ids(labs)
+    if not ids:
+        ids = _channel_ids([dep.labels.get(n.name) for n in _size_sources(node) + _labelled_ancestors(dep, node)])
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(dep.cls[np.concatenate(ids)])
+
+
+def _channel_ids(labs: list) -> list[np.ndarray]:
     ids = []
     for lab in labs:
         items = lab.items if isinstance(lab, TupleLabel) else [lab]
         for it in items:
             if isinstance(it, Label) and it.dim is not None:
                 ids.append(it.ids)
-    if not ids:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(dep.cls[np.concatenate(ids)])
+    return ids
+
+
+def _size_sources(node: fx.Node) -> list[fx.Node]:
+    """The tensors whose sizes flow into `node`'s arguments (x.shape, x.size(), and arithmetic on them)."""
+    found, seen, todo = [], set(), list(node.all_input_nodes)
+    while todo:
+        a = todo.pop()
+        if a.name in seen:
+            continue
+        seen.add(a.name)
+        if node_shape(a) is not None:                    # a tensor: only its size is read through a size node
+            continue
+        reads_size = (a.op == "call_method" and a.target == "size") or \
+                     (a.op == "call_function" and a.target is getattr and a.args[1:] == ("shape",))
+        if reads_size and isinstance(a.args[0], fx.Node):
+            found.append(a.args[0])
+        else:
+            todo.extend(a.all_input_nodes)
+    return found
+
+
+def _labelled_ancestors(dep: DependencyGraph, node: fx.Node, limit: int = 64) -> list[fx.Node]:
+    """The nearest tensor ancestors of `node` whose labels carry channels (searching through at most `limit`
+    tensors without channel labels)."""
+    found, seen, todo = [], {node.name}, list(node.all_input_nodes)
+    while todo and len(seen) < limit:
+        a = todo.pop(0)
+        if a.name in seen:
+            continue
+        seen.add(a.name)
+        if _channel_ids([dep.labels.get(a.name)]):
+            found.append(a)
+        else:
+            todo.extend(a.all_input_nodes)
+    return found
 
 
 def _channels(mod: nn.Module) -> tuple[int, int, str]:

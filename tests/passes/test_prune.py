@@ -427,6 +427,48 @@ def test_a_dynamic_size_that_breaks_after_pruning_is_kept_and_named():
     assert out.gm(x).shape == (1, 2)
 
 
+def test_a_reshape_to_a_size_read_past_an_unknown_op_keeps_those_channels_and_prunes_the_rest():
+    """MaxViT's attention: heads through an einsum (no rule: its inputs are kept), then a reshape back to the
+    residual stream's width read from x.shape. The failure names no channels of its own; the classes of the
+    tensor whose size it reads (the residual stream) are kept and the MLP's hidden layer is still pruned."""
+    class EinsumBlock(nn.Module):
+        def __init__(self, d=16, heads=2, hidden=32):
+            super().__init__()
+            self.heads = heads
+            self.norm = nn.LayerNorm(d)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.merge = nn.Linear(d, d)
+            self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+        def forward(self, x):
+            y = self.norm(x)
+            b, p, d = y.shape
+            q, k, v = torch.chunk(self.qkv(y), 3, dim=-1)
+            q, k, v = (t.reshape(b, p, self.heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
+            att = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+            out = torch.einsum("bhij,bhjd->bhid", att, v).permute(0, 2, 1, 3).reshape(b, p, d)
+            x = x + self.merge(out)
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.block, self.head = nn.Linear(8, 16), EinsumBlock(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(2, 5, 8)
+    gm = _trace(net, x)
+    out = Prune(ratio=0.5, multiple=1, min_channels=1).apply(gm, (x,))
+    assert out.flops_after < out.flops_before
+    assert out.gm.get_submodule("block.fc1").out_features == 16            # the MLP's hidden layer is pruned
+    assert out.gm.get_submodule("embed").out_features == 16                 # the residual stream is kept
+    assert any("kept" in n and "failed at 'reshape" in n for n in out.notes), out.notes
+    assert out.gm(x).shape == (2, 3)
+
+
 # ------------------------------------------------------------------------------------ property tests
 _BLOCKS = ["plain", "res", "cat", "dw", "group", "split", "se", "gn"]
 
