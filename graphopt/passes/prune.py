@@ -253,7 +253,7 @@ def _first_failure(gm: fx.GraphModule, example_inputs: tuple, dep: DependencyGra
 
 
 def _classes_near(dep: DependencyGraph, gm: fx.GraphModule, name: str) -> np.ndarray:
-    """The unblocked-or-not channel classes to keep whole where the pruned graph failed at node `name`: those
+    """The channel classes to keep whole where the pruned graph failed at node `name` (blocked ones included): those
     of the node's own output and inputs; failing that, those of the tensors whose sizes it reads (a reshape
     to `x.shape[-1]` channels after an op the analysis could not follow, e.g. MaxViT's attention: the
     einsum's output has the attention's width, the reshape takes the residual stream's) and of its nearest
