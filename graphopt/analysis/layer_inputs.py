@@ -6,13 +6,14 @@ a Conv2d's im2col patches (padding and padding mode applied, in the order of its
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["weight_rows", "run_collecting_inputs"]
+__all__ = ["weight_rows", "collecting_inputs", "run_collecting_inputs"]
 
 
 def weight_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -29,10 +30,11 @@ def weight_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def run_collecting_inputs(gm: nn.Module, layers: Mapping[Hashable, nn.Module], batches: Sequence[tuple],
-                          add: Callable[[Hashable, torch.Tensor], None]) -> None:
-    """Run `gm` on `batches` (no grad) and call add(key, weight_rows(layer, x)) for every call of every layer
-    of `layers` ({key: module}; a module called twice adds both inputs). Hooks are removed afterwards."""
+@contextmanager
+def collecting_inputs(layers: Mapping[Hashable, nn.Module], add: Callable[[Hashable, torch.Tensor], None]
+                      ) -> Iterator[None]:
+    """Within the block, every call of a layer of `layers` ({key: module}; a module called twice adds both
+    inputs) calls add(key, weight_rows(layer, x)). Hooks are removed on exit."""
     handles = []
     for key, mod in layers.items():
         def hook(m, args, kwargs, key=key):
@@ -40,9 +42,15 @@ def run_collecting_inputs(gm: nn.Module, layers: Mapping[Hashable, nn.Module], b
 
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            for batch in batches:
-                gm(*batch)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def run_collecting_inputs(gm: nn.Module, layers: Mapping[Hashable, nn.Module], batches: Sequence[tuple],
+                          add: Callable[[Hashable, torch.Tensor], None]) -> None:
+    """Run `gm` on `batches` (no grad), collecting_inputs(layers, add)."""
+    with collecting_inputs(layers, add), torch.no_grad():
+        for batch in batches:
+            gm(*batch)

@@ -422,8 +422,16 @@ class Quantize(Pass):
         self._survey_notes(survey, notes)
         if not survey.sites:
             return PassResult(gm, changed=False, notes=notes)
+        from ..quant.gptq import accumulators, collecting, round_static_layers, uses_gptq
+
+        gptq = uses_gptq(self.weight_rounding, seven_bit=qmax == REDUCED_WEIGHT_QMAX)
+        # GPTQ's input statistics from the calibration's own forward passes (the layers' inputs there are the
+        # float graph's: observers pass their input through)
+        hessians = accumulators({s.path: prepared.get_submodule(s.path) for s in survey.sites},
+                                len(batches)) if gptq else {}
         try:
-            qgraph.calibrate(prepared, batches, progress=self.progress)
+            qgraph.calibrate(prepared, batches, progress=self.progress,
+                             first_pass=collecting(hessians) if gptq else None)
         except Exception as e:
             raise CalibrationError(f"running the calibration batches failed: {type(e).__name__}: {e}") from e
         conv = qgraph.Converter(prepared, weight_qmax=qmax)
@@ -437,10 +445,8 @@ class Quantize(Pass):
                 notes.append(f"kept {len(se)} squeeze-and-excitation layer(s) in float32 (se_blocks=float): "
                              f"{', '.join(sorted(se)[:4])}{', ...' if len(se) > 4 else ''}")
         candidates = list(layers)
-        from ..quant.gptq import round_static_layers, uses_gptq
-
-        if uses_gptq(self.weight_rounding, seven_bit=qmax == REDUCED_WEIGHT_QMAX):
-            rounded = round_static_layers(conv, candidates, batches, qmax)
+        if gptq:
+            rounded = round_static_layers(conv, candidates, batches, qmax, hessians)
             notes.append(f"weights of {rounded} of {len(candidates)} layer(s) rounded by GPTQ (input statistics of "
                          f"{len(batches)} calibration batch(es); the others to nearest)")
         sensitivity: dict[str, float] = {}

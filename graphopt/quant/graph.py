@@ -18,11 +18,12 @@ Module graphs from torch.fx.symbolic_trace and aten graphs from torch.export are
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import operator
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import ContextManager, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -376,10 +377,12 @@ def _observers(gm: nn.Module) -> list[Observer]:
 
 
 def calibrate(gm: fx.GraphModule, batches: Sequence[tuple], *, progress: bool = False,
-              desc: str = "quantize: calibrating") -> int:
+              desc: str = "quantize: calibrating", first_pass: ContextManager | None = None) -> int:
     """Run `batches` through a prepared graph so its observers see the data. Returns the number of passes.
 
-    Histogram observers (percentile, mse, entropy) need a second pass over the same batches.
+    Histogram observers (percentile, mse, entropy) need a second pass over the same batches. `first_pass`,
+    a context manager, is entered around the first pass only (graphopt.quant.gptq.collecting: the layers'
+    input statistics from the same forward passes).
     """
     from tqdm.auto import tqdm
 
@@ -397,8 +400,9 @@ def calibrate(gm: fx.GraphModule, batches: Sequence[tuple], *, progress: bool = 
                 for o in observers:
                     o.phase = phase
                 label = desc if not two else f"{desc} ({'range' if phase == 0 else 'histogram'} pass)"
-                for batch in tqdm(batches, desc=label, disable=not progress, leave=False, unit="batch"):
-                    gm(*batch)
+                with first_pass if first_pass is not None and phase == 0 else contextlib.nullcontext():
+                    for batch in tqdm(batches, desc=label, disable=not progress, leave=False, unit="batch"):
+                        gm(*batch)
     finally:
         for o in observers:
             o.phase = 0

@@ -65,6 +65,62 @@ def test_gptq_lowers_the_layer_output_error_on_the_inputs_it_saw():
     assert ratios[len(ratios) // 2] < 0.85 and ratios[-1] < 1.1, ratios
 
 
+def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """GPTQ as its paper writes it (float64, one column at a time, no blocks): the upper Cholesky factor U of
+    H⁻¹, q_j = round(w_j / s), w_{j+1:} -= (w_j - q_j s) / U_jj · U_{j, j+1:}; columns by descending H_jj."""
+    w, h = w.double().clone(), h.double().clone()
+    k = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True, stable=True)
+    w, h = w[:, order], h[order][:, order]
+    h += 0.01 * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    s = scale.double()
+    q = torch.zeros_like(w)
+    for j in range(k):
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax)
+        e = (w[:, j] - q[:, j] * s) / u[j, j]
+        w[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out.to(torch.int8)
+
+
+@pytest.mark.parametrize("k,n", [(40, 6), (300, 16)])       # 300: three blocks of 128 columns
+def test_the_ldl_form_rounds_as_gptq_through_the_inverse(k, n):
+    """gptq_round's LDL form (no inverse) against the paper's update through chol(H⁻¹) in float64: the same
+    integers but for the few that float32 rounding tips the other way (and what follows from them), at the
+    same output error."""
+    x = _correlated_inputs(4 * k, k, 7)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(8)) * 0.1
+    scale = weight_qparams(w, 64)
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    q, ref = gptq_round(w, h, scale, 64), _textbook_gptq(w, h, scale, 64)
+    assert float((q != ref).float().mean()) < 0.01
+    assert _output_error(x, w, q, scale) == pytest.approx(_output_error(x, w, ref, scale), rel=0.01)
+
+
+def test_calibration_collects_the_layer_statistics_in_its_first_pass_only():
+    """The quantize pass takes GPTQ's input statistics from the calibration's forward passes: histogram
+    observers run the batches twice, the statistics see them once, and equal those of the float model."""
+    from graphopt.quant import graph as qgraph
+    from graphopt.quant.gptq import accumulators, collecting, input_hessians
+
+    model, calib = _cnn(), _calibration(3)
+    gm = torch.fx.symbolic_trace(model)
+    prepared, survey = qgraph.prepare(gm, observer="percentile")
+    accs = accumulators({s.path: prepared.get_submodule(s.path) for s in survey.sites}, len(calib))
+    assert sorted(accs) == ["0", "10", "2", "6"]                     # not the depthwise conv
+    assert qgraph.calibrate(prepared, calib, first_pass=collecting(accs)) == 2
+    ref = input_hessians(model, {p: model.get_submodule(p) for p in accs}, calib)
+    for path, a in accs.items():
+        assert a.rows == ref[model.get_submodule(path)].rows == 6 * (144 if path != "10" else 1)
+        assert torch.allclose(a.hessian(), ref[model.get_submodule(path)].hessian(), rtol=1e-5, atol=1e-6)
+    n = accs["0"].rows
+    with torch.no_grad():
+        prepared(*calib[0])                                          # hooks are gone after calibration
+    assert accs["0"].rows == n
+
+
 def test_inputs_that_are_always_zero_get_zero_weights():
     torch.manual_seed(0)
     x = _correlated_inputs(256, 12, 3)
