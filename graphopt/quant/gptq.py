@@ -17,7 +17,7 @@ inputs, the quantized graphs run in PyTorch against float over 8 other inputs; m
 output, nearest -> GPTQ, and the pass's time): 7-bit weights ([-64, 64], the AVX2 / AVX-512BW pair limit)
 MobileNetV3-L 0.346 -> 0.131 (mean cosine 0.934 -> 0.990; 8-bit nearest 0.109), ResNet-50 0.047 -> 0.006,
 BERT-base 0.031 -> 0.019, EfficientNet-B0 0.090 -> 0.090. The pass's time, nearest / GPTQ (the same script,
-twenty-ninth session): MobileNetV3-L 0.98 / 1.74 s, ResNet-50 3.1 / 16.7 s, BERT-base 9.0 / 26.7 s, where the
+twenty-ninth session, a 2-core Zen 4 EPYC): MobileNetV3-L 0.98 / 1.74 s, ResNet-50 3.1 / 16.7 s, BERT-base 9.0 / 26.7 s, where the
 first GPTQ version took 4.1, 33.4 and 41.2 s (it inverted H and ran the batches a second time for X^T X; now
 the LDL form and the calibration's own forward passes; X^T X and the column loop of the widest layers remain).
 With 8-bit weights it did not help reliably (a float64 prototype: MobileNetV3-L 0.109 -> 0.200, EfficientNet-B0
@@ -179,7 +179,7 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: t
     k is rounded from w_k + Σ_{j<k} (w_j - ŵ_j) F_jk, the errors of the original weights. The same integers as
     GPTQ's update through the Cholesky factor of H⁻¹ (up to float32 rounding: 0.2% of them differed on random
     layers, at the same output error), with one Cholesky factorization and no inverse: a 3,072-input layer
-    0.47 s -> 0.14 s, the whole rounding 2.5-2.7x faster (scratch timings, 2-core AVX2 EPYC)."""
+    0.47 s -> 0.14 s, the whole rounding 2.5-2.7x faster (scratch timings, 2-core Zen 4 EPYC)."""
     w = w.float().clone()
     n = w.shape[1]
     gs = n if group_size is None else group_size
