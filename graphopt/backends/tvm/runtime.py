@@ -160,21 +160,20 @@ class CompiledModule:
 
     @staticmethod
     def _to_tvm(x: torch.Tensor):
-        import tvm
-
+        from_dlpack = _tvm_from_dlpack()
         if x.requires_grad:
             x = x.detach()
-        if x.numel() == 0:            # torch gives empty tensors strides TVM calls non-compact ((5, 0): (1, 1))
+        if not x.numel():             # torch gives empty tensors strides TVM calls non-compact ((5, 0): (1, 1))
             strides = [1] * x.dim()
             for i in range(x.dim() - 2, -1, -1):
                 strides[i] = strides[i + 1] * x.shape[i + 1]
-            return tvm.runtime.from_dlpack(torch.empty_strided(tuple(x.shape), strides, dtype=x.dtype))
-        if not x.is_contiguous() or (x.numel() and x.data_ptr() % _ALIGNMENT):
+            return from_dlpack(torch.empty_strided(tuple(x.shape), strides, dtype=x.dtype))
+        if not x.is_contiguous() or x.data_ptr() % _ALIGNMENT:
             x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         try:
-            return tvm.runtime.from_dlpack(x)
+            return from_dlpack(x)
         except Exception:             # e.g. size-1 dims with strides TVM calls non-contiguous
-            return tvm.runtime.from_dlpack(x.clone(memory_format=torch.contiguous_format))
+            return from_dlpack(x.clone(memory_format=torch.contiguous_format))
 
     # ------------------------------------------------------------------------------------------- call
     def __call__(self, *args, **kwargs):
@@ -187,11 +186,11 @@ class CompiledModule:
         result = main(*[self._to_tvm(x) for x in args])
         flat = [result] if isinstance(result, _tvm_tensor_type()) else _items(result, len(self.outputs))
         if self._single and self.spec.kind != "cuda":
-            return torch.utils.dlpack.from_dlpack(flat[0].__dlpack__())
+            return _from_capsule(flat[0].__dlpack__())
         if self.spec.kind == "cuda":
             leaves = [torch.from_dlpack(t) for t in flat]
         else:                           # CPU: from the capsule (2-3 us less per output than the protocol)
-            leaves = [torch.utils.dlpack.from_dlpack(t.__dlpack__()) for t in flat]
+            leaves = [_from_capsule(t.__dlpack__()) for t in flat]
         for i in self.const_outputs:
             leaves[i] = leaves[i].clone()
         return pytree.tree_unflatten(leaves, self._tree)
@@ -229,6 +228,20 @@ def _check_index_range(i: int, x: torch.Tensor, s: TensorSpec) -> None:
 
 _TENSOR_TYPE = None
 _GET_ITEM = None
+_FROM_DLPACK = None
+# a DLPack capsule to a torch tensor: torch.utils.dlpack.from_dlpack's own last step, without its checks for the
+# protocol and keyword arguments that a capsule does not take (0.3 us of a 5 us call)
+_from_capsule = getattr(torch._C, "_from_dlpack", None) or torch.utils.dlpack.from_dlpack
+
+
+def _tvm_from_dlpack():
+    """tvm.runtime.from_dlpack, looked up once (an `import tvm` per call was a fifth of _to_tvm's time)."""
+    global _FROM_DLPACK
+    if _FROM_DLPACK is None:
+        import tvm
+
+        _FROM_DLPACK = tvm.runtime.from_dlpack
+    return _FROM_DLPACK
 
 
 def _tvm_tensor_type() -> type:
