@@ -6,7 +6,8 @@ its weight's flattened input dims), rounding to nearest minimises each weight's 
 W X^T. GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers", 2023; the Optimal Brain Quantizer of Frantar & Alistarh 2022 made fast) rounds one input column
 at a time and spreads its error over the remaining columns through the inverse of H = 2 X^T X (damped by 1% of
-its mean diagonal; computed in the equivalent LDL form, _gptq), 128 columns per block; columns go in descending order of H's
+its mean diagonal; computed in the equivalent LDL form, _gptq), 128 columns per block; columns go in
+descending order of H's
 diagonal (the inputs with the most energy first, "act order"). The grid (scale per output channel,
 [-qmax, qmax]) is the nearest rounding's, so the result is an ordinary int8 weight: the quantized modules,
 their PyTorch reference and the compiled kernels do not change, only which integers they hold.
@@ -17,9 +18,10 @@ inputs, the quantized graphs run in PyTorch against float over 8 other inputs; m
 output, nearest -> GPTQ, and the pass's time): 7-bit weights ([-64, 64], the AVX2 / AVX-512BW pair limit)
 MobileNetV3-L 0.346 -> 0.131 (mean cosine 0.934 -> 0.990; 8-bit nearest 0.109), ResNet-50 0.047 -> 0.006,
 BERT-base 0.031 -> 0.019, EfficientNet-B0 0.090 -> 0.090. The pass's time, nearest / GPTQ (the same script,
-twenty-ninth session, a 2-core Zen 4 EPYC): MobileNetV3-L 0.98 / 1.74 s, ResNet-50 3.1 / 16.7 s, BERT-base 9.0 / 26.7 s, where the
-first GPTQ version took 4.1, 33.4 and 41.2 s (it inverted H and ran the batches a second time for X^T X; now
-the LDL form and the calibration's own forward passes; X^T X and the column loop of the widest layers remain).
+twenty-ninth session, a 2-core Zen 4 EPYC): MobileNetV3-L 0.98 / 1.74 s, ResNet-50 3.1 / 16.7 s, BERT-base
+9.0 / 26.7 s, where the first GPTQ version took 4.1, 33.4 and 41.2 s (it inverted H and ran the batches a
+second time for X^T X; now the LDL form and the calibration's own forward passes; X^T X and the column loop
+of the widest layers remain).
 With 8-bit weights it did not help reliably (a float64 prototype: MobileNetV3-L 0.109 -> 0.200, EfficientNet-B0
 0.118 -> 0.089), so the quantize pass applies it where weights are 7-bit (`weight_rounding`). int4 weight-only
 and W4A8 weights (gptq_round_groups: asymmetric groups, quantize_groups' grid) take it when calibration data
@@ -36,7 +38,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["HessianAccumulator", "accumulators", "collecting", "gptq_round", "gptq_round_groups", "input_hessians", "round_static_layers",
+__all__ = ["HessianAccumulator", "accumulators", "collecting", "gptq_round", "gptq_round_groups", "input_hessians",
+           "round_static_layers",
            "supports", "uses_gptq"]
 
 DAMP = 0.01          # of the mean diagonal of H, added to its diagonal
@@ -94,7 +97,9 @@ def accumulators(layers: Mapping[str, nn.Module], calls: int) -> dict[str, Hessi
     out = {}
     for k, m in layers.items():
         if supports(m):
-            out[k] = by_weight.setdefault(m.weight.data_ptr(), HessianAccumulator(m, calls))
+            if m.weight.data_ptr() not in by_weight:        # one per weight: it holds fan_in² floats
+                by_weight[m.weight.data_ptr()] = HessianAccumulator(m, calls)
+            out[k] = by_weight[m.weight.data_ptr()]
     return out
 
 
