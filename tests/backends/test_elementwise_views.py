@@ -1,6 +1,8 @@
 """elementwise_views.elementwise_before_views: elementwise ops move above reshapes, so GEMM epilogues fuse them."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphopt
+from graphopt.testing.opinfo import compare
 
 
 class _Ffn(nn.Module):
@@ -159,4 +162,7 @@ def test_random_elementwise_chains_after_views_match_pytorch(ops, split, special
     built = graphopt.optimize(model, "x86", "cleanup", example_inputs=(x, other))
     with torch.no_grad():
         ref = model(x, other)
-    torch.testing.assert_close(built(x, other), ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        # PyTorch's float32 GELU disagrees with itself at +Inf (vectorized NaN, scalar Inf): its float64
+        # answer is accepted too, as in test_numerics and opinfo.compare
+        alt = copy.deepcopy(model).double()(x.double(), other.double()).float() if "gelu" in ops else None
+    assert compare(built(x, other), ref, rtol=1e-5, atol=1e-6, alt=alt) is None
