@@ -81,8 +81,10 @@ def softmax_te(x):
     whole = n // lanes * lanes
 
     def two_steps(src, reducer, identity, name):
-        if n < lanes:               # in order in one step: the select below would read src[r - lanes] for r < lanes
-            r = te.reduce_axis((0, n), name="r")     # once TIR's simplifier drops its clamp (a negative index)
+        if isinstance(n, (int, tirx.IntImm)) and int(n) < lanes:
+            # in order in one step: the select below would read src[r - lanes] for r < lanes once TIR's
+            # simplifier drops its clamp (a negative index)
+            r = te.reduce_axis((0, n), name="r")
             return te.compute(shape[:-1], lambda *i: reducer(src[tuple(i) + (r,)], axis=r), name=name)
         ko = te.reduce_axis((0, n // lanes), name="ko")
         part = te.compute(shape[:-1] + [lanes], lambda *i: reducer(src[tuple(i[:-1]) + (ko * lanes + i[-1],)],
