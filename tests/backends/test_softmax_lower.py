@@ -66,7 +66,7 @@ def test_the_pass_takes_last_axis_float32_softmax_only():
     torch.testing.assert_close(opt(x), Two()(x), rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("length", [9, 11, 12, 16, 19])
+@pytest.mark.parametrize("length", [3, 7, 9, 11, 12, 16, 19])
 @pytest.mark.parametrize("target", X86_TARGETS)
 def test_the_row_max_takes_the_tail_past_the_last_whole_vector(target, length):
     """Rows whose largest values sit past the last whole 8-float vector, the rest lower than exp's range
