@@ -304,3 +304,18 @@ def test_report_counts_fused_kernels_by_their_mark_not_their_name():
 
     assert fused_calls(module(False)) == ""
     assert fused_calls(module(True)) == "2 attention"
+
+
+
+@pytest.mark.parametrize("n, m", [(12, 3), (12, 11), (6, 21), (18, 40), (12, 32)])
+def test_every_read_is_in_bounds_after_lowering(n, m):
+    """kᵀ's padding keys (past m, to whole panels) are zeros whose reads of k are clamped into k; TIR's simplifier
+    dropped that clamp inside the Select choosing them (both sides are evaluated), leaving reads past k. Query
+    counts are whole row blocks (6) here, so the guarded output stores are in bounds too."""
+    import tvm
+
+    from graphopt.backends.tvm.fused_attention import attention_kernel
+    from tests.helpers import out_of_bounds_reads
+
+    f = attention_kernel(1, n, m, 2, 16, 16, ("bshd",) * 3, 0.25, 8, False, (1, 1, 1, m))
+    assert out_of_bounds_reads(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET) is None

@@ -123,8 +123,10 @@ def attention_kernel(B, N, M, H: int, D: int, DV: int, layouts: tuple[str, str, 
                         kt[x, jb * C + jj] = at(K, k_lay, bh // H, bh % H, jb * C + jj, x)
             for j in range(MP - MC):
                 for x in range(D):
-                    kt[x, MC + j] = T.Select(MC + j < M, at(K, k_lay, bh // H, bh % H, T.min(MC + j, M - 1), x),
-                                             f32(0.0))
+                    # `likely` keeps MC + j < M from the simplifier, which would drop the clamp inside the
+                    # Select (both sides are evaluated: a read past the keys; softmax_lower.softmax_te)
+                    kt[x, MC + j] = T.Select(T.likely(MC + j < M),
+                                             at(K, k_lay, bh // H, bh % H, T.min(MC + j, M - 1), x), f32(0.0))
             for rb in range((N + (RT - 1)) // RT):
                 # scores of ROWS query rows (the last block's rows past n read row n - 1)
                 for jp in range(MP // C):

@@ -9,12 +9,14 @@ scores, the scheduled kernel alone: 458 us; without fast_exp's work 228, without
   every output NaN, whatever the max; a plain select `a > b ? a : b` (one `vmaxps` on x86) is used instead.
   Not `llvm.maxnum`: as this kernel's reduction, LLVM's AVX-512 code dropped the row's tail past its last whole
   8-float vector from the max (11- and 12-long rows on every AVX-512 target, right on AVX2): rows whose tail
-  held values more than exp's range above the rest came out NaN (tests/backends/test_softmax_lower.py). The
-  select is faster too (saved builds interleaved, 2-core Zen 4: 4 x 512 x 512 0.465 -> 0.408 ms, x86:haswell
-  0.566 -> 0.535; 64 x 197 x 197 4.88 -> 4.35 and 2.70 -> 2.25). Rows shorter than 8 are reduced in one step
-  (two_steps): bit for bit the same outputs, and 4096 x 2 / 2048 x 5 / 1024 x 7 rows took 4712 / 1666 / 409 us
-  before, 21.8 / 16.7 / 10.7 us now (x86; x86:haswell 10758 / 4142 / 843 -> 21.1 / 16.3 / 11.7; saved builds
-  interleaved).
+  held values more than exp's range above the rest came out NaN (tests/backends/test_softmax_lower.py). Found
+  since: the lowered kernel read its last row's running results past their buffer where it takes the tail (a
+  clamp TIR's simplifier dropped inside a Select, see softmax_te), and LLVM may bound a loop's trip count by
+  such a read; every read is in bounds now (TVM's OOBChecker, tested). The select is faster too (saved builds
+  interleaved, 2-core Zen 4: 4 x 512 x 512 0.465 -> 0.408 ms, x86:haswell 0.566 -> 0.535; 64 x 197 x 197
+  4.88 -> 4.35 and 2.70 -> 2.25). Rows shorter than 8 are reduced in one step (two_steps): bit for bit the
+  same outputs, and 4096 x 2 / 2048 x 5 / 1024 x 7 rows took 4712 / 1666 / 409 us before, 21.8 / 16.7 / 10.7
+  us now (x86; x86:haswell 10758 / 4142 / 843 -> 21.1 / 16.3 / 11.7; saved builds interleaved).
 * fast_exp clamps its input to [-88.38, 88.38] and returns max(result, x); the argument x - max is <= 0 (or
   NaN), so the upper clamp and the final max never change a value (NaN stays NaN through the polynomial).
 * exp / sum: a division per element; PyTorch's CPU kernel multiplies by 1 / sum, as this one does (<= 1 ulp
@@ -95,7 +97,12 @@ def softmax_te(x):
             # made invalid IR of a branchy form: "Instruction does not dominate all uses", 16-long rows)
             lane = tirx.Select(n >= lanes, part[tuple(i) + (tirx.min(r, lanes - 1),)], identity)
             tail = src[tuple(i) + (tirx.max(whole + r - lanes, 0),)]
-            return reducer(tirx.Select(r < lanes, lane, tail), axis=r)
+            # `likely` keeps r < lanes from TIR's simplifier, which otherwise drops each clamp above as
+            # redundant inside its own branch, although a Select evaluates both: part[r] past the lanes (out
+            # of its buffer for the last row of a group) and src[r - lanes] before the row (OOBChecker found
+            # both). LLVM bounds a loop's trip count by such reads of a fixed-size buffer: the likely cause of
+            # the dropped tail of b073de5 (tests/backends/test_softmax_lower.py)
+            return reducer(tirx.Select(tirx.likely(r < lanes), lane, tail), axis=r)
 
         return te.compute(shape[:-1], rest, name=name)
 
