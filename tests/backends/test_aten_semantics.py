@@ -127,6 +127,31 @@ def test_finite_constant_transposed_conv_weights_keep_tvms_kernel():
         aten_semantics._conv_transpose_te = original
 
 
+
+@pytest.mark.parametrize("n, stride, pad, k", [(5, 2, 1, 3), (7, 1, 0, 3), (5, 3, 0, 4)])
+def test_the_exact_transposed_conv_reads_nothing_out_of_bounds(n, stride, pad, k):
+    """Taps that are no input element read a zero border (a padded copy of x; their products are not taken):
+    it read x itself at a clamped index inside the Select dropping those products, and TIR's simplifier
+    dropped the clamp there (a Select evaluates both sides): reads of x at -1 or past its end (TVM's
+    OOBChecker). Checked scheduled (8 input channels: the border stays a copy, as for ResNet-sized convs) and
+    not."""
+    import tvm
+    from tvm import te
+
+    from graphopt.backends.tvm import aten_semantics
+    from graphopt.backends.tvm.schedules import apply_default_schedules
+    from tests.helpers import out_of_bounds_reads
+
+    x = te.placeholder((1, 8, n, n), "float32", name="x")
+    w = te.placeholder((8, 3, k, k), "float32", name="w")
+    y = aten_semantics._conv_transpose_te(x, w, [stride] * 2, [pad] * 2, [1, 1], [0, 0], 1)
+    mod = tvm.IRModule({"main": te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")})
+    target = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+    with tvm.target.Target(target):
+        scheduled = apply_default_schedules(mod, tvm.target.Target(target))[0]
+    assert out_of_bounds_reads(mod, target) is None
+    assert out_of_bounds_reads(scheduled, target) is None
+
 class _Fn(nn.Module):
     def __init__(self, fn):
         super().__init__()

@@ -531,6 +531,23 @@ def _conv_transpose_te(x, w, stride, padding, dilation, output_padding, groups: 
     rk = [te.reduce_axis((0, kernel[d]), name=f"rk{d}") for d in range(nd)]
     dtype = str(x.dtype)
 
+    # Taps that are no input element read a zero border instead (their products are not taken): floordiv(t, s)
+    # runs from floordiv(padding - dilation * (kernel - 1), s) to size - 1 + floordiv(dilation * (kernel - 1) +
+    # output_padding - padding, s). Reading x itself there behind a Select (both sides are evaluated) read
+    # outside x once TIR's simplifier dropped the index's guard inside it (TVM's OOBChecker).
+    lo = [max(0, -((padding[d] - dilation[d] * (kernel[d] - 1)) // stride[d])) for d in range(nd)]
+    hi = [max(0, (dilation[d] * (kernel[d] - 1) + output_padding[d] - padding[d]) // stride[d]) for d in range(nd)]
+    xp = x
+    if any(lo) or any(hi):
+        def border(b, c, *i):
+            inside = tirx.all(*[tirx.all(i[d] >= lo[d], i[d] < sizes[d] + lo[d]) for d in range(nd)])
+            at = [tirx.min(tirx.max(i[d] - lo[d], 0), sizes[d] - 1) for d in range(nd)]
+            # if_then_else (lazy, as TOPI's pads): a schedule keeps it a padded copy, or inlines it and its read
+            # stays guarded; likely keeps the clamps from the simplifier, so TVM's OOBChecker can see them
+            return tirx.if_then_else(tirx.likely(inside), x[(b, c, *at)], tirx.const(0, dtype))
+        xp = te.compute([batch, in_c, *[sizes[d] + lo[d] + hi[d] for d in range(nd)]], border,
+                        name="conv_transpose_pad")        # a pad block to the schedules (_is_pad_block)
+
     def body(b, oc, *o):
         g = oc // out_cg
         ic = g * in_cg + ric
@@ -540,8 +557,8 @@ def _conv_transpose_te(x, w, stride, padding, dilation, output_padding, groups: 
             t = o[d] + padding[d] - rk[d] * dilation[d]
             ok = tirx.all(t >= 0, tirx.floormod(t, stride[d]) == 0, tirx.floordiv(t, stride[d]) < sizes[d])
             valid = ok if valid is None else tirx.all(valid, ok)
-            index.append(tirx.Select(ok, tirx.floordiv(t, stride[d]), tirx.const(0, str(t.ty.dtype))))
-        prod = x[(b, ic, *index)] * w[(ic, tirx.floormod(oc, out_cg), *rk)]
+            index.append(tirx.floordiv(t, stride[d]) + lo[d])
+        prod = xp[(b, ic, *index)] * w[(ic, tirx.floormod(oc, out_cg), *rk)]
         return te.sum(tirx.Select(valid, prod, tirx.const(0, dtype)), axis=[ric, *rk])
 
     return te.compute([batch, out_cg * groups, *out_sizes], body, name="conv_transpose_exact")
