@@ -68,6 +68,7 @@ class _Walker:
 
         self.analyzer = Analyzer()
         self.found: list[Access] = []
+        self.data_vars: set = set()                    # variables whose values are read from memory
 
     def visit(self, n) -> None:
         import tvm
@@ -83,7 +84,12 @@ class _Walker:
         if kind == "For":
             self.visit(n.min)
             self.visit(n.extent)
-            self.analyzer.bind(n.loop_var, ir.Range.from_min_extent(n.min, n.extent))
+            if hasattr(n.extent, "value") and int(n.extent) <= 0:
+                return                                 # an empty loop (a tail of no iterations)
+            if _reads_memory(n.min, self.data_vars) or _reads_memory(n.extent, self.data_vars):
+                self.data_vars.add(n.loop_var)         # a sparse row's range, read from its index pointers
+            else:
+                self.analyzer.bind(n.loop_var, ir.Range.from_min_extent(n.min, n.extent))
             self.visit(n.body)
             return
         if kind == "IfThenElse":                       # lazy branches
@@ -94,7 +100,10 @@ class _Walker:
             return
         if kind in ("LetStmt", "Let"):
             self.visit(n.value)
-            self.analyzer.bind(n.var, n.value)
+            if _reads_memory(n.value, self.data_vars):
+                self.data_vars.add(n.var)
+            else:
+                self.analyzer.bind(n.var, n.value)
             self.visit(n.body)
             return
         if kind == "BufferStore":
@@ -107,7 +116,7 @@ class _Walker:
                 self.visit(child)
 
     def _bounds(self, e) -> tuple[int, int] | None:
-        if _reads_memory(e):
+        if _reads_memory(e, self.data_vars):
             return None
         b = self.analyzer.const_int_bound(e)
         return int(b.min_value), int(b.max_value)
@@ -144,12 +153,13 @@ class _Walker:
             self.found.append(Access(kind, buf.name, ", ".join(str(i) for i in indices), first, last, size, False))
 
 
-def _reads_memory(e) -> bool:
-    """Whether expression `e` loads from a buffer (its value is data, not a function of loop variables)."""
+def _reads_memory(e, data_vars=frozenset()) -> bool:
+    """Whether expression `e` loads from a buffer or uses a variable in `data_vars` (its value is data, not a
+    function of loop variables)."""
     stack = [e]
     while stack:
         n = stack.pop()
-        if type(n).__name__ in ("TensorLoad", "BufferLoad"):
+        if type(n).__name__ in ("TensorLoad", "BufferLoad") or any(n.same_as(v) for v in data_vars):
             return True
         for name in ("a", "b", "value", "args", "base", "condition", "true_value", "false_value", "indices"):
             child = getattr(n, name, None)

@@ -113,3 +113,13 @@ def test_no_quantized_kernel_reads_out_of_bounds(monkeypatch, pipeline):
                        calibration=[(torch.randn(1, 3, 10, 10),) for _ in range(4)])
     bad = {name: [str(a) for a in eager_out_of_bounds(f, TARGET)] for name, f in kernels}
     assert not {k: v for k, v in bad.items() if v}
+
+
+@T.prim_func
+def _empty_tail(A: T.Buffer((1, 16), F32), B: T.Buffer((8,), F32)):
+    for j in range(2, 2):                                            # a tail loop of no iterations
+        B[T.Ramp(0, 1, 8)] = A[0, T.Ramp(j * 8, 1, 8)]
+
+
+def test_an_empty_loop_reads_nothing():
+    assert eager_out_of_bounds(_empty_tail, TARGET) == []
