@@ -6,7 +6,9 @@ evaluated: code under an `if` and the branches of `if_then_else` (both lazy) are
 `Select` (both evaluated) are not. An access counts as out of bounds when its first or last element, over all
 values of the enclosing loop variables, falls outside the buffer's memory (flat offsets: a vector load over
 the last index may run on into the next rows, as `vload` does). Indices read from memory (a `take` of token
-ids) are unbounded here; graphopt checks those at call time (InputError), so they are reported apart.
+ids) are unbounded here; graphopt checks those at call time (InputError), so they are reported apart. Buffers
+of symbolic (dynamic) shape are not checked: TVM's analyzer proves too few of their accesses in bounds (a
+prototype flagged most reads of the fixed dynamic softmax, e.g. x[i, 8 * ko + l] for ko < n // 8).
 
 Why: a Select's both sides are evaluated, and TIR's simplifier uses its condition inside each side, so a read
 guarded by `Select(i < n, x[min(i, n - 1)], 0)` becomes `x[i]`, out of bounds for i >= n. LLVM may then
