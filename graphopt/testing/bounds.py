@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Access", "eager_out_of_bounds", "lowered"]
+__all__ = ["Access", "eager_out_of_bounds", "lower_module", "lowered"]
 
 # attributes holding the children of the TIR nodes visited generically (everything but the node kinds handled
 # explicitly in _Walker.visit)
@@ -44,8 +44,8 @@ class Access:
         return f"{self.kind} {self.buffer}[{self.indices}]: {where}, buffer of {self.size}"
 
 
-def lowered(func, target):
-    """`func` after TVM's block lowering and simplification (before buffers are flattened)."""
+def lower_module(mod, target):
+    """The TIR functions of `mod` after TVM's block lowering and simplification (before buffers are flattened)."""
     import tvm
     import tvm.s_tir
 
@@ -54,7 +54,14 @@ def lowered(func, target):
               s_tir.CompactBufferAllocation(), s_tir.LowerMatchBuffer(), s_tir.LowerOpaqueBlock(),
               tirx.StmtSimplify()]
     with tvm.target.Target(target):
-        return tvm.ir.transform.Sequential(passes)(tvm.IRModule({"main": func}))["main"]
+        return tvm.ir.transform.Sequential(passes)(mod)
+
+
+def lowered(func, target):
+    """PrimFunc `func` lowered as lower_module does."""
+    import tvm
+
+    return lower_module(tvm.IRModule({"main": func}), target)["main"]
 
 
 def eager_out_of_bounds(func, target) -> list[Access]:

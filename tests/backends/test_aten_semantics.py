@@ -127,7 +127,6 @@ def test_finite_constant_transposed_conv_weights_keep_tvms_kernel():
         aten_semantics._conv_transpose_te = original
 
 
-
 @pytest.mark.parametrize("n, stride, pad, k", [(5, 2, 1, 3), (7, 1, 0, 3), (5, 3, 0, 4)])
 def test_the_exact_transposed_conv_reads_nothing_out_of_bounds(n, stride, pad, k):
     """Taps that are no input element read a zero border (a padded copy of x; their products are not taken):
@@ -151,6 +150,7 @@ def test_the_exact_transposed_conv_reads_nothing_out_of_bounds(n, stride, pad, k
         scheduled = apply_default_schedules(mod, tvm.target.Target(target))[0]
     assert out_of_bounds_reads(mod, target) is None
     assert out_of_bounds_reads(scheduled, target) is None
+
 
 class _Fn(nn.Module):
     def __init__(self, fn):

@@ -306,7 +306,6 @@ def test_report_counts_fused_kernels_by_their_mark_not_their_name():
     assert fused_calls(module(True)) == "2 attention"
 
 
-
 @pytest.mark.parametrize("n, m", [(12, 3), (12, 11), (6, 21), (18, 40), (12, 32)])
 def test_every_read_is_in_bounds_after_lowering(n, m):
     """kᵀ's padding keys (past m, to whole panels) are zeros whose reads of k are clamped into k; TIR's simplifier
