@@ -7,10 +7,10 @@ W X^T. GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Gene
 Transformers", 2023; the Optimal Brain Quantizer of Frantar & Alistarh 2022 made fast) rounds one input column
 at a time and spreads its error over the remaining columns through the inverse of H = 2 X^T X (damped by 1% of
 its mean diagonal; computed in the equivalent LDL form, _gptq), 128 columns per block; columns go in
-descending order of H's
-diagonal (the inputs with the most energy first, "act order"). The grid (scale per output channel,
-[-qmax, qmax]) is the nearest rounding's, so the result is an ordinary int8 weight: the quantized modules,
-their PyTorch reference and the compiled kernels do not change, only which integers they hold.
+descending order of H's diagonal (the inputs with the most energy first, "act order"). The grid (scale per
+output channel, [-qmax, qmax]) is the nearest rounding's, so the result is an ordinary int8 weight: the
+quantized modules, their PyTorch reference and the compiled kernels do not change, only which integers they
+hold.
 
 Measured (scratch script, 2-core AVX2 EPYC; timm / transformers models with random init from
 benchmarks/ecosystem_coverage.py, `fold_bn,cleanup`, then `quantize(reduce_range=true)` with 32 calibration
@@ -39,8 +39,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["HessianAccumulator", "accumulators", "collecting", "gptq_round", "gptq_round_groups", "input_hessians",
-           "round_static_layers",
-           "supports", "uses_gptq"]
+           "round_static_layers", "supports", "uses_gptq"]
 
 DAMP = 0.01          # of the mean diagonal of H, added to its diagonal
 MAX_ROWS = 8192      # input rows per layer (sampled evenly over the calibration batches)
