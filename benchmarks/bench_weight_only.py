@@ -13,6 +13,8 @@ between runs, while the 10th percentile of single calls with --threads 1 stays w
   fp32        graphopt `cleanup` compiled for the target (our own float32 build)
   woq8        + quantize(mode=weight_only)                     int8, per output channel
   woq4-g<G>   + quantize(mode=weight_only,bits=4,group_size=G) int4, groups of G inputs (one per --group)
+  woq4-g<G>-high  the same, built with precision="high" (only where the target has AVX512-BF16): the int4
+              GEMV takes each input as two bfloat16 (2^-16 relative) with vdpbf16ps (backends/tvm/woq4_bf16.py)
   w4a8-g<G>   + quantize(mode=dynamic,bits=4,group_size=G)     the same int4 weights, activations int8 per
               call (per row and group): integer dot products (graphopt.quant.w4a8)
   dyn8        + quantize(mode=dynamic)                         int8 weights and per-call uint8 activations
@@ -48,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import graphopt  # noqa: E402
 from _common import machine_info, physical_cores, set_threads, time_interleaved  # noqa: E402
+from graphopt.backends.targets import resolve_target  # noqa: E402
+from graphopt.backends.tvm.woq4_bf16 import has_avx512bf16  # noqa: E402
 from graphopt.models import get_model  # noqa: E402
 
 
@@ -89,6 +93,8 @@ def bench(name: str, args) -> dict:
     builds = {"fp32": base, "woq8": f"{base},quantize(mode=weight_only{pw})"}
     for g in args.group:
         builds[f"woq4-g{g}"] = f"{base},quantize(mode=weight_only,bits=4,group_size={g}{pw})"
+        if has_avx512bf16(resolve_target(args.target)):
+            builds[f"woq4-g{g}-high"] = builds[f"woq4-g{g}"]
     builds["dyn8"] = f"{base},quantize(mode=dynamic)"
     for g in args.group:
         builds[f"w4a8-g{g}"] = f"{base},quantize(mode=dynamic,bits=4,group_size={g}{pw})"
@@ -97,7 +103,8 @@ def bench(name: str, args) -> dict:
     fns, info = {"eager": model}, {}
     for key, pipe in builds.items():
         t = time.perf_counter()
-        opt = graphopt.optimize(model, args.target, pipe, example_inputs=example)
+        opt = graphopt.optimize(model, args.target, pipe, example_inputs=example,
+                                precision="high" if key.endswith("-high") else "float32")
         info[key] = {"pipeline": pipe, "build_s": round(time.perf_counter() - t, 1),
                      "kernels": opt.report.backend.get("int8", "").split(";")[0],
                      "size_bytes": opt.report.final.size_bytes}
@@ -143,7 +150,7 @@ def int4_against_ceiling(model, rows: dict, ceiling: float, threads: int) -> dic
     out = {"weights": weights, "ceiling_g_per_core": round(ceiling, 1), "floor_ms": round(floor_ms, 3),
            "woq8_over_floor": round(rows["woq8"]["ms"] / floor_ms, 2)}
     for k, r in rows.items():
-        if k.startswith("woq4"):
+        if k.startswith("woq4") and not k.endswith("-high"):     # (the ceiling is the float32 step's)
             out[k] = {"g_weights_per_s_per_thread": round(weights / (r["ms"] * 1e-3) / threads / 1e9, 1),
                       "of_ceiling": round(floor_ms / r["ms"], 2)}
     return out
@@ -206,7 +213,6 @@ def main(argv=None):
 
         m = isa_peak.measure(int4_only=True)       # before the thread pools start: one thread, an idle machine
         print(isa_peak.summary_int4(m), flush=True)
-        from graphopt.backends.targets import resolve_target
         from graphopt.backends.tvm.weight_only import lanes_for
 
         spec = resolve_target(args.target)

@@ -34,9 +34,10 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     tune:           None (default schedules), True, or tuning options (see graphopt.backends.tvm.tune)
     verify:         check every pass against the original model (exact passes must stay exact)
     precision:      compute precision of a TVM target: "float32", "float16" (float16 operands, float32
-                    accumulation and signature; pays on CUDA tensor cores) or "winograd" (CPU: float32 with
-                    3x3 convolutions as Winograd F(4x4, 3x3) / F(2x2, 3x3), ~1e-5 relative; see
-                    backends/tvm/precision.py)
+                    accumulation and signature; pays on CUDA tensor cores), "winograd" (CPU: float32 with
+                    3x3 convolutions as Winograd F(4x4, 3x3) / F(2x2, 3x3), ~1e-5 relative) or "high"
+                    (PyTorch's float32 matmul precision "high": int4 weight-only GEMVs take inputs as two
+                    bfloat16, 2^-16 relative, on AVX512-BF16 CPUs); see backends/tvm/precision.py
     dynamic:        dims that may vary at run time, with bounds, e.g. {"batch": (1, 64), "seq": (8, 512)} or
                     {"input_ids": {0: Dim("batch", max=64)}} (see graphopt/dynamic.py); one compiled module then
                     serves every size inside the bounds, and each pass is also checked at other sizes

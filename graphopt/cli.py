@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="MetaSchedule trials (0: no tuning)")
     p.add_argument("--database", default=None, help="tuning record database directory")
     p.add_argument("--precision", default="float32",
-                   help="float32 (default), float16, or winograd (CPU: 3x3 convolutions as Winograd, ~1e-5 relative)")
+                   help="float32 (default), float16, winograd (CPU: 3x3 convolutions as Winograd, ~1e-5 relative) or "
+                        "high (int4 weight-only GEMVs with bfloat16 input parts on AVX512-BF16 CPUs, 2^-16 relative)")
     p.add_argument("--repeats", type=int, default=5, help="latency repeats (0: skip timing)")
     p.add_argument("--output", default=None, help="save the artifact here (.gopt)")
     p.add_argument("--json", default=None, help="write the report as JSON here")

@@ -65,6 +65,17 @@ def test_bad_precision_is_a_typed_error():
     with pytest.raises(GraphoptError, match="not 'torch'"):
         graphopt.optimize(model, target="torch", example_inputs=(x,), precision="float16")
     assert check_precision("fp16") == "float16"
+    assert check_precision("float32-high") == check_precision("high") == "high"
+
+
+def test_precision_high_is_float32_where_no_int4_gemv_takes_it():
+    """precision="high" changes only int4 weight-only GEMVs (tests/quant/test_woq4_bf16.py): a float32 CNN builds
+    the same outputs as precision="float32", bit for bit."""
+    model, x = _cnn()
+    high = graphopt.optimize(model, target="x86", example_inputs=(x,), precision="high")
+    plain = graphopt.optimize(model, target="x86", example_inputs=(x,))
+    assert torch.equal(high(x), plain(x))
+    assert high.report.backend["precision"].startswith("high")
 
 
 @pytest.mark.slow      # dlight's tensor-core rule imports tvm.s_tir.tensor_intrin.cuda: 30-60 s of TVMScript parsing

@@ -32,7 +32,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
     """
     import tvm
 
-    lowered = lower_graph(gm, example_inputs, spec, dynamic)
+    from .precision import apply_precision, check_precision
+
+    lowered = lower_graph(gm, example_inputs, spec, dynamic, check_precision(precision))
     if report is not None:
         report.backend["lower_s"] = round(lowered.seconds, 3)
         if lowered.quant:
@@ -41,7 +43,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
             report.backend["sparse"] = lowered.sparse
             report.backend["sparse_layers"] = lowered.sparse_layers
         report.backend["tvm_version"] = tvm.__version__
-    from .precision import apply_precision
 
     executable = build_module(apply_precision(lowered.mod, precision, report, spec), spec, tune=tune,
                               report=report)

@@ -330,7 +330,8 @@ def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
 
 
 # ---------------------------------------------------------------------------------------------- lower
-def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dynamic: Any = None) -> Lowered:
+def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dynamic: Any = None,
+                precision: str = "float32") -> Lowered:
     """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
 
     `spec` (a TargetSpec, optional) picks the kernels for graphopt's int8 ops (see quant_lower).
@@ -363,7 +364,7 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         importer = ExportedProgramImporter()
     from .quant_lower import custom_convert_map, summary as quant_summary   # graphopt's int8 ops
 
-    custom, quant_state = custom_convert_map(ep, spec)
+    custom, quant_state = custom_convert_map(ep, spec, precision)
     from .numerics import convert_map as numerics_convert_map     # PyTorch's semantics where TVM's differ
 
     from .sparse_lower import custom_convert_map as sparse_convert_map, summary as sparse_summary

@@ -16,6 +16,11 @@ precision="winograd" (x86 and aarch64 targets) keeps float32 everywhere and comp
 Winograd's F(4x4, 3x3) / F(2x2, 3x3) algorithm (winograd.py: 2.25-4x fewer multiplications). Contract:
 approximate, outputs within ~1e-5 of the largest output magnitude per convolution (the direct kernel:
 ~3e-7); inf and NaN inputs give exactly PyTorch's non-finite outputs. The report lists the convolutions taken.
+
+precision="high" (PyTorch's `set_float32_matmul_precision("high")`: float32 matrix products may use bfloat16
+parts) keeps float32 everywhere except int4 weight-only GEMVs (<= 4 rows, groups of 16k inputs) on x86 CPUs with
+AVX512-BF16: those take each input as two bfloat16 (|x - hi - lo| <= 2^-16·|x|) against exact int4 weights,
+with vdpbf16ps (woq4_bf16.py; the weights' quantization error is ~10^3 times larger). Elsewhere it is float32.
 """
 from __future__ import annotations
 
@@ -25,17 +30,18 @@ from ...errors import GraphoptError
 
 __all__ = ["PRECISIONS", "check_precision", "check_target", "apply_precision"]
 
-PRECISIONS = ("float32", "float16", "winograd")
+PRECISIONS = ("float32", "float16", "winograd", "high")
 
 
 def check_precision(precision: str) -> str:
     """The canonical name of `precision` ("fp16" -> "float16"); GraphoptError for anything else."""
     name = {"fp32": "float32", "fp16": "float16", "half": "float16",
-            "float32-winograd": "winograd"}.get(str(precision), str(precision))
+            "float32-winograd": "winograd", "float32-high": "high"}.get(str(precision), str(precision))
     if name not in PRECISIONS:
         raise GraphoptError(f"precision={precision!r} is not supported: use one of {', '.join(PRECISIONS)} "
                             f"(float16 computes with float32 accumulation; winograd: float32 with Winograd 3x3 "
-                            f"convolutions on CPUs; int8 is the quantize pass)")
+                            f"convolutions on CPUs; high: int4 weight-only GEMVs with bfloat16 input parts on "
+                            f"AVX512-BF16 CPUs; int8 is the quantize pass)")
     return name
 
 
@@ -44,6 +50,10 @@ def apply_precision(mod, precision: str, report=None, spec=None):
     "winograd"); records it in report.backend."""
     precision = check_precision(precision)
     if precision == "float32":
+        return mod
+    if precision == "high":     # taken at lowering (quant_lower's int4 GEMVs); the report counts those kernels
+        if report is not None:
+            report.backend["precision"] = "high (int4 weight-only GEMVs: bfloat16 input parts where AVX512-BF16)"
         return mod
     if precision == "winograd":
         return _winograd(mod, spec, report)

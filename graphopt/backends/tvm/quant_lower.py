@@ -807,6 +807,7 @@ class QuantLowering:
     counts: dict[str, int] = field(default_factory=dict)
     fuse: Any = None                # quant_fuse.FuseState: fused requantize chains of this program
     w4a8_rows: list = field(default_factory=list)  # (input, group, quantized rows) shared by W4A8 Linears
+    precision: str = "float32"      # precision.py's name: "high" lets int4 GEMVs use bfloat16 input parts
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -1481,8 +1482,9 @@ def _graphopt_ops(ep) -> set[str]:
     return found
 
 
-def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowering | None]:
-    """Converters for the graphopt ops present in `ep` (an ExportedProgram), for target `spec`.
+def custom_convert_map(ep, spec=None, precision: str = "float32") -> tuple[dict[str, Callable], QuantLowering | None]:
+    """Converters for the graphopt ops present in `ep` (an ExportedProgram), for target `spec` and compute
+    `precision` (precision.py: "high" lets int4 weight-only GEMVs take bfloat16 parts of their inputs).
 
     Returns (convert_map, state); state.notes / state.counts say which kernel path each op took after the
     import has run. Empty map and None when the program has no graphopt op.
@@ -1493,7 +1495,7 @@ def custom_convert_map(ep, spec=None) -> tuple[dict[str, Callable], QuantLowerin
     unknown = present - set(_CONVERTERS)
     if unknown:
         raise LoweringError(f"no TVM lowering for graphopt op(s) {', '.join(sorted(unknown))}")
-    st = QuantLowering(ep, spec, int8_path(spec))
+    st = QuantLowering(ep, spec, int8_path(spec), precision=precision)
     if "sparse_qconv2d.default" in present:
         from .sparse_qlower import decide_sparse_convs
 

@@ -16,11 +16,12 @@ Kernels, picked by the number of rows M (tokens × batch) at compile time:
       inputs in separate accumulators: independent FMA chains) and s·Σxq + o·Σx (o = -z·s) is added at the
       group's end: no per-weight subtract or multiply. int4 with groups of 8k inputs uses direct4_kernel
       (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
-      cheap as an int8 weight). Codebooks: the integer indexes the codebook (one vpermd of the codebook
-      register for 4-bit indices on AVX-512; on AVX2 byte shuffles of the entries' byte planes,
-      lut16_shuffle_kernel; a gather elsewhere: on AVX2, codebooks only a gather could look up run as
-      float32, codebook_as_float32). AVX2 uses 16-lane blocks (two ymm), and for int4 words
-      the blocks and accumulator sets of INT4_GEMV_AVX2 by row count.
+      cheap as an int8 weight; with precision="high" on AVX512-BF16 CPUs, groups of 16k inputs take
+      woq4_bf16's vdpbf16ps kernel instead: inputs as two bfloat16, 2^-16 relative). Codebooks: the integer
+      indexes the codebook (one vpermd of the codebook register for 4-bit indices on AVX-512; on AVX2 byte
+      shuffles of the entries' byte planes, lut16_shuffle_kernel; a gather elsewhere: on AVX2, codebooks
+      only a gather could look up run as float32, codebook_as_float32). AVX2 uses 16-lane blocks (two ymm),
+      and for int4 words the blocks and accumulator sets of INT4_GEMV_AVX2 by row count.
   panel  (M > 4: compute-bound): per block of NT·L output columns and chunk of inputs the weights are
       dequantized once into a float32 panel (<= 64 KiB, stays in L1/L2) and an MT x NT·L register-tiled
       float32 micro-kernel runs over all rows; partial sums go through the output between chunks.
@@ -45,6 +46,7 @@ from typing import Optional
 import numpy as np
 
 from ...errors import LoweringError
+from . import woq4_bf16
 from .tir_script import prim_func
 
 __all__ = ["lanes_for", "pack_weights", "unpack_nibbles", "direct_kernel", "panel_kernel", "tiles", "emit_woq",
@@ -695,11 +697,13 @@ def _cores(spec) -> int:
 
 
 def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarray], bias: np.ndarray,
-             bits: int, group_size: Optional[int], spec, codebook: Optional[np.ndarray] = None) -> tuple:
+             bits: int, group_size: Optional[int], spec, codebook: Optional[np.ndarray] = None,
+             high: bool = False) -> tuple:
     """Emit the weight-only kernel for float32 x [..., K] and integer weights q [N, K] (int8 values or int4
     values 0..15), scales float32 [N, NG], zeros [N, NG] (None: symmetric), bias float32 [N]. Returns
     (float32 [..., N] Relax expression, kernel name). `codebook` (float32 [16] for 4-bit, [256] for 8-bit
-    indices q): weight sharing, w = codebook[q] (scales ones, no zero points)."""
+    indices q): weight sharing, w = codebook[q] (scales ones, no zero points). `high` (precision="high"): int4
+    GEMVs on AVX512-BF16 targets take woq4_bf16's kernel (inputs as two bfloat16)."""
     import tvm
     from tvm import relax
 
@@ -718,6 +722,8 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     per_channel = group_size is None or group_size >= k
     g = 2 * kp if per_channel else int(group_size)
     int4_words = kind == "direct" and bits == 4 and (per_channel or g % 8 == 0) and codebook is None
+    bf16 = (high and int4_words and lanes == 16 and regs >= 32 and (per_channel or g % 16 == 0)
+            and woq4_bf16.has_avx512bf16(spec))
     if int4_words and regs < 32 and lanes == 8:
         lanes, nt, _ = INT4_GEMV_AVX2[m]            # AVX2 int4 GEMV: blocks and chains by row count
         nb = (n + lanes - 1) // lanes
@@ -739,6 +745,9 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
                                                                          scales.astype(np.float32))
     if k % 2 and not sym:       # the odd K's missing input meets weight z - z = 0 (the direct kernel reads it)
         q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
+    if bf16:
+        g = (k + 15) // 16 * 16 if per_channel else g
+        return woq4_bf16.emit(bb, x, shape, m, k, n, q, scales, offsets, bias, g, nbp, nt, const)
     if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
         return _emit_words(bb, x, shape, m, k, n, q, scales, offsets, bias, g, lanes, regs, nbp, nt, const)
     scale_t = const(_group_table(scales, lanes, nbp, np.float32))
@@ -827,7 +836,8 @@ def convert_packed(st, node, importer):
         idx = np.arange(k) // g
         return _float_linear(bb, x, ((q.astype(np.int32) - zeros[:, idx]).astype(np.float32) * scales[:, idx]).T,
                              bias)
-    y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec)
+    y, kind = emit_woq(bb, x, q, scales, None if bits == 8 else zeros, bias, bits, gs, st.spec,
+                       high=st.precision == "high")
     st.count(f"woq_linear_packed:{kind}")
     return y
 
