@@ -87,7 +87,8 @@ def test_split_takes_each_input_as_two_bfloat16_within_2_pow_minus_16():
     assert np.isnan(hi[np.isnan(x)]).all() and (hi[np.isinf(x)] == x[np.isinf(x)]).all()
     assert (lo[~finite] == 0).all()
     normal = finite & (np.abs(x) >= 2.0 ** -110)
-    assert (np.abs(x.astype(np.float64) - hi - lo)[normal] <= 2.0 ** -16 * np.abs(x[normal])).all()
+    err = np.abs(x[normal].astype(np.float64) - hi[normal] - lo[normal])
+    assert (err <= 2.0 ** -16 * np.abs(x[normal])).all()
     assert (hi.view(np.uint32) & 0xFFFF == 0).all() and (lo.view(np.uint32) & 0xFFFF == 0).all()
     # group sums of hi + lo (the kernel's zero-point term); the first row holds inf, -inf and NaN
     assert np.isnan(xs[0, 0])
@@ -95,9 +96,10 @@ def test_split_takes_each_input_as_two_bfloat16_within_2_pow_minus_16():
     assert np.allclose(xs[1], sums, rtol=1e-6, atol=0)
 
 
-# (rows, in, out, group): groups of 16k inputs and one group per channel (odd K: padded to 16k with zero inputs)
-# take the kernel; a group of 8 and more than 4 rows keep the float32 kernels
-SHAPES = [(1, 256, 40, 128), (2, 96, 33, 32), (3, 37, 21, None), (4, 160, 17, 16), (1, 64, 8, 8), (6, 64, 20, 32)]
+# (rows, in, out, group): 1-2 rows in groups of 16k inputs or one group per channel (odd K: padded to 16k with
+# zero inputs) take the kernel; a group of 8, 3 rows (the float32 GEMV) and 6 rows (the panel) do not
+SHAPES = [(1, 256, 40, 128), (2, 96, 33, 32), (1, 37, 21, None), (2, 160, 17, 16), (1, 64, 8, 8), (3, 64, 20, 32),
+          (6, 64, 20, 32)]
 BF16_LAYERS = 4
 
 
@@ -109,8 +111,8 @@ class Layers(nn.Module):
                                                            torch.randn(n, generator=g), 4, group)
                                     for _, k, n, group in SHAPES)
 
-    def forward(self, x0, x1, x2, x3, x4, x5):
-        return tuple(layer(x) for layer, x in zip(self.layers, (x0, x1, x2, x3, x4, x5)))
+    def forward(self, x0, x1, x2, x3, x4, x5, x6):
+        return tuple(layer(x) for layer, x in zip(self.layers, (x0, x1, x2, x3, x4, x5, x6)))
 
 
 def _inputs(seed: int = 1):
@@ -151,7 +153,7 @@ def test_int4_gemvs_take_the_bf16_kernel_where_groups_are_16k_inputs(built):
     module, args, compiled, exe, lowered = built
     counts = lowered.quant.split(":", 1)[1].split(";")[0]
     assert f"woq_linear_packed:int4 direct bf16x2×{BF16_LAYERS}" in counts
-    assert "woq_linear_packed:int4 direct×1" in counts and "woq_linear_packed:int4 panel×1" in counts
+    assert "woq_linear_packed:int4 direct×2" in counts and "woq_linear_packed:int4 panel×1" in counts
     asm = asm_of(exe)
     assert "vdpbf16ps" in asm and "vpternlogd" in asm
 
@@ -213,7 +215,7 @@ def test_optimize_with_precision_high_reports_the_kernels_and_round_trips(tmp_pa
 
 
 @settings(max_examples=6, deadline=None)
-@given(rows=st.integers(1, 4), k=st.integers(1, 100), n=st.integers(1, 40),
+@given(rows=st.integers(1, 2), k=st.integers(1, 100), n=st.integers(1, 40),
        group=st.sampled_from([None, 16, 32, 64]), offset=st.sampled_from([0.0, 2.0]),
        seed=st.integers(0, 2 ** 31 - 1))
 def test_random_layers_match_the_contract(rows, k, n, group, offset, seed):

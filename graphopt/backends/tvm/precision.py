@@ -18,7 +18,7 @@ approximate, outputs within ~1e-5 of the largest output magnitude per convolutio
 ~3e-7); inf and NaN inputs give exactly PyTorch's non-finite outputs. The report lists the convolutions taken.
 
 precision="high" (PyTorch's `set_float32_matmul_precision("high")`: float32 matrix products may use bfloat16
-parts) keeps float32 everywhere except int4 weight-only GEMVs (<= 4 rows, groups of 16k inputs) on x86 CPUs with
+parts) keeps float32 everywhere except int4 weight-only GEMVs (1-2 rows, groups of 16k inputs) on x86 CPUs with
 AVX512-BF16: those take each input as two bfloat16 (|x - hi - lo| <= 2^-16·|x|) against exact int4 weights,
 with vdpbf16ps (woq4_bf16.py; the weights' quantization error is ~10^3 times larger). Elsewhere it is float32.
 """

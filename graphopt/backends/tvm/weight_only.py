@@ -16,7 +16,7 @@ Kernels, picked by the number of rows M (tokens × batch) at compile time:
       inputs in separate accumulators: independent FMA chains) and s·Σxq + o·Σx (o = -z·s) is added at the
       group's end: no per-weight subtract or multiply. int4 with groups of 8k inputs uses direct4_kernel
       (words of 8 nibbles masked in place against pre-scaled inputs: and + convert + FMA per vector, as
-      cheap as an int8 weight; with precision="high" on AVX512-BF16 CPUs, groups of 16k inputs take
+      cheap as an int8 weight; with precision="high" on AVX512-BF16 CPUs, 1-2 rows in groups of 16k take
       woq4_bf16's vdpbf16ps kernel instead: inputs as two bfloat16, 2^-16 relative). Codebooks: the integer
       indexes the codebook (one vpermd of the codebook register for 4-bit indices on AVX-512; on AVX2 byte
       shuffles of the entries' byte planes, lut16_shuffle_kernel; a gather elsewhere: on AVX2, codebooks
@@ -722,8 +722,8 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
     per_channel = group_size is None or group_size >= k
     g = 2 * kp if per_channel else int(group_size)
     int4_words = kind == "direct" and bits == 4 and (per_channel or g % 8 == 0) and codebook is None
-    bf16 = (high and int4_words and lanes == 16 and regs >= 32 and (per_channel or g % 16 == 0)
-            and woq4_bf16.has_avx512bf16(spec))
+    bf16 = (high and int4_words and m in woq4_bf16.COLUMN_BLOCKS and lanes == 16 and regs >= 32
+            and (per_channel or g % 16 == 0) and woq4_bf16.has_avx512bf16(spec))
     if int4_words and regs < 32 and lanes == 8:
         lanes, nt, _ = INT4_GEMV_AVX2[m]            # AVX2 int4 GEMV: blocks and chains by row count
         nb = (n + lanes - 1) // lanes
@@ -747,6 +747,10 @@ def emit_woq(bb, x, q: np.ndarray, scales: np.ndarray, zeros: Optional[np.ndarra
         q = np.concatenate([q, zeros[:, -1:].astype(q.dtype)], axis=1)
     if bf16:
         g = (k + 15) // 16 * 16 if per_channel else g
+        nt = woq4_bf16.COLUMN_BLOCKS[m]
+        while nt > 1 and math.ceil(nb / nt) < 2 * _cores(spec):
+            nt -= 1
+        nbp = (nb + nt - 1) // nt * nt
         return woq4_bf16.emit(bb, x, shape, m, k, n, q, scales, offsets, bias, g, nbp, nt, const)
     if kind == "direct" and bits == 4 and g % 8 == 0 and codebook is None:
         return _emit_words(bb, x, shape, m, k, n, q, scales, offsets, bias, g, lanes, regs, nbp, nt, const)

@@ -41,6 +41,12 @@ define <16 x float> @graphopt_dpbf16ps(<16 x float> %acc, <16 x i32> %a, <16 x i
 }
 """
 L = 16
+# Rows -> column blocks per task (2·rows·blocks accumulator chains). One 4096 x 4096 layer, groups of 128, 2
+# threads, 2-core Zen 4, builds timed interleaved (scratch): 1 row: 2 / 4 / 8 blocks 0.298 / 0.251 / 0.245 ms
+# (the whole MLP 0.338 / 0.310 for 4 / 8); 2 rows: 0.403 / 0.372 / 0.582 (float32 int4 kernel 0.423); 4 rows:
+# 0.759 / 0.989 / 1.561 against the float32 kernel's 0.787: no gain past 2 rows (two vdpbf16ps per row for 32
+# weights cost what one FMA per row for 16 does), so 3-4 rows keep the float32 kernel.
+COLUMN_BLOCKS = {1: 8, 2: 4}
 
 
 def has_avx512bf16(spec) -> bool:
