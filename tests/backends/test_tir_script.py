@@ -190,3 +190,38 @@ def test_each_kernel_definition_is_read_into_a_syntax_tree_once(monkeypatch):
     for k in (1.5, 2.5, 3.5):
         kernel(k)
     assert len(reads) == 1 and len(annotation_reads) == 1       # PEP 563's annotation names: once too
+
+
+def _doubling_kernel(substitute: bool):
+    """Y = 2·X over one vectorized loop, its element named by assignment (a local the vectorizer makes one
+    scalar) or by T.meta_var (the expression substituted)."""
+    if substitute:
+        @prim_func
+        def doubled(X: T.Buffer((16,), F32), Y: T.Buffer((16,), F32)):
+            T.func_attr({"tirx.noalias": True})
+            for j in T.vectorized(16):
+                x = T.meta_var(X[j])
+                Y[j] = x * T.float32(2)
+        return doubled
+
+    @prim_func
+    def doubled(X: T.Buffer((16,), F32), Y: T.Buffer((16,), F32)):
+        T.func_attr({"tirx.noalias": True})
+        for j in T.vectorized(16):
+            x = X[j]
+            Y[j] = x * T.float32(2)
+    return doubled
+
+
+def test_assignments_inside_vectorized_loops_are_refused():
+    """TVM vectorizes a variable assigned inside a vectorized loop as one scalar (every lane got 2·X[15]: the bug
+    found writing woq4_bf16's split kernel), so prim_func raises a LoweringError naming it; T.meta_var runs."""
+    from graphopt.errors import LoweringError
+
+    with pytest.raises(LoweringError, match="'x' is assigned inside a vectorized loop"):
+        _doubling_kernel(substitute=False)
+    lib = tvm.compile(_doubling_kernel(substitute=True), target="llvm")
+    x = np.arange(16, dtype=np.float32)
+    y = tvm.runtime.tensor(np.zeros(16, np.float32))
+    lib(tvm.runtime.tensor(x), y)
+    assert np.array_equal(y.numpy(), 2 * x)

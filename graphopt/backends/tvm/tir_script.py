@@ -45,6 +45,8 @@ import types
 from collections import OrderedDict
 from typing import Any, Callable
 
+from ...errors import LoweringError
+
 __all__ = ["prim_func"]
 
 
@@ -192,12 +194,40 @@ def prim_func(func: Callable):
     else:
         with _macros_find_their_parser_by_frames(), _parser_reads_definitions_once():
             parsed = parse(func, extra_vars, check_well_formed=True)
+        lets = lets_in_vectorized_loops(parsed)
+        if lets:
+            raise LoweringError(f"kernel {func.__name__}: '{lets[0]}' is assigned inside a vectorized loop, which "
+                                f"TVM vectorizes as one scalar (every lane gets the last lane's value): write its "
+                                f"expression with T.meta_var instead")
         if key is not None and _renews_exactly(parsed):
             _KERNELS[key] = parsed
             if len(_KERNELS) > KERNEL_CACHE_SIZE:
                 _KERNELS.popitem(last=False)
     setattr(parsed, "__name__", func.__name__)
     return parsed
+
+
+def lets_in_vectorized_loops(func) -> list[str]:
+    """Names of the variables bound by assignment (`x = expr` in TVMScript, which TVM 0.27 parses as a one-element
+    local buffer, `AllocBuffer` + store) or by a let inside a vectorized loop of PrimFunc `func`. TVM vectorizes
+    such a variable as one scalar: `for j in T.vectorized(16): x = X[j]; Y[j] = x * 2` stores 2·X[15] in every
+    lane. prim_func refuses them (T.meta_var substitutes the expression instead)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    found: list[str] = []
+
+    def loop(n):
+        if n.kind == tirx.ForKind.VECTORIZED:
+            def local(b):
+                found.append(b.buffer.name if isinstance(b, tirx.AllocBuffer) else b.var.name)
+                return b
+
+            tvm_ffi.structural_map(n.body, [((tirx.AllocBuffer, tirx.Bind, tirx.LetStmt), local)])
+        return n
+
+    tvm_ffi.structural_map(func.body, [(tirx.For, loop)])
+    return found
 
 
 prim_func.dispatch_token = "tirx"     # the parser reads the decorator's token to pick the TIR dialect
