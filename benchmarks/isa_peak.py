@@ -12,7 +12,8 @@ prints giga multiply-accumulates per second per core and the int8 / float32 rati
 (avx2, avx512bw, vnni), and the rate of the int4 weight-only GEMV's step (mask a nibble, convert it, one FMA:
 weights per second per core, the bound of a batch-1 int4 layer whose weights are in cache; an int8 weight's
 step is the same length, so int4 gains over int8 weight-only only where int8's weights come from memory at a
-lower rate). Paths whose instructions this CPU lacks are skipped. Memory-bound layers (batch-1
+lower rate; and with AVX512-BF16 the step of the precision="high" int4 kernel, two vdpbf16ps per 32 weights).
+Paths whose instructions this CPU lacks are skipped. Memory-bound layers (batch-1
 Linear, depthwise convs) are not bounded by this: int8 moves a quarter of float32's bytes there.
 
 Needs a C compiler (`cc`, gcc or clang, with x86 intrinsics); on other machines it prints why it cannot run.
@@ -145,6 +146,33 @@ __attribute__((target(TARGET))) static double NAME(void) {                      
 INT4_KERNEL(int4_ymm, "avx2,fma", __m256i, _mm256_set1_epi32, "ymm", "vmovdqu", "vpand", 8)
 INT4_KERNEL(int4_zmm, "avx512f", __m512i, _mm512_set1_epi32, "zmm", "vmovdqu32", "vpandd", 16)
 
+/* int4 weight-only with bfloat16 dot products (graphopt's woq4_bf16, precision="high"): per 32 weights, one vpsrld
+   moving a nibble of each 16-bit half to bits 6..3, one vpternlogd ((w & mask) | 0x3F80: the bfloat16 1 + q/16),
+   two vdpbf16ps (the input's hi and lo bfloat16 parts) into separate accumulators (ten chains). MAC count:
+   weights. */
+#define B4(w, t, a, b) "vpsrld $1, %%zmm" w ", %%zmm" t "\n\tvpternlogd $0xEA, %%zmm0, %%zmm13, %%zmm" t "\n\t" \
+    "vdpbf16ps %%zmm" t ", %%zmm1, %%zmm" a "\n\tvdpbf16ps %%zmm" t ", %%zmm15, %%zmm" b "\n\t"
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static double int4bf16_zmm(void) {
+    __m512i w = _mm512_set1_epi32(0x12345678), m = _mm512_set1_epi32(0x00780078), g = _mm512_set1_epi32(0x3F803F80);
+    float out[16];
+    long n = ITERS;
+    double t = now();
+    __asm__ volatile("vmovdqu32 (%[m]), %%zmm0\n\tvmovdqu32 (%[g]), %%zmm13\n\tvmovdqu32 (%[g]), %%zmm1\n\t"
+                     "vmovdqu32 (%[g]), %%zmm15\n\tvxorps %%zmm8, %%zmm8, %%zmm8\n\t"
+                     "vmovaps %%zmm8, %%zmm9\n\tvmovaps %%zmm8, %%zmm10\n\tvmovaps %%zmm8, %%zmm11\n\t"
+                     "vmovaps %%zmm8, %%zmm12\n\tvmovaps %%zmm8, %%zmm16\n\tvmovaps %%zmm8, %%zmm17\n\t"
+                     "vmovaps %%zmm8, %%zmm18\n\tvmovaps %%zmm8, %%zmm19\n\tvmovaps %%zmm8, %%zmm20\n\t"
+                     "vmovdqu32 (%[w]), %%zmm2\n\tvmovdqu32 (%[w]), %%zmm3\n\tvmovdqu32 (%[w]), %%zmm4\n\t"
+                     "vmovdqu32 (%[w]), %%zmm5\n\t"
+                     "1:\n\t" B4("2", "6", "8", "16") B4("3", "7", "9", "17") B4("4", "6", "10", "18")
+                     B4("5", "7", "11", "19") B4("2", "14", "12", "20")
+                     "decq %[n]\n\tjnz 1b\n\tvaddps %%zmm8, %%zmm20, %%zmm8\n\tvmovups %%zmm8, (%[out])"
+                     : [n] "+r"(n) : [w] "r"(&w), [m] "r"(&m), [g] "r"(&g), [out] "r"(out)
+                     : I4_CLOBBER, "xmm16", "xmm17", "xmm18", "xmm19", "xmm20");
+    t = now() - t; sink = (long)out[0];
+    return (double)ITERS * 5 * 32 / t / 1e9;
+}
+
 int main(int argc, char **argv) {
     __builtin_cpu_init();
     for (int a = 1; a < argc; a++) {
@@ -156,6 +184,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "vnni_zmm") && __builtin_cpu_supports("avx512vnni")) g = vnni_zmm();
         else if (!strcmp(k, "int4_ymm") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2")) g = int4_ymm();
         else if (!strcmp(k, "int4_zmm") && __builtin_cpu_supports("avx512f")) g = int4_zmm();
+        else if (!strcmp(k, "int4bf16_zmm") && __builtin_cpu_supports("avx512bf16")) g = int4bf16_zmm();
         printf("%s %.3f\n", k, g);
         fflush(stdout);
     }
@@ -169,7 +198,8 @@ PATHS = [("avx2", "u8s8_ymm", "fp32_ymm", "vpmaddubsw + vpmaddwd + vpaddd, 256-b
          ("vnni", "vnni_zmm", "fp32_zmm", "vpdpbusd zmm vs vfmadd231ps zmm")]
 # graphopt's int4 weight-only GEMV (batch 1) per path: (path, kernel, what one step is).
 WEIGHT_ONLY = [("avx2", "int4_ymm", "vpand + vcvtdq2ps + vfmadd231ps per 8 weights"),
-               ("avx512", "int4_zmm", "vpandd + vcvtdq2ps + vfmadd231ps per 16 weights")]
+               ("avx512", "int4_zmm", "vpandd + vcvtdq2ps + vfmadd231ps per 16 weights"),
+               ("avx512bf16", "int4bf16_zmm", 'vpsrld + vpternlogd + 2 vdpbf16ps per 32 weights, precision="high"')]
 
 
 def measure(rounds: int = 3, iters: int = 40_000_000, int4_only: bool = False) -> dict:

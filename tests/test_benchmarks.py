@@ -116,6 +116,10 @@ def test_isa_peak_measures_the_int8_paths_this_cpu_runs(monkeypatch):
     assert isa_peak.summary(m).startswith("int8 ceiling, path avx2:")
     int4 = {p["path"]: p for p in m["int4"]}         # the int4 weight-only GEMV's step, per path
     assert "avx2" in int4 and ("avx512" in int4) == runs_here("skylake-avx512")
+    from graphopt.backends.targets import resolve_target
+    from graphopt.backends.tvm.woq4_bf16 import has_avx512bf16
+
+    assert ("avx512bf16" in int4) == has_avx512bf16(resolve_target("x86"))     # the precision="high" step
     assert all(_finite_positive(p["weights"]) for p in int4.values())
     assert isa_peak.summary_int4(m).startswith("int4 weight-only ceiling, path avx2:")
     only = isa_peak.measure(rounds=1, iters=200_000, int4_only=True)
@@ -176,3 +180,20 @@ def test_bench_weight_only_rates_the_int4_gemv_against_the_ceiling(monkeypatch):
     assert out["floor_ms"] == round(30000 / 20e9 * 1e3, 3) and out["woq8_over_floor"] == round(0.01 / 0.0015, 2)
     assert out["woq4-g128"] == {"g_weights_per_s_per_thread": round(30000 / 4e-6 / 2 / 1e9, 1),
                                 "of_ceiling": round(0.0015 / 0.004, 2)}
+
+
+def test_bench_weight_only_rates_precision_high_rows_against_their_own_ceiling(monkeypatch):
+    """woq4-*-high rows (the vdpbf16ps kernel) against the ceiling of their own step; without that ceiling (no
+    AVX512-BF16) they are not rated."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_weight_only
+
+    model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.ReLU(), torch.nn.Linear(200, 50))
+    rows = {"woq8": {"ms": 0.01}, "woq4-g128": {"ms": 0.004}, "woq4-g128-high": {"ms": 0.003}}
+    out = bench_weight_only.int4_against_ceiling(model, rows, ceiling=10.0, threads=2, ceiling_high=20.0)
+    assert out["high"]["floor_ms"] == round(30000 / 40e9 * 1e3, 3)
+    assert out["woq4-g128-high"]["of_ceiling"] == round(30000 / 40e9 * 1e3 / 0.003, 2)
+    assert out["woq4-g128"]["of_ceiling"] == round(30000 / 20e9 * 1e3 / 0.004, 2)
+    assert "woq4-g128-high" not in bench_weight_only.int4_against_ceiling(model, rows, ceiling=10.0, threads=2)
