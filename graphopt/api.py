@@ -67,7 +67,7 @@ def optimize(model: nn.Module, target: str | dict = "x86", pipeline: Pipeline | 
     capture_s = time.perf_counter() - start
     ctx = Context(original=copy.deepcopy(model).eval(), example_inputs=example_inputs,
                   calibration=calibration, train_data=train_data, target=spec.alias,
-                  exact_rtol=exact_rtol, dynamic=dyn)
+                  exact_rtol=exact_rtol, dynamic=dyn, precision=precision)
     gm, report = PassManager(pipe, verify=verify).run(captured.gm, ctx)
     report.backend["capture"] = captured.method
     report.backend["capture_s"] = round(capture_s, 3)

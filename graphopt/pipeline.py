@@ -48,6 +48,7 @@ class Context:
     reference_outputs: Any = None
     notes: list[str] = field(default_factory=list)
     dynamic: Any = None               # graphopt.dynamic.DynamicSpec: dims that vary at run time, or None
+    precision: str = "float32"        # the compile precision (backends/tvm/precision.py), for passes that time kernels
     # with dynamic dims: the example inputs at other sizes inside the bounds, and the original's outputs there
     variant_inputs: list = field(default_factory=list)
     variant_outputs: list = field(default_factory=list)

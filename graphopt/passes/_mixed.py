@@ -75,7 +75,7 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
                               f"'torch': budgets {', '.join(map(str, budgets))}")
         from ..backends.tvm.layer_latency import layer_latencies
 
-        latency = layer_latencies(builder, ctx.target, progress=p.progress)
+        latency = layer_latencies(builder, ctx.target, progress=p.progress, precision=ctx.precision)
     layers = builder.layers
     costs = []
     for path in layers:

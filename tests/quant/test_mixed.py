@@ -279,3 +279,25 @@ def test_latency_costs_come_from_compiled_kernels():
     assert opt.report.final.size_bytes <= 0.5 * opt.report.records[0].size_bytes
     with torch.no_grad():
         assert torch.allclose(opt(calib[1]), opt.graph_module(calib[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_latency_costs_are_timed_in_the_compile_precision(monkeypatch):
+    """optimize(precision=...) reaches the per-layer timings (precision="high" runs other int4 GEMVs on
+    AVX512-BF16 CPUs, so its latency costs must come from those): every layer is compiled in that precision."""
+    import graphopt.backends.tvm as backend
+    from graphopt.backends.tvm import layer_latency
+
+    seen, real = [], backend.compile_graph
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("precision", "float32"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "compile_graph", spy)
+    layer_latency.clear_cache()                         # measure here, not from an earlier test's layers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
+    calib = [torch.randn(1, 128) for _ in range(2)]
+    graphopt.optimize(model, "x86", "quantize(bits=mixed,budget=latency:50ms,progress=false)",
+                      example_inputs=(calib[0],), calibration=calib, precision="high")
+    assert len(seen) > 2 and set(seen) == {"high"}

@@ -85,8 +85,9 @@ def kernel_ms(compiled, inputs: tuple, repeat: int = 5) -> float:
 
 
 def layer_latencies(builder, target: str, *, repeat: int = 5, progress: bool = False,
-                    batch: tuple | None = None) -> dict[tuple[str, str], float]:
-    """{(layer, choice): ms} for every layer and offered choice of a MixedBuilder, compiled for `target`."""
+                    batch: tuple | None = None, precision: str = "float32") -> dict[tuple[str, str], float]:
+    """{(layer, choice): ms} for every layer and offered choice of a MixedBuilder, compiled for `target` in
+    `precision` (the whole model's compile precision: e.g. "high" times the bfloat16 int4 GEMVs it will run)."""
     from tqdm.auto import tqdm
 
     from ..targets import resolve_target
@@ -102,10 +103,10 @@ def layer_latencies(builder, target: str, *, repeat: int = 5, progress: bool = F
     for path, choice in tqdm(todo, desc="quantize(mixed): per-layer kernel timings", disable=not progress,
                              leave=False):
         xs = inputs[path]
-        key = (spec.alias, repeat) + _signature(builder, path, choice, xs)
+        key = (spec.alias, repeat, precision) + _signature(builder, path, choice, xs)
         if key not in cache:
             gm = single_layer_graph(builder, path, choice, len(xs))
-            compiled = compile_graph(gm, xs, spec)
+            compiled = compile_graph(gm, xs, spec, precision=precision)
             cache[key] = kernel_ms(compiled, xs, repeat)
         out[(path, choice)] = cache[key]
     return out
