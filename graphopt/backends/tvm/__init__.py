@@ -25,8 +25,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: tuple, spec: TargetSpec, *
                   report=None, precision: str = "float32", dynamic: Any = None) -> CompiledModule:
     """Lower `gm`, build it for `spec` and wrap it: a CompiledModule with the example inputs' signature.
 
-    precision: "float32", "float16" (float32 accumulation, float32 signature) or "winograd" (CPU: float32 with
-               Winograd 3x3 convolutions); see precision.py.
+    precision: "float32", "float16" (float32 accumulation, float32 signature), "winograd" (CPU: float32 with
+               Winograd 3x3 convolutions) or "high" (int4 weight-only GEMVs with bfloat16 input parts on
+               AVX512-BF16 CPUs); see precision.py.
     Records lower_s (and, via build_module, schedule_s / build_s / target) in report.backend.
     Raises LoweringError, BuildError (TuningError for a tuning request that cannot be honoured).
     """
