@@ -158,6 +158,13 @@ def test_int4_gemvs_take_the_bf16_kernel_where_groups_are_16k_inputs(built):
     assert "vdpbf16ps" in asm and "vpternlogd" in asm
 
 
+def test_intel_avx512_bf16_targets_take_the_kernel_too():
+    """x86:emeraldrapids (the Xeons with AVX-512 VNNI and BF16 our machines include): the same kernel, built."""
+    layer = PackedWeightOnlyLinear(torch.randn(40, 256), torch.randn(40), 4, 128)
+    _, exe, lowered = _build("x86:emeraldrapids", nn.Sequential(layer).eval(), (torch.randn(1, 256),))
+    assert "int4 direct bf16x2×1" in lowered.quant and "vdpbf16ps" in asm_of(exe)
+
+
 def test_bf16_kernel_matches_the_contract(built):
     module, args, compiled, exe, lowered = built
     _skip_unless_runs_here(BF16_TARGET)
@@ -192,8 +199,10 @@ def test_precision_high_keeps_the_float32_kernels_without_avx512_bf16():
         assert not woq4_bf16.has_avx512bf16(resolve_target(target))
         _, exe, lowered = _build(target, module, args)
         assert "bf16" not in lowered.quant and "vdpbf16ps" not in asm_of(exe)
-    assert woq4_bf16.has_avx512bf16(resolve_target(BF16_TARGET))
-    assert woq4_bf16.has_avx512bf16(resolve_target("x86:sapphirerapids"))
+    for target in (BF16_TARGET, "x86:sapphirerapids", "x86:emeraldrapids", "x86:cooperlake"):
+        assert woq4_bf16.has_avx512bf16(resolve_target(target)), target
+    for target in ("x86:icelake-server", "x86:znver3", "arm"):       # AVX-512 without BF16, AVX2, not x86
+        assert not woq4_bf16.has_avx512bf16(resolve_target(target)), target
 
 
 def test_optimize_with_precision_high_reports_the_kernels_and_round_trips(tmp_path):
