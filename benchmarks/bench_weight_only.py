@@ -91,9 +91,10 @@ def bench(name: str, args) -> dict:
         model, example, eval_x = model_zoo(name)
         base, pw = "fold_bn,cleanup", ",pointwise_convs=true"
     builds = {"fp32": base, "woq8": f"{base},quantize(mode=weight_only{pw})"}
+    bf16 = has_avx512bf16(resolve_target(args.target))
     for g in args.group:
         builds[f"woq4-g{g}"] = f"{base},quantize(mode=weight_only,bits=4,group_size={g}{pw})"
-        if has_avx512bf16(resolve_target(args.target)):
+        if bf16:
             builds[f"woq4-g{g}-high"] = builds[f"woq4-g{g}"]
     builds["dyn8"] = f"{base},quantize(mode=dynamic)"
     for g in args.group:

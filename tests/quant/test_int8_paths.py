@@ -95,8 +95,8 @@ def _inputs():
             torch.full((3, 64), 1e3), torch.full((1, 8, 5, 6), 1e3))
 
 
-def _compile(module, args, spec):
-    lowered = lower_graph(torch.fx.symbolic_trace(module), args, spec)
+def _compile(module, args, spec, precision: str = "float32"):
+    lowered = lower_graph(torch.fx.symbolic_trace(module), args, spec, precision=precision)
     exe = build_module(lowered.mod, spec)
     return CompiledModule(exe, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
                           lowered.const_outputs), exe, lowered

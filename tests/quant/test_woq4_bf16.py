@@ -20,10 +20,9 @@ from graphopt.quant.weight_only import PackedWeightOnlyLinear
 tvm = pytest.importorskip("tvm")
 
 from graphopt.backends.targets import resolve_target  # noqa: E402
-from graphopt.backends.tvm import CompiledModule, build_module, lower_graph  # noqa: E402
 from graphopt.backends.tvm import woq4_bf16  # noqa: E402
 from graphopt.backends.tvm.one_task_loops import register  # noqa: E402
-from tests.quant.test_int8_paths import _skip_unless_runs_here, asm_of  # noqa: E402
+from tests.quant.test_int8_paths import _compile, _skip_unless_runs_here, asm_of  # noqa: E402
 
 BF16_TARGET = "x86:znver4"          # AVX-512 with AVX512-BF16 (LLVM's Zen 4)
 EPS = float(np.finfo(np.float32).eps)
@@ -120,12 +119,9 @@ def _inputs(seed: int = 1):
     return tuple(torch.randn(m, k, generator=g) for m, k, *_ in SHAPES)
 
 
-def _build(target: str, module, args, precision: str = "high"):
-    spec = resolve_target(target)
-    lowered = lower_graph(torch.fx.symbolic_trace(module), args, spec, precision=precision)
-    exe = build_module(lowered.mod, spec)
-    return CompiledModule(exe, spec, lowered.inputs, lowered.outputs, lowered.out_spec,
-                          lowered.const_outputs), exe, lowered
+def _build(target: str, module, args):
+    """(compiled, executable, lowered) of `module` built for `target` with precision="high"."""
+    return _compile(module, args, resolve_target(target), precision="high")
 
 
 @pytest.fixture(scope="module")

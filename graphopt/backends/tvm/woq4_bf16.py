@@ -57,8 +57,7 @@ def has_avx512bf16(spec) -> bool:
     from tvm.target import codegen
 
     try:
-        t = spec.tvm_target()
-        return bool(codegen.target_has_features("avx512bf16", t)) and bool(codegen.target_has_features("avx512f", t))
+        return bool(codegen.target_has_features("avx512bf16", spec.tvm_target()))
     except Exception:
         return False
 
@@ -81,7 +80,6 @@ def split_kernel(M: int, K: int, NG: int):
     TVM's RewriteDataflowReshape inspects every one-input kernel for a reshape pattern, which fails on a kernel
     without blocks)."""
     from tvm.script import tirx as T
-
 
     G = K // NG
 
@@ -121,7 +119,6 @@ def gemv_kernel(M: int, KW: int, NG: int, NB: int, NT: int):
     int32, S16 = 16·s and O16 = o - 16·s [NB, NG, L] float32, bias [NB·L]. Parallel over blocks of NT column
     blocks; the hi and lo products accumulate in separate registers (2·M·NT independent chains)."""
     from tvm.script import tirx as T
-
 
     GW = KW // NG
     NBO = NB // NT
@@ -180,18 +177,13 @@ def gemv_kernel(M: int, KW: int, NG: int, NB: int, NT: int):
     return woq4_bf16_gemv
 
 
-def _group_table(v: np.ndarray, nbp: int) -> np.ndarray:
-    """[N, NG] per-column values -> [NB, NG, L] (N padded with zeros)."""
-    n, ng = v.shape
-    v = np.pad(v.astype(np.float32), ((0, nbp * L - n), (0, 0)))
-    return np.ascontiguousarray(v.reshape(nbp, L, ng).transpose(0, 2, 1))
-
-
 def emit(bb, x, shape, m: int, k: int, n: int, q, scales, offsets, bias, g: int, nbp: int, nt: int, const):
     """Relax: the split and GEMV kernels for float32 x (m rows of k inputs, `shape` its shape) and int4 values q
     [N, K] with scales / offsets o = -z·s [N, NG] in groups of g inputs (a multiple of 8; x padded with zeros
     to NG·g). Returns (float32 [..., N] expression, kernel name)."""
     from tvm import relax
+
+    from .weight_only import _group_table
 
     R = relax.op
     ng = scales.shape[1]
@@ -208,8 +200,8 @@ def emit(bb, x, shape, m: int, k: int, n: int, q, scales, offsets, bias, g: int,
                                                  relax.TensorType([m, ng], "float32")]))
     s16 = scales.astype(np.float32) * np.float32(16)
     args = [relax.TupleGetItem(parts, 0), relax.TupleGetItem(parts, 1), relax.TupleGetItem(parts, 2),
-            const(pack_bf16_words(q, nbp, kpad // 8)), const(_group_table(s16, nbp)),
-            const(_group_table(offsets.astype(np.float32) - s16, nbp)),
+            const(pack_bf16_words(q, nbp, kpad // 8)), const(_group_table(s16, L, nbp, np.float32)),
+            const(_group_table(offsets.astype(np.float32) - s16, L, nbp, np.float32)),
             const(np.pad(bias.astype(np.float32), (0, nbp * L - n)))]
     gemv = bb.add_func(gemv_kernel(m, kpad // 8, ng, nbp, nt).without_attr("global_symbol"), "graphopt_woq4_bf16")
     y = bb.emit(relax.call_tir(gemv, args, relax.TensorType([m, nbp * L], "float32")))
