@@ -50,7 +50,7 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
     builder = MixedBuilder(gm, batches, target=ctx.target, dtype=p._dtype(ctx), observer=p.observer,
                            percentile=p.percentile, kinds=p.kinds(None), skip=p.skip, weight_qmax=qmax,
                            group_size=group, allowed=p.choices or list(SHORT), progress=p.progress,
-                           weight_rounding=p.weight_rounding)
+                           weight_rounding=p.weight_rounding, bias_correction=p.bias_correction)
     p._survey_notes(builder.survey, notes)
     if not builder.layers:
         return PassResult(gm, changed=False, notes=notes)

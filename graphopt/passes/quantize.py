@@ -171,6 +171,13 @@ class Quantize(Pass):
     outside it) and weights (rounding to 255 levels per channel, 129 with [-64, 64]); the error is measured
     by the pass manager and per layer in the report details (out_err: relative L2 error of the layer's
     output vs float).
+    Static mode (and bits=mixed's int8 static choices) bias-corrects by default (`bias_correction=true`;
+    graphopt.quant.bias_correction): each quantized Linear / Conv2d's float bias absorbs the calibration mean
+    of its own output error per channel (its input from the float graph, quantized as the layer quantizes
+    it), the constant shift that global pooling and later layers do not average away. Integers, scales and
+    activation qparams are unchanged, so is the speed; compiled cosine vs float32 on 4 other random inputs
+    (32 calibration inputs): MobileNetV2 0.999778 -> 0.999953 (vnni) and 0.999578 -> 0.999940 (avx2, 7-bit
+    weights), ResNet-18 0.999890 -> 0.999984 (vnni; its avx2 build, GPTQ-rounded, was 0.999984 already).
     Static mode keeps squeeze-and-excitation layers float (`se_blocks="float"`, the default; "int8" quantizes
     them too): the two small layers of an SE gate (found by structure: graphopt.quant.se_block) run on the pooled
     per-channel vector, so int8 saves no time there, and per-tensor quantization of that vector costs more
@@ -202,6 +209,7 @@ class Quantize(Pass):
     se_blocks: Literal["float", "int8"] = "float"
     pointwise_convs: bool = False
     weight_rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    bias_correction: bool = True
 
     def __post_init__(self):
         if self.bits == "mixed":
@@ -449,6 +457,14 @@ class Quantize(Pass):
             rounded = round_static_layers(conv, candidates, batches, qmax, hessians)
             notes.append(f"weights of {rounded} of {len(candidates)} layer(s) rounded by GPTQ (input statistics of "
                          f"{len(batches)} calibration batch(es); the others to nearest)")
+        if self.bias_correction:
+            from ..quant.bias_correction import correct_biases
+
+            shifts = correct_biases(conv, candidates, batches)
+            if shifts:
+                notes.append(f"bias correction: {len(shifts)} layer(s) took the calibration mean of their "
+                             f"quantization error out of their bias (largest shift {max(shifts.values()):.3g} of "
+                             f"the output's RMS)")
         sensitivity: dict[str, float] = {}
         if self.tolerance is not None:
             layers, sensitivity, err = self._fit_tolerance(gm, conv, batches[:self.eval_batches], candidates)

@@ -468,6 +468,13 @@ class Converter:
                 raise TypeError(f"cannot quantize {type(mod).__name__} at '{path}'")
         return self._cache[path]
 
+    def module_for(self, path: str) -> nn.Module:
+        """The integer module of layer `path` with its calibrated input qparams (quant_module's, cached)."""
+        node = next((n for n in self.prepared.graph.nodes if n.op == "call_module" and str(n.target) == path), None)
+        if node is None or path not in self.layer_paths:
+            raise KeyError(f"not prepared for quantization: {path}")
+        return self.quant_module(path, [self.qparams(str(a.target)) for a in node.args])
+
     def _weight(self, path: str, mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float weight, scale or None) to quantize layer `path` from: its own weight (scales chosen by the
         module), or the integers of `rounded` times their scales (which round back to exactly those integers)."""

@@ -93,7 +93,8 @@ class MixedBuilder:
     def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], *, target: str, dtype: str,
                  observer: str = "minmax", percentile: float = 99.99, kinds=("linear", "conv2d", "matmul"),
                  skip: Sequence[str] = (), weight_qmax: int = 127, group_size: Optional[int] = 128,
-                 allowed: Sequence[str] = ALL_CHOICES, progress: bool = False, weight_rounding: str = "nearest"):
+                 allowed: Sequence[str] = ALL_CHOICES, progress: bool = False, weight_rounding: str = "nearest",
+                 bias_correction: bool = True):
         from .w4a8 import group_problem
         from .weight_only import check_options
 
@@ -137,6 +138,12 @@ class MixedBuilder:
             self._hessians = {p: acc[m] for p, m in mods.items() if m in acc}
             if rounded_static:
                 round_static_layers(self.conv, self.layers, batches, weight_qmax, self._hessians)
+        if bias_correction:
+            # the int8 static choices' biases take the calibration mean of their error (graphopt.quant.
+            # bias_correction), before any sensitivity or size is measured from them
+            from .bias_correction import correct_biases
+
+            correct_biases(self.conv, [p for p in self.layers if "int8_static" in self.choices[p]], batches)
 
     # ------------------------------------------------------------------------------------------ modules
     def _int4_rounded(self, path: str, weight: torch.Tensor):

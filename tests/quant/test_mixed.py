@@ -178,6 +178,9 @@ def test_mixed_graph_matches_its_per_layer_dequantized_reference(builder, net):
         if w is not None:
             with torch.no_grad():
                 mod.weight.copy_(w)
+        bias = getattr(builder.module(path, choice), "bias", None)      # int8 static: bias-corrected
+        if bias is not None:
+            mod.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
         def pre(m, args, path=path, choice=choice):
             return tuple(q if (q := builder.quantize_input(path, choice, i, a)) is not None else a
