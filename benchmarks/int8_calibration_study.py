@@ -1,11 +1,13 @@
-"""How static int8's accuracy on an ecosystem_coverage model depends on the calibration count and on keeping
-squeeze-and-excitation layers float (quantize's se_blocks), measured on the PyTorch QDQ graph (target "torch":
+"""How static int8's accuracy on an ecosystem_coverage model depends on the calibration count, on keeping
+squeeze-and-excitation layers float (quantize's se_blocks) and on bias correction (quantize's bias_correction,
+--bias-correction true,false), measured on the PyTorch QDQ graph (target "torch":
 no build, the integer semantics the compiled kernels reproduce) over several fresh inputs, not one.
 
     python benchmarks/int8_calibration_study.py --model mobilenetv3_large_100
     python benchmarks/int8_calibration_study.py --model regnety_016 --calib 4,32 --evals 8
+    python benchmarks/int8_calibration_study.py --model efficientnet_b0 --calib 32 --se float --bias-correction true,false
 
-Prints one line per (se_blocks, calibration count): cosine with eager on the coverage table's fresh input
+Prints one line per (se_blocks, calibration count, bias_correction): cosine with eager on the coverage table's fresh input
 (seed 1) and the mean and minimum over --evals fresh inputs (seeds 1, 100, 101, ...). Same model, weights and
 inputs as benchmarks/ecosystem_coverage.py. Optionally (--layers) the output cosine lost when only one kind
 of layer is quantized (depthwise, pointwise, SE, ...), to see where int8 loses accuracy.
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="mobilenetv3_large_100", help=f"from: {','.join(cov.MODELS)}")
     ap.add_argument("--calib", default="4,32", help="calibration counts")
     ap.add_argument("--se", default="float,int8", help="se_blocks values")
+    ap.add_argument("--bias-correction", default="true", help="quantize's bias_correction values (true,false)")
     ap.add_argument("--evals", type=int, default=8)
     ap.add_argument("--layers", action="store_true", help="also: cosine lost per layer kind quantized alone")
     ap.add_argument("--threads", type=int, default=1)
@@ -68,11 +71,13 @@ def main(argv=None) -> int:
     print(f"{args.model}: static int8 (minmax), PyTorch QDQ graph, cosine with eager over {len(evals)} inputs")
     for se in args.se.split(","):
         for n in map(int, args.calib.split(",")):
-            opt = graphopt.optimize(model, "torch", f"fold_bn,cleanup,quantize(progress=false,se_blocks={se})",
-                                    example_inputs=make(0), calibration=[make(10 + i) for i in range(n)])
-            c = score(opt.graph_module)
-            print(f"  se_blocks={se:5s} calib={n:3d}  fresh {c[0]:.4f}  mean {sum(c) / len(c):.4f}  "
-                  f"min {min(c):.4f}", flush=True)
+            for bc in args.bias_correction.split(","):
+                opt = graphopt.optimize(model, "torch", f"fold_bn,cleanup,quantize(progress=false,se_blocks={se},"
+                                        f"bias_correction={bc})", example_inputs=make(0),
+                                        calibration=[make(10 + i) for i in range(n)])
+                c = score(opt.graph_module)
+                print(f"  se_blocks={se:5s} calib={n:3d} bias_correction={bc:5s}  fresh {c[0]:.4f}  "
+                      f"mean {sum(c) / len(c):.4f}  min {min(c):.4f}", flush=True)
     if args.layers:
         n = max(map(int, args.calib.split(",")))
         base = graphopt.optimize(model, "torch", "fold_bn,cleanup", example_inputs=make(0)).graph_module
