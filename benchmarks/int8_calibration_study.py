@@ -1,14 +1,15 @@
 """How static int8's accuracy on an ecosystem_coverage model depends on the calibration count, on keeping
 squeeze-and-excitation layers float (quantize's se_blocks) and on bias correction (quantize's bias_correction,
---bias-correction true,false), measured on the PyTorch QDQ graph (target "torch":
-no build, the integer semantics the compiled kernels reproduce) over several fresh inputs, not one.
+--bias-correction true,false), measured on the PyTorch QDQ graph (target "torch": no build, the integer
+semantics the compiled kernels reproduce) over several fresh inputs, not one.
 
     python benchmarks/int8_calibration_study.py --model mobilenetv3_large_100
     python benchmarks/int8_calibration_study.py --model regnety_016 --calib 4,32 --evals 8
-    python benchmarks/int8_calibration_study.py --model efficientnet_b0 --calib 32 --se float --bias-correction true,false
+    python benchmarks/int8_calibration_study.py --model efficientnet_b0 --calib 32 --se float \
+        --bias-correction true,false
 
-Prints one line per (se_blocks, calibration count, bias_correction): cosine with eager on the coverage table's fresh input
-(seed 1) and the mean and minimum over --evals fresh inputs (seeds 1, 100, 101, ...). Same model, weights and
+Prints one line per (se_blocks, calibration count, bias_correction): cosine with eager on the coverage table's
+fresh input (seed 1) and the mean and minimum over --evals fresh inputs (seeds 1, 100, 101, ...). Same model, weights and
 inputs as benchmarks/ecosystem_coverage.py. Optionally (--layers) the output cosine lost when only one kind
 of layer is quantized (depthwise, pointwise, SE, ...), to see where int8 loses accuracy.
 """
