@@ -9,8 +9,8 @@ semantics the compiled kernels reproduce) over several fresh inputs, not one.
         --bias-correction true,false
 
 Prints one line per (se_blocks, calibration count, bias_correction): cosine with eager on the coverage table's
-fresh input (seed 1) and the mean and minimum over --evals fresh inputs (seeds 1, 100, 101, ...). Same model, weights and
-inputs as benchmarks/ecosystem_coverage.py. Optionally (--layers) the output cosine lost when only one kind
+fresh input (seed 1) and the mean and minimum over --evals fresh inputs (seeds 1, 100, 101, ...). Same model,
+weights and inputs as benchmarks/ecosystem_coverage.py. Optionally (--layers) the output cosine lost when only one kind
 of layer is quantized (depthwise, pointwise, SE, ...), to see where int8 loses accuracy.
 """
 from __future__ import annotations
