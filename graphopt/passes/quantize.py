@@ -461,10 +461,15 @@ class Quantize(Pass):
             from ..quant.bias_correction import correct_biases
 
             shifts = correct_biases(conv, candidates, batches)
-            if shifts:
-                notes.append(f"bias correction: {len(shifts)} layer(s) took the calibration mean of their "
-                             f"quantization error out of their bias (largest shift {max(shifts.values()):.3g} of "
+            done = {p: v for p, v in shifts.items() if v == v}
+            if done:
+                notes.append(f"bias correction: {len(done)} layer(s) took the calibration mean of their "
+                             f"quantization error out of their bias (largest shift {max(done.values()):.3g} of "
                              f"the output's RMS)")
+            skipped = sorted(set(shifts) - set(done))
+            if skipped:
+                notes.append(f"bias correction skipped {len(skipped)} layer(s) whose calibration outputs are not "
+                             f"finite: {', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''}")
         sensitivity: dict[str, float] = {}
         if self.tolerance is not None:
             layers, sensitivity, err = self._fit_tolerance(gm, conv, batches[:self.eval_batches], candidates)

@@ -53,7 +53,8 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
     """Bias-correct the static int8 Linear / Conv2d among `layers` of graphopt.quant.graph.Converter `conv`
     (their cached quantized modules, so every later conv.build uses them; GPTQ rounding, where used, must be
     in conv.rounded first) from the float graph run over `batches`. Returns {layer: the removed shift's RMS
-    over channels / the float output's RMS} for the layers corrected."""
+    over channels / the float output's RMS} for the layers corrected, NaN for a layer left as it was because
+    its error's mean is not finite (inf / NaN in its calibration outputs: no bias is better than a NaN one)."""
     float_g = conv.build([])             # observers out; the layers are the prepared graph's own float modules
     targets: dict[str, tuple[nn.Module, nn.Module]] = {}
     for path in layers:
@@ -94,6 +95,9 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
         if not n:
             continue                      # not reached by the calibration batches: nothing measured
         shift = (total / n).float()
+        if not bool(torch.isfinite(shift).all()):
+            shifts[path] = float("nan")
+            continue
         qmod.bias = -shift if qmod.bias is None else qmod.bias - shift
         shifts[path] = float(shift.double().pow(2).mean().sqrt() / (energy / n).mean().sqrt().clamp_min(1e-300))
     return shifts

@@ -174,3 +174,20 @@ def test_bias_correction_option_parses():
     (q,) = Pipeline.parse("quantize(bias_correction=false)").passes
     assert isinstance(q, Quantize) and q.bias_correction is False
     assert Quantize().bias_correction is True and "bias_correction" not in str(Pipeline([Quantize()]))
+
+
+def test_a_layer_whose_calibration_outputs_overflow_keeps_its_bias():
+    """A layer whose float outputs reach inf on the calibration data has no finite mean error: it keeps its bias
+    (reported as NaN), the others are still corrected; nothing becomes NaN."""
+    model = Net(8).eval()
+    with torch.no_grad():
+        model.c2.weight.mul_(100)
+        model.fc.weight.fill_(3e38)                 # x @ W overflows to inf in float32
+    batches = _batches(4)
+    conv = _converter(model, batches)
+    bias = model.fc.bias.detach().clone()
+    shifts = correct_biases(conv, conv.layer_paths, batches)
+    assert shifts["fc"] != shifts["fc"] and shifts["c1"] > 0 and shifts["c2"] > 0
+    assert torch.equal(conv.module_for("fc").bias, bias)
+    for path in ("c1", "c2"):
+        assert torch.isfinite(conv.module_for(path).bias).all()
