@@ -43,7 +43,7 @@ def _dequantized_input(x: torch.Tensor, qmod: nn.Module) -> torch.Tensor:
 
 
 def _float_output(fmod: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The float layer `fmod` (Linear / Conv2d) applied to x with `weight` in place of its own, without bias."""
+    """Layer `fmod`'s Linear / Conv2d arithmetic on x with `weight` in place of its own, without bias."""
     if isinstance(fmod, nn.Conv2d):
         return fmod._conv_forward(x, weight, None)
     return torch.nn.functional.linear(x, weight)
@@ -72,9 +72,11 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
 
         def hook(m, args, out, path=path, qmod=qmod, w_q=w_q):
             x = args[0]
-            y_f = _float_output(m, x, m.weight)
+            dim = 1 if isinstance(m, nn.Conv2d) else out.dim() - 1
+            # the float layer's own output without its bias (whatever its forward does: sparsify's layers
+            # multiply by their mask), against the quantized layer's arithmetic on the same input
+            y_f = out if m.bias is None else out - m.bias.reshape([-1 if d == dim else 1 for d in range(out.dim())])
             y_q = _float_output(m, _dequantized_input(x, qmod), w_q)
-            dim = 1 if isinstance(m, nn.Conv2d) else y_f.dim() - 1
             reduce = [d for d in range(y_f.dim()) if d != dim]
             s = sums[path]
             s[0] = s[0] + (y_q.double() - y_f.double()).sum(dim=reduce)

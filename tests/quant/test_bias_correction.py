@@ -191,3 +191,26 @@ def test_a_layer_whose_calibration_outputs_overflow_keeps_its_bias():
     assert torch.equal(conv.module_for("fc").bias, bias)
     for path in ("c1", "c2"):
         assert torch.isfinite(conv.module_for(path).bias).all()
+
+
+def test_sparsified_layers_are_corrected_against_their_masked_output():
+    """A sparsify layer (weight x mask) is measured against what it computes, not against its dense weight:
+    after correction its mean error is zero too, and its quantized module keeps the zero pattern."""
+    from graphopt.passes._sparse import SparseConv2d
+    from graphopt.quant.sparse import SparseQuantConv2d
+
+    batches = _batches(4)
+    gm = capture(Net(8).eval(), batches[0]).gm       # sparsify swaps the module behind a call_module node
+    mask = torch.rand(gm.c2.weight.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    gm.c2 = SparseConv2d.from_conv(gm.c2, mask)
+    with torch.no_grad():
+        gm.c2.weight.add_(0.5 * ~mask)             # nonzero weights under the mask: only the masked output counts
+    prepared, _ = prepare(gm)
+    calibrate(prepared, batches)
+    conv = Converter(prepared)
+    assert conv.layer_paths == ["c1", "c2", "fc"]
+    correct_biases(conv, conv.layer_paths, batches)
+    q = conv.module_for("c2")
+    assert isinstance(q, SparseQuantConv2d) and not q.weight_q[~mask].any()
+    for path, (mean, rms) in _mean_errors(conv, batches).items():
+        assert float(mean.abs().max()) <= 1e-5 * rms, path
