@@ -35,13 +35,6 @@ from .modules import QuantConv2d, QuantLinear
 __all__ = ["correct_biases"]
 
 
-def _dequantized_input(x: torch.Tensor, qmod: nn.Module) -> torch.Tensor:
-    """x rounded to layer `qmod`'s input grid, back in float32 (what its integer kernel multiplies)."""
-    qp = qmod.x_qparams
-    q = ops.quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
-    return (q.float() - qp.zero_point) * qp.scale
-
-
 def _float_output(fmod: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Layer `fmod`'s Linear / Conv2d arithmetic on x with `weight` in place of its own, without bias."""
     if isinstance(fmod, nn.Conv2d):
@@ -76,7 +69,7 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
             # the float layer's own output without its bias (whatever its forward does: sparsify's layers
             # multiply by their mask), against the quantized layer's arithmetic on the same input
             y_f = out if m.bias is None else out - m.bias.reshape([-1 if d == dim else 1 for d in range(out.dim())])
-            y_q = _float_output(m, _dequantized_input(x, qmod), w_q)
+            y_q = _float_output(m, ops.fake_quantize(x, qmod.x_qparams), w_q)
             reduce = [d for d in range(y_f.dim()) if d != dim]
             s = sums[path]
             s[0] = s[0] + (y_q.double() - y_f.double()).sum(dim=reduce)

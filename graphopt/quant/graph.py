@@ -437,6 +437,11 @@ class Converter:
                 for u in node.users:
                     if str(u.target) not in self.layer_paths:
                         self.layer_paths.append(str(u.target))
+        # each layer's first call site (a layer called twice has one integer module: the first site's qparams)
+        self._calls: dict[str, fx.Node] = {}
+        for node in prepared.graph.nodes:
+            if node.op == "call_module" and str(node.target) in self.layer_paths:
+                self._calls.setdefault(str(node.target), node)
 
     def qparams(self, observer_path: str):
         obs = self.prepared.get_submodule(observer_path)
@@ -468,12 +473,15 @@ class Converter:
                 raise TypeError(f"cannot quantize {type(mod).__name__} at '{path}'")
         return self._cache[path]
 
+    def input_qparams(self, path: str) -> list:
+        """The calibrated qparams of layer `path`'s inputs (one per argument)."""
+        if path not in self._calls:
+            raise KeyError(f"not prepared for quantization: {path}")
+        return [self.qparams(str(a.target)) for a in self._calls[path].args]
+
     def module_for(self, path: str) -> nn.Module:
         """The integer module of layer `path` with its calibrated input qparams (quant_module's, cached)."""
-        node = next((n for n in self.prepared.graph.nodes if n.op == "call_module" and str(n.target) == path), None)
-        if node is None or path not in self.layer_paths:
-            raise KeyError(f"not prepared for quantization: {path}")
-        return self.quant_module(path, [self.qparams(str(a.target)) for a in node.args])
+        return self.quant_module(path, self.input_qparams(path))
 
     def _weight(self, path: str, mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float weight, scale or None) to quantize layer `path` from: its own weight (scales chosen by the

@@ -228,9 +228,9 @@ class MixedBuilder:
         choice keeps that input float32 (float32, weight-only)."""
         x = x.detach().float()
         if choice == "int8_static":
-            qp = self.input_qparams(path)[i]
-            q = torch.ops.graphopt.quantize.default(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
-            return (q.float() - qp.zero_point) * qp.scale
+            from .ops import fake_quantize
+
+            return fake_quantize(x, self.input_qparams(path)[i])
         if choice == "int8_dynamic":
             from .ops import dynamic_act_qparams
 

@@ -53,6 +53,13 @@ def _(x, scale, zero_point, qmin, qmax):
     return torch.empty_like(x, dtype=torch.uint8 if qmin >= 0 else torch.int8)
 
 
+def fake_quantize(x: torch.Tensor, qp) -> torch.Tensor:
+    """x rounded to the grid of activation qparams `qp` (quantize, then (q - zero_point) * scale), float32:
+    what an integer kernel reading quantize(x) multiplies."""
+    q = quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+    return (q.float() - qp.zero_point) * qp.scale
+
+
 def _epilogue(acc: torch.Tensor, out_scale: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int):
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
