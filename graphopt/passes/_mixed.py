@@ -217,5 +217,12 @@ def _why(choices: list[str], costs: list[dict], j: int, objective: str, limits: 
     saved = mine[objective] - d[objective]
     save_txt = (_fmt_bytes(saved) if objective == "size" else f"{saved:.3g} ms" if objective == "latency"
                 else f"err² {saved:.3g}")
-    return (f"{SHORT[c]} would save {save_txt} of {objective} but costs {', '.join(parts) or 'nothing budgeted'}"
-            f": within the {'/'.join(costlier) or ''} budget that buys more elsewhere")
+    head = f"{SHORT[c]} would save {save_txt} of {objective} but costs {', '.join(parts) or 'nothing budgeted'}"
+    # a choice that alone takes more than the whole budget is not traded against other layers: say so
+    over = [k for k in costlier if k in limits and d[k] > limits[k]]
+    if over:
+        k = over[0]
+        whole = (_fmt_bytes(limits[k]) if k == "size" else f"{limits[k]:.3g} ms" if k == "latency"
+                 else f"err {math.sqrt(max(limits[k], 0.0)):.2g}")
+        return f"{head}: more than the whole {k} budget ({whole}) by itself"
+    return f"{head}: within the {'/'.join(costlier) or ''} budget that buys more elsewhere"

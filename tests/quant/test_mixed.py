@@ -271,6 +271,21 @@ def test_unreachable_budget_names_it(net):
                           example_inputs=(calib[0],), calibration=calib)
 
 
+def test_why_names_a_choice_over_the_whole_budget_by_itself(net):
+    """A budget no quantized choice fits on its own keeps every layer float32, and each layer's reason says
+    that (not that the budget buys more elsewhere: nothing else bought anything)."""
+    model, calib = net
+    opt = graphopt.optimize(model, "torch", "quantize(bits=mixed,budget=error:1e-9,progress=false)",
+                            example_inputs=(calib[0],), calibration=calib)
+    rows = opt.report.records[-1].details
+    assert rows and all(r["choice"] == "fp32" for r in rows), rows
+    weighted = [r for r in rows if r["float_bytes"] > 0]        # (an activation matmul has nothing to save)
+    assert weighted
+    for r in weighted:
+        assert "more than the whole error budget (err 1e-09) by itself" in r["why"], r
+    assert not any("elsewhere" in r["why"] for r in rows), rows
+
+
 def test_latency_costs_come_from_compiled_kernels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
