@@ -9,7 +9,6 @@ limit while the measured error exceeds the budget (the per-layer errors are not 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import fx

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,7 +11,7 @@ from torch import fx, nn
 
 from ..errors import CalibrationError, PipelineError
 from ..pipeline import Context, Pass, PassResult, register_pass
-from ._sparse import (Pattern, SparseConv2d, SparseLinear, count_groups, masks_from_scores, parse_pattern)
+from ._sparse import SparseConv2d, SparseLinear, count_groups, masks_from_scores, parse_pattern
 
 __all__ = ["Sparsify", "cubic_sparsity"]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import tvm
 import tvm_ffi
 from tvm import te, tirx, topi

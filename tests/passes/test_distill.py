@@ -1,6 +1,5 @@
 """distill: recovers accuracy lost to compression on real data (scikit-learn's bundled digits)."""
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ graph, both sensitivity methods, and the per-layer latency costs from compiled k
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import BudgetError
-from graphopt.pipeline import Context, Pipeline
+from graphopt.pipeline import Pipeline
 from graphopt.quant.allocate import allocate, brute_force, parse_budget, parse_budgets
 from graphopt.quant.mixed import CHOICES, MixedBuilder, dequantized_weight, mean_error, supported_choices
 from graphopt.quant.sensitivity import hessian_sensitivity, output_sensitivity
