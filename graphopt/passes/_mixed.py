@@ -217,11 +217,12 @@ def _why(choices: list[str], costs: list[dict], j: int, objective: str, limits: 
     save_txt = (_fmt_bytes(saved) if objective == "size" else f"{saved:.3g} ms" if objective == "latency"
                 else f"err² {saved:.3g}")
     head = f"{SHORT[c]} would save {save_txt} of {objective} but costs {', '.join(parts) or 'nothing budgeted'}"
-    # a choice that alone takes more than the whole budget is not traded against other layers: say so
+    # a choice that alone takes more than the whole budget is not traded against other layers: say so (an error
+    # limit is the one the allocation used: the budget, or the predicted-error limit its refits settled on)
     over = [k for k in costlier if k in limits and d[k] > limits[k]]
     if over:
         k = over[0]
-        whole = (_fmt_bytes(limits[k]) if k == "size" else f"{limits[k]:.3g} ms" if k == "latency"
-                 else f"err {math.sqrt(max(limits[k], 0.0)):.2g}")
-        return f"{head}: more than the whole {k} budget ({whole}) by itself"
+        fmt = (_fmt_bytes if k == "size" else (lambda v: f"{v:.3g} ms") if k == "latency"
+               else (lambda v: f"err {math.sqrt(max(v, 0.0)):.2g}"))
+        return f"{head}: more than the whole {k} budget by itself ({fmt(d[k])} > {fmt(limits[k])})"
     return f"{head}: within the {'/'.join(costlier) or ''} budget that buys more elsewhere"
