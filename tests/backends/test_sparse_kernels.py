@@ -1,7 +1,6 @@
 """Block-sparse kernels: numerics vs dense on random ragged shapes, per-layer kernel decision, artifacts."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
