@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import fx, nn
 
+from ..analysis.call_sites import run_with_site_hooks
 from ..analysis.compare import flatten_outputs
 from ..errors import CalibrationError, PassError
 from ..pipeline import Context, Pass, PassResult, register_pass
@@ -542,22 +543,12 @@ class Quantize(Pass):
 
 def _layer_errors(float_gm: fx.GraphModule, qgm: fx.GraphModule, layers, batch: tuple) -> dict[str, float]:
     """Relative L2 error of each quantized layer's output vs the float graph's, on one batch."""
-    def capture(gm: nn.Module) -> dict[str, torch.Tensor]:
+    def capture(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
-        handles = []
-        for path in layers:
-            try:
-                mod = gm.get_submodule(path)
-            except AttributeError:
-                continue
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, path=path: seen.__setitem__(path, o.detach())))
-        try:
-            with torch.no_grad():
-                gm(*batch)
-        finally:
-            for h in handles:
-                h.remove()
+        # per call site: a layer called twice has a path per call (graph._unshare), one float module
+        post = {path: (lambda m, a, o, path=path: seen.__setitem__(path, o.detach())) for path in layers}
+        with torch.no_grad():
+            run_with_site_hooks(gm, tuple(batch), post=post)
         return seen
 
     ref, got = capture(float_gm), capture(qgm)

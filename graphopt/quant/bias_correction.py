@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..analysis.call_sites import run_with_site_hooks
 from . import ops
 from .modules import QuantConv2d, QuantLinear
 
@@ -59,7 +60,7 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
         return {}
     # per output channel: Σ (y_q - y_f) and Σ y_f² (float64), and the count of values summed
     sums: dict[str, list] = {p: [0.0, 0.0, 0] for p in targets}
-    handles = []
+    hooks = {}
     for path, (fmod, qmod) in targets.items():
         w_q = qmod.dequantized_weight().reshape(fmod.weight.shape)
 
@@ -76,14 +77,11 @@ def correct_biases(conv, layers: Sequence[str], batches: Sequence[tuple]) -> dic
             s[1] = s[1] + (y_f.double() ** 2).sum(dim=reduce)
             s[2] += y_f.numel() // y_f.shape[dim]
 
-        handles.append(fmod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                float_g(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks[path] = hook
+    # per call site, not per module: a layer called twice has two paths (two input qparams), one module
+    with torch.no_grad():
+        for batch in batches:
+            run_with_site_hooks(float_g, tuple(batch), post=hooks)
     shifts = {}
     for path, (fmod, qmod) in targets.items():
         total, energy, n = sums[path]

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from ..analysis.flops import model_size_bytes
 from . import graph as qgraph
-from .modules import (DynamicQuantLinear, FloatMatmul, QuantConv2d, QuantLinear, WeightOnlyLinear)
+from .modules import DynamicQuantLinear, FloatMatmul, WeightOnlyLinear
 
 __all__ = ["CHOICES", "ALL_CHOICES", "FLOAT16", "SHORT", "supported_choices", "MixedBuilder", "dequantized_weight"]
 
@@ -120,7 +120,6 @@ class MixedBuilder:
             self.kinds[path] = kind
             self.choices[path] = [c for c in supported_choices(target, kind) if (c in allowed or c == "float32")
                                   and (c != "int4_dynamic" or not group_problem(group_size, mod.in_features))]
-        self._nodes = {str(n.target): n for n in self.prepared.graph.nodes if n.op == "call_module"}
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
         # GPTQ rounding (graphopt.quant.gptq's policy, as in the uniform quantize pass; calibration is always
@@ -158,8 +157,8 @@ class MixedBuilder:
         return gptq_round_groups(weight.detach(), a.hessian(), 4, group)
 
     def input_qparams(self, path: str) -> list:
-        """The calibrated qparams of layer `path`'s inputs (one per argument)."""
-        return [self.conv.qparams(str(a.target)) for a in self._nodes[path].args]
+        """The calibrated qparams of layer `path`'s inputs (one per argument; prepare gave each call its own path)."""
+        return self.conv.input_qparams(path)
 
     def module(self, path: str, choice: str) -> nn.Module:
         """The module layer `path` runs under `choice` (cached)."""

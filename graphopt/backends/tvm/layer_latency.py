@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ...analysis.call_sites import run_with_site_hooks
+
 __all__ = ["layer_latencies", "layer_inputs", "single_layer_graph", "clear_cache"]
 
 _CACHE: dict[tuple, float] = {}
@@ -34,17 +36,15 @@ def clear_cache() -> None:
 def layer_inputs(builder, batch: tuple) -> dict[str, tuple]:
     """{layer path: the float input tensor(s) it sees} on one batch through the float graph."""
     seen: dict[str, tuple] = {}
-    handles = []
-    for path in builder.layers:
-        mod = builder.float_gm.get_submodule(path)
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, path=path: seen.setdefault(path, tuple(a.detach().clone() for a in args))))
-    try:
-        with torch.no_grad():
-            builder.float_gm(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def keep(path):
+        def hook(_mod, args):
+            seen.setdefault(path, tuple(a.detach().clone() for a in args))
+        return hook
+
+    # per call site: a layer called twice has a path per call (quant.graph._unshare), one float module
+    with torch.no_grad():
+        run_with_site_hooks(builder.float_gm, tuple(batch), pre={p: keep(p) for p in builder.layers})
     return seen
 
 
