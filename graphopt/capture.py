@@ -8,6 +8,7 @@ fail, CaptureError names the module path where tracing stopped and the reason.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
             failures.append(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}")
     if gm is None:
         raise CaptureError(f"cannot capture {type(model).__name__}: " + "; ".join(failures))
+    _positional_module_calls(gm)
 
     try:
         with torch.no_grad():
@@ -150,6 +152,25 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
         _check_variants(work, gm, used, dynamic, example_inputs)
         notes.append(f"dynamic dims: {dynamic.describe()}")
     return Captured(gm, used, notes)
+
+
+def _positional_module_calls(gm: fx.GraphModule) -> None:
+    """Pass the keyword arguments of each call_module node positionally where its module's forward() takes
+    them so (`self.fc(input=x)` -> `self.fc(x)`: the same call), so passes that read a layer's input as
+    node.args[0] (quantize, sparsify, prune, lowrank) see every call of it."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.kwargs:
+            continue
+        try:
+            bound = inspect.signature(gm.get_submodule(str(node.target)).forward).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):      # no signature, or one the call does not match: leave it
+            continue
+        if len(bound.args) > len(node.args):
+            node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _check_variants(model: nn.Module, gm: fx.GraphModule, used: str, dynamic, example_inputs: tuple) -> None:

@@ -117,3 +117,40 @@ def test_multi_input_multi_output():
     cap = capture(Two(), (torch.randn(3), torch.randn(3)))
     out = cap.gm(torch.ones(3), torch.full((3,), 2.0))
     assert torch.equal(out[0], torch.full((3,), 3.0)) and torch.equal(out[1]["prod"], torch.full((3,), 2.0))
+
+
+class KeywordCalls(nn.Module):
+    """Layers called with keyword arguments, one of them also with a keyword that must stay one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(input=x.reshape(2, 2, 4, 2)).reshape(2, 16)
+        h = self.lin(input=y).unsqueeze(0)
+        return self.attn(h, h, value=h, need_weights=False)[0]
+
+
+def test_keyword_calls_of_layers_are_captured_positionally():
+    """`self.fc(input=x)` is the same call as `self.fc(x)`; the passes read a layer's input as its first
+    argument (quantize used to keep such layers float: "called with extra arguments")."""
+    import graphopt
+    from graphopt.quant import QuantConv2d, QuantLinear
+
+    model = KeywordCalls().eval()
+    x = torch.randn(2, 2, 2, 4)
+    cap = capture(model, (x,))
+    calls = {n.target: n for n in cap.gm.graph.nodes if n.op == "call_module"}
+    assert len(calls["lin"].args) == 1 and not calls["lin"].kwargs
+    assert len(calls["conv"].args) == 1 and not calls["conv"].kwargs
+    assert len(calls["attn"].args) == 3 and calls["attn"].kwargs == {"need_weights": False}
+    with torch.no_grad():
+        assert torch.equal(cap.gm(x), model(x))
+    opt = graphopt.optimize(model, "torch", "quantize(bits=8,progress=false)", example_inputs=(x,),
+                            calibration=[(torch.randn(2, 2, 2, 4),) for _ in range(4)])
+    kinds = [type(m) for m in opt.graph_module.modules()]
+    assert QuantLinear in kinds and QuantConv2d in kinds
