@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .analysis.compare import compare_outputs
+from .analysis.mutation import functionalize_inplace
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, DynamicShapeError
 
@@ -132,6 +133,15 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
     if gm is None:
         raise CaptureError(f"cannot capture {type(model).__name__}: " + "; ".join(failures))
     _positional_module_calls(gm)
+    if used != "torch.export":                        # export's graphs are functional already
+        try:
+            rewritten, kept = functionalize_inplace(gm, example_inputs)
+        except Exception as e:
+            raise CaptureError(f"captured graph of {type(model).__name__} ({used}) does not run on the example "
+                               f"inputs: {type(e).__name__}: {_first_line(str(e))}") from e
+        if rewritten:
+            notes.append(f"{rewritten} in-place op(s) rewritten out of place (their later readers read the result)")
+        notes.extend(kept)
 
     try:
         with torch.no_grad():

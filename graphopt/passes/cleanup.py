@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..analysis.mutation import eliminate_dead_code
 from ..pipeline import Context, Pass, PassResult, register_pass
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -77,9 +78,7 @@ class Cleanup(Pass):
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             removed[kind] = removed.get(kind, 0) + 1
-        before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
-        dead = before - len(gm.graph.nodes)
+        dead = eliminate_dead_code(gm)             # keeps what changes a tensor in place
         if dead:
             removed["dead nodes"] = dead
         gm.delete_all_unused_submodules()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..analysis.mutation import eliminate_dead_code
 from . import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from .modules import (DynamicQuantLinear, FakeQuantize, FloatMatmul, PointwiseConvAsLinear, QATConv2d, QATLinear,
                       QuantConv2d, QuantLinear, QuantMatmul, WeightOnlyLinear, conv_padding, is_pointwise_conv,
@@ -169,7 +170,7 @@ def _call_module_in_place_of(gm: fx.GraphModule, name: str, x, nodes: list) -> f
 def _tidy(gm: fx.GraphModule, changed: int) -> None:
     """After `changed` rewrites: drop dead nodes and the submodules nothing calls, regenerate the code."""
     if changed:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()
 
