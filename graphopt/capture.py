@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .analysis.compare import compare_outputs
@@ -132,7 +133,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
             failures.append(f"torch.export failed: {type(e).__name__}: {_first_line(str(e))}")
     if gm is None:
         raise CaptureError(f"cannot capture {type(model).__name__}: " + "; ".join(failures))
-    _positional_module_calls(gm)
+    _positional_calls(gm)
     if used != "torch.export":                        # export's graphs are functional already
         try:
             rewritten, kept = functionalize_inplace(gm, example_inputs)
@@ -164,20 +165,38 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
     return Captured(gm, used, notes)
 
 
-def _positional_module_calls(gm: fx.GraphModule) -> None:
-    """Pass the keyword arguments of each call_module node positionally where its module's forward() takes
-    them so (`self.fc(input=x)` -> `self.fc(x)`: the same call), so passes that read a layer's input as
-    node.args[0] (quantize, sparsify, prune, lowrank) see every call of it."""
+# functional layers whose arguments the passes read by position (flops, quant.graph.modularize, lowering)
+_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_FUNCTION_PARAMS = {F.linear: ("input", "weight", "bias"), F.conv1d: _CONV_PARAMS, F.conv2d: _CONV_PARAMS,
+                    F.conv3d: _CONV_PARAMS}
+
+
+def _positional_calls(gm: fx.GraphModule) -> None:
+    """Pass keyword arguments positionally where the callee takes them so: each call_module node's, bound to
+    its module's forward() (`self.fc(input=x)` -> `self.fc(x)`: the same call), and those of F.linear /
+    F.conv*d (`F.linear(x, weight=w)`), so passes that read a layer's input as node.args[0] and its weight as
+    node.args[1] (quantize, sparsify, prune, lowrank, FLOP counts) see every call of it."""
     changed = False
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.kwargs:
+        if not node.kwargs:
             continue
-        try:
-            bound = inspect.signature(gm.get_submodule(str(node.target)).forward).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):      # no signature, or one the call does not match: leave it
+        if node.op == "call_module":
+            try:
+                bound = inspect.signature(gm.get_submodule(str(node.target)).forward).bind(*node.args,
+                                                                                            **node.kwargs)
+            except (TypeError, ValueError):      # no signature, or one the call does not match: leave it
+                continue
+            args, kwargs = list(bound.args), dict(bound.kwargs)
+        elif node.op == "call_function" and node.target in _FUNCTION_PARAMS:
+            args, kwargs = list(node.args), dict(node.kwargs)
+            for name in _FUNCTION_PARAMS[node.target][len(args):]:
+                if name not in kwargs:
+                    break
+                args.append(kwargs.pop(name))
+        else:
             continue
-        if len(bound.args) > len(node.args):
-            node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
+        if len(args) > len(node.args):
+            node.args, node.kwargs = tuple(args), kwargs
             changed = True
     if changed:
         gm.recompile()

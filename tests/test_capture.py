@@ -1,6 +1,7 @@
 """Capture: never mutates the model, shapes on every node, clear errors, torch.export fallback."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -152,5 +153,34 @@ def test_keyword_calls_of_layers_are_captured_positionally():
         assert torch.equal(cap.gm(x), model(x))
     opt = graphopt.optimize(model, "torch", "quantize(bits=8,progress=false)", example_inputs=(x,),
                             calibration=[(torch.randn(2, 2, 2, 4),) for _ in range(4)])
+    kinds = [type(m) for m in opt.graph_module.modules()]
+    assert QuantLinear in kinds and QuantConv2d in kinds
+
+
+class FunctionalKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w, self.b = nn.Parameter(torch.randn(8, 16) / 4), nn.Parameter(torch.randn(8))
+        self.cw = nn.Parameter(torch.randn(4, 3, 3, 3) / 5)
+
+    def forward(self, x, img):
+        c = F.conv2d(img, weight=self.cw, padding=1).mean((2, 3))
+        return F.linear(input=x, weight=self.w, bias=self.b) + c.sum(-1, keepdim=True)
+
+
+def test_functional_layers_with_keyword_weights_are_counted_and_quantized():
+    """F.linear(input=x, weight=w) and F.conv2d(img, weight=w): positional after capture (the FLOP count read
+    node.args[1] and failed with IndexError on every pipeline)."""
+    import graphopt
+    from graphopt.analysis.flops import count_flops
+    from graphopt.quant import QuantConv2d, QuantLinear
+
+    model = FunctionalKeywords().eval()
+    x, img = torch.randn(2, 16), torch.randn(2, 3, 5, 5)
+    cap = capture(model, (x, img))
+    assert count_flops(cap.gm) == 2 * 2 * 8 * 16 + 2 * (2 * 4 * 5 * 5) * 3 * 9
+    opt = graphopt.optimize(model, "torch", "quantize(bits=8,progress=false)", example_inputs=(x, img),
+                            calibration=[(torch.randn(2, 16), torch.randn(2, 3, 5, 5)) for _ in range(4)])
     kinds = [type(m) for m in opt.graph_module.modules()]
     assert QuantLinear in kinds and QuantConv2d in kinds
