@@ -6,11 +6,13 @@
 
 Models come from graphopt.testing.random_models (conv/linear/depthwise/grouped convs, residual adds,
 concat/split, BN/GN/LN, nn.MultiheadAttention and scaled_dot_product_attention, a dozen activations, random
-shapes); model i is random_model(seed + i), the same on every machine. Each goes through
-graphopt.testing.fuzz.PIPELINES (default fold_bn,cleanup; prune; lowrank; quantize), compiled for --target,
-and is classified: matched, typed GraphoptError (by kind), silently wrong (must be 0), untyped crash (must be
-0). Every outcome that is not `matched` is printed with its model's one-line description, so a failure can
-be reproduced with random_model(seed). Exits 1 when anything was silently wrong or crashed untyped.
+shapes); model i is random_model(seed + i), the same on every machine (with --idioms, random_model(seed + i,
+idioms=True): the same layers with in-place activations, keyword calls and a residual block applied twice).
+Each goes through graphopt.testing.fuzz.PIPELINES (default fold_bn,cleanup; prune; lowrank; quantize),
+compiled for --target, and is classified: matched, typed GraphoptError (by kind), silently wrong (must be 0),
+untyped crash (must be 0). Every outcome that is not `matched` is printed with its model's one-line
+description, so a failure can be reproduced with random_model(seed). Exits 1 when anything was silently wrong
+or crashed untyped.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--dynamic", action="store_true",
                     help="one build per model for batch 1-4 (and sequence length 2-2x), checked at 3 sizes")
+    ap.add_argument("--idioms", action="store_true",
+                    help="the same models written with in-place activations, keyword calls and a block applied twice")
     ap.add_argument("--json", default="", help="write every outcome to this file")
     ap.add_argument("--quiet", action="store_true", help="print only what is not matched, and the counts")
     ap.add_argument("--slow", type=float, default=30.0,
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown pipeline(s) {unknown}; known: {', '.join(PIPELINES)}")
     print(f"fuzz: models {args.seed}..{args.seed + args.count - 1}, pipelines {', '.join(pipelines)}, "
-          f"target {args.target}, {args.threads} threads" + (", dynamic shapes" if args.dynamic else ""), flush=True)
+          f"target {args.target}, {args.threads} threads" + (", dynamic shapes" if args.dynamic else "")
+          + (", idioms" if args.idioms else ""), flush=True)
     start = time.perf_counter()
 
     def show(o):
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
         print(f"        model: {o.describe}", flush=True)
 
     results = run_fuzz(range(args.seed, args.seed + args.count), pipelines, args.target, on_outcome=show,
-                       dynamic=args.dynamic)
+                       dynamic=args.dynamic, idioms=args.idioms)
     s = summarize(results)
     elapsed = time.perf_counter() - start
     rows = [["pipeline", "runs", "matched", "typed", "wrong", "crash", "max rel|Δ| matched"]]

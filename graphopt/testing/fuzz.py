@@ -145,11 +145,12 @@ def graphopt_optimize(rm: RandomModel, pipeline: str, target: str, calibration, 
 
 
 def run_fuzz(seeds, pipelines=tuple(PIPELINES), target: str = "x86", on_outcome=None,
-             dynamic: bool = False) -> list[Outcome]:
-    """check() every seed's model with every pipeline; `on_outcome(outcome)` is called as each one ends."""
+             dynamic: bool = False, idioms: bool = False) -> list[Outcome]:
+    """check() every seed's model (random_model(seed, idioms=idioms)) with every pipeline; `on_outcome(outcome)`
+    is called as each one ends."""
     results = []
     for seed in seeds:
-        rm = random_model(seed)
+        rm = random_model(seed, idioms=idioms)
         for p in pipelines:
             o = check(rm, p, target, dynamic)
             results.append(o)

@@ -7,7 +7,9 @@ of channels, BatchNorm/GroupNorm/LayerNorm, squeeze-excite gating, pooling, nn.M
 hand-written attention through F.scaled_dot_product_attention (causal or not), a dozen activations, random
 channel counts and spatial sizes that are rarely multiples of anything, one or two outputs. Every model is
 symbolically traceable and gives finite outputs on its inputs (BatchNorm statistics are randomized so fold_bn
-has something to fold). `describe` is a one-line summary of the layers, for reports.
+has something to fold). `describe` is a one-line summary of the layers, for reports. `idioms=True` writes
+some of the same layers the way Python code often does (in-place activations, keyword calls, a block applied
+twice), which the capture and the passes must read as the same computation.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RandomModel", "random_model", "randomize_norms", "ACTIVATIONS"]
+__all__ = ["RandomModel", "random_model", "without_idioms", "randomize_norms", "ACTIVATIONS", "INPLACE"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
@@ -43,13 +45,29 @@ class RandomModel:
 
 
 # ------------------------------------------------------------------------------------------------- blocks
+# activations as in-place ops (idioms): a Tensor method, or F.<name>(y, inplace=True) (extra positional args)
+INPLACE = {"relu": ("relu_",), "sigmoid": ("sigmoid_",), "tanh": ("tanh_",), "relu6": ("F.relu6",),
+           "silu": ("F.silu",), "hardswish": ("F.hardswish",), "hardsigmoid": ("F.hardsigmoid",), "elu": ("F.elu", 1.0),
+           "leaky_relu": ("F.leaky_relu", 0.1), "mish": ("F.mish",)}
+
+
 class ConvBlock(nn.Module):
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module):
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module | None, act: nn.Module, inplace: tuple | None = None,
+                 keyword: bool = False):
         super().__init__()
         self.conv, self.norm, self.act = conv, norm or nn.Identity(), act
+        self.inplace, self.keyword = inplace, keyword
 
     def forward(self, x):
-        return self.act(self.norm(self.conv(x)))
+        y = self.norm(self.conv(input=x) if self.keyword else self.conv(x))
+        if self.inplace is None:
+            return self.act(y)
+        name, *extra = self.inplace
+        if name.startswith("F."):
+            getattr(F, name[2:])(y, *extra, inplace=True)         # result unused: y itself changes
+        else:
+            getattr(y, name)()
+        return y
 
 
 class Residual(nn.Module):
@@ -209,9 +227,14 @@ class SeqHead(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- generator
 class _Gen:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, idioms: bool = False):
         self.r = random.Random(seed)
+        # idioms draw from their own stream: the layers, sizes and weights stay those of random_model(seed)
+        self.idioms = random.Random(seed * 104729 + 17) if idioms else None
         self.parts: list[str] = []
+
+    def idiom(self, p: float) -> bool:
+        return self.idioms is not None and self.idioms.random() < p
 
     def act(self) -> tuple[nn.Module, str]:
         name = self.r.choice(list(ACTIVATIONS))
@@ -252,10 +275,13 @@ class _Gen:
             ng = r.choice([g for g in (1, 2, 4, cout) if cout % g == 0])
             norm = nn.GroupNorm(ng, cout)
         act, aname = self.act()
+        inplace = INPLACE[aname] if aname in INPLACE and self.idiom(0.5) else None
+        keyword = self.idiom(0.3)
         text = (f"conv{k}x{k}({c}->{cout}" + (f",s{stride}" if stride > 1 else "") + (f",d{dil}" if dil > 1 else "")
                 + (f",g{groups}" if groups > 1 else "") + (",p0" if pad == 0 and k > 1 else "") + ")"
-                + (f"+{norm_kind}" if norm is not None else "") + f"+{aname}")
-        return ConvBlock(conv, norm, act), cout, oh, ow, text
+                + ("[input=]" if keyword else "") + (f"+{norm_kind}" if norm is not None else "") + f"+{aname}"
+                + ("[in-place]" if inplace else ""))
+        return ConvBlock(conv, norm, act, inplace, keyword), cout, oh, ow, text
 
     def image_block(self, c, h, w):
         r = self.r
@@ -269,6 +295,8 @@ class _Gen:
                 m, _, _, _, t = self.conv(c, h, w, keep_shape=True)
                 body.append(m)
                 texts.append(t)
+            if n == 2 and self.idiom(0.5):             # one block applied twice (the second one is not used)
+                body[1], texts[1] = body[0], "(same)"
             post, pname = self.act()
             return Residual(nn.Sequential(*body), post), c, h, w, f"res[{' ; '.join(texts)}]+{pname}"
         if choice == "concat":
@@ -320,9 +348,11 @@ class _Gen:
         return MLPBlock(d, hidden, act), d, f"mlp({d}->{hidden})+{aname}"
 
 
-def random_model(seed: int, *, max_blocks: int = 6) -> RandomModel:
-    """A random network and example inputs (batch 1 or 2), both determined by `seed`."""
-    g = _Gen(seed)
+def random_model(seed: int, *, max_blocks: int = 6, idioms: bool = False) -> RandomModel:
+    """A random network and example inputs (batch 1 or 2), both determined by `seed`. With `idioms`, the same
+    layers written as Python code also writes them: activations in place (`y.relu_()`, `F.silu(y,
+    inplace=True)`), convs called with keywords (`self.conv(input=x)`), one residual conv block applied twice."""
+    g = _Gen(seed, idioms)
     r = g.r
     torch.manual_seed(seed)
     blocks: list[nn.Module] = []
@@ -369,6 +399,23 @@ def random_model(seed: int, *, max_blocks: int = 6) -> RandomModel:
     model = Net(blocks, head, aux).eval()
     randomize_norms(model, seed)
     return RandomModel(seed, model, (x,), " -> ".join(texts))
+
+
+def without_idioms(model: nn.Module) -> nn.Module:
+    """A copy of a random_model(..., idioms=True) network written plainly: every block applied twice copied
+    (same weights), activations out of place, positional calls. It computes exactly what `model` does; a pass
+    must treat the two alike (a differential check of capture and of every per-layer analysis)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, Residual) and isinstance(m.body, nn.Sequential):
+            for i in range(1, len(m.body)):
+                if any(m.body[i] is m.body[j] for j in range(i)):
+                    m.body[i] = copy.deepcopy(m.body[i])
+        if isinstance(m, ConvBlock):
+            m.inplace, m.keyword = None, False
+    return twin
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
