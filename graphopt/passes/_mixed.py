@@ -75,19 +75,21 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
         from ..backends.tvm.layer_latency import layer_latencies
 
         latency = layer_latencies(builder, ctx.target, progress=p.progress, precision=ctx.precision)
-    layers = builder.layers
+    # one allocation unit per layer: the paths of a layer called at several places take one choice together
+    units = builder.units
+    layers = [u[0] for u in units]
     costs = []
-    for path in layers:
+    for unit in units:
         row = []
-        for c in builder.choices[path]:
-            d = {"size": float(builder.layer_bytes(path, c)), "error": sens[(path, c)]}
+        for c in builder.choices[unit[0]]:
+            d = {"size": float(builder.unit_bytes(unit, c)), "error": sum(sens[(q, c)] for q in unit)}
             if need_latency:
-                d["latency"] = latency[(path, c)]
+                d["latency"] = sum(latency[(q, c)] for q in unit)
             row.append(d)
         costs.append(row)
     fixed = builder.fixed_bytes()
-    float_size = fixed + sum(builder.layer_bytes(pth, "float32") for pth in layers)
-    float_lat = sum(latency.get((pth, "float32"), 0.0) for pth in layers)
+    float_size = fixed + sum(builder.unit_bytes(u, "float32") for u in units)
+    float_lat = sum(latency.get((pth, "float32"), 0.0) for pth in builder.layers)
     limits: dict[str, float] = {}
     for b in budgets:
         if b.kind == "size":
@@ -113,12 +115,12 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
         pick = alloc.allocate(costs, limits, objective, secondary, names)
     except BudgetError as e:
         raise BudgetError(f"budgets {', '.join(map(str, budgets))}: {e}") from None
-    assign = {pth: builder.choices[pth][j] for pth, j in zip(layers, pick)}
+    assign = _expand(builder, pick)
     new = builder.build(assign)
     err = mean_error(new, evalb, refs)
     refits = 0
     if "error" in by_kind:
-        pick, assign, new, err, refits = _refit_error(builder, costs, limits, objective, secondary, names, layers,
+        pick, assign, new, err, refits = _refit_error(builder, costs, limits, objective, secondary, names,
                                                       by_kind["error"], pick, assign, new, err, evalb, refs)
     predicted = math.sqrt(sum(costs[i][j]["error"] for i, j in enumerate(pick)))
     size = fixed + sum(costs[i][j]["size"] for i, j in enumerate(pick))
@@ -131,6 +133,8 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
         row = {"layer": pth, "kind": builder.kinds[pth], "choice": SHORT[ch], "bytes": int(mine["size"]),
                "float_bytes": int(costs[i][builder.choices[pth].index("float32")]["size"]),
                "sens_err": math.sqrt(mine["error"])}
+        if len(units[i]) > 1:
+            row["calls"] = list(units[i])
         if need_latency:
             row["ms"] = mine["latency"]
         if traces:
@@ -142,8 +146,8 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
             for c, d in zip(builder.choices[pth], costs[i]) if c != ch)
         details.append(row)
     counts: dict[str, int] = {}
-    for ch in assign.values():
-        counts[SHORT[ch]] = counts.get(SHORT[ch], 0) + 1
+    for pth in layers:
+        counts[SHORT[assign[pth]]] = counts.get(SHORT[assign[pth]], 0) + 1
     notes.append(f"mixed precision: budgets {', '.join(map(str, budgets))}; minimised {objective} (ties: "
                  f"{secondary}); sensitivity: {how}; allocation solved exactly (scipy.optimize.milp, "
                  f"{sum(len(r) for r in costs)} binary variables, {len(layers)} layers)"
@@ -155,7 +159,8 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
                  + (f"; layer kernels {sum(costs[i][j]['latency'] for i, j in enumerate(pick)):.4g} ms vs "
                     f"{float_lat:.4g} ms float32" if need_latency else ""))
     for row in details:
-        notes.append(f"{row['layer']} ({row['kind']}): {row['choice']}, err {row['sens_err']:.2g} alone, "
+        calls = f", called {len(row['calls'])}x: one choice for every call" if "calls" in row else ""
+        notes.append(f"{row['layer']} ({row['kind']}{calls}): {row['choice']}, err {row['sens_err']:.2g} alone, "
                      f"{_fmt_bytes(row['bytes'])} (fp32 {_fmt_bytes(row['float_bytes'])})"
                      + (f", {row['ms']:.3g} ms" if need_latency else "") + f" - {row['why']}")
     p.last_allocation = {"assignment": assign, "size_bytes": size, "float_size_bytes": float_size,
@@ -165,7 +170,12 @@ def run_mixed(p, gm: fx.GraphModule, ctx: Context, notes: list[str], qmax: int) 
     return PassResult(new, notes=notes, details=details)
 
 
-def _refit_error(builder, costs, limits, objective, secondary, names, layers, budget, pick, assign, new, err,
+def _expand(builder, pick) -> dict[str, str]:
+    """{layer path: choice} from one choice index per allocation unit (every call of a unit takes it)."""
+    return {q: builder.choices[unit[0]][j] for unit, j in zip(builder.units, pick) for q in unit}
+
+
+def _refit_error(builder, costs, limits, objective, secondary, names, budget, pick, assign, new, err,
                  evalb, refs):
     """The per-layer errors do not add exactly. While the measured error is over the budget, search the
     predicted-error limit: first scaled by (budget / measured)², then bisected between the largest limit whose
@@ -181,7 +191,7 @@ def _refit_error(builder, costs, limits, objective, secondary, names, layers, bu
         cand = hi * (target / err) ** 2 * 0.98 if lo is None else 0.5 * (lo + hi)
         trial = dict(limits, error=cand)
         p2 = alloc.allocate(costs, trial, objective, secondary, names)
-        a2 = {pth: builder.choices[pth][j] for pth, j in zip(layers, p2)}
+        a2 = _expand(builder, p2)
         g2 = builder.build(a2)
         e2 = mean_error(g2, evalb, refs)
         if e2 <= target:

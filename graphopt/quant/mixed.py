@@ -120,6 +120,13 @@ class MixedBuilder:
             self.kinds[path] = kind
             self.choices[path] = [c for c in supported_choices(target, kind) if (c in allowed or c == "float32")
                                   and (c != "int4_dynamic" or not group_problem(group_size, mod.in_features))]
+        # a layer called at several places is one module with a path per call (graph._unshare): its calls take
+        # one choice together (one layer, one precision; a float32 call keeps the float weights for all), and
+        # its float32 bytes count once
+        groups: dict[int, list[str]] = {}
+        for path in self.layers:
+            groups.setdefault(id(self.prepared.get_submodule(path)), []).append(path)
+        self.units: list[list[str]] = list(groups.values())
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
         # GPTQ rounding (graphopt.quant.gptq's policy, as in the uniform quantize pass; calibration is always
@@ -199,7 +206,14 @@ class MixedBuilder:
 
     def fixed_bytes(self) -> int:
         """Bytes of everything that is not a quantizable layer (embeddings, norms, the layers left float)."""
-        return model_size_bytes(self.float_gm) - sum(self.layer_bytes(p, "float32") for p in self.layers)
+        return model_size_bytes(self.float_gm) - sum(self.layer_bytes(u[0], "float32") for u in self.units)
+
+    def unit_bytes(self, unit: list[str], choice: str) -> int:
+        """Stored bytes of a layer called at the paths `unit` (one of self.units) under `choice`: its float32
+        weights once, or a quantized module per call."""
+        if choice == "float32":
+            return self.layer_bytes(unit[0], choice)
+        return sum(self.layer_bytes(p, choice) for p in unit)
 
     # ------------------------------------------------------------------------------------------- graphs
     def build(self, assignment: dict[str, str]) -> fx.GraphModule:
