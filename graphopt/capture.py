@@ -102,7 +102,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
     work = copy.deepcopy(model).eval()
     try:
         with torch.no_grad():
-            reference = work(*example_inputs)
+            reference = work(*cloned(example_inputs))
     except Exception as e:
         raise CaptureError(f"the model itself fails on the example inputs "
                            f"({', '.join(_describe(x) for x in example_inputs)}): "
@@ -136,7 +136,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
     _positional_calls(gm)
     if used != "torch.export":                        # export's graphs are functional already
         try:
-            rewritten, kept = functionalize_inplace(gm, example_inputs)
+            rewritten, kept = functionalize_inplace(gm, cloned(example_inputs))
         except Exception as e:
             raise CaptureError(f"captured graph of {type(model).__name__} ({used}) does not run on the example "
                                f"inputs: {type(e).__name__}: {_first_line(str(e))}") from e
@@ -146,7 +146,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, method: str = "auto", dy
 
     try:
         with torch.no_grad():
-            out = propagate_shapes(gm, example_inputs)
+            out = propagate_shapes(gm, cloned(example_inputs))
     except Exception as e:
         raise CaptureError(f"captured graph of {type(model).__name__} ({used}) does not run on the example "
                            f"inputs: {type(e).__name__}: {_first_line(str(e))}") from e
@@ -202,19 +202,25 @@ def _positional_calls(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def cloned(inputs: tuple) -> tuple:
+    """Copies of the tensors among `inputs`: a model that changes its inputs in place (`x.mul_(2)` in its
+    forward) must see the same values at every run, and the caller's tensors must stay as they were."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
 def _check_variants(model: nn.Module, gm: fx.GraphModule, used: str, dynamic, example_inputs: tuple) -> None:
     """The captured graph must equal the model at other sizes inside the bounds (a trace can bake in a size)."""
     for variant in dynamic.variants(example_inputs):
         shapes = ", ".join(_describe(x) for x in variant)
         try:
             with torch.no_grad():
-                ref = model(*variant)
+                ref = model(*cloned(variant))
         except Exception as e:
             raise DynamicShapeError(f"{type(model).__name__} itself fails at other sizes inside the dynamic bounds "
                                     f"({shapes}): {type(e).__name__}: {_first_line(str(e))}") from e
         try:
             with torch.no_grad():
-                got = gm(*variant)
+                got = gm(*cloned(variant))
         except Exception as e:
             raise DynamicShapeError(f"the captured graph of {type(model).__name__} ({used}) fails at {shapes} "
                                     f"(inside the dynamic bounds {dynamic.describe()}): a size of the example was "

@@ -56,13 +56,15 @@ class Context:
     def __post_init__(self):
         if not isinstance(self.example_inputs, tuple):
             self.example_inputs = (self.example_inputs,)
+        from .capture import cloned        # the original may change its inputs in place: run it on copies
+
         if self.reference_outputs is None:
             with torch.no_grad():
-                self.reference_outputs = self.original(*self.example_inputs)
+                self.reference_outputs = self.original(*cloned(self.example_inputs))
         if self.dynamic and not self.variant_inputs:
             self.variant_inputs = self.dynamic.variants(self.example_inputs)
             with torch.no_grad():
-                self.variant_outputs = [self.original(*v) for v in self.variant_inputs]
+                self.variant_outputs = [self.original(*cloned(v)) for v in self.variant_inputs]
 
     def calibration_batches(self, limit: int | None = None, *, needed_by: str = "") -> list[tuple]:
         """Calibration data as a list of input tuples. Raises CalibrationError when there is none.
