@@ -357,7 +357,9 @@ def prepare(gm: fx.GraphModule, *, dtype: str = "uint8", observer: str = "minmax
                 name = _free_name(work, f"{x.name}_{suffix}")
                 obs = make_observer(observer, dt, percentile=percentile, averaging=averaging)
                 work.add_submodule(name, FakeQuantize(obs) if qat else obs)
-                with work.graph.inserting_after(x):
+                # right before the first layer that reads x (sites come in graph order), not right after x: an
+                # in-place op capture kept between them (analysis.mutation) has changed x by then
+                with work.graph.inserting_before(site.node):
                     observers[(x, dt)] = work.graph.call_module(name, (x,))
             new_args.append(observers[(x, dt)])
         site.node.args = tuple(new_args)
