@@ -36,7 +36,8 @@ class Cleanup(Pass):
     training=True, since an optimized model is for inference: that call is then replaced by its input,
     and the report says so), `.detach()` calls, `.contiguous()` calls unless a user depends on the memory
     layout (`.view()`, which fails on a transposed tensor: kept, and the report says so), `x * 1`, `x + 0`;
-    then dead nodes and unused submodules. Exact at inference: the outputs of the eval-mode model are unchanged bit for bit.
+    then dead nodes (not those that change a tensor in place: graphopt.analysis.mutation) and unused submodules.
+    Exact at inference: the outputs of the eval-mode model are unchanged bit for bit.
     """
 
     exact = True
