@@ -202,6 +202,25 @@ def test_non_tensor_input_is_a_lowering_error(cnn):
         lower_graph(opt.graph_module, (x, 3))
 
 
+@pytest.mark.parametrize("extra,match", [(None, r"output 1 \(at \[1\]\) is None \(NoneType\), not a tensor"),
+                                         (3, r"output 1 \(at \['n'\]\) is 3 \(int\), not a tensor")])
+def test_non_tensor_output_is_a_lowering_error_naming_it(extra, match):
+    """Outputs are checked before TVM's importer, whose own message ("Unsupported output type in exported graph
+    output: <class 'int'>") named no output; the message gives the output's place in what the model returns."""
+
+    class Extra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return (self.fc(x), None) if extra is None else {"y": self.fc(x), "n": extra}
+
+    gm = fx.symbolic_trace(Extra())
+    with pytest.raises(LoweringError, match=match):
+        lower_graph(gm, (torch.randn(2, 4),))
+
+
 def test_export_failure_is_a_lowering_error():
     gm = fx.symbolic_trace(_NumpyModel())
     x = torch.randn(3)

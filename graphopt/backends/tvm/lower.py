@@ -330,6 +330,28 @@ def unsupported_ops(ep: torch.export.ExportedProgram, convert_map: dict,
 
 
 # ---------------------------------------------------------------------------------------------- lower
+def _user_outputs(ep) -> list:
+    """The exported program's user outputs (nodes or constants), in order: what the importer returns (it drops
+    the outputs that carry buffer mutations)."""
+    out_args = list(next(n for n in ep.graph.nodes if n.op == "output").args[0])
+    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+    user = torch.export.graph_signature.OutputKind.USER_OUTPUT, torch.export.graph_signature.OutputKind.LOSS_OUTPUT
+    return [a for a, k in zip(out_args, kinds) if k in user] if len(kinds) == len(out_args) else out_args
+
+
+def _output_path(ep, i: int) -> str:
+    """Output leaf `i` as the model returns it: "1" in a tuple, "['n']" in a dict (the leaf's pytree path)."""
+    import torch.utils._pytree as pytree
+
+    try:
+        spec = ep.call_spec.out_spec
+        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+        path = next(p for p, leaf in leaves if leaf == i)
+        return f"{i} (at {pytree.keystr(path) or 'the top'})"
+    except Exception:                            # noqa: BLE001 - a name for a message; the index will do
+        return str(i)
+
+
 def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dynamic: Any = None,
                 precision: str = "float32") -> Lowered:
     """Lower an optimized GraphModule to a Relax IRModule with weights bound as constants.
@@ -380,6 +402,11 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         err.unsupported = missing            # type: ignore[attr-defined]
         raise err
 
+    for i, n in enumerate(_user_outputs(ep)):      # before the importer, whose own message names no output
+        val = n.meta.get("val") if isinstance(n, fx.Node) else n
+        if not isinstance(val, torch.Tensor):
+            raise LoweringError(f"output {_output_path(ep, i)} is {val!r} ({type(val).__name__}), not a tensor: the "
+                                f"TVM backend returns tensors only")
     try:
         mod = importer.from_exported_program(ep, False, False, False, custom or None)
     except Exception as e:
@@ -406,19 +433,11 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         if i < len(inputs) and not inputs[i].torch_dtype.is_floating_point:
             inputs[i] = TensorSpec(inputs[i].shape, inputs[i].dtype, rows, what, inputs[i].name)
     out_spec = ep.call_spec.out_spec
-    output_node = next(n for n in ep.graph.nodes if n.op == "output")
-    out_args = list(output_node.args[0])
-    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
-    user = torch.export.graph_signature.OutputKind.USER_OUTPUT, torch.export.graph_signature.OutputKind.LOSS_OUTPUT
-    # the importer returns the user outputs only, in this order (mutation outputs are dropped)
-    user_nodes = [a for a, k in zip(out_args, kinds) if k in user] if len(kinds) == len(out_args) else out_args
+    user_nodes = _user_outputs(ep)
     depends = _depends_on_user_inputs(ep)
     outputs, const_outputs = [], []
     for i, n in enumerate(user_nodes):
         val = n.meta.get("val") if isinstance(n, fx.Node) else n
-        if not isinstance(val, torch.Tensor):
-            raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}) is a {type(val).__name__}, not a tensor: "
-                                f"the TVM backend returns tensors only")
         if any(free_unbacked_symbols(d) for d in val.shape if not isinstance(d, int)):  # masked_select, nonzero
             op = _qualified_op(n) if isinstance(n, fx.Node) and n.op == "call_function" else "?"
             raise LoweringError(f"output {i} ({getattr(n, 'name', n)!r}, from {op}) has a data-dependent shape "
