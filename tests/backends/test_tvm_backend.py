@@ -221,6 +221,15 @@ def test_non_tensor_output_is_a_lowering_error_naming_it(extra, match):
         lower_graph(gm, (torch.randn(2, 4),))
 
 
+def test_float16_model_failure_says_what_to_do():
+    """TVM's importer computes addmm / convolution in float32 and then adds the float16 bias: the error names the
+    node, as any importer failure, and says how to get float16 arithmetic instead."""
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8)).half().eval())
+    with pytest.raises(LoweringError, match=r"importer failed at aten\.addmm.*holds float16 tensors.*"
+                                            r"model\.float\(\) with precision='float16'"):
+        lower_graph(gm, (torch.randn(2, 8).half(),))
+
+
 def test_export_failure_is_a_lowering_error():
     gm = fx.symbolic_trace(_NumpyModel())
     x = torch.randn(3)

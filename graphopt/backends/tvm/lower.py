@@ -416,7 +416,13 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
                  if failed is not None else "")
         if isinstance(e, LoweringError):          # a graphopt converter refusing an argument: say where
             raise LoweringError(f"{e} ({where.strip()})") from e
-        raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}") from e
+        hint = ""
+        half = sorted({str(t.dtype).replace("torch.", "") for t in [*gm.parameters(), *gm.buffers(), *example_inputs]
+                       if t.dtype in (torch.float16, torch.bfloat16)})
+        if half:       # TVM's addmm / convolution converters compute in float32 and then add a float16 bias
+            hint = (f" (the model holds {'/'.join(half)} tensors: TVM's importer takes float32 models; optimize "
+                    f"model.float() with precision='float16' for float16 operands with float32 accumulation)")
+        raise LoweringError(f"the TVM importer failed{where}: {type(e).__name__}: {_first_line(str(e))}{hint}") from e
 
     names = {}
     if dynamic:
