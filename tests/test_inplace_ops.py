@@ -160,3 +160,23 @@ def test_int8_observes_a_layer_input_after_a_kept_inplace_op(target):
     with torch.no_grad():
         ref = model(x.clone())
     assert F.cosine_similarity(opt(x.clone()).flatten(), ref.flatten(), 0) > 0.9995
+
+
+def test_inplace_methods_without_an_out_of_place_twin_are_kept():
+    """Tensor.resize_ is not Tensor.resize with the change made elsewhere (and fill_, copy_ have no twin): they
+    stay in place, noted, and the graph computes what the model does."""
+
+    class Resized(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.resize_(4, 2)
+            z = torch.empty_like(y)
+            z.copy_(y)
+            return z + 1
+
+    x = torch.randn(2, 4)
+    cap = capture(Resized(), (x,))
+    kept = [n for n in cap.notes if "no out-of-place form" in n]
+    assert len(kept) == 2 and "resize_" in kept[0] and "copy_" in kept[1]
+    opt = graphopt.optimize(Resized(), "torch", example_inputs=(x,))
+    assert torch.equal(opt(x), Resized()(x.clone()))

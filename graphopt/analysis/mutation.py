@@ -22,6 +22,8 @@ from torch import fx
 __all__ = ["mutated_arg", "functionalize_inplace", "eliminate_dead_code"]
 
 _INPLACE_FUNCTIONS = {operator.setitem}
+# in-place methods whose name without "_" is another computation (Tensor.resize, Tensor.bernoulli's arguments)
+_OTHER_OUT_OF_PLACE = {"resize_", "bernoulli_"}
 
 
 def _inplace_kwarg(node: fx.Node) -> bool:
@@ -58,7 +60,9 @@ def _out_of_place(node: fx.Node) -> dict | None:
     """How to rewrite `node` out of place: {"target": ...} and/or {"kwargs": ...}, or None if it cannot be."""
     if node.op == "call_method":
         base = str(node.target)[:-1]
-        return {"target": base} if callable(getattr(torch.Tensor, base, None)) else None
+        if str(node.target) in _OTHER_OUT_OF_PLACE or not callable(getattr(torch.Tensor, base, None)):
+            return None
+        return {"target": base}
     if node.op == "call_function":
         if node.target in _INPLACE_FUNCTIONS:
             return None
