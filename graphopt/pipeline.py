@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from .capture import cloned
 from .errors import CalibrationError, GraphoptError, PassError, PipelineError
 
 __all__ = [
@@ -56,8 +57,7 @@ class Context:
     def __post_init__(self):
         if not isinstance(self.example_inputs, tuple):
             self.example_inputs = (self.example_inputs,)
-        from .capture import cloned        # the original may change its inputs in place: run it on copies
-
+        # the original may change its inputs in place: it runs on copies
         if self.reference_outputs is None:
             with torch.no_grad():
                 self.reference_outputs = self.original(*cloned(self.example_inputs))

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 from torch import fx, nn
 
-__all__ = ["run_with_site_hooks", "aliased_paths"]
+__all__ = ["run_with_site_hooks", "paths_by_module"]
 
 PreHook = Callable[[nn.Module, tuple], "tuple | None"]
 PostHook = Callable[[nn.Module, tuple, object], None]
@@ -43,12 +43,10 @@ def run_with_site_hooks(gm: fx.GraphModule, args: tuple, *, pre: Mapping[str, Pr
     return _SiteHooks(gm, pre or {}, post or {}).run(*args)
 
 
-def aliased_paths(gm: fx.GraphModule) -> list[str]:
-    """The call_module targets of gm whose module object another target of gm also names."""
-    by_obj: dict[int, list[str]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            paths = by_obj.setdefault(id(gm.get_submodule(node.target)), [])
-            if node.target not in paths:
-                paths.append(node.target)
-    return [p for paths in by_obj.values() if len(paths) > 1 for p in paths]
+def paths_by_module(gm: nn.Module, paths) -> list[list[str]]:
+    """`paths` (submodule paths of gm) grouped by the module object they name, in order of first appearance: a
+    layer called at several places is one group of several paths."""
+    groups: dict[int, list[str]] = {}
+    for path in paths:
+        groups.setdefault(id(gm.get_submodule(path)), []).append(path)
+    return list(groups.values())

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
+from ..analysis.call_sites import paths_by_module
 from ..analysis.flops import model_size_bytes
 from . import graph as qgraph
 from .modules import DynamicQuantLinear, FloatMatmul, WeightOnlyLinear
@@ -123,10 +124,7 @@ class MixedBuilder:
         # a layer called at several places is one module with a path per call (graph._unshare): its calls take
         # one choice together (one layer, one precision; a float32 call keeps the float weights for all), and
         # its float32 bytes count once
-        groups: dict[int, list[str]] = {}
-        for path in self.layers:
-            groups.setdefault(id(self.prepared.get_submodule(path)), []).append(path)
-        self.units: list[list[str]] = list(groups.values())
+        self.units: list[list[str]] = paths_by_module(self.prepared, self.layers)
         self._cache: dict[tuple[str, str], nn.Module] = {}
         self.float_gm = self.conv.build([])
         # GPTQ rounding (graphopt.quant.gptq's policy, as in the uniform quantize pass; calibration is always

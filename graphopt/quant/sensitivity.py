@@ -58,14 +58,11 @@ def hessian_traces(builder: MixedBuilder, batches: Sequence[tuple], refs: Sequen
     the float input tensor seen there)."""
     gm = copy.deepcopy(builder.float_gm)
     gm.eval()
-    # a layer called twice has a path per call (graph._unshare) and one module: in this copy each such path
-    # gets a module of its own, so its weight's and its inputs' traces are its own call's
-    seen: set[int] = set()
-    for path in builder.layers:
-        mod = gm.get_submodule(path)
-        if id(mod) in seen:
-            gm.set_submodule(path, copy.deepcopy(mod))
-        seen.add(id(mod))
+    # a layer called twice has a path per call (graph._unshare) and one module (builder.units): in this copy each
+    # such path gets a module of its own, so its weight's and its inputs' traces are its own call's
+    for unit in builder.units:
+        for path in unit[1:]:
+            gm.set_submodule(path, copy.deepcopy(gm.get_submodule(path)))
     for p in gm.parameters():
         p.requires_grad_(False)
     weights: dict[str, torch.Tensor] = {}

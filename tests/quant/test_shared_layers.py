@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.analysis.call_sites import aliased_paths, run_with_site_hooks
+from graphopt.analysis.call_sites import paths_by_module, run_with_site_hooks
 from graphopt.analysis.shapes import propagate_shapes
 from graphopt.capture import capture
 from graphopt.quant import QuantConv2d, QuantLinear
@@ -97,7 +97,8 @@ def test_mixed_precision_analyses_see_each_call_alone():
     calib = _data("linear", 4, 1)
     shared, separate = _builder(Twice("linear", True).eval(), calib), _builder(Twice("linear", False).eval(), calib)
     assert len(shared.layers) == len(separate.layers) == 3
-    assert aliased_paths(shared.float_gm) == shared.layers[:2] and not aliased_paths(separate.float_gm)
+    assert shared.units == paths_by_module(shared.float_gm, shared.layers) == [shared.layers[:2], shared.layers[2:]]
+    assert separate.units == [[p] for p in separate.layers]
     ins = [layer_inputs(b, calib[0]) for b in (shared, separate)]
     for p, q in zip(shared.layers, separate.layers):
         assert torch.equal(ins[0][p][0], ins[1][q][0])
@@ -117,7 +118,7 @@ def test_site_hooks_run_once_per_node_and_may_replace_inputs():
     nodes[1].target = "first_call"
     gm.recompile()
     paths = [str(n.target) for n in nodes]
-    assert aliased_paths(gm) == paths[:2]
+    assert paths_by_module(gm, paths) == [paths[:2], paths[2:]]
     calls = []
     out = run_with_site_hooks(gm, (x,), pre={paths[1]: lambda m, args: (args[0] * 0.0,)},
                               post={p: (lambda m, a, o, p=p: calls.append((p, float(a[0].detach().abs().max()))))

@@ -402,7 +402,8 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         err.unsupported = missing            # type: ignore[attr-defined]
         raise err
 
-    for i, n in enumerate(_user_outputs(ep)):      # before the importer, whose own message names no output
+    user_nodes = _user_outputs(ep)
+    for i, n in enumerate(user_nodes):             # before the importer, whose own message names no output
         val = n.meta.get("val") if isinstance(n, fx.Node) else n
         if not isinstance(val, torch.Tensor):
             raise LoweringError(f"output {_output_path(ep, i)} is {val!r} ({type(val).__name__}), not a tensor: the "
@@ -439,7 +440,6 @@ def lower_graph(gm: fx.GraphModule, example_inputs: tuple, spec: Any = None, dyn
         if i < len(inputs) and not inputs[i].torch_dtype.is_floating_point:
             inputs[i] = TensorSpec(inputs[i].shape, inputs[i].dtype, rows, what, inputs[i].name)
     out_spec = ep.call_spec.out_spec
-    user_nodes = _user_outputs(ep)
     depends = _depends_on_user_inputs(ep)
     outputs, const_outputs = [], []
     for i, n in enumerate(user_nodes):
